@@ -1,0 +1,169 @@
+//! Droplet endpoints: register, heartbeat, list, details, activate/deactivate, capabilities.
+
+use axum::extract::State;
+use axum::routing::{get, post};
+use axum::Router;
+use serde_json::{json, Value};
+
+use crate::auth::{Caller, Permission};
+use crate::error::ApiResult;
+use crate::services::droplets::{self, DropletFilter, Heartbeat, Registration};
+use crate::services::task_recovery;
+use crate::state::AppState;
+use crate::udc::{Envelope, PathParam, QueryParams, Udc};
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/droplets/register", post(register))
+        .route("/droplets", get(list))
+        .route("/droplets/{droplet_id}", get(detail))
+        .route("/droplets/{droplet_id}/heartbeat", post(heartbeat))
+        .route("/droplets/{droplet_id}/activate", post(activate))
+        .route("/droplets/{droplet_id}/deactivate", post(deactivate))
+        .route("/droplets/{droplet_id}/capabilities", get(capabilities))
+}
+
+#[utoipa::path(post, path = "/droplets/register", tag = "droplets", request_body = Registration, security(("bearer" = [])),
+    responses((status = 201, description = "Registered"), (status = 200, description = "Re-registered"), (status = 403, description = "Another droplet's id"), (status = 422, description = "Validation")))]
+pub async fn register(
+    State(state): State<AppState>,
+    caller: Caller,
+    body: Envelope<Registration>,
+) -> ApiResult<Udc<Value>> {
+    caller.require(Permission::Write)?;
+    let (droplet, new) = droplets::register(&state, &caller, body.payload).await?;
+    let interval = state.config().heartbeat_interval;
+    let deadline = droplet
+        .last_heartbeat
+        .map(|t| t.and_utc().timestamp() as f64)
+        .unwrap_or(0.0)
+        + interval as f64;
+    let payload = json!({
+        "registered": true,
+        "droplet_id": droplet.droplet_id,
+        "name": droplet.name,
+        "status": droplet.status,
+        "registered_at": droplet.registered_at.map(|t| crate::udc::iso(&t)),
+        "heartbeat_interval_seconds": interval,
+        "next_heartbeat_deadline": deadline,
+        "message": "Droplet registered successfully",
+    });
+    Ok(if new {
+        Udc::created(payload)
+    } else {
+        Udc::ok(payload)
+    })
+}
+
+#[utoipa::path(post, path = "/droplets/{droplet_id}/heartbeat", tag = "droplets", request_body = Heartbeat, security(("bearer" = [])),
+    params(("droplet_id" = i32, Path, description = "External droplet id")),
+    responses((status = 200, description = "Acknowledged"), (status = 403, description = "Another droplet"), (status = 404, description = "Unknown droplet")))]
+pub async fn heartbeat(
+    State(state): State<AppState>,
+    caller: Caller,
+    PathParam(droplet_id): PathParam<i32>,
+    body: Envelope<Heartbeat>,
+) -> ApiResult<Udc<Value>> {
+    caller.require(Permission::Write)?;
+    let droplet = droplets::heartbeat(&state, &caller, droplet_id, body.payload).await?;
+    Ok(Udc::ok(json!({
+        "acknowledged": true,
+        "droplet_id": droplet.droplet_id,
+        "status": droplet.status,
+        "next_heartbeat_in": state.config().heartbeat_interval,
+    })))
+}
+
+#[utoipa::path(get, path = "/droplets", tag = "droplets", params(DropletFilter), security(("bearer" = [])),
+    responses((status = 200, description = "Droplets")))]
+pub async fn list(
+    State(state): State<AppState>,
+    caller: Caller,
+    QueryParams(filter): QueryParams<DropletFilter>,
+) -> ApiResult<Udc<Value>> {
+    caller.require(Permission::Read)?;
+    let list = droplets::list(&state.db, &filter).await?;
+    Ok(Udc::ok(json!({ "droplets": list, "total": list.len() })))
+}
+
+#[utoipa::path(get, path = "/droplets/{droplet_id}", tag = "droplets", security(("bearer" = [])),
+    params(("droplet_id" = i32, Path, description = "External droplet id")),
+    responses((status = 200, description = "The droplet with its load and recent heartbeats"), (status = 404, description = "Unknown droplet")))]
+pub async fn detail(
+    State(state): State<AppState>,
+    caller: Caller,
+    PathParam(droplet_id): PathParam<i32>,
+) -> ApiResult<Udc<Value>> {
+    caller.require(Permission::Read)?;
+    let droplet = droplets::require(&state.db, droplet_id).await?;
+    let load = droplets::load_of(&state.db, droplet.internal_id).await?;
+    let beats = droplets::recent_heartbeats(&state.db, droplet.internal_id, 10).await?;
+    let mut body = serde_json::to_value(&droplet).unwrap_or_default();
+    body["current_load"] = json!(load);
+    body["recent_heartbeats"] = json!(beats);
+    Ok(Udc::ok(json!({ "droplet": body })))
+}
+
+async fn set_active(
+    state: &AppState,
+    caller: &Caller,
+    droplet_id: i32,
+    activate: bool,
+) -> ApiResult<Udc<Value>> {
+    caller.require(Permission::Admin)?;
+    let (droplet, previous) =
+        droplets::set_admin_status(state, caller, droplet_id, activate).await?;
+    let mut recovered = 0;
+    if activate {
+        state.router.trigger();
+    } else if state.config().enable_auto_recovery {
+        recovered =
+            task_recovery::recover_droplet(state, droplet.internal_id, droplet.droplet_id).await?;
+    }
+    Ok(Udc::ok(json!({
+        "droplet_id": droplet.droplet_id,
+        "status": droplet.status,
+        "previous_status": previous,
+        "held_until_activated": !activate,
+        "tasks_recovered": recovered,
+    })))
+}
+
+#[utoipa::path(post, path = "/droplets/{droplet_id}/activate", tag = "droplets", security(("bearer" = [])),
+    params(("droplet_id" = i32, Path, description = "External droplet id")),
+    responses((status = 200, description = "Active"), (status = 403, description = "Admin only"), (status = 404, description = "Unknown droplet")))]
+pub async fn activate(
+    State(state): State<AppState>,
+    caller: Caller,
+    PathParam(droplet_id): PathParam<i32>,
+) -> ApiResult<Udc<Value>> {
+    set_active(&state, &caller, droplet_id, true).await
+}
+
+#[utoipa::path(post, path = "/droplets/{droplet_id}/deactivate", tag = "droplets", security(("bearer" = [])),
+    params(("droplet_id" = i32, Path, description = "External droplet id")),
+    responses((status = 200, description = "Inactive until activated"), (status = 403, description = "Admin only"), (status = 404, description = "Unknown droplet")))]
+pub async fn deactivate(
+    State(state): State<AppState>,
+    caller: Caller,
+    PathParam(droplet_id): PathParam<i32>,
+) -> ApiResult<Udc<Value>> {
+    set_active(&state, &caller, droplet_id, false).await
+}
+
+#[utoipa::path(get, path = "/droplets/{droplet_id}/capabilities", tag = "droplets", security(("bearer" = [])),
+    params(("droplet_id" = i32, Path, description = "External droplet id")),
+    responses((status = 200, description = "Capabilities"), (status = 404, description = "Unknown droplet")))]
+pub async fn capabilities(
+    State(state): State<AppState>,
+    caller: Caller,
+    PathParam(droplet_id): PathParam<i32>,
+) -> ApiResult<Udc<Value>> {
+    caller.require(Permission::Read)?;
+    let droplet = droplets::require(&state.db, droplet_id).await?;
+    Ok(Udc::ok(json!({
+        "droplet_id": droplet.droplet_id,
+        "name": droplet.name,
+        "capabilities": droplet.capabilities,
+    })))
+}

@@ -1,0 +1,133 @@
+//! Task endpoints: create, list, read with history, PATCH by the assigned droplet, cancel.
+
+use axum::extract::State;
+use axum::routing::{get, post};
+use axum::Router;
+use serde_json::{json, Value};
+
+use crate::auth::{Caller, Permission};
+use crate::error::{ApiError, ApiResult};
+use crate::services::tasks::{self, NewTask, TaskFilter, TaskUpdate};
+use crate::state::AppState;
+use crate::udc::{Envelope, OptionalEnvelope, PathParam, QueryParams, Udc};
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/tasks", post(create).get(list))
+        .route("/tasks/{task_id}", get(detail).patch(update).delete(cancel))
+}
+
+#[utoipa::path(post, path = "/tasks", tag = "tasks", request_body = NewTask, security(("bearer" = [])),
+    responses((status = 201, description = "Created"), (status = 200, description = "Already created with this trace id by this creator"),
+              (status = 409, description = "Trace id used by another creator"), (status = 422, description = "Validation")))]
+pub async fn create(
+    State(state): State<AppState>,
+    caller: Caller,
+    body: Envelope<NewTask>,
+) -> ApiResult<Udc<Value>> {
+    caller.require(Permission::Write)?;
+    let (task, new) = tasks::create(&state, &caller, &body.meta.trace_id, body.payload).await?;
+    let estimate = if state
+        .router
+        .has_room_for(task.required_capability.as_deref())
+    {
+        0
+    } else {
+        state.config().task_router_interval
+    };
+    let payload = json!({
+        "task_id": task.id,
+        "trace_id": task.trace_id,
+        "status": task.status,
+        "created_at": crate::udc::iso(&task.created_at),
+        "estimated_assignment_seconds": estimate,
+    });
+    Ok(if new {
+        Udc::created(payload)
+    } else {
+        Udc::ok(payload)
+    })
+}
+
+#[utoipa::path(get, path = "/tasks", tag = "tasks", params(TaskFilter), security(("bearer" = [])),
+    responses((status = 200, description = "Tasks, newest first"), (status = 422, description = "Bad filter")))]
+pub async fn list(
+    State(state): State<AppState>,
+    caller: Caller,
+    QueryParams(filter): QueryParams<TaskFilter>,
+) -> ApiResult<Udc<Value>> {
+    caller.require(Permission::Read)?;
+    let page = tasks::list(&state.db, &filter).await?;
+    let has_more = page.offset + (page.tasks.len() as i64) < page.total;
+    Ok(Udc::ok(json!({
+        "tasks": page.tasks,
+        "total": page.total,
+        "limit": page.limit,
+        "offset": page.offset,
+        "has_more": has_more,
+    })))
+}
+
+#[utoipa::path(get, path = "/tasks/{task_id}", tag = "tasks", security(("bearer" = [])),
+    params(("task_id" = i32, Path, description = "Task id")),
+    responses((status = 200, description = "The task with its state history"), (status = 404, description = "Unknown task")))]
+pub async fn detail(
+    State(state): State<AppState>,
+    caller: Caller,
+    PathParam(task_id): PathParam<i32>,
+) -> ApiResult<Udc<Value>> {
+    caller.require(Permission::Read)?;
+    let task = tasks::load(&state.db, task_id)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("Task {task_id} not found")))?;
+    let history = tasks::history(&state.db, task_id).await?;
+    let mut body = serde_json::to_value(&task).unwrap_or_default();
+    body["state_history"] = json!(history);
+    Ok(Udc::ok(json!({ "task": body })))
+}
+
+#[utoipa::path(patch, path = "/tasks/{task_id}", tag = "tasks", request_body = TaskUpdate, security(("bearer" = [])),
+    params(("task_id" = i32, Path, description = "Task id")),
+    responses((status = 200, description = "Updated"), (status = 403, description = "Not the assigned droplet"), (status = 404, description = "Unknown task"), (status = 409, description = "Invalid transition")))]
+pub async fn update(
+    State(state): State<AppState>,
+    caller: Caller,
+    PathParam(task_id): PathParam<i32>,
+    body: Envelope<TaskUpdate>,
+) -> ApiResult<Udc<Value>> {
+    caller.require(Permission::Write)?;
+    let task = tasks::update(&state, &caller, task_id, body.payload).await?;
+    Ok(Udc::ok(json!({
+        "task_id": task.id,
+        "status": task.status,
+        "started_at": task.started_at.map(|t| crate::udc::iso(&t)),
+        "completed_at": task.completed_at.map(|t| crate::udc::iso(&t)),
+        "result": task.result,
+        "error_message": task.error_message,
+        "updated_at": crate::udc::iso(&task.updated_at),
+    })))
+}
+
+#[utoipa::path(delete, path = "/tasks/{task_id}", tag = "tasks", security(("bearer" = [])),
+    params(("task_id" = i32, Path, description = "Task id")),
+    responses((status = 200, description = "Cancelled"), (status = 403, description = "Not the creator"), (status = 404, description = "Unknown task"), (status = 409, description = "Already finished or running")))]
+pub async fn cancel(
+    State(state): State<AppState>,
+    caller: Caller,
+    PathParam(task_id): PathParam<i32>,
+    body: OptionalEnvelope,
+) -> ApiResult<Udc<Value>> {
+    caller.require(Permission::Write)?;
+    let reason = body.0.and_then(|e| {
+        e.payload
+            .get("reason")
+            .and_then(|r| r.as_str())
+            .map(str::to_string)
+    });
+    let task = tasks::cancel(&state, &caller, task_id, reason).await?;
+    Ok(Udc::ok(json!({
+        "task_id": task.id,
+        "status": task.status,
+        "cancelled_at": task.completed_at.map(|t| crate::udc::iso(&t)),
+    })))
+}

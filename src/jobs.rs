@@ -1,0 +1,307 @@
+//! The five scheduled jobs on tokio-cron-scheduler. Each run is a thin call to a service's
+//! `run_once`; the board records every run and lets operators pause and resume.
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use tokio_cron_scheduler::{Job, JobScheduler};
+use uuid::Uuid;
+
+use crate::config::Config;
+use crate::services::{health_monitor, registry_client, task_recovery, task_router};
+use crate::state::AppState;
+
+pub const JOB_IDS: [&str; 5] = [
+    "health_monitor",
+    "task_router",
+    "registry_sync",
+    "heartbeat_cleanup",
+    "websocket_ping",
+];
+
+/// What the board knows of one job.
+#[derive(Debug, Clone, Serialize)]
+pub struct JobInfo {
+    pub id: &'static str,
+    pub interval_seconds: u64,
+    pub paused: bool,
+    pub running: bool,
+    pub runs: u64,
+    pub failures: u64,
+    pub last_run: Option<DateTime<Utc>>,
+    pub last_duration_ms: Option<f64>,
+    pub last_outcome: Option<String>,
+    pub last_error: Option<String>,
+    pub next_run: Option<DateTime<Utc>>,
+    #[serde(skip)]
+    scheduled: Option<Uuid>,
+}
+
+pub struct JobBoard {
+    jobs: Mutex<BTreeMap<&'static str, JobInfo>>,
+    scheduler: tokio::sync::Mutex<Option<JobScheduler>>,
+}
+
+fn interval_of(config: &Config, id: &str) -> u64 {
+    match id {
+        "health_monitor" => config.heartbeat_check_interval,
+        "task_router" => config.task_router_interval,
+        "registry_sync" => config.registry_sync_interval,
+        "heartbeat_cleanup" => config.heartbeat_cleanup_interval,
+        _ => config.ws_heartbeat_interval,
+    }
+}
+
+pub fn known(id: &str) -> Option<&'static str> {
+    JOB_IDS.iter().copied().find(|j| *j == id)
+}
+
+impl JobBoard {
+    pub fn new(config: &Config) -> JobBoard {
+        let jobs = JOB_IDS
+            .iter()
+            .map(|id| {
+                (
+                    *id,
+                    JobInfo {
+                        id,
+                        interval_seconds: interval_of(config, id),
+                        paused: false,
+                        running: false,
+                        runs: 0,
+                        failures: 0,
+                        last_run: None,
+                        last_duration_ms: None,
+                        last_outcome: None,
+                        last_error: None,
+                        next_run: None,
+                        scheduled: None,
+                    },
+                )
+            })
+            .collect();
+        JobBoard {
+            jobs: Mutex::new(jobs),
+            scheduler: tokio::sync::Mutex::new(None),
+        }
+    }
+
+    fn with<R>(&self, f: impl FnOnce(&mut BTreeMap<&'static str, JobInfo>) -> R) -> R {
+        let mut guard = match self.jobs.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        f(&mut guard)
+    }
+
+    pub fn list(&self) -> Vec<JobInfo> {
+        self.with(|m| m.values().cloned().collect())
+    }
+
+    pub fn get(&self, id: &str) -> Option<JobInfo> {
+        self.with(|m| m.get(id).cloned())
+    }
+
+    pub fn is_paused(&self, id: &str) -> bool {
+        self.with(|m| m.get(id).is_some_and(|j| j.paused))
+    }
+
+    /// Pauses or resumes one job; `task_router` also stops or restarts immediate routing.
+    pub fn set_paused(&self, state: &AppState, id: &str, paused: bool) -> Option<JobInfo> {
+        let info = self.with(|m| {
+            let j = m.get_mut(id)?;
+            j.paused = paused;
+            if !paused {
+                j.next_run =
+                    Some(Utc::now() + chrono::Duration::seconds(j.interval_seconds as i64));
+            } else {
+                j.next_run = None;
+            }
+            Some(j.clone())
+        })?;
+        if id == "task_router" {
+            state.router.set_paused(paused);
+        }
+        Some(info)
+    }
+
+    /// Claims a run: false when the job is paused or its previous run is still going.
+    fn begin(&self, id: &str) -> bool {
+        self.with(|m| match m.get_mut(id) {
+            Some(j) if !j.paused && !j.running => {
+                j.running = true;
+                true
+            }
+            _ => false,
+        })
+    }
+
+    fn finish(&self, id: &str, started: Instant, outcome: &Result<String, String>) {
+        self.with(|m| {
+            if let Some(j) = m.get_mut(id) {
+                j.running = false;
+                j.runs += 1;
+                j.last_run = Some(Utc::now());
+                j.last_duration_ms = Some(started.elapsed().as_secs_f64() * 1000.0);
+                match outcome {
+                    Ok(summary) => {
+                        j.last_outcome = Some(format!("ok: {summary}"));
+                        j.last_error = None;
+                    }
+                    Err(e) => {
+                        j.failures += 1;
+                        j.last_outcome = Some("error".into());
+                        j.last_error = Some(e.clone());
+                    }
+                }
+                j.next_run = (!j.paused)
+                    .then(|| Utc::now() + chrono::Duration::seconds(j.interval_seconds as i64));
+            }
+        });
+    }
+}
+
+/// One run of a job by id, as the scheduler and tests call it.
+pub async fn run_once(state: &AppState, id: &str) -> Result<String, String> {
+    let text = |e: sqlx::Error| e.to_string();
+    match id {
+        "health_monitor" => health_monitor::run_once(state)
+            .await
+            .map(|r| {
+                format!(
+                    "{} marked inactive, {} tasks recovered",
+                    r.marked_inactive.len(),
+                    r.tasks_recovered
+                )
+            })
+            .map_err(text),
+        "task_router" => {
+            let m = task_recovery::maintain(state).await.map_err(text)?;
+            let routed = if task_router::is_active(state) {
+                task_router::route_pass(state).await.map_err(text)?
+            } else {
+                0
+            };
+            Ok(format!(
+                "{routed} assigned, {} retried, {} requeued after timeout, {} past deadline",
+                m.retried, m.assignments_timed_out, m.deadlines_failed
+            ))
+        }
+        "registry_sync" => registry_client::run_once(state)
+            .await
+            .map(|n| format!("{n} droplets synced")),
+        "heartbeat_cleanup" => health_monitor::cleanup_old_heartbeats(state)
+            .await
+            .map(|n| format!("{n} heartbeats deleted"))
+            .map_err(text),
+        "websocket_ping" => {
+            let interval = state.config().ws_heartbeat_interval;
+            Ok(format!(
+                "{} clients pinged",
+                state.events.ping_all(interval)
+            ))
+        }
+        other => Err(format!("unknown job {other}")),
+    }
+}
+
+/// A scheduled tick: skipped when paused, stopped or still running; an error is logged and
+/// the job runs again next time.
+async fn tick(state: AppState, id: &'static str) {
+    if state.emergency_stopped() || state.shutdown.is_cancelled() || !state.jobs.begin(id) {
+        return;
+    }
+    let started = Instant::now();
+    let outcome = run_once(&state, id).await;
+    let label = if outcome.is_ok() { "ok" } else { "error" };
+    state.metrics.job_runs.with_label_values(&[id, label]).inc();
+    state
+        .metrics
+        .job_duration
+        .with_label_values(&[id])
+        .observe(started.elapsed().as_secs_f64());
+    if let Err(e) = &outcome {
+        tracing::warn!(job = id, error = %e, "job run failed; it runs again next interval");
+    }
+    state.jobs.finish(id, started, &outcome);
+}
+
+fn make_job(state: &AppState, id: &'static str, every: u64) -> Result<Job, String> {
+    let s = state.clone();
+    Job::new_repeated_async(Duration::from_secs(every.max(1)), move |_uuid, _lock| {
+        let s = s.clone();
+        Box::pin(async move { tick(s, id).await })
+    })
+    .map_err(|e| e.to_string())
+}
+
+/// Starts the scheduler with the five jobs.
+pub async fn start(state: &AppState) -> Result<(), String> {
+    let scheduler = JobScheduler::new().await.map_err(|e| e.to_string())?;
+    let config = state.config();
+    for id in JOB_IDS {
+        let every = interval_of(&config, id);
+        let uuid = scheduler
+            .add(make_job(state, id, every)?)
+            .await
+            .map_err(|e| e.to_string())?;
+        state.jobs.with(|m| {
+            if let Some(j) = m.get_mut(id) {
+                j.scheduled = Some(uuid);
+                j.interval_seconds = every;
+                j.next_run = Some(Utc::now() + chrono::Duration::seconds(every as i64));
+            }
+        });
+    }
+    scheduler.start().await.map_err(|e| e.to_string())?;
+    *state.jobs.scheduler.lock().await = Some(scheduler);
+    Ok(())
+}
+
+/// Applies new intervals live (reload-config): each changed job is rescheduled.
+pub async fn reschedule(state: &AppState) -> Result<Vec<&'static str>, String> {
+    let config = state.config();
+    let guard = state.jobs.scheduler.lock().await;
+    let Some(scheduler) = guard.as_ref() else {
+        return Ok(Vec::new());
+    };
+    let mut changed = Vec::new();
+    for id in JOB_IDS {
+        let every = interval_of(&config, id);
+        let old = state
+            .jobs
+            .with(|m| m.get(id).map(|j| (j.interval_seconds, j.scheduled)));
+        let Some((current, uuid)) = old else {
+            continue;
+        };
+        if current == every {
+            continue;
+        }
+        if let Some(uuid) = uuid {
+            scheduler.remove(&uuid).await.map_err(|e| e.to_string())?;
+        }
+        let uuid = scheduler
+            .add(make_job(state, id, every)?)
+            .await
+            .map_err(|e| e.to_string())?;
+        state.jobs.with(|m| {
+            if let Some(j) = m.get_mut(id) {
+                j.scheduled = Some(uuid);
+                j.interval_seconds = every;
+                j.next_run = Some(Utc::now() + chrono::Duration::seconds(every as i64));
+            }
+        });
+        changed.push(id);
+    }
+    Ok(changed)
+}
+
+/// Stops the scheduler (shutdown).
+pub async fn stop(state: &AppState) {
+    if let Some(mut scheduler) = state.jobs.scheduler.lock().await.take() {
+        let _ = scheduler.shutdown().await;
+    }
+}

@@ -1,0 +1,161 @@
+//! The orchestrator binary: configuration, telemetry, serve, shutdown.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use orchestrator::auth::{Keys, Permission};
+use orchestrator::cli::{Cli, Command};
+use orchestrator::config::Config;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let config = match Config::from_env() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("orchestrator: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    runtime.enable_all();
+    if let Some(workers) = config.workers {
+        runtime.worker_threads(workers);
+    }
+    let runtime = match runtime.build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("orchestrator: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(run(cli.command.unwrap_or(Command::Serve), config))
+}
+
+async fn run(command: Command, config: Config) -> ExitCode {
+    match command {
+        Command::CheckConfig => {
+            for (name, value) in config.describe() {
+                println!("{name}={value}");
+            }
+            ExitCode::SUCCESS
+        }
+        Command::Token {
+            droplet_id,
+            steward,
+            permissions,
+            expires_in,
+        } => {
+            let mut perms = Vec::new();
+            for p in permissions
+                .split(',')
+                .map(str::trim)
+                .filter(|p| !p.is_empty())
+            {
+                match Permission::parse(p) {
+                    Some(p) => perms.push(p),
+                    None => {
+                        eprintln!(
+                            "orchestrator: unknown permission {p:?} (expected read, write, admin)"
+                        );
+                        return ExitCode::from(2);
+                    }
+                }
+            }
+            if config.jwt_secret_generated {
+                eprintln!("orchestrator: JWT_SECRET_KEY is not set; a token signed with a random secret would be useless");
+                return ExitCode::from(2);
+            }
+            let keys = match Keys::from_config(&config) {
+                Ok(k) => k,
+                Err(e) => {
+                    eprintln!("orchestrator: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            match keys.mint(
+                droplet_id,
+                Some(steward),
+                &perms,
+                expires_in.unwrap_or(config.jwt_expiration_seconds),
+            ) {
+                Ok(token) => {
+                    println!("{token}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("orchestrator: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Migrate => {
+            orchestrator::telemetry::init(&config);
+            match orchestrator::db::connect(&config).await {
+                Ok(pool) => {
+                    pool.close().await;
+                    println!("migrations applied");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("orchestrator: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Serve => serve(config).await,
+    }
+}
+
+async fn serve(config: Config) -> ExitCode {
+    let log = orchestrator::telemetry::init(&config);
+    if config.jwt_secret_generated {
+        tracing::warn!("JWT_SECRET_KEY is not set: using a random secret for this process (tokens end with it)");
+    }
+    if config.token_endpoint_open() {
+        tracing::warn!("ENVIRONMENT=development: POST /token is open to anyone");
+    }
+    let addr = std::net::SocketAddr::new(config.host, config.port);
+    let listener = match tokio::net::TcpListener::bind(addr).await {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("orchestrator: cannot listen on {addr}: {e} (is another process using port {}? set PORT)", config.port);
+            return ExitCode::FAILURE;
+        }
+    };
+    let state = match orchestrator::build_state(config, log).await {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("orchestrator: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if let Err(e) = orchestrator::start_background(&state).await {
+        eprintln!("orchestrator: {e}");
+        return ExitCode::FAILURE;
+    }
+    tracing::info!(%addr, version = env!("CARGO_PKG_VERSION"), "orchestrator listening");
+    orchestrator::serve(state, listener, shutdown_signal()).await;
+    tracing::info!("stopped");
+    ExitCode::SUCCESS
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term => {}
+    }
+}

@@ -1,0 +1,492 @@
+//! Droplets: registration (an upsert), heartbeats (one statement), listing, details with
+//! load, and an admin's activation and deactivation.
+
+use chrono::NaiveDateTime;
+use serde::{Deserialize, Deserializer, Serialize};
+use serde_json::{json, Value};
+use sqlx::PgPool;
+
+use crate::auth::Caller;
+use crate::error::{ApiError, FieldError};
+use crate::services::events::{self, DropletEventKind, Event};
+use crate::state::AppState;
+use crate::udc::{self, Validate};
+
+/// A droplet as the API shows it: `id` and `droplet_id` are both the external id.
+#[derive(Debug, Clone, Serialize, sqlx::FromRow, utoipa::ToSchema)]
+pub struct Droplet {
+    #[serde(skip)]
+    pub internal_id: i32,
+    pub id: i32,
+    pub droplet_id: i32,
+    pub name: String,
+    pub steward: Option<String>,
+    pub endpoint: String,
+    #[schema(value_type = Vec<String>)]
+    pub capabilities: Value,
+    pub status: String,
+    #[serde(serialize_with = "udc::ts_opt")]
+    #[schema(value_type = Option<String>, format = DateTime)]
+    pub last_heartbeat: Option<NaiveDateTime>,
+    #[serde(serialize_with = "udc::ts_opt")]
+    #[schema(value_type = Option<String>, format = DateTime)]
+    pub registered_at: Option<NaiveDateTime>,
+    #[serde(serialize_with = "udc::ts_opt")]
+    #[schema(value_type = Option<String>, format = DateTime)]
+    pub updated_at: Option<NaiveDateTime>,
+    pub max_concurrent_tasks: Option<i32>,
+    pub admin_deactivated: bool,
+    pub registered: bool,
+}
+
+pub const DROPLET_COLUMNS: &str = "id AS internal_id, droplet_id AS id, droplet_id, name, steward, endpoint, \
+    COALESCE(capabilities, '[]'::jsonb) AS capabilities, status, last_heartbeat, registered_at, updated_at, \
+    max_concurrent_tasks, admin_deactivated, registered";
+
+impl Droplet {
+    pub fn capability_list(&self) -> Vec<String> {
+        self.capabilities
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|c| c.as_str().map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    fn to_json(&self) -> Value {
+        serde_json::to_value(self).unwrap_or(Value::Null)
+    }
+}
+
+fn id_from_any<'de, D: Deserializer<'de>>(d: D) -> Result<Option<i64>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        Int(i64),
+        Str(String),
+    }
+    Ok(match Option::<Raw>::deserialize(d)? {
+        None => None,
+        Some(Raw::Int(n)) => Some(n),
+        Some(Raw::Str(s)) => Some(s.trim_start_matches("droplet-").parse().map_err(|_| {
+            serde::de::Error::custom(format!("Input should be a valid integer, got {s:?}"))
+        })?),
+    })
+}
+
+/// The payload of `POST /droplets/register`: the spec's `droplet_id` or the API guide's `id`.
+#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
+pub struct Registration {
+    #[serde(default, deserialize_with = "id_from_any")]
+    pub droplet_id: Option<i64>,
+    #[serde(default, deserialize_with = "id_from_any")]
+    pub id: Option<i64>,
+    pub name: String,
+    #[serde(default)]
+    pub steward: Option<String>,
+    pub endpoint: String,
+    #[serde(default)]
+    pub capabilities: Vec<String>,
+    #[serde(default)]
+    pub version: Option<String>,
+    #[serde(default)]
+    pub status: Option<String>,
+    #[serde(default)]
+    pub max_concurrent_tasks: Option<i64>,
+}
+
+impl Registration {
+    pub fn external_id(&self) -> Option<i32> {
+        self.droplet_id
+            .or(self.id)
+            .and_then(|v| i32::try_from(v).ok())
+    }
+}
+
+impl Validate for Registration {
+    fn validate(&self) -> Vec<FieldError> {
+        let mut errors = Vec::new();
+        match self.droplet_id.or(self.id) {
+            None => errors.push(FieldError::missing(&["droplet_id"])),
+            Some(v) if v < 1 || v > i64::from(i32::MAX) => errors.push(FieldError::new(
+                &["droplet_id"],
+                "Input should be a positive 32-bit integer",
+                "greater_than_equal",
+            )),
+            Some(_) => {}
+        }
+        let n = self.name.chars().count();
+        if n == 0 || n > 100 {
+            errors.push(FieldError::new(
+                &["name"],
+                "String should have 1 to 100 characters",
+                "string_too_long",
+            ));
+        }
+        if self
+            .steward
+            .as_ref()
+            .is_some_and(|s| s.chars().count() > 100)
+        {
+            errors.push(FieldError::new(
+                &["steward"],
+                "String should have at most 100 characters",
+                "string_too_long",
+            ));
+        }
+        let e = self.endpoint.chars().count();
+        if e == 0 || e > 255 {
+            errors.push(FieldError::new(
+                &["endpoint"],
+                "String should have 1 to 255 characters",
+                "string_too_long",
+            ));
+        } else if url::Url::parse(&self.endpoint)
+            .map(|u| !matches!(u.scheme(), "http" | "https"))
+            .unwrap_or(true)
+        {
+            errors.push(FieldError::new(
+                &["endpoint"],
+                "Input should be a valid http(s) URL",
+                "url_parsing",
+            ));
+        }
+        if self
+            .capabilities
+            .iter()
+            .any(|c| c.is_empty() || c.chars().count() > 100)
+        {
+            errors.push(FieldError::new(
+                &["capabilities"],
+                "Capabilities should have 1 to 100 characters",
+                "string_too_long",
+            ));
+        }
+        if let Some(m) = self.max_concurrent_tasks {
+            if !(1..=1_000_000).contains(&m) {
+                errors.push(FieldError::new(
+                    &["max_concurrent_tasks"],
+                    "Input should be between 1 and 1000000",
+                    "greater_than_equal",
+                ));
+            }
+        }
+        errors
+    }
+}
+
+#[derive(sqlx::FromRow)]
+struct Upserted {
+    #[sqlx(flatten)]
+    droplet: Droplet,
+    was_new: bool,
+    previous_status: Option<String>,
+}
+
+/// Registers or re-registers a droplet; returns it and whether it is new to the mesh.
+pub async fn register(
+    state: &AppState,
+    caller: &Caller,
+    reg: Registration,
+) -> Result<(Droplet, bool), ApiError> {
+    let id = reg.external_id().ok_or_else(|| {
+        ApiError::Validation(vec![FieldError::missing(&[
+            "body",
+            "payload",
+            "droplet_id",
+        ])])
+    })?;
+    caller.require_self_or_admin(id)?;
+    let mut capabilities = reg.capabilities.clone();
+    capabilities.dedup();
+    let mut tx = state.db.begin().await?;
+    let row: Upserted = sqlx::query_as(const_format::concatcp!(
+        "WITH old AS (SELECT status, registered FROM droplets WHERE droplet_id = $1),
+         up AS (
+            INSERT INTO droplets (droplet_id, name, steward, endpoint, capabilities, status, last_heartbeat,
+                                  max_concurrent_tasks, registered)
+            VALUES ($1, $2, $3, $4, $5, 'active', NOW(), $6, TRUE)
+            ON CONFLICT (droplet_id) DO UPDATE SET
+                name = EXCLUDED.name, steward = EXCLUDED.steward, endpoint = EXCLUDED.endpoint,
+                capabilities = EXCLUDED.capabilities, max_concurrent_tasks = EXCLUDED.max_concurrent_tasks,
+                status = CASE WHEN droplets.admin_deactivated THEN droplets.status ELSE 'active' END,
+                last_heartbeat = NOW(), updated_at = NOW(), registered = TRUE
+            RETURNING *
+         )
+         SELECT ",
+        DROPLET_COLUMNS,
+        ", (NOT EXISTS (SELECT 1 FROM old WHERE registered)) AS was_new,
+            (SELECT status FROM old) AS previous_status
+         FROM up"
+    ))
+    .bind(id)
+    .bind(&reg.name)
+    .bind(&reg.steward)
+    .bind(&reg.endpoint)
+    .bind(json!(capabilities))
+    .bind(reg.max_concurrent_tasks.map(|m| m as i32))
+    .fetch_one(&mut *tx)
+    .await?;
+    let event = Event::droplet(
+        DropletEventKind::DropletRegistered,
+        row.droplet.to_json(),
+        Some(json!({ "previous_status": row.previous_status, "new": row.was_new })),
+    );
+    events::notify(&mut tx, &[event]).await?;
+    tx.commit().await?;
+    state.router.trigger();
+    Ok((row.droplet, row.was_new))
+}
+
+/// The payload of a heartbeat.
+#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
+pub struct Heartbeat {
+    #[serde(default = "active")]
+    pub status: String,
+    #[serde(default)]
+    #[schema(value_type = Option<Object>)]
+    pub metrics: Option<Value>,
+}
+
+fn active() -> String {
+    "active".to_string()
+}
+
+impl Validate for Heartbeat {
+    fn validate(&self) -> Vec<FieldError> {
+        let n = self.status.chars().count();
+        if n == 0 || n > 20 {
+            return vec![FieldError::new(
+                &["status"],
+                "String should have 1 to 20 characters",
+                "string_too_long",
+            )];
+        }
+        Vec::new()
+    }
+}
+
+impl Default for Heartbeat {
+    fn default() -> Self {
+        Heartbeat {
+            status: active(),
+            metrics: None,
+        }
+    }
+}
+
+/// The droplet status a reported heartbeat status leads to: only `active` takes tasks.
+fn droplet_status_for(reported: &str) -> &'static str {
+    match reported.to_ascii_lowercase().as_str() {
+        "active" | "healthy" | "ok" => "active",
+        "error" => "error",
+        _ => "inactive",
+    }
+}
+
+#[derive(sqlx::FromRow)]
+struct Beat {
+    #[sqlx(flatten)]
+    droplet: Droplet,
+    previous_status: String,
+}
+
+/// Records a heartbeat in one statement: the droplet's row and one `heartbeats` row.
+/// An admin's deactivation holds: the heartbeat is recorded but the status stays.
+pub async fn heartbeat(
+    state: &AppState,
+    caller: &Caller,
+    droplet_id: i32,
+    beat: Heartbeat,
+) -> Result<Droplet, ApiError> {
+    caller.require_self_or_admin(droplet_id)?;
+    let new_status = droplet_status_for(&beat.status);
+    let row: Option<Beat> = sqlx::query_as(const_format::concatcp!(
+        "WITH old AS (SELECT id, status FROM droplets WHERE droplet_id = $1 FOR NO KEY UPDATE),
+         up AS (
+            UPDATE droplets SET last_heartbeat = NOW(), updated_at = NOW(),
+                status = CASE WHEN droplets.admin_deactivated THEN droplets.status ELSE $2 END
+            FROM old WHERE droplets.id = old.id
+            RETURNING droplets.*
+         ),
+         hb AS (INSERT INTO heartbeats (droplet_id, status, metrics) SELECT id, $3, $4 FROM up)
+         SELECT ",
+        DROPLET_COLUMNS,
+        ", (SELECT status FROM old) AS previous_status FROM up"
+    ))
+    .bind(droplet_id)
+    .bind(new_status)
+    .bind(&beat.status)
+    .bind(&beat.metrics)
+    .fetch_optional(&state.db)
+    .await?;
+    let row = row.ok_or_else(|| ApiError::not_found(format!("Droplet {droplet_id} not found")))?;
+    if row.previous_status != row.droplet.status {
+        let event = Event::droplet(
+            DropletEventKind::DropletHealthChanged,
+            row.droplet.to_json(),
+            Some(json!({ "previous_status": row.previous_status, "reason": "heartbeat" })),
+        );
+        let mut conn = state.db.acquire().await?;
+        events::notify(&mut conn, &[event]).await?;
+        if row.droplet.status == "active" {
+            state.router.trigger();
+        }
+    }
+    Ok(row.droplet)
+}
+
+pub async fn load(db: &PgPool, droplet_id: i32) -> Result<Option<Droplet>, sqlx::Error> {
+    sqlx::query_as(const_format::concatcp!(
+        "SELECT ",
+        DROPLET_COLUMNS,
+        " FROM droplets WHERE droplet_id = $1"
+    ))
+    .bind(droplet_id)
+    .fetch_optional(db)
+    .await
+}
+
+pub async fn load_internal(db: &PgPool, internal_id: i32) -> Result<Option<Droplet>, sqlx::Error> {
+    sqlx::query_as(const_format::concatcp!(
+        "SELECT ",
+        DROPLET_COLUMNS,
+        " FROM droplets WHERE id = $1"
+    ))
+    .bind(internal_id)
+    .fetch_optional(db)
+    .await
+}
+
+pub async fn require(db: &PgPool, droplet_id: i32) -> Result<Droplet, ApiError> {
+    load(db, droplet_id)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("Droplet {droplet_id} not found")))
+}
+
+/// Filters of `GET /droplets`.
+#[derive(Debug, Clone, Default, Deserialize, utoipa::IntoParams)]
+pub struct DropletFilter {
+    pub status: Option<String>,
+    pub capability: Option<String>,
+}
+
+impl Validate for DropletFilter {
+    fn validate(&self) -> Vec<FieldError> {
+        match self.status.as_deref() {
+            None | Some("active" | "inactive" | "error" | "maintenance") => Vec::new(),
+            Some(_) => vec![FieldError::new(
+                &["status"],
+                "Input should be 'active', 'inactive', 'error' or 'maintenance'",
+                "enum",
+            )],
+        }
+    }
+}
+
+pub async fn list(db: &PgPool, f: &DropletFilter) -> Result<Vec<Droplet>, sqlx::Error> {
+    sqlx::query_as(const_format::concatcp!(
+        "SELECT ",
+        DROPLET_COLUMNS,
+        " FROM droplets
+          WHERE ($1::text IS NULL OR status = $1)
+            AND ($2::text IS NULL OR capabilities @> jsonb_build_array($2::text))
+          ORDER BY droplet_id"
+    ))
+    .bind(&f.status)
+    .bind(&f.capability)
+    .fetch_all(db)
+    .await
+}
+
+/// Tasks a droplet holds now.
+#[derive(Debug, Clone, Copy, Default, Serialize, utoipa::ToSchema)]
+pub struct Load {
+    pub assigned: i64,
+    pub in_progress: i64,
+    pub total: i64,
+}
+
+pub async fn load_of(db: &PgPool, internal_id: i32) -> Result<Load, sqlx::Error> {
+    let (assigned, in_progress): (i64, i64) = sqlx::query_as(
+        "SELECT COUNT(*) FILTER (WHERE status = 'assigned'), COUNT(*) FILTER (WHERE status = 'in_progress')
+         FROM tasks WHERE assigned_droplet_id = $1 AND status IN ('assigned', 'in_progress')",
+    )
+    .bind(internal_id)
+    .fetch_one(db)
+    .await?;
+    Ok(Load {
+        assigned,
+        in_progress,
+        total: assigned + in_progress,
+    })
+}
+
+#[derive(Debug, Clone, Serialize, sqlx::FromRow, utoipa::ToSchema)]
+pub struct HeartbeatRow {
+    pub status: String,
+    #[schema(value_type = Option<Object>)]
+    pub metrics: Option<Value>,
+    #[serde(serialize_with = "udc::ts_opt")]
+    #[schema(value_type = Option<String>, format = DateTime)]
+    pub received_at: Option<NaiveDateTime>,
+}
+
+pub async fn recent_heartbeats(
+    db: &PgPool,
+    internal_id: i32,
+    limit: i64,
+) -> Result<Vec<HeartbeatRow>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT status, metrics, received_at FROM heartbeats WHERE droplet_id = $1 ORDER BY received_at DESC, id DESC LIMIT $2",
+    )
+    .bind(internal_id)
+    .bind(limit)
+    .fetch_all(db)
+    .await
+}
+
+/// Sets a droplet's status by an admin's hand (and holds or releases it), with its event.
+pub async fn set_admin_status(
+    state: &AppState,
+    caller: &Caller,
+    droplet_id: i32,
+    activate: bool,
+) -> Result<(Droplet, String), ApiError> {
+    let mut tx = state.db.begin().await?;
+    let row: Option<Beat> = sqlx::query_as(const_format::concatcp!(
+        "WITH old AS (SELECT id, status FROM droplets WHERE droplet_id = $1 FOR NO KEY UPDATE),
+         up AS (
+            UPDATE droplets SET
+                status = CASE WHEN $2 THEN 'active' ELSE 'inactive' END,
+                admin_deactivated = NOT $2,
+                last_heartbeat = CASE WHEN $2 THEN NOW() ELSE droplets.last_heartbeat END,
+                updated_at = NOW()
+            FROM old WHERE droplets.id = old.id
+            RETURNING droplets.*
+         )
+         SELECT ",
+        DROPLET_COLUMNS,
+        ", (SELECT status FROM old) AS previous_status FROM up"
+    ))
+    .bind(droplet_id)
+    .bind(activate)
+    .fetch_optional(&mut *tx)
+    .await?;
+    let row = row.ok_or_else(|| ApiError::not_found(format!("Droplet {droplet_id} not found")))?;
+    if row.previous_status != row.droplet.status {
+        let event = Event::droplet(
+            DropletEventKind::DropletHealthChanged,
+            row.droplet.to_json(),
+            Some(json!({
+                "previous_status": row.previous_status,
+                "reason": if activate { format!("activated by {}", caller.actor_name()) } else { format!("deactivated by {}", caller.actor_name()) },
+            })),
+        );
+        events::notify(&mut tx, &[event]).await?;
+    }
+    tx.commit().await?;
+    Ok((row.droplet, row.previous_status))
+}

@@ -1,0 +1,105 @@
+//! The health monitor: active droplets silent for longer than `HEARTBEAT_TIMEOUT` (by the
+//! database's clock) become inactive, with their events, and their work is recovered.
+
+use serde_json::json;
+
+use crate::services::droplets::{Droplet, DROPLET_COLUMNS};
+use crate::services::events::{self, DropletEventKind, Event};
+use crate::services::task_recovery;
+use crate::state::AppState;
+
+const HEALTH_LOCK: i64 = 0x0A5C_0011;
+const CLEANUP_LOCK: i64 = 0x0A5C_0012;
+
+#[derive(Debug, Default, Clone, serde::Serialize)]
+pub struct HealthRound {
+    pub marked_inactive: Vec<i32>,
+    pub tasks_recovered: usize,
+    pub skipped: bool,
+}
+
+/// One round of the `health_monitor` job.
+pub async fn run_once(state: &AppState) -> Result<HealthRound, sqlx::Error> {
+    let config = state.config();
+    let mut tx = state.db.begin().await?;
+    let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1)")
+        .bind(HEALTH_LOCK)
+        .fetch_one(&mut *tx)
+        .await?;
+    if !locked {
+        tx.rollback().await?;
+        return Ok(HealthRound {
+            skipped: true,
+            ..Default::default()
+        });
+    }
+    let lost: Vec<Droplet> = sqlx::query_as(const_format::concatcp!(
+        "UPDATE droplets SET status = 'inactive', updated_at = NOW()
+         WHERE status = 'active'
+           AND (last_heartbeat IS NULL OR last_heartbeat < NOW() - make_interval(secs => $1::double precision))
+         RETURNING ",
+        DROPLET_COLUMNS
+    ))
+    .bind(config.heartbeat_timeout as f64)
+    .fetch_all(&mut *tx)
+    .await?;
+    let mut evs = Vec::with_capacity(lost.len() * 2);
+    for d in &lost {
+        let droplet = serde_json::to_value(d).unwrap_or_default();
+        let silence = json!({
+            "previous_status": "active",
+            "heartbeat_timeout_seconds": config.heartbeat_timeout,
+            "reason": format!("no heartbeat for more than {} s", config.heartbeat_timeout),
+        });
+        evs.push(Event::droplet(
+            DropletEventKind::DropletHeartbeatMissed,
+            droplet.clone(),
+            Some(silence.clone()),
+        ));
+        evs.push(Event::droplet(
+            DropletEventKind::DropletHealthChanged,
+            droplet,
+            Some(silence),
+        ));
+    }
+    events::notify(&mut tx, &evs).await?;
+    tx.commit().await?;
+    let mut round = HealthRound {
+        marked_inactive: lost.iter().map(|d| d.droplet_id).collect(),
+        ..Default::default()
+    };
+    for d in &lost {
+        tracing::warn!(
+            droplet_id = d.droplet_id,
+            "droplet missed its heartbeats; marked inactive"
+        );
+        if config.enable_auto_recovery {
+            round.tasks_recovered +=
+                task_recovery::recover_droplet(state, d.internal_id, d.droplet_id).await?;
+        }
+    }
+    Ok(round)
+}
+
+/// One round of the `heartbeat_cleanup` job: heartbeats older than the retention go.
+pub async fn cleanup_old_heartbeats(state: &AppState) -> Result<u64, sqlx::Error> {
+    let days = state.config().heartbeat_retention_days;
+    let mut tx = state.db.begin().await?;
+    let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1)")
+        .bind(CLEANUP_LOCK)
+        .fetch_one(&mut *tx)
+        .await?;
+    if !locked {
+        tx.rollback().await?;
+        return Ok(0);
+    }
+    let deleted = sqlx::query(
+        "DELETE FROM heartbeats WHERE received_at < NOW() - make_interval(days => $1::int)",
+    )
+    .bind(days as i32)
+    .execute(&mut *tx)
+    .await?
+    .rows_affected();
+    tx.commit().await?;
+    Ok(deleted)
+}

@@ -1,0 +1,11 @@
+//! The spec's services: business rules over the database, no HTTP types.
+
+pub mod dispatch;
+pub mod droplets;
+pub mod events;
+pub mod health_monitor;
+pub mod registry_client;
+pub mod state_machine;
+pub mod task_recovery;
+pub mod task_router;
+pub mod tasks;

@@ -1,0 +1,488 @@
+//! The task state machine: which moves exist and who may make them (a pure function), and
+//! the one database function that applies moves under row locks with their history rows and
+//! events in the same transaction. Nothing else writes `tasks.status`.
+
+use std::collections::HashMap;
+
+use serde_json::{json, Value};
+use sqlx::PgConnection;
+
+use crate::services::events::{self, Event, TaskEventKind};
+use crate::services::tasks::{Task, TASK_COLUMNS_CTE};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Status {
+    Pending,
+    Assigned,
+    InProgress,
+    Completed,
+    Failed,
+    Cancelled,
+}
+
+pub const ALL_STATUSES: [Status; 6] = [
+    Status::Pending,
+    Status::Assigned,
+    Status::InProgress,
+    Status::Completed,
+    Status::Failed,
+    Status::Cancelled,
+];
+
+impl Status {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Pending => "pending",
+            Status::Assigned => "assigned",
+            Status::InProgress => "in_progress",
+            Status::Completed => "completed",
+            Status::Failed => "failed",
+            Status::Cancelled => "cancelled",
+        }
+    }
+
+    pub fn parse(raw: &str) -> Option<Status> {
+        ALL_STATUSES.iter().copied().find(|s| s.as_str() == raw)
+    }
+
+    /// Completed and cancelled never move again; failed moves only by a retry.
+    pub fn is_finished(self) -> bool {
+        matches!(self, Status::Completed | Status::Failed | Status::Cancelled)
+    }
+}
+
+/// Who asks for a move, as the state machine sees them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Actor {
+    /// The router, recovery, retries, timeouts and deadlines.
+    System,
+    /// The droplet the task is assigned to.
+    AssignedDroplet,
+    /// The droplet that created the task.
+    Creator,
+    Admin,
+    /// Any other droplet.
+    Other,
+}
+
+/// Why a move happens, which decides the event and whether it counts as a retry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cause {
+    Normal,
+    /// assigned -> pending: droplet lost or not started in time (not a retry).
+    Requeue,
+    /// failed -> pending: another attempt (retry_count + 1).
+    Retry,
+    /// -> failed because the deadline passed (final).
+    Deadline,
+    /// in_progress -> failed because the droplet was lost.
+    DropletLost,
+}
+
+/// The contract's table: may `actor` move a task from `from` to `to` (for `cause`)?
+pub fn allowed(from: Status, to: Status, actor: Actor, cause: Cause) -> bool {
+    use Actor::*;
+    use Status::*;
+    let droplet_or_admin = matches!(actor, AssignedDroplet | Admin);
+    match (from, to) {
+        (Pending, Assigned) => actor == System && cause == Cause::Normal,
+        (Pending, Cancelled) | (Assigned, Cancelled) => matches!(actor, Creator | Admin),
+        (Assigned, InProgress) => droplet_or_admin && cause == Cause::Normal,
+        (InProgress, Completed) => droplet_or_admin && cause == Cause::Normal,
+        (InProgress, Failed) => match cause {
+            Cause::Normal => droplet_or_admin,
+            Cause::DropletLost | Cause::Deadline => actor == System,
+            _ => false,
+        },
+        (Assigned, Pending) => actor == System && cause == Cause::Requeue,
+        (Failed, Pending) => actor == System && cause == Cause::Retry,
+        (Pending, Failed) | (Assigned, Failed) => actor == System && cause == Cause::Deadline,
+        _ => false,
+    }
+}
+
+/// The event a move emits.
+pub fn event_for(from: Option<Status>, to: Status) -> TaskEventKind {
+    match (from, to) {
+        (None, _) => TaskEventKind::TaskCreated,
+        (Some(Status::Assigned), Status::Pending) => TaskEventKind::TaskRequeued,
+        (Some(_), Status::Pending) => TaskEventKind::TaskRetrying,
+        (_, Status::Assigned) => TaskEventKind::TaskAssigned,
+        (_, Status::InProgress) => TaskEventKind::TaskStarted,
+        (_, Status::Completed) => TaskEventKind::TaskCompleted,
+        (_, Status::Failed) => TaskEventKind::TaskFailed,
+        (_, Status::Cancelled) => TaskEventKind::TaskCancelled,
+    }
+}
+
+/// One requested move.
+#[derive(Debug, Clone)]
+pub struct Move {
+    pub task_id: i32,
+    pub to: Status,
+    pub actor: Actor,
+    pub cause: Cause,
+    /// `changed_by` in the history: `task_router`, `system`, `droplet-8`, `admin-1`.
+    pub changed_by: String,
+    pub reason: Option<String>,
+    pub metadata: Option<Value>,
+    /// For `-> assigned`: the droplet (internal id).
+    pub assign_to: Option<i32>,
+    pub result: Option<Value>,
+    pub error_message: Option<String>,
+    /// The move holds only if the task is still assigned to this droplet (internal id),
+    /// checked under the row lock: a droplet's late PATCH after its task moved away is a 403.
+    pub expect_droplet: Option<i32>,
+    /// The move holds only if the task is still in this state (checked under the lock).
+    pub expect_status: Option<Status>,
+    /// Extra fields for the event's payload (e.g. why a droplet was chosen).
+    pub event_extra: Option<Value>,
+}
+
+impl Move {
+    pub fn new(task_id: i32, to: Status, actor: Actor, changed_by: impl Into<String>) -> Move {
+        Move {
+            task_id,
+            to,
+            actor,
+            cause: Cause::Normal,
+            changed_by: changed_by.into(),
+            reason: None,
+            metadata: None,
+            assign_to: None,
+            result: None,
+            error_message: None,
+            expect_droplet: None,
+            expect_status: None,
+            event_extra: None,
+        }
+    }
+}
+
+/// A move that was applied: the task as it is now, and where it came from.
+#[derive(Debug, Clone)]
+pub struct Applied {
+    pub task: Task,
+    pub from: Status,
+    pub to: Status,
+    /// The droplet (internal id) that held the task before, when the move took it away.
+    pub previous_droplet: Option<i32>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum MoveError {
+    #[error("Task {0} not found")]
+    NotFound(i32),
+    #[error("Task {0} is not assigned to this droplet")]
+    NotYours(i32),
+    #[error("Invalid transition {0} -> {1}")]
+    Invalid(&'static str, &'static str),
+    #[error("database: {0}")]
+    Database(#[from] sqlx::Error),
+}
+
+/// All-or-nothing (an API call) or keep-what-is-valid (the router and the jobs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Strict,
+    SkipInvalid,
+}
+
+#[derive(sqlx::FromRow)]
+struct Locked {
+    id: i32,
+    status: String,
+    assigned_droplet_id: Option<i32>,
+}
+
+/// Applies moves inside the caller's transaction: locks the rows (`FOR UPDATE`), checks each
+/// move, updates the rows, writes one history row and one event per move. In `Strict` mode
+/// the first bad move fails the call (the caller rolls back); in `SkipInvalid` mode bad moves
+/// are left out.
+pub async fn apply(
+    conn: &mut PgConnection,
+    moves: &[Move],
+    mode: Mode,
+) -> Result<Vec<Applied>, MoveError> {
+    if moves.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut ids: Vec<i32> = moves.iter().map(|m| m.task_id).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    let locked: Vec<Locked> =
+        sqlx::query_as("SELECT id, status, assigned_droplet_id FROM tasks WHERE id = ANY($1) ORDER BY id FOR UPDATE")
+            .bind(&ids)
+            .fetch_all(&mut *conn)
+            .await?;
+    let rows: HashMap<i32, &Locked> = locked.iter().map(|l| (l.id, l)).collect();
+
+    let mut accepted: Vec<(&Move, Status, Option<i32>)> = Vec::with_capacity(moves.len());
+    let mut seen = std::collections::HashSet::new();
+    for m in moves {
+        let check = (|| {
+            let row = rows.get(&m.task_id).ok_or(MoveError::NotFound(m.task_id))?;
+            let from = Status::parse(&row.status).ok_or(MoveError::NotFound(m.task_id))?;
+            if let Some(d) = m.expect_droplet {
+                if row.assigned_droplet_id != Some(d) {
+                    return Err(MoveError::NotYours(m.task_id));
+                }
+            }
+            if m.expect_status.is_some_and(|s| s != from) || !allowed(from, m.to, m.actor, m.cause)
+            {
+                return Err(MoveError::Invalid(from.as_str(), m.to.as_str()));
+            }
+            if m.to == Status::Assigned && m.assign_to.is_none() {
+                return Err(MoveError::Invalid(from.as_str(), m.to.as_str()));
+            }
+            Ok((from, row.assigned_droplet_id))
+        })();
+        match check {
+            // One move per task per call: the second would be checked against a stale state.
+            Ok((from, held)) if seen.insert(m.task_id) => accepted.push((m, from, held)),
+            Ok((from, _)) if mode == Mode::Strict => {
+                return Err(MoveError::Invalid(from.as_str(), m.to.as_str()))
+            }
+            Ok(_) => {}
+            Err(e) if mode == Mode::Strict => return Err(e),
+            Err(_) => {}
+        }
+    }
+    if accepted.is_empty() {
+        return Ok(Vec::new());
+    }
+
+    let n = accepted.len();
+    let mut a_ids = Vec::with_capacity(n);
+    let mut a_to = Vec::with_capacity(n);
+    let mut a_droplet: Vec<Option<i32>> = Vec::with_capacity(n);
+    let mut a_result: Vec<Option<Value>> = Vec::with_capacity(n);
+    let mut a_error: Vec<Option<String>> = Vec::with_capacity(n);
+    let mut a_retry = Vec::with_capacity(n);
+    let mut h_from = Vec::with_capacity(n);
+    let mut h_by = Vec::with_capacity(n);
+    let mut h_reason: Vec<Option<String>> = Vec::with_capacity(n);
+    let mut h_meta: Vec<Option<Value>> = Vec::with_capacity(n);
+    for (m, from, _) in &accepted {
+        a_ids.push(m.task_id);
+        a_to.push(m.to.as_str());
+        a_droplet.push(m.assign_to);
+        a_result.push(m.result.clone());
+        a_error.push(m.error_message.clone());
+        a_retry.push(i32::from(m.cause == Cause::Retry));
+        h_from.push(from.as_str());
+        h_by.push(m.changed_by.as_str());
+        h_reason.push(m.reason.clone());
+        h_meta.push(m.metadata.clone());
+    }
+
+    let updated: Vec<Task> = sqlx::query_as(TASK_UPDATE_SQL)
+        .bind(&a_ids)
+        .bind(&a_to)
+        .bind(&a_droplet)
+        .bind(&a_result)
+        .bind(&a_error)
+        .bind(&a_retry)
+        .fetch_all(&mut *conn)
+        .await?;
+
+    sqlx::query(
+        "INSERT INTO task_state_history (task_id, from_status, to_status, changed_by, reason, metadata)
+         SELECT * FROM unnest($1::int[], $2::text[], $3::text[], $4::text[], $5::text[], $6::jsonb[])",
+    )
+    .bind(&a_ids)
+    .bind(&h_from)
+    .bind(&a_to)
+    .bind(&h_by)
+    .bind(&h_reason)
+    .bind(&h_meta)
+    .execute(&mut *conn)
+    .await?;
+
+    let mut by_id: HashMap<i32, Task> = updated.into_iter().map(|t| (t.id, t)).collect();
+    let mut applied = Vec::with_capacity(n);
+    let mut to_notify = Vec::with_capacity(n);
+    for (m, from, held) in accepted {
+        let Some(task) = by_id.remove(&m.task_id) else {
+            continue;
+        };
+        let kind = event_for(Some(from), m.to);
+        let mut extra = json!({ "previous_status": from.as_str() });
+        if let (Some(obj), Some(Value::Object(more))) =
+            (extra.as_object_mut(), m.event_extra.clone())
+        {
+            obj.extend(more);
+        }
+        to_notify.push(Event::task(
+            kind,
+            Some(task.trace_id.to_string()),
+            serde_json::to_value(&task).unwrap_or(Value::Null),
+            Some(extra),
+        ));
+        // The droplet is told when work is taken from it, not when it failed the task itself.
+        let previous_droplet = match m.to {
+            Status::Pending | Status::Cancelled => held,
+            Status::Failed if m.actor == Actor::System => held,
+            _ => None,
+        };
+        applied.push(Applied {
+            task,
+            from,
+            to: m.to,
+            previous_droplet,
+        });
+    }
+    events::notify(conn, &to_notify).await?;
+    Ok(applied)
+}
+
+/// One UPDATE for a whole batch: each row's columns follow its new status.
+const TASK_UPDATE_SQL: &str = const_format::concatcp!(
+    "WITH m AS (
+        SELECT * FROM unnest($1::int[], $2::text[], $3::int[], $4::jsonb[], $5::text[], $6::int[])
+            AS m(id, to_status, droplet, result, error, retry_inc)
+     ), t AS (
+        UPDATE tasks SET
+            status = m.to_status,
+            assigned_droplet_id = CASE WHEN m.to_status = 'assigned' THEN m.droplet
+                                       WHEN m.to_status = 'pending' THEN NULL
+                                       ELSE tasks.assigned_droplet_id END,
+            last_droplet_id = CASE WHEN m.to_status = 'pending'
+                                   THEN COALESCE(tasks.assigned_droplet_id, tasks.last_droplet_id)
+                                   ELSE tasks.last_droplet_id END,
+            assigned_at = CASE WHEN m.to_status = 'assigned' THEN NOW()
+                               WHEN m.to_status = 'pending' THEN NULL
+                               ELSE tasks.assigned_at END,
+            started_at = CASE WHEN m.to_status = 'in_progress' THEN NOW()
+                              WHEN m.to_status = 'pending' THEN NULL
+                              ELSE tasks.started_at END,
+            completed_at = CASE WHEN m.to_status IN ('completed', 'failed', 'cancelled') THEN NOW()
+                                WHEN m.to_status = 'pending' THEN NULL
+                                ELSE tasks.completed_at END,
+            result = CASE WHEN m.to_status = 'pending' THEN NULL
+                          ELSE COALESCE(m.result, tasks.result) END,
+            error_message = CASE WHEN m.to_status IN ('failed', 'completed', 'cancelled')
+                                 THEN COALESCE(m.error, tasks.error_message)
+                                 ELSE tasks.error_message END,
+            retry_count = COALESCE(tasks.retry_count, 0) + m.retry_inc,
+            updated_at = NOW()
+        FROM m WHERE tasks.id = m.id
+        RETURNING tasks.*
+     )
+     SELECT ",
+    TASK_COLUMNS_CTE,
+    " FROM t LEFT JOIN droplets d ON d.id = t.assigned_droplet_id"
+);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use Actor::*;
+    use Status::*;
+
+    const ACTORS: [Actor; 5] = [System, AssignedDroplet, Creator, Admin, Other];
+    const CAUSES: [Cause; 5] = [
+        Cause::Normal,
+        Cause::Requeue,
+        Cause::Retry,
+        Cause::Deadline,
+        Cause::DropletLost,
+    ];
+
+    /// The contract's table, written out once more as the list of every allowed triple.
+    fn expected(from: Status, to: Status, actor: Actor, cause: Cause) -> bool {
+        let allowed: &[(Status, Status, Actor, Cause)] = &[
+            (Pending, Assigned, System, Cause::Normal),
+            (Pending, Cancelled, Creator, Cause::Normal),
+            (Pending, Cancelled, Admin, Cause::Normal),
+            (Assigned, Cancelled, Creator, Cause::Normal),
+            (Assigned, Cancelled, Admin, Cause::Normal),
+            (Assigned, InProgress, AssignedDroplet, Cause::Normal),
+            (Assigned, InProgress, Admin, Cause::Normal),
+            (InProgress, Completed, AssignedDroplet, Cause::Normal),
+            (InProgress, Completed, Admin, Cause::Normal),
+            (InProgress, Failed, AssignedDroplet, Cause::Normal),
+            (InProgress, Failed, Admin, Cause::Normal),
+            (InProgress, Failed, System, Cause::DropletLost),
+            (InProgress, Failed, System, Cause::Deadline),
+            (Assigned, Pending, System, Cause::Requeue),
+            (Failed, Pending, System, Cause::Retry),
+            (Pending, Failed, System, Cause::Deadline),
+            (Assigned, Failed, System, Cause::Deadline),
+        ];
+        // Cancelling is a user's act whatever cause the caller gave.
+        allowed.contains(&(from, to, actor, cause))
+            || (to == Cancelled
+                && matches!(from, Pending | Assigned)
+                && matches!(actor, Creator | Admin))
+    }
+
+    #[test]
+    fn every_pair_actor_and_cause_follows_the_table() {
+        for from in ALL_STATUSES {
+            for to in ALL_STATUSES {
+                for actor in ACTORS {
+                    for cause in CAUSES {
+                        assert_eq!(
+                            allowed(from, to, actor, cause),
+                            expected(from, to, actor, cause),
+                            "{from:?} -> {to:?} by {actor:?} ({cause:?})"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn finished_tasks_never_move_except_a_retry() {
+        for to in ALL_STATUSES {
+            for actor in ACTORS {
+                for cause in CAUSES {
+                    assert!(!allowed(Completed, to, actor, cause));
+                    assert!(!allowed(Cancelled, to, actor, cause));
+                    if to != Pending {
+                        assert!(!allowed(Failed, to, actor, cause));
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_running_task_cannot_be_cancelled() {
+        for actor in ACTORS {
+            assert!(!allowed(InProgress, Cancelled, actor, Cause::Normal));
+        }
+    }
+
+    #[test]
+    fn events_are_named_as_the_contract_says() {
+        assert_eq!(event_for(None, Pending).as_str(), "task_created");
+        assert_eq!(event_for(Some(Assigned), Pending).as_str(), "task_requeued");
+        assert_eq!(event_for(Some(Failed), Pending).as_str(), "task_retrying");
+        assert_eq!(event_for(Some(Pending), Assigned).as_str(), "task_assigned");
+        assert_eq!(
+            event_for(Some(Assigned), InProgress).as_str(),
+            "task_started"
+        );
+        assert_eq!(
+            event_for(Some(InProgress), Completed).as_str(),
+            "task_completed"
+        );
+        assert_eq!(event_for(Some(InProgress), Failed).as_str(), "task_failed");
+        assert_eq!(
+            event_for(Some(Pending), Cancelled).as_str(),
+            "task_cancelled"
+        );
+    }
+
+    #[test]
+    fn statuses_round_trip() {
+        for s in ALL_STATUSES {
+            assert_eq!(Status::parse(s.as_str()), Some(s));
+        }
+        assert_eq!(Status::parse("done"), None);
+    }
+}

@@ -1,0 +1,163 @@
+//! Recovery: work of a lost droplet goes back to pending (assigned) or fails to be retried
+//! (in progress); failed tasks retry after their backoff; deadlines and assignment timeouts.
+
+use sqlx::PgConnection;
+
+use crate::services::state_machine::{self, Actor, Applied, Cause, Mode, Move, Status};
+use crate::services::tasks;
+use crate::state::AppState;
+
+/// Advisory lock of the maintenance round, so it runs on one replica at a time.
+const MAINTENANCE_LOCK: i64 = 0x0A5C_0010;
+const LIMIT: i64 = 1000;
+
+/// Takes a lost droplet's tasks away: assigned ones to pending (not a retry), running ones
+/// to failed (`droplet N lost`), to be retried elsewhere after their backoff.
+pub async fn recover_droplet(
+    state: &AppState,
+    internal_id: i32,
+    droplet_id: i32,
+) -> Result<usize, sqlx::Error> {
+    let mut tx = state.db.begin().await?;
+    let live: Vec<(i32, String)> = sqlx::query_as(
+        "SELECT id, status FROM tasks WHERE assigned_droplet_id = $1 AND status IN ('assigned', 'in_progress')
+         ORDER BY id FOR UPDATE",
+    )
+    .bind(internal_id)
+    .fetch_all(&mut *tx)
+    .await?;
+    let moves: Vec<Move> = live
+        .into_iter()
+        .map(|(id, status)| {
+            if status == "assigned" {
+                let mut m = Move::new(id, Status::Pending, Actor::System, "system");
+                m.cause = Cause::Requeue;
+                m.reason = Some(format!(
+                    "droplet {droplet_id} lost before starting the task; requeued (not a retry)"
+                ));
+                m.expect_droplet = Some(internal_id);
+                m
+            } else {
+                let mut m = Move::new(id, Status::Failed, Actor::System, "system");
+                m.cause = Cause::DropletLost;
+                m.reason = Some(format!("droplet {droplet_id} lost"));
+                m.error_message = Some(format!("droplet {droplet_id} lost"));
+                m.expect_droplet = Some(internal_id);
+                m
+            }
+        })
+        .collect();
+    let applied = apply(&mut tx, &moves).await?;
+    tx.commit().await?;
+    tasks::after_commit(state, &applied);
+    Ok(applied.len())
+}
+
+async fn apply(conn: &mut PgConnection, moves: &[Move]) -> Result<Vec<Applied>, sqlx::Error> {
+    match state_machine::apply(conn, moves, Mode::SkipInvalid).await {
+        Ok(a) => Ok(a),
+        Err(state_machine::MoveError::Database(e)) => Err(e),
+        Err(e) => Err(sqlx::Error::Protocol(e.to_string())),
+    }
+}
+
+/// What one maintenance round did.
+#[derive(Debug, Default, Clone, Copy, serde::Serialize)]
+pub struct Maintenance {
+    pub deadlines_failed: usize,
+    pub assignments_timed_out: usize,
+    pub retried: usize,
+    pub skipped: bool,
+}
+
+/// Deadlines, assignment timeouts and due retries, once across replicas.
+pub async fn maintain(state: &AppState) -> Result<Maintenance, sqlx::Error> {
+    let config = state.config();
+    let mut tx = state.db.begin().await?;
+    let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1)")
+        .bind(MAINTENANCE_LOCK)
+        .fetch_one(&mut *tx)
+        .await?;
+    if !locked {
+        tx.rollback().await?;
+        return Ok(Maintenance {
+            skipped: true,
+            ..Default::default()
+        });
+    }
+    let mut moves = Vec::new();
+
+    // A task whose deadline passed fails for good, whatever its state.
+    let overdue: Vec<i32> = sqlx::query_scalar(
+        "SELECT id FROM tasks WHERE deadline IS NOT NULL AND deadline <= NOW()
+           AND status IN ('pending', 'assigned', 'in_progress')
+         ORDER BY deadline LIMIT $1 FOR UPDATE SKIP LOCKED",
+    )
+    .bind(LIMIT)
+    .fetch_all(&mut *tx)
+    .await?;
+    let deadlines = overdue.len();
+    for id in overdue {
+        let mut m = Move::new(id, Status::Failed, Actor::System, "system");
+        m.cause = Cause::Deadline;
+        m.reason = Some("deadline passed; not retried".into());
+        m.error_message = Some("deadline exceeded".into());
+        moves.push(m);
+    }
+
+    // Assigned but never started: back to pending for another droplet (not a retry).
+    let stale: Vec<i32> = sqlx::query_scalar(
+        "SELECT id FROM tasks WHERE status = 'assigned'
+           AND assigned_at <= NOW() - make_interval(secs => $1::double precision)
+           AND (deadline IS NULL OR deadline > NOW())
+         ORDER BY assigned_at LIMIT $2 FOR UPDATE SKIP LOCKED",
+    )
+    .bind(config.assignment_timeout_seconds as f64)
+    .bind(LIMIT)
+    .fetch_all(&mut *tx)
+    .await?;
+    let timed_out = stale.len();
+    for id in stale {
+        let mut m = Move::new(id, Status::Pending, Actor::System, "system");
+        m.cause = Cause::Requeue;
+        m.reason = Some(format!(
+            "not started within {} s of assignment; requeued (not a retry)",
+            config.assignment_timeout_seconds
+        ));
+        m.expect_status = Some(Status::Assigned);
+        moves.push(m);
+    }
+
+    // Failed tasks with retries left, once their backoff has passed.
+    let due: Vec<(i32, i32)> = sqlx::query_as(
+        "SELECT id, COALESCE(retry_count, 0) FROM tasks
+         WHERE status = 'failed' AND COALESCE(retry_count, 0) < COALESCE(max_retries, 3)
+           AND (deadline IS NULL OR deadline > NOW())
+           AND COALESCE(completed_at, updated_at) + make_interval(secs =>
+                 LEAST($1::double precision * power(2, COALESCE(retry_count, 0)), $2::double precision)) <= NOW()
+         ORDER BY completed_at LIMIT $3 FOR UPDATE SKIP LOCKED",
+    )
+    .bind(config.retry_backoff_seconds as f64)
+    .bind(config.retry_backoff_max_seconds as f64)
+    .bind(LIMIT)
+    .fetch_all(&mut *tx)
+    .await?;
+    let retried = due.len();
+    for (id, count) in due {
+        let mut m = Move::new(id, Status::Pending, Actor::System, "system");
+        m.cause = Cause::Retry;
+        m.reason = Some(format!("retry {} after failure", count + 1));
+        m.expect_status = Some(Status::Failed);
+        moves.push(m);
+    }
+
+    let applied = apply(&mut tx, &moves).await?;
+    tx.commit().await?;
+    tasks::after_commit(state, &applied);
+    Ok(Maintenance {
+        deadlines_failed: deadlines,
+        assignments_timed_out: timed_out,
+        retried,
+        skipped: false,
+    })
+}

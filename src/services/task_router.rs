@@ -1,0 +1,316 @@
+//! The task router: pending tasks to the least loaded capable active droplet, priority first
+//! then oldest first, in batches applied through the state machine. Passes run at once when
+//! work or room appears (coalesced, one at a time per process) and take their tasks with
+//! `FOR UPDATE SKIP LOCKED`, so replicas never assign a task twice nor wait on each other.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::RwLock;
+
+use chrono::NaiveDateTime;
+use serde_json::json;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::services::state_machine::{self, Actor, Mode, Move, Status};
+use crate::services::tasks;
+use crate::state::AppState;
+
+/// Most tasks one pass assigns; a full pass runs again at once.
+pub const BATCH: i64 = 1000;
+
+/// Wakes the routing loop; many triggers during a pass make one more pass.
+pub struct RouterTrigger {
+    notify: Notify,
+    paused: AtomicBool,
+    room: RwLock<Room>,
+}
+
+/// Which capabilities had room at the last pass (for `estimated_assignment_seconds`).
+#[derive(Default, Clone)]
+struct Room {
+    any: bool,
+    capabilities: HashSet<String>,
+}
+
+impl RouterTrigger {
+    pub fn new() -> Self {
+        RouterTrigger {
+            notify: Notify::new(),
+            paused: AtomicBool::new(false),
+            room: RwLock::new(Room::default()),
+        }
+    }
+
+    pub fn trigger(&self) {
+        self.notify.notify_one();
+    }
+
+    pub fn set_paused(&self, paused: bool) {
+        self.paused.store(paused, Ordering::SeqCst);
+        if !paused {
+            self.trigger();
+        }
+    }
+
+    pub fn is_paused(&self) -> bool {
+        self.paused.load(Ordering::SeqCst)
+    }
+
+    /// Whether a droplet able to take a task with this capability had room at the last pass.
+    pub fn has_room_for(&self, capability: Option<&str>) -> bool {
+        let Ok(room) = self.room.read() else {
+            return false;
+        };
+        match capability {
+            None => room.any,
+            Some(c) => room.capabilities.contains(c),
+        }
+    }
+
+    fn set_room(&self, room: Room) {
+        if let Ok(mut r) = self.room.write() {
+            *r = room;
+        }
+    }
+}
+
+impl Default for RouterTrigger {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// The loop behind immediate routing: one pass per wake-up, again while passes are full.
+pub async fn run_loop(state: AppState, stop: CancellationToken) {
+    // The first pass picks up whatever is pending at start-up.
+    state.router.trigger();
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = state.router.notify.notified() => {}
+        }
+        loop {
+            if state.router.is_paused() || state.emergency_stopped() || stop.is_cancelled() {
+                break;
+            }
+            match route_pass(&state).await {
+                Ok(n) if n as i64 >= BATCH => continue,
+                Ok(_) => break,
+                Err(e) => {
+                    tracing::warn!(error = %e, "routing pass failed; the next trigger or the task_router job retries");
+                    break;
+                }
+            }
+        }
+    }
+}
+
+#[derive(sqlx::FromRow)]
+struct Candidate {
+    id: i32,
+    droplet_id: i32,
+    capabilities: serde_json::Value,
+    max_concurrent_tasks: Option<i32>,
+    last_heartbeat: Option<NaiveDateTime>,
+    load: i64,
+}
+
+#[derive(sqlx::FromRow)]
+struct PendingTask {
+    id: i32,
+    required_capability: Option<String>,
+    last_droplet_id: Option<i32>,
+    priority: i32,
+    created_at: NaiveDateTime,
+}
+
+struct Slot {
+    id: i32,
+    droplet_id: i32,
+    capabilities: HashSet<String>,
+    max: Option<i64>,
+    heartbeat: Option<NaiveDateTime>,
+    load: i64,
+}
+
+impl Slot {
+    fn room(&self) -> i64 {
+        match self.max {
+            Some(m) => (m - self.load).max(0),
+            None => BATCH,
+        }
+    }
+}
+
+/// One routing pass; returns how many tasks it assigned.
+pub async fn route_pass(state: &AppState) -> Result<usize, sqlx::Error> {
+    let mut tx = state.db.begin().await?;
+    // Locking the droplets we fill keeps two replicas from overfilling one droplet; a droplet
+    // another replica is filling right now is skipped, never waited for.
+    let candidates: Vec<Candidate> = sqlx::query_as(
+        "SELECT d.id, d.droplet_id, COALESCE(d.capabilities, '[]'::jsonb) AS capabilities,
+                d.max_concurrent_tasks, d.last_heartbeat,
+                (SELECT COUNT(*) FROM tasks t
+                  WHERE t.assigned_droplet_id = d.id AND t.status IN ('assigned', 'in_progress')) AS load
+         FROM droplets d
+         WHERE d.status = 'active'
+         ORDER BY d.id
+         FOR NO KEY UPDATE OF d SKIP LOCKED",
+    )
+    .fetch_all(&mut *tx)
+    .await?;
+    let mut slots: Vec<Slot> = candidates
+        .into_iter()
+        .map(|c| Slot {
+            id: c.id,
+            droplet_id: c.droplet_id,
+            capabilities: c
+                .capabilities
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|v| v.as_str().map(str::to_string))
+                        .collect()
+                })
+                .unwrap_or_default(),
+            max: c.max_concurrent_tasks.map(i64::from),
+            heartbeat: c.last_heartbeat,
+            load: c.load,
+        })
+        .collect();
+
+    // Room per capability: only those with room are read, so piles nobody can run cost nothing.
+    let mut room_per_capability: HashMap<String, i64> = HashMap::new();
+    let mut total_room = 0i64;
+    for s in &slots {
+        let room = s.room();
+        if room == 0 {
+            continue;
+        }
+        total_room += room;
+        for c in &s.capabilities {
+            *room_per_capability.entry(c.clone()).or_insert(0) += room;
+        }
+    }
+    state.router.set_room(Room {
+        any: total_room > 0,
+        capabilities: room_per_capability.keys().cloned().collect(),
+    });
+    if total_room == 0 {
+        tx.rollback().await?;
+        return Ok(0);
+    }
+
+    let caps: Vec<String> = room_per_capability.keys().cloned().collect();
+    let limits: Vec<i64> = caps
+        .iter()
+        .map(|c| room_per_capability[c].min(BATCH))
+        .collect();
+    let mut pending: Vec<PendingTask> = sqlx::query_as(
+        "SELECT p.id, p.required_capability, p.last_droplet_id, p.priority, p.created_at
+         FROM unnest($1::text[], $2::bigint[]) AS c(cap, lim)
+         CROSS JOIN LATERAL (
+            SELECT id, required_capability, last_droplet_id, COALESCE(priority, 5) AS priority,
+                   COALESCE(created_at, NOW()::timestamp) AS created_at
+            FROM tasks
+            WHERE status = 'pending' AND required_capability = c.cap
+              AND (deadline IS NULL OR deadline > NOW())
+            ORDER BY priority, created_at, id
+            LIMIT c.lim
+            FOR UPDATE SKIP LOCKED
+         ) p",
+    )
+    .bind(&caps)
+    .bind(&limits)
+    .fetch_all(&mut *tx)
+    .await?;
+    let anywhere: Vec<PendingTask> = sqlx::query_as(
+        "SELECT id, required_capability, last_droplet_id, COALESCE(priority, 5) AS priority,
+                COALESCE(created_at, NOW()::timestamp) AS created_at
+         FROM tasks
+         WHERE status = 'pending' AND required_capability IS NULL
+           AND (deadline IS NULL OR deadline > NOW())
+         ORDER BY priority, created_at, id
+         LIMIT $1
+         FOR UPDATE SKIP LOCKED",
+    )
+    .bind(total_room.min(BATCH))
+    .fetch_all(&mut *tx)
+    .await?;
+    pending.extend(anywhere);
+    pending.sort_by_key(|a| (a.priority, a.created_at, a.id));
+    pending.truncate(BATCH as usize);
+
+    let mut moves = Vec::with_capacity(pending.len());
+    for task in &pending {
+        let Some(choice) = choose(&slots, task) else {
+            continue;
+        };
+        let considered: Vec<serde_json::Value> = slots
+            .iter()
+            .filter(|s| can_take(s, task))
+            .take(10)
+            .map(|s| json!({ "droplet_id": s.droplet_id, "load": s.load, "max_concurrent_tasks": s.max }))
+            .collect();
+        let chosen = &mut slots[choice];
+        let why = json!({
+            "router": {
+                "chosen": chosen.droplet_id,
+                "load_before": chosen.load,
+                "rule": "least loaded capable active droplet, freshest heartbeat on ties",
+                "required_capability": task.required_capability,
+                "candidates": considered,
+                "avoided_previous_droplet": task.last_droplet_id.is_some() && task.last_droplet_id != Some(chosen.id),
+            }
+        });
+        chosen.load += 1;
+        let mut m = Move::new(task.id, Status::Assigned, Actor::System, "task_router");
+        m.assign_to = Some(chosen.id);
+        m.reason = Some(format!("routed to droplet {}", chosen.droplet_id));
+        m.metadata = Some(why.clone());
+        m.event_extra = Some(why);
+        m.expect_status = Some(Status::Pending);
+        moves.push(m);
+    }
+    if moves.is_empty() {
+        tx.rollback().await?;
+        return Ok(0);
+    }
+    let applied = match state_machine::apply(&mut tx, &moves, Mode::SkipInvalid).await {
+        Ok(a) => a,
+        Err(state_machine::MoveError::Database(e)) => return Err(e),
+        Err(e) => return Err(sqlx::Error::Protocol(e.to_string())),
+    };
+    tx.commit().await?;
+    state.metrics.assignments.inc_by(applied.len() as u64);
+    tasks::after_commit(state, &applied);
+    Ok(applied.len())
+}
+
+fn can_take(slot: &Slot, task: &PendingTask) -> bool {
+    slot.room() > 0
+        && task
+            .required_capability
+            .as_ref()
+            .is_none_or(|c| slot.capabilities.contains(c))
+}
+
+/// The least loaded droplet that can take the task, freshest heartbeat on ties, and not the
+/// droplet it last ran on when another one can take it.
+fn choose(slots: &[Slot], task: &PendingTask) -> Option<usize> {
+    let best = |avoid: Option<i32>| {
+        slots
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| can_take(s, task) && Some(s.id) != avoid)
+            .min_by(|(_, a), (_, b)| a.load.cmp(&b.load).then(b.heartbeat.cmp(&a.heartbeat)))
+            .map(|(i, _)| i)
+    };
+    best(task.last_droplet_id).or_else(|| best(None))
+}
+
+/// Whether routing is running: not paused and not stopped.
+pub fn is_active(state: &AppState) -> bool {
+    !state.router.is_paused() && !state.emergency_stopped()
+}

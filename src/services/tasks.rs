@@ -1,0 +1,586 @@
+//! Tasks: creation (idempotent by trace id), reading, listing, and the moves callers ask
+//! for (PATCH, cancel), all through the state machine.
+
+use chrono::NaiveDateTime;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use sqlx::PgPool;
+use uuid::Uuid;
+
+use crate::auth::Caller;
+use crate::error::{ApiError, FieldError};
+use crate::services::events::{self, Event, TaskEventKind};
+use crate::services::state_machine::{self, Actor, Applied, Mode, Move, MoveError, Status};
+use crate::state::AppState;
+use crate::udc::{self, Validate};
+
+/// The task columns as the API shows them, from a row aliased `t` joined with droplets `d`.
+pub const TASK_COLUMNS_CTE: &str = "t.id, t.trace_id, t.task_type, t.title, t.description, t.payload, \
+    t.required_capability, d.droplet_id AS assigned_droplet_id, d.name AS assigned_droplet_name, \
+    d.endpoint AS assigned_droplet_endpoint, t.assigned_droplet_id AS assigned_droplet_internal, \
+    t.last_droplet_id, t.status, COALESCE(t.priority, 5) AS priority, \
+    COALESCE(t.created_at, NOW()::timestamp) AS created_at, t.assigned_at, t.started_at, t.completed_at, \
+    t.deadline, t.result, t.error_message, COALESCE(t.retry_count, 0) AS retry_count, \
+    COALESCE(t.max_retries, 3) AS max_retries, t.created_by, \
+    COALESCE(t.updated_at, t.created_at, NOW()::timestamp) AS updated_at";
+
+const SELECT_TASK: &str = const_format::concatcp!(
+    "SELECT ",
+    TASK_COLUMNS_CTE,
+    " FROM tasks t LEFT JOIN droplets d ON d.id = t.assigned_droplet_id"
+);
+
+/// A task as every API answer and event shows it; droplet ids are the external ones.
+#[derive(Debug, Clone, Serialize, sqlx::FromRow, utoipa::ToSchema)]
+pub struct Task {
+    pub id: i32,
+    pub trace_id: Uuid,
+    pub task_type: String,
+    pub title: String,
+    pub description: Option<String>,
+    #[schema(value_type = Object)]
+    pub payload: Value,
+    pub required_capability: Option<String>,
+    pub assigned_droplet_id: Option<i32>,
+    pub assigned_droplet_name: Option<String>,
+    #[serde(skip)]
+    pub assigned_droplet_endpoint: Option<String>,
+    #[serde(skip)]
+    pub assigned_droplet_internal: Option<i32>,
+    #[serde(skip)]
+    pub last_droplet_id: Option<i32>,
+    pub status: String,
+    pub priority: i32,
+    #[serde(serialize_with = "udc::ts")]
+    #[schema(value_type = String, format = DateTime)]
+    pub created_at: NaiveDateTime,
+    #[serde(serialize_with = "udc::ts_opt")]
+    #[schema(value_type = Option<String>, format = DateTime)]
+    pub assigned_at: Option<NaiveDateTime>,
+    #[serde(serialize_with = "udc::ts_opt")]
+    #[schema(value_type = Option<String>, format = DateTime)]
+    pub started_at: Option<NaiveDateTime>,
+    #[serde(serialize_with = "udc::ts_opt")]
+    #[schema(value_type = Option<String>, format = DateTime)]
+    pub completed_at: Option<NaiveDateTime>,
+    #[serde(serialize_with = "udc::ts_opt")]
+    #[schema(value_type = Option<String>, format = DateTime)]
+    pub deadline: Option<NaiveDateTime>,
+    #[schema(value_type = Option<Object>)]
+    pub result: Option<Value>,
+    pub error_message: Option<String>,
+    pub retry_count: i32,
+    pub max_retries: i32,
+    pub created_by: Option<String>,
+    #[serde(serialize_with = "udc::ts")]
+    #[schema(value_type = String, format = DateTime)]
+    pub updated_at: NaiveDateTime,
+}
+
+impl Task {
+    pub fn status(&self) -> Option<Status> {
+        Status::parse(&self.status)
+    }
+}
+
+/// One row of a task's history, oldest first.
+#[derive(Debug, Clone, Serialize, sqlx::FromRow, utoipa::ToSchema)]
+pub struct HistoryRow {
+    pub from_status: Option<String>,
+    pub to_status: String,
+    pub changed_by: Option<String>,
+    pub reason: Option<String>,
+    #[schema(value_type = Option<Object>)]
+    pub metadata: Option<Value>,
+    #[serde(serialize_with = "udc::ts")]
+    #[schema(value_type = String, format = DateTime)]
+    pub changed_at: NaiveDateTime,
+}
+
+/// The payload of `POST /tasks` (and of `/message`'s `create_task`).
+#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
+pub struct NewTask {
+    pub task_type: String,
+    pub title: String,
+    #[serde(default)]
+    pub description: Option<String>,
+    #[serde(default)]
+    pub required_capability: Option<String>,
+    #[serde(default)]
+    pub priority: Option<i64>,
+    #[serde(default)]
+    pub max_retries: Option<i64>,
+    #[serde(default)]
+    pub deadline: Option<String>,
+    #[serde(default)]
+    #[schema(value_type = Option<Object>)]
+    pub payload: Option<Value>,
+}
+
+fn length(loc: &'static str, value: &str, min: usize, max: usize, errors: &mut Vec<FieldError>) {
+    let n = value.chars().count();
+    if n < min {
+        errors.push(FieldError::new(
+            &[loc],
+            format!("String should have at least {min} character(s)"),
+            "string_too_short",
+        ));
+    } else if n > max {
+        errors.push(FieldError::new(
+            &[loc],
+            format!("String should have at most {max} characters"),
+            "string_too_long",
+        ));
+    }
+}
+
+fn range(loc: &'static str, value: Option<i64>, min: i64, max: i64, errors: &mut Vec<FieldError>) {
+    if let Some(v) = value {
+        if v < min || v > max {
+            errors.push(FieldError::new(
+                &[loc],
+                format!("Input should be between {min} and {max}, got {v}"),
+                if v < min {
+                    "greater_than_equal"
+                } else {
+                    "less_than_equal"
+                },
+            ));
+        }
+    }
+}
+
+impl Validate for NewTask {
+    fn validate(&self) -> Vec<FieldError> {
+        let mut errors = Vec::new();
+        length("task_type", &self.task_type, 1, 50, &mut errors);
+        length("title", &self.title, 1, 255, &mut errors);
+        if let Some(c) = &self.required_capability {
+            length("required_capability", c, 0, 100, &mut errors);
+        }
+        range("priority", self.priority, 1, 10, &mut errors);
+        range("max_retries", self.max_retries, 0, 100, &mut errors);
+        if let Some(d) = &self.deadline {
+            if udc::parse_time(d).is_none() {
+                errors.push(FieldError::new(
+                    &["deadline"],
+                    "Input should be a valid datetime (ISO-8601)",
+                    "datetime_parsing",
+                ));
+            }
+        }
+        if let Some(p) = &self.payload {
+            if !p.is_object() && !p.is_null() {
+                errors.push(FieldError::new(
+                    &["payload"],
+                    "Input should be a valid dictionary",
+                    "dict_type",
+                ));
+            }
+        }
+        errors
+    }
+}
+
+/// What `POST /tasks` answers.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct Created {
+    pub task_id: i32,
+    pub trace_id: Uuid,
+    pub status: String,
+    #[serde(serialize_with = "udc::ts")]
+    #[schema(value_type = String, format = DateTime)]
+    pub created_at: NaiveDateTime,
+    pub estimated_assignment_seconds: u64,
+}
+
+const INSERT_TASK: &str = const_format::concatcp!(
+    "WITH t AS (
+        INSERT INTO tasks (trace_id, task_type, title, description, payload, required_capability,
+                           priority, max_retries, deadline, created_by, status)
+        VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, 'pending')
+        ON CONFLICT (trace_id) DO NOTHING
+        RETURNING *
+     ), h AS (
+        INSERT INTO task_state_history (task_id, from_status, to_status, changed_by, reason)
+        SELECT id, NULL, 'pending', $11, 'created' FROM t
+     )
+     SELECT ",
+    TASK_COLUMNS_CTE,
+    " FROM t LEFT JOIN droplets d ON d.id = t.assigned_droplet_id"
+);
+
+/// Creates a task, or finds the one this creator already made with this trace id.
+/// Returns the task and whether it is new.
+pub async fn create(
+    state: &AppState,
+    caller: &Caller,
+    trace_id: &str,
+    new: NewTask,
+) -> Result<(Task, bool), ApiError> {
+    let trace = Uuid::parse_str(trace_id).map_err(|_| {
+        ApiError::invalid(
+            &["body", "trace_id"],
+            "Input should be a valid UUID",
+            "uuid_parsing",
+        )
+    })?;
+    let created_by = caller.droplet_id.to_string();
+    let deadline = new
+        .deadline
+        .as_deref()
+        .and_then(udc::parse_time)
+        .map(|d| d.naive_utc());
+    let payload = match new.payload {
+        Some(Value::Object(m)) => Value::Object(m),
+        _ => Value::Object(Default::default()),
+    };
+    let mut tx = state.db.begin().await?;
+    let inserted: Option<Task> = sqlx::query_as(INSERT_TASK)
+        .bind(trace)
+        .bind(&new.task_type)
+        .bind(&new.title)
+        .bind(&new.description)
+        .bind(&payload)
+        .bind(new.required_capability.as_deref().filter(|c| !c.is_empty()))
+        .bind(new.priority.unwrap_or(5) as i32)
+        .bind(new.max_retries.unwrap_or(3) as i32)
+        .bind(deadline)
+        .bind(&created_by)
+        .bind(caller.actor_name())
+        .fetch_optional(&mut *tx)
+        .await?;
+    let Some(task) = inserted else {
+        tx.rollback().await?;
+        let existing = load_by_trace(&state.db, trace)
+            .await?
+            .ok_or_else(|| ApiError::conflict(format!("Trace id {trace} is in use")))?;
+        if existing.created_by.as_deref() == Some(created_by.as_str()) {
+            return Ok((existing, false));
+        }
+        return Err(ApiError::conflict(format!(
+            "Trace id {trace} was already used by another creator"
+        )));
+    };
+    let event = Event::task(
+        TaskEventKind::TaskCreated,
+        Some(task.trace_id.to_string()),
+        serde_json::to_value(&task).unwrap_or(Value::Null),
+        None,
+    );
+    events::notify(&mut tx, &[event]).await?;
+    tx.commit().await?;
+    state.metrics.tasks_created.inc();
+    state.router.trigger();
+    Ok((task, true))
+}
+
+pub async fn load(db: &PgPool, id: i32) -> Result<Option<Task>, sqlx::Error> {
+    sqlx::query_as(const_format::concatcp!(SELECT_TASK, " WHERE t.id = $1"))
+        .bind(id)
+        .fetch_optional(db)
+        .await
+}
+
+pub async fn load_by_trace(db: &PgPool, trace_id: Uuid) -> Result<Option<Task>, sqlx::Error> {
+    sqlx::query_as(const_format::concatcp!(
+        SELECT_TASK,
+        " WHERE t.trace_id = $1"
+    ))
+    .bind(trace_id)
+    .fetch_optional(db)
+    .await
+}
+
+pub async fn history(db: &PgPool, id: i32) -> Result<Vec<HistoryRow>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT from_status, to_status, changed_by, reason, metadata,
+                COALESCE(changed_at, NOW()::timestamp) AS changed_at
+         FROM task_state_history WHERE task_id = $1 ORDER BY id",
+    )
+    .bind(id)
+    .fetch_all(db)
+    .await
+}
+
+/// Filters of `GET /tasks`.
+#[derive(Debug, Clone, Default, Deserialize, utoipa::IntoParams)]
+pub struct TaskFilter {
+    pub status: Option<String>,
+    pub task_type: Option<String>,
+    pub priority_min: Option<i32>,
+    pub priority_max: Option<i32>,
+    pub assigned_droplet_id: Option<i32>,
+    pub required_capability: Option<String>,
+    pub created_by: Option<String>,
+    pub limit: Option<i64>,
+    pub offset: Option<i64>,
+}
+
+impl Validate for TaskFilter {
+    fn validate(&self) -> Vec<FieldError> {
+        let mut errors = Vec::new();
+        if let Some(s) = &self.status {
+            if Status::parse(s).is_none() {
+                errors.push(FieldError::new(
+                    &["status"],
+                    "Input should be 'pending', 'assigned', 'in_progress', 'completed', 'failed' or 'cancelled'",
+                    "enum",
+                ));
+            }
+        }
+        range(
+            "priority_min",
+            self.priority_min.map(i64::from),
+            1,
+            10,
+            &mut errors,
+        );
+        range(
+            "priority_max",
+            self.priority_max.map(i64::from),
+            1,
+            10,
+            &mut errors,
+        );
+        range("limit", self.limit, 1, 500, &mut errors);
+        range("offset", self.offset, 0, i64::MAX, &mut errors);
+        errors
+    }
+}
+
+pub struct Page {
+    pub tasks: Vec<Task>,
+    pub total: i64,
+    pub limit: i64,
+    pub offset: i64,
+}
+
+const TASK_FILTER: &str = " WHERE ($1::text IS NULL OR t.status = $1)
+      AND ($2::text IS NULL OR t.task_type = $2)
+      AND ($3::int IS NULL OR t.priority >= $3)
+      AND ($4::int IS NULL OR t.priority <= $4)
+      AND ($5::int IS NULL OR t.assigned_droplet_id = (SELECT id FROM droplets WHERE droplet_id = $5))
+      AND ($6::text IS NULL OR t.required_capability = $6)
+      AND ($7::text IS NULL OR t.created_by = $7)";
+
+/// Newest first, with the total that matches the filters.
+pub async fn list(db: &PgPool, f: &TaskFilter) -> Result<Page, sqlx::Error> {
+    let limit = f.limit.unwrap_or(50);
+    let offset = f.offset.unwrap_or(0);
+    let tasks: Vec<Task> = sqlx::query_as(const_format::concatcp!(
+        SELECT_TASK,
+        TASK_FILTER,
+        " ORDER BY t.created_at DESC, t.id DESC LIMIT $8 OFFSET $9"
+    ))
+    .bind(&f.status)
+    .bind(&f.task_type)
+    .bind(f.priority_min)
+    .bind(f.priority_max)
+    .bind(f.assigned_droplet_id)
+    .bind(&f.required_capability)
+    .bind(&f.created_by)
+    .bind(limit)
+    .bind(offset)
+    .fetch_all(db)
+    .await?;
+    let total: i64 = if offset == 0 && (tasks.len() as i64) < limit {
+        tasks.len() as i64
+    } else {
+        sqlx::query_scalar(const_format::concatcp!(
+            "SELECT COUNT(*) FROM tasks t",
+            TASK_FILTER
+        ))
+        .bind(&f.status)
+        .bind(&f.task_type)
+        .bind(f.priority_min)
+        .bind(f.priority_max)
+        .bind(f.assigned_droplet_id)
+        .bind(&f.required_capability)
+        .bind(&f.created_by)
+        .fetch_one(db)
+        .await?
+    };
+    Ok(Page {
+        tasks,
+        total,
+        limit,
+        offset,
+    })
+}
+
+/// The payload of `PATCH /tasks/{id}`.
+#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
+pub struct TaskUpdate {
+    pub status: String,
+    #[serde(default)]
+    #[schema(value_type = Option<Object>)]
+    pub result: Option<Value>,
+    #[serde(default)]
+    pub error_message: Option<String>,
+}
+
+impl Validate for TaskUpdate {
+    fn validate(&self) -> Vec<FieldError> {
+        let mut errors = Vec::new();
+        if Status::parse(&self.status).is_none() {
+            errors.push(FieldError::new(
+                &["status"],
+                "Input should be 'pending', 'assigned', 'in_progress', 'completed', 'failed' or 'cancelled'",
+                "enum",
+            ));
+        }
+        errors
+    }
+}
+
+fn move_error(e: MoveError) -> ApiError {
+    match e {
+        MoveError::NotFound(id) => ApiError::not_found(format!("Task {id} not found")),
+        MoveError::NotYours(id) => {
+            ApiError::forbidden(format!("Task {id} is not assigned to this droplet"))
+        }
+        e @ MoveError::Invalid(..) => ApiError::conflict(e.to_string()),
+        MoveError::Database(e) => ApiError::from(e),
+    }
+}
+
+/// Applies moves in one transaction and does what follows a commit.
+pub async fn run_moves(
+    state: &AppState,
+    moves: &[Move],
+    mode: Mode,
+) -> Result<Vec<Applied>, ApiError> {
+    let mut tx = state.db.begin().await?;
+    let applied = match state_machine::apply(&mut tx, moves, mode).await {
+        Ok(a) => a,
+        Err(MoveError::Database(e)) => {
+            let _ = tx.rollback().await;
+            return Err(ApiError::from(e));
+        }
+        Err(e) => {
+            let _ = tx.rollback().await;
+            return Err(move_error(e));
+        }
+    };
+    tx.commit().await?;
+    after_commit(state, &applied);
+    Ok(applied)
+}
+
+/// What follows committed moves: dispatch new assignments, tell droplets about work taken
+/// from them, route again when room or work appeared, count outcomes.
+pub fn after_commit(state: &AppState, applied: &[Applied]) {
+    let mut route_again = false;
+    for a in applied {
+        match a.to {
+            Status::Assigned => state.dispatch.execute(state, &a.task),
+            Status::Pending => route_again = true,
+            Status::Completed => {
+                state
+                    .metrics
+                    .task_outcomes
+                    .with_label_values(&["completed"])
+                    .inc();
+                route_again = true;
+            }
+            Status::Failed => {
+                state
+                    .metrics
+                    .task_outcomes
+                    .with_label_values(&["failed"])
+                    .inc();
+                route_again = true;
+            }
+            Status::Cancelled => {
+                state
+                    .metrics
+                    .task_outcomes
+                    .with_label_values(&["cancelled"])
+                    .inc();
+                route_again = true;
+            }
+            Status::InProgress => {}
+        }
+        if let Some(droplet) = a.previous_droplet {
+            state
+                .dispatch
+                .cancel(state, droplet, a.task.id, a.task.trace_id);
+        }
+    }
+    if route_again {
+        state.router.trigger();
+    }
+}
+
+/// `PATCH /tasks/{id}`: the assigned droplet (or an admin) moves its task.
+pub async fn update(
+    state: &AppState,
+    caller: &Caller,
+    id: i32,
+    update: TaskUpdate,
+) -> Result<Task, ApiError> {
+    let task = load(&state.db, id)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("Task {id} not found")))?;
+    let to = Status::parse(&update.status).ok_or_else(|| {
+        ApiError::invalid(&["body", "payload", "status"], "unknown status", "enum")
+    })?;
+    let mut m = Move::new(id, to, Actor::Admin, caller.actor_name());
+    if !caller.is_admin() {
+        if task.assigned_droplet_id != Some(caller.droplet_id) {
+            return Err(ApiError::forbidden(format!(
+                "Task {id} is not assigned to droplet {}",
+                caller.droplet_id
+            )));
+        }
+        m.actor = Actor::AssignedDroplet;
+        m.expect_droplet = task.assigned_droplet_internal;
+    }
+    m.reason = Some(match to {
+        Status::InProgress => "started by droplet".into(),
+        Status::Completed => "completed by droplet".into(),
+        Status::Failed => update
+            .error_message
+            .clone()
+            .unwrap_or_else(|| "failed by droplet".into()),
+        other => format!("set to {} by {}", other.as_str(), caller.actor_name()),
+    });
+    m.result = update.result;
+    m.error_message = update.error_message;
+    let applied = run_moves(state, &[m], Mode::Strict).await?;
+    applied
+        .into_iter()
+        .next()
+        .map(|a| a.task)
+        .ok_or_else(|| ApiError::internal("move applied without a row"))
+}
+
+/// `DELETE /tasks/{id}`: the creator (or an admin) cancels a task that has not started.
+pub async fn cancel(
+    state: &AppState,
+    caller: &Caller,
+    id: i32,
+    reason: Option<String>,
+) -> Result<Task, ApiError> {
+    let task = load(&state.db, id)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("Task {id} not found")))?;
+    let actor = if caller.is_admin() {
+        Actor::Admin
+    } else if task.created_by.as_deref() == Some(caller.droplet_id.to_string().as_str()) {
+        Actor::Creator
+    } else {
+        return Err(ApiError::forbidden(format!(
+            "Only the creator of task {id} or an admin may cancel it"
+        )));
+    };
+    let mut m = Move::new(id, Status::Cancelled, actor, caller.actor_name());
+    m.reason = Some(reason.unwrap_or_else(|| format!("cancelled by {}", caller.actor_name())));
+    let applied = run_moves(state, &[m], Mode::Strict).await?;
+    applied
+        .into_iter()
+        .next()
+        .map(|a| a.task)
+        .ok_or_else(|| ApiError::internal("move applied without a row"))
+}
