@@ -1,0 +1,339 @@
+//! What every integration test needs: the real app on a random port over its own fresh
+//! database, tokens, envelopes, an HTTP client, and small droplet servers.
+
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::post;
+use axum::{Json, Router};
+use orchestrator::config::Config;
+use orchestrator::state::AppState;
+use reqwest::Method;
+use serde_json::{json, Value};
+use sqlx::postgres::PgPoolOptions;
+use sqlx::PgPool;
+use uuid::Uuid;
+
+pub const SECRET: &str = "integration-test-secret-0123456789abcdef";
+
+/// The server of the local PostgreSQL (override with TEST_DATABASE_URL, without a database name).
+pub fn server_url() -> String {
+    std::env::var("TEST_DATABASE_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".to_string())
+}
+
+/// A fresh, unique database name for one test.
+pub fn fresh_database_url() -> String {
+    format!("{}/orch_test_{}", server_url().trim_end_matches('/'), Uuid::new_v4().simple())
+}
+
+/// The settings every test app starts from; tests override what they need.
+pub fn base_env(database_url: &str) -> HashMap<String, String> {
+    let mut env = HashMap::new();
+    for (k, v) in [
+        ("ENVIRONMENT", "development"),
+        ("JWT_SECRET_KEY", SECRET),
+        ("DATABASE_POOL_SIZE", "4"),
+        ("DATABASE_MAX_OVERFLOW", "0"),
+        ("LOG_LEVEL", "WARNING"),
+        ("HOST", "127.0.0.1"),
+        ("PORT", "0"),
+    ] {
+        env.insert(k.to_string(), v.to_string());
+    }
+    env.insert("DATABASE_URL".into(), database_url.to_string());
+    env
+}
+
+pub fn config_from(env: &HashMap<String, String>) -> Config {
+    let env = env.clone();
+    Config::from_lookup(&move |k| env.get(k).cloned()).expect("valid test configuration")
+}
+
+pub struct TestApp {
+    pub addr: SocketAddr,
+    pub base: String,
+    pub state: AppState,
+    /// The test's own pool on the app's database, to check what was written.
+    pub db: PgPool,
+    pub database_url: String,
+    pub client: reqwest::Client,
+    pub env: HashMap<String, String>,
+}
+
+impl TestApp {
+    pub async fn spawn() -> TestApp {
+        TestApp::spawn_with(&[]).await
+    }
+
+    /// A new app over a new database, with these settings on top of the defaults.
+    pub async fn spawn_with(overrides: &[(&str, &str)]) -> TestApp {
+        TestApp::spawn_on(&fresh_database_url(), overrides).await
+    }
+
+    /// A new app over the given database (two apps on one database are two replicas).
+    pub async fn spawn_on(database_url: &str, overrides: &[(&str, &str)]) -> TestApp {
+        let mut env = base_env(database_url);
+        for (k, v) in overrides {
+            env.insert(k.to_string(), v.to_string());
+        }
+        let config = config_from(&env);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let running = orchestrator::spawn(config, listener, orchestrator::telemetry::LogHandle::none())
+            .await
+            .expect("app starts");
+        let db = PgPoolOptions::new()
+            .max_connections(2)
+            .connect(database_url)
+            .await
+            .expect("test pool");
+        TestApp {
+            addr: running.addr,
+            base: format!("http://{}", running.addr),
+            state: running.state,
+            db,
+            database_url: database_url.to_string(),
+            client: reqwest::Client::builder()
+                .timeout(Duration::from_secs(30))
+                .build()
+                .expect("client"),
+            env,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{}", self.base, path)
+    }
+
+    /// An HS256 token for `droplet_id` with these permissions, valid for an hour.
+    pub fn token(&self, droplet_id: i32, permissions: &[&str]) -> String {
+        token(droplet_id, permissions)
+    }
+
+    pub fn admin(&self) -> String {
+        token(1, &["read", "write", "admin"])
+    }
+
+    pub async fn request(&self, method: Method, path: &str, token: Option<&str>, body: Option<Value>) -> (StatusCode, Value) {
+        let mut req = self.client.request(method, self.url(path));
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let resp = req.send().await.expect("request sent");
+        let status = StatusCode::from_u16(resp.status().as_u16()).expect("status");
+        let text = resp.text().await.unwrap_or_default();
+        let value = serde_json::from_str(&text).unwrap_or(Value::String(text));
+        (status, value)
+    }
+
+    pub async fn get(&self, path: &str, token: &str) -> (StatusCode, Value) {
+        self.request(Method::GET, path, Some(token), None).await
+    }
+
+    /// POSTs `payload` wrapped in a fresh request envelope.
+    pub async fn post(&self, path: &str, token: &str, payload: Value) -> (StatusCode, Value) {
+        self.request(Method::POST, path, Some(token), Some(envelope(payload))).await
+    }
+
+    pub async fn patch(&self, path: &str, token: &str, payload: Value) -> (StatusCode, Value) {
+        self.request(Method::PATCH, path, Some(token), Some(envelope(payload))).await
+    }
+
+    pub async fn delete(&self, path: &str, token: &str) -> (StatusCode, Value) {
+        self.request(Method::DELETE, path, Some(token), None).await
+    }
+
+    /// Registers droplet `id` (as itself) with these capabilities at `endpoint`.
+    pub async fn register(&self, id: i32, capabilities: &[&str], endpoint: &str) -> Value {
+        let (status, body) = self
+            .post(
+                "/droplets/register",
+                &self.token(id, &["read", "write"]),
+                json!({
+                    "droplet_id": id,
+                    "name": format!("droplet-{id}"),
+                    "steward": "tests",
+                    "endpoint": endpoint,
+                    "capabilities": capabilities,
+                }),
+            )
+            .await;
+        assert!(status.is_success(), "register {id}: {status} {body}");
+        body
+    }
+
+    /// Creates a task as droplet `creator`; returns its id.
+    pub async fn create_task(&self, creator: i32, payload: Value) -> i32 {
+        let (status, body) = self.post("/tasks", &self.token(creator, &["read", "write"]), payload).await;
+        assert_eq!(status, StatusCode::CREATED, "create task: {body}");
+        body["payload"]["task_id"].as_i64().expect("task_id") as i32
+    }
+
+    pub async fn task(&self, id: i32) -> Value {
+        let (status, body) = self.get(&format!("/tasks/{id}"), &self.admin()).await;
+        assert_eq!(status, StatusCode::OK, "get task {id}: {body}");
+        body["payload"]["task"].clone()
+    }
+
+    pub async fn task_status(&self, id: i32) -> String {
+        sqlx::query_scalar("SELECT status FROM tasks WHERE id = $1")
+            .bind(id)
+            .fetch_one(&self.db)
+            .await
+            .expect("task row")
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        self.state.shutdown.cancel();
+    }
+}
+
+pub fn token(droplet_id: i32, permissions: &[&str]) -> String {
+    let now = chrono::Utc::now().timestamp();
+    sign(json!({
+        "droplet_id": droplet_id,
+        "steward": "tests",
+        "permissions": permissions,
+        "iat": now,
+        "exp": now + 3600,
+    }))
+}
+
+/// Signs any claims with the test secret (HS256).
+pub fn sign(claims: Value) -> String {
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .expect("sign")
+}
+
+/// A request envelope around `payload`, with a new trace id.
+pub fn envelope(payload: Value) -> Value {
+    envelope_with_trace(&Uuid::new_v4().to_string(), payload)
+}
+
+pub fn envelope_with_trace(trace_id: &str, payload: Value) -> Value {
+    json!({
+        "udc_version": "1.0",
+        "trace_id": trace_id,
+        "source": 42,
+        "target": 10,
+        "message_type": "command",
+        "payload": payload,
+        "timestamp": chrono::Utc::now().to_rfc3339(),
+    })
+}
+
+pub fn task_payload(title: &str) -> Value {
+    json!({ "task_type": "verify", "title": title, "payload": {} })
+}
+
+/// Polls `check` until it returns `Some` or `timeout` passes (then panics with `what`).
+pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            panic!("timed out after {timeout:?} waiting for: {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// How a test droplet answers the orchestrator's messages.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Behaviour {
+    Ok,
+    Error500,
+    Hang,
+}
+
+/// A small droplet HTTP server that records every envelope POSTed to its `/message`.
+#[derive(Clone)]
+pub struct DropletServer {
+    pub endpoint: String,
+    pub received: Arc<Mutex<Vec<Value>>>,
+    behaviour: Arc<Mutex<Behaviour>>,
+}
+
+impl DropletServer {
+    pub async fn start(behaviour: Behaviour) -> DropletServer {
+        let received = Arc::new(Mutex::new(Vec::new()));
+        let behaviour = Arc::new(Mutex::new(behaviour));
+        let shared = (received.clone(), behaviour.clone());
+        let app = Router::new()
+            .route(
+                "/message",
+                post(
+                    |State((received, behaviour)): State<(Arc<Mutex<Vec<Value>>>, Arc<Mutex<Behaviour>>)>,
+                     Json(body): Json<Value>| async move {
+                        received.lock().unwrap().push(body);
+                        let b = *behaviour.lock().unwrap();
+                        match b {
+                            Behaviour::Ok => (StatusCode::OK, Json(json!({"received": true}))),
+                            Behaviour::Error500 => (StatusCode::INTERNAL_SERVER_ERROR, Json(json!({"detail": "boom"}))),
+                            Behaviour::Hang => {
+                                tokio::time::sleep(Duration::from_secs(3600)).await;
+                                (StatusCode::OK, Json(json!({})))
+                            }
+                        }
+                    },
+                ),
+            )
+            .with_state(shared);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind droplet");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        DropletServer {
+            endpoint: format!("http://{addr}"),
+            received,
+            behaviour,
+        }
+    }
+
+    pub fn set(&self, behaviour: Behaviour) {
+        *self.behaviour.lock().unwrap() = behaviour;
+    }
+
+    pub fn messages(&self) -> Vec<Value> {
+        self.received.lock().unwrap().clone()
+    }
+
+    /// The `execute_task` commands received, as task ids.
+    pub fn executed(&self) -> Vec<i64> {
+        self.messages()
+            .iter()
+            .filter(|m| m["payload"]["command"] == "execute_task")
+            .filter_map(|m| m["payload"]["task"]["id"].as_i64())
+            .collect()
+    }
+}
+
+/// An endpoint where nothing listens (connections are refused).
+pub fn dead_endpoint() -> String {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = l.local_addr().expect("addr");
+    drop(l);
+    format!("http://{addr}")
+}

@@ -1,0 +1,5 @@
+//! Integration tests: the real app over HTTP and WebSocket, a fresh PostgreSQL database each.
+
+mod helpers;
+
+mod smoke;
