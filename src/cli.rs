@@ -36,4 +36,14 @@ pub enum Command {
     },
     /// Print the effective configuration (secrets masked); exit non-zero when it is invalid.
     CheckConfig,
+    /// Exit 0 when the service answers GET /health (the container's HEALTHCHECK; the
+    /// runtime image has no curl).
+    Healthcheck {
+        /// The URL to check (default: http://127.0.0.1:$PORT/health).
+        #[arg(long)]
+        url: Option<String>,
+    },
+    /// Simulate droplets and a task producer against a running orchestrator, with live
+    /// progress and a latency summary.
+    Simulate(crate::simulate::SimulateArgs),
 }

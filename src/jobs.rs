@@ -43,6 +43,8 @@ pub struct JobInfo {
 pub struct JobBoard {
     jobs: Mutex<BTreeMap<&'static str, JobInfo>>,
     scheduler: tokio::sync::Mutex<Option<JobScheduler>>,
+    /// The jobs an emergency stop paused, resumed when it ends (not those paused by hand).
+    stopped: Mutex<Vec<&'static str>>,
 }
 
 fn interval_of(config: &Config, id: &str) -> u64 {
@@ -86,6 +88,7 @@ impl JobBoard {
         JobBoard {
             jobs: Mutex::new(jobs),
             scheduler: tokio::sync::Mutex::new(None),
+            stopped: Mutex::new(Vec::new()),
         }
     }
 
@@ -97,8 +100,9 @@ impl JobBoard {
         f(&mut guard)
     }
 
+    /// The five jobs in their documented order.
     pub fn list(&self) -> Vec<JobInfo> {
-        self.with(|m| m.values().cloned().collect())
+        self.with(|m| JOB_IDS.iter().filter_map(|id| m.get(id).cloned()).collect())
     }
 
     pub fn get(&self, id: &str) -> Option<JobInfo> {
@@ -109,8 +113,49 @@ impl JobBoard {
         self.with(|m| m.get(id).is_some_and(|j| j.paused))
     }
 
-    /// Pauses or resumes one job; `task_router` also stops or restarts immediate routing.
+    /// Pauses or resumes one job by an operator's hand; `task_router` also stops or restarts
+    /// immediate routing. The operator's word holds over an emergency stop's: a job paused or
+    /// resumed by hand during the stop is not touched when the stop ends.
     pub fn set_paused(&self, state: &AppState, id: &str, paused: bool) -> Option<JobInfo> {
+        let info = self.switch(state, id, paused)?;
+        self.with_stopped(|s| s.retain(|j| *j != id));
+        Some(info)
+    }
+
+    fn with_stopped<R>(&self, f: impl FnOnce(&mut Vec<&'static str>) -> R) -> R {
+        let mut guard = match self.stopped.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        f(&mut guard)
+    }
+
+    /// Emergency stop: routing and dispatch halt and every running job is paused. Returns
+    /// the jobs this call paused.
+    pub fn emergency_stop(&self, state: &AppState) -> Vec<&'static str> {
+        state.set_emergency_stop(true);
+        let mut paused = Vec::new();
+        for id in JOB_IDS {
+            if !self.is_paused(id) && self.switch(state, id, true).is_some() {
+                paused.push(id);
+            }
+        }
+        self.with_stopped(|s| s.extend(paused.iter().copied()));
+        paused
+    }
+
+    /// Ends an emergency stop: the jobs it paused run again. Returns them.
+    pub fn end_emergency(&self, state: &AppState) -> Vec<&'static str> {
+        // The flag goes first: resuming task_router starts a pass that checks it.
+        state.set_emergency_stop(false);
+        let resumed = self.with_stopped(std::mem::take);
+        for id in &resumed {
+            self.switch(state, id, false);
+        }
+        resumed
+    }
+
+    fn switch(&self, state: &AppState, id: &str, paused: bool) -> Option<JobInfo> {
         let info = self.with(|m| {
             let j = m.get_mut(id)?;
             j.paused = paused;
@@ -280,6 +325,8 @@ pub async fn reschedule(state: &AppState) -> Result<Vec<&'static str>, String> {
         if current == every {
             continue;
         }
+        // The old job goes first so the two never run side by side; a failure to add the
+        // new one is reported and leaves the board saying the job is unscheduled.
         if let Some(uuid) = uuid {
             scheduler.remove(&uuid).await.map_err(|e| e.to_string())?;
         }
@@ -291,7 +338,8 @@ pub async fn reschedule(state: &AppState) -> Result<Vec<&'static str>, String> {
             if let Some(j) = m.get_mut(id) {
                 j.scheduled = Some(uuid);
                 j.interval_seconds = every;
-                j.next_run = Some(Utc::now() + chrono::Duration::seconds(every as i64));
+                j.next_run =
+                    (!j.paused).then(|| Utc::now() + chrono::Duration::seconds(every as i64));
             }
         });
         changed.push(id);

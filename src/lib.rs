@@ -10,6 +10,7 @@ pub mod error;
 pub mod jobs;
 pub mod metrics;
 pub mod services;
+pub mod simulate;
 pub mod state;
 pub mod system;
 pub mod telemetry;
@@ -17,6 +18,7 @@ pub mod udc;
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::DefaultBodyLimit;
@@ -49,28 +51,51 @@ pub fn app(state: AppState) -> Router {
         .merge(api::token::router())
         .merge(api::droplets::router())
         .merge(api::tasks::router())
+        .merge(api::dashboard::router())
+        .merge(api::message::router())
+        .merge(api::metrics::router())
+        .merge(api::openapi::router())
+        .merge(api::prometheus::router())
+        .merge(api::ws::router())
+        .merge(api::management::router())
         .fallback(|| async { ApiError::not_found("Not found") });
+    let limits = Arc::new(api::ratelimit::RateLimits::new(
+        config.rate_limit_per_minute,
+        config.broadcast_rate_limit_per_minute,
+    ));
+    // Innermost first. Every layer wraps every route and the fallback, so `observe` (the
+    // outermost) gives each response, the 404s, 413s, 429s, timeouts and CORS preflights
+    // included, its X-Trace-Id, span and metrics; CORS headers reach the 429s too.
     api.layer(axum::middleware::from_fn_with_state(
+        (state.clone(), limits),
+        api::ratelimit::enforce,
+    ))
+    .layer(axum::middleware::from_fn_with_state(
+        config.max_body_bytes,
+        api::middleware::body_limit,
+    ))
+    .layer(DefaultBodyLimit::max(config.max_body_bytes))
+    .layer(axum::middleware::from_fn_with_state(
+        state.clone(),
+        api::middleware::timeout,
+    ))
+    .layer(cors(&state, &config))
+    .layer(axum::middleware::from_fn(api::middleware::security_headers))
+    .layer(axum::middleware::from_fn_with_state(
         state.clone(),
         api::middleware::observe,
     ))
-    .layer(axum::middleware::from_fn(api::middleware::security_headers))
-    .layer(cors(&config))
-    .layer(tower_http::timeout::TimeoutLayer::with_status_code(
-        axum::http::StatusCode::SERVICE_UNAVAILABLE,
-        Duration::from_secs(config.request_timeout_seconds),
-    ))
-    .layer(DefaultBodyLimit::max(config.max_body_bytes))
     .with_state(state)
 }
 
-fn cors(config: &Config) -> CorsLayer {
-    let origins: Vec<_> = config
-        .cors_origins
-        .iter()
-        .filter(|o| *o != "*")
-        .filter_map(|o| o.parse().ok())
-        .collect();
+/// CORS: the allowed origins are read per request, so `/management/reload-config` changes
+/// them live; whether credentials are allowed is fixed at start-up.
+fn cors(state: &AppState, config: &Config) -> CorsLayer {
+    let live = state.clone();
+    let allowed = AllowOrigin::predicate(move |origin, _| {
+        let origins = &live.config().cors_origins;
+        origins.iter().any(|o| o == "*" || o.as_bytes() == origin.as_bytes())
+    });
     let layer = CorsLayer::new()
         .allow_methods([
             Method::GET,
@@ -86,13 +111,9 @@ fn cors(config: &Config) -> CorsLayer {
         ])
         .expose_headers([HeaderName::from_static("x-trace-id")])
         .max_age(Duration::from_secs(600));
-    if config.cors_origins.iter().any(|o| o == "*") && !config.cors_allow_credentials {
-        layer.allow_origin(AllowOrigin::any())
-    } else {
-        layer
-            .allow_origin(AllowOrigin::list(origins))
-            .allow_credentials(config.cors_allow_credentials)
-    }
+    layer
+        .allow_origin(allowed)
+        .allow_credentials(config.cors_allow_credentials)
 }
 
 /// Connects to the database (creating and migrating it) and builds the shared state.
@@ -109,6 +130,7 @@ pub async fn start_background(state: &AppState) -> Result<(), StartError> {
     tokio::spawn(services::events::run_listener(state.clone(), stop.clone()));
     tokio::spawn(services::task_router::run_loop(state.clone(), stop.clone()));
     tokio::spawn(system::run_sampler(state.clone(), stop));
+    tokio::spawn(services::registry_client::run_at_startup(state.clone()));
     jobs::start(state).await.map_err(StartError::Scheduler)
 }
 
@@ -153,6 +175,9 @@ pub async fn serve(
     {
         tracing::error!(error = %e, "server error");
     }
+    // Upgraded sockets run outside the server's connection tracking: give their 1001 close
+    // frames a moment to leave before the process exits.
+    state.events.wait_closed(Duration::from_secs(3)).await;
     jobs::stop(&state).await;
     state.db.close().await;
 }

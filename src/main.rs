@@ -34,6 +34,11 @@ fn main() -> ExitCode {
 async fn run(command: Command, config: Config) -> ExitCode {
     match command {
         Command::CheckConfig => {
+            // The keys are parsed too: a PEM that does not load fails here, not at start-up.
+            if let Err(e) = Keys::from_config(&config) {
+                eprintln!("orchestrator: invalid configuration: {e}");
+                return ExitCode::from(2);
+            }
             for (name, value) in config.describe() {
                 println!("{name}={value}");
             }
@@ -103,6 +108,17 @@ async fn run(command: Command, config: Config) -> ExitCode {
             }
         }
         Command::Serve => serve(config).await,
+        Command::Healthcheck { url } => healthcheck(&config, url).await,
+        Command::Simulate(args) => match orchestrator::simulate::run(args).await {
+            Ok(summary) => {
+                println!("{summary}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("orchestrator simulate: {e}");
+                ExitCode::FAILURE
+            }
+        },
     }
 }
 
@@ -137,6 +153,41 @@ async fn serve(config: Config) -> ExitCode {
     orchestrator::serve(state, listener, shutdown_signal()).await;
     tracing::info!("stopped");
     ExitCode::SUCCESS
+}
+
+/// GET /health of the local service (or `url`) within three seconds.
+async fn healthcheck(config: &Config, url: Option<String>) -> ExitCode {
+    let url = url.unwrap_or_else(|| {
+        // A service bound to every address is reached on loopback.
+        let host = match config.host {
+            std::net::IpAddr::V4(ip) if ip.is_unspecified() => "127.0.0.1".to_string(),
+            std::net::IpAddr::V6(ip) if ip.is_unspecified() => "[::1]".to_string(),
+            std::net::IpAddr::V6(ip) => format!("[{ip}]"),
+            ip => ip.to_string(),
+        };
+        format!("http://{host}:{}/health", config.port)
+    });
+    let client = match reqwest::Client::builder()
+        .timeout(std::time::Duration::from_secs(3))
+        .build()
+    {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("orchestrator: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match client.get(&url).send().await {
+        Ok(r) if r.status().is_success() => ExitCode::SUCCESS,
+        Ok(r) => {
+            eprintln!("orchestrator: {url} answered {}", r.status());
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("orchestrator: {url}: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 async fn shutdown_signal() {

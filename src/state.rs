@@ -12,6 +12,7 @@ use crate::auth::Keys;
 use crate::config::Config;
 use crate::jobs::JobBoard;
 use crate::metrics::Metrics;
+use crate::services::config_reload::ConfigSource;
 use crate::services::dispatch::Dispatcher;
 use crate::services::events::EventHub;
 use crate::services::registry_client::RegistryStatus;
@@ -40,6 +41,8 @@ pub struct App {
     pub shutdown: CancellationToken,
     /// Set by /management/emergency-stop until the jobs are resumed.
     emergency_stop: AtomicBool,
+    /// Where /management/reload-config reads the settings (tests fix it to a map).
+    pub config_source: ConfigSource,
 }
 
 impl Deref for AppState {
@@ -77,6 +80,7 @@ impl AppState {
             started_at: Instant::now(),
             shutdown: CancellationToken::new(),
             emergency_stop: AtomicBool::new(false),
+            config_source: ConfigSource::new(),
             config: RwLock::new(config),
         }))
     }

@@ -589,6 +589,13 @@ where
         match axum::extract::Path::<T>::from_request_parts(parts, state).await {
             Ok(axum::extract::Path(v)) => Ok(PathParam(v)),
             Err(PathRejection::FailedToDeserializePathParams(e)) => {
+                // A single value's error carries no key: name the route's own parameter
+                // (`task_id`, `droplet_id`), as FastAPI does.
+                let route_key = axum::extract::RawPathParams::from_request_parts(parts, state)
+                    .await
+                    .ok()
+                    .and_then(|raw| raw.iter().next().map(|(k, _)| k.to_string()))
+                    .unwrap_or_else(|| "id".to_string());
                 let (key, msg) = match e.kind() {
                     ErrorKind::ParseErrorAtKey {
                         key,
@@ -596,16 +603,22 @@ where
                         expected_type,
                     } => (
                         key.clone(),
-                        format!("Input should be a valid {expected_type}, got {value:?}"),
+                        format!(
+                            "Input should be a valid {}, got {value:?}",
+                            type_word(expected_type)
+                        ),
                     ),
                     ErrorKind::ParseError {
                         value,
                         expected_type,
                     } => (
-                        "id".to_string(),
-                        format!("Input should be a valid {expected_type}, got {value:?}"),
+                        route_key,
+                        format!(
+                            "Input should be a valid {}, got {value:?}",
+                            type_word(expected_type)
+                        ),
                     ),
-                    other => ("id".to_string(), other.to_string()),
+                    other => (route_key, other.to_string()),
                 };
                 Err(ApiError::Validation(vec![FieldError {
                     loc: vec![json!("path"), json!(key)],
@@ -619,6 +632,18 @@ where
                 "value_error",
             )),
         }
+    }
+}
+
+/// FastAPI's word for a Rust type in a message: `integer` for `i32`, not the Rust name.
+fn type_word(rust_type: &str) -> &str {
+    let numeric = rust_type
+        .get(1..)
+        .is_some_and(|bits| !bits.is_empty() && bits.chars().all(|c| c.is_ascii_digit()));
+    match rust_type.chars().next() {
+        Some('i' | 'u') if numeric => "integer",
+        Some('f') if numeric => "number",
+        _ => rust_type,
     }
 }
 

@@ -1,13 +1,15 @@
-//! Cross-cutting HTTP layers: the request span and log line, metrics, security headers.
+//! Cross-cutting HTTP layers: the request span and log line, metrics, security headers,
+//! the body size limit and the request timeout.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::extract::{MatchedPath, Request, State};
 use axum::http::{header, HeaderValue};
 use axum::middleware::Next;
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use tracing::Instrument;
 
+use crate::error::ApiError;
 use crate::state::AppState;
 
 /// One span per request (method, matched route, status, latency, trace id) and one log line.
@@ -81,4 +83,34 @@ pub async fn security_headers(request: Request, next: Next) -> Response {
             .or_insert(HeaderValue::from_static("no-store"));
     }
     response
+}
+
+/// A 413 in the contract's shape as soon as a declared `Content-Length` is over the limit,
+/// before authentication or any handler runs. Bodies without a length (chunked) are cut
+/// when read, by `DefaultBodyLimit`, with the same answer (see `udc::read_body`).
+pub async fn body_limit(State(max): State<usize>, request: Request, next: Next) -> Response {
+    let declared = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    if declared.is_some_and(|len| len > max as u64) {
+        return ApiError::PayloadTooLarge.into_response();
+    }
+    next.run(request).await
+}
+
+/// `REQUEST_TIMEOUT_SECONDS` (read per request, so reload-config applies), answered as a 503
+/// in the contract's shape. A WebSocket is not cut: its upgrade answers at once and the
+/// socket lives on its own task.
+pub async fn timeout(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    let seconds = state.config().request_timeout_seconds;
+    match tokio::time::timeout(Duration::from_secs(seconds), next.run(request)).await {
+        Ok(response) => response,
+        Err(_) => {
+            tracing::warn!(timeout_seconds = seconds, "request timed out");
+            ApiError::ServiceUnavailable(format!("Request timed out after {seconds} seconds"))
+                .into_response()
+        }
+    }
 }

@@ -129,7 +129,11 @@ impl Dispatcher {
                     return;
                 }
                 tracing::debug!(task_id, droplet, outcome = ?outcome, "dispatch failed; will retry");
-                if tokio::time::Instant::now() + backoff > give_up || state.shutdown.is_cancelled()
+                // An emergency stop halts dispatch at once; the assignment timeout requeues
+                // the task once the stop is over.
+                if tokio::time::Instant::now() + backoff > give_up
+                    || state.shutdown.is_cancelled()
+                    || state.emergency_stopped()
                 {
                     return;
                 }
@@ -154,6 +158,7 @@ impl Dispatcher {
     }
 
     /// Tells a droplet (internal id) that a task was taken from it or cancelled.
+    /// Sent during an emergency stop too: it only ever takes work away from a droplet.
     pub fn cancel(&self, state: &AppState, internal_droplet: i32, task_id: i32, trace_id: Uuid) {
         let state = state.clone();
         let permits = self.permits.clone();

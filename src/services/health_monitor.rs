@@ -8,8 +8,9 @@ use crate::services::events::{self, DropletEventKind, Event};
 use crate::services::task_recovery;
 use crate::state::AppState;
 
-const HEALTH_LOCK: i64 = 0x0A5C_0011;
-const CLEANUP_LOCK: i64 = 0x0A5C_0012;
+/// Advisory locks of the rounds that must run on one replica at a time (tests hold them).
+pub const HEALTH_LOCK: i64 = 0x0A5C_0011;
+pub const CLEANUP_LOCK: i64 = 0x0A5C_0012;
 
 #[derive(Debug, Default, Clone, serde::Serialize)]
 pub struct HealthRound {
@@ -73,9 +74,26 @@ pub async fn run_once(state: &AppState) -> Result<HealthRound, sqlx::Error> {
             droplet_id = d.droplet_id,
             "droplet missed its heartbeats; marked inactive"
         );
-        if config.enable_auto_recovery {
+    }
+    if config.enable_auto_recovery {
+        // Every silent droplet that is not active and still holds live tasks: the ones just
+        // marked, one whose recovery did not finish (the process died between the two
+        // transactions), one that reported `maintenance` and then went quiet, or one left
+        // over while auto-recovery was off. Without this their running tasks would never end.
+        let holders: Vec<(i32, i32)> = sqlx::query_as(
+            "SELECT d.id, d.droplet_id FROM droplets d
+             WHERE d.status <> 'active'
+               AND (d.last_heartbeat IS NULL OR d.last_heartbeat < NOW() - make_interval(secs => $1::double precision))
+               AND EXISTS (SELECT 1 FROM tasks t WHERE t.assigned_droplet_id = d.id
+                             AND t.status IN ('assigned', 'in_progress'))
+             ORDER BY d.id",
+        )
+        .bind(config.heartbeat_timeout as f64)
+        .fetch_all(&state.db)
+        .await?;
+        for (internal_id, droplet_id) in holders {
             round.tasks_recovered +=
-                task_recovery::recover_droplet(state, d.internal_id, d.droplet_id).await?;
+                task_recovery::recover_droplet(state, internal_id, droplet_id).await?;
         }
     }
     Ok(round)

@@ -1,9 +1,11 @@
 //! The spec's services: business rules over the database, no HTTP types.
 
+pub mod config_reload;
 pub mod dispatch;
 pub mod droplets;
 pub mod events;
 pub mod health_monitor;
+pub mod metrics_queries;
 pub mod registry_client;
 pub mod state_machine;
 pub mod task_recovery;

@@ -1,21 +1,41 @@
-//! The Registry client: its connection status for `/dependencies` (the directory sync comes
-//! with the mesh work).
+//! The Registry client: syncs the droplet directory from `REGISTRY_URL` into a cached table
+//! and into `droplets`, fetches the Registry's public key, and keeps the status `/dependencies`
+//! reports.
 
 use std::sync::Mutex;
+use std::time::Duration;
 
 use serde::Serialize;
+use serde_json::{json, Map, Value};
+
+use crate::state::AppState;
+use crate::udc::now_iso;
+
+/// Largest directory (or key) body read from the Registry; more is treated as garbage.
+const MAX_BODY_BYTES: usize = 8 * 1024 * 1024;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct RegistrySnapshot {
     /// `connected`, `disconnected` or `unconfigured`.
     pub status: &'static str,
+    /// When the last sync was attempted.
     pub last_check: Option<String>,
+    /// When a sync last succeeded.
+    pub last_success: Option<String>,
     pub last_error: Option<String>,
+    /// Droplets in the directory: the last fetch, else the cached table.
     pub droplets_known: usize,
+    /// Entries of the last fetch left out (no usable id).
+    pub entries_skipped: usize,
+    /// `configured` (REGISTRY_PUBLIC_KEY), `fetched` (from the Registry) or `none`.
+    pub public_key: &'static str,
+    pub public_key_error: Option<String>,
 }
 
 pub struct RegistryStatus {
     inner: Mutex<RegistrySnapshot>,
+    /// One sync at a time per process (the start-up sync and the job may overlap).
+    sync: tokio::sync::Mutex<()>,
 }
 
 impl RegistryStatus {
@@ -28,9 +48,14 @@ impl RegistryStatus {
                     "unconfigured"
                 },
                 last_check: None,
+                last_success: None,
                 last_error: None,
                 droplets_known: 0,
+                entries_skipped: 0,
+                public_key: "none",
+                public_key_error: None,
             }),
+            sync: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -42,16 +67,470 @@ impl RegistryStatus {
     }
 
     pub fn update(&self, f: impl FnOnce(&mut RegistrySnapshot)) {
-        if let Ok(mut s) = self.inner.lock() {
-            f(&mut s);
+        match self.inner.lock() {
+            Ok(mut s) => f(&mut s),
+            Err(p) => f(&mut p.into_inner()),
         }
     }
 }
 
-/// One round of the `registry_sync` job.
-pub async fn run_once(state: &crate::state::AppState) -> Result<usize, String> {
-    if state.config().registry_url.is_none() {
-        state.registry.update(|s| s.status = "unconfigured");
+/// One droplet of the Registry's directory, as far as it could be read.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DirectoryEntry {
+    pub droplet_id: i32,
+    pub name: Option<String>,
+    pub steward: Option<String>,
+    /// Only a usable http(s) URL; anything else is left out.
+    pub endpoint: Option<String>,
+    pub capabilities: Option<Vec<String>>,
+    pub raw: Value,
+}
+
+/// The directory's entries: a JSON array, `{"droplets": [...]}`, or a UDC envelope whose
+/// payload is either. Entries without a usable id are counted as skipped.
+pub fn parse_directory(body: &Value) -> Result<(Vec<DirectoryEntry>, usize), String> {
+    fn list_of(body: &Value, depth: u8) -> Option<&Vec<Value>> {
+        match body {
+            Value::Array(a) => Some(a),
+            Value::Object(m) => match m.get("droplets") {
+                Some(Value::Array(a)) => Some(a),
+                _ if depth == 0 => m.get("payload").and_then(|p| list_of(p, 1)),
+                _ => None,
+            },
+            _ => None,
+        }
     }
-    Ok(0)
+    let list = list_of(body, 0).ok_or_else(|| {
+        "unexpected directory shape: expected a JSON array, {\"droplets\": [...]} or a UDC envelope around either".to_string()
+    })?;
+    let mut entries: Vec<DirectoryEntry> = Vec::with_capacity(list.len());
+    let mut skipped = 0;
+    for item in list {
+        match item.as_object().and_then(entry_of) {
+            Some(e) => {
+                // The same id twice: the later entry wins (one row per droplet).
+                entries.retain(|old| old.droplet_id != e.droplet_id);
+                entries.push(e);
+            }
+            None => skipped += 1,
+        }
+    }
+    Ok((entries, skipped))
+}
+
+fn id_of(value: &Value) -> Option<i32> {
+    let n = match value {
+        Value::Number(n) => n.as_i64()?,
+        Value::String(s) => s.trim().trim_start_matches("droplet-").parse().ok()?,
+        _ => return None,
+    };
+    i32::try_from(n).ok().filter(|n| *n >= 1)
+}
+
+fn text(m: &Map<String, Value>, key: &str, max: usize) -> Option<String> {
+    let s = m.get(key)?.as_str()?.trim();
+    (!s.is_empty()).then(|| s.chars().take(max).collect())
+}
+
+fn entry_of(m: &Map<String, Value>) -> Option<DirectoryEntry> {
+    let droplet_id = m
+        .get("droplet_id")
+        .and_then(id_of)
+        .or_else(|| m.get("id").and_then(id_of))?;
+    let endpoint = text(m, "endpoint", 1000)
+        .or_else(|| text(m, "url", 1000))
+        .filter(|e| {
+            e.chars().count() <= 255
+                && url::Url::parse(e).is_ok_and(|u| matches!(u.scheme(), "http" | "https"))
+        });
+    let capabilities = m.get("capabilities").and_then(Value::as_array).map(|a| {
+        let mut caps: Vec<String> = Vec::new();
+        for c in a {
+            // A capability is a name, or an object that has one.
+            let name = c
+                .as_str()
+                .or_else(|| c.get("name").and_then(Value::as_str))
+                .map(str::trim);
+            if let Some(n) = name.filter(|n| !n.is_empty() && n.chars().count() <= 100) {
+                if !caps.iter().any(|c| c == n) {
+                    caps.push(n.to_string());
+                }
+            }
+        }
+        caps
+    });
+    Some(DirectoryEntry {
+        droplet_id,
+        name: text(m, "name", 100),
+        steward: text(m, "steward", 100),
+        endpoint,
+        capabilities,
+        raw: Value::Object(m.clone()),
+    })
+}
+
+/// The PEM inside a public-key answer: PEM text, or `{"public_key": PEM}` (maybe enveloped).
+pub fn parse_public_key(body: &str) -> Option<String> {
+    let from_json = serde_json::from_str::<Value>(body).ok().and_then(|v| {
+        let key = |v: &Value| {
+            v.get("public_key")
+                .or_else(|| v.get("key"))
+                .and_then(Value::as_str)
+                .map(str::to_string)
+        };
+        key(&v).or_else(|| v.get("payload").and_then(key))
+    });
+    let pem = from_json.unwrap_or_else(|| body.to_string());
+    let pem = pem.replace("\\n", "\n");
+    pem.contains("-----BEGIN").then(|| pem.trim().to_string())
+}
+
+/// How long one request to the Registry may take: short, so a slow Registry never holds a job.
+fn timeout(state: &AppState) -> Duration {
+    Duration::from_secs(state.config().dispatch_timeout_seconds.clamp(1, 5))
+}
+
+/// GETs a URL; the body, or why not (status, timeout, too big).
+async fn fetch(state: &AppState, url: &str) -> Result<(u16, String), String> {
+    let mut request = state.http.get(url).timeout(timeout(state));
+    if let Ok(token) = state.keys.orchestrator_token() {
+        request = request.bearer_auth(token);
+    }
+    let mut response = request.send().await.map_err(|e| {
+        if e.is_timeout() {
+            format!("GET {url}: timed out after {} s", timeout(state).as_secs())
+        } else if e.is_connect() {
+            format!("GET {url}: connection refused or unreachable")
+        } else {
+            format!("GET {url}: {e}")
+        }
+    })?;
+    let status = response.status().as_u16();
+    let mut body = Vec::new();
+    loop {
+        match response.chunk().await {
+            Ok(Some(chunk)) => {
+                if body.len() + chunk.len() > MAX_BODY_BYTES {
+                    return Err(format!(
+                        "GET {url}: answer larger than {MAX_BODY_BYTES} bytes"
+                    ));
+                }
+                body.extend_from_slice(&chunk);
+            }
+            Ok(None) => break,
+            Err(e) if e.is_timeout() => {
+                return Err(format!(
+                    "GET {url}: timed out after {} s",
+                    timeout(state).as_secs()
+                ))
+            }
+            Err(e) => return Err(format!("GET {url}: {e}")),
+        }
+    }
+    Ok((status, String::from_utf8_lossy(&body).into_owned()))
+}
+
+/// Fetches and parses the directory: `{url}/droplets`, or `{url}` itself when that is a 404.
+async fn fetch_directory(
+    state: &AppState,
+    base: &str,
+) -> Result<(Vec<DirectoryEntry>, usize), String> {
+    let mut url = format!("{base}/droplets");
+    let (mut status, mut body) = fetch(state, &url).await?;
+    if status == 404 {
+        url = base.to_string();
+        (status, body) = fetch(state, &url).await?;
+    }
+    if !(200..300).contains(&status) {
+        return Err(format!("GET {url}: HTTP {status}"));
+    }
+    let value: Value = serde_json::from_str(&body)
+        .map_err(|e| format!("GET {url}: the answer is not JSON ({e})"))?;
+    parse_directory(&value).map_err(|e| format!("GET {url}: {e}"))
+}
+
+/// Installs the Registry's public key when none is configured; the outcome goes to the status.
+async fn fetch_public_key(state: &AppState, base: &str) {
+    if state.config().registry_public_key.is_some() {
+        state.registry.update(|s| s.public_key = "configured");
+        return;
+    }
+    let mut problem = None;
+    for path in ["/public-key", "/.well-known/public-key"] {
+        let url = format!("{base}{path}");
+        match fetch(state, &url).await {
+            Ok((200..=299, body)) => match parse_public_key(&body) {
+                Some(pem) => match state.keys.set_registry_key(pem.as_bytes()) {
+                    Ok(()) => {
+                        state.registry.update(|s| {
+                            s.public_key = "fetched";
+                            s.public_key_error = None;
+                        });
+                        return;
+                    }
+                    Err(e) => problem = Some(format!("GET {url}: not an RSA public key: {e}")),
+                },
+                None => problem = Some(format!("GET {url}: no PEM public key in the answer")),
+            },
+            Ok((status, _)) => {
+                problem.get_or_insert(format!("GET {url}: HTTP {status}"));
+            }
+            Err(e) => problem = Some(e),
+        }
+    }
+    // A key fetched before stays installed; the status says what went wrong this time.
+    state.registry.update(|s| s.public_key_error = problem);
+}
+
+async fn cached_count(state: &AppState) -> Option<usize> {
+    sqlx::query_scalar::<_, i64>("SELECT COUNT(*) FROM registry_directory")
+        .fetch_one(&state.db)
+        .await
+        .ok()
+        .map(|n| n as usize)
+}
+
+/// What one sync changed in `droplets`.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct SyncChanges {
+    pub inserted: u64,
+    pub updated: u64,
+}
+
+/// Writes the directory to the cache (replacing it) and fills in or refreshes `droplets`,
+/// in one transaction. Never touches a droplet's status.
+pub async fn apply_directory(
+    state: &AppState,
+    entries: &[DirectoryEntry],
+) -> Result<SyncChanges, sqlx::Error> {
+    let ids: Vec<i32> = entries.iter().map(|e| e.droplet_id).collect();
+    let names: Vec<Option<String>> = entries.iter().map(|e| e.name.clone()).collect();
+    let stewards: Vec<Option<String>> = entries.iter().map(|e| e.steward.clone()).collect();
+    let endpoints: Vec<Option<String>> = entries.iter().map(|e| e.endpoint.clone()).collect();
+    let caps: Vec<Option<Value>> = entries
+        .iter()
+        .map(|e| e.capabilities.as_ref().map(|c| json!(c)))
+        .collect();
+    let raws: Vec<Value> = entries.iter().map(|e| e.raw.clone()).collect();
+    let me = state.config().droplet_id;
+
+    let mut tx = state.db.begin().await?;
+    sqlx::query(
+        "INSERT INTO registry_directory (droplet_id, name, steward, endpoint, capabilities, raw, fetched_at)
+         SELECT e.id, e.name, e.steward, e.endpoint, COALESCE(e.caps, '[]'::jsonb), e.raw, NOW()
+         FROM unnest($1::int[], $2::text[], $3::text[], $4::text[], $5::jsonb[], $6::jsonb[])
+              AS e(id, name, steward, endpoint, caps, raw)
+         ON CONFLICT (droplet_id) DO UPDATE SET
+             name = EXCLUDED.name, steward = EXCLUDED.steward, endpoint = EXCLUDED.endpoint,
+             capabilities = EXCLUDED.capabilities, raw = EXCLUDED.raw, fetched_at = NOW()",
+    )
+    .bind(&ids)
+    .bind(&names)
+    .bind(&stewards)
+    .bind(&endpoints)
+    .bind(&caps)
+    .bind(&raws)
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query("DELETE FROM registry_directory WHERE NOT (droplet_id = ANY($1))")
+        .bind(&ids)
+        .execute(&mut *tx)
+        .await?;
+
+    // Present fields refresh the droplet; an empty capability list never wipes a non-empty
+    // one (a directory that does not track capabilities must not stop routing). The
+    // orchestrator's own entry is cached but never becomes a droplet to route to.
+    let updated = sqlx::query(
+        "WITH e AS (
+            SELECT * FROM unnest($1::int[], $2::text[], $3::text[], $4::text[], $5::jsonb[])
+                AS e(id, name, steward, endpoint, caps)
+            WHERE e.id <> $6
+         ), n AS (
+            SELECT d.id, COALESCE(e.name, d.name) AS name, COALESCE(e.steward, d.steward) AS steward,
+                   COALESCE(e.endpoint, d.endpoint) AS endpoint,
+                   CASE WHEN e.caps IS NULL
+                          OR (e.caps = '[]'::jsonb AND COALESCE(d.capabilities, '[]'::jsonb) <> '[]'::jsonb)
+                        THEN d.capabilities ELSE e.caps END AS capabilities
+            FROM droplets d JOIN e ON e.id = d.droplet_id
+         )
+         UPDATE droplets d SET name = n.name, steward = n.steward, endpoint = n.endpoint,
+                capabilities = n.capabilities, updated_at = NOW()
+         FROM n
+         WHERE d.id = n.id
+           AND (d.name, d.steward, d.endpoint, d.capabilities)
+               IS DISTINCT FROM (n.name, n.steward, n.endpoint, n.capabilities)",
+    )
+    .bind(&ids)
+    .bind(&names)
+    .bind(&stewards)
+    .bind(&endpoints)
+    .bind(&caps)
+    .bind(me)
+    .execute(&mut *tx)
+    .await?
+    .rows_affected();
+
+    // Known only from the Registry: inactive and unregistered until it registers or
+    // heartbeats itself. Without an endpoint there is nothing to list.
+    let inserted = sqlx::query(
+        "INSERT INTO droplets (droplet_id, name, steward, endpoint, capabilities, status,
+                               last_heartbeat, registered)
+         SELECT e.id, COALESCE(e.name, 'droplet-' || e.id), e.steward, e.endpoint,
+                COALESCE(e.caps, '[]'::jsonb), 'inactive', NULL, FALSE
+         FROM unnest($1::int[], $2::text[], $3::text[], $4::text[], $5::jsonb[])
+              AS e(id, name, steward, endpoint, caps)
+         WHERE e.endpoint IS NOT NULL AND e.id <> $6
+         ON CONFLICT (droplet_id) DO NOTHING",
+    )
+    .bind(&ids)
+    .bind(&names)
+    .bind(&stewards)
+    .bind(&endpoints)
+    .bind(&caps)
+    .bind(me)
+    .execute(&mut *tx)
+    .await?
+    .rows_affected();
+    tx.commit().await?;
+    Ok(SyncChanges { inserted, updated })
+}
+
+/// One round of the `registry_sync` job: how many directory entries were synced. A Registry
+/// that is down, slow or answers garbage changes nothing; the error is the job's outcome and
+/// the status says `disconnected` with it.
+pub async fn run_once(state: &AppState) -> Result<usize, String> {
+    let _one_at_a_time = state.registry.sync.lock().await;
+    let Some(base) = state.config().registry_url.clone() else {
+        let known = cached_count(state).await;
+        state.registry.update(|s| {
+            s.status = "unconfigured";
+            s.last_error = None;
+            if let Some(n) = known {
+                s.droplets_known = n;
+            }
+        });
+        return Ok(0);
+    };
+    let base = base.trim_end_matches('/').to_string();
+    let fetched = fetch_directory(state, &base).await;
+    let outcome = match fetched {
+        Ok((entries, skipped)) => match apply_directory(state, &entries).await {
+            Ok(changes) => Ok((entries.len(), skipped, changes)),
+            Err(e) => Err(format!("cannot cache the directory: {e}")),
+        },
+        Err(e) => Err(e),
+    };
+    let now = now_iso();
+    match outcome {
+        Ok((count, skipped, changes)) => {
+            state.registry.update(|s| {
+                s.status = "connected";
+                s.last_check = Some(now.clone());
+                s.last_success = Some(now);
+                s.last_error = None;
+                s.droplets_known = count;
+                s.entries_skipped = skipped;
+            });
+            if changes.updated > 0 {
+                // New endpoints or capabilities may let pending work go somewhere.
+                state.router.trigger();
+            }
+            fetch_public_key(state, &base).await;
+            tracing::debug!(
+                count,
+                skipped,
+                inserted = changes.inserted,
+                updated = changes.updated,
+                "registry directory synced"
+            );
+            Ok(count)
+        }
+        Err(e) => {
+            let known = cached_count(state).await;
+            state.registry.update(|s| {
+                s.status = "disconnected";
+                s.last_check = Some(now);
+                s.last_error = Some(e.clone());
+                if let Some(n) = known {
+                    s.droplets_known = n;
+                }
+            });
+            Err(e)
+        }
+    }
+}
+
+/// At start-up: what the cache knows counts at once, then a first sync (not waiting a whole
+/// `REGISTRY_SYNC_INTERVAL`).
+pub async fn run_at_startup(state: AppState) {
+    if let Some(n) = cached_count(&state).await {
+        state.registry.update(|s| s.droplets_known = n);
+    }
+    if let Err(e) = run_once(&state).await {
+        tracing::warn!(error = %e, "registry sync at start-up failed; using the cached directory");
+    }
+}
+
+/// Empties the cached directory (`/management/cache/clear`); droplets stay as they are.
+pub async fn clear_cache(state: &AppState) -> Result<u64, sqlx::Error> {
+    let n = sqlx::query("DELETE FROM registry_directory")
+        .execute(&state.db)
+        .await?
+        .rows_affected();
+    state.registry.update(|s| s.droplets_known = 0);
+    Ok(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_accepted_shape_gives_the_same_entries() {
+        let list = json!([
+            {"id": 8, "name": "Verifier", "steward": "A", "endpoint": "http://v:1", "capabilities": ["verify"]},
+            {"droplet_id": "droplet-9", "name": "Other", "url": "https://o", "capabilities": [{"name": "x"}]}
+        ]);
+        let shapes = [
+            list.clone(),
+            json!({"droplets": list}),
+            json!({"trace_id": "t", "payload": list}),
+            json!({"trace_id": "t", "payload": {"droplets": list}}),
+        ];
+        for shape in shapes {
+            let (entries, skipped) = parse_directory(&shape).unwrap();
+            assert_eq!(skipped, 0);
+            assert_eq!(
+                entries.iter().map(|e| e.droplet_id).collect::<Vec<_>>(),
+                [8, 9]
+            );
+            assert_eq!(entries[1].endpoint.as_deref(), Some("https://o"));
+            assert_eq!(entries[1].capabilities, Some(vec!["x".to_string()]));
+        }
+    }
+
+    #[test]
+    fn garbage_shapes_and_entries_are_refused_or_skipped() {
+        assert!(parse_directory(&json!({"items": []})).is_err());
+        assert!(parse_directory(&json!("droplets")).is_err());
+        let (entries, skipped) = parse_directory(&json!([
+            {"name": "no id"}, 5, {"id": -3}, {"id": 4, "endpoint": "ftp://x"}
+        ]))
+        .unwrap();
+        assert_eq!(skipped, 3);
+        assert_eq!(entries[0].droplet_id, 4);
+        assert_eq!(entries[0].endpoint, None);
+    }
+
+    #[test]
+    fn public_keys_come_as_pem_or_json() {
+        let pem = "-----BEGIN PUBLIC KEY-----\nabc\n-----END PUBLIC KEY-----";
+        assert_eq!(parse_public_key(pem).as_deref(), Some(pem));
+        assert_eq!(
+            parse_public_key(&json!({"public_key": pem}).to_string()).as_deref(),
+            Some(pem)
+        );
+        assert_eq!(parse_public_key("{\"public_key\": 5}"), None);
+        assert_eq!(parse_public_key("<html>"), None);
+    }
 }

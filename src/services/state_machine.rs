@@ -485,4 +485,62 @@ mod tests {
         }
         assert_eq!(Status::parse("done"), None);
     }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn status() -> impl Strategy<Value = Status> {
+            proptest::sample::select(ALL_STATUSES.to_vec())
+        }
+        fn actor() -> impl Strategy<Value = Actor> {
+            proptest::sample::select(ACTORS.to_vec())
+        }
+        fn cause() -> impl Strategy<Value = Cause> {
+            proptest::sample::select(CAUSES.to_vec())
+        }
+
+        proptest! {
+            /// Random moves by random actors, applied only when `allowed` says so, never
+            /// reach a state the contract forbids.
+            #[test]
+            fn random_moves_never_reach_a_forbidden_state(
+                moves in proptest::collection::vec((status(), actor(), cause()), 0..60),
+                max_retries in 0i32..4,
+            ) {
+                let mut current = Pending;
+                let mut path = vec![Pending];
+                let mut retries = 0;
+                for (to, actor, cause) in moves {
+                    // The retry rule lives with the job: only while retries remain.
+                    let retry_left = !(current == Failed && to == Pending) || retries < max_retries;
+                    if !(allowed(current, to, actor, cause) && retry_left) {
+                        continue;
+                    }
+                    prop_assert!(expected(current, to, actor, cause));
+                    prop_assert!(!matches!(current, Completed | Cancelled), "moved out of {current:?}");
+                    match to {
+                        InProgress => prop_assert_eq!(current, Assigned),
+                        Completed => prop_assert_eq!(current, InProgress),
+                        Assigned => prop_assert_eq!(current, Pending),
+                        Cancelled => prop_assert!(matches!(current, Pending | Assigned)),
+                        Pending => prop_assert!(matches!(current, Assigned | Failed)),
+                        Failed => prop_assert!(matches!(current, Pending | Assigned | InProgress)),
+                    }
+                    // Only the system assigns, requeues, retries; a droplet's own moves are
+                    // start, complete and fail.
+                    if matches!(to, Assigned | Pending) {
+                        prop_assert_eq!(actor, System);
+                    }
+                    if current == Failed {
+                        retries += 1;
+                    }
+                    current = to;
+                    path.push(to);
+                }
+                prop_assert!(retries <= max_retries);
+                prop_assert_eq!(path[0], Pending);
+            }
+        }
+    }
 }

@@ -8,7 +8,7 @@ use crate::services::tasks;
 use crate::state::AppState;
 
 /// Advisory lock of the maintenance round, so it runs on one replica at a time.
-const MAINTENANCE_LOCK: i64 = 0x0A5C_0010;
+pub const MAINTENANCE_LOCK: i64 = 0x0A5C_0010;
 const LIMIT: i64 = 1000;
 
 /// Takes a lost droplet's tasks away: assigned ones to pending (not a retry), running ones

@@ -19,6 +19,11 @@ use crate::state::AppState;
 /// Most tasks one pass assigns; a full pass runs again at once.
 pub const BATCH: i64 = 1000;
 
+/// How long the loop waits before passing again when droplets were locked elsewhere, and
+/// how many times in a row (about two seconds in all; the `task_router` job covers the rest).
+const CONTENDED_PAUSE: std::time::Duration = std::time::Duration::from_millis(50);
+const CONTENDED_RETRIES: u32 = 40;
+
 /// Wakes the routing loop; many triggers during a pass make one more pass.
 pub struct RouterTrigger {
     notify: Notify,
@@ -73,6 +78,17 @@ impl RouterTrigger {
             *r = room;
         }
     }
+
+    /// Forgets the room snapshot (`/management/cache/clear`); the next pass rebuilds it.
+    pub fn clear_room(&self) -> bool {
+        let had = self
+            .room
+            .read()
+            .map(|r| r.any || !r.capabilities.is_empty())
+            .unwrap_or(false);
+        self.set_room(Room::default());
+        had
+    }
 }
 
 impl Default for RouterTrigger {
@@ -90,12 +106,24 @@ pub async fn run_loop(state: AppState, stop: CancellationToken) {
             _ = stop.cancelled() => return,
             _ = state.router.notify.notified() => {}
         }
+        let mut contended_rounds = 0u32;
         loop {
             if state.router.is_paused() || state.emergency_stopped() || stop.is_cancelled() {
                 break;
             }
-            match route_pass(&state).await {
-                Ok(n) if n as i64 >= BATCH => continue,
+            match pass(&state).await {
+                Ok(p) if p.assigned as i64 >= BATCH => continue,
+                // Another replica (or a heartbeat) held some droplets: the work this trigger
+                // announced may still be waiting, and that replica's pass may have read its
+                // tasks before this one arrived. Try again shortly rather than leave the task
+                // to the safety-net job; the other pass is short.
+                Ok(p) if p.contended && contended_rounds < CONTENDED_RETRIES => {
+                    contended_rounds += 1;
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        _ = tokio::time::sleep(CONTENDED_PAUSE) => {}
+                    }
+                }
                 Ok(_) => break,
                 Err(e) => {
                     tracing::warn!(error = %e, "routing pass failed; the next trigger or the task_router job retries");
@@ -143,8 +171,20 @@ impl Slot {
     }
 }
 
+/// What one pass did.
+#[derive(Debug, Default, Clone, Copy)]
+struct Pass {
+    assigned: usize,
+    /// Some active droplets were locked by another transaction and left out of this pass.
+    contended: bool,
+}
+
 /// One routing pass; returns how many tasks it assigned.
 pub async fn route_pass(state: &AppState) -> Result<usize, sqlx::Error> {
+    pass(state).await.map(|p| p.assigned)
+}
+
+async fn pass(state: &AppState) -> Result<Pass, sqlx::Error> {
     let mut tx = state.db.begin().await?;
     // Locking the droplets we fill keeps two replicas from overfilling one droplet; a droplet
     // another replica is filling right now is skipped, never waited for.
@@ -160,6 +200,10 @@ pub async fn route_pass(state: &AppState) -> Result<usize, sqlx::Error> {
     )
     .fetch_all(&mut *tx)
     .await?;
+    let active: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM droplets WHERE status = 'active'")
+        .fetch_one(&mut *tx)
+        .await?;
+    let contended = active > candidates.len() as i64;
     let mut slots: Vec<Slot> = candidates
         .into_iter()
         .map(|c| Slot {
@@ -193,13 +237,16 @@ pub async fn route_pass(state: &AppState) -> Result<usize, sqlx::Error> {
             *room_per_capability.entry(c.clone()).or_insert(0) += room;
         }
     }
-    state.router.set_room(Room {
-        any: total_room > 0,
-        capabilities: room_per_capability.keys().cloned().collect(),
-    });
     if total_room == 0 {
+        // A pass that saw droplets locked elsewhere knows nothing about their room.
+        if !contended {
+            state.router.set_room(Room::default());
+        }
         tx.rollback().await?;
-        return Ok(0);
+        return Ok(Pass {
+            assigned: 0,
+            contended,
+        });
     }
 
     let caps: Vec<String> = room_per_capability.keys().cloned().collect();
@@ -273,9 +320,14 @@ pub async fn route_pass(state: &AppState) -> Result<usize, sqlx::Error> {
         m.expect_status = Some(Status::Pending);
         moves.push(m);
     }
+    // The room left after this pass's assignments answers `estimated_assignment_seconds`.
+    state.router.set_room(room_left(&slots));
     if moves.is_empty() {
         tx.rollback().await?;
-        return Ok(0);
+        return Ok(Pass {
+            assigned: 0,
+            contended,
+        });
     }
     let applied = match state_machine::apply(&mut tx, &moves, Mode::SkipInvalid).await {
         Ok(a) => a,
@@ -285,7 +337,21 @@ pub async fn route_pass(state: &AppState) -> Result<usize, sqlx::Error> {
     tx.commit().await?;
     state.metrics.assignments.inc_by(applied.len() as u64);
     tasks::after_commit(state, &applied);
-    Ok(applied.len())
+    Ok(Pass {
+        assigned: applied.len(),
+        contended,
+    })
+}
+
+fn room_left(slots: &[Slot]) -> Room {
+    let open: Vec<&Slot> = slots.iter().filter(|s| s.room() > 0).collect();
+    Room {
+        any: !open.is_empty(),
+        capabilities: open
+            .iter()
+            .flat_map(|s| s.capabilities.iter().cloned())
+            .collect(),
+    }
 }
 
 fn can_take(slot: &Slot, task: &PendingTask) -> bool {

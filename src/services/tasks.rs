@@ -194,7 +194,8 @@ pub struct Created {
     pub estimated_assignment_seconds: u64,
 }
 
-const INSERT_TASK: &str = const_format::concatcp!(
+/// Inserts a task and its first history row in one statement (public for the benchmark).
+pub const INSERT_TASK: &str = const_format::concatcp!(
     "WITH t AS (
         INSERT INTO tasks (trace_id, task_type, title, description, payload, required_capability,
                            priority, max_retries, deadline, created_by, status)

@@ -337,3 +337,124 @@ pub fn dead_endpoint() -> String {
     drop(l);
     format!("http://{addr}")
 }
+
+// ---------------------------------------------------------------------------
+// Routing, recovery and jobs.
+
+/// One row of a task's history: (from, to, changed_by, reason).
+pub type HistoryEntry = (Option<String>, String, Option<String>, Option<String>);
+
+impl TestApp {
+    /// Registers droplet `id` that holds at most `max` tasks at once.
+    pub async fn register_max(&self, id: i32, capabilities: &[&str], endpoint: &str, max: i64) {
+        let (status, body) = self
+            .post(
+                "/droplets/register",
+                &self.token(id, &["read", "write"]),
+                json!({
+                    "droplet_id": id, "name": format!("droplet-{id}"), "steward": "tests",
+                    "endpoint": endpoint, "capabilities": capabilities, "max_concurrent_tasks": max,
+                }),
+            )
+            .await;
+        assert!(status.is_success(), "register {id}: {status} {body}");
+    }
+
+    /// PATCHes task `task` to `status` as droplet `droplet`.
+    pub async fn move_task(&self, droplet: i32, task: i32, status: &str) -> (StatusCode, Value) {
+        self.patch(&format!("/tasks/{task}"), &self.token(droplet, &["read", "write"]), json!({ "status": status }))
+            .await
+    }
+
+    /// The external id of the droplet the task is assigned to, with the task's status.
+    pub async fn holder(&self, task: i32) -> (String, Option<i32>) {
+        sqlx::query_as(
+            "SELECT t.status, d.droplet_id FROM tasks t LEFT JOIN droplets d ON d.id = t.assigned_droplet_id WHERE t.id = $1",
+        )
+        .bind(task)
+        .fetch_one(&self.db)
+        .await
+        .expect("task row")
+    }
+
+    /// Waits until the task is assigned to droplet `droplet`.
+    pub async fn wait_assigned(&self, task: i32, droplet: i32, within: Duration) {
+        eventually(within, &format!("task {task} assigned to droplet {droplet}"), || async move {
+            (self.holder(task).await == ("assigned".to_string(), Some(droplet))).then_some(())
+        })
+        .await
+    }
+
+    pub async fn history(&self, task: i32) -> Vec<HistoryEntry> {
+        sqlx::query_as("SELECT from_status, to_status, changed_by, reason FROM task_state_history WHERE task_id = $1 ORDER BY id")
+            .bind(task)
+            .fetch_all(&self.db)
+            .await
+            .expect("history rows")
+    }
+
+    pub async fn retry_count(&self, task: i32) -> i32 {
+        sqlx::query_scalar("SELECT retry_count FROM tasks WHERE id = $1")
+            .bind(task)
+            .fetch_one(&self.db)
+            .await
+            .expect("task row")
+    }
+
+    /// Inserts `n` pending tasks straight into the table (set-up at scale); returns their ids.
+    pub async fn insert_pending(&self, n: i64, capability: Option<&str>, priority: i32) -> Vec<i32> {
+        sqlx::query_scalar(
+            "INSERT INTO tasks (task_type, title, payload, required_capability, priority, status, created_by)
+             SELECT 'bulk', 'bulk ' || g, '{}'::jsonb, $2, $3, 'pending', '5' FROM generate_series(1, $1) g
+             RETURNING id",
+        )
+        .bind(n)
+        .bind(capability)
+        .bind(priority)
+        .fetch_all(&self.db)
+        .await
+        .expect("insert tasks")
+    }
+
+    /// How many times a scheduled job has run so far.
+    pub fn job_runs(&self, id: &str) -> u64 {
+        self.state.jobs.get(id).map(|j| j.runs).unwrap_or(0)
+    }
+
+    /// Waits until the scheduled job `id` has run `n` more times (a clock made of job runs,
+    /// so a test can wait "at least one interval" without sleeping a fixed time).
+    pub async fn wait_job_runs(&self, id: &str, n: u64, within: Duration) {
+        let target = self.job_runs(id) + n;
+        eventually(within, &format!("{id} ran {n} more times"), || async move {
+            (self.job_runs(id) >= target).then_some(())
+        })
+        .await
+    }
+}
+
+/// Sends a heartbeat for droplet `id` every 200 ms until the handle is aborted.
+pub fn keep_beating(app: &TestApp, id: i32) -> tokio::task::JoinHandle<()> {
+    let client = app.client.clone();
+    let url = app.url(&format!("/droplets/{id}/heartbeat"));
+    let token = token(id, &["read", "write"]);
+    tokio::spawn(async move {
+        loop {
+            let _ = client
+                .post(&url)
+                .bearer_auth(&token)
+                .json(&envelope(json!({ "status": "active" })))
+                .send()
+                .await;
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    })
+}
+
+/// The events in one NOTIFY payload (a single envelope or a batch of them).
+pub fn notified_events(payload: &str) -> Vec<Value> {
+    match serde_json::from_str::<Value>(payload) {
+        Ok(Value::Array(events)) => events,
+        Ok(event) => vec![event],
+        Err(_) => Vec::new(),
+    }
+}

@@ -3,3 +3,23 @@
 mod helpers;
 
 mod smoke;
+
+mod auth;
+mod configuration;
+mod database_faults;
+mod droplets;
+mod envelope;
+mod public;
+mod tasks;
+mod dashboard;
+mod cli;
+mod openapi;
+mod operations;
+mod message;
+mod metrics_api;
+mod registry;
+mod websocket;
+mod routing;
+mod recovery;
+mod jobs;
+mod management;

@@ -2,8 +2,9 @@
 //! and a client that cannot keep up is dropped instead of slowing anyone else.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
 
 use axum::extract::ws::Utf8Bytes;
 use serde::Serialize;
@@ -17,7 +18,7 @@ use crate::config::Config;
 pub type ClientId = u64;
 
 /// What a client asked to receive; `None` matches everything.
-#[derive(Debug, Clone, Default, PartialEq, serde::Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, serde::Deserialize, Serialize)]
 pub struct ClientFilter {
     pub task_type: Option<String>,
     pub status: Option<String>,
@@ -145,6 +146,8 @@ struct Inner {
     published: AtomicU64,
     dropped_slow: AtomicU64,
     dropped_unresponsive: AtomicU64,
+    /// The most events ever waiting in one client's queue (never above the bound).
+    max_queue_depth: AtomicUsize,
     listener: Mutex<ListenerState>,
 }
 
@@ -193,6 +196,10 @@ pub struct WsStats {
     pub messages_sent: u64,
     pub clients_dropped_slow: u64,
     pub clients_dropped_unresponsive: u64,
+    /// Each client's queue bound (`WS_CLIENT_QUEUE`) and the deepest any queue has been.
+    pub client_queue: usize,
+    pub max_queue_depth: usize,
+    pub max_connections_per_droplet: u64,
     pub listener: ListenerState,
 }
 
@@ -278,7 +285,12 @@ impl EventHub {
                 continue;
             }
             match client.tx.try_send(Outbound::Event(text.clone())) {
-                Ok(()) => {}
+                Ok(()) => {
+                    let depth = self.queue.saturating_sub(client.tx.capacity());
+                    self.inner
+                        .max_queue_depth
+                        .fetch_max(depth, Ordering::Relaxed);
+                }
                 Err(mpsc::error::TrySendError::Full(_)) => {
                     self.inner.dropped_slow.fetch_add(1, Ordering::Relaxed);
                     client.kick(Kick {
@@ -289,6 +301,12 @@ impl EventHub {
                 Err(mpsc::error::TrySendError::Closed(_)) => {}
             }
         }
+    }
+
+    /// Publishes one event envelope of `feed` (the listener's path, and tests').
+    pub fn publish_envelope(&self, feed: Feed, envelope: &Value) {
+        let meta = EventMeta::of(feed, envelope);
+        self.publish(feed, Utf8Bytes::from(envelope.to_string()), &meta);
     }
 
     /// The `websocket_ping` job: pings every client and drops those that have not answered
@@ -333,6 +351,15 @@ impl EventHub {
         }
     }
 
+    /// Waits (at most `limit`) until every socket has ended, so close frames are sent
+    /// before the process exits.
+    pub async fn wait_closed(&self, limit: Duration) {
+        let deadline = tokio::time::Instant::now() + limit;
+        while self.connection_count() > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     pub fn connection_count(&self) -> usize {
         [Feed::Tasks, Feed::Droplets]
             .iter()
@@ -368,6 +395,9 @@ impl EventHub {
             messages_sent: self.inner.sent.load(Ordering::Relaxed),
             clients_dropped_slow: self.inner.dropped_slow.load(Ordering::Relaxed),
             clients_dropped_unresponsive: self.inner.dropped_unresponsive.load(Ordering::Relaxed),
+            client_queue: self.queue,
+            max_queue_depth: self.inner.max_queue_depth.load(Ordering::Relaxed),
+            max_connections_per_droplet: self.max_per_droplet.load(Ordering::Relaxed),
             listener: self
                 .inner
                 .listener

@@ -4,13 +4,11 @@
 
 use std::time::{Duration, Instant};
 
-use axum::extract::ws::Utf8Bytes;
 use serde_json::{json, Value};
 use sqlx::postgres::PgListener;
 use tokio_util::sync::CancellationToken;
 
-use super::hub::EventMeta;
-use super::Feed;
+use super::{subject_key, Feed};
 use crate::services::{droplets, tasks};
 use crate::state::AppState;
 
@@ -112,39 +110,70 @@ async fn deliver(state: &AppState, feed: Feed, payload: &str) {
         .set_listener(|l| l.last_event_at = Some(crate::udc::now_iso()));
     for event in events {
         let envelope = if event.get("ref").and_then(Value::as_bool) == Some(true) {
-            match resolve(state, feed, &event).await {
-                Some(e) => e,
-                None => continue,
-            }
+            resolve(state, feed, &event).await
         } else {
             event
         };
-        let meta = EventMeta::of(feed, &envelope);
-        state
-            .events
-            .publish(feed, Utf8Bytes::from(envelope.to_string()), &meta);
+        state.events.publish_envelope(feed, &envelope);
     }
 }
 
-/// Rebuilds an event that was too large for NOTIFY from the database.
-async fn resolve(state: &AppState, feed: Feed, r: &Value) -> Option<Value> {
-    let mut payload = json!({ "event": r["event"] });
-    match feed {
-        Feed::Tasks => {
-            let id = r["task_id"].as_i64()? as i32;
-            let task = tasks::load(&state.db, id).await.ok()??;
-            payload["task"] = serde_json::to_value(task).ok()?;
-        }
-        Feed::Droplets => {
-            let id = r["droplet_id"].as_i64()? as i32;
-            let droplet = droplets::load(&state.db, id).await.ok()??;
-            payload["droplet"] = serde_json::to_value(droplet).ok()?;
-            if !r["previous_status"].is_null() {
-                payload["previous_status"] = r["previous_status"].clone();
+/// Rebuilds an event that was too large for NOTIFY: the fields the sender left out are read
+/// from the database. When the row cannot be read the event still goes out without them,
+/// because a dashboard missing an event is worse than one missing a task's payload.
+async fn resolve(state: &AppState, feed: Feed, r: &Value) -> Value {
+    let key = subject_key(feed);
+    let mut payload = r["payload"].clone();
+    let loaded = match feed {
+        Feed::Tasks => match payload[key]["id"]
+            .as_i64()
+            .and_then(|id| i32::try_from(id).ok())
+        {
+            Some(id) => tasks::load(&state.db, id)
+                .await
+                .ok()
+                .flatten()
+                .and_then(|t| serde_json::to_value(t).ok()),
+            None => None,
+        },
+        Feed::Droplets => match payload[key]["droplet_id"]
+            .as_i64()
+            .and_then(|id| i32::try_from(id).ok())
+        {
+            Some(id) => droplets::load(&state.db, id)
+                .await
+                .ok()
+                .flatten()
+                .and_then(|d| serde_json::to_value(d).ok()),
+            None => None,
+        },
+    };
+    match (loaded, &r["omitted"]) {
+        (Some(row), Value::Array(fields)) => {
+            if let Some(subject) = payload.get_mut(key).and_then(Value::as_object_mut) {
+                for field in fields.iter().filter_map(Value::as_str) {
+                    if let Some(v) = row.get(field) {
+                        subject.insert(field.to_string(), v.clone());
+                    }
+                }
             }
         }
+        (Some(mut row), _) => {
+            // What the reference says about the moment of the change wins over the row's
+            // current values.
+            if let (Some(now), Some(then)) = (row.as_object_mut(), payload[key].as_object()) {
+                for (k, v) in then.iter().filter(|(_, v)| !v.is_null()) {
+                    now.insert(k.clone(), v.clone());
+                }
+            }
+            payload[key] = row;
+        }
+        (None, _) => tracing::warn!(
+            feed = feed.as_str(),
+            "event too large for NOTIFY and its row could not be loaded; sent without its bulky fields"
+        ),
     }
-    Some(json!({
+    json!({
         "udc_version": crate::udc::UDC_VERSION,
         "trace_id": r["trace_id"],
         "source": 10,
@@ -152,5 +181,5 @@ async fn resolve(state: &AppState, feed: Feed, r: &Value) -> Option<Value> {
         "message_type": "event",
         "payload": payload,
         "timestamp": r["timestamp"],
-    }))
+    })
 }

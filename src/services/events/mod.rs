@@ -151,19 +151,78 @@ fn event_envelope(trace_id: Option<String>, payload: Value) -> Value {
     })
 }
 
-/// A NOTIFY message too large to carry its events: the replicas load them by id.
+/// The fields of a task or droplet that can make an event too large for NOTIFY; a replica
+/// reads them back from the database.
+pub(crate) fn bulky_fields(feed: Feed) -> &'static [&'static str] {
+    match feed {
+        Feed::Tasks => &["payload", "result", "description", "error_message"],
+        Feed::Droplets => &["capabilities"],
+    }
+}
+
+pub(crate) fn subject_key(feed: Feed) -> &'static str {
+    match feed {
+        Feed::Tasks => "task",
+        Feed::Droplets => "droplet",
+    }
+}
+
+/// A NOTIFY message for an event too large to carry whole. It keeps everything the event
+/// says about the moment of the change (status, droplet, timestamps, extras) and leaves out
+/// only the bulky fields, which the replicas load by id; a replica that loaded the whole row
+/// instead would show a later state than the event's (and filter on it).
 fn reference(event: &Event) -> Value {
-    let payload = &event.envelope["payload"];
-    json!({
+    let key = subject_key(event.feed);
+    let mut payload = event.envelope["payload"].clone();
+    if let Some(subject) = payload.get_mut(key).and_then(Value::as_object_mut) {
+        for field in bulky_fields(event.feed) {
+            subject.remove(*field);
+        }
+    }
+    let slim = json!({
         "ref": true,
+        "omitted": bulky_fields(event.feed),
         "trace_id": event.envelope["trace_id"],
         "timestamp": event.envelope["timestamp"],
-        "event": payload["event"],
-        "task_id": payload["task"]["id"],
-        "droplet_id": payload["droplet"]["droplet_id"],
-        "previous_status": payload.get("previous_status"),
+        "payload": payload,
+    });
+    if slim.to_string().len() + 2 <= NOTIFY_LIMIT {
+        return slim;
+    }
+    // Still too large (huge extras): only the kind and the ids; the row is loaded whole.
+    let original = &event.envelope["payload"];
+    let mut payload = json!({
+        "event": original["event"],
+        key: { "id": original[key]["id"], "droplet_id": original[key]["droplet_id"] },
+    });
+    if let Some(previous) = original.get("previous_status").filter(|p| p.is_string()) {
+        payload["previous_status"] = previous.clone();
+    }
+    json!({
+        "ref": true,
+        "omitted": "all",
+        "trace_id": event.envelope["trace_id"],
+        "timestamp": event.envelope["timestamp"],
+        "payload": payload,
     })
 }
+
+/// A CTE for a statement that changes a droplet's status in one round trip (the heartbeat):
+/// given the changed row as `up` and the row before as `old`, it queues a
+/// `droplet_health_changed` reference in that same statement's transaction when the status
+/// changed; each listener completes it from the row. Reference the CTE (`SELECT COUNT(*)
+/// FROM health_event`) or PostgreSQL skips it.
+pub const HEARTBEAT_HEALTH_EVENT_CTE: &str = "health_event AS (
+    SELECT pg_notify('orchestrator_droplets', json_build_array(json_build_object(
+        'ref', true, 'omitted', 'all',
+        'trace_id', gen_random_uuid()::text,
+        'timestamp', to_char(clock_timestamp() AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'),
+        'payload', json_build_object(
+            'event', 'droplet_health_changed', 'previous_status', old.status, 'reason', 'heartbeat',
+            'droplet', json_build_object('id', up.droplet_id, 'droplet_id', up.droplet_id, 'status', up.status))
+    ))::text)
+    FROM up, old WHERE up.status IS DISTINCT FROM old.status
+)";
 
 /// Queues the events in the caller's transaction: PostgreSQL sends them at commit, in commit
 /// order, to every replica's listener (this one included), and never if it rolls back.
@@ -202,4 +261,50 @@ pub async fn notify(conn: &mut PgConnection, events: &[Event]) -> Result<(), sql
         .execute(conn)
         .await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_large_task_event_travels_as_a_reference_that_keeps_the_moment_of_the_change() {
+        let task = json!({"id": 7, "status": "assigned", "assigned_droplet_id": 8, "task_type": "verify",
+                          "payload": {"blob": "x".repeat(20_000)}, "result": null});
+        let event = Event::task(
+            TaskEventKind::TaskAssigned,
+            Some("t".into()),
+            task,
+            Some(json!({"previous_status": "pending"})),
+        );
+        let r = reference(&event);
+        assert!(r.to_string().len() < NOTIFY_LIMIT);
+        assert_eq!(r["payload"]["task"]["status"], "assigned");
+        assert_eq!(r["payload"]["task"]["assigned_droplet_id"], 8);
+        assert_eq!(r["payload"]["previous_status"], "pending");
+        assert!(r["payload"]["task"].get("payload").is_none());
+        assert_eq!(r["omitted"][0], "payload");
+    }
+
+    #[test]
+    fn huge_extras_fall_back_to_ids_only() {
+        let event = Event::droplet(
+            DropletEventKind::DropletRegistered,
+            json!({"id": 8, "droplet_id": 8, "status": "active"}),
+            Some(json!({"note": "n".repeat(10_000)})),
+        );
+        let r = reference(&event);
+        assert!(r.to_string().len() < NOTIFY_LIMIT);
+        assert_eq!(r["omitted"], "all");
+        assert_eq!(r["payload"]["droplet"]["droplet_id"], 8);
+        assert!(r["payload"].get("previous_status").is_none());
+    }
+
+    #[test]
+    fn the_heartbeat_event_goes_to_the_droplets_channel() {
+        assert!(HEARTBEAT_HEALTH_EVENT_CTE.contains(&format!("'{}'", Feed::Droplets.channel())));
+        assert!(
+            HEARTBEAT_HEALTH_EVENT_CTE.contains(DropletEventKind::DropletHealthChanged.as_str())
+        );
+    }
 }

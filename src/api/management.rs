@@ -1,0 +1,226 @@
+//! Admin operations: the scheduler's jobs, live configuration reload, graceful shutdown,
+//! emergency stop and cache clearing. Admin only, enveloped (`GET /management/version`,
+//! public, lives with the health endpoints).
+
+use axum::extract::State;
+use axum::routing::{get, post};
+use axum::Router;
+use serde_json::{json, Value};
+
+use crate::auth::{Caller, Permission};
+use crate::error::{ApiError, ApiResult};
+use crate::jobs;
+use crate::services::config_reload::{self, ReloadError};
+use crate::services::registry_client;
+use crate::state::AppState;
+use crate::udc::{OptionalEnvelope, PathParam, Udc};
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/management/scheduler/jobs", get(list_jobs))
+        .route("/management/scheduler/jobs/{job_id}/pause", post(pause_job))
+        .route(
+            "/management/scheduler/jobs/{job_id}/resume",
+            post(resume_job),
+        )
+        .route("/management/reload-config", post(reload_config))
+        .route("/management/shutdown", post(shutdown))
+        .route("/management/emergency-stop", post(emergency_stop))
+        .route("/management/cache/clear", post(clear_cache))
+}
+
+fn job_or_404(job_id: &str) -> ApiResult<&'static str> {
+    jobs::known(job_id).ok_or_else(|| {
+        ApiError::not_found(format!(
+            "Job {job_id} not found (jobs: {})",
+            jobs::JOB_IDS.join(", ")
+        ))
+    })
+}
+
+/// The five jobs: interval, paused, last run, its duration and outcome, next run.
+#[utoipa::path(get, path = "/management/scheduler/jobs", tag = "management", security(("bearer" = [])),
+    responses((status = 200, description = "The five scheduled jobs"), (status = 403, description = "Admin only")))]
+pub async fn list_jobs(State(state): State<AppState>, caller: Caller) -> ApiResult<Udc<Value>> {
+    caller.require(Permission::Admin)?;
+    Ok(Udc::ok(json!({
+        "jobs": state.jobs.list(),
+        "emergency_stop": state.emergency_stopped(),
+    })))
+}
+
+/// Pauses one job; a paused `task_router` also stops the immediate routing passes.
+#[utoipa::path(post, path = "/management/scheduler/jobs/{job_id}/pause", tag = "management", security(("bearer" = [])),
+    params(("job_id" = String, Path, description = "health_monitor, task_router, registry_sync, heartbeat_cleanup or websocket_ping")),
+    responses((status = 200, description = "Paused"), (status = 403, description = "Admin only"), (status = 404, description = "Unknown job")))]
+pub async fn pause_job(
+    State(state): State<AppState>,
+    caller: Caller,
+    PathParam(job_id): PathParam<String>,
+    _body: OptionalEnvelope,
+) -> ApiResult<Udc<Value>> {
+    caller.require(Permission::Admin)?;
+    let id = job_or_404(&job_id)?;
+    let job = state
+        .jobs
+        .set_paused(&state, id, true)
+        .ok_or_else(|| ApiError::not_found(format!("Job {job_id} not found")))?;
+    tracing::warn!(job = id, by = %caller.actor_name(), "job paused");
+    Ok(Udc::ok(json!({
+        "job": job,
+        "emergency_stop": state.emergency_stopped(),
+        "message": format!("Job {id} paused"),
+    })))
+}
+
+/// Resumes one job.
+///
+/// Resuming `task_router` also ends an emergency stop: routing is what the stop halts, so
+/// turning it back on means the stop is over. The stop's flag is cleared and every job the
+/// stop paused runs again (a job an operator paused by hand, before or during the stop,
+/// stays paused). Resuming any other job during a stop only marks that job to run again
+/// once the stop ends.
+#[utoipa::path(post, path = "/management/scheduler/jobs/{job_id}/resume", tag = "management", security(("bearer" = [])),
+    params(("job_id" = String, Path, description = "health_monitor, task_router, registry_sync, heartbeat_cleanup or websocket_ping")),
+    responses((status = 200, description = "Resumed; for task_router, an emergency stop ends"), (status = 403, description = "Admin only"), (status = 404, description = "Unknown job")))]
+pub async fn resume_job(
+    State(state): State<AppState>,
+    caller: Caller,
+    PathParam(job_id): PathParam<String>,
+    _body: OptionalEnvelope,
+) -> ApiResult<Udc<Value>> {
+    caller.require(Permission::Admin)?;
+    let id = job_or_404(&job_id)?;
+    let ends_stop = id == "task_router" && state.emergency_stopped();
+    let resumed_by_stop_end = if ends_stop {
+        state.jobs.end_emergency(&state)
+    } else {
+        Vec::new()
+    };
+    let job = state
+        .jobs
+        .set_paused(&state, id, false)
+        .ok_or_else(|| ApiError::not_found(format!("Job {job_id} not found")))?;
+    if ends_stop {
+        tracing::warn!(by = %caller.actor_name(), "emergency stop ended");
+    }
+    tracing::info!(job = id, by = %caller.actor_name(), "job resumed");
+    Ok(Udc::ok(json!({
+        "job": job,
+        "emergency_stop": state.emergency_stopped(),
+        "emergency_stop_ended": ends_stop,
+        "jobs_resumed_with_it": resumed_by_stop_end,
+        "message": if ends_stop {
+            format!("Job {id} resumed; the emergency stop is over")
+        } else {
+            format!("Job {id} resumed")
+        },
+    })))
+}
+
+/// Re-reads the environment and `.env`, applies what can change live (job intervals, log
+/// level, feature flags, rate limits, CORS origins, timeouts) and says which settings
+/// changed and which wait for a restart. An invalid setting is a 422 and changes nothing.
+#[utoipa::path(post, path = "/management/reload-config", tag = "management", security(("bearer" = [])),
+    responses((status = 200, description = "What changed, what was applied, what needs a restart"), (status = 403, description = "Admin only"),
+              (status = 422, description = "A setting is invalid; nothing changed")))]
+pub async fn reload_config(
+    State(state): State<AppState>,
+    caller: Caller,
+    _body: OptionalEnvelope,
+) -> ApiResult<Udc<Value>> {
+    caller.require(Permission::Admin)?;
+    let report = config_reload::reload(&state).await.map_err(|e| match e {
+        ReloadError::Invalid(e) => {
+            ApiError::invalid(&["env", e.variable], e.message, "value_error")
+        }
+        ReloadError::Apply(e) => ApiError::internal(format!("reload-config: {e}")),
+    })?;
+    tracing::warn!(by = %caller.actor_name(), applied = ?report.applied,
+        restart_required = ?report.restart_required, "configuration reloaded");
+    let message = match (
+        report.changed.is_empty(),
+        report.restart_required.is_empty(),
+    ) {
+        (true, _) => "Configuration reloaded; nothing changed".to_string(),
+        (false, true) => "Configuration reloaded; every change applied".to_string(),
+        (false, false) => format!(
+            "Configuration reloaded; {} need a restart",
+            report.restart_required.join(", ")
+        ),
+    };
+    let mut payload = serde_json::to_value(&report).unwrap_or_else(|_| json!({}));
+    payload["reloaded"] = json!(true);
+    payload["message"] = json!(message);
+    Ok(Udc::ok(payload))
+}
+
+/// Graceful shutdown, as SIGTERM: no new connections, in-flight requests finish, WebSockets
+/// close with 1001, the jobs stop, the pool closes.
+#[utoipa::path(post, path = "/management/shutdown", tag = "management", security(("bearer" = [])),
+    responses((status = 200, description = "Shutting down"), (status = 403, description = "Admin only")))]
+pub async fn shutdown(
+    State(state): State<AppState>,
+    caller: Caller,
+    _body: OptionalEnvelope,
+) -> ApiResult<Udc<Value>> {
+    caller.require(Permission::Admin)?;
+    tracing::warn!(by = %caller.actor_name(), "shutdown requested");
+    let token = state.shutdown.clone();
+    // Cancelled from another task once this one has yielded: the graceful shutdown lets this
+    // request, in flight by then, finish sending its answer.
+    tokio::spawn(async move {
+        tokio::task::yield_now().await;
+        token.cancel();
+    });
+    Ok(Udc::ok(json!({
+        "shutting_down": true,
+        "message": "Graceful shutdown started: in-flight requests finish, then the process exits",
+    })))
+}
+
+/// Stops routing and dispatch at once and pauses every job. Reads keep working, `POST
+/// /tasks` still records tasks as pending, `/health` says `maintenance`. Resuming
+/// `task_router` ends the stop (see the resume endpoint).
+#[utoipa::path(post, path = "/management/emergency-stop", tag = "management", security(("bearer" = [])),
+    responses((status = 200, description = "Stopped"), (status = 403, description = "Admin only")))]
+pub async fn emergency_stop(
+    State(state): State<AppState>,
+    caller: Caller,
+    _body: OptionalEnvelope,
+) -> ApiResult<Udc<Value>> {
+    caller.require(Permission::Admin)?;
+    let paused = state.jobs.emergency_stop(&state);
+    tracing::warn!(by = %caller.actor_name(), jobs = ?paused, "EMERGENCY STOP: routing and dispatch halted");
+    Ok(Udc::ok(json!({
+        "emergency_stop": true,
+        "paused_jobs": paused,
+        "message": "Routing and dispatch stopped and every job paused; reads and task creation keep working. \
+                    Resume task_router (POST /management/scheduler/jobs/task_router/resume) to end the stop.",
+    })))
+}
+
+/// Clears the in-memory caches (the router's room snapshot behind
+/// `estimated_assignment_seconds`) and the Registry directory cached in the database (the
+/// next `registry_sync` fills it again); answers what was cleared.
+#[utoipa::path(post, path = "/management/cache/clear", tag = "management", security(("bearer" = [])),
+    responses((status = 200, description = "What was cleared"), (status = 403, description = "Admin only")))]
+pub async fn clear_cache(
+    State(state): State<AppState>,
+    caller: Caller,
+    _body: OptionalEnvelope,
+) -> ApiResult<Udc<Value>> {
+    caller.require(Permission::Admin)?;
+    let router_snapshot = state.router.clear_room();
+    // A pass rebuilds the snapshot at once (when routing runs).
+    state.router.trigger();
+    let registry_entries = registry_client::clear_cache(&state).await?;
+    tracing::info!(by = %caller.actor_name(), registry_entries, "caches cleared");
+    Ok(Udc::ok(json!({
+        "cleared": {
+            "router_room_snapshot": router_snapshot,
+            "registry_directory": registry_entries,
+        },
+        "message": format!("Caches cleared: router room snapshot, {registry_entries} Registry directory entries"),
+    })))
+}

@@ -1,0 +1,530 @@
+//! Inter-droplet messaging: `POST /message` (commands, queries, events and heartbeats from
+//! droplets), `POST /send` to one droplet and `POST /broadcast` to many.
+
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::routing::post;
+use axum::Router;
+use futures::StreamExt;
+use serde::Deserialize;
+use serde_json::{json, Map, Value};
+use uuid::Uuid;
+
+use crate::api::health;
+use crate::auth::{Caller, Permission};
+use crate::error::{ApiError, ApiResult, FieldError};
+use crate::services::dispatch::{self, Delivery};
+use crate::services::droplets::{self, Droplet, DropletFilter, Heartbeat};
+use crate::services::tasks::{self, NewTask};
+use crate::state::AppState;
+use crate::udc::{self, Envelope, MessageType, OptionalEnvelope, QueryParams, Udc, Validate};
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/message", post(receive))
+        .route("/send", post(send))
+        .route("/broadcast", post(broadcast))
+}
+
+pub const COMMANDS: [&str; 2] = ["create_task", "cancel_task"];
+pub const QUERIES: [&str; 3] = ["task_status", "droplet_list", "system_status"];
+
+/// Receives a UDC message: commands and queries are answered, events and heartbeats
+/// acknowledged (a heartbeat also counts as the sender's heartbeat).
+#[utoipa::path(post, path = "/message", tag = "messages", security(("bearer" = [])),
+    request_body(content = Object, description = "A full UDC envelope; payload {\"command\":\"create_task\",\"task_data\":{...}}, {\"command\":\"cancel_task\",\"task_id\":1}, {\"query\":\"task_status\",\"task_id\":1}, {\"query\":\"droplet_list\"}, {\"query\":\"system_status\"}"),
+    responses((status = 200, description = "The answer, in a response envelope echoing the trace id"),
+              (status = 403, description = "No write permission"), (status = 404, description = "Unknown task or droplet"),
+              (status = 409, description = "Invalid transition"), (status = 422, description = "Bad envelope, or an unknown command or query")))]
+pub async fn receive(
+    State(state): State<AppState>,
+    caller: Caller,
+    body: Envelope<Value>,
+) -> ApiResult<Udc<Value>> {
+    caller.require(Permission::Write)?;
+    let Envelope { meta, payload } = body;
+    let payload = match payload {
+        Value::Object(m) => m,
+        _ => Map::new(),
+    };
+    let answer = match meta.message_type {
+        MessageType::Command => command(&state, &caller, &meta.trace_id, &payload).await?,
+        MessageType::Query => query(&state, &payload).await?,
+        MessageType::Heartbeat => heartbeat(&state, &caller, payload).await?,
+        MessageType::Event | MessageType::Response => json!({
+            "received": true,
+            "message_type": meta.message_type,
+        }),
+    };
+    Ok(Udc::ok(answer))
+}
+
+/// The name a command or query payload gives under `key`, or a 422 naming the supported ones.
+fn name_of<'a>(
+    payload: &'a Map<String, Value>,
+    key: &'static str,
+    supported: &[&str],
+) -> ApiResult<&'a str> {
+    let kind = if key == "command" {
+        "commands"
+    } else {
+        "queries"
+    };
+    match payload.get(key) {
+        Some(Value::String(s)) if supported.contains(&s.as_str()) => Ok(s),
+        Some(Value::String(s)) => Err(ApiError::invalid(
+            &["body", "payload", key],
+            format!(
+                "Unknown {key} '{s}'; supported {kind}: {}",
+                supported.join(", ")
+            ),
+            "enum",
+        )),
+        None | Some(Value::Null) => Err(ApiError::invalid(
+            &["body", "payload", key],
+            format!("Field required; supported {kind}: {}", supported.join(", ")),
+            "missing",
+        )),
+        Some(_) => Err(ApiError::invalid(
+            &["body", "payload", key],
+            format!(
+                "Input should be a string; supported {kind}: {}",
+                supported.join(", ")
+            ),
+            "string_type",
+        )),
+    }
+}
+
+/// A task id given as a number or a numeric string.
+fn task_id_of(payload: &Map<String, Value>) -> ApiResult<Option<i32>> {
+    let bad = || {
+        ApiError::invalid(
+            &["body", "payload", "task_id"],
+            "Input should be a valid integer",
+            "int_parsing",
+        )
+    };
+    match payload.get("task_id") {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Number(n)) => n
+            .as_i64()
+            .and_then(|n| i32::try_from(n).ok())
+            .map(Some)
+            .ok_or_else(bad),
+        Some(Value::String(s)) => s.trim().parse().map(Some).map_err(|_| bad()),
+        Some(_) => Err(bad()),
+    }
+}
+
+async fn command(
+    state: &AppState,
+    caller: &Caller,
+    trace_id: &str,
+    payload: &Map<String, Value>,
+) -> ApiResult<Value> {
+    match name_of(payload, "command", &COMMANDS)? {
+        "create_task" => {
+            let data = match payload.get("task_data") {
+                Some(Value::Object(m)) => Value::Object(m.clone()),
+                None | Some(Value::Null) => {
+                    return Err(ApiError::Validation(vec![FieldError::missing(&[
+                        "body",
+                        "payload",
+                        "task_data",
+                    ])]))
+                }
+                Some(_) => {
+                    return Err(ApiError::invalid(
+                        &["body", "payload", "task_data"],
+                        "Input should be a valid dictionary",
+                        "dict_type",
+                    ))
+                }
+            };
+            let new: NewTask = udc::deserialize_payload(data, &["body", "payload", "task_data"])
+                .map_err(ApiError::Validation)?;
+            let (task, created) = tasks::create(state, caller, trace_id, new).await?;
+            Ok(json!({
+                "command": "create_task",
+                "created": created,
+                "task_id": task.id,
+                "trace_id": task.trace_id,
+                "status": task.status,
+                "created_at": udc::iso(&task.created_at),
+            }))
+        }
+        _ => {
+            let id = task_id_of(payload)?.ok_or_else(|| {
+                ApiError::Validation(vec![FieldError::missing(&["body", "payload", "task_id"])])
+            })?;
+            let reason = payload
+                .get("reason")
+                .and_then(Value::as_str)
+                .map(str::to_string);
+            let task = tasks::cancel(state, caller, id, reason).await?;
+            Ok(json!({
+                "command": "cancel_task",
+                "task_id": task.id,
+                "status": task.status,
+                "cancelled_at": task.completed_at.map(|t| udc::iso(&t)),
+            }))
+        }
+    }
+}
+
+async fn query(state: &AppState, payload: &Map<String, Value>) -> ApiResult<Value> {
+    match name_of(payload, "query", &QUERIES)? {
+        "task_status" => {
+            let task = if let Some(id) = task_id_of(payload)? {
+                tasks::load(&state.db, id)
+                    .await?
+                    .ok_or_else(|| ApiError::not_found(format!("Task {id} not found")))?
+            } else {
+                let raw = match payload.get("trace_id") {
+                    Some(Value::String(s)) => s.trim(),
+                    _ => {
+                        return Err(ApiError::invalid(
+                            &["body", "payload", "task_id"],
+                            "Field required: task_id or trace_id",
+                            "missing",
+                        ))
+                    }
+                };
+                let trace = Uuid::parse_str(raw).map_err(|_| {
+                    ApiError::invalid(
+                        &["body", "payload", "trace_id"],
+                        "Input should be a valid UUID",
+                        "uuid_parsing",
+                    )
+                })?;
+                tasks::load_by_trace(&state.db, trace)
+                    .await?
+                    .ok_or_else(|| {
+                        ApiError::not_found(format!("Task with trace id {trace} not found"))
+                    })?
+            };
+            Ok(json!({
+                "query": "task_status",
+                "task_id": task.id,
+                "trace_id": task.trace_id,
+                "status": task.status,
+                "task": task,
+            }))
+        }
+        "droplet_list" => {
+            let text = |key: &str| payload.get(key).and_then(Value::as_str).map(str::to_string);
+            let filter = DropletFilter {
+                status: text("status"),
+                capability: text("capability"),
+            };
+            if let Some(mut e) = filter.validate().into_iter().next() {
+                e.loc = vec![json!("body"), json!("payload"), json!("status")];
+                return Err(ApiError::Validation(vec![e]));
+            }
+            let list = droplets::list(&state.db, &filter).await?;
+            Ok(json!({
+                "query": "droplet_list",
+                "droplets": list,
+                "total": list.len(),
+            }))
+        }
+        _ => {
+            let sample = state.process.latest();
+            let mut counts = health::counts(state).await?;
+            counts["websocket_connections"] = json!(state.events.connection_count());
+            Ok(json!({
+                "query": "system_status",
+                "status": if state.emergency_stopped() { "maintenance" } else { "active" },
+                "cpu_percent": (sample.cpu_percent * 10.0).round() / 10.0,
+                "memory_mb": (sample.memory_mb * 10.0).round() / 10.0,
+                "uptime_seconds": state.started_at.elapsed().as_secs(),
+                "custom_metrics": counts,
+                "scheduler": {
+                    "running": !state.shutdown.is_cancelled(),
+                    "emergency_stopped": state.emergency_stopped(),
+                    "jobs": state.jobs.list(),
+                },
+                "registry": state.registry.snapshot(),
+            }))
+        }
+    }
+}
+
+/// A heartbeat sent as a message: the sender's own droplet (or, for an admin, the one the
+/// payload names), exactly as `POST /droplets/{id}/heartbeat`.
+async fn heartbeat(
+    state: &AppState,
+    caller: &Caller,
+    payload: Map<String, Value>,
+) -> ApiResult<Value> {
+    let named = payload
+        .get("droplet_id")
+        .or_else(|| payload.get("id"))
+        .and_then(|v| match v {
+            Value::Number(n) => n.as_i64(),
+            Value::String(s) => s.trim_start_matches("droplet-").parse().ok(),
+            _ => None,
+        })
+        .and_then(|n| i32::try_from(n).ok());
+    let droplet_id = named.unwrap_or(caller.droplet_id);
+    let beat: Heartbeat = udc::deserialize_payload(Value::Object(payload), &["body", "payload"])
+        .map_err(ApiError::Validation)?;
+    let droplet = droplets::heartbeat(state, caller, droplet_id, beat).await?;
+    Ok(json!({
+        "received": true,
+        "acknowledged": true,
+        "droplet_id": droplet.droplet_id,
+        "status": droplet.status,
+        "next_heartbeat_in": state.config().heartbeat_interval,
+    }))
+}
+
+/// Query parameters of `/send` and `/broadcast`.
+#[derive(Debug, Clone, Default, Deserialize, utoipa::IntoParams)]
+pub struct SendParams {
+    /// `/send`: the droplet to deliver to.
+    pub target_droplet_id: Option<i32>,
+    /// command, query, response, event or heartbeat (default: the body envelope's, else command).
+    pub message_type: Option<String>,
+    /// `/broadcast`: only droplets with this capability.
+    pub capability_filter: Option<String>,
+    /// The message: a JSON object, as a string (or send an envelope body instead).
+    pub payload: Option<String>,
+}
+
+impl Validate for SendParams {
+    fn validate(&self) -> Vec<FieldError> {
+        let mut errors = Vec::new();
+        if let Some(t) = &self.message_type {
+            if !matches!(
+                t.as_str(),
+                "command" | "query" | "response" | "event" | "heartbeat"
+            ) {
+                errors.push(FieldError::new(
+                    &["message_type"],
+                    "Input should be 'command', 'query', 'response', 'event' or 'heartbeat'",
+                    "enum",
+                ));
+            }
+        }
+        if let Some(p) = &self.payload {
+            match serde_json::from_str::<Value>(p) {
+                Ok(Value::Object(_)) => {}
+                Ok(_) => errors.push(FieldError::new(
+                    &["payload"],
+                    "Input should be a JSON object",
+                    "dict_type",
+                )),
+                Err(e) => errors.push(FieldError::new(
+                    &["payload"],
+                    format!("Invalid JSON: {e}"),
+                    "json_invalid",
+                )),
+            }
+        }
+        errors
+    }
+}
+
+/// An emergency stop halts everything the orchestrator sends to droplets, messages included.
+fn refuse_while_stopped(state: &AppState) -> ApiResult<()> {
+    if state.emergency_stopped() {
+        return Err(ApiError::ServiceUnavailable(
+            "Emergency stop: messages to droplets are halted until the jobs are resumed".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// The message to send: its type and payload, from the query or the envelope body.
+fn message_of(params: &SendParams, body: OptionalEnvelope) -> ApiResult<(String, Value)> {
+    let from_body = body.0;
+    let message_type = params
+        .message_type
+        .clone()
+        .or_else(|| {
+            from_body.as_ref().and_then(|e| {
+                serde_json::to_value(e.meta.message_type)
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_string))
+            })
+        })
+        .unwrap_or_else(|| "command".to_string());
+    let payload =
+        match (&params.payload, from_body) {
+            (_, Some(envelope)) => envelope.payload,
+            (Some(raw), None) => serde_json::from_str(raw).unwrap_or_default(),
+            (None, None) => return Err(ApiError::invalid(
+                &["query", "payload"],
+                "Field required: the payload query parameter (a JSON object) or an envelope body",
+                "missing",
+            )),
+        };
+    Ok((message_type, payload))
+}
+
+/// One droplet's delivery outcome, as `/send` and `/broadcast` report it.
+fn outcome_json(droplet: &Droplet, outcome: &Delivery, timeout: Duration) -> Value {
+    let mut v = json!({
+        "droplet_id": droplet.droplet_id,
+        "name": droplet.name,
+        "status": outcome.label(),
+    });
+    match outcome {
+        Delivery::Failed(reason) => v["reason"] = json!(reason),
+        Delivery::Timeout => {
+            v["reason"] = json!(format!("no answer within {} s", timeout.as_secs()))
+        }
+        Delivery::Delivered => {}
+    }
+    v
+}
+
+async fn deliver(
+    state: &AppState,
+    droplet: &Droplet,
+    trace_id: &str,
+    message_type: &str,
+    payload: &Value,
+    timeout: Duration,
+) -> Delivery {
+    let body = dispatch::envelope(
+        trace_id.to_string(),
+        droplet.droplet_id,
+        message_type,
+        payload.clone(),
+    );
+    let outcome = dispatch::post_message(state, &droplet.endpoint, &body, timeout).await;
+    state
+        .metrics
+        .dispatch
+        .with_label_values(&[outcome.label()])
+        .inc();
+    outcome
+}
+
+/// Sends a message to one active droplet's `/message`, in a new envelope from the orchestrator.
+#[utoipa::path(post, path = "/send", tag = "messages", params(SendParams), security(("bearer" = [])),
+    request_body(content = Object, description = "Optional: an envelope whose payload is the message"),
+    responses((status = 200, description = "Delivered"), (status = 403, description = "No write permission"),
+              (status = 404, description = "Unknown droplet"), (status = 409, description = "Droplet not active"),
+              (status = 422, description = "Missing target or payload, bad JSON"), (status = 502, description = "The droplet failed or timed out"),
+              (status = 503, description = "Emergency stop in effect")))]
+pub async fn send(
+    State(state): State<AppState>,
+    caller: Caller,
+    QueryParams(params): QueryParams<SendParams>,
+    body: OptionalEnvelope,
+) -> ApiResult<Udc<Value>> {
+    caller.require(Permission::Write)?;
+    refuse_while_stopped(&state)?;
+    let target = params.target_droplet_id.ok_or_else(|| {
+        ApiError::Validation(vec![FieldError::missing(&["query", "target_droplet_id"])])
+    })?;
+    let (message_type, payload) = message_of(&params, body)?;
+    let droplet = droplets::require(&state.db, target).await?;
+    if droplet.status != "active" {
+        return Err(ApiError::conflict(format!(
+            "Droplet {target} is {}; messages are sent only to active droplets",
+            droplet.status
+        )));
+    }
+    let timeout = Duration::from_secs(state.config().dispatch_timeout_seconds);
+    let trace_id = Uuid::new_v4().to_string();
+    let outcome = deliver(
+        &state,
+        &droplet,
+        &trace_id,
+        &message_type,
+        &payload,
+        timeout,
+    )
+    .await;
+    match outcome {
+        Delivery::Delivered => Ok(Udc::ok(json!({
+            "delivered": true,
+            "status": "delivered",
+            "target_droplet_id": target,
+            "message_type": message_type,
+            "trace_id": trace_id,
+        }))),
+        Delivery::Timeout => Err(ApiError::BadGateway(format!(
+            "Delivery to droplet {target} timed out after {} s",
+            timeout.as_secs()
+        ))),
+        Delivery::Failed(reason) => Err(ApiError::BadGateway(format!(
+            "Delivery to droplet {target} failed: {reason}"
+        ))),
+    }
+}
+
+/// Sends a message to every active droplet (or those with a capability), in parallel.
+#[utoipa::path(post, path = "/broadcast", tag = "messages", params(SendParams), security(("bearer" = [])),
+    request_body(content = Object, description = "Optional: an envelope whose payload is the message"),
+    responses((status = 200, description = "Per droplet: delivered, failed with the reason, or timeout"),
+              (status = 403, description = "Admin only"), (status = 422, description = "Missing payload, bad JSON"),
+              (status = 429, description = "More than 10 broadcasts a minute"), (status = 503, description = "Emergency stop in effect")))]
+pub async fn broadcast(
+    State(state): State<AppState>,
+    caller: Caller,
+    QueryParams(params): QueryParams<SendParams>,
+    body: OptionalEnvelope,
+) -> ApiResult<Udc<Value>> {
+    caller.require(Permission::Admin)?;
+    refuse_while_stopped(&state)?;
+    let (message_type, payload) = message_of(&params, body)?;
+    let targets = droplets::list(
+        &state.db,
+        &DropletFilter {
+            status: Some("active".into()),
+            capability: params.capability_filter.clone(),
+        },
+    )
+    .await?;
+    let config = state.config();
+    let timeout = Duration::from_secs(config.dispatch_timeout_seconds);
+    let trace_id = Uuid::new_v4().to_string();
+    // Owned clones per delivery: the futures run concurrently and outlive no borrow.
+    let mut results: Vec<(i32, Value)> = futures::stream::iter(targets)
+        .map(|droplet| {
+            let (state, trace_id, message_type, payload) = (
+                state.clone(),
+                trace_id.clone(),
+                message_type.clone(),
+                payload.clone(),
+            );
+            async move {
+                let outcome = deliver(
+                    &state,
+                    &droplet,
+                    &trace_id,
+                    &message_type,
+                    &payload,
+                    timeout,
+                )
+                .await;
+                (
+                    droplet.droplet_id,
+                    outcome_json(&droplet, &outcome, timeout),
+                )
+            }
+        })
+        .buffer_unordered(config.dispatch_concurrency.max(1))
+        .collect()
+        .await;
+    results.sort_by_key(|(id, _)| *id);
+    let count = |label: &str| results.iter().filter(|(_, r)| r["status"] == label).count();
+    let (delivered, failed, timed_out) = (count("delivered"), count("failed"), count("timeout"));
+    Ok(Udc::ok(json!({
+        "trace_id": trace_id,
+        "message_type": message_type,
+        "capability_filter": params.capability_filter,
+        "total": results.len(),
+        "delivered": delivered,
+        "failed": failed,
+        "timeout": timed_out,
+        "results": results.into_iter().map(|(_, r)| r).collect::<Vec<_>>(),
+    })))
+}

@@ -1,0 +1,512 @@
+//! The real-time feeds `/ws/tasks` and `/ws/droplets` (token in `?token=`, filters, a limit per
+//! droplet), one task per socket, and `GET /ws/status`.
+
+use std::time::Duration;
+
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
+use axum::extract::{RawQuery, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde_json::{json, Value};
+use tokio_util::sync::CancellationToken;
+
+use crate::auth::{Caller, Permission};
+use crate::error::{ApiError, ApiResult, FieldError};
+use crate::services::events::{ClientFilter, ClientRegistration, Feed, Outbound};
+use crate::services::state_machine::Status;
+use crate::state::AppState;
+use crate::udc::{self, Udc};
+
+/// How long a close frame may take to leave; a client that does not read gets its
+/// connection dropped instead.
+const CLOSE_GRACE: Duration = Duration::from_secs(1);
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/ws/tasks", get(tasks_feed))
+        .route("/ws/droplets", get(droplets_feed))
+        .route("/ws/status", get(status))
+}
+
+/// Task events (`task_created` ... `task_retrying`) as UDC event envelopes, one per text frame.
+#[utoipa::path(get, path = "/ws/tasks", tag = "websocket",
+    params(
+        ("token" = String, Query, description = "JWT with the read permission (an `Authorization: Bearer` header also works)"),
+        ("task_type" = Option<String>, Query, description = "Only tasks of this type"),
+        ("status" = Option<String>, Query, description = "Only events that leave the task in this status"),
+        ("droplet_id" = Option<i32>, Query, description = "Only tasks assigned to this droplet"),
+    ),
+    responses((status = 101, description = "Switching to the WebSocket protocol"),
+              (status = 401, description = "Missing or invalid token"), (status = 403, description = "Token without read"),
+              (status = 422, description = "Bad filter"), (status = 429, description = "Too many sockets for this droplet")))]
+pub async fn tasks_feed(
+    State(state): State<AppState>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Response {
+    open(state, Feed::Tasks, query, &headers, ws)
+}
+
+/// Droplet events (`droplet_registered`, `droplet_health_changed`, `droplet_heartbeat_missed`).
+#[utoipa::path(get, path = "/ws/droplets", tag = "websocket",
+    params(
+        ("token" = String, Query, description = "JWT with the read permission (an `Authorization: Bearer` header also works)"),
+        ("droplet_id" = Option<i32>, Query, description = "Only events of this droplet"),
+    ),
+    responses((status = 101, description = "Switching to the WebSocket protocol"),
+              (status = 401, description = "Missing or invalid token"), (status = 403, description = "Token without read"),
+              (status = 422, description = "Bad filter"), (status = 429, description = "Too many sockets for this droplet")))]
+pub async fn droplets_feed(
+    State(state): State<AppState>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Response {
+    open(state, Feed::Droplets, query, &headers, ws)
+}
+
+/// Connections per feed and per droplet, events published and sent, clients dropped for
+/// slowness or silence, and the NOTIFY listener's state.
+#[utoipa::path(get, path = "/ws/status", tag = "websocket", security(("bearer" = [])),
+    responses((status = 200, description = "WebSocket statistics"), (status = 401, description = "Missing or invalid token")))]
+pub async fn status(State(state): State<AppState>, caller: Caller) -> ApiResult<Udc<Value>> {
+    caller.require(Permission::Read)?;
+    let mut stats = state.events.stats_json();
+    stats["heartbeat_interval_seconds"] = json!(state.config().ws_heartbeat_interval);
+    Ok(Udc::ok(stats))
+}
+
+/// The query of a feed: `token` and the filters. Unknown parameters are ignored.
+#[derive(Debug, Default)]
+struct FeedQuery {
+    token: Option<String>,
+    task_type: Option<String>,
+    status: Option<String>,
+    droplet_id: Option<String>,
+}
+
+impl FeedQuery {
+    fn parse(raw: Option<&str>) -> FeedQuery {
+        let mut q = FeedQuery::default();
+        for (k, v) in url::form_urlencoded::parse(raw.unwrap_or("").as_bytes()) {
+            let slot = match k.as_ref() {
+                "token" => &mut q.token,
+                "task_type" => &mut q.task_type,
+                "status" => &mut q.status,
+                "droplet_id" => &mut q.droplet_id,
+                _ => continue,
+            };
+            // An empty value means "no filter", as dashboards build URLs with empty fields.
+            if slot.is_none() && !v.is_empty() {
+                *slot = Some(v.into_owned());
+            }
+        }
+        q
+    }
+}
+
+/// Checks a filter for `feed`; fields that do not apply to the feed are left out.
+fn check_filter(
+    feed: Feed,
+    task_type: Option<&str>,
+    status: Option<&str>,
+    droplet_id: Option<&Value>,
+) -> Result<ClientFilter, Vec<FieldError>> {
+    let mut errors = Vec::new();
+    let mut filter = ClientFilter::default();
+    if feed == Feed::Tasks {
+        if let Some(t) = task_type {
+            let n = t.chars().count();
+            if n == 0 || n > 50 {
+                errors.push(FieldError::new(
+                    &["task_type"],
+                    "String should have 1 to 50 characters",
+                    "string_too_long",
+                ));
+            }
+            filter.task_type = Some(t.to_string());
+        }
+        if let Some(s) = status {
+            match Status::parse(s) {
+                Some(s) => filter.status = Some(s.as_str().to_string()),
+                None => errors.push(FieldError::new(
+                    &["status"],
+                    "Input should be 'pending', 'assigned', 'in_progress', 'completed', 'failed' or 'cancelled'",
+                    "enum",
+                )),
+            }
+        }
+    }
+    if let Some(d) = droplet_id {
+        let parsed = match d {
+            Value::Number(n) => n.as_i64(),
+            Value::String(s) => s.trim_start_matches("droplet-").parse::<i64>().ok(),
+            _ => None,
+        };
+        match parsed
+            .and_then(|n| i32::try_from(n).ok())
+            .filter(|n| *n > 0)
+        {
+            Some(n) => filter.droplet_id = Some(n),
+            None => errors.push(FieldError::new(
+                &["droplet_id"],
+                "Input should be a valid integer",
+                "int_parsing",
+            )),
+        }
+    }
+    if errors.is_empty() {
+        Ok(filter)
+    } else {
+        Err(errors)
+    }
+}
+
+/// Everything that can refuse a socket, in the contract's order, before the upgrade:
+/// authentication (401), permission (403), filters (422), the per-droplet limit (429).
+fn open(
+    state: AppState,
+    feed: Feed,
+    raw_query: Option<String>,
+    headers: &HeaderMap,
+    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Response {
+    let query = FeedQuery::parse(raw_query.as_deref());
+    let caller = match authenticate(&state, &query, headers) {
+        Ok(c) => c,
+        Err(e) => return e.into_response(),
+    };
+    let droplet_id = query.droplet_id.clone().map(Value::String);
+    let filter = match check_filter(
+        feed,
+        query.task_type.as_deref(),
+        query.status.as_deref(),
+        droplet_id.as_ref(),
+    ) {
+        Ok(f) => f,
+        Err(errors) => {
+            return ApiError::Validation(
+                errors
+                    .into_iter()
+                    .map(|mut e| {
+                        e.loc.insert(0, json!("query"));
+                        e
+                    })
+                    .collect(),
+            )
+            .into_response()
+        }
+    };
+    let ws = match ws {
+        Ok(ws) => ws,
+        Err(rejection) => return rejection.into_response(),
+    };
+    let config = state.config();
+    let Some(registration) = state.events.register(feed, caller.droplet_id, filter) else {
+        return too_many(caller.droplet_id, config.ws_max_connections_per_droplet);
+    };
+    // Frames and messages both: a client has nothing to say that needs more than a few KiB.
+    ws.max_message_size(config.ws_max_message_bytes)
+        .max_frame_size(config.ws_max_message_bytes)
+        .on_failed_upgrade(|e| tracing::debug!(error = %e, "websocket upgrade failed"))
+        .on_upgrade(move |socket| serve_socket(state, socket, registration))
+}
+
+/// The token comes in `?token=` (browsers cannot set headers on a WebSocket), or as a bearer
+/// header for clients that can.
+fn authenticate(state: &AppState, query: &FeedQuery, headers: &HeaderMap) -> ApiResult<Caller> {
+    let bearer = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, t)| t.trim().to_string())
+        .filter(|t| !t.is_empty());
+    let token = query
+        .token
+        .clone()
+        .or(bearer)
+        .ok_or(ApiError::Unauthenticated)?;
+    let claims = state.keys.verify(&token)?;
+    let caller = Caller::from_claims(&claims);
+    udc::set_caller(caller.droplet_id);
+    caller.require(Permission::Read)?;
+    Ok(caller)
+}
+
+fn too_many(droplet_id: i32, max: usize) -> Response {
+    let mut response = (
+        StatusCode::TOO_MANY_REQUESTS,
+        Json(json!({
+            "detail": format!("Droplet {droplet_id} already has {max} WebSocket connections open"),
+            "trace_id": udc::current_trace_id(),
+        })),
+    )
+        .into_response();
+    response
+        .headers_mut()
+        .insert(header::RETRY_AFTER, header::HeaderValue::from(1));
+    response
+}
+
+/// How a send ended.
+enum Sent {
+    Done,
+    /// The client was kicked or the server is stopping; the loop sends the close frame.
+    Interrupted,
+    Broken,
+}
+
+/// Sends one frame, but gives up when the client is kicked or the server stops: a client
+/// that stopped reading must not hold its task forever in a full TCP buffer.
+async fn send(
+    socket: &mut WebSocket,
+    message: Message,
+    kicked: &CancellationToken,
+    shutdown: &CancellationToken,
+) -> Sent {
+    tokio::select! {
+        r = socket.send(message) => if r.is_ok() { Sent::Done } else { Sent::Broken },
+        _ = kicked.cancelled() => Sent::Interrupted,
+        _ = shutdown.cancelled() => Sent::Interrupted,
+    }
+}
+
+/// What the socket does about a frame from the client.
+enum Reply {
+    Nothing,
+    Frame(Message),
+    Closed,
+}
+
+/// The one task of a socket: events from the client's queue, pings, the client's frames,
+/// kicks from the hub and the server's shutdown. Dropping `registration` at the end frees the
+/// client's slot however the socket ended.
+async fn serve_socket(
+    state: AppState,
+    mut socket: WebSocket,
+    mut registration: ClientRegistration,
+) {
+    let kicked = registration.kicked();
+    let shutdown = state.shutdown.clone();
+    let gauge = state
+        .metrics
+        .ws_connections
+        .with_label_values(&[registration.feed.as_str()]);
+    gauge.inc();
+    let close: Option<(u16, &'static str)> = loop {
+        tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => break Some((1001, "server shutting down")),
+            _ = kicked.cancelled() => {
+                break Some(registration.kick_reason().map_or((1000, "closed"), |k| (k.code, k.reason)));
+            }
+            outbound = registration.rx.recv() => {
+                let (message, is_event) = match outbound {
+                    Some(Outbound::Event(text)) => (Message::Text(text), true),
+                    Some(Outbound::Ping) => (Message::Ping(Default::default()), false),
+                    None => break Some((1011, "event hub closed")),
+                };
+                match send(&mut socket, message, &kicked, &shutdown).await {
+                    Sent::Done if is_event => registration.count_sent(),
+                    Sent::Done | Sent::Interrupted => {}
+                    Sent::Broken => break None,
+                }
+            }
+            incoming = socket.recv() => {
+                let reply = match incoming {
+                    Some(Ok(message)) => answer(&registration, message),
+                    Some(Err(e)) => break too_long(&e).then_some((1009, "message too big")),
+                    None => break None,
+                };
+                match reply {
+                    Reply::Nothing => {}
+                    Reply::Frame(message) => {
+                        if let Sent::Broken = send(&mut socket, message, &kicked, &shutdown).await {
+                            break None;
+                        }
+                    }
+                    Reply::Closed => {
+                        // The reply to the client's close frame goes out as the stream is read
+                        // to its end.
+                        let _ = tokio::time::timeout(CLOSE_GRACE, async {
+                            while let Some(Ok(_)) = socket.recv().await {}
+                        })
+                        .await;
+                        break None;
+                    }
+                }
+            }
+        }
+    };
+    if let Some((code, reason)) = close {
+        let frame = Message::Close(Some(CloseFrame {
+            code,
+            reason: Utf8Bytes::from_static(reason),
+        }));
+        if let Ok(Ok(())) = tokio::time::timeout(CLOSE_GRACE, socket.send(frame)).await {
+            // Wait briefly for the client's closing reply: closing the connection at once could
+            // make the client fail on a write before it reads our close frame.
+            let _ = tokio::time::timeout(CLOSE_GRACE, async {
+                while let Some(Ok(_)) = socket.recv().await {}
+            })
+            .await;
+        }
+    }
+    gauge.dec();
+    drop(registration);
+}
+
+/// Whether a read failed because the client sent more than the limit. axum hides the
+/// tungstenite error type, so its text is what there is to go by.
+fn too_long(e: &axum::Error) -> bool {
+    let text = e.to_string().to_ascii_lowercase();
+    text.contains("too long") || text.contains("space limit")
+}
+
+/// Clients may send pings, pongs, `{"subscribe": {...filters}}` and close frames; anything
+/// else gets an error frame and changes nothing.
+fn answer(registration: &ClientRegistration, message: Message) -> Reply {
+    match message {
+        Message::Pong(_) => {
+            registration.pong();
+            Reply::Nothing
+        }
+        // The WebSocket layer answers pings by itself.
+        Message::Ping(_) => Reply::Nothing,
+        Message::Close(_) => Reply::Closed,
+        Message::Binary(_) => error_frame("binary frames are not accepted; send JSON text"),
+        Message::Text(text) => {
+            let text = text.as_str().trim();
+            if text.eq_ignore_ascii_case("ping") {
+                return Reply::Frame(Message::Text(Utf8Bytes::from_static("pong")));
+            }
+            let Ok(Value::Object(body)) = serde_json::from_str::<Value>(text) else {
+                return error_frame(
+                    r#"expected {"subscribe": {...filters}}, "ping", or a WebSocket ping/pong"#,
+                );
+            };
+            match body.get("subscribe") {
+                Some(Value::Object(f)) => subscribe(registration, f),
+                Some(Value::Null) => subscribe(registration, &Default::default()),
+                Some(_) => error_frame("subscribe takes an object of filters"),
+                None if body.get("type").and_then(Value::as_str) == Some("ping") => {
+                    Reply::Frame(response_frame(json!({ "type": "pong" })))
+                }
+                None => error_frame(r#"unknown message; send {"subscribe": {...filters}}"#),
+            }
+        }
+    }
+}
+
+/// Replaces the client's filter (an empty object receives everything) and acknowledges it.
+fn subscribe(registration: &ClientRegistration, f: &serde_json::Map<String, Value>) -> Reply {
+    let text = |k: &str| f.get(k).filter(|v| !v.is_null());
+    let mut problems = Vec::new();
+    let task_type = match text("task_type") {
+        Some(Value::String(s)) => Some(s.as_str()),
+        Some(_) => {
+            problems.push("task_type should be a string".to_string());
+            None
+        }
+        None => None,
+    };
+    let status = match text("status") {
+        Some(Value::String(s)) => Some(s.as_str()),
+        Some(_) => {
+            problems.push("status should be a string".to_string());
+            None
+        }
+        None => None,
+    };
+    if !problems.is_empty() {
+        return error_frame(&problems.join("; "));
+    }
+    match check_filter(registration.feed, task_type, status, text("droplet_id")) {
+        Ok(filter) => {
+            let ack = json!({ "subscribed": filter, "feed": registration.feed.as_str() });
+            registration.set_filter(filter);
+            Reply::Frame(response_frame(ack))
+        }
+        Err(errors) => error_frame(
+            &errors
+                .iter()
+                .map(|e| {
+                    format!(
+                        "{}: {}",
+                        e.loc.first().and_then(Value::as_str).unwrap_or(""),
+                        e.msg
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join("; "),
+        ),
+    }
+}
+
+fn error_frame(detail: &str) -> Reply {
+    Reply::Frame(response_frame(json!({ "error": detail })))
+}
+
+/// Answers to a client's own messages are UDC `response` envelopes, so a dashboard tells
+/// them from events by `message_type`.
+fn response_frame(payload: Value) -> Message {
+    let envelope = json!({
+        "udc_version": udc::UDC_VERSION,
+        "trace_id": uuid::Uuid::new_v4().to_string(),
+        "source": 10,
+        "target": null,
+        "message_type": "response",
+        "payload": payload,
+        "timestamp": udc::now_iso(),
+    });
+    Message::Text(Utf8Bytes::from(envelope.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_keeps_the_first_non_empty_value_and_ignores_unknown_keys() {
+        let q = FeedQuery::parse(Some("token=a%2Bb&status=&status=pending&x=1&status=failed"));
+        assert_eq!(q.token.as_deref(), Some("a+b"));
+        assert_eq!(q.status.as_deref(), Some("pending"));
+        assert_eq!(q.task_type, None);
+    }
+
+    #[test]
+    fn filters_are_checked_and_droplet_feed_keeps_only_the_droplet() {
+        let f = check_filter(
+            Feed::Tasks,
+            Some("verify"),
+            Some("assigned"),
+            Some(&json!("8")),
+        )
+        .unwrap();
+        assert_eq!(f.task_type.as_deref(), Some("verify"));
+        assert_eq!(f.status.as_deref(), Some("assigned"));
+        assert_eq!(f.droplet_id, Some(8));
+        let f = check_filter(
+            Feed::Droplets,
+            Some("verify"),
+            Some("nope"),
+            Some(&json!(8)),
+        )
+        .unwrap();
+        assert_eq!(
+            f,
+            ClientFilter {
+                droplet_id: Some(8),
+                ..Default::default()
+            }
+        );
+        assert!(check_filter(Feed::Tasks, None, Some("done"), None).is_err());
+        assert!(check_filter(Feed::Tasks, None, None, Some(&json!("x"))).is_err());
+        assert!(check_filter(Feed::Tasks, Some(""), None, None).is_err());
+    }
+}

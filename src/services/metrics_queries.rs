@@ -1,0 +1,521 @@
+//! The SQL behind `/metrics/*`: counts, rates and duration percentiles computed in
+//! PostgreSQL over indexed columns (`created_at`, `completed_at`, `status`, the partial
+//! pending index, `heartbeats (droplet_id, received_at)`), so they stay fast at a million tasks.
+
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+use serde_json::Value;
+use sqlx::{PgPool, Postgres, Transaction};
+
+use crate::error::FieldError;
+use crate::services::state_machine::ALL_STATUSES;
+use crate::udc::{self, Validate};
+
+/// The windows the metrics endpoints accept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TimeRange {
+    Hour,
+    Day,
+    Week,
+    Month,
+}
+
+impl TimeRange {
+    pub const ALLOWED: &'static str = "'1h', '24h', '7d' or '30d'";
+
+    pub fn parse(raw: &str) -> Option<TimeRange> {
+        Some(match raw {
+            "1h" => TimeRange::Hour,
+            "24h" => TimeRange::Day,
+            "7d" => TimeRange::Week,
+            "30d" => TimeRange::Month,
+            _ => return None,
+        })
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TimeRange::Hour => "1h",
+            TimeRange::Day => "24h",
+            TimeRange::Week => "7d",
+            TimeRange::Month => "30d",
+        }
+    }
+
+    pub fn seconds(self) -> f64 {
+        match self {
+            TimeRange::Hour => 3600.0,
+            TimeRange::Day => 86_400.0,
+            TimeRange::Week => 7.0 * 86_400.0,
+            TimeRange::Month => 30.0 * 86_400.0,
+        }
+    }
+}
+
+/// `time_range` (and for task metrics `task_type`) of a metrics request.
+#[derive(Debug, Clone, Default, serde::Deserialize, utoipa::IntoParams)]
+pub struct RangeParams {
+    /// 1h, 24h, 7d or 30d.
+    pub time_range: Option<String>,
+    /// Only tasks of this type.
+    pub task_type: Option<String>,
+}
+
+impl RangeParams {
+    /// The range asked for, or `default` (validation already refused anything else).
+    pub fn range_or(&self, default: TimeRange) -> TimeRange {
+        self.time_range
+            .as_deref()
+            .and_then(TimeRange::parse)
+            .unwrap_or(default)
+    }
+}
+
+impl Validate for RangeParams {
+    fn validate(&self) -> Vec<FieldError> {
+        match self.time_range.as_deref() {
+            Some(r) if TimeRange::parse(r).is_none() => vec![FieldError::new(
+                &["time_range"],
+                format!("Input should be {}, got {r:?}", TimeRange::ALLOWED),
+                "enum",
+            )],
+            _ => Vec::new(),
+        }
+    }
+}
+
+/// Count, mean, median, 95th percentile and maximum of a duration, in seconds.
+#[derive(Debug, Clone, Default, Serialize, sqlx::FromRow, utoipa::ToSchema)]
+pub struct Durations {
+    pub count: i64,
+    pub mean_seconds: Option<f64>,
+    pub p50_seconds: Option<f64>,
+    pub p95_seconds: Option<f64>,
+    pub max_seconds: Option<f64>,
+}
+
+fn rate(part: i64, whole: i64) -> Option<f64> {
+    (whole > 0).then(|| part as f64 / whole as f64)
+}
+
+/// Every status with its count (zeros included), from `(status, count)` rows.
+fn by_status(rows: Vec<(String, i64)>, statuses: &[&str]) -> BTreeMap<String, i64> {
+    let mut map: BTreeMap<String, i64> = statuses.iter().map(|s| (s.to_string(), 0)).collect();
+    for (status, n) in rows {
+        *map.entry(status).or_insert(0) += n;
+    }
+    map
+}
+
+/// A transaction with room to sort in memory: a percentile over a month of tasks sorts up
+/// to a million durations, which at PostgreSQL's default 4 MB spills to disk (2-3x slower).
+async fn reading(db: &PgPool) -> Result<Transaction<'static, Postgres>, sqlx::Error> {
+    let mut tx = db.begin().await?;
+    sqlx::query("SET LOCAL work_mem = '64MB'")
+        .execute(&mut *tx)
+        .await?;
+    Ok(tx)
+}
+
+// ---------------------------------------------------------------------------
+// GET /metrics/summary
+
+#[derive(sqlx::FromRow)]
+struct Windows {
+    created_1h: i64,
+    created_24h: i64,
+    completed_1h: i64,
+    completed_24h: i64,
+    failed_1h: i64,
+    failed_24h: i64,
+}
+
+/// Tasks and droplets by status, the last hour and day, and latencies over the last day.
+pub async fn summary(db: &PgPool) -> Result<Value, sqlx::Error> {
+    let mut tx = reading(db).await?;
+    let task_rows: Vec<(String, i64)> =
+        sqlx::query_as("SELECT status, COUNT(*) FROM tasks GROUP BY status")
+            .fetch_all(&mut *tx)
+            .await?;
+    let droplet_rows: Vec<(String, i64)> =
+        sqlx::query_as("SELECT status, COUNT(*) FROM droplets GROUP BY status")
+            .fetch_all(&mut *tx)
+            .await?;
+    // created_at and completed_at are indexed: each window reads only its own rows.
+    let w: Windows = sqlx::query_as(
+        "SELECT
+            (SELECT COUNT(*) FROM tasks WHERE created_at >= NOW() - interval '1 hour') AS created_1h,
+            (SELECT COUNT(*) FROM tasks WHERE created_at >= NOW() - interval '24 hours') AS created_24h,
+            c.completed_1h, c.completed_24h, c.failed_1h, c.failed_24h
+         FROM (
+            SELECT COUNT(*) FILTER (WHERE status = 'completed' AND completed_at >= NOW() - interval '1 hour') AS completed_1h,
+                   COUNT(*) FILTER (WHERE status = 'completed') AS completed_24h,
+                   COUNT(*) FILTER (WHERE status = 'failed' AND completed_at >= NOW() - interval '1 hour') AS failed_1h,
+                   COUNT(*) FILTER (WHERE status = 'failed') AS failed_24h
+            FROM tasks WHERE completed_at >= NOW() - interval '24 hours'
+         ) c",
+    )
+    .fetch_one(&mut *tx)
+    .await?;
+    let assignment: Durations = sqlx::query_as(
+        "SELECT COUNT(d) AS count, AVG(d) AS mean_seconds,
+                (percentile_cont(ARRAY[0.5, 0.95]) WITHIN GROUP (ORDER BY d))[1] AS p50_seconds,
+                (percentile_cont(ARRAY[0.5, 0.95]) WITHIN GROUP (ORDER BY d))[2] AS p95_seconds,
+                MAX(d) AS max_seconds
+         FROM (SELECT date_part('epoch', assigned_at - created_at) AS d
+               FROM tasks WHERE created_at >= NOW() - interval '24 hours' AND assigned_at IS NOT NULL) s",
+    )
+    .fetch_one(&mut *tx)
+    .await?;
+    let execution: Durations = sqlx::query_as(
+        "SELECT COUNT(d) AS count, AVG(d) AS mean_seconds,
+                (percentile_cont(ARRAY[0.5, 0.95]) WITHIN GROUP (ORDER BY d))[1] AS p50_seconds,
+                (percentile_cont(ARRAY[0.5, 0.95]) WITHIN GROUP (ORDER BY d))[2] AS p95_seconds,
+                MAX(d) AS max_seconds
+         FROM (SELECT date_part('epoch', completed_at - started_at) AS d
+               FROM tasks WHERE completed_at >= NOW() - interval '24 hours'
+                 AND status = 'completed' AND started_at IS NOT NULL) s",
+    )
+    .fetch_one(&mut *tx)
+    .await?;
+
+    let statuses: Vec<&str> = ALL_STATUSES.iter().map(|s| s.as_str()).collect();
+    let tasks = by_status(task_rows, &statuses);
+    let droplets = by_status(droplet_rows, &["active", "inactive", "error"]);
+    let completed = tasks.get("completed").copied().unwrap_or(0);
+    let failed = tasks.get("failed").copied().unwrap_or(0);
+    tx.commit().await?;
+    Ok(serde_json::json!({
+        "tasks": { "total": tasks.values().sum::<i64>(), "by_status": tasks },
+        "droplets": { "total": droplets.values().sum::<i64>(), "by_status": droplets },
+        "success_rate": rate(completed, completed + failed),
+        "last_hour": {
+            "created": w.created_1h, "completed": w.completed_1h, "failed": w.failed_1h,
+            "success_rate": rate(w.completed_1h, w.completed_1h + w.failed_1h),
+        },
+        "last_24h": {
+            "created": w.created_24h, "completed": w.completed_24h, "failed": w.failed_24h,
+            "success_rate": rate(w.completed_24h, w.completed_24h + w.failed_24h),
+        },
+        "assignment_latency": assignment,
+        "execution_time": execution,
+        "latency_window": "24h: assignment over tasks created in it, execution over tasks completed in it",
+        "generated_at": udc::now_iso(),
+    }))
+}
+
+// ---------------------------------------------------------------------------
+// GET /metrics/tasks/performance
+
+#[derive(Debug, Clone, Default, Serialize, sqlx::FromRow)]
+pub struct Performance {
+    pub total: i64,
+    pub pending: i64,
+    pub assigned: i64,
+    pub in_progress: i64,
+    pub completed: i64,
+    pub failed: i64,
+    pub cancelled: i64,
+    /// Retries made (the sum of `retry_count`).
+    pub retries: i64,
+    /// Tasks retried at least once.
+    pub tasks_retried: i64,
+    #[sqlx(flatten)]
+    pub duration: Durations,
+}
+
+const PERFORMANCE: &str = "SELECT COUNT(*) AS total,
+        COUNT(*) FILTER (WHERE status = 'pending') AS pending,
+        COUNT(*) FILTER (WHERE status = 'assigned') AS assigned,
+        COUNT(*) FILTER (WHERE status = 'in_progress') AS in_progress,
+        COUNT(*) FILTER (WHERE status = 'completed') AS completed,
+        COUNT(*) FILTER (WHERE status = 'failed') AS failed,
+        COUNT(*) FILTER (WHERE status = 'cancelled') AS cancelled,
+        COALESCE(SUM(retry_count), 0)::bigint AS retries,
+        COUNT(*) FILTER (WHERE retry_count > 0) AS tasks_retried,
+        COUNT(d) AS count, AVG(d) AS mean_seconds,
+        (percentile_cont(ARRAY[0.5, 0.95]) WITHIN GROUP (ORDER BY d))[1] AS p50_seconds,
+        (percentile_cont(ARRAY[0.5, 0.95]) WITHIN GROUP (ORDER BY d))[2] AS p95_seconds,
+        MAX(d) AS max_seconds
+    FROM (SELECT status, COALESCE(retry_count, 0) AS retry_count,
+                 CASE WHEN status = 'completed'
+                      THEN date_part('epoch', completed_at - started_at) END AS d
+          FROM tasks";
+
+/// Over the tasks created in the range (of one type, when given): counts by outcome, retries,
+/// and the run time (started to completed) of the completed ones.
+pub async fn performance(
+    db: &PgPool,
+    range: TimeRange,
+    task_type: Option<&str>,
+) -> Result<Value, sqlx::Error> {
+    let mut tx = reading(db).await?;
+    // Two statements, so each has a plan that uses its index: (created_at) for every type,
+    // (task_type, created_at) for one.
+    let p: Performance = match task_type {
+        None => {
+            sqlx::query_as(const_format::concatcp!(
+                PERFORMANCE,
+                " WHERE created_at >= NOW() - make_interval(secs => $1)) s"
+            ))
+            .bind(range.seconds())
+            .fetch_one(&mut *tx)
+            .await?
+        }
+        Some(t) => {
+            sqlx::query_as(const_format::concatcp!(
+                PERFORMANCE,
+                " WHERE task_type = $2 AND created_at >= NOW() - make_interval(secs => $1)) s"
+            ))
+            .bind(range.seconds())
+            .bind(t)
+            .fetch_one(&mut *tx)
+            .await?
+        }
+    };
+    tx.commit().await?;
+    Ok(serde_json::json!({
+        "time_range": range.as_str(),
+        "task_type": task_type,
+        "population": "tasks created in the time range",
+        "total": p.total,
+        "by_outcome": {
+            "completed": p.completed, "failed": p.failed, "cancelled": p.cancelled,
+            "pending": p.pending, "assigned": p.assigned, "in_progress": p.in_progress,
+        },
+        "success_rate": rate(p.completed, p.completed + p.failed),
+        "duration": p.duration,
+        "retries": { "total": p.retries, "tasks_retried": p.tasks_retried },
+        "generated_at": udc::now_iso(),
+    }))
+}
+
+// ---------------------------------------------------------------------------
+// GET /metrics/tasks/by-type
+
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+pub struct TypeRow {
+    pub task_type: String,
+    pub total: i64,
+    pub pending: i64,
+    pub assigned: i64,
+    pub in_progress: i64,
+    pub completed: i64,
+    pub failed: i64,
+    pub cancelled: i64,
+    pub retries: i64,
+    pub mean_duration_seconds: Option<f64>,
+    #[sqlx(skip)]
+    pub success_rate: Option<f64>,
+    #[sqlx(skip)]
+    pub share: f64,
+}
+
+const BY_TYPE: &str = "SELECT task_type, COUNT(*) AS total,
+        COUNT(*) FILTER (WHERE status = 'pending') AS pending,
+        COUNT(*) FILTER (WHERE status = 'assigned') AS assigned,
+        COUNT(*) FILTER (WHERE status = 'in_progress') AS in_progress,
+        COUNT(*) FILTER (WHERE status = 'completed') AS completed,
+        COUNT(*) FILTER (WHERE status = 'failed') AS failed,
+        COUNT(*) FILTER (WHERE status = 'cancelled') AS cancelled,
+        COALESCE(SUM(retry_count), 0)::bigint AS retries,
+        AVG(date_part('epoch', completed_at - started_at))
+            FILTER (WHERE status = 'completed') AS mean_duration_seconds
+    FROM tasks";
+const BY_TYPE_ORDER: &str = " ORDER BY total DESC, task_type";
+
+/// Tasks per type (all of them, or those created in the range): counts by status, success
+/// rate, share of all tasks, and the mean run time of the completed ones. One hash aggregate
+/// over the rows; per-type percentiles would sort every row by type as well, ten times the
+/// cost at a million tasks, so they are left to `/metrics/tasks/performance?task_type=`.
+pub async fn by_type(db: &PgPool, range: Option<TimeRange>) -> Result<Value, sqlx::Error> {
+    let mut rows: Vec<TypeRow> = match range {
+        None => {
+            sqlx::query_as(const_format::concatcp!(
+                BY_TYPE,
+                " GROUP BY task_type",
+                BY_TYPE_ORDER
+            ))
+            .fetch_all(db)
+            .await?
+        }
+        Some(r) => {
+            sqlx::query_as(const_format::concatcp!(
+                BY_TYPE,
+                " WHERE created_at >= NOW() - make_interval(secs => $1) GROUP BY task_type",
+                BY_TYPE_ORDER
+            ))
+            .bind(r.seconds())
+            .fetch_all(db)
+            .await?
+        }
+    };
+    let all: i64 = rows.iter().map(|r| r.total).sum();
+    for r in &mut rows {
+        r.success_rate = rate(r.completed, r.completed + r.failed);
+        r.share = rate(r.total, all).unwrap_or(0.0);
+    }
+    Ok(serde_json::json!({
+        "time_range": range.map(|r| r.as_str()).unwrap_or("all"),
+        "total": all,
+        "types": rows,
+        "generated_at": udc::now_iso(),
+    }))
+}
+
+// ---------------------------------------------------------------------------
+// GET /metrics/droplets/{droplet_id}/performance
+
+#[derive(sqlx::FromRow)]
+struct DropletWork {
+    completed: i64,
+    failed: i64,
+    mean_duration_seconds: Option<f64>,
+    p95_duration_seconds: Option<f64>,
+}
+
+#[derive(sqlx::FromRow)]
+struct Uptime {
+    heartbeats: i64,
+    covered_seconds: Option<f64>,
+    observed_seconds: Option<f64>,
+}
+
+/// A droplet's finished work in the range (by `completed_at`), and its uptime: each healthy
+/// heartbeat covers the time until the next one, at most `heartbeat_timeout` seconds; the
+/// ratio is covered time over the part of the range since the droplet was first registered.
+pub async fn droplet_performance(
+    db: &PgPool,
+    internal_id: i32,
+    range: TimeRange,
+    heartbeat_timeout: u64,
+) -> Result<Value, sqlx::Error> {
+    let mut tx = reading(db).await?;
+    let work: DropletWork = sqlx::query_as(
+        "SELECT COUNT(*) FILTER (WHERE status = 'completed') AS completed,
+                COUNT(*) FILTER (WHERE status = 'failed') AS failed,
+                AVG(d) AS mean_duration_seconds,
+                percentile_cont(0.95) WITHIN GROUP (ORDER BY d) AS p95_duration_seconds
+         FROM (SELECT status,
+                      CASE WHEN status = 'completed' THEN date_part('epoch', completed_at - started_at) END AS d
+               FROM tasks
+               WHERE assigned_droplet_id = $1 AND status IN ('completed', 'failed')
+                 AND completed_at >= NOW() - make_interval(secs => $2)) s",
+    )
+    .bind(internal_id)
+    .bind(range.seconds())
+    .fetch_one(&mut *tx)
+    .await?;
+    let uptime: Uptime = sqlx::query_as(
+        "WITH since AS (
+            SELECT GREATEST(NOW()::timestamp - make_interval(secs => $2),
+                            COALESCE(registered_at, NOW()::timestamp - make_interval(secs => $2))) AS t
+            FROM droplets WHERE id = $1
+         ), beats AS (
+            SELECT received_at, lower(status) IN ('active', 'healthy', 'ok') AS healthy,
+                   LEAD(received_at) OVER (ORDER BY received_at, id) AS next_at
+            FROM heartbeats
+            WHERE droplet_id = $1 AND received_at >= (SELECT t FROM since)
+         )
+         SELECT COUNT(*) AS heartbeats,
+                COALESCE(SUM(date_part('epoch',
+                    LEAST(COALESCE(next_at, NOW()::timestamp), NOW()::timestamp,
+                          received_at + make_interval(secs => $3)) - received_at))
+                    FILTER (WHERE healthy), 0) AS covered_seconds,
+                date_part('epoch', NOW()::timestamp - (SELECT t FROM since)) AS observed_seconds
+         FROM beats",
+    )
+    .bind(internal_id)
+    .bind(range.seconds())
+    .bind(heartbeat_timeout as f64)
+    .fetch_one(&mut *tx)
+    .await?;
+    let covered = uptime.covered_seconds.unwrap_or(0.0).max(0.0);
+    let observed = uptime.observed_seconds.unwrap_or(0.0);
+    let ratio = (observed > 0.0).then(|| (covered / observed).clamp(0.0, 1.0));
+    tx.commit().await?;
+    Ok(serde_json::json!({
+        "time_range": range.as_str(),
+        "tasks_completed": work.completed,
+        "tasks_failed": work.failed,
+        "success_rate": rate(work.completed, work.completed + work.failed),
+        "mean_duration_seconds": work.mean_duration_seconds,
+        "p95_duration_seconds": work.p95_duration_seconds,
+        "uptime": {
+            "ratio": ratio,
+            "heartbeats": uptime.heartbeats,
+            "covered_seconds": covered,
+            "observed_seconds": observed,
+        },
+    }))
+}
+
+// ---------------------------------------------------------------------------
+// GET /metrics/routing
+
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+pub struct PendingByCapability {
+    /// `null`: any active droplet can take these.
+    pub capability: Option<String>,
+    pub pending: i64,
+    pub oldest_pending_seconds: Option<f64>,
+    /// Whether some active droplet has the capability.
+    pub routable: bool,
+}
+
+/// Assignments in the range (from the history), assignment latency of the tasks created in
+/// it, and the pending queue per capability, with what no active droplet can take.
+pub async fn routing(db: &PgPool, range: TimeRange) -> Result<Value, sqlx::Error> {
+    let mut tx = reading(db).await?;
+    let assignments: i64 = sqlx::query_scalar(
+        "SELECT COUNT(*) FROM task_state_history
+         WHERE changed_at >= NOW() - make_interval(secs => $1) AND to_status = 'assigned'",
+    )
+    .bind(range.seconds())
+    .fetch_one(&mut *tx)
+    .await?;
+    let latency: Durations = sqlx::query_as(
+        "SELECT COUNT(d) AS count, AVG(d) AS mean_seconds,
+                (percentile_cont(ARRAY[0.5, 0.95]) WITHIN GROUP (ORDER BY d))[1] AS p50_seconds,
+                (percentile_cont(ARRAY[0.5, 0.95]) WITHIN GROUP (ORDER BY d))[2] AS p95_seconds,
+                MAX(d) AS max_seconds
+         FROM (SELECT date_part('epoch', assigned_at - created_at) AS d
+               FROM tasks WHERE created_at >= NOW() - make_interval(secs => $1)
+                 AND assigned_at IS NOT NULL) s",
+    )
+    .bind(range.seconds())
+    .fetch_one(&mut *tx)
+    .await?;
+    // The partial index on pending tasks makes this read only the queue.
+    let pending: Vec<PendingByCapability> = sqlx::query_as(
+        "WITH p AS (
+            SELECT required_capability AS capability, COUNT(*) AS pending,
+                   date_part('epoch', NOW()::timestamp - MIN(created_at)) AS oldest_pending_seconds
+            FROM tasks WHERE status = 'pending' GROUP BY required_capability
+         )
+         SELECT p.capability, p.pending, p.oldest_pending_seconds,
+                EXISTS (SELECT 1 FROM droplets d WHERE d.status = 'active'
+                          AND (p.capability IS NULL OR d.capabilities @> jsonb_build_array(p.capability))) AS routable
+         FROM p ORDER BY p.pending DESC, p.capability NULLS FIRST",
+    )
+    .fetch_all(&mut *tx)
+    .await?;
+    let total_pending: i64 = pending.iter().map(|p| p.pending).sum();
+    let unroutable: i64 = pending
+        .iter()
+        .filter(|p| !p.routable)
+        .map(|p| p.pending)
+        .sum();
+    let minutes = range.seconds() / 60.0;
+    tx.commit().await?;
+    Ok(serde_json::json!({
+        "time_range": range.as_str(),
+        "assignments": assignments,
+        "assignments_per_minute": assignments as f64 / minutes,
+        "assignment_latency": latency,
+        "pending_total": total_pending,
+        "pending_by_capability": pending,
+        "pending_unroutable": unroutable,
+    }))
+}

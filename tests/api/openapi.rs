@@ -1,0 +1,401 @@
+//! `/openapi.json` is valid OpenAPI 3 and describes every route the router serves;
+//! Swagger UI is at `/docs` when enabled.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+
+use reqwest::{Method, StatusCode};
+use serde_json::Value;
+
+use crate::helpers::*;
+
+/// Routes that are not API operations: Swagger UI's page and its assets.
+const NOT_OPERATIONS: [&str; 3] = ["/docs", "/docs/", "/docs/{*rest}"];
+
+const METHODS: [&str; 5] = ["get", "post", "put", "patch", "delete"];
+
+fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
+    for entry in std::fs::read_dir(dir).expect("read src") {
+        let path = entry.expect("dir entry").path();
+        if path.is_dir() {
+            rust_files(&path, out);
+        } else if path.extension().is_some_and(|e| e == "rs") {
+            out.push(path);
+        }
+    }
+}
+
+/// Every `(method, path)` the application's routers declare, read from their source: each
+/// `.route("<path>", <method>(..).<method>(..))` under src/api and in src/lib.rs. Any other
+/// way of adding routes there (`nest`, `route_service`, a path that is not a literal) fails
+/// the scan, so a route cannot slip past this list.
+fn declared_routes() -> BTreeSet<(String, String)> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut files = Vec::new();
+    rust_files(&root.join("src/api"), &mut files);
+    files.push(root.join("src/lib.rs"));
+    let mut routes = BTreeSet::new();
+    for file in files {
+        let source = std::fs::read_to_string(&file).expect("read source");
+        for forbidden in [
+            ".nest(",
+            ".nest_service(",
+            ".route_service(",
+            "merge(SwaggerUi",
+        ] {
+            assert!(
+                !source.contains(forbidden),
+                "{}: routes added with {forbidden} are invisible to this test; use .route(\"..\", ..)",
+                file.display()
+            );
+        }
+        let mut rest = source.as_str();
+        while let Some(at) = rest.find(".route(") {
+            let after = &rest[at + ".route(".len()..];
+            let trimmed = after.trim_start();
+            let literal = trimmed.strip_prefix('"').unwrap_or_else(|| {
+                panic!(
+                    "{}: .route( without a literal path: {}",
+                    file.display(),
+                    &trimmed[..trimmed.len().min(60)]
+                )
+            });
+            let end = literal.find('"').expect("closing quote");
+            let path = literal[..end].to_string();
+            // The method router: up to the parenthesis that closes `.route(`.
+            let body = &literal[end + 1..];
+            let mut depth = 1usize;
+            let mut close = body.len();
+            for (i, c) in body.char_indices() {
+                match c {
+                    '(' => depth += 1,
+                    ')' => {
+                        depth -= 1;
+                        if depth == 0 {
+                            close = i;
+                            break;
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            let method_router = &body[..close];
+            let mut found = false;
+            for (i, c) in method_router.char_indices() {
+                if c != '(' {
+                    continue;
+                }
+                let start = method_router[..i]
+                    .rfind(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                    .map_or(0, |p| p + 1);
+                let m = method_router[start..i].trim_end_matches("_service");
+                if METHODS.contains(&m) {
+                    routes.insert((m.to_string(), path.clone()));
+                    found = true;
+                }
+                assert!(
+                    m != "any" && m != "on",
+                    "{}: {path} uses {m}(..); list its methods",
+                    file.display()
+                );
+            }
+            assert!(
+                found,
+                "{}: no method found for route {path}: {method_router}",
+                file.display()
+            );
+            rest = &body[close..];
+        }
+    }
+    routes
+}
+
+/// The OpenAPI form of an axum path: `/{*rest}` stays as is (not an operation).
+fn spec_operations(spec: &Value) -> BTreeSet<(String, String)> {
+    let mut ops = BTreeSet::new();
+    for (path, item) in spec["paths"].as_object().expect("paths object") {
+        for m in METHODS {
+            if item.get(m).is_some() {
+                ops.insert((m.to_string(), path.clone()));
+            }
+        }
+    }
+    ops
+}
+
+/// A concrete URL for a path template (ids that exist nowhere).
+fn concrete(path: &str) -> String {
+    path.split('/')
+        .map(|seg| if seg.starts_with('{') { "999999" } else { seg })
+        .collect::<Vec<_>>()
+        .join("/")
+}
+
+async fn spec_of(app: &TestApp) -> Value {
+    let resp = app
+        .client
+        .get(app.url("/openapi.json"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    resp.json().await.expect("openapi.json is JSON")
+}
+
+#[tokio::test]
+async fn every_route_the_router_serves_is_in_the_spec_and_every_spec_path_is_served() {
+    let app = TestApp::spawn_with(&[
+        ("RATE_LIMIT_PER_MINUTE", "10000"),
+        ("ENABLE_SWAGGER", "true"),
+    ])
+    .await;
+    let spec = spec_of(&app).await;
+    let declared = declared_routes();
+    assert!(
+        declared.len() >= 20,
+        "suspiciously few routes found: {declared:?}"
+    );
+    let in_spec = spec_operations(&spec);
+    // A trailing-slash alias of a described path (`/dashboard/`) is the same operation.
+    let operations: BTreeSet<_> = declared
+        .iter()
+        .filter(|(_, p)| !NOT_OPERATIONS.contains(&p.as_str()))
+        .filter(|(m, p)| {
+            !(p.len() > 1
+                && p.ends_with('/')
+                && declared.contains(&(m.clone(), p.trim_end_matches('/').to_string())))
+        })
+        .cloned()
+        .collect();
+    let missing: Vec<_> = operations.difference(&in_spec).collect();
+    assert!(
+        missing.is_empty(),
+        "routes missing from /openapi.json: {missing:?}"
+    );
+    let stale: Vec<_> = in_spec.difference(&operations).collect();
+    assert!(
+        stale.is_empty(),
+        "operations in /openapi.json that no router declares: {stale:?}"
+    );
+
+    // Every declared route is really served: no token, so nothing is changed, and the
+    // answer is the handler's (401, 422, ...) rather than the router's 404 or 405.
+    for (method, path) in &declared {
+        let url = app.url(&concrete(&path.replace("{*rest}", "swagger-ui.css")));
+        let method = Method::from_bytes(method.to_ascii_uppercase().as_bytes()).unwrap();
+        let resp = app
+            .client
+            .request(method.clone(), url)
+            .send()
+            .await
+            .unwrap();
+        let status = resp.status();
+        let body = resp.text().await.unwrap_or_default();
+        assert_ne!(
+            status,
+            StatusCode::METHOD_NOT_ALLOWED,
+            "{method} {path} is not served"
+        );
+        assert!(
+            !(status == StatusCode::NOT_FOUND && body.contains(r#""detail":"Not found""#)),
+            "{method} {path} fell through to the router's 404: {body}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn openapi_json_is_valid_openapi_3() {
+    let app = TestApp::spawn().await;
+    let spec = spec_of(&app).await;
+    assert!(
+        spec["openapi"]
+            .as_str()
+            .is_some_and(|v| v.starts_with("3.")),
+        "{}",
+        spec["openapi"]
+    );
+    assert_eq!(spec["info"]["version"], env!("CARGO_PKG_VERSION"));
+    assert!(spec["info"]["title"].is_string());
+    let schemas = spec["components"]["schemas"]
+        .as_object()
+        .expect("component schemas");
+    for name in [
+        "RequestEnvelope",
+        "ResponseEnvelope",
+        "ErrorBody",
+        "ValidationErrorBody",
+        "FieldError",
+    ] {
+        assert!(schemas.contains_key(name), "schema {name} missing");
+    }
+    let bearer = &spec["components"]["securitySchemes"]["bearer"];
+    assert_eq!(bearer["type"], "http");
+    assert_eq!(bearer["scheme"], "bearer");
+
+    // Every $ref resolves.
+    let text = spec.to_string();
+    for part in text.split("\"$ref\":\"").skip(1) {
+        let target = &part[..part.find('"').unwrap()];
+        let pointer = target
+            .strip_prefix('#')
+            .unwrap_or_else(|| panic!("external $ref {target}"));
+        assert!(spec.pointer(pointer).is_some(), "unresolved $ref {target}");
+    }
+
+    for (path, item) in spec["paths"].as_object().expect("paths") {
+        assert!(path.starts_with('/'), "{path}");
+        let template: BTreeSet<&str> = path
+            .split('/')
+            .filter_map(|s| s.strip_prefix('{').and_then(|s| s.strip_suffix('}')))
+            .collect();
+        for (method, op) in item.as_object().unwrap() {
+            assert!(
+                METHODS.contains(&method.as_str()),
+                "{path}: unexpected key {method}"
+            );
+            let responses = op["responses"]
+                .as_object()
+                .unwrap_or_else(|| panic!("{method} {path}: no responses"));
+            assert!(!responses.is_empty(), "{method} {path}: no responses");
+            for (code, r) in responses {
+                assert!(
+                    code.len() == 3 && code.parse::<u16>().is_ok(),
+                    "{method} {path}: {code}"
+                );
+                assert!(
+                    r["description"].is_string(),
+                    "{method} {path} {code}: no description"
+                );
+            }
+            let declared: BTreeSet<&str> = op["parameters"]
+                .as_array()
+                .map(|ps| {
+                    ps.iter()
+                        .filter(|p| p["in"] == "path")
+                        .filter_map(|p| p["name"].as_str())
+                        .collect()
+                })
+                .unwrap_or_default();
+            assert_eq!(declared, template, "{method} {path}: path parameters");
+            let secured = op["security"]
+                .as_array()
+                .is_some_and(|s| s.iter().any(|r| r.get("bearer").is_some()));
+            if secured {
+                assert!(
+                    responses.contains_key("401"),
+                    "{method} {path}: 401 not described"
+                );
+                assert_eq!(
+                    responses["401"]["content"]["application/json"]["schema"]["$ref"],
+                    "#/components/schemas/ErrorBody"
+                );
+                if let Some(body) = op.get("requestBody") {
+                    let schema = &body["content"]["application/json"]["schema"];
+                    assert_eq!(
+                        schema["allOf"][0]["$ref"], "#/components/schemas/RequestEnvelope",
+                        "{method} {path}"
+                    );
+                }
+            }
+            if responses.contains_key("429") {
+                assert!(
+                    responses["429"]["headers"]["Retry-After"].is_object(),
+                    "{method} {path}"
+                );
+            }
+        }
+    }
+    let mut ids = BTreeSet::new();
+    for item in spec["paths"].as_object().unwrap().values() {
+        for op in item.as_object().unwrap().values() {
+            let id = op["operationId"].as_str().expect("operationId");
+            assert!(ids.insert(id.to_string()), "operationId {id} is not unique");
+        }
+    }
+    let create = &spec["paths"]["/tasks"]["post"];
+    assert_eq!(
+        create["requestBody"]["content"]["application/json"]["schema"]["allOf"][1]["properties"]
+            ["payload"]["$ref"],
+        "#/components/schemas/NewTask"
+    );
+    assert_eq!(
+        create["responses"]["201"]["content"]["application/json"]["schema"]["$ref"],
+        "#/components/schemas/ResponseEnvelope"
+    );
+    assert_eq!(
+        create["responses"]["422"]["content"]["application/json"]["schema"]["$ref"],
+        "#/components/schemas/ValidationErrorBody"
+    );
+    assert!(create["responses"]["429"].is_object());
+    assert!(
+        spec["paths"]["/health"]["get"]["responses"]
+            .get("429")
+            .is_none(),
+        "/health is not rate limited"
+    );
+}
+
+/// The full OpenAPI schema check of `openapi-spec-validator` (PyPI), where it is installed
+/// (`pip install openapi-spec-validator`); the structural checks above run everywhere.
+#[tokio::test]
+async fn openapi_json_passes_openapi_spec_validator_when_installed() {
+    let probe = std::process::Command::new("python3")
+        .args(["-c", "import openapi_spec_validator"])
+        .output();
+    if !probe.is_ok_and(|o| o.status.success()) {
+        eprintln!("openapi-spec-validator is not installed; skipped");
+        return;
+    }
+    let app = TestApp::spawn().await;
+    let spec = spec_of(&app).await;
+    let path = std::env::temp_dir().join(format!(
+        "orchestrator-openapi-{}.json",
+        uuid::Uuid::new_v4()
+    ));
+    std::fs::write(&path, spec.to_string()).unwrap();
+    let out = std::process::Command::new("python3")
+        .args(["-c", "import json, sys\nfrom openapi_spec_validator import validate\nvalidate(json.load(open(sys.argv[1])))", path.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_file(&path);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[tokio::test]
+async fn swagger_ui_is_served_at_docs_only_when_enabled() {
+    let app = TestApp::spawn_with(&[("ENABLE_SWAGGER", "true")]).await;
+    let resp = app.client.get(app.url("/docs/")).send().await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert!(resp.text().await.unwrap().contains("swagger-ui"));
+    let init = app
+        .client
+        .get(app.url("/docs/swagger-initializer.js"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(init.status(), StatusCode::OK);
+    assert!(init.text().await.unwrap().contains("/openapi.json"));
+    let redirect = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let resp = redirect.get(app.url("/docs")).send().await.unwrap();
+    assert!(resp.status().is_redirection());
+    drop(app);
+
+    let app = TestApp::spawn_with(&[("ENABLE_SWAGGER", "false")]).await;
+    let resp = app.client.get(app.url("/docs/")).send().await.unwrap();
+    assert_eq!(resp.status(), StatusCode::NOT_FOUND);
+    // The description itself stays public.
+    let resp = app
+        .client
+        .get(app.url("/openapi.json"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+}

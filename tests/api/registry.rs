@@ -1,0 +1,439 @@
+//! The Registry client against a small Registry the test runs: every accepted directory
+//! shape, droplets filled in without touching their status, the cache surviving a restart
+//! with the Registry gone, garbage and slow answers changing nothing, and the public key.
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::http::{header, StatusCode as AxumStatus};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::Router;
+use orchestrator::services::registry_client;
+use reqwest::{Method, StatusCode};
+use serde_json::{json, Value};
+use tokio::sync::oneshot;
+
+use crate::helpers::*;
+
+/// What the test Registry answers at `/droplets`.
+#[derive(Clone)]
+struct Answer {
+    status: u16,
+    body: String,
+    delay: Duration,
+}
+
+impl Answer {
+    fn json(v: Value) -> Answer {
+        Answer {
+            status: 200,
+            body: v.to_string(),
+            delay: Duration::ZERO,
+        }
+    }
+}
+
+struct RegistryServer {
+    url: String,
+    directory: Arc<Mutex<Answer>>,
+    public_key: Arc<Mutex<Option<String>>>,
+    stop: Option<oneshot::Sender<()>>,
+    handle: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl RegistryServer {
+    async fn start(answer: Answer) -> RegistryServer {
+        let directory = Arc::new(Mutex::new(answer));
+        let public_key: Arc<Mutex<Option<String>>> = Arc::new(Mutex::new(None));
+        let (d, k) = (directory.clone(), public_key.clone());
+        let app = Router::new()
+            .route(
+                "/droplets",
+                get(move || {
+                    let d = d.clone();
+                    async move {
+                        let a = d.lock().unwrap().clone();
+                        tokio::time::sleep(a.delay).await;
+                        (
+                            AxumStatus::from_u16(a.status).unwrap(),
+                            [(header::CONTENT_TYPE, "application/json")],
+                            a.body,
+                        )
+                            .into_response()
+                    }
+                }),
+            )
+            .route(
+                "/public-key",
+                get(move || {
+                    let k = k.clone();
+                    async move {
+                        match k.lock().unwrap().clone() {
+                            Some(pem) => (AxumStatus::OK, axum::Json(json!({"public_key": pem})))
+                                .into_response(),
+                            None => AxumStatus::NOT_FOUND.into_response(),
+                        }
+                    }
+                }),
+            );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let (tx, rx) = oneshot::channel::<()>();
+        let handle = tokio::spawn(async move {
+            let _ = axum::serve(listener, app)
+                .with_graceful_shutdown(async {
+                    let _ = rx.await;
+                })
+                .await;
+        });
+        RegistryServer {
+            url,
+            directory,
+            public_key,
+            stop: Some(tx),
+            handle: Some(handle),
+        }
+    }
+
+    fn answer(&self, answer: Answer) {
+        *self.directory.lock().unwrap() = answer;
+    }
+
+    /// Stops the server and waits until its port refuses connections.
+    async fn stop(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(h) = self.handle.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(5), h).await;
+        }
+    }
+}
+
+fn directory() -> Value {
+    json!([
+        {"id": 8, "name": "Verifier (registry)", "steward": "Registry", "endpoint": "http://127.0.0.1:9/verifier", "capabilities": ["verify", "audit"]},
+        {"droplet_id": "droplet-21", "name": "Registry only", "steward": "R", "url": "http://127.0.0.1:9/twenty-one", "capabilities": ["translate"]},
+        {"droplet_id": 22, "name": "No endpoint"},
+        {"name": "no id at all"}
+    ])
+}
+
+async fn app_with(registry: &RegistryServer) -> TestApp {
+    TestApp::spawn_with(&[
+        ("REGISTRY_URL", &registry.url),
+        ("REGISTRY_SYNC_INTERVAL", "3600"),
+        ("DISPATCH_TIMEOUT_SECONDS", "1"),
+    ])
+    .await
+}
+
+#[derive(Debug, PartialEq, sqlx::FromRow)]
+struct Row {
+    droplet_id: i32,
+    name: String,
+    steward: Option<String>,
+    endpoint: String,
+    capabilities: Value,
+    status: String,
+    registered: bool,
+}
+
+async fn droplet_rows(app: &TestApp) -> Vec<Row> {
+    sqlx::query_as(
+        "SELECT droplet_id, name, steward, endpoint, capabilities, status, registered
+         FROM droplets ORDER BY droplet_id",
+    )
+    .fetch_all(&app.db)
+    .await
+    .unwrap()
+}
+
+async fn cached_ids(app: &TestApp) -> Vec<i32> {
+    sqlx::query_scalar("SELECT droplet_id FROM registry_directory ORDER BY droplet_id")
+        .fetch_all(&app.db)
+        .await
+        .unwrap()
+}
+
+async fn registry_dependency(app: &TestApp) -> Value {
+    let (s, b) = app.request(Method::GET, "/dependencies", None, None).await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    b["required"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["id"] == 3)
+        .cloned()
+        .expect("the Registry is listed")
+}
+
+#[tokio::test]
+async fn every_directory_shape_fills_in_droplets_without_touching_their_status() {
+    let registry = RegistryServer::start(Answer::json(directory())).await;
+    let app = app_with(&registry).await;
+    // Droplet 8 registered itself and is live.
+    app.register(8, &["verify"], "http://127.0.0.1:9/self-declared")
+        .await;
+
+    let list = directory();
+    let shapes = [
+        ("array", list.clone()),
+        ("droplets object", json!({"droplets": list})),
+        (
+            "envelope around an array",
+            json!({"udc_version": "1.0", "trace_id": "t", "source": 3, "message_type": "response", "payload": list}),
+        ),
+        (
+            "envelope around a droplets object",
+            json!({"udc_version": "1.0", "trace_id": "t", "source": 3, "message_type": "response", "payload": {"droplets": list}}),
+        ),
+    ];
+    for (i, (shape, body)) in shapes.into_iter().enumerate() {
+        // Each shape renames droplet 21, so each sync is seen to have read its answer.
+        let mut body = body.to_string();
+        body = body.replace("Registry only", &format!("Registry only {i}"));
+        registry.answer(Answer {
+            status: 200,
+            body,
+            delay: Duration::ZERO,
+        });
+        let synced = registry_client::run_once(&app.state).await;
+        assert_eq!(synced, Ok(3), "{shape}");
+        let rows = droplet_rows(&app).await;
+        assert_eq!(
+            rows,
+            vec![
+                Row {
+                    droplet_id: 8,
+                    name: "Verifier (registry)".into(),
+                    steward: Some("Registry".into()),
+                    endpoint: "http://127.0.0.1:9/verifier".into(),
+                    capabilities: json!(["verify", "audit"]),
+                    status: "active".into(),
+                    registered: true,
+                },
+                Row {
+                    droplet_id: 21,
+                    name: format!("Registry only {i}"),
+                    steward: Some("R".into()),
+                    endpoint: "http://127.0.0.1:9/twenty-one".into(),
+                    capabilities: json!(["translate"]),
+                    status: "inactive".into(),
+                    registered: false,
+                },
+            ],
+            "{shape}"
+        );
+        assert_eq!(cached_ids(&app).await, [8, 21, 22], "{shape}");
+    }
+    let snapshot = app.state.registry.snapshot();
+    assert_eq!(snapshot.status, "connected");
+    assert_eq!(snapshot.droplets_known, 3);
+    assert_eq!(snapshot.entries_skipped, 1);
+    let dep = registry_dependency(&app).await;
+    assert_eq!(dep["status"], "connected");
+    assert!(dep["last_check"].is_string(), "{dep}");
+
+    // Listed as inactive until it registers; then it is a live droplet of its own.
+    let (_, b) = app.get("/droplets?status=inactive", &app.admin()).await;
+    assert_eq!(b["payload"]["droplets"][0]["droplet_id"], 21);
+    app.register(21, &["translate"], "http://127.0.0.1:9/own")
+        .await;
+    let rows = droplet_rows(&app).await;
+    assert_eq!(
+        (rows[1].status.as_str(), rows[1].registered),
+        ("active", true)
+    );
+    // A later sync refreshes its details but never its status.
+    registry_client::run_once(&app.state).await.unwrap();
+    let rows = droplet_rows(&app).await;
+    assert_eq!(rows[1].status, "active");
+    assert_eq!(rows[1].endpoint, "http://127.0.0.1:9/twenty-one");
+}
+
+#[tokio::test]
+async fn the_cached_directory_survives_a_restart_with_the_registry_down() {
+    let mut registry = RegistryServer::start(Answer::json(json!({"droplets": directory()}))).await;
+    let app = app_with(&registry).await;
+    assert_eq!(registry_client::run_once(&app.state).await, Ok(3));
+    let before = droplet_rows(&app).await;
+    registry.stop().await;
+
+    let failed = registry_client::run_once(&app.state).await;
+    assert!(failed.is_err(), "{failed:?}");
+    let dep = registry_dependency(&app).await;
+    assert_eq!(dep["status"], "disconnected");
+    assert!(
+        dep["last_error"].as_str().unwrap().contains("refused"),
+        "{dep}"
+    );
+    assert_eq!(
+        droplet_rows(&app).await,
+        before,
+        "a dead Registry changes nothing"
+    );
+
+    // A new orchestrator on the same database, the Registry still down.
+    let again = TestApp::spawn_on(
+        &app.database_url,
+        &[
+            ("REGISTRY_URL", &registry.url),
+            ("REGISTRY_SYNC_INTERVAL", "3600"),
+            ("DISPATCH_TIMEOUT_SECONDS", "1"),
+        ],
+    )
+    .await;
+    drop(app);
+    let snapshot = eventually(Duration::from_secs(10), "start-up sync attempted", || {
+        let s = again.state.registry.snapshot();
+        async move { s.last_check.is_some().then_some(s) }
+    })
+    .await;
+    assert_eq!(snapshot.status, "disconnected");
+    assert_eq!(snapshot.droplets_known, 3, "known from the cache");
+    assert_eq!(cached_ids(&again).await, [8, 21, 22]);
+    let dep = registry_dependency(&again).await;
+    assert_eq!(dep["status"], "disconnected");
+    assert!(dep["last_check"].is_string());
+    assert!(dep["last_error"].is_string());
+    let (_, b) = again.get("/droplets", &again.admin()).await;
+    let ids: Vec<i64> = b["payload"]["droplets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["droplet_id"].as_i64().unwrap())
+        .collect();
+    assert_eq!(ids, [8, 21]);
+}
+
+#[tokio::test]
+async fn a_garbage_failing_or_slow_registry_changes_nothing_and_is_reported() {
+    let registry = RegistryServer::start(Answer::json(directory())).await;
+    let app = app_with(&registry).await;
+    assert_eq!(registry_client::run_once(&app.state).await, Ok(3));
+    let before = droplet_rows(&app).await;
+    let answers = [
+        (
+            "not JSON",
+            Answer {
+                status: 200,
+                body: "<html>oops</html>".into(),
+                delay: Duration::ZERO,
+            },
+            "not JSON",
+        ),
+        (
+            "wrong shape",
+            Answer::json(json!({"items": [1, 2]})),
+            "unexpected directory shape",
+        ),
+        (
+            "an error",
+            Answer {
+                status: 500,
+                body: "{}".into(),
+                delay: Duration::ZERO,
+            },
+            "HTTP 500",
+        ),
+        (
+            "slow",
+            Answer {
+                status: 200,
+                body: directory().to_string(),
+                delay: Duration::from_secs(4),
+            },
+            "timed out",
+        ),
+    ];
+    for (what, answer, says) in answers {
+        registry.answer(answer);
+        let outcome = registry_client::run_once(&app.state).await;
+        let error = outcome.expect_err(what);
+        assert!(error.contains(says), "{what}: {error}");
+        let snapshot = app.state.registry.snapshot();
+        assert_eq!(snapshot.status, "disconnected", "{what}");
+        assert_eq!(snapshot.last_error.as_deref(), Some(error.as_str()));
+        assert_eq!(snapshot.droplets_known, 3, "{what}");
+        assert_eq!(droplet_rows(&app).await, before, "{what}");
+        assert_eq!(cached_ids(&app).await, [8, 21, 22], "{what}");
+    }
+    // The job records the failure and the service keeps answering.
+    let (s, _) = app.get("/droplets", &app.admin()).await;
+    assert_eq!(s, StatusCode::OK);
+    // Back to a good answer: connected again.
+    registry.answer(Answer::json(directory()));
+    assert_eq!(registry_client::run_once(&app.state).await, Ok(3));
+    assert_eq!(registry_dependency(&app).await["status"], "connected");
+}
+
+#[tokio::test]
+async fn without_a_registry_url_the_registry_is_unconfigured() {
+    let app = TestApp::spawn().await;
+    assert_eq!(registry_client::run_once(&app.state).await, Ok(0));
+    let dep = registry_dependency(&app).await;
+    assert_eq!(dep["status"], "unconfigured");
+}
+
+/// A fresh RSA key pair as PEM text (private, public), made with the machine's openssl.
+fn rsa_pair() -> (String, String) {
+    let private = Command::new("openssl")
+        .args(["genrsa", "2048"])
+        .stderr(Stdio::null())
+        .output()
+        .expect("openssl genrsa runs");
+    assert!(private.status.success(), "openssl genrsa failed");
+    let mut child = Command::new("openssl")
+        .args(["rsa", "-pubout"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("openssl rsa runs");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(&private.stdout)
+        .expect("key written");
+    let public = child.wait_with_output().expect("openssl rsa ends");
+    assert!(public.status.success(), "openssl rsa -pubout failed");
+    (
+        String::from_utf8(private.stdout).expect("PEM"),
+        String::from_utf8(public.stdout).expect("PEM"),
+    )
+}
+
+#[tokio::test]
+async fn the_registrys_public_key_is_fetched_when_none_is_configured() {
+    let (private, public) = rsa_pair();
+    let registry = RegistryServer::start(Answer::json(json!([]))).await;
+    let app = app_with(&registry).await;
+    let now = chrono::Utc::now().timestamp();
+    let token = jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::RS256),
+        &json!({"droplet_id": 14, "permissions": ["read"], "iat": now, "exp": now + 600}),
+        &jsonwebtoken::EncodingKey::from_rsa_pem(private.as_bytes()).unwrap(),
+    )
+    .unwrap();
+    // The start-up sync found no key.
+    let error = eventually(Duration::from_secs(10), "start-up key fetch done", || {
+        let s = app.state.registry.snapshot();
+        async move { s.public_key_error }
+    })
+    .await;
+    assert!(error.contains("HTTP 404"), "{error}");
+    let (s, _) = app.get("/droplets", &token).await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+
+    *registry.public_key.lock().unwrap() = Some(public);
+    assert_eq!(registry_client::run_once(&app.state).await, Ok(0));
+    assert_eq!(app.state.registry.snapshot().public_key, "fetched");
+    let (s, b) = app.get("/droplets", &token).await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    assert_eq!(b["target"], 14);
+}

@@ -1,0 +1,498 @@
+//! The task router and dispatch: capability matching, priority, spreading, limits, immediate
+//! passes, the dispatch envelope, cancellation, and two replicas on one database.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::http::HeaderMap;
+use axum::routing::post;
+use axum::{Json, Router};
+use orchestrator::services::task_router::route_pass;
+use reqwest::{Method, StatusCode};
+use serde_json::{json, Value};
+
+use crate::helpers::*;
+
+const SOON: Duration = Duration::from_secs(1);
+
+fn task_for(capability: Option<&str>, priority: i64, title: &str) -> Value {
+    let mut t =
+        json!({ "task_type": "verify", "title": title, "priority": priority, "payload": {} });
+    if let Some(c) = capability {
+        t["required_capability"] = json!(c);
+    }
+    t
+}
+
+async fn admin_post(app: &TestApp, path: &str) -> (StatusCode, Value) {
+    app.request(Method::POST, path, Some(&app.admin()), None)
+        .await
+}
+
+/// Completes a task as its droplet (started, then completed), freeing room on it.
+async fn finish(app: &TestApp, droplet: i32, task: i32) {
+    let (s, b) = app.move_task(droplet, task, "in_progress").await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    let (s, b) = app.move_task(droplet, task, "completed").await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+}
+
+/// The tasks currently assigned or running, per droplet (external id).
+async fn load_per_droplet(app: &TestApp) -> HashMap<i32, i64> {
+    let rows: Vec<(i32, i64)> = sqlx::query_as(
+        "SELECT d.droplet_id, COUNT(*) FROM tasks t JOIN droplets d ON d.id = t.assigned_droplet_id
+         WHERE t.status IN ('assigned', 'in_progress') GROUP BY d.droplet_id",
+    )
+    .fetch_all(&app.db)
+    .await
+    .unwrap();
+    rows.into_iter().collect()
+}
+
+#[tokio::test]
+async fn a_task_waits_for_a_capable_active_droplet() {
+    let app = TestApp::spawn().await;
+    let server = DropletServer::start(Behaviour::Ok).await;
+    app.register(20, &["translate"], &server.endpoint).await;
+    app.register(21, &["ocr"], &server.endpoint).await;
+    let (s, b) = admin_post(&app, "/droplets/21/deactivate").await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+
+    let id = app.create_task(5, task_for(Some("ocr"), 5, "scan")).await;
+    // Neither the droplet without the capability nor the inactive one gets it.
+    assert_eq!(route_pass(&app.state).await.unwrap(), 0);
+    assert_eq!(app.holder(id).await, ("pending".to_string(), None));
+
+    app.register(22, &["translate", "ocr"], &server.endpoint)
+        .await;
+    app.wait_assigned(id, 22, SOON).await;
+}
+
+#[tokio::test]
+async fn a_task_without_a_capability_goes_to_any_active_droplet() {
+    let app = TestApp::spawn().await;
+    let server = DropletServer::start(Behaviour::Ok).await;
+    app.register(23, &["something-else"], &server.endpoint)
+        .await;
+    let id = app.create_task(5, task_for(None, 5, "anything")).await;
+    app.wait_assigned(id, 23, SOON).await;
+}
+
+#[tokio::test]
+async fn tasks_are_routed_most_urgent_first_then_oldest_first() {
+    let app = TestApp::spawn().await;
+    let server = DropletServer::start(Behaviour::Ok).await;
+    let mut ids = HashMap::new();
+    for (priority, title) in [(5, "a"), (1, "b"), (10, "c"), (1, "d"), (3, "e")] {
+        let id = app
+            .create_task(5, task_for(Some("queue"), priority, title))
+            .await;
+        ids.insert(id, title);
+    }
+    // One slot: the tasks leave the queue one at a time, in routing order.
+    app.register_max(24, &["queue"], &server.endpoint, 1).await;
+    let mut order = Vec::new();
+    for _ in 0..5 {
+        let id = eventually(SOON, "the next task assigned", || async {
+            let id: Option<i32> =
+                sqlx::query_scalar("SELECT id FROM tasks WHERE status = 'assigned'")
+                    .fetch_optional(&app.db)
+                    .await
+                    .unwrap();
+            id
+        })
+        .await;
+        order.push(ids[&id]);
+        finish(&app, 24, id).await;
+    }
+    assert_eq!(order, ["b", "d", "e", "a", "c"]);
+}
+
+#[tokio::test]
+async fn work_spreads_evenly_over_the_least_loaded_droplets() {
+    let app = TestApp::spawn().await;
+    let server = DropletServer::start(Behaviour::Ok).await;
+    for id in [25, 26, 27] {
+        app.register(id, &["spread"], &server.endpoint).await;
+    }
+    // One droplet already carries work: it gets that much less of the new work.
+    let busy = app.insert_pending(4, Some("busy-only"), 5).await;
+    app.register(28, &["spread", "busy-only"], &server.endpoint)
+        .await;
+    for id in &busy {
+        app.wait_assigned(*id, 28, SOON).await;
+    }
+    assert!(app
+        .state
+        .jobs
+        .set_paused(&app.state, "task_router", true)
+        .is_some());
+    for i in 0..36 {
+        app.create_task(5, task_for(Some("spread"), 5, &format!("t{i}")))
+            .await;
+    }
+    app.state.jobs.set_paused(&app.state, "task_router", false);
+    eventually(SOON, "40 tasks assigned", || async {
+        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM tasks WHERE status = 'assigned'")
+            .fetch_one(&app.db)
+            .await
+            .unwrap();
+        (n == 40).then_some(())
+    })
+    .await;
+    let load = load_per_droplet(&app).await;
+    for id in [25, 26, 27, 28] {
+        let n = load.get(&id).copied().unwrap_or(0);
+        assert!((9..=11).contains(&n), "droplet {id} holds {n}: {load:?}");
+    }
+}
+
+#[tokio::test]
+async fn a_full_droplet_gets_no_more_tasks() {
+    let app = TestApp::spawn().await;
+    let server = DropletServer::start(Behaviour::Ok).await;
+    app.register_max(29, &["small"], &server.endpoint, 2).await;
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        ids.push(
+            app.create_task(5, task_for(Some("small"), 5, &format!("s{i}")))
+                .await,
+        );
+    }
+    app.wait_assigned(ids[1], 29, SOON).await;
+    app.wait_assigned(ids[0], 29, SOON).await;
+    assert_eq!(route_pass(&app.state).await.unwrap(), 0);
+    for id in &ids[2..] {
+        assert_eq!(app.holder(*id).await.0, "pending");
+    }
+    // Room appears when one ends, and the next task takes it at once.
+    finish(&app, 29, ids[0]).await;
+    app.wait_assigned(ids[2], 29, SOON).await;
+    assert_eq!(load_per_droplet(&app).await[&29], 2);
+}
+
+#[tokio::test]
+async fn a_pile_of_tasks_nobody_can_run_does_not_delay_a_routable_one() {
+    let app = TestApp::spawn().await;
+    let server = DropletServer::start(Behaviour::Ok).await;
+    // Older and more urgent than the routable task, and more than a pass takes at once.
+    app.insert_pending(2500, Some("nobody-has-this"), 1).await;
+    // A droplet with that pile's neighbour capability, but full.
+    app.register_max(30, &["busy"], &server.endpoint, 1).await;
+    let first = app
+        .create_task(5, task_for(Some("busy"), 1, "fills it"))
+        .await;
+    app.wait_assigned(first, 30, SOON).await;
+    app.insert_pending(2500, Some("busy"), 1).await;
+
+    app.register(31, &["routable"], &server.endpoint).await;
+    let id = app
+        .create_task(5, task_for(Some("routable"), 10, "the one"))
+        .await;
+    app.wait_assigned(id, 31, SOON).await;
+}
+
+/// A droplet that records each message with its Authorization header.
+async fn recording_droplet() -> (String, Arc<Mutex<Vec<(String, Value)>>>) {
+    let seen: Arc<Mutex<Vec<(String, Value)>>> = Arc::default();
+    let record = seen.clone();
+    let app = Router::new().route(
+        "/message",
+        post(move |headers: HeaderMap, Json(body): Json<Value>| {
+            let record = record.clone();
+            async move {
+                let auth = headers
+                    .get("authorization")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("")
+                    .to_string();
+                record.lock().unwrap().push((auth, body));
+                Json(json!({"received": true}))
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    (format!("http://{addr}"), seen)
+}
+
+#[tokio::test]
+async fn a_new_task_is_assigned_and_dispatched_at_once_without_waiting_for_the_job() {
+    let app = TestApp::spawn_with(&[("TASK_ROUTER_INTERVAL", "3600")]).await;
+    let (endpoint, seen) = recording_droplet().await;
+    app.register(32, &["fast"], &endpoint).await;
+    // The registration's pass has seen the idle droplet.
+    eventually(SOON, "the router knows droplet 32 has room", || async {
+        app.state.router.has_room_for(Some("fast")).then_some(())
+    })
+    .await;
+
+    let (s, body) = app
+        .post(
+            "/tasks",
+            &app.token(5, &["read", "write"]),
+            task_for(Some("fast"), 5, "now"),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{body}");
+    assert_eq!(body["payload"]["estimated_assignment_seconds"], 0);
+    let id = body["payload"]["task_id"].as_i64().unwrap() as i32;
+    app.wait_assigned(id, 32, SOON).await;
+
+    let (auth, message) = eventually(SOON, "execute_task delivered", || async {
+        seen.lock().unwrap().first().cloned()
+    })
+    .await;
+    let task = app.task(id).await;
+    assert_eq!(message["udc_version"], "1.0");
+    assert_eq!(message["trace_id"], task["trace_id"]);
+    assert_eq!(message["source"], 10);
+    assert_eq!(message["target"], 32);
+    assert_eq!(message["message_type"], "command");
+    assert_eq!(message["payload"]["command"], "execute_task");
+    assert_eq!(message["payload"]["task"]["id"], id);
+    assert_eq!(message["payload"]["task"]["assigned_droplet_id"], 32);
+    assert_eq!(message["payload"]["task"]["payload"], json!({}));
+    assert!(message["timestamp"].as_str().unwrap().ends_with('Z'));
+    // Signed by the orchestrator (droplet 10) with the shared secret.
+    let token = auth.strip_prefix("Bearer ").expect("a bearer token");
+    let mut validation = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::HS256);
+    validation.set_required_spec_claims(&["exp"]);
+    let claims = jsonwebtoken::decode::<Value>(
+        token,
+        &jsonwebtoken::DecodingKey::from_secret(SECRET.as_bytes()),
+        &validation,
+    )
+    .expect("a valid orchestrator token")
+    .claims;
+    assert_eq!(claims["droplet_id"], 10);
+
+    // Why droplet 32: in the history row.
+    let history = &task["state_history"];
+    let assigned = history
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|h| h["to_status"] == "assigned")
+        .unwrap();
+    assert_eq!(assigned["changed_by"], "task_router");
+    assert_eq!(assigned["metadata"]["router"]["chosen"], 32);
+    assert_eq!(
+        assigned["metadata"]["router"]["candidates"][0]["droplet_id"],
+        32
+    );
+
+    // Nobody can run this one: it waits for the safety net.
+    let (s, body) = app
+        .post(
+            "/tasks",
+            &app.token(5, &["read", "write"]),
+            task_for(Some("nobody"), 5, "later"),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{body}");
+    assert_eq!(body["payload"]["estimated_assignment_seconds"], 3600);
+}
+
+#[tokio::test]
+async fn the_task_assigned_event_says_why_the_droplet_was_chosen() {
+    let app = TestApp::spawn().await;
+    let server = DropletServer::start(Behaviour::Ok).await;
+    app.register(33, &["why"], &server.endpoint).await;
+    let mut listener = sqlx::postgres::PgListener::connect(&app.database_url)
+        .await
+        .unwrap();
+    listener.listen("orchestrator_tasks").await.unwrap();
+    let id = app
+        .create_task(5, task_for(Some("why"), 5, "explain"))
+        .await;
+    let event = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            let n = listener.recv().await.unwrap();
+            let found = notified_events(n.payload())
+                .into_iter()
+                .find(|v| v["payload"]["event"] == "task_assigned");
+            if let Some(v) = found {
+                return v;
+            }
+        }
+    })
+    .await
+    .expect("a task_assigned event");
+    let payload = &event["payload"];
+    assert_eq!(payload["task"]["id"], id);
+    assert_eq!(payload["previous_status"], "pending");
+    assert_eq!(payload["router"]["chosen"], 33);
+    assert_eq!(payload["router"]["required_capability"], "why");
+    assert!(payload["router"]["candidates"].is_array());
+}
+
+#[tokio::test]
+async fn cancelling_an_assigned_task_tells_its_droplet() {
+    let app = TestApp::spawn().await;
+    let server = DropletServer::start(Behaviour::Ok).await;
+    app.register(34, &["cancel"], &server.endpoint).await;
+    let id = app
+        .create_task(5, task_for(Some("cancel"), 5, "drop me"))
+        .await;
+    app.wait_assigned(id, 34, SOON).await;
+    let (s, b) = app
+        .delete(&format!("/tasks/{id}"), &app.token(5, &["read", "write"]))
+        .await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    let cancel = eventually(SOON, "cancel_task delivered", || async {
+        server
+            .messages()
+            .into_iter()
+            .find(|m| m["payload"]["command"] == "cancel_task")
+    })
+    .await;
+    assert_eq!(cancel["payload"]["task_id"], id);
+    assert_eq!(cancel["target"], 34);
+    assert_eq!(cancel["message_type"], "command");
+}
+
+#[tokio::test]
+async fn two_routers_on_one_database_assign_each_task_exactly_once() {
+    let a = TestApp::spawn_with(&[("TASK_ROUTER_INTERVAL", "3600")]).await;
+    let b = TestApp::spawn_on(&a.database_url, &[("TASK_ROUTER_INTERVAL", "3600")]).await;
+    let server = DropletServer::start(Behaviour::Ok).await;
+    for app in [&a, &b] {
+        app.state.jobs.set_paused(&app.state, "task_router", true);
+    }
+    // 5 droplets with room for 100 each, 600 tasks: both replicas compete for 500 slots.
+    for id in 40..45 {
+        a.register_max(id, &["bulk"], &server.endpoint, 100).await;
+    }
+    let ids = a.insert_pending(600, Some("bulk"), 5).await;
+    assert_eq!(ids.len(), 600);
+
+    for app in [&a, &b] {
+        app.state.jobs.set_paused(&app.state, "task_router", false);
+    }
+    let mut passes = Vec::new();
+    for _ in 0..4 {
+        for app in [&a, &b] {
+            let state = app.state.clone();
+            passes.push(tokio::spawn(async move { route_pass(&state).await }));
+        }
+    }
+    for p in passes {
+        p.await.unwrap().expect("a pass never fails on contention");
+    }
+    eventually(Duration::from_secs(10), "500 tasks assigned", || async {
+        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM tasks WHERE status = 'assigned'")
+            .fetch_one(&a.db)
+            .await
+            .unwrap();
+        (n == 500).then_some(())
+    })
+    .await;
+    // Settled: neither replica finds anything more to do.
+    assert_eq!(route_pass(&a.state).await.unwrap(), 0);
+    assert_eq!(route_pass(&b.state).await.unwrap(), 0);
+
+    let twice: Vec<(i32, i64)> = sqlx::query_as(
+        "SELECT task_id, COUNT(*) FROM task_state_history WHERE to_status = 'assigned'
+         GROUP BY task_id HAVING COUNT(*) > 1",
+    )
+    .fetch_all(&a.db)
+    .await
+    .unwrap();
+    assert!(twice.is_empty(), "assigned more than once: {twice:?}");
+    let (rows, by_router): (i64, i64) = sqlx::query_as(
+        "SELECT COUNT(*), COUNT(*) FILTER (WHERE from_status = 'pending' AND changed_by = 'task_router')
+         FROM task_state_history WHERE to_status = 'assigned'",
+    )
+    .fetch_one(&a.db)
+    .await
+    .unwrap();
+    assert_eq!((rows, by_router), (500, 500));
+    let load = load_per_droplet(&a).await;
+    assert_eq!(load.len(), 5);
+    assert!(load.values().all(|n| *n == 100), "{load:?}");
+    let pending: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM tasks WHERE status = 'pending'")
+        .fetch_one(&a.db)
+        .await
+        .unwrap();
+    assert_eq!(pending, 100);
+    // Each assignment is dispatched once.
+    eventually(Duration::from_secs(10), "500 deliveries", || async {
+        (server.executed().len() >= 500).then_some(())
+    })
+    .await;
+    let mut delivered = server.executed();
+    delivered.sort_unstable();
+    delivered.dedup();
+    assert_eq!(delivered.len(), 500);
+    assert_eq!(server.executed().len(), 500);
+}
+
+#[tokio::test]
+async fn a_pass_skips_what_another_replica_holds_instead_of_waiting() {
+    let app = TestApp::spawn_with(&[("TASK_ROUTER_INTERVAL", "3600")]).await;
+    let server = DropletServer::start(Behaviour::Ok).await;
+    // Only this test's passes run.
+    app.state.jobs.set_paused(&app.state, "task_router", true);
+    app.register(46, &["held"], &server.endpoint).await;
+    let ids = app.insert_pending(10, Some("held"), 5).await;
+
+    // Another replica's pass holds the five oldest tasks.
+    let mut other = app.db.begin().await.unwrap();
+    sqlx::query("SELECT id FROM tasks WHERE id = ANY($1) FOR UPDATE")
+        .bind(&ids[..5])
+        .execute(&mut *other)
+        .await
+        .unwrap();
+    let assigned = tokio::time::timeout(SOON, route_pass(&app.state))
+        .await
+        .expect("the pass waited for the held tasks")
+        .unwrap();
+    assert_eq!(assigned, 5);
+    for id in &ids[..5] {
+        assert_eq!(app.holder(*id).await.0, "pending");
+    }
+    other.rollback().await.unwrap();
+
+    // Now it holds the droplet: nothing to fill, and still no waiting.
+    let mut other = app.db.begin().await.unwrap();
+    sqlx::query("SELECT id FROM droplets FOR NO KEY UPDATE")
+        .execute(&mut *other)
+        .await
+        .unwrap();
+    let assigned = tokio::time::timeout(SOON, route_pass(&app.state))
+        .await
+        .expect("the pass waited for the held droplet")
+        .unwrap();
+    assert_eq!(assigned, 0);
+    other.rollback().await.unwrap();
+
+    assert_eq!(route_pass(&app.state).await.unwrap(), 5);
+}
+
+#[tokio::test]
+async fn a_trigger_that_finds_the_droplets_held_elsewhere_tries_again_shortly() {
+    let app = TestApp::spawn_with(&[("TASK_ROUTER_INTERVAL", "3600")]).await;
+    let server = DropletServer::start(Behaviour::Ok).await;
+    app.register(47, &["later"], &server.endpoint).await;
+    eventually(SOON, "the registration's pass", || async {
+        app.state.router.has_room_for(Some("later")).then_some(())
+    })
+    .await;
+    // Another replica is filling the droplet when the task arrives.
+    let mut other = app.db.begin().await.unwrap();
+    sqlx::query("SELECT id FROM droplets FOR NO KEY UPDATE")
+        .execute(&mut *other)
+        .await
+        .unwrap();
+    let id = app.create_task(5, task_for(Some("later"), 5, "late")).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(app.holder(id).await.0, "pending");
+    other.rollback().await.unwrap();
+    // Not left to the hourly job.
+    app.wait_assigned(id, 47, SOON).await;
+}
