@@ -557,15 +557,41 @@ fn random_secret() -> String {
 }
 
 /// A database URL with its password replaced, for messages and logs.
+/// Both places a PostgreSQL URL may carry a password are masked: the user info and the
+/// `password` query parameter. A URL that does not parse still names its host.
 pub fn redact_url(raw: &str) -> String {
     match url::Url::parse(raw) {
         Ok(mut url) => {
             if url.password().is_some() {
                 let _ = url.set_password(Some("****"));
             }
+            if url.query_pairs().any(|(k, _)| k == "password") {
+                let pairs: Vec<(String, String)> = url
+                    .query_pairs()
+                    .map(|(k, v)| {
+                        let v = if k == "password" { "****".into() } else { v };
+                        (k.into_owned(), v.into_owned())
+                    })
+                    .collect();
+                url.query_pairs_mut().clear().extend_pairs(pairs);
+            }
             url.to_string()
         }
-        Err(_) => "(unparseable URL)".to_string(),
+        Err(_) => {
+            // Keep the scheme, user and host so the operator sees which server was meant.
+            let Some((scheme, rest)) = raw.split_once("://") else {
+                return "(unparseable URL)".to_string();
+            };
+            let (userinfo, host) = match rest.rsplit_once('@') {
+                Some((u, h)) => (Some(u), h),
+                None => (None, rest),
+            };
+            let host = host.split(['?', '/']).next().unwrap_or("");
+            match userinfo.map(|u| u.split_once(':').map_or(u, |(user, _)| user)) {
+                Some(user) => format!("{scheme}://{user}:****@{host}/... (unparseable URL)"),
+                None => format!("{scheme}://{host}/... (unparseable URL)"),
+            }
+        }
     }
 }
 
@@ -679,7 +705,9 @@ mod tests {
         assert!(config(&[("LOG_LEVEL", "WARNING")]).is_ok());
         assert!(config(&[("LOG_LEVEL", "debug")]).is_ok());
         assert_eq!(
-            config(&[("LOG_LEVEL", "sqlx=loudest")]).unwrap_err().variable,
+            config(&[("LOG_LEVEL", "sqlx=loudest")])
+                .unwrap_err()
+                .variable,
             "LOG_LEVEL"
         );
     }
@@ -690,5 +718,16 @@ mod tests {
             redact_url("postgres://u:secret@db:5432/x"),
             "postgres://u:****@db:5432/x"
         );
+        let q = redact_url("postgres://u@db/x?sslmode=disable&password=secret");
+        assert!(
+            !q.contains("secret") && q.contains("sslmode=disable"),
+            "{q}"
+        );
+        let bad = redact_url("postgres://u:secret@db:notaport/x");
+        assert!(
+            !bad.contains("secret") && bad.contains("u:****@db:notaport"),
+            "{bad}"
+        );
+        assert!(!redact_url("postgres://u:sec@ret@db:x/y").contains("sec"));
     }
 }

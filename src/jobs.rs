@@ -11,7 +11,7 @@ use tokio_cron_scheduler::{Job, JobScheduler};
 use uuid::Uuid;
 
 use crate::config::Config;
-use crate::services::{health_monitor, registry_client, task_recovery, task_router};
+use crate::services::{health_monitor, registry_client, task_router};
 use crate::state::AppState;
 
 pub const JOB_IDS: [&str; 5] = [
@@ -223,18 +223,16 @@ pub async fn run_once(state: &AppState, id: &str) -> Result<String, String> {
                 )
             })
             .map_err(text),
-        "task_router" => {
-            let m = task_recovery::maintain(state).await.map_err(text)?;
-            let routed = if task_router::is_active(state) {
-                task_router::route_pass(state).await.map_err(text)?
-            } else {
-                0
-            };
-            Ok(format!(
-                "{routed} assigned, {} retried, {} requeued after timeout, {} past deadline",
-                m.retried, m.assignments_timed_out, m.deadlines_failed
-            ))
-        }
+        "task_router" => task_router::run_once(state)
+            .await
+            .map(|r| {
+                let m = r.maintenance;
+                format!(
+                    "{} assigned, {} retried, {} requeued after timeout, {} past deadline",
+                    r.assigned, m.retried, m.assignments_timed_out, m.deadlines_failed
+                )
+            })
+            .map_err(text),
         "registry_sync" => registry_client::run_once(state)
             .await
             .map(|n| format!("{n} droplets synced")),

@@ -78,6 +78,7 @@ struct Counters {
     retried: AtomicU64,
     requeued: AtomicU64,
     patch_errors: AtomicU64,
+    rate_limited: AtomicU64,
     events: AtomicU64,
 }
 
@@ -360,6 +361,9 @@ async fn dashboard(shared: Arc<Shared>, ws_url: String, stop: tokio_util::sync::
 
 /// Runs a simulation against `args.url` and returns what it measured.
 pub async fn run(args: SimulateArgs) -> Result<Summary, String> {
+    if args.droplets == 0 || args.tasks_per_second <= 0.0 || args.duration < 0.0 {
+        return Err("--droplets and --tasks-per-second must be above 0".into());
+    }
     let base = args.url.trim_end_matches('/').to_string();
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(30))
@@ -496,8 +500,9 @@ pub async fn run(args: SimulateArgs) -> Result<Summary, String> {
     let permits = Arc::new(Semaphore::new(args.concurrency.max(1)));
     let total = (args.tasks_per_second * args.duration).round() as u64;
     let period = Duration::from_secs_f64(1.0 / args.tasks_per_second.max(0.001));
-    let creator = args.first_droplet_id;
     for n in 0..total {
+        // Creations are spread over the simulated droplets' tokens, as many clients would.
+        let creator = ids[(n as usize) % ids.len().max(1)];
         let due = started + period.mul_f64(n as f64);
         tokio::time::sleep_until(due.into()).await;
         let Ok(permit) = permits.clone().acquire_owned().await else {
@@ -523,6 +528,10 @@ pub async fn run(args: SimulateArgs) -> Result<Summary, String> {
                 .send()
                 .await
             {
+                Ok(r) if r.status().as_u16() == 429 => {
+                    shared.counters.rate_limited.fetch_add(1, Ordering::Relaxed);
+                    false
+                }
                 Ok(r) => r.status().is_success(),
                 Err(_) => false,
             };
@@ -553,6 +562,13 @@ pub async fn run(args: SimulateArgs) -> Result<Summary, String> {
     stop.cancel();
     if !args.quiet {
         eprintln!();
+    }
+    let limited = shared.counters.rate_limited.load(Ordering::Relaxed);
+    if limited > 0 {
+        eprintln!(
+            "simulate: {limited} task creations were refused with 429: the server's RATE_LIMIT_PER_MINUTE \
+             (per droplet) is below this load; start it with e.g. RATE_LIMIT_PER_MINUTE=1000000"
+        );
     }
 
     let timings: Vec<Timing> = shared

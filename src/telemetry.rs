@@ -60,7 +60,15 @@ pub fn init(config: &Config) -> LogHandle {
             )
             .try_init()
     } else {
-        registry.with(fmt::layer().with_target(false)).try_init()
+        let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+        registry
+            .with(
+                fmt::layer()
+                    .with_target(false)
+                    .with_ansi(ansi)
+                    .with_writer(std::io::stderr),
+            )
+            .try_init()
     };
     match installed {
         Ok(()) => LogHandle(Some(handle)),

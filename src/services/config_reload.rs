@@ -89,16 +89,21 @@ impl ConfigSource {
         }
         let fresh = read_dotenv();
         let before = lock(&self.dotenv).clone();
-        let config = Config::from_lookup(&|k| {
-            let env = std::env::var(k).ok();
-            match (fresh.get(k), before.get(k)) {
-                (Some(now), then) if then != Some(now) => Some(now.clone()),
-                (None, Some(then)) if env.as_ref() == Some(then) => None,
-                _ => env,
-            }
-        })?;
+        let config =
+            Config::from_lookup(&|k| layered(fresh.get(k), before.get(k), std::env::var(k).ok()))?;
         *lock(&self.dotenv) = fresh;
         Ok(config)
+    }
+}
+
+/// One variable's value on reload: `.env` now, `.env` at the last load, the environment.
+fn layered(now: Option<&String>, then: Option<&String>, env: Option<String>) -> Option<String> {
+    match (now, then) {
+        // Edited or added in `.env` since the last load.
+        (Some(now), then) if then != Some(now) => Some(now.clone()),
+        // Removed from `.env`, and the environment holds only what `.env` had put there.
+        (None, Some(then)) if env.as_ref() == Some(then) => None,
+        _ => env,
     }
 }
 
@@ -292,6 +297,23 @@ mod tests {
         assert!(!changes[1].applied);
         assert!(changes[2].applied);
         assert!(diff(&a, &a).is_empty());
+    }
+
+    #[test]
+    fn an_edit_to_dotenv_wins_and_the_environment_keeps_the_rest() {
+        let s = |v: &str| Some(v.to_string());
+        let (a, b) = ("1".to_string(), "2".to_string());
+        // Edited in .env: the new value, although the environment holds the old one.
+        assert_eq!(layered(Some(&b), Some(&a), s("1")), s("2"));
+        // Added to .env.
+        assert_eq!(layered(Some(&b), None, None), s("2"));
+        // Unchanged in .env: whatever won at start-up (the environment's own value).
+        assert_eq!(layered(Some(&a), Some(&a), s("9")), s("9"));
+        // Removed from .env: back to the default, unless the environment set its own.
+        assert_eq!(layered(None, Some(&a), s("1")), None);
+        assert_eq!(layered(None, Some(&a), s("9")), s("9"));
+        // Never in .env.
+        assert_eq!(layered(None, None, s("9")), s("9"));
     }
 
     #[test]

@@ -13,7 +13,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::services::state_machine::{self, Actor, Mode, Move, Status};
-use crate::services::tasks;
+use crate::services::{task_recovery, tasks};
 use crate::state::AppState;
 
 /// Most tasks one pass assigns; a full pass runs again at once.
@@ -374,6 +374,29 @@ fn choose(slots: &[Slot], task: &PendingTask) -> Option<usize> {
             .map(|(i, _)| i)
     };
     best(task.last_droplet_id).or_else(|| best(None))
+}
+
+/// What one round of the `task_router` job did.
+#[derive(Debug, Default, Clone, Copy, serde::Serialize)]
+pub struct RouterRound {
+    pub assigned: usize,
+    pub maintenance: task_recovery::Maintenance,
+}
+
+/// One round of the `task_router` job: due retries, deadlines and assignment timeouts
+/// first (so what they free is routed in the same round), then a pass unless routing is
+/// paused or stopped.
+pub async fn run_once(state: &AppState) -> Result<RouterRound, sqlx::Error> {
+    let maintenance = task_recovery::maintain(state).await?;
+    let assigned = if is_active(state) {
+        route_pass(state).await?
+    } else {
+        0
+    };
+    Ok(RouterRound {
+        assigned,
+        maintenance,
+    })
 }
 
 /// Whether routing is running: not paused and not stopped.

@@ -185,6 +185,27 @@ fn an_unreachable_database_ends_start_up_with_one_line_hiding_the_password() {
         "password masked: {}",
         lines[0]
     );
+    assert!(
+        lines[0].contains("refused"),
+        "the reason is given: {}",
+        lines[0]
+    );
+
+    // A password given as a query parameter is hidden too.
+    let url = format!("postgres://orch@127.0.0.1:{port}/orchestrator?password=hunter2");
+    let outcome = run(&refs(&good_vars(&url, "0")));
+    assert_refused(&outcome, &format!("127.0.0.1:{port}"));
+    let all = format!("{}{}", outcome.stdout, outcome.stderr);
+    assert!(!all.contains("hunter2"), "the password leaked: {all}");
+}
+
+#[test]
+fn an_unparseable_database_url_is_named_without_its_password() {
+    let vars = good_vars("postgres://orch:hunter2@127.0.0.1:notaport/x", "0");
+    let outcome = run(&refs(&vars));
+    assert_refused(&outcome, "orch:****@127.0.0.1:notaport");
+    let all = format!("{}{}", outcome.stdout, outcome.stderr);
+    assert!(!all.contains("hunter2"), "the password leaked: {all}");
 }
 
 #[test]

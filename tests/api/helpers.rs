@@ -44,6 +44,8 @@ pub fn base_env(database_url: &str) -> HashMap<String, String> {
         ("LOG_LEVEL", "WARNING"),
         ("HOST", "127.0.0.1"),
         ("PORT", "0"),
+        // Tests that exercise the limiter set their own quota; the rest must never hit it.
+        ("RATE_LIMIT_PER_MINUTE", "1000000"),
     ] {
         env.insert(k.to_string(), v.to_string());
     }
@@ -267,6 +269,9 @@ pub enum Behaviour {
     Hang,
 }
 
+/// What a test droplet keeps: the envelopes it received and how it answers.
+type DropletShared = (Arc<Mutex<Vec<Value>>>, Arc<Mutex<Behaviour>>);
+
 /// A small droplet HTTP server that records every envelope POSTed to its `/message`.
 #[derive(Clone)]
 pub struct DropletServer {
@@ -284,7 +289,7 @@ impl DropletServer {
             .route(
                 "/message",
                 post(
-                    |State((received, behaviour)): State<(Arc<Mutex<Vec<Value>>>, Arc<Mutex<Behaviour>>)>,
+                    |State((received, behaviour)): State<DropletShared>,
                      Json(body): Json<Value>| async move {
                         received.lock().unwrap().push(body);
                         let b = *behaviour.lock().unwrap();
@@ -362,8 +367,12 @@ impl TestApp {
 
     /// PATCHes task `task` to `status` as droplet `droplet`.
     pub async fn move_task(&self, droplet: i32, task: i32, status: &str) -> (StatusCode, Value) {
-        self.patch(&format!("/tasks/{task}"), &self.token(droplet, &["read", "write"]), json!({ "status": status }))
-            .await
+        self.patch(
+            &format!("/tasks/{task}"),
+            &self.token(droplet, &["read", "write"]),
+            json!({ "status": status }),
+        )
+        .await
     }
 
     /// The external id of the droplet the task is assigned to, with the task's status.
@@ -379,9 +388,13 @@ impl TestApp {
 
     /// Waits until the task is assigned to droplet `droplet`.
     pub async fn wait_assigned(&self, task: i32, droplet: i32, within: Duration) {
-        eventually(within, &format!("task {task} assigned to droplet {droplet}"), || async move {
-            (self.holder(task).await == ("assigned".to_string(), Some(droplet))).then_some(())
-        })
+        eventually(
+            within,
+            &format!("task {task} assigned to droplet {droplet}"),
+            || async move {
+                (self.holder(task).await == ("assigned".to_string(), Some(droplet))).then_some(())
+            },
+        )
         .await
     }
 
@@ -402,7 +415,12 @@ impl TestApp {
     }
 
     /// Inserts `n` pending tasks straight into the table (set-up at scale); returns their ids.
-    pub async fn insert_pending(&self, n: i64, capability: Option<&str>, priority: i32) -> Vec<i32> {
+    pub async fn insert_pending(
+        &self,
+        n: i64,
+        capability: Option<&str>,
+        priority: i32,
+    ) -> Vec<i32> {
         sqlx::query_scalar(
             "INSERT INTO tasks (task_type, title, payload, required_capability, priority, status, created_by)
              SELECT 'bulk', 'bulk ' || g, '{}'::jsonb, $2, $3, 'pending', '5' FROM generate_series(1, $1) g

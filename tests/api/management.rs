@@ -173,7 +173,7 @@ async fn an_emergency_stop_halts_routing_until_the_router_is_resumed() {
     app.register(60, &["e"], &server.endpoint).await;
     // The registration's own pass is over before the router stops.
     eventually(
-        Duration::from_secs(1),
+        Duration::from_secs(3),
         "the registration's pass",
         || async { app.state.router.has_room_for(Some("e")).then_some(()) },
     )
@@ -209,6 +209,13 @@ async fn an_emergency_stop_halts_routing_until_the_router_is_resumed() {
         .iter()
         .all(|j| j["paused"] == true));
 
+    // A round that began before the stop may still finish; none starts after it.
+    eventually(
+        Duration::from_secs(2),
+        "no router round in flight",
+        || async { (!app.state.jobs.get("task_router").unwrap().running).then_some(()) },
+    )
+    .await;
     // Tasks are still recorded, and reads work; nothing is routed or dispatched.
     let id = app
         .create_task(
@@ -237,8 +244,8 @@ async fn an_emergency_stop_halts_routing_until_the_router_is_resumed() {
     assert_eq!(body["payload"]["emergency_stop"], false);
     assert_eq!(body["payload"]["emergency_stop_ended"], true);
     assert_eq!(health_status(&app).await["status"], "active");
-    app.wait_assigned(id, 60, Duration::from_secs(1)).await;
-    eventually(Duration::from_secs(1), "execute_task delivered", || async {
+    app.wait_assigned(id, 60, Duration::from_secs(3)).await;
+    eventually(Duration::from_secs(3), "execute_task delivered", || async {
         server.executed().contains(&(id as i64)).then_some(())
     })
     .await;
@@ -272,7 +279,7 @@ async fn cache_clear_empties_the_registry_cache_and_the_router_snapshot() {
     let app = TestApp::spawn().await;
     let server = DropletServer::start(Behaviour::Ok).await;
     app.register(61, &["c"], &server.endpoint).await;
-    eventually(Duration::from_secs(1), "a room snapshot", || async {
+    eventually(Duration::from_secs(3), "a room snapshot", || async {
         app.state.router.has_room_for(Some("c")).then_some(())
     })
     .await;
@@ -294,7 +301,7 @@ async fn cache_clear_empties_the_registry_cache_and_the_router_snapshot() {
         .unwrap();
     assert_eq!(left, 0);
     // The snapshot is rebuilt by the next pass.
-    eventually(Duration::from_secs(1), "the snapshot rebuilt", || async {
+    eventually(Duration::from_secs(3), "the snapshot rebuilt", || async {
         app.state.router.has_room_for(Some("c")).then_some(())
     })
     .await;

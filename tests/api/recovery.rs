@@ -9,7 +9,8 @@ use serde_json::{json, Value};
 
 use crate::helpers::*;
 
-const SOON: Duration = Duration::from_secs(1);
+/// Loose enough for a loaded CI machine, well under the intervals that would otherwise act.
+const SOON: Duration = Duration::from_secs(3);
 
 fn task_for(capability: &str, extra: Value) -> Value {
     let mut t = json!({ "task_type": "work", "title": "work", "required_capability": capability, "payload": {} });
@@ -482,4 +483,28 @@ async fn a_droplet_that_went_quiet_after_reporting_maintenance_loses_its_running
         app.history(id).await.pop().unwrap().3.as_deref(),
         Some("droplet 80 lost")
     );
+}
+
+#[tokio::test]
+async fn a_retry_prefers_another_droplet_even_a_busier_one() {
+    let app = TestApp::spawn_with(&[
+        ("TASK_ROUTER_INTERVAL", "1"),
+        ("RETRY_BACKOFF_SECONDS", "0"),
+    ])
+    .await;
+    let server = DropletServer::start(Behaviour::Ok).await;
+    app.register(81, &["r"], &server.endpoint).await;
+    let busy = app.create_task(5, task_for("r", json!({}))).await;
+    app.wait_assigned(busy, 81, SOON).await;
+    app.move_task(81, busy, "in_progress").await;
+    app.register(82, &["r"], &server.endpoint).await;
+    let id = app.create_task(5, task_for("r", json!({}))).await;
+    // 82 is idle, so it gets the task; it fails it.
+    app.wait_assigned(id, 82, SOON).await;
+    app.move_task(82, id, "in_progress").await;
+    let (s, b) = app.move_task(82, id, "failed").await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    // The retry goes to 81, although 82 is the less loaded.
+    app.wait_assigned(id, 81, Duration::from_secs(4)).await;
+    assert_eq!(app.retry_count(id).await, 1);
 }

@@ -862,6 +862,10 @@ async fn tokens_in_websocket_urls_never_reach_a_log_line() {
         .with_writer(move || writer.clone())
         .finish();
     let _guard = tracing::subscriber::set_default(subscriber);
+    // With a single scoped subscriber in the process, tracing caches a callsite's interest
+    // from whichever thread reaches it first; other tests' threads have no subscriber and
+    // would switch our callsites off. A second live dispatcher makes it ask every one.
+    let _second = tracing::Dispatch::new(tracing_subscriber::registry());
 
     let app = TestApp::spawn().await;
     let reader = app.token(5, &["read"]);
