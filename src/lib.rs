@@ -94,7 +94,9 @@ fn cors(state: &AppState, config: &Config) -> CorsLayer {
     let live = state.clone();
     let allowed = AllowOrigin::predicate(move |origin, _| {
         let origins = &live.config().cors_origins;
-        origins.iter().any(|o| o == "*" || o.as_bytes() == origin.as_bytes())
+        origins
+            .iter()
+            .any(|o| o == "*" || o.as_bytes() == origin.as_bytes())
     });
     let layer = CorsLayer::new()
         .allow_methods([

@@ -199,8 +199,11 @@ pub async fn register(
         ])])
     })?;
     caller.require_self_or_admin(id)?;
+    // Each capability once, in the order the droplet declared them (`dedup` alone would
+    // keep repeats that are not next to each other).
+    let mut seen = std::collections::HashSet::new();
     let mut capabilities = reg.capabilities.clone();
-    capabilities.dedup();
+    capabilities.retain(|c| seen.insert(c.clone()));
     let mut tx = state.db.begin().await?;
     let row: Upserted = sqlx::query_as(const_format::concatcp!(
         "WITH old AS (SELECT status, registered FROM droplets WHERE droplet_id = $1),

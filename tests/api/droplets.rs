@@ -209,7 +209,7 @@ async fn re_registration_is_an_upsert_with_200() {
         .post(
             "/droplets/register",
             &token,
-            json!({"id": "droplet-8", "name": "Verifier 2", "endpoint": "http://b:2", "capabilities": ["b", "c"], "max_concurrent_tasks": 3, "extra": "ignored"}),
+            json!({"id": "droplet-8", "name": "Verifier 2", "endpoint": "http://b:2", "capabilities": ["b", "c", "b"], "max_concurrent_tasks": 3, "extra": "ignored"}),
         )
         .await;
     assert_eq!(status, StatusCode::OK, "{body}");

@@ -25,12 +25,17 @@ pub const SECRET: &str = "integration-test-secret-0123456789abcdef";
 
 /// The server of the local PostgreSQL (override with TEST_DATABASE_URL, without a database name).
 pub fn server_url() -> String {
-    std::env::var("TEST_DATABASE_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".to_string())
+    std::env::var("TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".to_string())
 }
 
 /// A fresh, unique database name for one test.
 pub fn fresh_database_url() -> String {
-    format!("{}/orch_test_{}", server_url().trim_end_matches('/'), Uuid::new_v4().simple())
+    format!(
+        "{}/orch_test_{}",
+        server_url().trim_end_matches('/'),
+        Uuid::new_v4().simple()
+    )
 }
 
 /// The settings every test app starts from; tests override what they need.
@@ -86,10 +91,13 @@ impl TestApp {
             env.insert(k.to_string(), v.to_string());
         }
         let config = config_from(&env);
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let running = orchestrator::spawn(config, listener, orchestrator::telemetry::LogHandle::none())
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
-            .expect("app starts");
+            .expect("bind");
+        let running =
+            orchestrator::spawn(config, listener, orchestrator::telemetry::LogHandle::none())
+                .await
+                .expect("app starts");
         let db = PgPoolOptions::new()
             .max_connections(2)
             .connect(database_url)
@@ -122,7 +130,13 @@ impl TestApp {
         token(1, &["read", "write", "admin"])
     }
 
-    pub async fn request(&self, method: Method, path: &str, token: Option<&str>, body: Option<Value>) -> (StatusCode, Value) {
+    pub async fn request(
+        &self,
+        method: Method,
+        path: &str,
+        token: Option<&str>,
+        body: Option<Value>,
+    ) -> (StatusCode, Value) {
         let mut req = self.client.request(method, self.url(path));
         if let Some(t) = token {
             req = req.bearer_auth(t);
@@ -143,11 +157,13 @@ impl TestApp {
 
     /// POSTs `payload` wrapped in a fresh request envelope.
     pub async fn post(&self, path: &str, token: &str, payload: Value) -> (StatusCode, Value) {
-        self.request(Method::POST, path, Some(token), Some(envelope(payload))).await
+        self.request(Method::POST, path, Some(token), Some(envelope(payload)))
+            .await
     }
 
     pub async fn patch(&self, path: &str, token: &str, payload: Value) -> (StatusCode, Value) {
-        self.request(Method::PATCH, path, Some(token), Some(envelope(payload))).await
+        self.request(Method::PATCH, path, Some(token), Some(envelope(payload)))
+            .await
     }
 
     pub async fn delete(&self, path: &str, token: &str) -> (StatusCode, Value) {
@@ -175,7 +191,9 @@ impl TestApp {
 
     /// Creates a task as droplet `creator`; returns its id.
     pub async fn create_task(&self, creator: i32, payload: Value) -> i32 {
-        let (status, body) = self.post("/tasks", &self.token(creator, &["read", "write"]), payload).await;
+        let (status, body) = self
+            .post("/tasks", &self.token(creator, &["read", "write"]), payload)
+            .await;
         assert_eq!(status, StatusCode::CREATED, "create task: {body}");
         body["payload"]["task_id"].as_i64().expect("task_id") as i32
     }
@@ -295,7 +313,10 @@ impl DropletServer {
                         let b = *behaviour.lock().unwrap();
                         match b {
                             Behaviour::Ok => (StatusCode::OK, Json(json!({"received": true}))),
-                            Behaviour::Error500 => (StatusCode::INTERNAL_SERVER_ERROR, Json(json!({"detail": "boom"}))),
+                            Behaviour::Error500 => (
+                                StatusCode::INTERNAL_SERVER_ERROR,
+                                Json(json!({"detail": "boom"})),
+                            ),
                             Behaviour::Hang => {
                                 tokio::time::sleep(Duration::from_secs(3600)).await;
                                 (StatusCode::OK, Json(json!({})))
@@ -305,7 +326,9 @@ impl DropletServer {
                 ),
             )
             .with_state(shared);
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind droplet");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind droplet");
         let addr = listener.local_addr().expect("addr");
         tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;
