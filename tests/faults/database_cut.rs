@@ -22,8 +22,10 @@ async fn a_database_cut_of_ten_seconds_is_503_then_everything_recovers() {
     let proxy = Proxy::start().await;
     let (name, direct_url) = fresh_database();
     let mut env = base_env(&proxy.database_url(&name), free_port());
-    // Longer than the cut: droplets whose heartbeats failed during it are not declared lost.
+    // Longer than the cut, as the defaults (90 s, 300 s) are: droplets whose heartbeats and
+    // starts failed during it are not declared lost nor their tasks requeued.
     env.push(("HEARTBEAT_TIMEOUT".into(), "30".into()));
+    env.push(("ASSIGNMENT_TIMEOUT_SECONDS".into(), "30".into()));
     let server = Server::start("s3-database-cut", &env).await;
     let pool = pool(&direct_url).await;
     let api = Api::new(&[server.base.clone()]);
@@ -116,6 +118,14 @@ async fn a_database_cut_of_ten_seconds_is_503_then_everything_recovers() {
     figures.note("other_5xx_during_cut", during.iter().filter(|e| e.status != Some(503)).count());
     figures.note("5xx_outside_cut", outside.len());
     figures.note("slowest_answer_during_cut_seconds", secs(slowest));
+    figures.note(
+        "last_503_after_restore_seconds",
+        api.server_errors(None)
+            .iter()
+            .filter(|e| e.at >= restored)
+            .map(|e| secs((e.at + e.took) - restored))
+            .fold(0.0, f64::max),
+    );
     figures.note("restore_to_first_assignment_seconds", secs(routed - restored));
     figures.note("job_runs_failed_logged", job_failures);
     figures.note("routing_passes_failed_logged", routing_failures);

@@ -127,19 +127,22 @@ impl Api {
         body: Option<&Value>,
         give_up: Duration,
     ) -> Option<(u16, Value)> {
+        // Exponential backoff with full jitter (100 ms doubling up to 2 s), so clients
+        // that all failed together do not all come back together.
         let deadline = Instant::now() + give_up;
-        let mut pause = Duration::from_millis(50);
+        let mut ceiling = Duration::from_millis(100);
         loop {
             match self.once(method.clone(), path, token, body).await {
                 Some((s, v)) if s < 500 && s != 429 => return Some((s, v)),
                 last => {
-                    if Instant::now() + pause > deadline {
+                    if Instant::now() + ceiling > deadline {
                         return last;
                     }
                 }
             }
+            let pause = ceiling.mul_f64(rand::random_range(0.1..=1.0));
             tokio::time::sleep(pause).await;
-            pause = (pause * 2).min(Duration::from_millis(500));
+            ceiling = (ceiling * 2).min(Duration::from_secs(2));
         }
     }
 

@@ -222,10 +222,10 @@ impl Server {
         self.stderr_text().matches("panicked").count() + self.stdout_text().matches("panicked").count()
     }
 
-    /// Lines of the log that contain `needle`.
+    /// Lines of the log (stdout or stderr) that contain `needle`.
     pub fn log_lines(&self, needle: &str) -> Vec<String> {
-        self.stdout_text()
-            .lines()
+        let text = self.stdout_text() + &self.stderr_text();
+        text.lines()
             .filter(|l| l.contains(needle))
             .map(str::to_string)
             .collect()
