@@ -111,11 +111,27 @@ pub fn is_unavailable(err: &sqlx::Error) -> bool {
         }))
 }
 
+/// Whether PostgreSQL refused a value the client sent because text cannot hold it: a NUL
+/// character (`\u0000`) in a string, a query parameter or a JSON value. JSON allows it,
+/// PostgreSQL's text and jsonb do not (22021 invalid byte sequence, 22P05 unsupported
+/// escape), so it is the client's bad input, not a bug.
+pub fn is_unstorable_text(err: &sqlx::Error) -> bool {
+    matches!(err, sqlx::Error::Database(db)
+        if db.code().is_some_and(|c| matches!(c.as_ref(), "22021" | "22P05")))
+}
+
 impl From<sqlx::Error> for ApiError {
     fn from(err: sqlx::Error) -> Self {
         if is_unavailable(&err) {
             tracing::warn!(error = %err, "database unavailable");
             ApiError::Unavailable
+        } else if is_unstorable_text(&err) {
+            // Which field held it is not known here; any field of the request may have.
+            ApiError::Validation(vec![FieldError::new(
+                &["request"],
+                "Text must not contain NUL (\\u0000) characters",
+                "string_nul",
+            )])
         } else {
             ApiError::Internal(format!("database: {err}"))
         }

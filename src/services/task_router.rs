@@ -17,7 +17,7 @@ use crate::services::{task_recovery, tasks};
 use crate::state::AppState;
 
 /// Most tasks one pass assigns; a full pass runs again at once.
-pub const BATCH: i64 = 1000;
+pub const BATCH: i64 = 5000;
 
 /// How long the loop waits before passing again when droplets were locked elsewhere, and
 /// how many times in a row (about two seconds in all; the `task_router` job covers the rest).
@@ -250,10 +250,15 @@ async fn pass(state: &AppState) -> Result<Pass, sqlx::Error> {
     }
 
     let caps: Vec<String> = room_per_capability.keys().cloned().collect();
+    // Each capability's share of a pass, so the rows read are about the rows assigned.
+    let per_capability = (BATCH / caps.len().max(1) as i64).max(200);
     let limits: Vec<i64> = caps
         .iter()
-        .map(|c| room_per_capability[c].min(BATCH))
+        .map(|c| room_per_capability[c].min(per_capability))
         .collect();
+    // Read the best candidates per capability without locking, keep the pass's best BATCH
+    // across capabilities, then lock only those: locking is a write per row, so locking
+    // every capability's candidates would cost up to ten times the rows a pass assigns.
     let mut pending: Vec<PendingTask> = sqlx::query_as(
         "SELECT p.id, p.required_capability, p.last_droplet_id, p.priority, p.created_at
          FROM unnest($1::text[], $2::bigint[]) AS c(cap, lim)
@@ -265,7 +270,6 @@ async fn pass(state: &AppState) -> Result<Pass, sqlx::Error> {
               AND (deadline IS NULL OR deadline > NOW())
             ORDER BY priority, created_at, id
             LIMIT c.lim
-            FOR UPDATE SKIP LOCKED
          ) p",
     )
     .bind(&caps)
@@ -279,8 +283,7 @@ async fn pass(state: &AppState) -> Result<Pass, sqlx::Error> {
          WHERE status = 'pending' AND required_capability IS NULL
            AND (deadline IS NULL OR deadline > NOW())
          ORDER BY priority, created_at, id
-         LIMIT $1
-         FOR UPDATE SKIP LOCKED",
+         LIMIT $1",
     )
     .bind(total_room.min(BATCH))
     .fetch_all(&mut *tx)
@@ -288,6 +291,17 @@ async fn pass(state: &AppState) -> Result<Pass, sqlx::Error> {
     pending.extend(anywhere);
     pending.sort_by_key(|a| (a.priority, a.created_at, a.id));
     pending.truncate(BATCH as usize);
+    // Another replica may be assigning some of them right now: skip those, never wait.
+    let wanted: Vec<i32> = pending.iter().map(|t| t.id).collect();
+    let locked: std::collections::HashSet<i32> = sqlx::query_scalar(
+        "SELECT id FROM tasks WHERE id = ANY($1) AND status = 'pending' ORDER BY id FOR UPDATE SKIP LOCKED",
+    )
+    .bind(&wanted)
+    .fetch_all(&mut *tx)
+    .await?
+    .into_iter()
+    .collect();
+    pending.retain(|t| locked.contains(&t.id));
 
     let mut moves = Vec::with_capacity(pending.len());
     for task in &pending {

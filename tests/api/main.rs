@@ -15,6 +15,7 @@ mod jobs;
 mod management;
 mod message;
 mod metrics_api;
+mod nul_text;
 mod openapi;
 mod operations;
 mod public;

@@ -28,7 +28,7 @@ async fn a_database_cut_of_ten_seconds_is_503_then_everything_recovers() {
     env.push(("ASSIGNMENT_TIMEOUT_SECONDS".into(), "30".into()));
     let server = Server::start("s3-database-cut", &env).await;
     let pool = pool(&direct_url).await;
-    let api = Api::new(&[server.base.clone()]);
+    let api = Api::new(vec![server.base.clone()]);
     let ids: Vec<i32> = (1301..=1306).collect();
     let fleet = Fleet::start(
         api.clone(),
@@ -41,7 +41,10 @@ async fn a_database_cut_of_ten_seconds_is_503_then_everything_recovers() {
     let dashboard = Dashboard::connect(&server.base, "tasks").await;
     let producer = Producer::start(api.clone(), 1301, rate(), &["a", "b"], None);
     tokio::time::sleep(Duration::from_secs(4)).await;
-    assert!(fleet.completed.load(Ordering::Relaxed) > 0, "no task completed before the cut");
+    assert!(
+        fleet.completed.load(Ordering::Relaxed) > 0,
+        "no task completed before the cut"
+    );
 
     let jobs_before = job_runs(&api).await;
     proxy.cut();
@@ -114,8 +117,14 @@ async fn a_database_cut_of_ten_seconds_is_503_then_everything_recovers() {
     figures.note("rate_asked_per_second", rate());
     figures.note("cut_seconds", CUT.as_secs());
     figures.note("requests_during_cut", in_cut.len());
-    figures.note("answers_503_during_cut", during.iter().filter(|e| e.status == Some(503)).count());
-    figures.note("other_5xx_during_cut", during.iter().filter(|e| e.status != Some(503)).count());
+    figures.note(
+        "answers_503_during_cut",
+        during.iter().filter(|e| e.status == Some(503)).count(),
+    );
+    figures.note(
+        "other_5xx_during_cut",
+        during.iter().filter(|e| e.status != Some(503)).count(),
+    );
     figures.note("5xx_outside_cut", outside.len());
     figures.note("slowest_answer_during_cut_seconds", secs(slowest));
     figures.note(
@@ -126,18 +135,27 @@ async fn a_database_cut_of_ten_seconds_is_503_then_everything_recovers() {
             .map(|e| secs((e.at + e.took) - restored))
             .fold(0.0, f64::max),
     );
-    figures.note("restore_to_first_assignment_seconds", secs(routed - restored));
+    figures.note(
+        "restore_to_first_assignment_seconds",
+        secs(routed - restored),
+    );
     figures.note("job_runs_failed_logged", job_failures);
     figures.note("routing_passes_failed_logged", routing_failures);
     figures.note("job_runs_before_and_after", (&jobs_before, &jobs_after));
-    figures.note("dashboard_events_after_restore", events_after - events_at_restore);
+    figures.note(
+        "dashboard_events_after_restore",
+        events_after - events_at_restore,
+    );
     figures.note("completed", completed);
     figures.note("answers_by_status", api.by_status());
     figures.note("panics", server.panics());
     figures.report();
 
     findings.assert_clean();
-    assert!(unfinished.is_empty(), "tasks never finished: {unfinished:?}");
+    assert!(
+        unfinished.is_empty(),
+        "tasks never finished: {unfinished:?}"
+    );
     assert_eq!(completed, task_ids.len(), "every task completed");
     assert!(produced.gave_up().is_empty(), "{:?}", produced.gave_up());
     // During the cut: 503, never another 5xx, never a hang.
@@ -146,22 +164,41 @@ async fn a_database_cut_of_ten_seconds_is_503_then_everything_recovers() {
         "probes during the cut: {probe_statuses:?}"
     );
     assert!(during.iter().all(|e| e.status == Some(503)), "{during:?}");
-    assert!(slowest < Duration::from_secs(5), "an answer took {slowest:?} during the cut");
+    assert!(
+        slowest < Duration::from_secs(5),
+        "an answer took {slowest:?} during the cut"
+    );
     // The jobs said so in the log, and ran again after the restore.
-    assert!(job_failures + routing_failures > 0, "no job logged the outage");
+    assert!(
+        job_failures + routing_failures > 0,
+        "no job logged the outage"
+    );
     for (job, runs, outcome) in &jobs_after {
         let before = jobs_before
             .iter()
             .find(|(j, _, _)| j == job)
             .map_or(0, |(_, r, _)| *r);
         if job == "health_monitor" || job == "task_router" {
-            assert!(*runs > before + 2, "{job} did not go on: {before} -> {runs}");
-            assert!(outcome.starts_with("ok"), "{job} after the restore: {outcome}");
+            assert!(
+                *runs > before + 2,
+                "{job} did not go on: {before} -> {runs}"
+            );
+            assert!(
+                outcome.starts_with("ok"),
+                "{job} after the restore: {outcome}"
+            );
         }
     }
     // Everything works again within a few seconds, dashboards included.
-    assert!(first_ok - restored < Duration::from_secs(5), "{:?}", first_ok - restored);
-    assert!(events_after > events_at_restore, "the dashboard got nothing after the restore");
+    assert!(
+        first_ok - restored < Duration::from_secs(5),
+        "{:?}",
+        first_ok - restored
+    );
+    assert!(
+        events_after > events_at_restore,
+        "the dashboard got nothing after the restore"
+    );
     assert!(outside.iter().all(|e| e.status == Some(503)), "{outside:?}");
     assert_eq!(server.panics(), 0, "{}", server.stderr_text());
     fleet.stop();
@@ -174,7 +211,13 @@ async fn a_database_cut_of_ten_seconds_is_503_then_everything_recovers() {
 async fn job_runs(api: &Api) -> Vec<(String, u64, String)> {
     let admin = token(1, &["read", "write", "admin"]);
     let Some((200, v)) = api
-        .call(Method::GET, "/management/scheduler/jobs", &admin, None, Duration::from_secs(20))
+        .call(
+            Method::GET,
+            "/management/scheduler/jobs",
+            &admin,
+            None,
+            Duration::from_secs(20),
+        )
         .await
     else {
         return Vec::new();

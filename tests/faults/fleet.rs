@@ -51,14 +51,14 @@ pub struct Api {
 }
 
 impl Api {
-    pub fn new(bases: &[String]) -> Arc<Api> {
+    pub fn new(bases: Vec<String>) -> Arc<Api> {
         Arc::new(Api {
             http: reqwest::Client::builder()
                 .timeout(Duration::from_secs(25))
                 .pool_max_idle_per_host(64)
                 .build()
                 .expect("client"),
-            bases: RwLock::new(bases.to_vec()),
+            bases: RwLock::new(bases),
             next: AtomicUsize::new(0),
             log: Mutex::new(Vec::new()),
         })
@@ -279,7 +279,10 @@ impl Fleet {
         let addr = listener.local_addr().expect("addr");
         let fleet = Arc::new(Fleet {
             api,
-            droplets: ids.iter().map(|id| (*id, Arc::new(Droplet::new(*id)))).collect(),
+            droplets: ids
+                .iter()
+                .map(|id| (*id, Arc::new(Droplet::new(*id))))
+                .collect(),
             addr,
             work,
             executions: Mutex::new(HashMap::new()),
@@ -382,7 +385,11 @@ async fn beat_loop(fleet: Arc<Fleet>, d: Arc<Droplet>, every: Duration) {
         tokio::spawn(async move {
             let body = envelope(json!({"status": "active", "metrics": {"simulated": true}}));
             let path = format!("/droplets/{}/heartbeat", d.id);
-            if let Some((200, _)) = fleet.api.once(Method::POST, &path, &d.token, Some(&body)).await {
+            if let Some((200, _)) = fleet
+                .api
+                .once(Method::POST, &path, &d.token, Some(&body))
+                .await
+            {
                 let now = Instant::now();
                 let mut last = lock(&d.last_beat);
                 if let Some(prev) = *last {
@@ -403,7 +410,10 @@ async fn on_message(
     Json(body): Json<Value>,
 ) -> (StatusCode, Json<Value>) {
     let Some(d) = fleet.droplets.get(&id).cloned() else {
-        return (StatusCode::NOT_FOUND, Json(json!({"detail": "no such droplet"})));
+        return (
+            StatusCode::NOT_FOUND,
+            Json(json!({"detail": "no such droplet"})),
+        );
     };
     if d.is_frozen() {
         d.thawed().await;
@@ -476,7 +486,11 @@ async fn patch(fleet: &Fleet, d: &Droplet, task: i32, status: &str, epoch: u64) 
     let answer = match answer {
         Some(409) => {
             let path = format!("/tasks/{task}");
-            match fleet.api.call(Method::GET, &path, &d.token, None, Duration::from_secs(30)).await {
+            match fleet
+                .api
+                .call(Method::GET, &path, &d.token, None, Duration::from_secs(30))
+                .await
+            {
                 Some((200, v))
                     if v["payload"]["task"]["status"] == status
                         && v["payload"]["task"]["assigned_droplet_id"] == d.id =>
@@ -560,7 +574,13 @@ impl Producer {
                                    "required_capability": capability, "payload": {"n": n}}),
                         );
                         let answer = api
-                            .call(Method::POST, "/tasks", &token, Some(&body), Duration::from_secs(60))
+                            .call(
+                                Method::POST,
+                                "/tasks",
+                                &token,
+                                Some(&body),
+                                Duration::from_secs(60),
+                            )
                             .await;
                         match answer {
                             Some((201 | 200, v)) => {

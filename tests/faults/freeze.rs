@@ -39,7 +39,7 @@ async fn a_frozen_droplet_loses_its_tasks_and_its_late_patches_are_refused() {
     env.push(("HEARTBEAT_TIMEOUT".into(), "3".into()));
     let server = Server::start("s4-freeze", &env).await;
     let pool = pool(&url).await;
-    let api = Api::new(&[server.base.clone()]);
+    let api = Api::new(vec![server.base.clone()]);
     // Long work, so the frozen droplet is in the middle of several tasks.
     let fleet = Fleet::start(
         api.clone(),
@@ -72,7 +72,10 @@ async fn a_frozen_droplet_loses_its_tasks_and_its_late_patches_are_refused() {
     .expect("tasks of the frozen droplet");
     let held_ids: Vec<i32> = held.iter().map(|(id, _)| *id).collect();
     let running = held.iter().filter(|(_, s)| s == "in_progress").count();
-    assert!(running > 0, "the droplet was not mid-task when it froze: {held:?}");
+    assert!(
+        running > 0,
+        "the droplet was not mid-task when it froze: {held:?}"
+    );
 
     // Its tasks go elsewhere and finish there.
     let inactive = wait_for(Duration::from_secs(20), || async {
@@ -99,13 +102,12 @@ async fn a_frozen_droplet_loses_its_tasks_and_its_late_patches_are_refused() {
     })
     .await
     .expect("every task of the frozen droplet completed on another droplet");
-    let retried: i64 = sqlx::query_scalar(
-        "SELECT COUNT(*) FROM tasks WHERE id = ANY($1) AND retry_count = 1",
-    )
-    .bind(&held_ids)
-    .fetch_one(&pool)
-    .await
-    .expect("retried");
+    let retried: i64 =
+        sqlx::query_scalar("SELECT COUNT(*) FROM tasks WHERE id = ANY($1) AND retry_count = 1")
+            .bind(&held_ids)
+            .fetch_one(&pool)
+            .await
+            .expect("retried");
 
     // It comes back and PATCHes what it was doing.
     let before = snapshot(&pool, &held_ids).await;
@@ -129,7 +131,10 @@ async fn a_frozen_droplet_loses_its_tasks_and_its_late_patches_are_refused() {
     let traces: Vec<_> = acked.iter().map(|(t, _)| *t).collect();
     let findings = invariants::check_database(&pool, &traces).await;
     let errors = api.server_errors(None);
-    let old_task_patches: Vec<_> = late.iter().filter(|(t, _, _)| held_ids.contains(t)).collect();
+    let old_task_patches: Vec<_> = late
+        .iter()
+        .filter(|(t, _, _)| held_ids.contains(t))
+        .collect();
 
     let mut figures = Figures::new("s4_frozen_droplet");
     figures.tasks_created = acked.len();
@@ -144,21 +149,33 @@ async fn a_frozen_droplet_loses_its_tasks_and_its_late_patches_are_refused() {
     figures.note("late_patches", &late);
     figures.note(
         "late_patches_not_403",
-        old_task_patches.iter().filter(|(_, _, s)| *s != Some(403)).count(),
+        old_task_patches
+            .iter()
+            .filter(|(_, _, s)| *s != Some(403))
+            .count(),
     );
-    figures.note("rows_changed_by_late_patches", before.iter().zip(&after).filter(|(a, b)| a != b).count());
+    figures.note(
+        "rows_changed_by_late_patches",
+        before.iter().zip(&after).filter(|(a, b)| a != b).count(),
+    );
     figures.note("answers_by_status", api.by_status());
     figures.note("panics", server.panics());
     figures.report();
 
     findings.assert_clean();
-    assert!(unfinished.is_empty(), "tasks never finished: {unfinished:?}");
+    assert!(
+        unfinished.is_empty(),
+        "tasks never finished: {unfinished:?}"
+    );
     assert!(!old_task_patches.is_empty(), "no late PATCH was sent");
     for (task, status, answer) in &old_task_patches {
         assert_eq!(*answer, Some(403), "late PATCH of task {task} to {status}");
     }
     assert_eq!(before, after, "a late PATCH changed a task");
-    assert_eq!(retried as usize, running, "each running task was retried once elsewhere");
+    assert_eq!(
+        retried as usize, running,
+        "each running task was retried once elsewhere"
+    );
     assert!(errors.iter().all(|e| e.status == Some(503)), "{errors:?}");
     assert_eq!(server.panics(), 0, "{}", server.stderr_text());
     fleet.stop();

@@ -92,6 +92,17 @@ pub fn base_env(database_url: &str, port: u16) -> Vec<(String, String)> {
     .collect()
 }
 
+/// `FAULTS_ENV="K=V,K=V"`: settings on top of every scenario's (to explore a fault under
+/// other settings); they override the scenario's own.
+fn extra_env() -> Vec<(String, String)> {
+    std::env::var("FAULTS_ENV")
+        .unwrap_or_default()
+        .split(',')
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+        .collect()
+}
+
 /// One `orchestrator serve` process.
 pub struct Server {
     pub label: String,
@@ -126,7 +137,7 @@ impl Server {
             .stdout(Stdio::from(File::create(&stdout).expect("stdout file")))
             .stderr(Stdio::from(File::create(&stderr).expect("stderr file")))
             .kill_on_drop(true);
-        for (k, v) in env {
+        for (k, v) in env.iter().cloned().chain(extra_env()) {
             cmd.env(k, v);
         }
         let started = Instant::now();
@@ -219,7 +230,8 @@ impl Server {
 
     /// Panics in the process's output (stderr, and stdout for a panic logged by a layer).
     pub fn panics(&self) -> usize {
-        self.stderr_text().matches("panicked").count() + self.stdout_text().matches("panicked").count()
+        self.stderr_text().matches("panicked").count()
+            + self.stdout_text().matches("panicked").count()
     }
 
     /// Lines of the log (stdout or stderr) that contain `needle`.
@@ -261,8 +273,10 @@ impl Figures {
     }
 
     pub fn note(&mut self, key: &str, value: impl serde::Serialize) {
-        self.extra
-            .insert(key.to_string(), serde_json::to_value(value).unwrap_or(Value::Null));
+        self.extra.insert(
+            key.to_string(),
+            serde_json::to_value(value).unwrap_or(Value::Null),
+        );
     }
 
     /// Prints the figures and stores them with the commit they were measured on.

@@ -124,7 +124,8 @@ pub fn check(tasks: &[TaskRow], history: &[HistoryRow], acked: &[Uuid]) -> Findi
     }
     let known: HashSet<i32> = tasks.iter().map(|t| t.id).collect();
     for id in rows.keys().filter(|id| !known.contains(id)) {
-        f.violations.push(format!("history rows for task {id}, which does not exist"));
+        f.violations
+            .push(format!("history rows for task {id}, which does not exist"));
     }
 
     for t in tasks {
@@ -154,7 +155,10 @@ pub fn check(tasks: &[TaskRow], history: &[HistoryRow], acked: &[Uuid]) -> Findi
                 ));
             }
             if !MOVES.contains(&(from, row.to_status.as_str())) {
-                bad(format!("history row {}: {from} -> {} is not a move the contract allows", row.id, row.to_status));
+                bad(format!(
+                    "history row {}: {from} -> {} is not a move the contract allows",
+                    row.id, row.to_status
+                ));
             }
         }
         for row in h {
@@ -189,6 +193,10 @@ pub fn check(tasks: &[TaskRow], history: &[HistoryRow], acked: &[Uuid]) -> Findi
     f
 }
 
+/// Whether a state requires (true), forbids (false) or leaves (None) the holder, then
+/// `assigned_at`, `started_at` and `completed_at`.
+type Required = (Option<bool>, Option<bool>, Option<bool>, Option<bool>);
+
 /// The columns each state requires (and forbids).
 fn check_row(t: &TaskRow, bad: &mut impl FnMut(String)) {
     let some = |v: &Option<NaiveDateTime>| v.is_some();
@@ -198,15 +206,14 @@ fn check_row(t: &TaskRow, bad: &mut impl FnMut(String)) {
         some(&t.started_at),
         some(&t.completed_at),
     );
-    let expected: Option<(Option<bool>, Option<bool>, Option<bool>, Option<bool>)> =
-        match t.status.as_str() {
-            "pending" => Some((Some(false), Some(false), Some(false), Some(false))),
-            "assigned" => Some((Some(true), Some(true), Some(false), Some(false))),
-            "in_progress" => Some((Some(true), Some(true), Some(true), Some(false))),
-            "completed" => Some((Some(true), Some(true), Some(true), Some(true))),
-            "failed" | "cancelled" => Some((None, None, None, Some(true))),
-            _ => None,
-        };
+    let expected: Option<Required> = match t.status.as_str() {
+        "pending" => Some((Some(false), Some(false), Some(false), Some(false))),
+        "assigned" => Some((Some(true), Some(true), Some(false), Some(false))),
+        "in_progress" => Some((Some(true), Some(true), Some(true), Some(false))),
+        "completed" => Some((Some(true), Some(true), Some(true), Some(true))),
+        "failed" | "cancelled" => Some((None, None, None, Some(true))),
+        _ => None,
+    };
     let Some((h, a, s, c)) = expected else {
         bad(format!("unknown status {:?}", t.status));
         return;
@@ -268,12 +275,13 @@ pub async fn unfinished(pool: &PgPool, ids: &[i32]) -> Vec<i32> {
 
 /// How many of these tasks are completed.
 pub async fn completed(pool: &PgPool, ids: &[i32]) -> usize {
-    let n: i64 =
-        sqlx::query_scalar("SELECT COUNT(*) FROM tasks WHERE id = ANY($1) AND status = 'completed'")
-            .bind(ids)
-            .fetch_one(pool)
-            .await
-            .expect("count completed");
+    let n: i64 = sqlx::query_scalar(
+        "SELECT COUNT(*) FROM tasks WHERE id = ANY($1) AND status = 'completed'",
+    )
+    .bind(ids)
+    .fetch_one(pool)
+    .await
+    .expect("count completed");
     n as usize
 }
 
@@ -343,7 +351,7 @@ mod tests {
                 (Some("in_progress"), "completed"),
             ],
         );
-        let f = check(&[t.clone()], &h, &[t.trace_id]);
+        let f = check(std::slice::from_ref(&t), &h, &[t.trace_id]);
         assert!(f.is_clean(), "{f:?}");
         assert_eq!((f.lost(), f.duplicated()), (0, 0));
     }
@@ -379,7 +387,11 @@ mod tests {
     fn an_acknowledged_task_that_is_missing_is_lost() {
         let t = task(3, "completed");
         let ghost = Uuid::new_v4();
-        let f = check(&[t.clone()], &history(3, &LIFE), &[t.trace_id, ghost]);
+        let f = check(
+            std::slice::from_ref(&t),
+            &history(3, &LIFE),
+            &[t.trace_id, ghost],
+        );
         assert_eq!(f.missing, vec![ghost]);
         assert_eq!(f.lost(), 1);
     }
@@ -388,7 +400,10 @@ mod tests {
     fn history_that_disagrees_with_the_row_is_caught() {
         let t = task(4, "in_progress");
         let f = check(&[t], &history(4, &LIFE), &[]);
-        assert!(f.violations.iter().any(|v| v.contains("last history row")), "{f:?}");
+        assert!(
+            f.violations.iter().any(|v| v.contains("last history row")),
+            "{f:?}"
+        );
     }
 
     #[test]
@@ -396,11 +411,21 @@ mod tests {
         let mut t = task(5, "completed");
         t.completed_at = None;
         let f = check(&[t], &history(5, &LIFE), &[]);
-        assert!(f.violations.iter().any(|v| v.contains("completed_at unset")), "{f:?}");
+        assert!(
+            f.violations
+                .iter()
+                .any(|v| v.contains("completed_at unset")),
+            "{f:?}"
+        );
         let mut t = task(6, "pending");
         t.assigned_droplet_id = Some(3);
         let f = check(&[t], &history(6, &[(None, "pending")]), &[]);
-        assert!(f.violations.iter().any(|v| v.contains("assigned_droplet_id set")), "{f:?}");
+        assert!(
+            f.violations
+                .iter()
+                .any(|v| v.contains("assigned_droplet_id set")),
+            "{f:?}"
+        );
     }
 
     #[test]
@@ -415,7 +440,10 @@ mod tests {
             ],
         );
         let f = check(&[t], &h, &[]);
-        assert!(f.violations.iter().any(|v| v.contains("not a move")), "{f:?}");
+        assert!(
+            f.violations.iter().any(|v| v.contains("not a move")),
+            "{f:?}"
+        );
         let t = task(8, "completed");
         let h = history(
             8,
@@ -426,8 +454,14 @@ mod tests {
             ],
         );
         let f = check(&[t], &h, &[]);
-        assert!(f.violations.iter().any(|v| v.contains("but the task was")), "{f:?}");
+        assert!(
+            f.violations.iter().any(|v| v.contains("but the task was")),
+            "{f:?}"
+        );
         let f = check(&[task(9, "pending")], &[], &[]);
-        assert!(f.violations.iter().any(|v| v.contains("no history")), "{f:?}");
+        assert!(
+            f.violations.iter().any(|v| v.contains("no history")),
+            "{f:?}"
+        );
     }
 }

@@ -23,7 +23,7 @@ async fn late_heartbeats_within_half_the_margin_never_mark_a_droplet_inactive() 
     env.push(("HEARTBEAT_TIMEOUT".into(), TIMEOUT.to_string()));
     let server = Server::start("s5-jitter", &env).await;
     let pool = pool(&url).await;
-    let api = Api::new(&[server.base.clone()]);
+    let api = Api::new(vec![server.base.clone()]);
     let mut ids: Vec<i32> = (1501..=1510).collect();
     ids.push(CONTROL);
     let jitter_ms = (TIMEOUT - INTERVAL) * 1000 / 2;
@@ -36,7 +36,10 @@ async fn late_heartbeats_within_half_the_margin_never_mark_a_droplet_inactive() 
     )
     .await;
     for id in &ids {
-        fleet.droplet(*id).jitter_ms.store(jitter_ms, Ordering::Relaxed);
+        fleet
+            .droplet(*id)
+            .jitter_ms
+            .store(jitter_ms, Ordering::Relaxed);
     }
     let watcher = Dashboard::connect(&server.base, "droplets").await;
     let producer = Producer::start(api.clone(), 1501, rate() / 2.0, &["a", "b"], None);
@@ -106,15 +109,24 @@ async fn late_heartbeats_within_half_the_margin_never_mark_a_droplet_inactive() 
     figures.report();
 
     findings.assert_clean();
-    assert!(unfinished.is_empty(), "tasks never finished: {unfinished:?}");
+    assert!(
+        unfinished.is_empty(),
+        "tasks never finished: {unfinished:?}"
+    );
     assert!(flips.is_empty(), "droplets marked inactive: {flips:?}");
     assert!(
         missed.iter().all(|id| *id == i64::from(CONTROL)),
         "heartbeat_missed for {missed:?}"
     );
     // The control proves the monitor ran: it is caught, and the feed said so.
-    assert!(control_inactive.is_some(), "the silent control droplet was never marked inactive");
-    assert!(missed.contains(&i64::from(CONTROL)), "no heartbeat_missed event for the control");
+    assert!(
+        control_inactive.is_some(),
+        "the silent control droplet was never marked inactive"
+    );
+    assert!(
+        missed.contains(&i64::from(CONTROL)),
+        "no heartbeat_missed event for the control"
+    );
     // The jitter did reach the margin's half (the test is not vacuous).
     assert!(
         max_gap_ms > INTERVAL * 1000 + jitter_ms / 2,

@@ -14,7 +14,7 @@ async fn kill_9_under_load_loses_nothing_and_routing_resumes() {
     let env = base_env(&url, free_port());
     let mut first = Server::start("s1-kill-first", &env).await;
     let pool = pool(&url).await;
-    let api = Api::new(&[first.base.clone()]);
+    let api = Api::new(vec![first.base.clone()]);
     let ids: Vec<i32> = (1101..=1108).collect();
     let fleet = Fleet::start(
         api.clone(),
@@ -76,7 +76,10 @@ async fn kill_9_under_load_loses_nothing_and_routing_resumes() {
     );
     figures.note("tasks_live_at_kill", live_at_kill);
     figures.note("down_seconds_kill_to_ready", secs(ready - killed));
-    figures.note("ready_to_first_assignment_seconds", secs(routed_again - ready));
+    figures.note(
+        "ready_to_first_assignment_seconds",
+        secs(routed_again - ready),
+    );
     figures.note("completed", completed);
     figures.note("drain_seconds_after_load", secs(drained - killed));
     figures.note("gave_up_creations", produced.gave_up().len());
@@ -84,21 +87,38 @@ async fn kill_9_under_load_loses_nothing_and_routing_resumes() {
     figures.note("answers_by_status", api.by_status());
     figures.note(
         "patch_409_first_attempt_had_won",
-        fleet.already_done.load(std::sync::atomic::Ordering::Relaxed),
+        fleet
+            .already_done
+            .load(std::sync::atomic::Ordering::Relaxed),
     );
     figures.note("panics", first.panics() + second.panics());
     figures.report();
 
     findings.assert_clean();
-    assert!(unfinished.is_empty(), "tasks never finished: {unfinished:?}");
+    assert!(
+        unfinished.is_empty(),
+        "tasks never finished: {unfinished:?}"
+    );
     assert_eq!(completed, task_ids.len(), "every task completed");
-    assert!(produced.gave_up().is_empty(), "creations never acknowledged: {:?}", produced.gave_up());
+    assert!(
+        produced.gave_up().is_empty(),
+        "creations never acknowledged: {:?}",
+        produced.gave_up()
+    );
     assert!(fleet.completed_twice().is_empty());
     // A 503 is the pool shedding load (the restart meets every client's retry at once);
     // any other 5xx is a defect.
     let not_503: Vec<_> = errors.iter().filter(|e| e.status != Some(503)).collect();
-    assert!(not_503.is_empty(), "5xx answers other than 503: {not_503:?}");
-    assert_eq!(first.panics() + second.panics(), 0, "{}", second.stderr_text());
+    assert!(
+        not_503.is_empty(),
+        "5xx answers other than 503: {not_503:?}"
+    );
+    assert_eq!(
+        first.panics() + second.panics(),
+        0,
+        "{}",
+        second.stderr_text()
+    );
     fleet.stop();
     drop(second);
     pool.close().await;

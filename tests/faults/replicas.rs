@@ -19,7 +19,7 @@ async fn two_replicas_one_killed_the_survivor_carries_on() {
     let b = Server::start("s2-replica-b", &env_b).await;
     let pool = pool(&url).await;
     // Every client spreads its requests over both replicas and moves on when one fails.
-    let api = Api::new(&[a.base.clone(), b.base.clone()]);
+    let api = Api::new(vec![a.base.clone(), b.base.clone()]);
     let mut ids: Vec<i32> = (1201..=1208).collect();
     // The sentinel takes no tasks (nobody asks for "z"); it goes silent at the kill, and
     // the survivor's health monitor must notice.
@@ -36,7 +36,10 @@ async fn two_replicas_one_killed_the_survivor_carries_on() {
     let load_started = Instant::now();
 
     tokio::time::sleep(Duration::from_secs(4)).await;
-    assert!(fleet.completed.load(Ordering::Relaxed) > 0, "no task completed before the kill");
+    assert!(
+        fleet.completed.load(Ordering::Relaxed) > 0,
+        "no task completed before the kill"
+    );
     let sentinel = fleet.droplet(1299);
     sentinel.freeze();
     a.kill9().await;
@@ -48,25 +51,24 @@ async fn two_replicas_one_killed_the_survivor_carries_on() {
         .unwrap_or(killed);
     let assigned_at_kill = assignments(&pool).await;
 
-    // The health monitor's round now runs on B alone.
+    // The health monitor's round now runs on B alone, and B routes; both are watched at once.
     let timeout = 5.0;
     let check = 1.0;
-    let inactive = wait_for(Duration::from_secs(30), || async {
+    let sentinel_inactive = wait_for(Duration::from_secs(30), || async {
         let status: String =
             sqlx::query_scalar("SELECT status FROM droplets WHERE droplet_id = 1299")
                 .fetch_one(&pool)
                 .await
                 .ok()?;
         (status == "inactive").then(Instant::now)
-    })
-    .await
-    .expect("the survivor marks the silent sentinel inactive");
-    let silent_for = inactive - last_beat;
-    let routed_by_b = wait_for(Duration::from_secs(30), || async {
+    });
+    let b_routes = wait_for(Duration::from_secs(30), || async {
         (assignments(&pool).await > assigned_at_kill).then(Instant::now)
-    })
-    .await
-    .expect("the survivor routes");
+    });
+    let (inactive, routed_by_b) = tokio::join!(sentinel_inactive, b_routes);
+    let inactive = inactive.expect("the survivor marks the silent sentinel inactive");
+    let routed_by_b = routed_by_b.expect("the survivor routes");
+    let silent_for = inactive - last_beat;
 
     tokio::time::sleep(Duration::from_secs(3)).await;
     let produced = producer.finish().await;
@@ -91,10 +93,7 @@ async fn two_replicas_one_killed_the_survivor_carries_on() {
         acked.len() as f64 / produced_for.as_secs_f64(),
     );
     figures.note("double_assignments", findings.double_assigned.len());
-    figures.note(
-        "sentinel_silent_until_inactive_seconds",
-        secs(silent_for),
-    );
+    figures.note("sentinel_silent_until_inactive_seconds", secs(silent_for));
     figures.note("heartbeat_timeout_seconds", timeout);
     figures.note("health_check_interval_seconds", check);
     figures.note("kill_to_sentinel_inactive_seconds", secs(inactive - killed));
@@ -106,7 +105,10 @@ async fn two_replicas_one_killed_the_survivor_carries_on() {
 
     findings.assert_clean();
     assert!(findings.double_assigned.is_empty());
-    assert!(unfinished.is_empty(), "tasks never finished: {unfinished:?}");
+    assert!(
+        unfinished.is_empty(),
+        "tasks never finished: {unfinished:?}"
+    );
     assert_eq!(completed, task_ids.len(), "every task completed");
     assert!(produced.gave_up().is_empty(), "{:?}", produced.gave_up());
     // The singleton round moved to B within one check interval of the timeout (plus the
@@ -116,7 +118,10 @@ async fn two_replicas_one_killed_the_survivor_carries_on() {
         "the sentinel was marked inactive {silent_for:?} after its last heartbeat"
     );
     let not_503: Vec<_> = errors.iter().filter(|e| e.status != Some(503)).collect();
-    assert!(not_503.is_empty(), "5xx answers other than 503: {not_503:?}");
+    assert!(
+        not_503.is_empty(),
+        "5xx answers other than 503: {not_503:?}"
+    );
     assert_eq!(a.panics() + b.panics(), 0, "{}", b.stderr_text());
     fleet.stop();
     drop(b);

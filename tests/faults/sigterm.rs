@@ -25,7 +25,7 @@ async fn sigterm_lets_requests_finish_closes_sockets_with_1001_and_exits() {
     env.push(("DATABASE_ACQUIRE_TIMEOUT_SECONDS".into(), "20".into()));
     let mut server = Server::start("s6-sigterm", &env).await;
     let pool = pool(&url).await;
-    let api = Api::new(&[server.base.clone()]);
+    let api = Api::new(vec![server.base.clone()]);
     let fleet = Fleet::start(
         api.clone(),
         &[1601, 1602, 1603, 1604],
@@ -131,7 +131,10 @@ async fn sigterm_lets_requests_finish_closes_sockets_with_1001_and_exits() {
     figures.note("panics", server.panics() + restarted.panics());
     figures.report();
 
-    assert!(alive_while_in_flight, "the process exited with requests in flight");
+    assert!(
+        alive_while_in_flight,
+        "the process exited with requests in flight"
+    );
     for (trace, status) in &answers {
         assert_eq!(*status, Some(201), "in-flight creation {trace}");
     }
@@ -140,10 +143,18 @@ async fn sigterm_lets_requests_finish_closes_sockets_with_1001_and_exits() {
     assert_eq!(closes, (Some(1001), Some(1001)), "dashboards' close codes");
     assert!(shutdown_logged, "no shutdown line in the log");
     findings.assert_clean();
-    assert!(unfinished.is_empty(), "tasks never finished: {unfinished:?}");
+    assert!(
+        unfinished.is_empty(),
+        "tasks never finished: {unfinished:?}"
+    );
     assert!(produced.gave_up().is_empty(), "{:?}", produced.gave_up());
     assert!(errors.iter().all(|e| e.status == Some(503)), "{errors:?}");
-    assert_eq!(server.panics() + restarted.panics(), 0, "{}", server.stderr_text());
+    assert_eq!(
+        server.panics() + restarted.panics(),
+        0,
+        "{}",
+        server.stderr_text()
+    );
     fleet.stop();
     drop(restarted);
     pool.close().await;
