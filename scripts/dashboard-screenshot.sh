@@ -3,7 +3,7 @@
 # `orchestrator simulate` pushes tasks through a fresh server, shot by headless Chromium over
 # chromedriver's WebDriver API. Needs PostgreSQL on 127.0.0.1:5432, chromium, chromium-driver.
 # Usage: scripts/dashboard-screenshot.sh [out.png]
-#   VIEWPORT (1440x1360: tall enough for the counters, the chart, 12 droplets and the first
+#   VIEWPORT (1440x1440: tall enough for the counters, the chart, 12 droplets and the first
 #   tasks), WAIT_MIN/WAIT_MAX (seconds of simulation before the shot, 35/70).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -41,14 +41,15 @@ driver=$!
 # The chart bins per minute: start at :35 so that the shot, 35 s in, has bars in two minutes.
 sleep $(((95 - 10#$(date +%S)) % 60))
 sim_start=$(date +%s)
-# 700 ms of work keeps about 12 tasks in progress, so finished ones show among the first rows.
+# 10 tasks a second of 500 ms keep about a dozen in progress (newest first), so finished
+# tasks show among the rows in the shot too.
 "$bin" simulate --url "$url" --droplets 12 --capabilities render,verify,deploy \
-  --tasks-per-second 15 --duration 60 --work-ms 700 --fail-rate 0.1 --quiet >/dev/null 2>&1 &
+  --tasks-per-second 10 --duration 60 --work-ms 500 --fail-rate 0.1 --quiet >/dev/null 2>&1 &
 sim=$!
 admin=$("$bin" token --droplet-id 1 --steward operator --permissions read,write,admin)
 
 URL="$url" DRIVER="http://127.0.0.1:$driver_port" TOKEN="$admin" OUT="$out" PROFILE="$profile" \
-  SIM_START=$sim_start VIEWPORT=${VIEWPORT:-1440x1360} WAIT_MIN=${WAIT_MIN:-35} WAIT_MAX=${WAIT_MAX:-70} python3 - <<'PY'
+  SIM_START=$sim_start VIEWPORT=${VIEWPORT:-1440x1440} WAIT_MIN=${WAIT_MIN:-35} WAIT_MAX=${WAIT_MAX:-70} python3 - <<'PY'
 """A few WebDriver commands over urllib: sign in, wait for a busy board, save the shot."""
 import base64, json, os, time, urllib.request
 
@@ -114,10 +115,16 @@ try:
         .filter(r => r.getBoundingClientRect().bottom <= window.innerHeight);
       const states = new Set(shown.map(r => r.dataset.status));
       return bars.size >= 2 && states.size >= 3 && (states.has('completed') || states.has('failed'));"""
-    while time.time() - start < float(os.environ["WAIT_MIN"]) or (
-            not js(busy) and time.time() - start < float(os.environ["WAIT_MAX"])):
+    while time.time() - start < float(os.environ["WAIT_MIN"]):
         time.sleep(1)
-    png = base64.b64decode(call("GET", session + "/screenshot"))
+    # The rows move while the shot is taken: keep a shot that was busy before and after.
+    while True:
+        late = time.time() - start > float(os.environ["WAIT_MAX"])
+        if js(busy) or late:
+            png = base64.b64decode(call("GET", session + "/screenshot"))
+            if late or js(busy):
+                break
+        time.sleep(0.5)
     with open(os.environ["OUT"], "wb") as f:
         f.write(png)
     print("dashboard: %d bytes in %s after %.0f s" % (len(png), os.environ["OUT"], time.time() - start))
