@@ -127,6 +127,12 @@ try:
         time.sleep(0.5)
     with open(os.environ["OUT"], "wb") as f:
         f.write(png)
+    print("page: " + js("""
+      const n = k => document.querySelector('#count-' + k).textContent;
+      const rows = {};
+      for (const r of document.querySelectorAll('#tasks tbody tr')) rows[r.dataset.status] = (rows[r.dataset.status] || 0) + 1;
+      return 'counters ' + ['pending', 'assigned', 'in_progress', 'completed', 'failed'].map(k => k + ' ' + n(k)).join(', ')
+        + '; task rows ' + JSON.stringify(rows);"""))
     print("dashboard: %d bytes in %s after %.0f s" % (len(png), os.environ["OUT"], time.time() - start))
 finally:
     call("DELETE", session)
