@@ -1,43 +1,11 @@
 //! Bearer tokens: what is refused (401) and why, RS256 tokens from the Registry, permissions
 //! (403), and `POST /token` in development and production.
 
-use std::io::Write;
-use std::process::{Command, Stdio};
-
 use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
 
 use crate::helpers::*;
-
-/// A fresh RSA key pair as PEM text (private, public), made with the machine's openssl.
-fn rsa_pair() -> (String, String) {
-    let private = Command::new("openssl")
-        .args(["genrsa", "2048"])
-        .stderr(Stdio::null())
-        .output()
-        .expect("openssl genrsa runs");
-    assert!(private.status.success(), "openssl genrsa failed");
-    let mut child = Command::new("openssl")
-        .args(["rsa", "-pubout"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("openssl rsa runs");
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(&private.stdout)
-        .expect("key written");
-    let public = child.wait_with_output().expect("openssl rsa ends");
-    assert!(public.status.success(), "openssl rsa -pubout failed");
-    (
-        String::from_utf8(private.stdout).expect("PEM"),
-        String::from_utf8(public.stdout).expect("PEM"),
-    )
-}
 
 fn claims(droplet_id: i32, permissions: &[&str]) -> Value {
     let now = chrono::Utc::now().timestamp();

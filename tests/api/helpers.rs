@@ -5,6 +5,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::io::Write;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -498,4 +499,33 @@ pub fn notified_events(payload: &str) -> Vec<Value> {
         Ok(event) => vec![event],
         Err(_) => Vec::new(),
     }
+}
+
+/// A fresh RSA key pair as PEM text (private, public), made with the machine's openssl.
+pub fn rsa_pair() -> (String, String) {
+    let private = std::process::Command::new("openssl")
+        .args(["genrsa", "2048"])
+        .stderr(std::process::Stdio::null())
+        .output()
+        .expect("openssl genrsa runs");
+    assert!(private.status.success(), "openssl genrsa failed");
+    let mut child = std::process::Command::new("openssl")
+        .args(["rsa", "-pubout"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("openssl rsa runs");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(&private.stdout)
+        .expect("key written");
+    let public = child.wait_with_output().expect("openssl rsa ends");
+    assert!(public.status.success(), "openssl rsa -pubout failed");
+    (
+        String::from_utf8(private.stdout).expect("PEM"),
+        String::from_utf8(public.stdout).expect("PEM"),
+    )
 }

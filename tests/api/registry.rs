@@ -2,8 +2,6 @@
 //! shape, droplets filled in without touching their status, the cache surviving a restart
 //! with the Registry gone, garbage and slow answers changing nothing, and the public key.
 
-use std::io::Write;
-use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -377,35 +375,6 @@ async fn without_a_registry_url_the_registry_is_unconfigured() {
     assert_eq!(registry_client::run_once(&app.state).await, Ok(0));
     let dep = registry_dependency(&app).await;
     assert_eq!(dep["status"], "unconfigured");
-}
-
-/// A fresh RSA key pair as PEM text (private, public), made with the machine's openssl.
-fn rsa_pair() -> (String, String) {
-    let private = Command::new("openssl")
-        .args(["genrsa", "2048"])
-        .stderr(Stdio::null())
-        .output()
-        .expect("openssl genrsa runs");
-    assert!(private.status.success(), "openssl genrsa failed");
-    let mut child = Command::new("openssl")
-        .args(["rsa", "-pubout"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("openssl rsa runs");
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(&private.stdout)
-        .expect("key written");
-    let public = child.wait_with_output().expect("openssl rsa ends");
-    assert!(public.status.success(), "openssl rsa -pubout failed");
-    (
-        String::from_utf8(private.stdout).expect("PEM"),
-        String::from_utf8(public.stdout).expect("PEM"),
-    )
 }
 
 #[tokio::test]
