@@ -468,6 +468,7 @@ async fn heartbeat(s: &Sizes, rows: &mut Vec<Row>) {
                     .bind("active")
                     .bind("active")
                     .bind(json!({"cpu_percent": 12.5, "memory_mb": 256}))
+                    .bind(None::<&str>)
                     .execute(&pool)
                     .await
                     .is_ok()

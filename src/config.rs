@@ -78,6 +78,16 @@ pub struct Config {
 
     pub registry_url: Option<String>,
     pub registry_sync_interval: u64,
+    /// A token the Registry issued to the orchestrator (bearer and `signature` of dispatch).
+    pub registry_token: Option<Secret>,
+    /// The orchestrator's Registry credential (`X-Registry-Key`) to fetch such a token.
+    pub registry_key: Option<Secret>,
+    /// Fetch the Registry's public key over https (off: only `REGISTRY_PUBLIC_KEY`).
+    pub registry_fetch_public_key: bool,
+    /// `iss`/`aud` of RS256 outbound tokens, when set.
+    pub registry_issuer: Option<String>,
+    pub registry_audience: Option<String>,
+    pub outbound_token_seconds: u64,
 
     pub droplet_id: i32,
     pub droplet_name: String,
@@ -95,11 +105,16 @@ pub struct Config {
     pub retry_backoff_max_seconds: u64,
     pub dispatch_timeout_seconds: u64,
     pub dispatch_concurrency: usize,
+    pub dispatch_per_droplet_concurrency: usize,
+    pub dispatch_refusals_before_error: u32,
+    /// Networks registered endpoints may resolve to (empty: any but the refused kinds).
+    pub endpoint_allowed_networks: Vec<ipnet::IpNet>,
 
     pub ws_heartbeat_interval: u64,
     pub ws_max_connections_per_droplet: usize,
     pub ws_client_queue: usize,
     pub ws_max_message_bytes: usize,
+    pub ws_max_connections: usize,
 
     pub enable_auto_recovery: bool,
     pub enable_swagger: bool,
@@ -109,6 +124,8 @@ pub struct Config {
     pub broadcast_rate_limit_per_minute: u32,
     pub max_body_bytes: usize,
     pub request_timeout_seconds: u64,
+    pub header_read_timeout_seconds: u64,
+    pub max_connections: usize,
     pub cors_origins: Vec<String>,
     pub cors_allow_credentials: bool,
 }
@@ -132,6 +149,12 @@ pub const VARIABLES: &[(&str, &str, &str)] = &[
     ("ORCHESTRATOR_PRIVATE_KEY", "unset", "PEM text or path: tokens the orchestrator sends are RS256"),
     ("REGISTRY_URL", "unset (Registry off)", "the Registry's base URL"),
     ("REGISTRY_SYNC_INTERVAL", "300", "seconds between Registry directory syncs"),
+    ("REGISTRY_TOKEN", "unset", "a token the Registry issued to the orchestrator: sent as the bearer and the envelope's signature of deliveries"),
+    ("REGISTRY_KEY", "unset", "the orchestrator's Registry key: a token is fetched from REGISTRY_URL/auth/token with it"),
+    ("REGISTRY_FETCH_PUBLIC_KEY", "false", "fetch the Registry's public key from REGISTRY_URL (https only) when REGISTRY_PUBLIC_KEY is unset"),
+    ("REGISTRY_ISSUER", "unset", "iss claim of RS256 tokens the orchestrator sends"),
+    ("REGISTRY_AUDIENCE", "unset", "aud claim of RS256 tokens the orchestrator sends"),
+    ("OUTBOUND_TOKEN_SECONDS", "300", "lifetime of the tokens the orchestrator sends"),
     ("DROPLET_ID", "10", "this droplet's id"),
     ("DROPLET_NAME", "Orchestrator", "this droplet's name"),
     ("DROPLET_STEWARD", "Tnsae", "this droplet's steward"),
@@ -147,10 +170,14 @@ pub const VARIABLES: &[(&str, &str, &str)] = &[
     ("RETRY_BACKOFF_MAX_SECONDS", "300", "longest retry delay"),
     ("DISPATCH_TIMEOUT_SECONDS", "5", "timeout of one delivery to a droplet"),
     ("DISPATCH_CONCURRENCY", "64", "deliveries to droplets in flight at once"),
+    ("DISPATCH_PER_DROPLET_CONCURRENCY", "4", "deliveries to one droplet in flight at once"),
+    ("DISPATCH_REFUSALS_BEFORE_ERROR", "3", "deliveries a droplet refuses in a row (4xx) before it is marked error"),
+    ("ENDPOINT_ALLOWED_NETWORKS", "unset (any but loopback, link-local, multicast, unspecified in production)", "CIDR list registered endpoints must resolve into"),
     ("WS_HEARTBEAT_INTERVAL", "30", "seconds between WebSocket pings; no answer in two: dropped"),
     ("WS_MAX_CONNECTIONS_PER_DROPLET", "10", "concurrent WebSockets per droplet id"),
     ("WS_CLIENT_QUEUE", "1024", "events queued for one WebSocket client before it is dropped as too slow"),
     ("WS_MAX_MESSAGE_BYTES", "4096", "largest message a WebSocket client may send"),
+    ("WS_MAX_CONNECTIONS", "20000", "concurrent WebSockets in all"),
     ("ENABLE_AUTO_RECOVERY", "true", "requeue and retry the tasks of lost droplets"),
     ("ENABLE_SWAGGER", "true (development), false (production)", "serve Swagger UI at /docs"),
     ("ENABLE_METRICS", "true", "serve /metrics and /metrics/*"),
@@ -158,6 +185,8 @@ pub const VARIABLES: &[(&str, &str, &str)] = &[
     ("BROADCAST_RATE_LIMIT_PER_MINUTE", "10", "/broadcast calls a minute"),
     ("MAX_BODY_BYTES", "1048576", "largest request body"),
     ("REQUEST_TIMEOUT_SECONDS", "30", "longest a request may take"),
+    ("HEADER_READ_TIMEOUT_SECONDS", "10", "longest a client may take to send a request's headers"),
+    ("MAX_CONNECTIONS", "25000", "open client connections at once; more wait to be accepted"),
     ("CORS_ORIGINS", "none allowed", "allowed origins: a JSON list or comma-separated"),
     ("CORS_ALLOW_CREDENTIALS", "false", "allow credentials on CORS requests (never with *)"),
 ];
@@ -323,6 +352,12 @@ impl Config {
             orchestrator_private_key: r.raw("ORCHESTRATOR_PRIVATE_KEY"),
             registry_url,
             registry_sync_interval: interval("REGISTRY_SYNC_INTERVAL", 300)?,
+            registry_token: r.raw("REGISTRY_TOKEN").map(Secret::new),
+            registry_key: r.raw("REGISTRY_KEY").map(Secret::new),
+            registry_fetch_public_key: r.flag("REGISTRY_FETCH_PUBLIC_KEY", false)?,
+            registry_issuer: r.raw("REGISTRY_ISSUER"),
+            registry_audience: r.raw("REGISTRY_AUDIENCE"),
+            outbound_token_seconds: r.number("OUTBOUND_TOKEN_SECONDS", 300u64, 30, 3600)?,
             droplet_id: r.number("DROPLET_ID", 10i32, 1, i32::MAX)?,
             droplet_name: r.string("DROPLET_NAME", "Orchestrator"),
             droplet_steward: r.string("DROPLET_STEWARD", "Tnsae"),
@@ -343,6 +378,21 @@ impl Config {
             )?,
             dispatch_timeout_seconds: interval("DISPATCH_TIMEOUT_SECONDS", 5)?,
             dispatch_concurrency: r.number("DISPATCH_CONCURRENCY", 64usize, 1, 10_000)?,
+            dispatch_per_droplet_concurrency: r.number(
+                "DISPATCH_PER_DROPLET_CONCURRENCY",
+                4usize,
+                1,
+                10_000,
+            )?,
+            dispatch_refusals_before_error: r.number(
+                "DISPATCH_REFUSALS_BEFORE_ERROR",
+                3u32,
+                1,
+                1000,
+            )?,
+            endpoint_allowed_networks: parse_networks(
+                r.raw("ENDPOINT_ALLOWED_NETWORKS").as_deref(),
+            )?,
             ws_heartbeat_interval: interval("WS_HEARTBEAT_INTERVAL", 30)?,
             ws_max_connections_per_droplet: r.number(
                 "WS_MAX_CONNECTIONS_PER_DROPLET",
@@ -352,6 +402,7 @@ impl Config {
             )?,
             ws_client_queue: r.number("WS_CLIENT_QUEUE", 1024usize, 1, 1_000_000)?,
             ws_max_message_bytes: r.number("WS_MAX_MESSAGE_BYTES", 4096usize, 256, 1 << 20)?,
+            ws_max_connections: r.number("WS_MAX_CONNECTIONS", 20_000usize, 1, 10_000_000)?,
             enable_auto_recovery: r.flag("ENABLE_AUTO_RECOVERY", true)?,
             // Production turns Swagger off unless it is asked for explicitly.
             enable_swagger: r.flag("ENABLE_SWAGGER", !production)?,
@@ -365,6 +416,8 @@ impl Config {
             )?,
             max_body_bytes: r.number("MAX_BODY_BYTES", 1_048_576usize, 1024, 1 << 30)?,
             request_timeout_seconds: r.number("REQUEST_TIMEOUT_SECONDS", 30u64, 1, 3600)?,
+            header_read_timeout_seconds: r.number("HEADER_READ_TIMEOUT_SECONDS", 10u64, 1, 3600)?,
+            max_connections: r.number("MAX_CONNECTIONS", 25_000usize, 1, 10_000_000)?,
             cors_origins: parse_origins(r.raw("CORS_ORIGINS").as_deref())?,
             cors_allow_credentials: r.flag("CORS_ALLOW_CREDENTIALS", false)?,
         };
@@ -450,6 +503,57 @@ impl Config {
             "REGISTRY_SYNC_INTERVAL",
             self.registry_sync_interval.to_string(),
         );
+        let masked = |v: &Option<Secret>| {
+            if v.is_some() {
+                "********".to_string()
+            } else {
+                "(unset)".to_string()
+            }
+        };
+        m.insert("REGISTRY_TOKEN", masked(&self.registry_token));
+        m.insert("REGISTRY_KEY", masked(&self.registry_key));
+        m.insert(
+            "REGISTRY_FETCH_PUBLIC_KEY",
+            self.registry_fetch_public_key.to_string(),
+        );
+        m.insert(
+            "REGISTRY_ISSUER",
+            self.registry_issuer
+                .clone()
+                .unwrap_or_else(|| "(unset)".into()),
+        );
+        m.insert(
+            "REGISTRY_AUDIENCE",
+            self.registry_audience
+                .clone()
+                .unwrap_or_else(|| "(unset)".into()),
+        );
+        m.insert(
+            "OUTBOUND_TOKEN_SECONDS",
+            self.outbound_token_seconds.to_string(),
+        );
+        m.insert(
+            "DISPATCH_PER_DROPLET_CONCURRENCY",
+            self.dispatch_per_droplet_concurrency.to_string(),
+        );
+        m.insert(
+            "DISPATCH_REFUSALS_BEFORE_ERROR",
+            self.dispatch_refusals_before_error.to_string(),
+        );
+        m.insert(
+            "ENDPOINT_ALLOWED_NETWORKS",
+            self.endpoint_allowed_networks
+                .iter()
+                .map(|n| n.to_string())
+                .collect::<Vec<_>>()
+                .join(","),
+        );
+        m.insert("WS_MAX_CONNECTIONS", self.ws_max_connections.to_string());
+        m.insert(
+            "HEADER_READ_TIMEOUT_SECONDS",
+            self.header_read_timeout_seconds.to_string(),
+        );
+        m.insert("MAX_CONNECTIONS", self.max_connections.to_string());
         m.insert("DROPLET_ID", self.droplet_id.to_string());
         m.insert("DROPLET_NAME", self.droplet_name.clone());
         m.insert("DROPLET_STEWARD", self.droplet_steward.clone());
@@ -549,6 +653,27 @@ fn parse_origins(raw: Option<&str>) -> Result<Vec<String>, ConfigError> {
         .map(|o| o.trim().trim_end_matches('/').to_string())
         .filter(|o| !o.is_empty())
         .collect())
+}
+
+/// `ENDPOINT_ALLOWED_NETWORKS`: CIDRs (`10.0.0.0/8`) or single addresses, comma-separated.
+fn parse_networks(raw: Option<&str>) -> Result<Vec<ipnet::IpNet>, ConfigError> {
+    let Some(raw) = raw else {
+        return Ok(Vec::new());
+    };
+    raw.split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(|s| {
+            s.parse::<ipnet::IpNet>()
+                .or_else(|_| s.parse::<IpAddr>().map(ipnet::IpNet::from))
+                .map_err(|_| {
+                    invalid(
+                        "ENDPOINT_ALLOWED_NETWORKS",
+                        format!("expected CIDR networks like 10.0.0.0/8, got {s:?}"),
+                    )
+                })
+        })
+        .collect()
 }
 
 fn random_secret() -> String {

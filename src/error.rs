@@ -146,7 +146,7 @@ impl IntoResponse for ApiError {
             ApiError::Validation(errors) => json!({ "detail": errors, "trace_id": trace_id }),
             ApiError::Internal(detail) => {
                 // The only place internal details go: the log, once.
-                tracing::error!(error = %detail, "internal error");
+                tracing::error!(error = %detail, trace_id = trace_id.as_deref().unwrap_or("-"), "internal error");
                 json!({ "detail": "Internal server error", "trace_id": trace_id })
             }
             other => json!({ "detail": other.to_string(), "trace_id": trace_id }),

@@ -35,6 +35,9 @@ pub struct App {
     pub registry: RegistryStatus,
     pub process: ProcessStats,
     pub http: reqwest::Client,
+    /// Deliveries to droplets: endpoint policy at each resolution, no redirects.
+    pub delivery: reqwest::Client,
+    pub endpoint_policy: crate::services::endpoints::EndpointPolicy,
     pub log: LogHandle,
     pub started_at: Instant,
     /// Cancelled when the process shuts down (SIGTERM, /management/shutdown).
@@ -64,8 +67,12 @@ impl AppState {
             .pool_max_idle_per_host(16)
             .build()
             .unwrap_or_default();
+        let delivery = crate::services::endpoints::delivery_client(&config);
+        let endpoint_policy = crate::services::endpoints::EndpointPolicy::from_config(&config);
         let config = Arc::new(config);
         AppState(Arc::new(App {
+            delivery,
+            endpoint_policy,
             db,
             keys,
             events: EventHub::new(&config),

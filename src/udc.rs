@@ -109,25 +109,29 @@ pub fn now_iso() -> String {
     Utc::now().to_rfc3339_opts(SecondsFormat::Micros, true)
 }
 
+/// An ISO-8601 time: `Z`, an offset with or without its colon (`+05:00`, `+0500`), or none
+/// (naive = UTC). Years outside 1-9999 are refused (the database could not store them).
 pub fn parse_time(raw: &str) -> Option<DateTime<Utc>> {
-    if let Ok(dt) = DateTime::parse_from_rfc3339(raw) {
-        return Some(dt.with_timezone(&Utc));
-    }
-    [
-        "%Y-%m-%dT%H:%M:%S%.f",
-        "%Y-%m-%d %H:%M:%S%.f",
-        "%Y-%m-%dT%H:%M:%S%.f%z",
-        "%Y-%m-%d",
-    ]
-    .iter()
-    .find_map(|f| {
-        NaiveDateTime::parse_from_str(raw, f).ok().or_else(|| {
-            chrono::NaiveDate::parse_from_str(raw, f)
-                .ok()
-                .and_then(|d| d.and_hms_opt(0, 0, 0))
-        })
-    })
-    .map(|n| n.and_utc())
+    let raw = raw.trim();
+    let with_offset = DateTime::parse_from_rfc3339(raw).ok().or_else(|| {
+        ["%Y-%m-%dT%H:%M:%S%.f%z", "%Y-%m-%d %H:%M:%S%.f%z"]
+            .iter()
+            .find_map(|f| DateTime::parse_from_str(raw, f).ok())
+    });
+    let parsed = match with_offset {
+        Some(dt) => Some(dt.with_timezone(&Utc)),
+        None => ["%Y-%m-%dT%H:%M:%S%.f", "%Y-%m-%d %H:%M:%S%.f", "%Y-%m-%d"]
+            .iter()
+            .find_map(|f| {
+                NaiveDateTime::parse_from_str(raw, f).ok().or_else(|| {
+                    chrono::NaiveDate::parse_from_str(raw, f)
+                        .ok()
+                        .and_then(|d| d.and_hms_opt(0, 0, 0))
+                })
+            })
+            .map(|n| n.and_utc()),
+    };
+    parsed.filter(|t| (1..=9999).contains(&chrono::Datelike::year(t)))
 }
 
 /// `#[serde(serialize_with = "udc::ts")]` for `NaiveDateTime` columns.
@@ -252,6 +256,75 @@ impl<S: Send + Sync> FromRequest<S> for OptionalEnvelope {
         let (meta, payload) = split_envelope(object).map_err(ApiError::Validation)?;
         set_trace_id(&meta.trace_id);
         Ok(OptionalEnvelope(Some(Envelope { meta, payload })))
+    }
+}
+
+/// The body as it came, parsed by the handler after it checked who is asking, so that a
+/// caller without the permission gets 403 before any 422 about its body (the contract's
+/// order: 401, 403, 404, 403, 409/422).
+#[derive(Debug, Clone)]
+pub struct RawBody(pub Bytes);
+
+impl<S: Send + Sync> FromRequest<S> for RawBody {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        read_body(req, state).await.map(RawBody)
+    }
+}
+
+/// Whether an object is an envelope (either form) rather than a bare payload.
+fn looks_enveloped(object: &Map<String, Value>) -> bool {
+    ["payload", "trace_id", "message_type"]
+        .iter()
+        .any(|k| object.contains_key(*k))
+}
+
+impl RawBody {
+    fn is_blank(&self) -> bool {
+        self.0.iter().all(|b| b.is_ascii_whitespace())
+    }
+
+    /// The strict envelope with its typed payload.
+    pub fn envelope<T: DeserializeOwned + Validate>(&self) -> Result<Envelope<T>, ApiError> {
+        let object = parse_object(&self.0)?;
+        let (meta, payload) = split_envelope(object).map_err(ApiError::Validation)?;
+        set_trace_id(&meta.trace_id);
+        let payload = deserialize_payload::<T>(payload, &["body", "payload"])
+            .map_err(ApiError::Validation)?;
+        Ok(Envelope { meta, payload })
+    }
+
+    /// An envelope, or a bare payload with no envelope at all (what droplet-2 sends to
+    /// register and heartbeat): the metadata is `None` then, and `bare` may reshape the
+    /// object first. Errors point into the body itself for a bare payload.
+    pub fn envelope_or_bare<T: DeserializeOwned + Validate>(
+        &self,
+        bare: impl FnOnce(Map<String, Value>) -> Map<String, Value>,
+    ) -> Result<(Option<EnvelopeMeta>, T), ApiError> {
+        let object = parse_object(&self.0)?;
+        if looks_enveloped(&object) {
+            let envelope = self.envelope::<T>()?;
+            return Ok((Some(envelope.meta), envelope.payload));
+        }
+        let payload = deserialize_payload::<T>(Value::Object(bare(object)), &["body"])
+            .map_err(ApiError::Validation)?;
+        Ok((None, payload))
+    }
+
+    /// For `/send` and `/broadcast`: nothing, an envelope, or a bare JSON object (the
+    /// message itself).
+    pub fn optional_message(&self) -> Result<Option<(Option<EnvelopeMeta>, Value)>, ApiError> {
+        if self.is_blank() {
+            return Ok(None);
+        }
+        let object = parse_object(&self.0)?;
+        if looks_enveloped(&object) {
+            let (meta, payload) = split_envelope(object).map_err(ApiError::Validation)?;
+            set_trace_id(&meta.trace_id);
+            return Ok(Some((Some(meta), payload)));
+        }
+        Ok(Some((None, Value::Object(object))))
     }
 }
 
@@ -717,6 +790,18 @@ impl<T: Serialize> IntoResponse for Udc<T> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn offsets_with_or_without_colon_and_sane_years() {
+        let t = super::parse_time("2026-01-01T12:00:00+0500").unwrap();
+        assert_eq!(t.to_rfc3339(), "2026-01-01T07:00:00+00:00");
+        let t = super::parse_time("2026-01-01T12:00:00+05:00").unwrap();
+        assert_eq!(t.to_rfc3339(), "2026-01-01T07:00:00+00:00");
+        let t = super::parse_time("2026-01-01T12:00:00").unwrap();
+        assert_eq!(t.to_rfc3339(), "2026-01-01T12:00:00+00:00");
+        assert!(super::parse_time("-9999-01-01T00:00:00").is_none());
+        assert!(super::parse_time("+20000-01-01T00:00:00Z").is_none());
+    }
+
     use super::*;
 
     fn envelope(v: Value) -> Result<(EnvelopeMeta, Value), Vec<FieldError>> {

@@ -3,14 +3,15 @@
 use axum::extract::State;
 use axum::routing::{get, post};
 use axum::Router;
-use serde_json::{json, Value};
+use serde_json::{json, Map, Value};
 
 use crate::auth::{Caller, Permission};
 use crate::error::ApiResult;
+use crate::services::dispatch::id_form_of;
 use crate::services::droplets::{self, DropletFilter, Heartbeat, Registration};
 use crate::services::task_recovery;
 use crate::state::AppState;
-use crate::udc::{Envelope, PathParam, QueryParams, Udc};
+use crate::udc::{PathParam, QueryParams, RawBody, Udc};
 
 pub fn router() -> Router<AppState> {
     Router::new()
@@ -28,10 +29,15 @@ pub fn router() -> Router<AppState> {
 pub async fn register(
     State(state): State<AppState>,
     caller: Caller,
-    body: Envelope<Registration>,
+    body: RawBody,
 ) -> ApiResult<Udc<Value>> {
-    caller.require(Permission::Write)?;
-    let (droplet, new) = droplets::register(&state, &caller, body.payload).await?;
+    caller.require_droplet_write()?;
+    let (meta, registration) = body.envelope_or_bare::<Registration>(|object| object)?;
+    if meta.is_none() && registration.external_id() != Some(caller.droplet_id) {
+        caller.require_self_or_admin(registration.external_id().unwrap_or(0))?;
+    }
+    let id_form = meta.as_ref().and_then(|m| id_form_of(&m.source));
+    let (droplet, new) = droplets::register(&state, &caller, registration, id_form).await?;
     let interval = state.config().heartbeat_interval;
     let deadline = droplet
         .last_heartbeat
@@ -62,16 +68,37 @@ pub async fn heartbeat(
     State(state): State<AppState>,
     caller: Caller,
     PathParam(droplet_id): PathParam<i32>,
-    body: Envelope<Heartbeat>,
+    body: RawBody,
 ) -> ApiResult<Udc<Value>> {
-    caller.require(Permission::Write)?;
-    let droplet = droplets::heartbeat(&state, &caller, droplet_id, body.payload).await?;
+    caller.require_droplet_write()?;
+    // A bare heartbeat (droplet-2's) carries its metrics beside its status.
+    let (meta, beat) = body.envelope_or_bare::<Heartbeat>(bare_heartbeat)?;
+    let id_form = meta.as_ref().and_then(|m| id_form_of(&m.source));
+    let droplet = droplets::heartbeat(&state, &caller, droplet_id, beat, id_form).await?;
     Ok(Udc::ok(json!({
         "acknowledged": true,
         "droplet_id": droplet.droplet_id,
         "status": droplet.status,
         "next_heartbeat_in": state.config().heartbeat_interval,
     })))
+}
+
+/// `{"status": "active", "cpu_percent": 1.0, ...}` as `{"status": "active", "metrics": {...}}`.
+fn bare_heartbeat(mut object: Map<String, Value>) -> Map<String, Value> {
+    if object.contains_key("metrics") {
+        return object;
+    }
+    let status = object.remove("status");
+    object.remove("droplet_id");
+    object.remove("timestamp");
+    let mut reshaped = Map::new();
+    if let Some(status) = status {
+        reshaped.insert("status".into(), status);
+    }
+    if !object.is_empty() {
+        reshaped.insert("metrics".into(), Value::Object(object));
+    }
+    reshaped
 }
 
 #[utoipa::path(get, path = "/droplets", tag = "droplets", params(DropletFilter), security(("bearer" = [])),

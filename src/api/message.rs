@@ -14,11 +14,12 @@ use uuid::Uuid;
 use crate::api::health;
 use crate::auth::{Caller, Permission};
 use crate::error::{ApiError, ApiResult, FieldError};
+use crate::services::dispatch::id_form_of;
 use crate::services::dispatch::{self, Delivery};
 use crate::services::droplets::{self, Droplet, DropletFilter, Heartbeat};
 use crate::services::tasks::{self, NewTask};
 use crate::state::AppState;
-use crate::udc::{self, Envelope, MessageType, OptionalEnvelope, QueryParams, Udc, Validate};
+use crate::udc::{self, Envelope, MessageType, QueryParams, RawBody, Udc, Validate};
 
 pub fn router() -> Router<AppState> {
     Router::new()
@@ -40,10 +41,10 @@ pub const QUERIES: [&str; 3] = ["task_status", "droplet_list", "system_status"];
 pub async fn receive(
     State(state): State<AppState>,
     caller: Caller,
-    body: Envelope<Value>,
+    body: RawBody,
 ) -> ApiResult<Udc<Value>> {
     caller.require(Permission::Write)?;
-    let Envelope { meta, payload } = body;
+    let Envelope { meta, payload } = body.envelope::<Value>()?;
     let payload = match payload {
         Value::Object(m) => m,
         _ => Map::new(),
@@ -51,7 +52,9 @@ pub async fn receive(
     let answer = match meta.message_type {
         MessageType::Command => command(&state, &caller, &meta.trace_id, &payload).await?,
         MessageType::Query => query(&state, &payload).await?,
-        MessageType::Heartbeat => heartbeat(&state, &caller, payload).await?,
+        MessageType::Heartbeat => {
+            heartbeat(&state, &caller, payload, id_form_of(&meta.source)).await?
+        }
         MessageType::Event | MessageType::Response => json!({
             "received": true,
             "message_type": meta.message_type,
@@ -258,6 +261,7 @@ async fn heartbeat(
     state: &AppState,
     caller: &Caller,
     payload: Map<String, Value>,
+    id_form: Option<&str>,
 ) -> ApiResult<Value> {
     let named = payload
         .get("droplet_id")
@@ -271,7 +275,7 @@ async fn heartbeat(
     let droplet_id = named.unwrap_or(caller.droplet_id);
     let beat: Heartbeat = udc::deserialize_payload(Value::Object(payload), &["body", "payload"])
         .map_err(ApiError::Validation)?;
-    let droplet = droplets::heartbeat(state, caller, droplet_id, beat).await?;
+    let droplet = droplets::heartbeat(state, caller, droplet_id, beat, id_form).await?;
     Ok(json!({
         "received": true,
         "acknowledged": true,
@@ -338,32 +342,49 @@ fn refuse_while_stopped(state: &AppState) -> ApiResult<()> {
     Ok(())
 }
 
-/// The message to send: its type and payload, from the query or the envelope body.
-fn message_of(params: &SendParams, body: OptionalEnvelope) -> ApiResult<(String, Value)> {
-    let from_body = body.0;
+/// The message to send: its type and payload, from the query, an envelope body, or a bare
+/// JSON object body. It is relayed: the payload says so (`relayed_by`), and the orchestrator's
+/// own commands (`execute_task`, `cancel_task`) cannot be sent on anyone's behalf.
+fn message_of(state: &AppState, params: &SendParams, body: RawBody) -> ApiResult<(String, Value)> {
+    let from_body = body.optional_message()?;
     let message_type = params
         .message_type
         .clone()
         .or_else(|| {
-            from_body.as_ref().and_then(|e| {
-                serde_json::to_value(e.meta.message_type)
-                    .ok()
-                    .and_then(|v| v.as_str().map(str::to_string))
+            from_body.as_ref().and_then(|(meta, _)| {
+                meta.as_ref().and_then(|m| {
+                    serde_json::to_value(m.message_type)
+                        .ok()
+                        .and_then(|v| v.as_str().map(str::to_string))
+                })
             })
         })
         .unwrap_or_else(|| "command".to_string());
-    let payload =
-        match (&params.payload, from_body) {
-            (_, Some(envelope)) => envelope.payload,
-            (Some(raw), None) => serde_json::from_str(raw).unwrap_or_default(),
-            (None, None) => return Err(ApiError::invalid(
+    let mut payload = match (&params.payload, from_body) {
+        (_, Some((_, payload))) => payload,
+        (Some(raw), None) => serde_json::from_str(raw).unwrap_or_default(),
+        (None, None) => {
+            return Err(ApiError::invalid(
                 &["query", "payload"],
-                "Field required: the payload query parameter (a JSON object) or an envelope body",
+                "Field required: the payload query parameter (a JSON object), an envelope body or a JSON object body",
                 "missing",
-            )),
-        };
+            ))
+        }
+    };
+    let command = payload.get("command").and_then(Value::as_str).unwrap_or("");
+    if ORCHESTRATOR_COMMANDS.contains(&command) {
+        return Err(ApiError::forbidden(format!(
+            "{command} comes only from the orchestrator itself; it cannot be relayed"
+        )));
+    }
+    if let Value::Object(map) = &mut payload {
+        map.insert("relayed_by".into(), json!(state.keys.orchestrator_id()));
+    }
     Ok((message_type, payload))
 }
+
+/// Commands a droplet takes only from the orchestrator.
+pub const ORCHESTRATOR_COMMANDS: [&str; 2] = ["execute_task", "cancel_task"];
 
 /// One droplet's delivery outcome, as `/send` and `/broadcast` report it.
 fn outcome_json(droplet: &Droplet, outcome: &Delivery, timeout: Duration) -> Value {
@@ -372,31 +393,36 @@ fn outcome_json(droplet: &Droplet, outcome: &Delivery, timeout: Duration) -> Val
         "name": droplet.name,
         "status": outcome.label(),
     });
-    match outcome {
-        Delivery::Failed(reason) => v["reason"] = json!(reason),
-        Delivery::Timeout => {
-            v["reason"] = json!(format!("no answer within {} s", timeout.as_secs()))
-        }
-        Delivery::Delivered => {}
+    if *outcome != Delivery::Delivered {
+        v["reason"] = json!(outcome.reason(timeout));
     }
     v
 }
 
+/// Delivers a relayed message: from the caller (`source`), in the target's id form.
 async fn deliver(
     state: &AppState,
+    caller: &Caller,
     droplet: &Droplet,
     trace_id: &str,
     message_type: &str,
     payload: &Value,
     timeout: Duration,
 ) -> Delivery {
-    let body = dispatch::envelope(
-        trace_id.to_string(),
-        droplet.droplet_id,
-        message_type,
-        payload.clone(),
-    );
-    let outcome = dispatch::post_message(state, &droplet.endpoint, &body, timeout).await;
+    let message = dispatch::Outgoing {
+        trace_id: trace_id.to_string(),
+        source: caller.droplet_id,
+        target: droplet.droplet_id,
+        id_form: droplet.id_form.clone(),
+        message_type: message_type.to_string(),
+        payload: payload.clone(),
+    };
+    let outcome = {
+        let Some(_slot) = state.dispatch.slot(droplet.internal_id).await else {
+            return Delivery::Failed("shutting down".into());
+        };
+        dispatch::post_message(state, &droplet.endpoint, &message, timeout).await
+    };
     state
         .metrics
         .dispatch
@@ -416,14 +442,14 @@ pub async fn send(
     State(state): State<AppState>,
     caller: Caller,
     QueryParams(params): QueryParams<SendParams>,
-    body: OptionalEnvelope,
+    body: RawBody,
 ) -> ApiResult<Udc<Value>> {
     caller.require(Permission::Write)?;
     refuse_while_stopped(&state)?;
     let target = params.target_droplet_id.ok_or_else(|| {
         ApiError::Validation(vec![FieldError::missing(&["query", "target_droplet_id"])])
     })?;
-    let (message_type, payload) = message_of(&params, body)?;
+    let (message_type, payload) = message_of(&state, &params, body)?;
     let droplet = droplets::require(&state.db, target).await?;
     if droplet.status != "active" {
         return Err(ApiError::conflict(format!(
@@ -435,6 +461,7 @@ pub async fn send(
     let trace_id = Uuid::new_v4().to_string();
     let outcome = deliver(
         &state,
+        &caller,
         &droplet,
         &trace_id,
         &message_type,
@@ -450,12 +477,9 @@ pub async fn send(
             "message_type": message_type,
             "trace_id": trace_id,
         }))),
-        Delivery::Timeout => Err(ApiError::BadGateway(format!(
-            "Delivery to droplet {target} timed out after {} s",
-            timeout.as_secs()
-        ))),
-        Delivery::Failed(reason) => Err(ApiError::BadGateway(format!(
-            "Delivery to droplet {target} failed: {reason}"
+        other => Err(ApiError::BadGateway(format!(
+            "Delivery to droplet {target} failed: {}",
+            other.reason(timeout)
         ))),
     }
 }
@@ -470,11 +494,11 @@ pub async fn broadcast(
     State(state): State<AppState>,
     caller: Caller,
     QueryParams(params): QueryParams<SendParams>,
-    body: OptionalEnvelope,
+    body: RawBody,
 ) -> ApiResult<Udc<Value>> {
     caller.require(Permission::Admin)?;
     refuse_while_stopped(&state)?;
-    let (message_type, payload) = message_of(&params, body)?;
+    let (message_type, payload) = message_of(&state, &params, body)?;
     let targets = droplets::list(
         &state.db,
         &DropletFilter {
@@ -489,8 +513,9 @@ pub async fn broadcast(
     // Owned clones per delivery: the futures run concurrently and outlive no borrow.
     let mut results: Vec<(i32, Value)> = futures::stream::iter(targets)
         .map(|droplet| {
-            let (state, trace_id, message_type, payload) = (
+            let (state, caller, trace_id, message_type, payload) = (
                 state.clone(),
+                caller.clone(),
                 trace_id.clone(),
                 message_type.clone(),
                 payload.clone(),
@@ -498,6 +523,7 @@ pub async fn broadcast(
             async move {
                 let outcome = deliver(
                     &state,
+                    &caller,
                     &droplet,
                     &trace_id,
                     &message_type,
@@ -516,7 +542,8 @@ pub async fn broadcast(
         .await;
     results.sort_by_key(|(id, _)| *id);
     let count = |label: &str| results.iter().filter(|(_, r)| r["status"] == label).count();
-    let (delivered, failed, timed_out) = (count("delivered"), count("failed"), count("timeout"));
+    let (delivered, timed_out) = (count("delivered"), count("timeout"));
+    let failed = results.len() - delivered - timed_out;
     Ok(Udc::ok(json!({
         "trace_id": trace_id,
         "message_type": message_type,

@@ -9,7 +9,7 @@ use crate::auth::{Caller, Permission};
 use crate::error::{ApiError, ApiResult};
 use crate::services::tasks::{self, NewTask, TaskFilter, TaskUpdate};
 use crate::state::AppState;
-use crate::udc::{Envelope, OptionalEnvelope, PathParam, QueryParams, Udc};
+use crate::udc::{OptionalEnvelope, PathParam, QueryParams, RawBody, Udc};
 
 pub fn router() -> Router<AppState> {
     Router::new()
@@ -23,9 +23,10 @@ pub fn router() -> Router<AppState> {
 pub async fn create(
     State(state): State<AppState>,
     caller: Caller,
-    body: Envelope<NewTask>,
+    body: RawBody,
 ) -> ApiResult<Udc<Value>> {
     caller.require(Permission::Write)?;
+    let body = body.envelope::<NewTask>()?;
     let (task, new) = tasks::create(&state, &caller, &body.meta.trace_id, body.payload).await?;
     let estimate = if state
         .router
@@ -49,6 +50,9 @@ pub async fn create(
     })
 }
 
+/// Most bytes of payloads and results one listing carries (`?include=payload`).
+pub const LIST_PAYLOAD_BYTES: usize = 2 * 1024 * 1024;
+
 #[utoipa::path(get, path = "/tasks", tag = "tasks", params(TaskFilter), security(("bearer" = [])),
     responses((status = 200, description = "Tasks, newest first"), (status = 422, description = "Bad filter")))]
 pub async fn list(
@@ -59,8 +63,39 @@ pub async fn list(
     caller.require(Permission::Read)?;
     let page = tasks::list(&state.db, &filter).await?;
     let has_more = page.offset + (page.tasks.len() as i64) < page.total;
+    let include = filter.include_payload();
+    // Payloads and results only when asked for, and then at most LIST_PAYLOAD_BYTES of
+    // them in one answer: the tasks past that come without (`payload_truncated`).
+    let mut budget = LIST_PAYLOAD_BYTES;
+    let mut truncated = false;
+    let listed: Vec<Value> = page
+        .tasks
+        .iter()
+        .map(|task| {
+            let mut v = serde_json::to_value(task).unwrap_or_default();
+            if let Value::Object(map) = &mut v {
+                if include {
+                    let size = task.payload.to_string().len()
+                        + task.result.as_ref().map_or(0, |r| r.to_string().len());
+                    if size <= budget {
+                        budget -= size;
+                    } else {
+                        truncated = true;
+                        map.remove("payload");
+                        map.remove("result");
+                        map.insert("payload_truncated".into(), json!(true));
+                    }
+                } else {
+                    map.remove("payload");
+                    map.remove("result");
+                }
+            }
+            v
+        })
+        .collect();
     Ok(Udc::ok(json!({
-        "tasks": page.tasks,
+        "tasks": listed,
+        "payload_truncated": truncated,
         "total": page.total,
         "limit": page.limit,
         "offset": page.offset,
@@ -93,13 +128,15 @@ pub async fn update(
     State(state): State<AppState>,
     caller: Caller,
     PathParam(task_id): PathParam<i32>,
-    body: Envelope<TaskUpdate>,
+    body: RawBody,
 ) -> ApiResult<Udc<Value>> {
     caller.require(Permission::Write)?;
+    let body = body.envelope::<TaskUpdate>()?;
     let task = tasks::update(&state, &caller, task_id, body.payload).await?;
     Ok(Udc::ok(json!({
         "task_id": task.id,
         "status": task.status,
+        "attempt": task.attempt,
         "started_at": task.started_at.map(|t| crate::udc::iso(&t)),
         "completed_at": task.completed_at.map(|t| crate::udc::iso(&t)),
         "result": task.result,

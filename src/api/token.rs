@@ -114,6 +114,16 @@ pub async fn mint(
         }
         None => {}
     }
+    if req.droplet_id == i64::from(state.keys.orchestrator_id()) {
+        return Err(ApiError::invalid(
+            &["body", "droplet_id"],
+            format!(
+                "droplet_id {} is the orchestrator's own; no token may act as it",
+                req.droplet_id
+            ),
+            "value_error",
+        ));
+    }
     let expires_in = req.expires_in.unwrap_or(state.keys.default_expiration());
     let token = state.keys.mint(
         req.droplet_id as i32,

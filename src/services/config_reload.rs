@@ -29,6 +29,16 @@ pub const RESTART_REQUIRED: &[&str] = &[
     "DROPLET_ID",
     "DROPLET_STEWARD",
     "DISPATCH_CONCURRENCY",
+    "DISPATCH_PER_DROPLET_CONCURRENCY",
+    "REGISTRY_TOKEN",
+    "REGISTRY_KEY",
+    "REGISTRY_FETCH_PUBLIC_KEY",
+    "REGISTRY_ISSUER",
+    "REGISTRY_AUDIENCE",
+    "OUTBOUND_TOKEN_SECONDS",
+    "HEADER_READ_TIMEOUT_SECONDS",
+    "MAX_CONNECTIONS",
+    "WS_MAX_CONNECTIONS",
     "WS_CLIENT_QUEUE",
     "WS_MAX_MESSAGE_BYTES",
     "MAX_BODY_BYTES",
@@ -40,6 +50,8 @@ const SECRET: &[&str] = &[
     "JWT_SECRET_KEY",
     "REGISTRY_PUBLIC_KEY",
     "ORCHESTRATOR_PRIVATE_KEY",
+    "REGISTRY_TOKEN",
+    "REGISTRY_KEY",
 ];
 
 /// Where a reload reads its settings: the process environment with `.env`, or a fixed set
@@ -259,6 +271,16 @@ fn keep_restart_required(next: &mut Config, current: &Config) {
     next.droplet_id = current.droplet_id;
     next.droplet_steward = current.droplet_steward.clone();
     next.dispatch_concurrency = current.dispatch_concurrency;
+    next.dispatch_per_droplet_concurrency = current.dispatch_per_droplet_concurrency;
+    next.registry_token = current.registry_token.clone();
+    next.registry_key = current.registry_key.clone();
+    next.registry_fetch_public_key = current.registry_fetch_public_key;
+    next.registry_issuer = current.registry_issuer.clone();
+    next.registry_audience = current.registry_audience.clone();
+    next.outbound_token_seconds = current.outbound_token_seconds;
+    next.header_read_timeout_seconds = current.header_read_timeout_seconds;
+    next.max_connections = current.max_connections;
+    next.ws_max_connections = current.ws_max_connections;
     next.ws_client_queue = current.ws_client_queue;
     next.ws_max_message_bytes = current.ws_max_message_bytes;
     next.max_body_bytes = current.max_body_bytes;
@@ -341,6 +363,16 @@ mod tests {
             ("DROPLET_ID", "11"),
             ("DROPLET_STEWARD", "Someone"),
             ("DISPATCH_CONCURRENCY", "3"),
+            ("DISPATCH_PER_DROPLET_CONCURRENCY", "2"),
+            ("REGISTRY_TOKEN", "a.b.c"),
+            ("REGISTRY_KEY", "key"),
+            ("REGISTRY_FETCH_PUBLIC_KEY", "true"),
+            ("REGISTRY_ISSUER", "registry.example"),
+            ("REGISTRY_AUDIENCE", "droplets"),
+            ("OUTBOUND_TOKEN_SECONDS", "60"),
+            ("HEADER_READ_TIMEOUT_SECONDS", "3"),
+            ("MAX_CONNECTIONS", "9"),
+            ("WS_MAX_CONNECTIONS", "8"),
             ("WS_CLIENT_QUEUE", "5"),
             ("WS_MAX_MESSAGE_BYTES", "512"),
             ("MAX_BODY_BYTES", "2048"),

@@ -1,29 +1,42 @@
 //! Dispatch: after an assignment commits, the task goes to its droplet's `/message` as an
 //! `execute_task` command; work taken away is announced with `cancel_task`. Off the request
-//! path, with bounded concurrency, retried with backoff while the task stays assigned.
+//! path, with bounded concurrency (in all, and per droplet, so a silent droplet cannot hold
+//! every slot), retried with backoff while the task stays assigned. A droplet that refuses a
+//! delivery (a 4xx other than 408/429) is not asked again: the task goes back to the router.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use uuid::Uuid;
 
 use crate::config::Config;
+use crate::services::endpoints::{self, NoAllowedAddress};
 use crate::services::tasks::Task;
 use crate::state::AppState;
 use crate::udc::{now_iso, UDC_VERSION};
 
 pub struct Dispatcher {
     permits: Arc<Semaphore>,
+    per_droplet: Mutex<HashMap<i32, Arc<Semaphore>>>,
+    per_droplet_limit: usize,
 }
 
 /// The outcome of one delivery.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Delivery {
     Delivered,
+    /// No answer in time (transient: retried).
     Timeout,
+    /// Unreachable or a server error, in a word (transient: retried). Never the transport's
+    /// own text, which would make `/send` a port scanner.
     Failed(String),
+    /// The droplet answered a 3xx or a 4xx other than 408/429: it will not take this message.
+    Refused(u16),
+    /// The endpoint is not one the orchestrator delivers to (its shape or its address).
+    Blocked,
 }
 
 impl Delivery {
@@ -32,49 +45,131 @@ impl Delivery {
             Delivery::Delivered => "delivered",
             Delivery::Timeout => "timeout",
             Delivery::Failed(_) => "failed",
+            Delivery::Refused(_) => "refused",
+            Delivery::Blocked => "blocked",
+        }
+    }
+
+    /// Whether trying again later may help.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, Delivery::Timeout | Delivery::Failed(_))
+    }
+
+    /// The outcome in words, for a caller or a log line.
+    pub fn reason(&self, timeout: Duration) -> String {
+        match self {
+            Delivery::Delivered => "delivered".into(),
+            Delivery::Timeout => format!("no answer within {} s", timeout.as_secs()),
+            Delivery::Failed(reason) => reason.clone(),
+            Delivery::Refused(code) => format!("refused with HTTP {code}"),
+            Delivery::Blocked => "endpoint not allowed".into(),
         }
     }
 }
 
-/// A UDC command envelope from the orchestrator to a droplet.
-pub fn envelope(trace_id: String, target: i32, message_type: &str, payload: Value) -> Value {
-    json!({
-        "udc_version": UDC_VERSION,
-        "trace_id": trace_id,
-        "source": 10,
-        "target": target,
-        "message_type": message_type,
-        "payload": payload,
-        "timestamp": now_iso(),
-    })
+/// A droplet id as that droplet writes ids in its own envelopes: `12`, or `"droplet-12"`
+/// (`id_form` = `string`, what the original droplets require). Integers when unknown.
+pub fn id_value(id: i32, id_form: Option<&str>) -> Value {
+    match id_form {
+        Some("string") => json!(format!("droplet-{id}")),
+        _ => json!(id),
+    }
 }
 
-/// POSTs an envelope to `{endpoint}/message` with the orchestrator's token.
+/// How a droplet writes ids, from the `source` of an envelope it sent.
+pub fn id_form_of(source: &Value) -> Option<&'static str> {
+    match source {
+        Value::String(_) => Some("string"),
+        Value::Number(_) => Some("int"),
+        _ => None,
+    }
+}
+
+/// One message the orchestrator sends to a droplet.
+#[derive(Debug, Clone)]
+pub struct Outgoing {
+    pub trace_id: String,
+    /// Who the message is from: the orchestrator, or the droplet a `/send` relays for.
+    pub source: i32,
+    pub target: i32,
+    /// How the target droplet writes ids (`int`, `string`, or unknown).
+    pub id_form: Option<String>,
+    pub message_type: String,
+    pub payload: Value,
+}
+
+impl Outgoing {
+    /// The UDC envelope, ids in the target's own form, with the signature when there is one.
+    pub fn envelope(&self, signature: Option<&str>) -> Value {
+        let form = self.id_form.as_deref();
+        let mut envelope = json!({
+            "udc_version": UDC_VERSION,
+            "trace_id": self.trace_id,
+            "source": id_value(self.source, form),
+            "target": id_value(self.target, form),
+            "message_type": self.message_type,
+            "payload": self.payload,
+            "timestamp": now_iso(),
+        });
+        if let Some(signature) = signature {
+            envelope["signature"] = json!(signature);
+        }
+        envelope
+    }
+}
+
+fn blocked_by_policy(error: &reqwest::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(e) = source {
+        if e.downcast_ref::<NoAllowedAddress>().is_some() {
+            return true;
+        }
+        source = e.source();
+    }
+    false
+}
+
+/// POSTs a message to `{endpoint}/message` with the orchestrator's credentials, after
+/// checking the endpoint (its shape, and every address it resolves to).
 pub async fn post_message(
     state: &AppState,
     endpoint: &str,
-    body: &Value,
+    message: &Outgoing,
     timeout: Duration,
 ) -> Delivery {
-    let token = match state.keys.orchestrator_token() {
-        Ok(t) => t,
-        Err(e) => return Delivery::Failed(e.to_string()),
+    if endpoints::check_delivery(endpoint, &state.endpoint_policy).is_err() {
+        return Delivery::Blocked;
+    }
+    let credentials = match state.keys.outbound() {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot sign the orchestrator's token");
+            return Delivery::Failed("internal error".into());
+        }
     };
+    let body = message.envelope(credentials.signature.as_deref());
     let url = format!("{}/message", endpoint.trim_end_matches('/'));
     let sent = state
-        .http
+        .delivery
         .post(&url)
-        .bearer_auth(token)
+        .bearer_auth(credentials.bearer)
         .timeout(timeout)
-        .json(body)
+        .json(&body)
         .send()
         .await;
     match sent {
         Ok(r) if r.status().is_success() => Delivery::Delivered,
-        Ok(r) => Delivery::Failed(format!("HTTP {}", r.status().as_u16())),
+        Ok(r) => {
+            let code = r.status().as_u16();
+            if code == 408 || code == 429 || r.status().is_server_error() {
+                Delivery::Failed(format!("HTTP {code}"))
+            } else {
+                Delivery::Refused(code)
+            }
+        }
         Err(e) if e.is_timeout() => Delivery::Timeout,
-        Err(e) if e.is_connect() => Delivery::Failed("connection refused or unreachable".into()),
-        Err(e) => Delivery::Failed(e.to_string()),
+        Err(e) if blocked_by_policy(&e) => Delivery::Blocked,
+        Err(_) => Delivery::Failed("unreachable".into()),
     }
 }
 
@@ -82,11 +177,29 @@ impl Dispatcher {
     pub fn new(config: &Config) -> Dispatcher {
         Dispatcher {
             permits: Arc::new(Semaphore::new(config.dispatch_concurrency)),
+            per_droplet: Mutex::new(HashMap::new()),
+            per_droplet_limit: config.dispatch_per_droplet_concurrency.max(1),
         }
     }
 
+    /// A delivery slot to this droplet (internal id): one of its own first, then one of the
+    /// shared ones, so one droplet holds at most `DISPATCH_PER_DROPLET_CONCURRENCY` shared
+    /// slots however slow it is.
+    pub async fn slot(&self, droplet: i32) -> Option<(OwnedSemaphorePermit, OwnedSemaphorePermit)> {
+        let own = {
+            let mut map = self.per_droplet.lock().ok()?;
+            map.entry(droplet)
+                .or_insert_with(|| Arc::new(Semaphore::new(self.per_droplet_limit)))
+                .clone()
+        };
+        let own = own.acquire_owned().await.ok()?;
+        let shared = self.permits.clone().acquire_owned().await.ok()?;
+        Some((own, shared))
+    }
+
     /// Sends `execute_task` to the task's droplet, retrying with backoff while the task is
-    /// still assigned to it (the assignment timeout ends the attempts).
+    /// still assigned to it (the assignment timeout ends the attempts). A refusal ends them
+    /// at once and hands the task back to the router.
     pub fn execute(&self, state: &AppState, task: &Task) {
         if state.emergency_stopped() {
             return;
@@ -98,16 +211,19 @@ impl Dispatcher {
         ) else {
             return;
         };
-        let body = envelope(
-            task.trace_id.to_string(),
-            droplet,
-            "command",
-            json!({ "command": "execute_task", "task": task }),
-        );
+        let orchestrator = state.keys.orchestrator_id();
+        let mut message = Outgoing {
+            trace_id: task.trace_id.to_string(),
+            source: orchestrator,
+            target: droplet,
+            id_form: None,
+            message_type: "command".into(),
+            payload: json!({ "command": "execute_task", "task": task }),
+        };
         let state = state.clone();
-        let permits = self.permits.clone();
         let task_id = task.id;
         tokio::spawn(async move {
+            message.id_form = id_form(&state, internal).await;
             let config = state.config();
             let timeout = Duration::from_secs(config.dispatch_timeout_seconds);
             let give_up = tokio::time::Instant::now()
@@ -115,10 +231,10 @@ impl Dispatcher {
             let mut backoff = Duration::from_millis(250);
             loop {
                 let outcome = {
-                    let Ok(_permit) = permits.acquire().await else {
+                    let Some(_slot) = state.dispatch.slot(internal).await else {
                         return;
                     };
-                    post_message(&state, &endpoint, &body, timeout).await
+                    post_message(&state, &endpoint, &message, timeout).await
                 };
                 state
                     .metrics
@@ -126,6 +242,19 @@ impl Dispatcher {
                     .with_label_values(&[outcome.label()])
                     .inc();
                 if outcome == Delivery::Delivered {
+                    return;
+                }
+                if !outcome.is_transient() {
+                    let reason = outcome.reason(timeout);
+                    tracing::warn!(task_id, droplet, %reason, "droplet refused the task; it goes back to the router");
+                    if let Err(e) = crate::services::task_recovery::refused(
+                        &state, task_id, internal, droplet, &reason,
+                    )
+                    .await
+                    {
+                        // The assignment timeout requeues the task if this could not.
+                        tracing::warn!(task_id, error = %e, "could not requeue a refused task");
+                    }
                     return;
                 }
                 tracing::debug!(task_id, droplet, outcome = ?outcome, "dispatch failed; will retry");
@@ -159,26 +288,28 @@ impl Dispatcher {
 
     /// Tells a droplet (internal id) that a task was taken from it or cancelled.
     /// Sent during an emergency stop too: it only ever takes work away from a droplet.
-    pub fn cancel(&self, state: &AppState, internal_droplet: i32, task_id: i32, trace_id: Uuid) {
+    pub fn cancel(&self, state: &AppState, internal_droplet: i32, task: &Task) {
         let state = state.clone();
-        let permits = self.permits.clone();
+        let (task_id, trace_id, attempt) = (task.id, task.trace_id, task.attempt);
         tokio::spawn(async move {
             let Ok(Some(droplet)) =
                 crate::services::droplets::load_internal(&state.db, internal_droplet).await
             else {
                 return;
             };
-            let body = envelope(
-                trace_id.to_string(),
-                droplet.droplet_id,
-                "command",
-                json!({ "command": "cancel_task", "task_id": task_id }),
-            );
+            let message = Outgoing {
+                trace_id: trace_id.to_string(),
+                source: state.keys.orchestrator_id(),
+                target: droplet.droplet_id,
+                id_form: droplet.id_form.clone(),
+                message_type: "command".into(),
+                payload: json!({ "command": "cancel_task", "task_id": task_id, "attempt": attempt }),
+            };
             let timeout = Duration::from_secs(state.config().dispatch_timeout_seconds);
-            let Ok(_permit) = permits.acquire().await else {
+            let Some(_slot) = state.dispatch.slot(internal_droplet).await else {
                 return;
             };
-            let outcome = post_message(&state, &droplet.endpoint, &body, timeout).await;
+            let outcome = post_message(&state, &droplet.endpoint, &message, timeout).await;
             state
                 .metrics
                 .dispatch
@@ -186,4 +317,20 @@ impl Dispatcher {
                 .inc();
         });
     }
+}
+
+/// How the droplet (internal id) writes ids; unknown when it cannot be read.
+async fn id_form(state: &AppState, internal: i32) -> Option<String> {
+    sqlx::query_scalar::<_, Option<String>>("SELECT id_form FROM droplets WHERE id = $1")
+        .bind(internal)
+        .fetch_optional(&state.db)
+        .await
+        .ok()
+        .flatten()
+        .flatten()
+}
+
+/// A trace id for a message that has none of its own.
+pub fn new_trace_id() -> String {
+    Uuid::new_v4().to_string()
 }

@@ -37,11 +37,14 @@ pub struct Droplet {
     pub max_concurrent_tasks: Option<i32>,
     pub admin_deactivated: bool,
     pub registered: bool,
+    /// How the droplet writes ids in its own envelopes (`int`, `string`), to answer in kind.
+    #[serde(skip)]
+    pub id_form: Option<String>,
 }
 
 pub const DROPLET_COLUMNS: &str = "id AS internal_id, droplet_id AS id, droplet_id, name, steward, endpoint, \
     COALESCE(capabilities, '[]'::jsonb) AS capabilities, status, last_heartbeat, registered_at, updated_at, \
-    max_concurrent_tasks, admin_deactivated, registered";
+    max_concurrent_tasks, admin_deactivated, registered, id_form";
 
 impl Droplet {
     pub fn capability_list(&self) -> Vec<String> {
@@ -75,6 +78,11 @@ fn id_from_any<'de, D: Deserializer<'de>>(d: D) -> Result<Option<i64>, D::Error>
         })?),
     })
 }
+
+/// Most capabilities one droplet may declare (each up to 100 characters).
+pub const MAX_CAPABILITIES: usize = 100;
+/// Largest `metrics` object one heartbeat may carry, as JSON text.
+pub const MAX_METRICS_BYTES: usize = 16 * 1024;
 
 /// The payload of `POST /droplets/register`: the spec's `droplet_id` or the API guide's `id`.
 #[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
@@ -143,14 +151,14 @@ impl Validate for Registration {
                 "String should have 1 to 255 characters",
                 "string_too_long",
             ));
-        } else if url::Url::parse(&self.endpoint)
-            .map(|u| !matches!(u.scheme(), "http" | "https"))
-            .unwrap_or(true)
-        {
+        } else if let Err(why) = crate::services::endpoints::check_shape(&self.endpoint) {
+            errors.push(FieldError::new(&["endpoint"], why, "url_parsing"));
+        }
+        if self.capabilities.len() > MAX_CAPABILITIES {
             errors.push(FieldError::new(
-                &["endpoint"],
-                "Input should be a valid http(s) URL",
-                "url_parsing",
+                &["capabilities"],
+                format!("At most {MAX_CAPABILITIES} capabilities a droplet"),
+                "too_long",
             ));
         }
         if self
@@ -186,10 +194,13 @@ struct Upserted {
 }
 
 /// Registers or re-registers a droplet; returns it and whether it is new to the mesh.
+/// `id_form` is how the droplet wrote its envelope's `source` (None for a bare body: the
+/// form it showed before is kept).
 pub async fn register(
     state: &AppState,
     caller: &Caller,
     reg: Registration,
+    id_form: Option<&str>,
 ) -> Result<(Droplet, bool), ApiError> {
     let id = reg.external_id().ok_or_else(|| {
         ApiError::Validation(vec![FieldError::missing(&[
@@ -199,6 +210,15 @@ pub async fn register(
         ])])
     })?;
     caller.require_self_or_admin(id)?;
+    if let Err(why) =
+        crate::services::endpoints::check_registration(&reg.endpoint, &state.endpoint_policy)
+    {
+        return Err(ApiError::invalid(
+            &["body", "payload", "endpoint"],
+            why,
+            "url_not_allowed",
+        ));
+    }
     // Each capability once, in the order the droplet declared them (`dedup` alone would
     // keep repeats that are not next to each other).
     let mut seen = std::collections::HashSet::new();
@@ -209,11 +229,12 @@ pub async fn register(
         "WITH old AS (SELECT status, registered FROM droplets WHERE droplet_id = $1),
          up AS (
             INSERT INTO droplets (droplet_id, name, steward, endpoint, capabilities, status, last_heartbeat,
-                                  max_concurrent_tasks, registered)
-            VALUES ($1, $2, $3, $4, $5, 'active', NOW(), $6, TRUE)
+                                  max_concurrent_tasks, registered, id_form)
+            VALUES ($1, $2, $3, $4, $5, 'active', NOW(), $6, TRUE, $7)
             ON CONFLICT (droplet_id) DO UPDATE SET
                 name = EXCLUDED.name, steward = EXCLUDED.steward, endpoint = EXCLUDED.endpoint,
                 capabilities = EXCLUDED.capabilities, max_concurrent_tasks = EXCLUDED.max_concurrent_tasks,
+                id_form = COALESCE(EXCLUDED.id_form, droplets.id_form), refused_deliveries = 0,
                 status = CASE WHEN droplets.admin_deactivated THEN droplets.status ELSE 'active' END,
                 last_heartbeat = NOW(), updated_at = NOW(), registered = TRUE
             RETURNING *
@@ -230,6 +251,7 @@ pub async fn register(
     .bind(&reg.endpoint)
     .bind(json!(capabilities))
     .bind(reg.max_concurrent_tasks.map(|m| m as i32))
+    .bind(id_form)
     .fetch_one(&mut *tx)
     .await?;
     let event = Event::droplet(
@@ -259,15 +281,25 @@ fn active() -> String {
 
 impl Validate for Heartbeat {
     fn validate(&self) -> Vec<FieldError> {
+        let mut errors = Vec::new();
         let n = self.status.chars().count();
         if n == 0 || n > 20 {
-            return vec![FieldError::new(
+            errors.push(FieldError::new(
                 &["status"],
                 "String should have 1 to 20 characters",
                 "string_too_long",
-            )];
+            ));
         }
-        Vec::new()
+        if let Some(metrics) = &self.metrics {
+            if metrics.to_string().len() > MAX_METRICS_BYTES {
+                errors.push(FieldError::new(
+                    &["metrics"],
+                    format!("Metrics should be at most {MAX_METRICS_BYTES} bytes of JSON"),
+                    "too_long",
+                ));
+            }
+        }
+        errors
     }
 }
 
@@ -298,11 +330,13 @@ struct Beat {
 
 /// The heartbeat in one round trip: the droplet's row (status unless an admin holds it) and
 /// its `heartbeats` row; `$1` droplet id, `$2` new droplet status, `$3` reported status,
-/// `$4` metrics. Public for the benchmark's ceiling.
+/// `$4` metrics, `$5` the id form the droplet's envelope showed (or NULL). Public for the
+/// benchmark.
 pub const HEARTBEAT_SQL: &str = const_format::concatcp!(
     "WITH old AS (SELECT id, status FROM droplets WHERE droplet_id = $1 FOR NO KEY UPDATE),
      up AS (
-        UPDATE droplets SET last_heartbeat = NOW(), updated_at = NOW(),
+        UPDATE droplets SET last_heartbeat = NOW(), updated_at = NOW(), refused_deliveries = 0,
+            id_form = COALESCE($5, droplets.id_form),
             status = CASE WHEN droplets.admin_deactivated THEN droplets.status ELSE $2 END
         FROM old WHERE droplets.id = old.id
         RETURNING droplets.*
@@ -323,14 +357,20 @@ pub async fn heartbeat(
     caller: &Caller,
     droplet_id: i32,
     beat: Heartbeat,
+    id_form: Option<&str>,
 ) -> Result<Droplet, ApiError> {
-    caller.require_self_or_admin(droplet_id)?;
+    // The contract's order: the droplet exists (404) before the caller may act on it (403).
+    if caller.require_self_or_admin(droplet_id).is_err() {
+        require(&state.db, droplet_id).await?;
+        caller.require_self_or_admin(droplet_id)?;
+    }
     let new_status = droplet_status_for(&beat.status);
     let row: Option<Beat> = sqlx::query_as(HEARTBEAT_SQL)
         .bind(droplet_id)
         .bind(new_status)
         .bind(&beat.status)
         .bind(&beat.metrics)
+        .bind(id_form)
         .fetch_optional(&state.db)
         .await?;
     let row = row.ok_or_else(|| ApiError::not_found(format!("Droplet {droplet_id} not found")))?;

@@ -3,6 +3,7 @@
 pub mod config_reload;
 pub mod dispatch;
 pub mod droplets;
+pub mod endpoints;
 pub mod events;
 pub mod health_monitor;
 pub mod metrics_queries;

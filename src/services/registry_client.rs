@@ -250,13 +250,37 @@ async fn fetch_directory(
 }
 
 /// Installs the Registry's public key when none is configured; the outcome goes to the status.
+/// The key is never trusted on first use from whatever answers `REGISTRY_URL`: only with
+/// `REGISTRY_FETCH_PUBLIC_KEY=true` and over https.
 async fn fetch_public_key(state: &AppState, base: &str) {
-    if state.config().registry_public_key.is_some() {
+    let config = state.config();
+    if config.registry_public_key.is_some() {
         state.registry.update(|s| s.public_key = "configured");
         return;
     }
+    if !config.registry_fetch_public_key {
+        state.registry.update(|s| {
+            s.public_key_error = Some(
+                "no REGISTRY_PUBLIC_KEY; fetching it is off (REGISTRY_FETCH_PUBLIC_KEY=false)"
+                    .into(),
+            )
+        });
+        return;
+    }
+    if !base.starts_with("https://") {
+        state.registry.update(|s| {
+            s.public_key_error = Some(
+                "REGISTRY_FETCH_PUBLIC_KEY needs an https REGISTRY_URL; key not fetched".into(),
+            )
+        });
+        return;
+    }
     let mut problem = None;
-    for path in ["/public-key", "/.well-known/public-key"] {
+    for path in [
+        "/public-key",
+        "/.well-known/public-key",
+        "/.well-known/jwks.json",
+    ] {
         let url = format!("{base}{path}");
         match fetch(state, &url).await {
             Ok((200..=299, body)) => match parse_public_key(&body) {
@@ -412,6 +436,7 @@ pub async fn run_once(state: &AppState) -> Result<usize, String> {
         return Ok(0);
     };
     let base = base.trim_end_matches('/').to_string();
+    refresh_token(state, &base).await;
     let fetched = fetch_directory(state, &base).await;
     let outcome = match fetched {
         Ok((entries, skipped)) => match apply_directory(state, &entries).await {
@@ -457,6 +482,58 @@ pub async fn run_once(state: &AppState) -> Result<usize, String> {
             });
             Err(e)
         }
+    }
+}
+
+/// Fetches a token for the orchestrator from the Registry (`POST {url}/auth/token?droplet_id=10`
+/// with `X-Registry-Key: REGISTRY_KEY`, as the mesh's droplets get theirs) when a key is
+/// configured and the token held expires within ten minutes. Deliveries then carry it as
+/// their bearer and their envelope's `signature`.
+pub async fn refresh_token(state: &AppState, base: &str) {
+    let config = state.config();
+    let Some(key) = config.registry_key.clone() else {
+        return;
+    };
+    if state
+        .keys
+        .registry_token_remaining()
+        .is_some_and(|left| left > 600)
+    {
+        return;
+    }
+    let url = format!("{base}/auth/token");
+    let sent = state
+        .http
+        .post(&url)
+        .query(&[("droplet_id", config.droplet_id)])
+        .header("X-Registry-Key", key.expose())
+        .timeout(timeout(state))
+        .send()
+        .await;
+    let answer = match sent {
+        Ok(r) if r.status().is_success() => r.json::<Value>().await.ok(),
+        Ok(r) => {
+            tracing::warn!(
+                status = r.status().as_u16(),
+                "the Registry refused the orchestrator a token"
+            );
+            None
+        }
+        Err(_) => {
+            tracing::warn!("cannot reach the Registry for the orchestrator's token");
+            None
+        }
+    };
+    let token = answer.as_ref().and_then(|v| {
+        v.get("token")
+            .or_else(|| v.get("access_token"))
+            .or_else(|| v.get("payload").and_then(|p| p.get("token")))
+            .and_then(Value::as_str)
+            .map(str::to_string)
+    });
+    if let Some(token) = token {
+        state.keys.set_registry_token(token);
+        tracing::info!("holding a Registry-issued token for deliveries");
     }
 }
 

@@ -78,6 +78,9 @@ pub enum Cause {
     Deadline,
     /// in_progress -> failed because the droplet was lost.
     DropletLost,
+    /// assigned -> pending (retry_count + 1) or, with no retries left, -> failed: the droplet
+    /// refused the delivery.
+    Refused,
 }
 
 /// The contract's table: may `actor` move a task from `from` to `to` (for `cause`)?
@@ -95,9 +98,10 @@ pub fn allowed(from: Status, to: Status, actor: Actor, cause: Cause) -> bool {
             Cause::DropletLost | Cause::Deadline => actor == System,
             _ => false,
         },
-        (Assigned, Pending) => actor == System && cause == Cause::Requeue,
+        (Assigned, Pending) => actor == System && matches!(cause, Cause::Requeue | Cause::Refused),
         (Failed, Pending) => actor == System && cause == Cause::Retry,
-        (Pending, Failed) | (Assigned, Failed) => actor == System && cause == Cause::Deadline,
+        (Pending, Failed) => actor == System && cause == Cause::Deadline,
+        (Assigned, Failed) => actor == System && matches!(cause, Cause::Deadline | Cause::Refused),
         _ => false,
     }
 }
@@ -136,6 +140,8 @@ pub struct Move {
     pub expect_droplet: Option<i32>,
     /// The move holds only if the task is still in this state (checked under the lock).
     pub expect_status: Option<Status>,
+    /// The move holds only if the task is still on this attempt (fencing; checked under the lock).
+    pub expect_attempt: Option<i32>,
     /// Extra fields for the event's payload (e.g. why a droplet was chosen).
     pub event_extra: Option<Value>,
 }
@@ -155,6 +161,7 @@ impl Move {
             error_message: None,
             expect_droplet: None,
             expect_status: None,
+            expect_attempt: None,
             event_extra: None,
         }
     }
@@ -178,6 +185,8 @@ pub enum MoveError {
     NotYours(i32),
     #[error("Invalid transition {0} -> {1}")]
     Invalid(&'static str, &'static str),
+    #[error("Task {task} is on attempt {current}; this update is for attempt {given}")]
+    StaleAttempt { task: i32, current: i32, given: i32 },
     #[error("database: {0}")]
     Database(#[from] sqlx::Error),
 }
@@ -194,6 +203,7 @@ struct Locked {
     id: i32,
     status: String,
     assigned_droplet_id: Option<i32>,
+    attempt: i32,
 }
 
 /// Applies moves inside the caller's transaction: locks the rows (`FOR UPDATE`), checks each
@@ -212,7 +222,7 @@ pub async fn apply(
     ids.sort_unstable();
     ids.dedup();
     let locked: Vec<Locked> =
-        sqlx::query_as("SELECT id, status, assigned_droplet_id FROM tasks WHERE id = ANY($1) ORDER BY id FOR UPDATE")
+        sqlx::query_as("SELECT id, status, assigned_droplet_id, attempt FROM tasks WHERE id = ANY($1) ORDER BY id FOR UPDATE")
             .bind(&ids)
             .fetch_all(&mut *conn)
             .await?;
@@ -224,6 +234,15 @@ pub async fn apply(
         let check = (|| {
             let row = rows.get(&m.task_id).ok_or(MoveError::NotFound(m.task_id))?;
             let from = Status::parse(&row.status).ok_or(MoveError::NotFound(m.task_id))?;
+            if let Some(given) = m.expect_attempt {
+                if given != row.attempt {
+                    return Err(MoveError::StaleAttempt {
+                        task: m.task_id,
+                        current: row.attempt,
+                        given,
+                    });
+                }
+            }
             if let Some(d) = m.expect_droplet {
                 if row.assigned_droplet_id != Some(d) {
                     return Err(MoveError::NotYours(m.task_id));
@@ -270,7 +289,9 @@ pub async fn apply(
         a_droplet.push(m.assign_to);
         a_result.push(m.result.clone());
         a_error.push(m.error_message.clone());
-        a_retry.push(i32::from(m.cause == Cause::Retry));
+        a_retry.push(i32::from(
+            m.cause == Cause::Retry || (m.cause == Cause::Refused && m.to == Status::Pending),
+        ));
         h_from.push(from.as_str());
         h_by.push(m.changed_by.as_str());
         h_reason.push(m.reason.clone());
@@ -287,9 +308,14 @@ pub async fn apply(
         .fetch_all(&mut *conn)
         .await?;
 
+    let attempts: HashMap<i32, i32> = updated.iter().map(|t| (t.id, t.attempt)).collect();
+    let h_attempt: Vec<i32> = a_ids
+        .iter()
+        .map(|id| attempts.get(id).copied().unwrap_or(0))
+        .collect();
     sqlx::query(
-        "INSERT INTO task_state_history (task_id, from_status, to_status, changed_by, reason, metadata)
-         SELECT * FROM unnest($1::int[], $2::text[], $3::text[], $4::text[], $5::text[], $6::jsonb[])",
+        "INSERT INTO task_state_history (task_id, from_status, to_status, changed_by, reason, metadata, attempt)
+         SELECT * FROM unnest($1::int[], $2::text[], $3::text[], $4::text[], $5::text[], $6::jsonb[], $7::int[])",
     )
     .bind(&a_ids)
     .bind(&h_from)
@@ -297,6 +323,7 @@ pub async fn apply(
     .bind(&h_by)
     .bind(&h_reason)
     .bind(&h_meta)
+    .bind(&h_attempt)
     .execute(&mut *conn)
     .await?;
 
@@ -366,6 +393,7 @@ const TASK_UPDATE_SQL: &str = const_format::concatcp!(
                                  THEN COALESCE(m.error, tasks.error_message)
                                  ELSE tasks.error_message END,
             retry_count = COALESCE(tasks.retry_count, 0) + m.retry_inc,
+            attempt = CASE WHEN m.to_status = 'assigned' THEN tasks.attempt + 1 ELSE tasks.attempt END,
             updated_at = NOW()
         FROM m WHERE tasks.id = m.id
         RETURNING tasks.*
@@ -382,7 +410,8 @@ mod tests {
     use Status::*;
 
     const ACTORS: [Actor; 5] = [System, AssignedDroplet, Creator, Admin, Other];
-    const CAUSES: [Cause; 5] = [
+    const CAUSES: [Cause; 6] = [
+        Cause::Refused,
         Cause::Normal,
         Cause::Requeue,
         Cause::Retry,
@@ -410,6 +439,8 @@ mod tests {
             (Failed, Pending, System, Cause::Retry),
             (Pending, Failed, System, Cause::Deadline),
             (Assigned, Failed, System, Cause::Deadline),
+            (Assigned, Failed, System, Cause::Refused),
+            (Assigned, Pending, System, Cause::Refused),
         ];
         // Cancelling is a user's act whatever cause the caller gave.
         allowed.contains(&(from, to, actor, cause))

@@ -53,6 +53,98 @@ pub async fn recover_droplet(
     Ok(applied.len())
 }
 
+/// A droplet refused a delivery (a 4xx other than 408/429, or its endpoint is not allowed):
+/// the task leaves it as a failed attempt, back to pending with its retry counted (the router
+/// prefers another droplet), or failed for good when no retries are left. After
+/// `DISPATCH_REFUSALS_BEFORE_ERROR` refusals in a row the droplet is marked `error`, out of
+/// routing until it registers or heartbeats again, with a `droplet_health_changed` event.
+pub async fn refused(
+    state: &AppState,
+    task_id: i32,
+    internal_id: i32,
+    droplet_id: i32,
+    why: &str,
+) -> Result<(), sqlx::Error> {
+    let config = state.config();
+    let mut tx = state.db.begin().await?;
+    let left: Option<bool> = sqlx::query_scalar(
+        "SELECT COALESCE(retry_count, 0) < COALESCE(max_retries, 3) FROM tasks
+         WHERE id = $1 AND status = 'assigned' AND assigned_droplet_id = $2 FOR UPDATE",
+    )
+    .bind(task_id)
+    .bind(internal_id)
+    .fetch_optional(&mut *tx)
+    .await?;
+    let Some(retries_left) = left else {
+        // The task moved on meanwhile (started, cancelled, requeued): nothing to undo.
+        return tx.rollback().await;
+    };
+    let reason = format!("droplet {droplet_id} refused the task ({why})");
+    let mut m = if retries_left {
+        let mut m = Move::new(task_id, Status::Pending, Actor::System, "system");
+        m.reason = Some(format!("{reason}; retried on another droplet"));
+        m
+    } else {
+        let mut m = Move::new(task_id, Status::Failed, Actor::System, "system");
+        m.reason = Some(format!("{reason}; no retries left"));
+        m.error_message = Some(reason.clone());
+        m
+    };
+    m.cause = Cause::Refused;
+    m.expect_droplet = Some(internal_id);
+    m.expect_status = Some(Status::Assigned);
+    m.event_extra = Some(serde_json::json!({ "refused_by": droplet_id, "refusal": why }));
+    let applied = apply(&mut tx, &[m]).await?;
+
+    // Count the refusal; the droplet that keeps refusing is put out of routing.
+    #[derive(sqlx::FromRow)]
+    struct Marked {
+        #[sqlx(flatten)]
+        droplet: crate::services::droplets::Droplet,
+        previous_status: String,
+    }
+    let marked: Option<Marked> = sqlx::query_as(const_format::concatcp!(
+        "WITH old AS (SELECT id, status FROM droplets WHERE id = $1 FOR NO KEY UPDATE),
+         up AS (
+            UPDATE droplets SET refused_deliveries = droplets.refused_deliveries + 1,
+                status = CASE WHEN droplets.refused_deliveries + 1 >= $2 AND NOT droplets.admin_deactivated
+                              THEN 'error' ELSE droplets.status END,
+                updated_at = NOW()
+            FROM old WHERE droplets.id = old.id RETURNING droplets.*
+         ) SELECT ",
+        crate::services::droplets::DROPLET_COLUMNS,
+        ", old.status AS previous_status FROM up, old WHERE up.status = 'error' AND old.status <> 'error'"
+    ))
+    .bind(internal_id)
+    .bind(config.dispatch_refusals_before_error as i32)
+    .fetch_optional(&mut *tx)
+    .await?;
+    if let Some(m) = &marked {
+        let event = crate::services::events::Event::droplet(
+            crate::services::events::DropletEventKind::DropletHealthChanged,
+            serde_json::to_value(&m.droplet).unwrap_or_default(),
+            Some(serde_json::json!({
+                "previous_status": m.previous_status,
+                "reason": format!(
+                    "refused {} deliveries in a row (last: {why}); out of routing until it registers or heartbeats again",
+                    config.dispatch_refusals_before_error
+                ),
+            })),
+        );
+        crate::services::events::notify(&mut tx, &[event]).await?;
+    }
+    tx.commit().await?;
+    if marked.is_some() {
+        tracing::warn!(
+            droplet_id,
+            refusals = config.dispatch_refusals_before_error,
+            "droplet marked error: it refused every delivery; it rejoins when it registers or heartbeats"
+        );
+    }
+    tasks::after_commit(state, &applied);
+    Ok(())
+}
+
 async fn apply(conn: &mut PgConnection, moves: &[Move]) -> Result<Vec<Applied>, sqlx::Error> {
     match state_machine::apply(conn, moves, Mode::SkipInvalid).await {
         Ok(a) => Ok(a),

@@ -15,13 +15,33 @@ use crate::state::AppState;
 use crate::udc::{self, Validate};
 
 /// The task columns as the API shows them, from a row aliased `t` joined with droplets `d`.
-pub const TASK_COLUMNS_CTE: &str = "t.id, t.trace_id, t.task_type, t.title, t.description, t.payload, \
+pub const TASK_COLUMNS_CTE: &str = const_format::concatcp!(
+    COLUMNS_HEAD,
+    "t.payload",
+    COLUMNS_MID,
+    "t.result",
+    COLUMNS_TAIL
+);
+
+/// The same columns for listings: `payload` and `result` only when asked for (`$10`), so a
+/// page of large payloads costs neither the database nor this process their size.
+const LIST_COLUMNS: &str = const_format::concatcp!(
+    COLUMNS_HEAD,
+    "CASE WHEN $10 THEN t.payload ELSE 'null'::jsonb END AS payload",
+    COLUMNS_MID,
+    "CASE WHEN $10 THEN t.result END AS result",
+    COLUMNS_TAIL
+);
+
+const COLUMNS_HEAD: &str = "t.id, t.trace_id, t.task_type, t.title, t.description, ";
+const COLUMNS_MID: &str = ", \
     t.required_capability, d.droplet_id AS assigned_droplet_id, d.name AS assigned_droplet_name, \
     d.endpoint AS assigned_droplet_endpoint, t.assigned_droplet_id AS assigned_droplet_internal, \
     t.last_droplet_id, t.status, COALESCE(t.priority, 5) AS priority, \
     COALESCE(t.created_at, NOW()::timestamp) AS created_at, t.assigned_at, t.started_at, t.completed_at, \
-    t.deadline, t.result, t.error_message, COALESCE(t.retry_count, 0) AS retry_count, \
-    COALESCE(t.max_retries, 3) AS max_retries, t.created_by, \
+    t.deadline, ";
+const COLUMNS_TAIL: &str = ", t.error_message, COALESCE(t.retry_count, 0) AS retry_count, \
+    COALESCE(t.max_retries, 3) AS max_retries, t.created_by, t.attempt, \
     COALESCE(t.updated_at, t.created_at, NOW()::timestamp) AS updated_at";
 
 const SELECT_TASK: &str = const_format::concatcp!(
@@ -72,6 +92,8 @@ pub struct Task {
     pub retry_count: i32,
     pub max_retries: i32,
     pub created_by: Option<String>,
+    /// Which assignment the task is on: 0 while never assigned, then 1, 2, ...
+    pub attempt: i32,
     #[serde(serialize_with = "udc::ts")]
     #[schema(value_type = String, format = DateTime)]
     pub updated_at: NaiveDateTime,
@@ -92,6 +114,8 @@ pub struct HistoryRow {
     pub reason: Option<String>,
     #[schema(value_type = Option<Object>)]
     pub metadata: Option<Value>,
+    /// The attempt the task was on after this change.
+    pub attempt: i32,
     #[serde(serialize_with = "udc::ts")]
     #[schema(value_type = String, format = DateTime)]
     pub changed_at: NaiveDateTime,
@@ -295,7 +319,7 @@ pub async fn load_by_trace(db: &PgPool, trace_id: Uuid) -> Result<Option<Task>, 
 
 pub async fn history(db: &PgPool, id: i32) -> Result<Vec<HistoryRow>, sqlx::Error> {
     sqlx::query_as(
-        "SELECT from_status, to_status, changed_by, reason, metadata,
+        "SELECT from_status, to_status, changed_by, reason, metadata, attempt,
                 COALESCE(changed_at, NOW()::timestamp) AS changed_at
          FROM task_state_history WHERE task_id = $1 ORDER BY id",
     )
@@ -316,6 +340,17 @@ pub struct TaskFilter {
     pub created_by: Option<String>,
     pub limit: Option<i64>,
     pub offset: Option<i64>,
+    /// `payload` to include each task's `payload` and `result` (left out by default).
+    pub include: Option<String>,
+}
+
+impl TaskFilter {
+    pub fn include_payload(&self) -> bool {
+        self.include.as_deref().is_some_and(|i| {
+            i.split(',')
+                .any(|p| matches!(p.trim(), "payload" | "result"))
+        })
+    }
 }
 
 impl Validate for TaskFilter {
@@ -370,7 +405,9 @@ pub async fn list(db: &PgPool, f: &TaskFilter) -> Result<Page, sqlx::Error> {
     let limit = f.limit.unwrap_or(50);
     let offset = f.offset.unwrap_or(0);
     let tasks: Vec<Task> = sqlx::query_as(const_format::concatcp!(
-        SELECT_TASK,
+        "SELECT ",
+        LIST_COLUMNS,
+        " FROM tasks t LEFT JOIN droplets d ON d.id = t.assigned_droplet_id",
         TASK_FILTER,
         " ORDER BY t.created_at DESC, t.id DESC LIMIT $8 OFFSET $9"
     ))
@@ -383,6 +420,7 @@ pub async fn list(db: &PgPool, f: &TaskFilter) -> Result<Page, sqlx::Error> {
     .bind(&f.created_by)
     .bind(limit)
     .bind(offset)
+    .bind(f.include_payload())
     .fetch_all(db)
     .await?;
     let total: i64 = if offset == 0 && (tasks.len() as i64) < limit {
@@ -419,6 +457,9 @@ pub struct TaskUpdate {
     pub result: Option<Value>,
     #[serde(default)]
     pub error_message: Option<String>,
+    /// When present, the update holds only if the task is still on this attempt.
+    #[serde(default)]
+    pub attempt: Option<i64>,
 }
 
 impl Validate for TaskUpdate {
@@ -441,7 +482,9 @@ fn move_error(e: MoveError) -> ApiError {
         MoveError::NotYours(id) => {
             ApiError::forbidden(format!("Task {id} is not assigned to this droplet"))
         }
-        e @ MoveError::Invalid(..) => ApiError::conflict(e.to_string()),
+        e @ (MoveError::Invalid(..) | MoveError::StaleAttempt { .. }) => {
+            ApiError::conflict(e.to_string())
+        }
         MoveError::Database(e) => ApiError::from(e),
     }
 }
@@ -504,9 +547,7 @@ pub fn after_commit(state: &AppState, applied: &[Applied]) {
             Status::InProgress => {}
         }
         if let Some(droplet) = a.previous_droplet {
-            state
-                .dispatch
-                .cancel(state, droplet, a.task.id, a.task.trace_id);
+            state.dispatch.cancel(state, droplet, &a.task);
         }
     }
     if route_again {
@@ -549,6 +590,9 @@ pub async fn update(
     });
     m.result = update.result;
     m.error_message = update.error_message;
+    m.expect_attempt = update
+        .attempt
+        .map(|a| a.clamp(-1, i64::from(i32::MAX)) as i32);
     let applied = run_moves(state, &[m], Mode::Strict).await?;
     applied
         .into_iter()

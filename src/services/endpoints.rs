@@ -1,0 +1,244 @@
+//! Droplet endpoints are checked before they are trusted: their shape at registration, and
+//! the addresses their host resolves to at each delivery. The orchestrator POSTs with its
+//! own credentials to whatever a droplet registers, so an endpoint must not turn it into a
+//! client of the database port, the cloud's metadata service or its own loopback.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use ipnet::IpNet;
+use url::Url;
+
+use crate::config::Config;
+
+/// Which addresses deliveries may go to.
+#[derive(Debug, Clone)]
+pub struct EndpointPolicy {
+    /// Loopback is allowed in development, so the tour and the simulator work.
+    allow_loopback: bool,
+    /// When set, the only networks allowed (`ENDPOINT_ALLOWED_NETWORKS`).
+    allowed: Vec<IpNet>,
+}
+
+impl EndpointPolicy {
+    pub fn from_config(config: &Config) -> EndpointPolicy {
+        EndpointPolicy {
+            allow_loopback: !config.is_production(),
+            allowed: config.endpoint_allowed_networks.clone(),
+        }
+    }
+
+    /// Whether a delivery may go to this address. Unspecified, multicast and broadcast
+    /// addresses never; link-local (cloud metadata) and loopback only where allowed
+    /// explicitly (`ENDPOINT_ALLOWED_NETWORKS`) or, for loopback, in development.
+    pub fn allows(&self, ip: IpAddr) -> bool {
+        let ip = canonical(ip);
+        if ip.is_unspecified() || ip.is_multicast() || is_broadcast(ip) {
+            return false;
+        }
+        if !self.allowed.is_empty() {
+            return self.allowed.iter().any(|net| net.contains(&ip));
+        }
+        if is_link_local(ip) {
+            return false;
+        }
+        if ip.is_loopback() {
+            return self.allow_loopback;
+        }
+        true
+    }
+}
+
+/// An IPv4 address written as IPv6 (`::ffff:127.0.0.1`) is that IPv4 address.
+fn canonical(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6
+            .to_ipv4_mapped()
+            .map(IpAddr::V4)
+            .unwrap_or(IpAddr::V6(v6)),
+        v4 => v4,
+    }
+}
+
+fn is_broadcast(ip: IpAddr) -> bool {
+    matches!(ip, IpAddr::V4(v4) if v4.is_broadcast())
+}
+
+fn is_link_local(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => v4.is_link_local(),
+        IpAddr::V6(v6) => (v6.segments()[0] & 0xffc0) == 0xfe80,
+    }
+}
+
+/// What is wrong with an endpoint's shape, in words for a 422.
+pub fn check_shape(raw: &str) -> Result<Url, &'static str> {
+    let url = Url::parse(raw).map_err(|_| "Input should be a valid http(s) URL")?;
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err("Input should be a valid http(s) URL");
+    }
+    if url.host().is_none() {
+        return Err("The URL should name a host");
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err("The URL should carry no credentials");
+    }
+    if url.query().is_some() || url.fragment().is_some() || raw.contains(['?', '#']) {
+        return Err(
+            "The URL should have no query or fragment (deliveries go to {endpoint}/message)",
+        );
+    }
+    Ok(url)
+}
+
+/// The shape check, and for a literal IP address the policy too (a registration that could
+/// never be delivered to is refused up front; host names are checked at each delivery).
+pub fn check_registration(raw: &str, policy: &EndpointPolicy) -> Result<(), &'static str> {
+    let url = check_shape(raw)?;
+    match url.host() {
+        Some(url::Host::Ipv4(ip)) if !policy.allows(IpAddr::V4(ip)) => {
+            Err("The endpoint's address is not one the orchestrator delivers to")
+        }
+        Some(url::Host::Ipv6(ip)) if !policy.allows(IpAddr::V6(ip)) => {
+            Err("The endpoint's address is not one the orchestrator delivers to")
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Why a delivery may not go to this endpoint at all, checked before it is sent: its shape,
+/// or a literal address the policy refuses (resolved names are filtered by [`PolicyResolver`]).
+pub fn check_delivery(raw: &str, policy: &EndpointPolicy) -> Result<Url, &'static str> {
+    let url = check_shape(raw)?;
+    let literal = match url.host() {
+        Some(url::Host::Ipv4(ip)) => Some(IpAddr::V4(ip)),
+        Some(url::Host::Ipv6(ip)) => Some(IpAddr::V6(ip)),
+        _ => None,
+    };
+    if literal.is_some_and(|ip| !policy.allows(ip)) {
+        return Err("endpoint address not allowed");
+    }
+    Ok(url)
+}
+
+/// The DNS resolver of the delivery client: resolves as the system does, then keeps only the
+/// addresses the policy allows, at each connection (so a name that later resolves to the
+/// metadata service or to loopback is refused then too).
+pub struct PolicyResolver {
+    policy: EndpointPolicy,
+}
+
+impl PolicyResolver {
+    pub fn new(policy: EndpointPolicy) -> Arc<PolicyResolver> {
+        Arc::new(PolicyResolver { policy })
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("no allowed address")]
+pub struct NoAllowedAddress;
+
+impl reqwest::dns::Resolve for PolicyResolver {
+    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
+        let policy = self.policy.clone();
+        let host = name.as_str().to_string();
+        Box::pin(async move {
+            let found: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), 0))
+                .await?
+                .filter(|a| policy.allows(a.ip()))
+                .collect();
+            if found.is_empty() {
+                return Err(Box::new(NoAllowedAddress) as Box<dyn std::error::Error + Send + Sync>);
+            }
+            Ok(Box::new(found.into_iter()) as reqwest::dns::Addrs)
+        })
+    }
+}
+
+/// The client deliveries go out with: the policy's resolver, no redirects (a redirect would
+/// carry the orchestrator's token elsewhere), the dispatch timeouts.
+pub fn delivery_client(config: &Config) -> reqwest::Client {
+    let timeout = std::time::Duration::from_secs(config.dispatch_timeout_seconds);
+    reqwest::Client::builder()
+        .timeout(timeout)
+        .connect_timeout(timeout.min(std::time::Duration::from_secs(5)))
+        .pool_max_idle_per_host(16)
+        .redirect(reqwest::redirect::Policy::none())
+        .dns_resolver(PolicyResolver::new(EndpointPolicy::from_config(config)))
+        .build()
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy(production: bool, allowed: &[&str]) -> EndpointPolicy {
+        EndpointPolicy {
+            allow_loopback: !production,
+            allowed: allowed.iter().map(|n| n.parse().unwrap()).collect(),
+        }
+    }
+
+    #[test]
+    fn production_refuses_loopback_metadata_and_the_like() {
+        let p = policy(true, &[]);
+        for ip in [
+            "127.0.0.1",
+            "::1",
+            "169.254.169.254",
+            "fe80::1",
+            "0.0.0.0",
+            "::",
+            "224.0.0.1",
+            "255.255.255.255",
+            "::ffff:127.0.0.1",
+        ] {
+            assert!(!p.allows(ip.parse().unwrap()), "{ip}");
+        }
+        for ip in [
+            "10.0.0.5",
+            "192.168.1.2",
+            "172.16.0.1",
+            "8.8.8.8",
+            "fd00::1",
+        ] {
+            assert!(p.allows(ip.parse().unwrap()), "{ip}");
+        }
+    }
+
+    #[test]
+    fn development_allows_loopback_only() {
+        let p = policy(false, &[]);
+        assert!(p.allows("127.0.0.1".parse().unwrap()));
+        assert!(!p.allows("169.254.169.254".parse().unwrap()));
+    }
+
+    #[test]
+    fn allowed_networks_tighten() {
+        let p = policy(true, &["10.0.0.0/8"]);
+        assert!(p.allows("10.1.2.3".parse().unwrap()));
+        assert!(!p.allows("192.168.1.2".parse().unwrap()));
+    }
+
+    #[test]
+    fn shapes() {
+        assert!(check_shape("http://droplet-8:8000").is_ok());
+        assert!(check_shape("https://a.example/api").is_ok());
+        for bad in [
+            "ftp://a",
+            "http://user:pw@a",
+            "http://a/?x=1",
+            "http://a/#frag",
+            "http://a?",
+            "not a url",
+        ] {
+            assert!(check_shape(bad).is_err(), "{bad}");
+        }
+        let prod = policy(true, &[]);
+        assert!(check_registration("http://127.0.0.1:5432", &prod).is_err());
+        assert!(check_registration("http://[::1]:80", &prod).is_err());
+        assert!(check_registration("http://169.254.169.254/latest", &prod).is_err());
+        assert!(check_registration("http://droplet.internal:80", &prod).is_ok());
+    }
+}
