@@ -38,6 +38,8 @@ pub struct App {
     /// Deliveries to droplets: endpoint policy at each resolution, no redirects.
     pub delivery: reqwest::Client,
     pub endpoint_policy: crate::services::endpoints::EndpointPolicy,
+    /// Compiled capability contracts (JSON Schemas), shared by creation and routing.
+    pub contracts: crate::services::contracts::Contracts,
     pub log: LogHandle,
     pub started_at: Instant,
     /// Cancelled when the process shuts down (SIGTERM, /management/shutdown).
@@ -73,6 +75,7 @@ impl AppState {
         AppState(Arc::new(App {
             delivery,
             endpoint_policy,
+            contracts: crate::services::contracts::Contracts::new(),
             db,
             keys,
             events: EventHub::new(&config),

@@ -1083,13 +1083,38 @@
       $('#detail-body').replaceChildren(el('p', { class: 'muted', text: 'Loading…' }));
     }
     for (const [tid, row] of S.rows.tasks) row.classList.toggle('selected', tid === id);
-    const r = await api('GET', '/tasks/' + id);
+    const [r, why] = await Promise.all([api('GET', '/tasks/' + id), api('GET', '/tasks/' + id + '/explain')]);
     if (seq !== S.detail.seq || S.detail.id !== id) return;
     if (!r.ok || !r.payload || !r.payload.task) {
       $('#detail-body').replaceChildren(el('p', { class: 'error', text: 'Could not load task #' + id + ': ' + r.detail }));
       return;
     }
-    renderDetail(r.payload.task);
+    renderDetail(r.payload.task, why.ok ? why.payload : null);
+  }
+
+  const REASONS = {
+    no_capable_droplet: 'No registered droplet has the capability it needs.',
+    capable_droplets_inactive: 'Every droplet with the capability is inactive.',
+    capable_droplets_full: 'Every active droplet with the capability is full.',
+    payload_rejected_by_contracts: "The capable droplets' contracts refuse its payload.",
+    waiting_for_retry: 'It failed and waits for its retry.',
+    routing_paused: 'Routing is paused.',
+    emergency_stop: 'An emergency stop is in effect.',
+    queued_behind: 'Queued behind other pending tasks.',
+  };
+
+  /** Why a task waits (its reason and every candidate droplet), from /tasks/{id}/explain. */
+  function renderExplain(x) {
+    if (!x || !x.reason) return [];
+    let text = REASONS[x.reason] || x.reason;
+    if (x.reason === 'queued_behind') text += ' Position: ' + x.position + '.';
+    if (x.retry_at) text += ' Retry at ' + fmtWhen(x.retry_at) + '.';
+    const list = el('ul', { class: 'candidates' });
+    for (const c of x.candidates || []) {
+      const load = c.max_concurrent_tasks ? c.load + '/' + c.max_concurrent_tasks : String(c.load);
+      list.append(el('li', { text: 'droplet ' + c.droplet_id + ' · ' + c.status + ' · load ' + load + (c.why_not ? ' · ' + c.why_not : ' · can take it') }));
+    }
+    return [el('h3', { text: 'Why is it waiting?' }), el('p', { class: 'why-waiting', dataset: { reason: x.reason }, text: text }), list];
   }
 
   let detailTimer = null;
@@ -1113,7 +1138,7 @@
     list.append(el('dt', { text: label }), el('dd', {}, value));
   }
 
-  function renderDetail(t) {
+  function renderDetail(t, why) {
     const out = $('#detail-body');
     out.dataset.id = String(t.id);
     setText($('#detail-title'), 'Task #' + t.id);
@@ -1138,7 +1163,7 @@
     field(dl, 'Created by', /^\d+$/.test(String(t.created_by || '')) ? 'droplet ' + t.created_by : t.created_by);
     field(dl, 'Trace id', el('code', { text: t.trace_id || '' }));
     field(dl, 'Description', t.description);
-    const parts = [head, dl, el('h3', { text: 'Payload' }), el('pre', { class: 'payload', text: pretty(t.payload || {}) })];
+    const parts = [head, dl, ...renderExplain(why), el('h3', { text: 'Payload' }), el('pre', { class: 'payload', text: pretty(t.payload || {}) })];
     if (t.result !== null && t.result !== undefined) parts.push(el('h3', { text: 'Result' }), el('pre', { class: 'result', text: pretty(t.result) }));
     if (t.error_message) parts.push(el('h3', { text: 'Error' }), el('pre', { class: 'error', text: t.error_message }));
     const history = Array.isArray(t.state_history) ? t.state_history : [];

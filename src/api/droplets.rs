@@ -192,5 +192,6 @@ pub async fn capabilities(
         "droplet_id": droplet.droplet_id,
         "name": droplet.name,
         "capabilities": droplet.capabilities,
+        "capability_schemas": droplet.capability_schemas.clone().unwrap_or_else(|| json!({})),
     })))
 }

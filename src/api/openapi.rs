@@ -139,6 +139,7 @@ impl Modify for BearerScheme {
         api::tasks::create,
         api::tasks::list,
         api::tasks::detail,
+        api::tasks::explain,
         api::tasks::update,
         api::tasks::cancel,
         api::ws::tasks_feed,

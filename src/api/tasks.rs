@@ -15,6 +15,7 @@ pub fn router() -> Router<AppState> {
     Router::new()
         .route("/tasks", post(create).get(list))
         .route("/tasks/{task_id}", get(detail).patch(update).delete(cancel))
+        .route("/tasks/{task_id}/explain", get(explain))
 }
 
 #[utoipa::path(post, path = "/tasks", tag = "tasks", request_body = NewTask, security(("bearer" = [])),
@@ -119,6 +120,24 @@ pub async fn detail(
     let mut body = serde_json::to_value(&task).unwrap_or_default();
     body["state_history"] = json!(history);
     Ok(Udc::ok(json!({ "task": body })))
+}
+
+/// Why a task is waiting (a pending task's reason and every capable droplet's state) or, for
+/// any other task, the assignment decisions of each attempt and the time in each state.
+#[utoipa::path(get, path = "/tasks/{task_id}/explain", tag = "tasks", security(("bearer" = [])),
+    params(("task_id" = i32, Path, description = "Task id")),
+    responses((status = 200, description = "For a waiting task: reason (no_capable_droplet, capable_droplets_inactive, capable_droplets_full, payload_rejected_by_contracts, waiting_for_retry with retry_at, routing_paused, emergency_stop, queued_behind with position) and candidates with why_not; always: attempts and time_in_state_seconds"),
+               (status = 404, description = "Unknown task")))]
+pub async fn explain(
+    State(state): State<AppState>,
+    caller: Caller,
+    PathParam(task_id): PathParam<i32>,
+) -> ApiResult<Udc<Value>> {
+    caller.require(Permission::Read)?;
+    let answer = crate::services::explain::explain(&state, task_id)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("Task {task_id} not found")))?;
+    Ok(Udc::ok(answer))
 }
 
 #[utoipa::path(patch, path = "/tasks/{task_id}", tag = "tasks", request_body = TaskUpdate, security(("bearer" = [])),

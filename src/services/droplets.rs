@@ -40,11 +40,14 @@ pub struct Droplet {
     /// How the droplet writes ids in its own envelopes (`int`, `string`), to answer in kind.
     #[serde(skip)]
     pub id_form: Option<String>,
+    /// Per capability, the JSON Schema of the payloads the droplet accepts.
+    #[schema(value_type = Option<Object>)]
+    pub capability_schemas: Option<Value>,
 }
 
 pub const DROPLET_COLUMNS: &str = "id AS internal_id, droplet_id AS id, droplet_id, name, steward, endpoint, \
     COALESCE(capabilities, '[]'::jsonb) AS capabilities, status, last_heartbeat, registered_at, updated_at, \
-    max_concurrent_tasks, admin_deactivated, registered, id_form";
+    max_concurrent_tasks, admin_deactivated, registered, id_form, capability_schemas";
 
 impl Droplet {
     pub fn capability_list(&self) -> Vec<String> {
@@ -103,6 +106,10 @@ pub struct Registration {
     pub status: Option<String>,
     #[serde(default)]
     pub max_concurrent_tasks: Option<i64>,
+    /// Per capability, a JSON Schema (draft 2020-12) of the task payloads accepted.
+    #[serde(default)]
+    #[schema(value_type = Option<Object>)]
+    pub capability_schemas: Option<serde_json::Map<String, Value>>,
 }
 
 impl Registration {
@@ -219,6 +226,29 @@ pub async fn register(
             "url_not_allowed",
         ));
     }
+    // Contracts: each names a declared capability and compiles, or nothing is registered.
+    if let Some(schemas) = &reg.capability_schemas {
+        let mut errors = Vec::new();
+        for (capability, schema) in schemas {
+            let loc = ["body", "payload", "capability_schemas", capability.as_str()];
+            if !reg.capabilities.contains(capability) {
+                errors.push(FieldError::new(
+                    &loc,
+                    format!("{capability:?} is not one of the droplet's capabilities"),
+                    "value_error",
+                ));
+            } else if let Err(why) = state.contracts.compile(schema) {
+                errors.push(FieldError::new(
+                    &loc,
+                    format!("The schema for capability {capability:?} does not compile: {why}"),
+                    "schema_invalid",
+                ));
+            }
+        }
+        if !errors.is_empty() {
+            return Err(ApiError::Validation(errors));
+        }
+    }
     // Each capability once, in the order the droplet declared them (`dedup` alone would
     // keep repeats that are not next to each other).
     let mut seen = std::collections::HashSet::new();
@@ -229,12 +259,13 @@ pub async fn register(
         "WITH old AS (SELECT status, registered FROM droplets WHERE droplet_id = $1),
          up AS (
             INSERT INTO droplets (droplet_id, name, steward, endpoint, capabilities, status, last_heartbeat,
-                                  max_concurrent_tasks, registered, id_form)
-            VALUES ($1, $2, $3, $4, $5, 'active', NOW(), $6, TRUE, $7)
+                                  max_concurrent_tasks, registered, id_form, capability_schemas)
+            VALUES ($1, $2, $3, $4, $5, 'active', NOW(), $6, TRUE, $7, $8)
             ON CONFLICT (droplet_id) DO UPDATE SET
                 name = EXCLUDED.name, steward = EXCLUDED.steward, endpoint = EXCLUDED.endpoint,
                 capabilities = EXCLUDED.capabilities, max_concurrent_tasks = EXCLUDED.max_concurrent_tasks,
                 id_form = COALESCE(EXCLUDED.id_form, droplets.id_form), refused_deliveries = 0,
+                capability_schemas = EXCLUDED.capability_schemas,
                 status = CASE WHEN droplets.admin_deactivated THEN droplets.status ELSE 'active' END,
                 last_heartbeat = NOW(), updated_at = NOW(), registered = TRUE
             RETURNING *
@@ -252,6 +283,7 @@ pub async fn register(
     .bind(json!(capabilities))
     .bind(reg.max_concurrent_tasks.map(|m| m as i32))
     .bind(id_form)
+    .bind(reg.capability_schemas.clone().map(Value::Object))
     .fetch_one(&mut *tx)
     .await?;
     let event = Event::droplet(

@@ -1,10 +1,12 @@
 //! The spec's services: business rules over the database, no HTTP types.
 
 pub mod config_reload;
+pub mod contracts;
 pub mod dispatch;
 pub mod droplets;
 pub mod endpoints;
 pub mod events;
+pub mod explain;
 pub mod health_monitor;
 pub mod metrics_queries;
 pub mod registry_client;

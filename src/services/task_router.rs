@@ -142,6 +142,7 @@ struct Candidate {
     max_concurrent_tasks: Option<i32>,
     last_heartbeat: Option<NaiveDateTime>,
     load: i64,
+    capability_schemas: Option<serde_json::Value>,
 }
 
 #[derive(sqlx::FromRow)]
@@ -160,6 +161,15 @@ struct Slot {
     max: Option<i64>,
     heartbeat: Option<NaiveDateTime>,
     load: i64,
+    /// Per capability, the droplet's contract (JSON Schema) for task payloads.
+    schemas: serde_json::Map<String, serde_json::Value>,
+}
+
+/// What decides whether a droplet's contract accepts a task: the compiled contracts and the
+/// payloads of the tasks whose capability has a contract somewhere.
+struct Fit<'a> {
+    contracts: &'a crate::services::contracts::Contracts,
+    payloads: &'a HashMap<i32, serde_json::Value>,
 }
 
 impl Slot {
@@ -190,7 +200,7 @@ async fn pass(state: &AppState) -> Result<Pass, sqlx::Error> {
     // another replica is filling right now is skipped, never waited for.
     let candidates: Vec<Candidate> = sqlx::query_as(
         "SELECT d.id, d.droplet_id, COALESCE(d.capabilities, '[]'::jsonb) AS capabilities,
-                d.max_concurrent_tasks, d.last_heartbeat,
+                d.max_concurrent_tasks, d.last_heartbeat, d.capability_schemas,
                 (SELECT COUNT(*) FROM tasks t
                   WHERE t.assigned_droplet_id = d.id AND t.status IN ('assigned', 'in_progress')) AS load
          FROM droplets d
@@ -221,6 +231,10 @@ async fn pass(state: &AppState) -> Result<Pass, sqlx::Error> {
             max: c.max_concurrent_tasks.map(i64::from),
             heartbeat: c.last_heartbeat,
             load: c.load,
+            schemas: match c.capability_schemas {
+                Some(serde_json::Value::Object(m)) => m,
+                _ => serde_json::Map::new(),
+            },
         })
         .collect();
 
@@ -303,14 +317,45 @@ async fn pass(state: &AppState) -> Result<Pass, sqlx::Error> {
     .collect();
     pending.retain(|t| locked.contains(&t.id));
 
+    // Payloads only for tasks whose capability some droplet here has a contract for.
+    let contracted: HashSet<&str> = slots
+        .iter()
+        .flat_map(|s| s.schemas.keys().map(String::as_str))
+        .collect();
+    let need_payload: Vec<i32> = pending
+        .iter()
+        .filter(|t| {
+            t.required_capability
+                .as_deref()
+                .is_some_and(|c| contracted.contains(c))
+        })
+        .map(|t| t.id)
+        .collect();
+    let payloads: HashMap<i32, serde_json::Value> = if need_payload.is_empty() {
+        HashMap::new()
+    } else {
+        sqlx::query_as::<_, (i32, serde_json::Value)>(
+            "SELECT id, COALESCE(payload, '{}'::jsonb) FROM tasks WHERE id = ANY($1)",
+        )
+        .bind(&need_payload)
+        .fetch_all(&mut *tx)
+        .await?
+        .into_iter()
+        .collect()
+    };
+    let fit = Fit {
+        contracts: &state.contracts,
+        payloads: &payloads,
+    };
+
     let mut moves = Vec::with_capacity(pending.len());
     for task in &pending {
-        let Some(choice) = choose(&slots, task) else {
+        let Some(choice) = choose(&slots, task, &fit) else {
             continue;
         };
         let considered: Vec<serde_json::Value> = slots
             .iter()
-            .filter(|s| can_take(s, task))
+            .filter(|s| can_take(s, task, &fit))
             .take(10)
             .map(|s| json!({ "droplet_id": s.droplet_id, "load": s.load, "max_concurrent_tasks": s.max }))
             .collect();
@@ -368,22 +413,33 @@ fn room_left(slots: &[Slot]) -> Room {
     }
 }
 
-fn can_take(slot: &Slot, task: &PendingTask) -> bool {
+fn can_take(slot: &Slot, task: &PendingTask, fit: &Fit) -> bool {
     slot.room() > 0
         && task
             .required_capability
             .as_ref()
-            .is_none_or(|c| slot.capabilities.contains(c))
+            .is_none_or(|c| slot.capabilities.contains(c) && accepts(slot, c, task.id, fit))
+}
+
+/// Whether the droplet's contract for the capability (if it has one) accepts the payload.
+fn accepts(slot: &Slot, capability: &str, task: i32, fit: &Fit) -> bool {
+    match slot.schemas.get(capability) {
+        None => true,
+        Some(schema) => fit
+            .payloads
+            .get(&task)
+            .is_some_and(|p| fit.contracts.accepts(schema, p)),
+    }
 }
 
 /// The least loaded droplet that can take the task, freshest heartbeat on ties, and not the
 /// droplet it last ran on when another one can take it.
-fn choose(slots: &[Slot], task: &PendingTask) -> Option<usize> {
+fn choose(slots: &[Slot], task: &PendingTask, fit: &Fit) -> Option<usize> {
     let best = |avoid: Option<i32>| {
         slots
             .iter()
             .enumerate()
-            .filter(|(_, s)| can_take(s, task) && Some(s.id) != avoid)
+            .filter(|(_, s)| can_take(s, task, fit) && Some(s.id) != avoid)
             .min_by(|(_, a), (_, b)| a.load.cmp(&b.load).then(b.heartbeat.cmp(&a.heartbeat)))
             .map(|(i, _)| i)
     };

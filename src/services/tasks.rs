@@ -237,6 +237,51 @@ pub const INSERT_TASK: &str = const_format::concatcp!(
 
 /// Creates a task, or finds the one this creator already made with this trace id.
 /// Returns the task and whether it is new.
+/// The schemas registered droplets with this capability declared for it (`None` for a droplet
+/// without one).
+pub async fn contracts_for(
+    db: &PgPool,
+    capability: &str,
+) -> Result<Vec<Option<Value>>, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT capability_schemas -> $1 FROM droplets
+         WHERE registered AND COALESCE(capabilities, '[]'::jsonb) ? $1",
+    )
+    .bind(capability)
+    .fetch_all(db)
+    .await
+}
+
+/// A payload at least one capable droplet's contract accepts (or a droplet without one), else
+/// 422 with one entry per violated rule, located in the payload.
+async fn check_contracts(
+    state: &AppState,
+    capability: &str,
+    payload: &Value,
+) -> Result<(), ApiError> {
+    let schemas = contracts_for(&state.db, capability).await?;
+    if schemas.iter().all(Option::is_none) {
+        return Ok(());
+    }
+    crate::services::contracts::verdict(
+        &state.contracts,
+        schemas.iter().map(Option::as_ref),
+        payload,
+    )
+    .map_err(|violations| {
+        ApiError::Validation(
+            violations
+                .into_iter()
+                .map(|v| {
+                    let mut loc: Vec<&str> = vec!["body", "payload", "payload"];
+                    loc.extend(v.path.iter().map(String::as_str));
+                    FieldError::new(&loc, v.message, "contract_violation")
+                })
+                .collect(),
+        )
+    })
+}
+
 pub async fn create(
     state: &AppState,
     caller: &Caller,
@@ -260,6 +305,9 @@ pub async fn create(
         Some(Value::Object(m)) => Value::Object(m),
         _ => Value::Object(Default::default()),
     };
+    if let Some(capability) = new.required_capability.as_deref().filter(|c| !c.is_empty()) {
+        check_contracts(state, capability, &payload).await?;
+    }
     let mut tx = state.db.begin().await?;
     let inserted: Option<Task> = sqlx::query_as(INSERT_TASK)
         .bind(trace)
