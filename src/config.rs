@@ -99,6 +99,8 @@ pub struct Config {
     pub heartbeat_timeout: u64,
     pub heartbeat_cleanup_interval: u64,
     pub heartbeat_retention_days: u64,
+    /// Days finished tasks are kept (0: forever).
+    pub task_retention_days: u64,
     pub task_router_interval: u64,
     pub assignment_timeout_seconds: u64,
     pub retry_backoff_seconds: u64,
@@ -164,6 +166,7 @@ pub const VARIABLES: &[(&str, &str, &str)] = &[
     ("HEARTBEAT_TIMEOUT", "90", "seconds without a heartbeat before a droplet is inactive"),
     ("HEARTBEAT_CLEANUP_INTERVAL", "3600", "seconds between heartbeat cleanups"),
     ("HEARTBEAT_RETENTION_DAYS", "7", "days heartbeat rows are kept"),
+    ("TASK_RETENTION_DAYS", "0", "days finished tasks (completed, cancelled, failed for good) are kept with their history; 0 keeps them forever"),
     ("TASK_ROUTER_INTERVAL", "10", "seconds between the router's safety-net passes"),
     ("ASSIGNMENT_TIMEOUT_SECONDS", "300", "assigned but not started for this long: back to pending"),
     ("RETRY_BACKOFF_SECONDS", "5", "first retry delay, doubled per attempt"),
@@ -367,6 +370,7 @@ impl Config {
             heartbeat_timeout: interval("HEARTBEAT_TIMEOUT", 90)?,
             heartbeat_cleanup_interval: interval("HEARTBEAT_CLEANUP_INTERVAL", 3600)?,
             heartbeat_retention_days: r.number("HEARTBEAT_RETENTION_DAYS", 7u64, 1, 3650)?,
+            task_retention_days: r.number("TASK_RETENTION_DAYS", 0u64, 0, 36_500)?,
             task_router_interval: interval("TASK_ROUTER_INTERVAL", 10)?,
             assignment_timeout_seconds: interval("ASSIGNMENT_TIMEOUT_SECONDS", 300)?,
             retry_backoff_seconds: r.number("RETRY_BACKOFF_SECONDS", 5u64, 0, 86_400)?,
@@ -554,6 +558,7 @@ impl Config {
             self.header_read_timeout_seconds.to_string(),
         );
         m.insert("MAX_CONNECTIONS", self.max_connections.to_string());
+        m.insert("TASK_RETENTION_DAYS", self.task_retention_days.to_string());
         m.insert("DROPLET_ID", self.droplet_id.to_string());
         m.insert("DROPLET_NAME", self.droplet_name.clone());
         m.insert("DROPLET_STEWARD", self.droplet_steward.clone());

@@ -236,10 +236,15 @@ pub async fn run_once(state: &AppState, id: &str) -> Result<String, String> {
         "registry_sync" => registry_client::run_once(state)
             .await
             .map(|n| format!("{n} droplets synced")),
-        "heartbeat_cleanup" => health_monitor::cleanup_old_heartbeats(state)
-            .await
-            .map(|n| format!("{n} heartbeats deleted"))
-            .map_err(text),
+        "heartbeat_cleanup" => async {
+            let beats = health_monitor::cleanup_old_heartbeats(state).await?;
+            let tasks = health_monitor::cleanup_old_tasks(state).await?;
+            Ok::<_, sqlx::Error>(format!(
+                "{beats} heartbeats deleted, {tasks} finished tasks past their retention deleted"
+            ))
+        }
+        .await
+        .map_err(text),
         "websocket_ping" => {
             let interval = state.config().ws_heartbeat_interval;
             Ok(format!(

@@ -57,6 +57,20 @@ pub async fn summary(
     Ok(Udc::ok(queries::summary(&state.db).await?))
 }
 
+/// A window reaching further back than `TASK_RETENTION_DAYS` (or all time, with a retention)
+/// covers tasks that were deleted: the answer says so.
+fn retention_note(state: &AppState, range: Option<TimeRange>, body: &mut Value) {
+    let days = state.config().task_retention_days;
+    if days == 0 {
+        return;
+    }
+    let exceeds = range.is_none_or(|r| r.days() > days as f64);
+    if let Value::Object(map) = body {
+        map.insert("retention_days".into(), json!(days));
+        map.insert("window_exceeds_retention".into(), json!(exceeds));
+    }
+}
+
 #[utoipa::path(get, path = "/metrics/tasks/performance", tag = "metrics", params(RangeParams), security(("bearer" = [])),
     responses((status = 200, description = "Counts by outcome, success rate, duration mean/p50/p95/max, retries (default 24h)"),
               (status = 404, description = "ENABLE_METRICS=false"), (status = 422, description = "time_range not 1h, 24h, 7d or 30d")))]
@@ -69,9 +83,9 @@ pub async fn task_performance(
     caller.require(Permission::Read)?;
     let range = params.range_or(TimeRange::Day);
     let task_type = params.task_type.as_deref().filter(|t| !t.is_empty());
-    Ok(Udc::ok(
-        queries::performance(&state.db, range, task_type).await?,
-    ))
+    let mut body = queries::performance(&state.db, range, task_type).await?;
+    retention_note(&state, Some(range), &mut body);
+    Ok(Udc::ok(body))
 }
 
 #[utoipa::path(get, path = "/metrics/tasks/by-type", tag = "metrics", params(RangeParams), security(("bearer" = [])),
@@ -85,7 +99,9 @@ pub async fn tasks_by_type(
 ) -> ApiResult<Udc<Value>> {
     caller.require(Permission::Read)?;
     let range = params.time_range.as_deref().and_then(TimeRange::parse);
-    Ok(Udc::ok(queries::by_type(&state.db, range).await?))
+    let mut body = queries::by_type(&state.db, range).await?;
+    retention_note(&state, range, &mut body);
+    Ok(Udc::ok(body))
 }
 
 #[utoipa::path(get, path = "/metrics/droplets/{droplet_id}/performance", tag = "metrics", params(("droplet_id" = i32, Path, description = "External droplet id"), RangeParams), security(("bearer" = [])),

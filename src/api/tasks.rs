@@ -63,7 +63,12 @@ pub async fn list(
 ) -> ApiResult<Udc<Value>> {
     caller.require(Permission::Read)?;
     let page = tasks::list(&state.db, &filter).await?;
-    let has_more = page.offset + (page.tasks.len() as i64) < page.total;
+    let has_more = page.has_more;
+    let next_after_id = if has_more {
+        page.tasks.last().map(|t| t.id)
+    } else {
+        None
+    };
     let include = filter.include_payload();
     // Payloads and results only when asked for, and then at most LIST_PAYLOAD_BYTES of
     // them in one answer: the tasks past that come without (`payload_truncated`).
@@ -98,6 +103,8 @@ pub async fn list(
         "tasks": listed,
         "payload_truncated": truncated,
         "total": page.total,
+        "total_exact": page.total_exact,
+        "next_after_id": next_after_id,
         "limit": page.limit,
         "offset": page.offset,
         "has_more": has_more,

@@ -99,6 +99,56 @@ pub async fn run_once(state: &AppState) -> Result<HealthRound, sqlx::Error> {
     Ok(round)
 }
 
+/// Finished tasks deleted per statement, so no statement holds many locks for long.
+const RETENTION_BATCH: i64 = 500;
+/// Batches one cleanup round runs at most (the next round goes on).
+const RETENTION_BATCHES: usize = 200;
+
+/// Finished tasks (completed, cancelled, or failed with no retry to come) older than
+/// `TASK_RETENTION_DAYS` go with their history (`ON DELETE CASCADE`), in small batches whose
+/// rows are taken with `SKIP LOCKED`: a task the router or a PATCH holds is left for the next
+/// round, and nothing live (pending, assigned, running, or failed with a retry due) is ever
+/// touched. Returns how many tasks were deleted.
+pub async fn cleanup_old_tasks(state: &AppState) -> Result<u64, sqlx::Error> {
+    let days = state.config().task_retention_days;
+    if days == 0 {
+        return Ok(0);
+    }
+    let mut deleted = 0u64;
+    for _ in 0..RETENTION_BATCHES {
+        let n = sqlx::query(
+            "WITH doomed AS (
+                SELECT id FROM tasks
+                WHERE completed_at < NOW() - make_interval(days => $1::int)
+                  AND (status IN ('completed', 'cancelled')
+                       OR (status = 'failed' AND (COALESCE(retry_count, 0) >= COALESCE(max_retries, 3)
+                                                  OR (deadline IS NOT NULL AND deadline <= NOW()))))
+                ORDER BY completed_at
+                LIMIT $2
+                FOR UPDATE SKIP LOCKED
+             )
+             DELETE FROM tasks WHERE id IN (SELECT id FROM doomed)",
+        )
+        .bind(days as i32)
+        .bind(RETENTION_BATCH)
+        .execute(&state.db)
+        .await?
+        .rows_affected();
+        deleted += n;
+        if (n as i64) < RETENTION_BATCH {
+            break;
+        }
+    }
+    if deleted > 0 {
+        tracing::info!(
+            deleted,
+            days,
+            "finished tasks past their retention deleted with their history"
+        );
+    }
+    Ok(deleted)
+}
+
 /// One round of the `heartbeat_cleanup` job: heartbeats older than the retention go.
 pub async fn cleanup_old_heartbeats(state: &AppState) -> Result<u64, sqlx::Error> {
     let days = state.config().heartbeat_retention_days;

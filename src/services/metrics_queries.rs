@@ -24,6 +24,16 @@ pub enum TimeRange {
 impl TimeRange {
     pub const ALLOWED: &'static str = "'1h', '24h', '7d' or '30d'";
 
+    /// How long the window is, in days.
+    pub fn days(self) -> f64 {
+        match self {
+            TimeRange::Hour => 1.0 / 24.0,
+            TimeRange::Day => 1.0,
+            TimeRange::Week => 7.0,
+            TimeRange::Month => 30.0,
+        }
+    }
+
     pub fn parse(raw: &str) -> Option<TimeRange> {
         Some(match raw {
             "1h" => TimeRange::Hour,

@@ -388,6 +388,8 @@ pub struct TaskFilter {
     pub created_by: Option<String>,
     pub limit: Option<i64>,
     pub offset: Option<i64>,
+    /// Keyset paging: the tasks after this one (the previous page's `next_after_id`).
+    pub after_id: Option<i32>,
     /// `payload` to include each task's `payload` and `result` (left out by default).
     pub include: Option<String>,
 }
@@ -429,16 +431,31 @@ impl Validate for TaskFilter {
         );
         range("limit", self.limit, 1, 500, &mut errors);
         range("offset", self.offset, 0, i64::MAX, &mut errors);
+        range(
+            "after_id",
+            self.after_id.map(i64::from),
+            1,
+            i64::from(i32::MAX),
+            &mut errors,
+        );
         errors
     }
 }
 
 pub struct Page {
     pub tasks: Vec<Task>,
+    /// The tasks that match the filters: exact up to [`TOTAL_BOUND`], a lower bound past it.
     pub total: i64,
+    pub total_exact: bool,
     pub limit: i64,
     pub offset: i64,
+    /// Whether more tasks match past this page.
+    pub has_more: bool,
 }
+
+/// `total` is counted exactly up to this many matching tasks; past it, it says "at least"
+/// (`total_exact: false`), so a listing costs the same at a million tasks as at a thousand.
+pub const TOTAL_BOUND: i64 = 10_000;
 
 const TASK_FILTER: &str = " WHERE ($1::text IS NULL OR t.status = $1)
       AND ($2::text IS NULL OR t.task_type = $2)
@@ -448,16 +465,23 @@ const TASK_FILTER: &str = " WHERE ($1::text IS NULL OR t.status = $1)
       AND ($6::text IS NULL OR t.required_capability = $6)
       AND ($7::text IS NULL OR t.created_by = $7)";
 
-/// Newest first, with the total that matches the filters.
+/// Newest first, with the total that matches the filters. With `after_id` (keyset paging),
+/// the tasks after that one in the same order, whatever its depth.
 pub async fn list(db: &PgPool, f: &TaskFilter) -> Result<Page, sqlx::Error> {
     let limit = f.limit.unwrap_or(50);
-    let offset = f.offset.unwrap_or(0);
-    let tasks: Vec<Task> = sqlx::query_as(const_format::concatcp!(
+    let offset = if f.after_id.is_some() {
+        0
+    } else {
+        f.offset.unwrap_or(0)
+    };
+    let mut tasks: Vec<Task> = sqlx::query_as(const_format::concatcp!(
         "SELECT ",
         LIST_COLUMNS,
         " FROM tasks t LEFT JOIN droplets d ON d.id = t.assigned_droplet_id",
         TASK_FILTER,
-        " ORDER BY t.created_at DESC, t.id DESC LIMIT $8 OFFSET $9"
+        " AND ($11::int IS NULL OR (t.created_at, t.id) <
+                (SELECT a.created_at, a.id FROM tasks a WHERE a.id = $11))
+         ORDER BY t.created_at DESC, t.id DESC LIMIT $8 + 1 OFFSET $9"
     ))
     .bind(&f.status)
     .bind(&f.task_type)
@@ -469,14 +493,19 @@ pub async fn list(db: &PgPool, f: &TaskFilter) -> Result<Page, sqlx::Error> {
     .bind(limit)
     .bind(offset)
     .bind(f.include_payload())
+    .bind(f.after_id)
     .fetch_all(db)
     .await?;
-    let total: i64 = if offset == 0 && (tasks.len() as i64) < limit {
-        tasks.len() as i64
+    let has_more = tasks.len() as i64 > limit;
+    tasks.truncate(limit as usize);
+    // The total of the whole filter (not of what follows a cursor), counted up to a bound.
+    let (total, total_exact) = if f.after_id.is_none() && offset == 0 && !has_more {
+        (tasks.len() as i64, true)
     } else {
-        sqlx::query_scalar(const_format::concatcp!(
-            "SELECT COUNT(*) FROM tasks t",
-            TASK_FILTER
+        let counted: i64 = sqlx::query_scalar(const_format::concatcp!(
+            "SELECT COUNT(*) FROM (SELECT 1 FROM tasks t",
+            TASK_FILTER,
+            " LIMIT $8) bounded"
         ))
         .bind(&f.status)
         .bind(&f.task_type)
@@ -485,14 +514,22 @@ pub async fn list(db: &PgPool, f: &TaskFilter) -> Result<Page, sqlx::Error> {
         .bind(f.assigned_droplet_id)
         .bind(&f.required_capability)
         .bind(&f.created_by)
+        .bind(TOTAL_BOUND + 1)
         .fetch_one(db)
-        .await?
+        .await?;
+        if counted > TOTAL_BOUND {
+            (TOTAL_BOUND, false)
+        } else {
+            (counted, true)
+        }
     };
     Ok(Page {
         tasks,
         total,
+        total_exact,
         limit,
         offset,
+        has_more,
     })
 }
 
