@@ -16,6 +16,10 @@ use crate::services::state_machine::{self, Actor, Mode, Move, Status};
 use crate::services::{task_recovery, tasks};
 use crate::state::AppState;
 
+/// The advisory lock space of "a pass is filling this droplet" (the key's second half is the
+/// droplet's internal id).
+pub const DROPLET_FILL_LOCK: i32 = 0x0A5C_0011;
+
 /// Most tasks one pass assigns; a full pass runs again at once.
 pub const BATCH: i64 = 5000;
 
@@ -197,17 +201,18 @@ pub async fn route_pass(state: &AppState) -> Result<usize, sqlx::Error> {
 async fn pass(state: &AppState) -> Result<Pass, sqlx::Error> {
     let mut tx = state.db.begin().await?;
     // Locking the droplets we fill keeps two replicas from overfilling one droplet; a droplet
-    // another replica is filling right now is skipped, never waited for.
+    // another replica is filling right now is skipped, never waited for. The locks are
+    // advisory (per droplet, until this transaction ends), not row locks: a heartbeat, a
+    // registration or an admin's change of the droplet's row never waits for a pass.
     let candidates: Vec<Candidate> = sqlx::query_as(
         "SELECT d.id, d.droplet_id, COALESCE(d.capabilities, '[]'::jsonb) AS capabilities,
                 d.max_concurrent_tasks, d.last_heartbeat, d.capability_schemas,
                 (SELECT COUNT(*) FROM tasks t
                   WHERE t.assigned_droplet_id = d.id AND t.status IN ('assigned', 'in_progress')) AS load
-         FROM droplets d
-         WHERE d.status = 'active'
-         ORDER BY d.id
-         FOR NO KEY UPDATE OF d SKIP LOCKED",
+         FROM (SELECT * FROM droplets WHERE status = 'active' ORDER BY id) d
+         WHERE pg_try_advisory_xact_lock($1, d.id)",
     )
+    .bind(DROPLET_FILL_LOCK)
     .fetch_all(&mut *tx)
     .await?;
     let active: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM droplets WHERE status = 'active'")

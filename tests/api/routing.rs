@@ -462,12 +462,9 @@ async fn a_pass_skips_what_another_replica_holds_instead_of_waiting() {
     }
     other.rollback().await.unwrap();
 
-    // Now it holds the droplet: nothing to fill, and still no waiting.
+    // Now it is filling the droplet: nothing to fill, and still no waiting.
     let mut other = app.db.begin().await.unwrap();
-    sqlx::query("SELECT id FROM droplets FOR NO KEY UPDATE")
-        .execute(&mut *other)
-        .await
-        .unwrap();
+    hold_droplets(&mut other).await;
     let assigned = tokio::time::timeout(SOON, route_pass(&app.state))
         .await
         .expect("the pass waited for the held droplet")
@@ -476,6 +473,58 @@ async fn a_pass_skips_what_another_replica_holds_instead_of_waiting() {
     other.rollback().await.unwrap();
 
     assert_eq!(route_pass(&app.state).await.unwrap(), 5);
+}
+
+/// What another replica's routing pass holds while it fills droplets: the per-droplet
+/// advisory lock (not a row lock, so heartbeats never wait for a pass).
+async fn hold_droplets(tx: &mut sqlx::PgConnection) {
+    sqlx::query("SELECT pg_advisory_xact_lock($1, id) FROM droplets")
+        .bind(orchestrator::services::task_router::DROPLET_FILL_LOCK)
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn heartbeats_and_routing_passes_never_wait_for_each_other() {
+    let app = TestApp::spawn_with(&[("TASK_ROUTER_INTERVAL", "3600")]).await;
+    let server = DropletServer::start(Behaviour::Ok).await;
+    app.state.jobs.set_paused(&app.state, "task_router", true);
+    app.register(49, &["beat"], &server.endpoint).await;
+    let ids = app.insert_pending(3, Some("beat"), 5).await;
+
+    // A heartbeat in flight holds its droplet's row: a pass still fills that droplet.
+    let mut beat = app.db.begin().await.unwrap();
+    sqlx::query("SELECT id FROM droplets FOR NO KEY UPDATE")
+        .execute(&mut *beat)
+        .await
+        .unwrap();
+    let assigned = tokio::time::timeout(SOON, route_pass(&app.state))
+        .await
+        .expect("the pass waited for the heartbeat")
+        .unwrap();
+    assert_eq!(assigned, 3, "the pass skipped a droplet a heartbeat held");
+    beat.rollback().await.unwrap();
+    for id in &ids {
+        assert_eq!(app.holder(*id).await.0, "assigned");
+    }
+
+    // A pass filling the droplet: a heartbeat still answers at once.
+    let mut pass = app.db.begin().await.unwrap();
+    hold_droplets(&mut pass).await;
+    let token = app.token(49, &["read", "write"]);
+    let answered = tokio::time::timeout(
+        Duration::from_secs(2),
+        app.post(
+            "/droplets/49/heartbeat",
+            &token,
+            json!({"status": "active"}),
+        ),
+    )
+    .await
+    .expect("the heartbeat waited for the pass");
+    assert_eq!(answered.0, StatusCode::OK, "{}", answered.1);
+    pass.rollback().await.unwrap();
 }
 
 #[tokio::test]
@@ -489,10 +538,7 @@ async fn a_trigger_that_finds_the_droplets_held_elsewhere_tries_again_shortly() 
     .await;
     // Another replica is filling the droplet when the task arrives.
     let mut other = app.db.begin().await.unwrap();
-    sqlx::query("SELECT id FROM droplets FOR NO KEY UPDATE")
-        .execute(&mut *other)
-        .await
-        .unwrap();
+    hold_droplets(&mut other).await;
     let id = app.create_task(5, task_for(Some("later"), 5, "late")).await;
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(app.holder(id).await.0, "pending");
