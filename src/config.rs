@@ -180,7 +180,7 @@ pub const VARIABLES: &[(&str, &str, &str)] = &[
     ("WS_MAX_CONNECTIONS_PER_DROPLET", "10", "concurrent WebSockets per droplet id"),
     ("WS_CLIENT_QUEUE", "1024", "events queued for one WebSocket client before it is dropped as too slow"),
     ("WS_MAX_MESSAGE_BYTES", "4096", "largest message a WebSocket client may send"),
-    ("WS_MAX_CONNECTIONS", "20000", "concurrent WebSockets in all"),
+    ("WS_MAX_CONNECTIONS", "15000", "concurrent WebSockets in all"),
     ("ENABLE_AUTO_RECOVERY", "true", "requeue and retry the tasks of lost droplets"),
     ("ENABLE_SWAGGER", "true (development), false (production)", "serve Swagger UI at /docs"),
     ("ENABLE_METRICS", "true", "serve /metrics and /metrics/*"),
@@ -189,7 +189,7 @@ pub const VARIABLES: &[(&str, &str, &str)] = &[
     ("MAX_BODY_BYTES", "1048576", "largest request body"),
     ("REQUEST_TIMEOUT_SECONDS", "30", "longest a request may take"),
     ("HEADER_READ_TIMEOUT_SECONDS", "10", "longest a client may take to send a request's headers"),
-    ("MAX_CONNECTIONS", "25000", "open client connections at once; more wait to be accepted"),
+    ("MAX_CONNECTIONS", "16384", "open client connections at once; more wait to be accepted"),
     ("CORS_ORIGINS", "none allowed", "allowed origins: a JSON list or comma-separated"),
     ("CORS_ALLOW_CREDENTIALS", "false", "allow credentials on CORS requests (never with *)"),
 ];
@@ -406,7 +406,7 @@ impl Config {
             )?,
             ws_client_queue: r.number("WS_CLIENT_QUEUE", 1024usize, 1, 1_000_000)?,
             ws_max_message_bytes: r.number("WS_MAX_MESSAGE_BYTES", 4096usize, 256, 1 << 20)?,
-            ws_max_connections: r.number("WS_MAX_CONNECTIONS", 20_000usize, 1, 10_000_000)?,
+            ws_max_connections: r.number("WS_MAX_CONNECTIONS", 15_000usize, 1, 10_000_000)?,
             enable_auto_recovery: r.flag("ENABLE_AUTO_RECOVERY", true)?,
             // Production turns Swagger off unless it is asked for explicitly.
             enable_swagger: r.flag("ENABLE_SWAGGER", !production)?,
@@ -421,7 +421,7 @@ impl Config {
             max_body_bytes: r.number("MAX_BODY_BYTES", 1_048_576usize, 1024, 1 << 30)?,
             request_timeout_seconds: r.number("REQUEST_TIMEOUT_SECONDS", 30u64, 1, 3600)?,
             header_read_timeout_seconds: r.number("HEADER_READ_TIMEOUT_SECONDS", 10u64, 1, 3600)?,
-            max_connections: r.number("MAX_CONNECTIONS", 25_000usize, 1, 10_000_000)?,
+            max_connections: r.number("MAX_CONNECTIONS", 16_384usize, 1, 10_000_000)?,
             cors_origins: parse_origins(r.raw("CORS_ORIGINS").as_deref())?,
             cors_allow_credentials: r.flag("CORS_ALLOW_CREDENTIALS", false)?,
         };
