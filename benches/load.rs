@@ -175,6 +175,16 @@ impl Server {
     }
 }
 
+/// A scenario that panics leaves no server behind (it would hold its database).
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
 fn rss_of(pid: u32) -> f64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
@@ -201,8 +211,39 @@ fn server_url() -> String {
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into())
 }
 
-fn fresh_db_url() -> String {
-    format!("{}/orch_bench_{}", server_url(), Uuid::new_v4().simple())
+/// A scenario's database (the server creates it). `drop_db` drops it when the scenario
+/// ends; this guard drops it too if the scenario panics first.
+struct BenchDb(String);
+
+impl std::ops::Deref for BenchDb {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl Drop for BenchDb {
+    fn drop(&mut self) {
+        // The benchmark's runtime may be unwinding: use a thread with a runtime of its own.
+        let url = self.0.clone();
+        let _ = std::thread::spawn(move || {
+            if let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                runtime.block_on(drop_db(&url));
+            }
+        })
+        .join();
+    }
+}
+
+fn fresh_db_url() -> BenchDb {
+    BenchDb(format!(
+        "{}/orch_bench_{}",
+        server_url(),
+        Uuid::new_v4().simple()
+    ))
 }
 
 async fn drop_db(url: &str) {
@@ -795,6 +836,9 @@ async fn read(s: &Sizes, rows: &mut Vec<Row>, rss: &mut Vec<(String, f64)>) {
         "/tasks?limit=50&task_type=type7&status=completed",
         "/tasks?limit=50&assigned_droplet_id=3&priority_min=2&priority_max=4",
         "/tasks?limit=50&offset=5000",
+        "/tasks?limit=50&after_id=500000",
+        "/tasks?limit=50&status=completed&after_id=900000",
+        "/tasks?limit=100&include=payload",
         "/metrics",
         "/metrics/summary",
         "/metrics/tasks/performance?time_range=24h",
