@@ -18,13 +18,24 @@ pub mod udc;
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Duration;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
-use axum::extract::DefaultBodyLimit;
+use axum::extract::{ConnectInfo, DefaultBodyLimit};
 use axum::http::{header, HeaderName, Method};
 use axum::Router;
-use tokio::net::TcpListener;
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tower::ServiceExt;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 
 use crate::config::Config;
@@ -146,6 +157,13 @@ pub struct Running {
 /// Serves the app on `listener` until `shutdown` resolves or the state's shutdown token is
 /// cancelled; then stops accepting, lets in-flight requests finish, closes every WebSocket
 /// with 1001, stops the jobs and closes the pool.
+///
+/// Each connection is HTTP/1.1 with WebSocket upgrades. A client gets
+/// `HEADER_READ_TIMEOUT_SECONDS` to send a request's headers (a first request's as well as an
+/// idle keep-alive connection's next one), then the connection is closed: half-open
+/// connections are not held. At most `MAX_CONNECTIONS` client connections are open at once
+/// (an upgraded WebSocket keeps its slot until it closes); past that, new connections wait in
+/// the listen backlog until one closes.
 pub async fn serve(
     state: AppState,
     listener: TcpListener,
@@ -170,18 +188,170 @@ pub async fn serve(
             state.shutdown.cancel();
         }
     };
-    let app = app(state.clone()).into_make_service_with_connect_info::<SocketAddr>();
-    if let Err(e) = axum::serve(listener, app)
-        .with_graceful_shutdown(closing)
-        .await
-    {
-        tracing::error!(error = %e, "server error");
+    let max_connections = state.config().max_connections;
+    let slots = Arc::new(Semaphore::new(max_connections));
+    let app = app(state.clone());
+    let drain = CancellationToken::new();
+    let connections = TaskTracker::new();
+    let mut full_since_warned: Option<Instant> = None;
+    tokio::pin!(closing);
+    loop {
+        let slot = match slots.clone().try_acquire_owned() {
+            Ok(slot) => slot,
+            Err(_) => {
+                if full_since_warned.is_none_or(|t| t.elapsed() >= FULL_WARNING_EVERY) {
+                    tracing::warn!(
+                        max_connections,
+                        "connection limit reached (MAX_CONNECTIONS): new connections wait"
+                    );
+                    full_since_warned = Some(Instant::now());
+                }
+                tokio::select! {
+                    biased;
+                    _ = &mut closing => break,
+                    slot = slots.clone().acquire_owned() => match slot {
+                        Ok(slot) => slot,
+                        Err(_) => break,
+                    },
+                }
+            }
+        };
+        let (stream, remote) = tokio::select! {
+            biased;
+            _ = &mut closing => break,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    accept_failed(e).await;
+                    continue;
+                }
+            },
+        };
+        let header_timeout = Duration::from_secs(state.config().header_read_timeout_seconds);
+        connections.spawn(serve_connection(
+            app.clone(),
+            stream,
+            remote,
+            slot,
+            header_timeout,
+            drain.clone(),
+        ));
     }
+    // No new connections; the open ones finish their requests (idle ones close at once).
+    drop(listener);
+    drain.cancel();
+    connections.close();
+    connections.wait().await;
     // Upgraded sockets run outside the server's connection tracking: give their 1001 close
     // frames a moment to leave before the process exits.
     state.events.wait_closed(Duration::from_secs(3)).await;
     jobs::stop(&state).await;
     state.db.close().await;
+}
+
+/// How often "connection limit reached" may be logged while the server stays full.
+const FULL_WARNING_EVERY: Duration = Duration::from_secs(60);
+
+/// One client connection: HTTP/1.1 with upgrades, the header read timeout, the client's
+/// address as `ConnectInfo<SocketAddr>` (the rate limiter keys anonymous requests by it),
+/// and a graceful end when the server drains.
+async fn serve_connection(
+    app: Router,
+    stream: TcpStream,
+    remote: SocketAddr,
+    slot: OwnedSemaphorePermit,
+    header_timeout: Duration,
+    drain: CancellationToken,
+) {
+    let _ = stream.set_nodelay(true);
+    let io = TokioIo::new(Counted {
+        io: stream,
+        _slot: slot,
+    });
+    let service = app.map_request(move |mut request: axum::http::Request<Incoming>| {
+        request.extensions_mut().insert(ConnectInfo(remote));
+        request
+    });
+    let mut builder = http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_timeout);
+    let connection = builder
+        .serve_connection(io, TowerToHyperService::new(service))
+        .with_upgrades();
+    tokio::pin!(connection);
+    let result = tokio::select! {
+        result = connection.as_mut() => result,
+        _ = drain.cancelled() => {
+            connection.as_mut().graceful_shutdown();
+            connection.await
+        }
+    };
+    if let Err(e) = result {
+        tracing::debug!(error = %e, client = %remote, "connection ended with an error");
+    }
+}
+
+/// As hyper 0.14 and axum do: a failed accept of one connection is nothing; anything else
+/// (out of file descriptors, most likely) is logged and retried after a pause, as the process
+/// will likely close some connections meanwhile.
+async fn accept_failed(e: std::io::Error) {
+    use std::io::ErrorKind;
+    if matches!(
+        e.kind(),
+        ErrorKind::ConnectionRefused | ErrorKind::ConnectionAborted | ErrorKind::ConnectionReset
+    ) {
+        return;
+    }
+    tracing::error!(error = %e, "accept failed; retrying in a second");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+}
+
+/// A client's TCP stream holding its slot under `MAX_CONNECTIONS`: the slot is freed when the
+/// stream is dropped, which for a WebSocket is when the upgraded socket closes.
+struct Counted {
+    io: TcpStream,
+    _slot: OwnedSemaphorePermit,
+}
+
+impl AsyncRead for Counted {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Counted {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
 }
 
 /// Builds everything and serves on `listener` in the background (tests and the binary).

@@ -149,10 +149,49 @@ async fn serve(config: Config) -> ExitCode {
         eprintln!("orchestrator: {e}");
         return ExitCode::FAILURE;
     }
-    tracing::info!(%addr, version = env!("CARGO_PKG_VERSION"), "orchestrator listening");
+    let config = state.config();
+    tracing::info!(
+        %addr,
+        version = env!("CARGO_PKG_VERSION"),
+        max_connections = config.max_connections,
+        ws_max_connections = config.ws_max_connections,
+        header_read_timeout_seconds = config.header_read_timeout_seconds,
+        "orchestrator listening"
+    );
+    warn_if_too_few_files(config.max_connections);
     orchestrator::serve(state, listener, shutdown_signal()).await;
     tracing::info!("stopped");
     ExitCode::SUCCESS
+}
+
+/// Every client connection (a WebSocket too) is a file descriptor: warns when the process
+/// may open fewer files than `MAX_CONNECTIONS` and what else it holds (database pool, outbound
+/// deliveries, logs) need, since accepting then fails instead of waiting for a slot.
+fn warn_if_too_few_files(max_connections: usize) {
+    const OTHER_FILES: u64 = 512;
+    let Some(limit) = open_files_limit() else {
+        return;
+    };
+    let needed = max_connections as u64 + OTHER_FILES;
+    if limit < needed {
+        tracing::warn!(
+            open_files_limit = limit,
+            max_connections,
+            "the process may open {limit} files but MAX_CONNECTIONS needs about {needed}: \
+             raise the limit (ulimit -n, or the container's nofile) or lower MAX_CONNECTIONS"
+        );
+    }
+}
+
+/// The soft limit of open files (Linux: /proc/self/limits); `None` when unknown or unlimited.
+fn open_files_limit() -> Option<u64> {
+    let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
+    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+    line.trim_start_matches("Max open files")
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
 }
 
 /// GET /health of the local service (or `url`) within three seconds.

@@ -148,7 +148,14 @@ async fn command(
             };
             let new: NewTask = udc::deserialize_payload(data, &["body", "payload", "task_data"])
                 .map_err(ApiError::Validation)?;
-            let (task, created) = tasks::create(state, caller, trace_id, new).await?;
+            let (task, created) = tasks::create_at(
+                state,
+                caller,
+                trace_id,
+                new,
+                &["body", "payload", "task_data", "payload"],
+            )
+            .await?;
             Ok(json!({
                 "command": "create_task",
                 "created": created,

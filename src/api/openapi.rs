@@ -1,5 +1,6 @@
 //! The OpenAPI 3 description generated from the handlers' `#[utoipa::path]`s, served at
-//! `/openapi.json` (public), and Swagger UI at `/docs` when `ENABLE_SWAGGER=true`.
+//! `/openapi.json` (public; in production only with `ENABLE_SWAGGER=true`), and Swagger UI
+//! at `/docs` when `ENABLE_SWAGGER=true`.
 
 use std::sync::{Arc, OnceLock};
 
@@ -194,11 +195,21 @@ pub fn spec() -> &'static Value {
     })
 }
 
-/// This OpenAPI 3 description.
+/// This OpenAPI 3 description: always in development; in production only when Swagger is on
+/// (`ENABLE_SWAGGER=true`), so a production service does not hand out a map of itself.
 #[utoipa::path(get, path = "/openapi.json", tag = "public",
-    responses((status = 200, description = "OpenAPI 3 description of this API", content_type = "application/json", body = Object)))]
-pub async fn openapi_json() -> Json<&'static Value> {
-    Json(spec())
+    responses((status = 200, description = "OpenAPI 3 description of this API", content_type = "application/json", body = Object),
+              (status = 404, description = "Production with Swagger off")))]
+pub async fn openapi_json(State(state): State<AppState>) -> Response {
+    if !serves_description(&state.config()) {
+        return ApiError::not_found("Not found").into_response();
+    }
+    Json(spec()).into_response()
+}
+
+/// Whether `/openapi.json` is served.
+pub fn serves_description(config: &crate::config::Config) -> bool {
+    !config.is_production() || config.enable_swagger
 }
 
 const METHODS: [&str; 8] = [

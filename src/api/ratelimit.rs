@@ -235,34 +235,47 @@ pub fn is_exempt(path: &str) -> bool {
         || path.starts_with("/dashboard/")
 }
 
-/// The `?token=` of a WebSocket URL, for keying only.
-fn query_token(request: &Request) -> Option<&str> {
+/// The paths that take a token in `?token=` (browsers cannot set headers on a WebSocket).
+/// Every other path reads only the bearer header, so a `?token=` there authenticates nothing.
+fn takes_query_token(path: &str) -> bool {
+    matches!(path, "/ws/tasks" | "/ws/droplets")
+}
+
+/// The first non-empty `?token=` of a WebSocket URL, decoded as the feed decodes it.
+fn query_token(request: &Request) -> Option<String> {
+    url::form_urlencoded::parse(request.uri().query()?.as_bytes())
+        .find(|(k, v)| k == "token" && !v.is_empty())
+        .map(|(_, v)| v.into_owned())
+}
+
+fn bearer_token(request: &Request) -> Option<String> {
     request
-        .uri()
-        .query()?
-        .split('&')
-        .find_map(|pair| pair.strip_prefix("token="))
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, t)| t.trim().to_string())
         .filter(|t| !t.is_empty())
 }
 
-/// Who the request counts against. A bearer token that verifies keys by its droplet (and is
-/// handed to the `Caller` extractor so it is not verified twice); anything else keys by the
-/// client address. The signature is always checked: keying by unverified claims would let
-/// anyone pick a fresh bucket per request.
+/// Who the request counts against. The token the endpoint will authenticate with (the bearer
+/// header; on the WebSocket feeds `?token=` first, then the header, as the feed reads them)
+/// keys by its droplet when it verifies, and a header token is handed to the `Caller`
+/// extractor so it is not verified twice. Anything else, including every request the
+/// endpoint will refuse with 401 (a forged, expired or outbound token, or a `?token=` on a
+/// path that does not read it), keys by the client address: a refused request never draws
+/// from the bucket of the droplet its token names. The signature is always checked: keying by
+/// unverified claims would let anyone pick a fresh bucket per request, or drain another's.
 fn key_for(state: &AppState, request: &mut Request) -> RateKey {
-    let (parts_token, from_header) = {
-        let header = request
-            .headers()
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().split_once(' '))
-            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-            .map(|(_, t)| t.trim().to_string())
-            .filter(|t| !t.is_empty());
-        match header {
-            Some(t) => (Some(t), true),
-            None => (query_token(request).map(str::to_string), false),
-        }
+    let query = if takes_query_token(request.uri().path()) {
+        query_token(request)
+    } else {
+        None
+    };
+    let (parts_token, from_header) = match query {
+        Some(t) => (Some(t), false),
+        None => (bearer_token(request), true),
     };
     if let Some(token) = parts_token {
         if let Ok(claims) = state.keys.verify(&token) {
@@ -422,6 +435,19 @@ mod tests {
             RateKey::address(mapped),
             RateKey::Address([10, 0, 0, 1].into())
         );
+    }
+
+    #[test]
+    fn only_the_websocket_feeds_read_a_query_token() {
+        assert!(takes_query_token("/ws/tasks"));
+        assert!(takes_query_token("/ws/droplets"));
+        assert!(!takes_query_token("/ws/status"));
+        assert!(!takes_query_token("/tasks"));
+        let request = Request::builder()
+            .uri("/ws/tasks?status=&token=&token=a%2Bb&token=c")
+            .body(axum::body::Body::empty())
+            .unwrap();
+        assert_eq!(query_token(&request).as_deref(), Some("a+b"));
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! The real-time feeds `/ws/tasks` and `/ws/droplets` (token in `?token=`, filters, a limit per
-//! droplet), one task per socket, and `GET /ws/status`.
+//! droplet and one in all), one task per socket, and `GET /ws/status`. A socket is closed with
+//! 4001 when its token expires: a client reconnects with a fresh token.
 
 use std::time::Duration;
 
@@ -41,7 +42,7 @@ pub fn router() -> Router<AppState> {
     ),
     responses((status = 101, description = "Switching to the WebSocket protocol"),
               (status = 401, description = "Missing or invalid token"), (status = 403, description = "Token without read"),
-              (status = 422, description = "Bad filter"), (status = 429, description = "Too many sockets for this droplet")))]
+              (status = 422, description = "Bad filter"), (status = 429, description = "Too many sockets for this droplet, or in all (WS_MAX_CONNECTIONS)")))]
 pub async fn tasks_feed(
     State(state): State<AppState>,
     RawQuery(query): RawQuery,
@@ -59,7 +60,7 @@ pub async fn tasks_feed(
     ),
     responses((status = 101, description = "Switching to the WebSocket protocol"),
               (status = 401, description = "Missing or invalid token"), (status = 403, description = "Token without read"),
-              (status = 422, description = "Bad filter"), (status = 429, description = "Too many sockets for this droplet")))]
+              (status = 422, description = "Bad filter"), (status = 429, description = "Too many sockets for this droplet, or in all (WS_MAX_CONNECTIONS)")))]
 pub async fn droplets_feed(
     State(state): State<AppState>,
     RawQuery(query): RawQuery,
@@ -167,7 +168,8 @@ fn check_filter(
 }
 
 /// Everything that can refuse a socket, in the contract's order, before the upgrade:
-/// authentication (401), permission (403), filters (422), the per-droplet limit (429).
+/// authentication (401), permission (403), filters (422), the per-droplet limit and the
+/// global `WS_MAX_CONNECTIONS` (429).
 fn open(
     state: AppState,
     feed: Feed,
@@ -209,6 +211,16 @@ fn open(
     let Some(registration) = state.events.register(feed, caller.droplet_id, filter) else {
         return too_many(caller.droplet_id, config.ws_max_connections_per_droplet);
     };
+    // The global cap is checked after registering, so two upgrades racing for the last slot
+    // both count each other: the hub never holds more than `ws_max_connections` sockets.
+    if state.events.connection_count() > config.ws_max_connections {
+        drop(registration);
+        return refuse(format!(
+            "The server already has {} WebSocket connections open",
+            config.ws_max_connections
+        ));
+    }
+    let expires_at = caller.expires_at;
     // Frames and messages both: a client has nothing to say that needs more than a few KiB.
     // Small socket buffers: tungstenite's defaults (128 KiB each way) would cost about a
     // quarter of a megabyte per dashboard, 2.5 GB at 10,000 clients; events are small.
@@ -217,7 +229,7 @@ fn open(
         .read_buffer_size(8 * 1024)
         .write_buffer_size(8 * 1024)
         .on_failed_upgrade(|e| tracing::debug!(error = %e, "websocket upgrade failed"))
-        .on_upgrade(move |socket| serve_socket(state, socket, registration))
+        .on_upgrade(move |socket| serve_socket(state, socket, registration, expires_at))
 }
 
 /// The token comes in `?token=` (browsers cannot set headers on a WebSocket), or as a bearer
@@ -243,10 +255,17 @@ fn authenticate(state: &AppState, query: &FeedQuery, headers: &HeaderMap) -> Api
 }
 
 fn too_many(droplet_id: i32, max: usize) -> Response {
+    refuse(format!(
+        "Droplet {droplet_id} already has {max} WebSocket connections open"
+    ))
+}
+
+/// A 429 with `Retry-After: 1`, before the upgrade.
+fn refuse(detail: String) -> Response {
     let mut response = (
         StatusCode::TOO_MANY_REQUESTS,
         Json(json!({
-            "detail": format!("Droplet {droplet_id} already has {max} WebSocket connections open"),
+            "detail": detail,
             "trace_id": udc::current_trace_id(),
         })),
     )
@@ -287,15 +306,34 @@ enum Reply {
     Closed,
 }
 
+/// The close code of a socket whose token expired (`exp` passed).
+pub const TOKEN_EXPIRED: u16 = 4001;
+
+/// How long until `expires_at` (epoch seconds); zero when it has passed.
+fn until_expiry(expires_at: i64) -> Duration {
+    let left_ms = expires_at
+        .saturating_mul(1000)
+        .saturating_sub(chrono::Utc::now().timestamp_millis());
+    // A century is as good as never, and keeps the timer's arithmetic far from overflow.
+    Duration::from_millis(
+        u64::try_from(left_ms)
+            .unwrap_or(0)
+            .min(100 * 365 * 86_400_000),
+    )
+}
+
 /// The one task of a socket: events from the client's queue, pings, the client's frames,
-/// kicks from the hub and the server's shutdown. Dropping `registration` at the end frees the
-/// client's slot however the socket ended.
+/// kicks from the hub, the token's expiry and the server's shutdown. Dropping `registration`
+/// at the end frees the client's slot however the socket ended.
 async fn serve_socket(
     state: AppState,
     mut socket: WebSocket,
     mut registration: ClientRegistration,
+    expires_at: i64,
 ) {
     let kicked = registration.kicked();
+    let expiry = tokio::time::sleep(until_expiry(expires_at));
+    tokio::pin!(expiry);
     let shutdown = state.shutdown.clone();
     let gauge = state
         .metrics
@@ -309,6 +347,7 @@ async fn serve_socket(
             _ = kicked.cancelled() => {
                 break Some(registration.kick_reason().map_or((1000, "closed"), |k| (k.code, k.reason)));
             }
+            _ = &mut expiry => break Some((TOKEN_EXPIRED, "token expired")),
             outbound = registration.rx.recv() => {
                 let (message, is_event) = match outbound {
                     Some(Outbound::Event(text)) => (Message::Text(text), true),
@@ -474,6 +513,19 @@ fn response_frame(payload: Value) -> Message {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn expiry_is_measured_from_now_and_never_negative_or_unbounded() {
+        let now = chrono::Utc::now().timestamp();
+        assert_eq!(until_expiry(now - 10), Duration::ZERO);
+        assert_eq!(until_expiry(i64::MIN), Duration::ZERO);
+        let soon = until_expiry(now + 2);
+        assert!(
+            soon >= Duration::from_millis(900) && soon <= Duration::from_secs(2),
+            "{soon:?}"
+        );
+        assert!(until_expiry(i64::MAX) <= Duration::from_secs(100 * 365 * 86_400));
+    }
 
     #[test]
     fn query_keeps_the_first_non_empty_value_and_ignores_unknown_keys() {

@@ -235,8 +235,6 @@ pub const INSERT_TASK: &str = const_format::concatcp!(
     " FROM t LEFT JOIN droplets d ON d.id = t.assigned_droplet_id"
 );
 
-/// Creates a task, or finds the one this creator already made with this trace id.
-/// Returns the task and whether it is new.
 /// The schemas registered droplets with this capability declared for it (`None` for a droplet
 /// without one).
 pub async fn contracts_for(
@@ -258,6 +256,7 @@ async fn check_contracts(
     state: &AppState,
     capability: &str,
     payload: &Value,
+    payload_loc: &[&str],
 ) -> Result<(), ApiError> {
     let schemas = contracts_for(&state.db, capability).await?;
     if schemas.iter().all(Option::is_none) {
@@ -273,7 +272,7 @@ async fn check_contracts(
             violations
                 .into_iter()
                 .map(|v| {
-                    let mut loc: Vec<&str> = vec!["body", "payload", "payload"];
+                    let mut loc: Vec<&str> = payload_loc.to_vec();
                     loc.extend(v.path.iter().map(String::as_str));
                     FieldError::new(&loc, v.message, "contract_violation")
                 })
@@ -282,11 +281,32 @@ async fn check_contracts(
     })
 }
 
+/// Creates a task, or finds the one this creator already made with this trace id.
+/// Returns the task and whether it is new.
 pub async fn create(
     state: &AppState,
     caller: &Caller,
     trace_id: &str,
     new: NewTask,
+) -> Result<(Task, bool), ApiError> {
+    create_at(
+        state,
+        caller,
+        trace_id,
+        new,
+        &["body", "payload", "payload"],
+    )
+    .await
+}
+
+/// [`create`], with the location of the task's payload in the request for 422 entries
+/// (`/message`'s `create_task` carries it under `task_data`).
+pub async fn create_at(
+    state: &AppState,
+    caller: &Caller,
+    trace_id: &str,
+    new: NewTask,
+    payload_loc: &[&str],
 ) -> Result<(Task, bool), ApiError> {
     let trace = Uuid::parse_str(trace_id).map_err(|_| {
         ApiError::invalid(
@@ -305,8 +325,12 @@ pub async fn create(
         Some(Value::Object(m)) => Value::Object(m),
         _ => Value::Object(Default::default()),
     };
+    // A retry of a creation (same trace id) gets its task back whatever the contracts say
+    // now; only a task that would be new is checked.
     if let Some(capability) = new.required_capability.as_deref().filter(|c| !c.is_empty()) {
-        check_contracts(state, capability, &payload).await?;
+        if load_by_trace(&state.db, trace).await?.is_none() {
+            check_contracts(state, capability, &payload, payload_loc).await?;
+        }
     }
     let mut tx = state.db.begin().await?;
     let inserted: Option<Task> = sqlx::query_as(INSERT_TASK)
