@@ -104,16 +104,16 @@ pub async fn refused(
         previous_status: String,
     }
     let marked: Option<Marked> = sqlx::query_as(const_format::concatcp!(
-        "WITH old AS (SELECT id, status FROM droplets WHERE id = $1 FOR NO KEY UPDATE),
+        "WITH old AS (SELECT id AS old_id, status AS old_status FROM droplets WHERE id = $1 FOR NO KEY UPDATE),
          up AS (
             UPDATE droplets SET refused_deliveries = droplets.refused_deliveries + 1,
                 status = CASE WHEN droplets.refused_deliveries + 1 >= $2 AND NOT droplets.admin_deactivated
                               THEN 'error' ELSE droplets.status END,
                 updated_at = NOW()
-            FROM old WHERE droplets.id = old.id RETURNING droplets.*
+            FROM old WHERE droplets.id = old.old_id RETURNING droplets.*
          ) SELECT ",
         crate::services::droplets::DROPLET_COLUMNS,
-        ", old.status AS previous_status FROM up, old WHERE up.status = 'error' AND old.status <> 'error'"
+        ", old.old_status AS previous_status FROM up, old WHERE up.status = 'error' AND old.old_status <> 'error'"
     ))
     .bind(internal_id)
     .bind(config.dispatch_refusals_before_error as i32)
