@@ -117,6 +117,8 @@ pub struct Config {
     pub ws_client_queue: usize,
     pub ws_max_message_bytes: usize,
     pub ws_max_connections: usize,
+    /// How long events stay in the log clients resume from.
+    pub event_retention_seconds: u64,
 
     pub enable_auto_recovery: bool,
     pub enable_swagger: bool,
@@ -181,6 +183,7 @@ pub const VARIABLES: &[(&str, &str, &str)] = &[
     ("WS_CLIENT_QUEUE", "1024", "events queued for one WebSocket client before it is dropped as too slow"),
     ("WS_MAX_MESSAGE_BYTES", "4096", "largest message a WebSocket client may send"),
     ("WS_MAX_CONNECTIONS", "15000", "concurrent WebSockets in all"),
+    ("EVENT_RETENTION_SECONDS", "3600", "how long events are kept for clients resuming with ?after=<event_id>"),
     ("ENABLE_AUTO_RECOVERY", "true", "requeue and retry the tasks of lost droplets"),
     ("ENABLE_SWAGGER", "true (development), false (production)", "serve Swagger UI at /docs"),
     ("ENABLE_METRICS", "true", "serve /metrics and /metrics/*"),
@@ -407,6 +410,12 @@ impl Config {
             ws_client_queue: r.number("WS_CLIENT_QUEUE", 1024usize, 1, 1_000_000)?,
             ws_max_message_bytes: r.number("WS_MAX_MESSAGE_BYTES", 4096usize, 256, 1 << 20)?,
             ws_max_connections: r.number("WS_MAX_CONNECTIONS", 15_000usize, 1, 10_000_000)?,
+            event_retention_seconds: r.number(
+                "EVENT_RETENTION_SECONDS",
+                3600u64,
+                10,
+                30 * 86_400,
+            )?,
             enable_auto_recovery: r.flag("ENABLE_AUTO_RECOVERY", true)?,
             // Production turns Swagger off unless it is asked for explicitly.
             enable_swagger: r.flag("ENABLE_SWAGGER", !production)?,
@@ -558,6 +567,10 @@ impl Config {
             self.header_read_timeout_seconds.to_string(),
         );
         m.insert("MAX_CONNECTIONS", self.max_connections.to_string());
+        m.insert(
+            "EVENT_RETENTION_SECONDS",
+            self.event_retention_seconds.to_string(),
+        );
         m.insert("TASK_RETENTION_DAYS", self.task_retention_days.to_string());
         m.insert("DROPLET_ID", self.droplet_id.to_string());
         m.insert("DROPLET_NAME", self.droplet_name.clone());

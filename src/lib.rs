@@ -136,11 +136,12 @@ pub async fn build_state(config: Config, log: LogHandle) -> Result<AppState, Sta
     Ok(AppState::new(pool, config, keys, log))
 }
 
-/// Starts the background work: the event listener, immediate routing, the process sampler
+/// Starts the background work: the event relay and reader, immediate routing, the process sampler
 /// and the five scheduled jobs.
 pub async fn start_background(state: &AppState) -> Result<(), StartError> {
     let stop = state.shutdown.clone();
     tokio::spawn(services::events::run_listener(state.clone(), stop.clone()));
+    tokio::spawn(services::events::run_relay(state.clone(), stop.clone()));
     tokio::spawn(services::task_router::run_loop(state.clone(), stop.clone()));
     tokio::spawn(system::run_sampler(state.clone(), stop));
     tokio::spawn(services::registry_client::run_at_startup(state.clone()));

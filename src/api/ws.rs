@@ -39,6 +39,7 @@ pub fn router() -> Router<AppState> {
         ("task_type" = Option<String>, Query, description = "Only tasks of this type"),
         ("status" = Option<String>, Query, description = "Only events that leave the task in this status"),
         ("droplet_id" = Option<i32>, Query, description = "Only tasks assigned to this droplet"),
+        ("after" = Option<i64>, Query, description = "Resume: first the retained events after this event_id (a resync_required frame first when it is older than what is kept), then live ones"),
     ),
     responses((status = 101, description = "Switching to the WebSocket protocol"),
               (status = 401, description = "Missing or invalid token"), (status = 403, description = "Token without read"),
@@ -57,6 +58,7 @@ pub async fn tasks_feed(
     params(
         ("token" = String, Query, description = "JWT with the read permission (an `Authorization: Bearer` header also works)"),
         ("droplet_id" = Option<i32>, Query, description = "Only events of this droplet"),
+        ("after" = Option<i64>, Query, description = "Resume: first the retained events after this event_id (a resync_required frame first when it is older than what is kept), then live ones"),
     ),
     responses((status = 101, description = "Switching to the WebSocket protocol"),
               (status = 401, description = "Missing or invalid token"), (status = 403, description = "Token without read"),
@@ -78,6 +80,15 @@ pub async fn status(State(state): State<AppState>, caller: Caller) -> ApiResult<
     caller.require(Permission::Read)?;
     let mut stats = state.events.stats_json();
     stats["heartbeat_interval_seconds"] = json!(state.config().ws_heartbeat_interval);
+    let (oldest, newest): (Option<i64>, Option<i64>) =
+        sqlx::query_as("SELECT MIN(event_id), MAX(event_id) FROM events")
+            .fetch_one(&state.db)
+            .await?;
+    stats["retained_events"] = json!({
+        "oldest_event_id": oldest,
+        "newest_event_id": newest,
+        "retention_seconds": state.config().event_retention_seconds,
+    });
     Ok(Udc::ok(stats))
 }
 
@@ -88,6 +99,8 @@ struct FeedQuery {
     task_type: Option<String>,
     status: Option<String>,
     droplet_id: Option<String>,
+    /// Resume: the last `event_id` the client saw.
+    after: Option<String>,
 }
 
 impl FeedQuery {
@@ -99,6 +112,7 @@ impl FeedQuery {
                 "task_type" => &mut q.task_type,
                 "status" => &mut q.status,
                 "droplet_id" => &mut q.droplet_id,
+                "after" => &mut q.after,
                 _ => continue,
             };
             // An empty value means "no filter", as dashboards build URLs with empty fields.
@@ -203,6 +217,18 @@ fn open(
             .into_response()
         }
     };
+    let after = match query.after.as_deref().map(str::parse::<i64>) {
+        None => None,
+        Some(Ok(n)) if n >= 0 => Some(n),
+        Some(_) => {
+            return ApiError::invalid(
+                &["query", "after"],
+                "Input should be a non-negative integer (an event_id)",
+                "int_parsing",
+            )
+            .into_response()
+        }
+    };
     let ws = match ws {
         Ok(ws) => ws,
         Err(rejection) => return rejection.into_response(),
@@ -229,7 +255,7 @@ fn open(
         .read_buffer_size(8 * 1024)
         .write_buffer_size(8 * 1024)
         .on_failed_upgrade(|e| tracing::debug!(error = %e, "websocket upgrade failed"))
-        .on_upgrade(move |socket| serve_socket(state, socket, registration, expires_at))
+        .on_upgrade(move |socket| serve_socket(state, socket, registration, expires_at, after))
 }
 
 /// The token comes in `?token=` (browsers cannot set headers on a WebSocket), or as a bearer
@@ -330,8 +356,22 @@ async fn serve_socket(
     mut socket: WebSocket,
     mut registration: ClientRegistration,
     expires_at: i64,
+    after: Option<i64>,
 ) {
     let kicked = registration.kicked();
+    // Resuming: the events after the client's last one, from the log, then live ones with no
+    // gap (the client was registered before the log was read) and no duplicate (live events
+    // up to the last one sent from the log are skipped).
+    let mut last_sent: i64 = 0;
+    if let Some(after) = after {
+        match resume(&state, &mut socket, &registration, after).await {
+            Ok(last) => last_sent = last,
+            Err(()) => {
+                drop(registration);
+                return;
+            }
+        }
+    }
     let expiry = tokio::time::sleep(until_expiry(expires_at));
     tokio::pin!(expiry);
     let shutdown = state.shutdown.clone();
@@ -350,7 +390,8 @@ async fn serve_socket(
             _ = &mut expiry => break Some((TOKEN_EXPIRED, "token expired")),
             outbound = registration.rx.recv() => {
                 let (message, is_event) = match outbound {
-                    Some(Outbound::Event(text)) => (Message::Text(text), true),
+                    Some(Outbound::Event(id, _)) if id > 0 && id <= last_sent => continue,
+                    Some(Outbound::Event(_, text)) => (Message::Text(text), true),
                     Some(Outbound::Ping) => (Message::Ping(Default::default()), false),
                     None => break Some((1011, "event hub closed")),
                 };
@@ -402,6 +443,63 @@ async fn serve_socket(
     }
     gauge.dec();
     drop(registration);
+}
+
+/// Sends the retained events after `after` that the client's filter takes, in order, after a
+/// `resync_required` frame when the client's id is older than what is kept. Returns the id
+/// of the newest event in the log at that moment (live events up to it are duplicates).
+async fn resume(
+    state: &AppState,
+    socket: &mut WebSocket,
+    registration: &ClientRegistration,
+    after: i64,
+) -> Result<i64, ()> {
+    let feed = registration.feed;
+    let oldest: Option<i64> = sqlx::query_scalar("SELECT MIN(event_id) FROM events")
+        .fetch_one(&state.db)
+        .await
+        .map_err(|_| ())?;
+    if let Some(oldest) = oldest {
+        if after + 1 < oldest {
+            let frame = json!({
+                "udc_version": crate::udc::UDC_VERSION,
+                "trace_id": uuid::Uuid::new_v4().to_string(),
+                "source": 10,
+                "target": null,
+                "message_type": "event",
+                "payload": {"event": "resync_required", "oldest_event_id": oldest, "after": after},
+                "timestamp": crate::udc::now_iso(),
+            });
+            socket
+                .send(Message::Text(Utf8Bytes::from(frame.to_string())))
+                .await
+                .map_err(|_| ())?;
+        }
+    }
+    let mut last = after;
+    loop {
+        let rows: Vec<(i64, Value)> = sqlx::query_as(
+            "SELECT event_id, envelope FROM events WHERE feed = $1 AND event_id > $2
+             ORDER BY event_id LIMIT 1000",
+        )
+        .bind(feed.as_str())
+        .bind(last)
+        .fetch_all(&state.db)
+        .await
+        .map_err(|_| ())?;
+        let Some(newest) = rows.last().map(|r| r.0) else {
+            break;
+        };
+        for (_, envelope) in rows.iter().filter(|(_, e)| registration.wants(feed, e)) {
+            socket
+                .send(Message::Text(Utf8Bytes::from(envelope.to_string())))
+                .await
+                .map_err(|_| ())?;
+            registration.count_sent();
+        }
+        last = newest;
+    }
+    Ok(last)
 }
 
 /// Whether a read failed because the client sent more than the limit. axum hides the

@@ -67,7 +67,8 @@ impl ClientFilter {
 /// What the socket task sends next.
 #[derive(Debug)]
 pub enum Outbound {
-    Event(Utf8Bytes),
+    /// An event and its `event_id` (0 for one outside the log).
+    Event(i64, Utf8Bytes),
     Ping,
 }
 
@@ -123,6 +124,16 @@ impl ClientRegistration {
 
     pub fn pong(&self) {
         self.client.last_pong_ms.store(now_ms(), Ordering::Relaxed);
+    }
+
+    /// Whether the client's filter takes this event (for the events it is sent on resuming).
+    pub fn wants(&self, feed: Feed, envelope: &Value) -> bool {
+        let meta = EventMeta::of(feed, envelope);
+        self.client
+            .filter
+            .read()
+            .map(|f| f.matches(feed, &meta))
+            .unwrap_or(true)
     }
 
     pub fn count_sent(&self) {
@@ -267,7 +278,7 @@ impl EventHub {
 
     /// Sends one event to every matching client of its feed without ever waiting:
     /// a client whose queue is full is dropped (close 1013).
-    pub fn publish(&self, feed: Feed, text: Utf8Bytes, meta: &EventMeta) {
+    pub fn publish(&self, feed: Feed, event_id: i64, text: Utf8Bytes, meta: &EventMeta) {
         self.inner.published.fetch_add(1, Ordering::Relaxed);
         let Ok(clients) = self.inner.feed(feed).read() else {
             return;
@@ -284,7 +295,7 @@ impl EventHub {
             if !wanted {
                 continue;
             }
-            match client.tx.try_send(Outbound::Event(text.clone())) {
+            match client.tx.try_send(Outbound::Event(event_id, text.clone())) {
                 Ok(()) => {
                     let depth = self.queue.saturating_sub(client.tx.capacity());
                     self.inner
@@ -303,10 +314,15 @@ impl EventHub {
         }
     }
 
-    /// Publishes one event envelope of `feed` (the listener's path, and tests').
-    pub fn publish_envelope(&self, feed: Feed, envelope: &Value) {
+    /// Publishes one event of the log (the reader's path).
+    pub fn publish_event(&self, feed: Feed, event_id: i64, envelope: &Value) {
         let meta = EventMeta::of(feed, envelope);
-        self.publish(feed, Utf8Bytes::from(envelope.to_string()), &meta);
+        self.publish(feed, event_id, Utf8Bytes::from(envelope.to_string()), &meta);
+    }
+
+    /// Publishes an event that is not in the log (tests).
+    pub fn publish_envelope(&self, feed: Feed, envelope: &Value) {
+        self.publish_event(feed, 0, envelope);
     }
 
     /// The `websocket_ping` job: pings every client and drops those that have not answered

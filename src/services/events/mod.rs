@@ -1,12 +1,15 @@
-//! Events for dashboards: built and sent through PostgreSQL NOTIFY inside the transaction
-//! that made the change (so they go out once, after commit, in commit order), received by
-//! every replica's listener and fanned out to its WebSocket clients.
+//! Events for dashboards: written to `event_outbox` inside the transaction that made the
+//! change (durable with it, gone with a rollback, and nothing that serialises commits), moved
+//! in order into the numbered `events` log by one relay per database, read by every replica
+//! and fanned out to its WebSocket clients; clients resume from an `event_id`.
 
 mod hub;
 mod listener;
+mod relay;
 
 pub use hub::{ClientFilter, ClientId, ClientRegistration, EventHub, Outbound, WsStats};
-pub use listener::run_listener;
+pub use listener::{newest_event_id, run_listener};
+pub use relay::{run_relay, EVENTS_CHANNEL};
 
 use serde::Serialize;
 use serde_json::{json, Value};
@@ -14,9 +17,6 @@ use sqlx::PgConnection;
 use uuid::Uuid;
 
 use crate::udc::{now_iso, UDC_VERSION};
-
-/// NOTIFY payloads must stay under 8000 bytes.
-const NOTIFY_LIMIT: usize = 7800;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -26,17 +26,10 @@ pub enum Feed {
 }
 
 impl Feed {
-    pub fn channel(self) -> &'static str {
-        match self {
-            Feed::Tasks => "orchestrator_tasks",
-            Feed::Droplets => "orchestrator_droplets",
-        }
-    }
-
-    pub fn from_channel(channel: &str) -> Option<Feed> {
-        match channel {
-            "orchestrator_tasks" => Some(Feed::Tasks),
-            "orchestrator_droplets" => Some(Feed::Droplets),
+    pub fn parse(name: &str) -> Option<Feed> {
+        match name {
+            "tasks" => Some(Feed::Tasks),
+            "droplets" => Some(Feed::Droplets),
             _ => None,
         }
     }
@@ -151,115 +144,53 @@ fn event_envelope(trace_id: Option<String>, payload: Value) -> Value {
     })
 }
 
-/// The fields of a task or droplet that can make an event too large for NOTIFY; a replica
-/// reads them back from the database.
-pub(crate) fn bulky_fields(feed: Feed) -> &'static [&'static str] {
-    match feed {
-        Feed::Tasks => &["payload", "result", "description", "error_message"],
-        Feed::Droplets => &["capabilities"],
-    }
-}
-
-pub(crate) fn subject_key(feed: Feed) -> &'static str {
-    match feed {
-        Feed::Tasks => "task",
-        Feed::Droplets => "droplet",
-    }
-}
-
-/// A NOTIFY message for an event too large to carry whole. It keeps everything the event
-/// says about the moment of the change (status, droplet, timestamps, extras) and leaves out
-/// only the bulky fields, which the replicas load by id; a replica that loaded the whole row
-/// instead would show a later state than the event's (and filter on it).
-fn reference(event: &Event) -> Value {
-    let key = subject_key(event.feed);
-    let mut payload = event.envelope["payload"].clone();
-    if let Some(subject) = payload.get_mut(key).and_then(Value::as_object_mut) {
-        for field in bulky_fields(event.feed) {
-            subject.remove(*field);
-        }
-    }
-    let slim = json!({
-        "ref": true,
-        "omitted": bulky_fields(event.feed),
-        "trace_id": event.envelope["trace_id"],
-        "timestamp": event.envelope["timestamp"],
-        "payload": payload,
-    });
-    if slim.to_string().len() + 2 <= NOTIFY_LIMIT {
-        return slim;
-    }
-    // Still too large (huge extras): only the kind and the ids; the row is loaded whole.
-    let original = &event.envelope["payload"];
-    let mut payload = json!({
-        "event": original["event"],
-        key: { "id": original[key]["id"], "droplet_id": original[key]["droplet_id"] },
-    });
-    if let Some(previous) = original.get("previous_status").filter(|p| p.is_string()) {
-        payload["previous_status"] = previous.clone();
-    }
-    json!({
-        "ref": true,
-        "omitted": "all",
-        "trace_id": event.envelope["trace_id"],
-        "timestamp": event.envelope["timestamp"],
-        "payload": payload,
-    })
-}
-
 /// A CTE for a statement that changes a droplet's status in one round trip (the heartbeat):
-/// given the changed row as `up` and the row before as `old`, it queues a
-/// `droplet_health_changed` reference in that same statement's transaction when the status
-/// changed; each listener completes it from the row. Reference the CTE (`SELECT COUNT(*)
-/// FROM health_event`) or PostgreSQL skips it.
+/// given the changed row as `up` and the row before as `old`, it adds a
+/// `droplet_health_changed` event to the outbox in that same statement's transaction when the
+/// status changed. Reference the CTE (`SELECT COUNT(*) FROM health_event`) or PostgreSQL
+/// skips it.
 pub const HEARTBEAT_HEALTH_EVENT_CTE: &str = "health_event AS (
-    SELECT pg_notify('orchestrator_droplets', json_build_array(json_build_object(
-        'ref', true, 'omitted', 'all',
+    INSERT INTO event_outbox (feed, envelope)
+    SELECT 'droplets', jsonb_build_object(
+        'udc_version', '1.0',
         'trace_id', gen_random_uuid()::text,
+        'source', 10,
+        'target', NULL,
+        'message_type', 'event',
         'timestamp', to_char(clock_timestamp() AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'),
-        'payload', json_build_object(
+        'payload', jsonb_build_object(
             'event', 'droplet_health_changed', 'previous_status', old.status, 'reason', 'heartbeat',
-            'droplet', json_build_object('id', up.droplet_id, 'droplet_id', up.droplet_id, 'status', up.status))
-    ))::text)
+            'droplet', jsonb_build_object(
+                'id', up.droplet_id, 'droplet_id', up.droplet_id, 'name', up.name,
+                'steward', up.steward, 'endpoint', up.endpoint,
+                'capabilities', COALESCE(up.capabilities, '[]'::jsonb), 'status', up.status,
+                'last_heartbeat', to_char(up.last_heartbeat, 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'),
+                'registered_at', to_char(up.registered_at, 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'),
+                'updated_at', to_char(up.updated_at, 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'),
+                'max_concurrent_tasks', up.max_concurrent_tasks,
+                'admin_deactivated', up.admin_deactivated, 'registered', up.registered)))
     FROM up, old WHERE up.status IS DISTINCT FROM old.status
+    RETURNING 1
 )";
 
-/// Queues the events in the caller's transaction: PostgreSQL sends them at commit, in commit
-/// order, to every replica's listener (this one included), and never if it rolls back.
+/// Adds the events to the outbox in the caller's transaction: they are published once it
+/// commits, in order, to every replica, and never if it rolls back. A plain insert: no
+/// NOTIFY, so concurrent writers still share PostgreSQL's group commit.
 pub async fn notify(conn: &mut PgConnection, events: &[Event]) -> Result<(), sqlx::Error> {
     if events.is_empty() {
         return Ok(());
     }
-    let mut channels: Vec<&'static str> = Vec::new();
-    let mut payloads: Vec<String> = Vec::new();
-    for feed in [Feed::Tasks, Feed::Droplets] {
-        let mut batch = String::from("[");
-        for event in events.iter().filter(|e| e.feed == feed) {
-            let mut text = event.envelope.to_string();
-            if text.len() + 2 > NOTIFY_LIMIT {
-                text = reference(event).to_string();
-            }
-            if batch.len() + text.len() + 2 > NOTIFY_LIMIT && batch.len() > 1 {
-                batch.push(']');
-                channels.push(feed.channel());
-                payloads.push(std::mem::replace(&mut batch, String::from("[")));
-            }
-            if batch.len() > 1 {
-                batch.push(',');
-            }
-            batch.push_str(&text);
-        }
-        if batch.len() > 1 {
-            batch.push(']');
-            channels.push(feed.channel());
-            payloads.push(batch);
-        }
-    }
-    sqlx::query("SELECT pg_notify(c, p) FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS x(c, p, n) ORDER BY n")
-        .bind(&channels)
-        .bind(&payloads)
-        .execute(conn)
-        .await?;
+    let feeds: Vec<&str> = events.iter().map(|e| e.feed.as_str()).collect();
+    let envelopes: Vec<&Value> = events.iter().map(|e| &e.envelope).collect();
+    sqlx::query(
+        "INSERT INTO event_outbox (feed, envelope)
+         SELECT f, e FROM unnest($1::text[], $2::jsonb[]) WITH ORDINALITY AS x(f, e, n) ORDER BY n",
+    )
+    .bind(&feeds)
+    .bind(&envelopes)
+    .execute(conn)
+    .await?;
+    relay::wake();
     Ok(())
 }
 
@@ -268,41 +199,8 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_large_task_event_travels_as_a_reference_that_keeps_the_moment_of_the_change() {
-        let task = json!({"id": 7, "status": "assigned", "assigned_droplet_id": 8, "task_type": "verify",
-                          "payload": {"blob": "x".repeat(20_000)}, "result": null});
-        let event = Event::task(
-            TaskEventKind::TaskAssigned,
-            Some("t".into()),
-            task,
-            Some(json!({"previous_status": "pending"})),
-        );
-        let r = reference(&event);
-        assert!(r.to_string().len() < NOTIFY_LIMIT);
-        assert_eq!(r["payload"]["task"]["status"], "assigned");
-        assert_eq!(r["payload"]["task"]["assigned_droplet_id"], 8);
-        assert_eq!(r["payload"]["previous_status"], "pending");
-        assert!(r["payload"]["task"].get("payload").is_none());
-        assert_eq!(r["omitted"][0], "payload");
-    }
-
-    #[test]
-    fn huge_extras_fall_back_to_ids_only() {
-        let event = Event::droplet(
-            DropletEventKind::DropletRegistered,
-            json!({"id": 8, "droplet_id": 8, "status": "active"}),
-            Some(json!({"note": "n".repeat(10_000)})),
-        );
-        let r = reference(&event);
-        assert!(r.to_string().len() < NOTIFY_LIMIT);
-        assert_eq!(r["omitted"], "all");
-        assert_eq!(r["payload"]["droplet"]["droplet_id"], 8);
-        assert!(r["payload"].get("previous_status").is_none());
-    }
-
-    #[test]
-    fn the_heartbeat_event_goes_to_the_droplets_channel() {
-        assert!(HEARTBEAT_HEALTH_EVENT_CTE.contains(&format!("'{}'", Feed::Droplets.channel())));
+    fn the_heartbeat_event_goes_to_the_droplets_feed() {
+        assert!(HEARTBEAT_HEALTH_EVENT_CTE.contains(&format!("'{}'", Feed::Droplets.as_str())));
         assert!(
             HEARTBEAT_HEALTH_EVENT_CTE.contains(DropletEventKind::DropletHealthChanged.as_str())
         );

@@ -1,0 +1,151 @@
+//! The relay: one per database (whichever replica holds the advisory lock at each round)
+//! moves committed events from `event_outbox` into the numbered `events` log, in order, then
+//! wakes every replica's reader with one NOTIFY per round, sent after the round committed
+//! (never inside a writing transaction). It also trims the log to `EVENT_RETENTION_SECONDS`.
+//!
+//! Order: an outbox row is published only once no transaction that could still add an
+//! earlier row is running (`xid` below the snapshot's xmin), in outbox order, stopping at the
+//! first committed row that is not yet safe. Changes of one task or droplet are made under its
+//! row lock, so their rows are in the outbox in the order of their commits: a client sees a
+//! task's events in the order they happened, on every replica.
+
+use std::sync::LazyLock;
+use std::time::{Duration, Instant};
+
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::state::AppState;
+
+/// The NOTIFY channel that wakes the readers (its payload is empty: they read the log).
+pub const EVENTS_CHANNEL: &str = "orchestrator_events";
+/// The advisory lock of a relay round.
+const RELAY_LOCK: i64 = 0x0A5C_0012;
+/// Most events one round publishes.
+const BATCH: i64 = 5000;
+/// How long an idle relay waits before looking again (a local write wakes it at once).
+const IDLE: Duration = Duration::from_millis(100);
+
+static WAKE: LazyLock<Notify> = LazyLock::new(Notify::new);
+
+/// Called by a writer that added events: the local relay looks at once (another replica's
+/// relay finds them within `IDLE`).
+pub fn wake() {
+    WAKE.notify_one();
+}
+
+/// One round: how many events were published (None: another replica holds the relay).
+pub async fn publish_round(state: &AppState) -> Result<Option<u64>, sqlx::Error> {
+    let mut tx = state.db.begin().await?;
+    let mine: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1)")
+        .bind(RELAY_LOCK)
+        .fetch_one(&mut *tx)
+        .await?;
+    if !mine {
+        tx.rollback().await?;
+        return Ok(None);
+    }
+    let published = sqlx::query(
+        "WITH horizon AS (SELECT pg_snapshot_xmin(pg_current_snapshot()) AS xmin),
+         first_unsafe AS (
+            SELECT MIN(id) AS id FROM event_outbox, horizon WHERE xid >= horizon.xmin
+         ),
+         ready AS (
+            SELECT o.id, o.feed, o.envelope FROM event_outbox o, first_unsafe u
+            WHERE u.id IS NULL OR o.id < u.id
+            ORDER BY o.id LIMIT $1
+         ),
+         gone AS (DELETE FROM event_outbox WHERE id IN (SELECT id FROM ready)),
+         numbered AS (
+            SELECT nextval('event_ids') AS event_id, feed, envelope
+            FROM (SELECT * FROM ready ORDER BY id) r
+         )
+         INSERT INTO events (event_id, feed, envelope)
+         SELECT event_id, feed, jsonb_set(envelope, '{payload,event_id}', to_jsonb(event_id))
+         FROM numbered",
+    )
+    .bind(BATCH)
+    .execute(&mut *tx)
+    .await?
+    .rows_affected();
+    tx.commit().await?;
+    if published > 0 {
+        // The wake-up, in its own statement after the commit.
+        let _ = sqlx::query("SELECT pg_notify($1, '')")
+            .bind(EVENTS_CHANNEL)
+            .execute(&state.db)
+            .await;
+    }
+    Ok(Some(published))
+}
+
+/// Deletes the events older than the retention (in batches).
+pub async fn trim(state: &AppState) -> Result<u64, sqlx::Error> {
+    let keep = state.config().event_retention_seconds as f64;
+    let mut deleted = 0;
+    loop {
+        let n = sqlx::query(
+            "DELETE FROM events WHERE event_id IN (
+                SELECT event_id FROM events
+                WHERE published_at < NOW() - make_interval(secs => $1::double precision)
+                ORDER BY event_id LIMIT 5000)",
+        )
+        .bind(keep)
+        .execute(&state.db)
+        .await?
+        .rows_affected();
+        deleted += n;
+        if n < 5000 {
+            return Ok(deleted);
+        }
+    }
+}
+
+/// The relay loop of this replica: a round at each local write and every `IDLE`; rounds run
+/// back to back while there is a backlog.
+pub async fn run_relay(state: AppState, stop: CancellationToken) {
+    let mut last_trim = Instant::now();
+    let mut failing = false;
+    loop {
+        if stop.is_cancelled() {
+            return;
+        }
+        let round = publish_round(&state).await;
+        let more = match round {
+            Ok(Some(n)) => {
+                failing = false;
+                n as i64 >= BATCH
+            }
+            Ok(None) => false,
+            Err(e) => {
+                if !failing {
+                    tracing::warn!(error = %e, "event relay round failed; retrying");
+                }
+                failing = true;
+                false
+            }
+        };
+        if last_trim.elapsed() > Duration::from_secs(10) {
+            last_trim = Instant::now();
+            if let Err(e) = trim(&state).await {
+                tracing::debug!(error = %e, "event log trim failed");
+            }
+        }
+        if more {
+            continue;
+        }
+        let wait = if failing {
+            Duration::from_secs(1)
+        } else {
+            IDLE
+        };
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = WAKE.notified() => {
+                // Let the writer's commit land, then look.
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            _ = tokio::time::sleep(wait) => {}
+        }
+    }
+}
