@@ -4,8 +4,10 @@
  * - The bearer token lives in this tab's sessionStorage only, and goes in an
  *   Authorization header; the one exception is the WebSocket URL (`?token=`), which the
  *   contract requires and the server never logs. It is never put in the page's URL.
- * - The state comes from REST; /ws/tasks and /ws/droplets keep it live. Every time a feed
- *   (re)opens, the page resyncs from REST, so nothing missed while it was away is lost.
+ * - The state comes from REST; /ws/tasks and /ws/droplets keep it live. A feed that
+ *   reopens resumes after the last event_id it saw (?after=), so nothing missed while it
+ *   was away is lost; when the server no longer keeps those events (resync_required), the
+ *   page reloads the state from REST.
  * - Everything that comes from the server is written with textContent, never as HTML.
  */
 (() => {
@@ -50,6 +52,8 @@
     sockets: { tasks: null, droplets: null },
     failures: { tasks: 0, droplets: 0 },
     retryAt: { tasks: 0, droplets: 0 },
+    // The newest event_id seen per feed: a reconnect resumes after it (?after=).
+    lastEventId: { tasks: 0, droplets: 0 },
     retryTimers: { tasks: null, droplets: null },
     everLive: false,
     timers: [],
@@ -394,6 +398,7 @@
     S.types.clear();
     S.counts = { pending: 0, assigned: 0, in_progress: 0 };
     S.failures = { tasks: 0, droplets: 0 };
+    S.lastEventId = { tasks: 0, droplets: 0 };
     for (const kind of Object.keys(S.rows)) {
       for (const row of S.rows[kind].values()) row.remove();
       S.rows[kind].clear();
@@ -466,7 +471,8 @@
     const proto = location.protocol === 'https:' ? 'wss:' : 'ws:';
     // The contract carries the token in the query for browsers (they cannot set headers
     // on a WebSocket); the server never logs query strings.
-    return proto + '//' + location.host + '/ws/' + feed + '?token=' + encodeURIComponent(S.token);
+    const after = S.lastEventId[feed] > 0 ? '&after=' + S.lastEventId[feed] : '';
+    return proto + '//' + location.host + '/ws/' + feed + '?token=' + encodeURIComponent(S.token) + after;
   }
 
   function openSocket(feed) {
@@ -488,10 +494,12 @@
       S.retryAt[feed] = 0;
       if (FEEDS.every((f) => S.sockets[f] && S.sockets[f].opened)) S.everLive = true;
       updateConn();
-      resyncSoon();
+      // A first connection loads the state from REST; a reconnect resumes after the last
+      // event seen, and the server sends what was missed (or resync_required).
+      if (!S.lastEventId[feed]) resyncSoon();
     };
     ws.onmessage = (m) => {
-      if (S.sockets[feed] === sock) onMessage(m.data);
+      if (S.sockets[feed] === sock) onMessage(m.data, feed);
     };
     ws.onclose = (e) => {
       if (S.sockets[feed] !== sock) return;
@@ -523,7 +531,7 @@
     api('GET', '/tasks?limit=1'); // a 401 signs out with the reason
   }
 
-  function onMessage(data) {
+  function onMessage(data, feed) {
     let env;
     try {
       env = JSON.parse(data);
@@ -532,6 +540,12 @@
     }
     const p = env && env.payload;
     if (!p || typeof p.event !== 'string') return;
+    if (p.event === 'resync_required') {
+      // What was missed is no longer kept: reload the state from REST.
+      resyncSoon();
+      return;
+    }
+    if (feed && typeof p.event_id === 'number' && p.event_id > S.lastEventId[feed]) S.lastEventId[feed] = p.event_id;
     if (p.event.startsWith('task_')) onTaskEvent(p);
     else if (p.event.startsWith('droplet_')) onDropletEvent(p);
   }
