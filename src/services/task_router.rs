@@ -386,7 +386,9 @@ async fn pass(state: &AppState) -> Result<Pass, sqlx::Error> {
     }
     // The room left after this pass's assignments answers `estimated_assignment_seconds`.
     state.router.set_room(room_left(&slots));
-    if moves.is_empty() {
+    // An emergency stop that came while this pass was reading wins: nothing it chose is
+    // assigned.
+    if moves.is_empty() || state.emergency_stopped() {
         tx.rollback().await?;
         return Ok(Pass {
             assigned: 0,

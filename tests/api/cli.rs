@@ -172,13 +172,18 @@ fn every_subcommand_has_help() {
 
 #[tokio::test]
 async fn migrate_creates_the_database_and_applies_the_migrations() {
-    let url = fresh_database_url();
+    let db = TestDatabase::fresh().await;
+    let url = db.url.clone();
     let out = orchestrator(
         &["migrate"],
         &[("DATABASE_URL", url.as_str()), ("LOG_LEVEL", "WARNING")],
     );
     assert!(out.status.success(), "{}", text(&out.stderr));
-    let pool = sqlx::PgPool::connect(&url).await.expect("database exists");
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .connect(&url)
+        .await
+        .expect("database exists");
     let (applied,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM _sqlx_migrations WHERE success")
         .fetch_one(&pool)
         .await

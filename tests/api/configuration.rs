@@ -116,21 +116,24 @@ fn refs(vars: &[(String, String)]) -> Vec<(&str, &str)> {
 
 #[test]
 fn a_non_numeric_port_stops_start_up_naming_port() {
-    let vars = good_vars(&fresh_database_url(), "0");
+    let db = TestDatabase::fresh_blocking();
+    let vars = good_vars(&db.url, "0");
     let outcome = run(&refs(&with(&vars, &[("PORT", "abc")])));
     assert_refused(&outcome, "PORT");
 }
 
 #[test]
 fn a_negative_interval_stops_start_up_naming_it() {
-    let vars = good_vars(&fresh_database_url(), "0");
+    let db = TestDatabase::fresh_blocking();
+    let vars = good_vars(&db.url, "0");
     let outcome = run(&refs(&with(&vars, &[("HEARTBEAT_TIMEOUT", "-1")])));
     assert_refused(&outcome, "HEARTBEAT_TIMEOUT");
 }
 
 #[test]
 fn production_without_a_secret_refuses_to_start() {
-    let vars: Vec<(String, String)> = good_vars(&fresh_database_url(), "0")
+    let db = TestDatabase::fresh_blocking();
+    let vars: Vec<(String, String)> = good_vars(&db.url, "0")
         .into_iter()
         .filter(|(k, _)| k != "JWT_SECRET_KEY")
         .collect();
@@ -140,7 +143,8 @@ fn production_without_a_secret_refuses_to_start() {
 
 #[test]
 fn production_with_a_short_secret_refuses_to_start() {
-    let vars = good_vars(&fresh_database_url(), "0");
+    let db = TestDatabase::fresh_blocking();
+    let vars = good_vars(&db.url, "0");
     let outcome = run(&refs(&with(
         &vars,
         &[
@@ -221,7 +225,8 @@ fn a_good_configuration_serves_and_stops_cleanly_on_sigterm() {
         let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         l.local_addr().expect("addr").port()
     };
-    let vars = good_vars(&fresh_database_url(), &port.to_string());
+    let db = TestDatabase::fresh_blocking();
+    let vars = good_vars(&db.url, &port.to_string());
     let mut child = orchestrator(&refs(&vars)).spawn().expect("starts");
     let deadline = Instant::now() + Duration::from_secs(20);
     let healthy = loop {

@@ -3,6 +3,10 @@
 //! through the API without a reload, opens a task's history, and cancels it as an admin.
 //! Screenshots go to `target/dashboard.png`, `target/dashboard-task.png` and
 //! `target/dashboard-signin.png`.
+//!
+//! These tests are `#[ignore]`d, so that `cargo test` passes on a machine without a browser:
+//! `scripts/browser-test.sh` installs Chromium and ChromeDriver when they are missing and
+//! runs them (`cargo test --test api dashboard -- --include-ignored`).
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -18,11 +22,13 @@ use crate::helpers::*;
 
 const CHROMIUM: &str = "/usr/bin/chromium";
 const CHROMEDRIVER: &str = "/usr/bin/chromedriver";
-const INSTALL: &str = "apt-get update && apt-get install -y chromium chromium-driver";
+const INSTALL: &str =
+    "scripts/browser-test.sh (or apt-get update && apt-get install -y chromium chromium-driver)";
 /// Generous: CI runs this beside the whole suite on two cores.
 const WAIT: Duration = Duration::from_secs(20);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs Chromium and ChromeDriver: scripts/browser-test.sh"]
 async fn the_dashboard_follows_the_mesh_live_in_a_browser() {
     let (browser, app) = tokio::join!(
         Browser::start(),
@@ -255,6 +261,7 @@ async fn the_dashboard_follows_the_mesh_live_in_a_browser() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs Chromium and ChromeDriver: scripts/browser-test.sh"]
 async fn in_development_the_page_mints_a_read_token_that_cannot_act() {
     let (browser, app) = tokio::join!(
         Browser::start(),

@@ -1,13 +1,21 @@
 //! What every integration test needs: the real app on a random port over its own fresh
 //! database, tokens, envelopes, an HTTP client, and small droplet servers.
+//!
+//! PostgreSQL connections are budgeted so that the suite passes on a stock server
+//! (`max_connections = 100`) at any `--test-threads`: a test first takes a [`Slot`] of
+//! [`TEST_CONNECTIONS`] out of a process-wide [`CONNECTION_BUDGET`] of 64, and waits while
+//! four tests already hold theirs. Every database a test makes is a [`TestDatabase`], dropped
+//! `WITH (FORCE)` when the test lets go of it, on success and on panic alike, so a run
+//! leaves no `orch_test_*` database behind. See [`CONNECTION_BUDGET`] for the figures.
 
 #![allow(dead_code)]
 
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::future::Future;
 use std::io::Write;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, LazyLock, Mutex, Weak};
 use std::time::Duration;
 
 use axum::extract::State;
@@ -19,7 +27,8 @@ use orchestrator::state::AppState;
 use reqwest::Method;
 use serde_json::{json, Value};
 use sqlx::postgres::PgPoolOptions;
-use sqlx::PgPool;
+use sqlx::{Connection, PgConnection, PgPool};
+use tokio::sync::{OnceCell, Semaphore, SemaphorePermit};
 use uuid::Uuid;
 
 pub const SECRET: &str = "integration-test-secret-0123456789abcdef";
@@ -30,13 +39,248 @@ pub fn server_url() -> String {
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".to_string())
 }
 
-/// A fresh, unique database name for one test.
+/// A fresh, unique database URL (nothing creates or drops it: tests that hand a database
+/// to something other than a [`TestApp`] take a [`TestDatabase`], which drops it).
 pub fn fresh_database_url() -> String {
     format!(
         "{}/orch_test_{}",
         server_url().trim_end_matches('/'),
         Uuid::new_v4().simple()
     )
+}
+
+// ---------------------------------------------------------------------------
+// The connection budget and the databases tests own.
+
+/// PostgreSQL connections the tests of one process may hold at once: 64 of the stock
+/// `max_connections = 100`, leaving a third of the server (its 3 superuser-reserved
+/// connections included) to whatever else uses it meanwhile: `psql`, a service started by
+/// hand, another checkout's tests.
+///
+/// What one test holds, measured in `pg_stat_activity` while the suite ran: a [`TestApp`]
+/// keeps at most 6 connections to its database, its pool of `DATABASE_POOL_SIZE = 4` (the
+/// event LISTEN connection is one of those four) and the test's own pool of 2. A test runs
+/// at most two apps at once (two replicas on one database, or a development and a
+/// production app), 12 connections, and briefly needs more: the admin connection that
+/// creates the database at an app's start and the one that drops it at the end, the
+/// probe before the create, a `PgListener` of the test's own, or the binary that the CLI
+/// tests start. Hence a [`Slot`] of [`TEST_CONNECTIONS`] = 16, and four tests with the
+/// database at a time whatever `--test-threads` says; the other test threads wait for a
+/// slot. The fault scenarios, whose servers have pools of 20, take the whole budget
+/// ([`Slot::exclusive`]).
+pub const CONNECTION_BUDGET: usize = 64;
+
+/// One test's share of [`CONNECTION_BUDGET`] (see there).
+pub const TEST_CONNECTIONS: usize = 16;
+
+static BUDGET: Semaphore = Semaphore::const_new(CONNECTION_BUDGET);
+
+thread_local! {
+    /// The slot the test running on this thread holds, if it holds one.
+    static CURRENT_SLOT: RefCell<Weak<Slot>> = const { RefCell::new(Weak::new()) };
+}
+
+/// A test's share of the connection budget, held while any of its apps or databases lives.
+///
+/// A test takes one slot for everything it opens: its second app (a replica, or an app after
+/// an app) shares the first one's slot instead of waiting for another, so no test ever
+/// waits for the budget while holding part of it, and the suite cannot deadlock however
+/// many threads run it. The slot is found through the test's thread (libtest runs each test
+/// on its own thread, and `#[tokio::test]` runs the test's body there); an app started
+/// inside a `tokio::spawn`ed task of a multi-threaded runtime would take a slot of its own.
+pub struct Slot {
+    permits: OnceCell<SemaphorePermit<'static>>,
+}
+
+impl Slot {
+    /// The slot of the test running on this thread, taken when it has none (waiting, if
+    /// need be, until other tests give theirs back).
+    pub async fn current() -> Arc<Slot> {
+        Slot::take(TEST_CONNECTIONS).await
+    }
+
+    /// The whole budget, for a test that may open many connections (the fault scenarios).
+    pub async fn exclusive() -> Arc<Slot> {
+        Slot::take(CONNECTION_BUDGET).await
+    }
+
+    async fn take(connections: usize) -> Arc<Slot> {
+        // Registered before the wait, so that two apps started at once by one test share it.
+        let slot = CURRENT_SLOT.with(|current| {
+            let existing = current.borrow().upgrade();
+            existing.unwrap_or_else(|| {
+                let slot = Arc::new(Slot {
+                    permits: OnceCell::new(),
+                });
+                *current.borrow_mut() = Arc::downgrade(&slot);
+                slot
+            })
+        });
+        slot.permits
+            .get_or_init(|| async {
+                BUDGET
+                    .acquire_many(connections as u32)
+                    .await
+                    .expect("the connection budget is never closed")
+            })
+            .await;
+        slot
+    }
+}
+
+/// Every live [`TestDatabase`] by name, so that apps on one database share its owner.
+static DATABASES: LazyLock<Mutex<HashMap<String, Weak<TestDatabase>>>> =
+    LazyLock::new(|| Mutex::new(HashMap::new()));
+
+/// A database a test owns, on the test's [`Slot`]. It need not exist yet (the app or the
+/// binary given its URL creates it); it is dropped `WITH (FORCE)`, its connections cut,
+/// when the last holder lets go: the last [`TestApp`] on it, or the test itself, whether it
+/// passed or panicked. The slot goes back to the budget only after that.
+pub struct TestDatabase {
+    pub name: String,
+    pub url: String,
+    slot: Arc<Slot>,
+}
+
+impl TestDatabase {
+    /// A new database of this test's (created by whoever first connects to `url`).
+    pub async fn fresh() -> Arc<TestDatabase> {
+        TestDatabase::owning(&fresh_database_url()).await
+    }
+
+    /// [`TestDatabase::fresh`], for tests without a runtime.
+    pub fn fresh_blocking() -> Arc<TestDatabase> {
+        futures::executor::block_on(TestDatabase::fresh())
+    }
+
+    /// A new database of a fault scenario's, which takes the whole connection budget.
+    pub async fn exclusive() -> Arc<TestDatabase> {
+        let slot = Slot::exclusive().await;
+        TestDatabase::register(&fresh_database_url(), slot)
+    }
+
+    /// The owner of the database at `url` (any host: a proxy's URL names the same database
+    /// as the server's), made when no app or test holds it yet.
+    pub async fn owning(url: &str) -> Arc<TestDatabase> {
+        if let Some(existing) = TestDatabase::find(url) {
+            return existing;
+        }
+        let slot = Slot::current().await;
+        TestDatabase::register(url, slot)
+    }
+
+    fn find(url: &str) -> Option<Arc<TestDatabase>> {
+        let databases = DATABASES.lock().unwrap_or_else(|e| e.into_inner());
+        databases.get(&database_name(url)).and_then(Weak::upgrade)
+    }
+
+    fn register(url: &str, slot: Arc<Slot>) -> Arc<TestDatabase> {
+        let name = database_name(url);
+        let mut databases = DATABASES.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(existing) = databases.get(&name).and_then(Weak::upgrade) {
+            return existing;
+        }
+        let database = Arc::new(TestDatabase {
+            name: name.clone(),
+            url: url.to_string(),
+            slot,
+        });
+        databases.insert(name, Arc::downgrade(&database));
+        database
+    }
+}
+
+impl Drop for TestDatabase {
+    fn drop(&mut self) {
+        {
+            let mut databases = DATABASES.lock().unwrap_or_else(|e| e.into_inner());
+            if databases
+                .get(&self.name)
+                .is_some_and(|w| w.upgrade().is_none())
+            {
+                databases.remove(&self.name);
+            }
+        }
+        drop_database(&self.name);
+    }
+}
+
+/// The database a URL names (its path, without the query).
+fn database_name(url: &str) -> String {
+    let path = url.split('?').next().unwrap_or(url);
+    path.rsplit('/').next().unwrap_or(path).to_string()
+}
+
+/// Drops a test database `WITH (FORCE)` (cutting whatever is still connected to it), from
+/// any context: a destructor, a finished or a panicking test, inside a runtime or not. The
+/// work runs on a thread of its own with its own small runtime, since the test's runtime
+/// may be going away; this waits for it up to a minute. Only `orch_test_*` names are
+/// dropped; failures are printed, never raised.
+pub fn drop_database(name: &str) {
+    if !name.starts_with("orch_test_") {
+        return;
+    }
+    let owned = name.to_string();
+    let (done, finished) = std::sync::mpsc::channel();
+    let spawned = std::thread::Builder::new()
+        .name("drop-test-database".into())
+        .spawn(move || {
+            let outcome = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| e.to_string())
+                .and_then(|runtime| runtime.block_on(drop_database_now(&owned)));
+            let _ = done.send(outcome);
+        });
+    let outcome = match spawned {
+        Err(e) => Err(format!("cannot start a thread: {e}")),
+        Ok(_) => finished
+            .recv_timeout(Duration::from_secs(60))
+            .unwrap_or_else(|_| Err("no answer within 60 s".to_string())),
+    };
+    if let Err(e) = outcome {
+        eprintln!("warning: test database {name} was not dropped: {e}");
+    }
+}
+
+async fn drop_database_now(name: &str) -> Result<(), String> {
+    let admin = format!("{}/postgres", server_url().trim_end_matches('/'));
+    let sql = format!(
+        "DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)",
+        name.replace('"', "\"\"")
+    );
+    let mut last = String::new();
+    // A few tries: the server may be full for a moment, or a client reconnecting.
+    for attempt in 0..5u64 {
+        if attempt > 0 {
+            tokio::time::sleep(Duration::from_millis(250 * attempt)).await;
+        }
+        let mut conn = match tokio::time::timeout(
+            Duration::from_secs(10),
+            PgConnection::connect(&admin),
+        )
+        .await
+        {
+            Ok(Ok(conn)) => conn,
+            Ok(Err(e)) => {
+                last = e.to_string();
+                continue;
+            }
+            Err(_) => {
+                last = "timed out connecting".to_string();
+                continue;
+            }
+        };
+        let dropped = sqlx::query(sqlx::AssertSqlSafe(sql.clone()))
+            .execute(&mut conn)
+            .await;
+        let _ = conn.close().await;
+        match dropped {
+            Ok(_) => return Ok(()),
+            Err(e) => last = e.to_string(),
+        }
+    }
+    Err(last)
 }
 
 /// The settings every test app starts from; tests override what they need.
@@ -73,6 +317,8 @@ pub struct TestApp {
     pub database_url: String,
     pub client: reqwest::Client,
     pub env: HashMap<String, String>,
+    /// The app's share in its database (dropped with the last app on it).
+    database: Option<Arc<TestDatabase>>,
 }
 
 impl TestApp {
@@ -87,6 +333,8 @@ impl TestApp {
 
     /// A new app over the given database (two apps on one database are two replicas).
     pub async fn spawn_on(database_url: &str, overrides: &[(&str, &str)]) -> TestApp {
+        // The budget first: nothing connects before the test holds its slot.
+        let database = TestDatabase::owning(database_url).await;
         let mut env = base_env(database_url);
         for (k, v) in overrides {
             env.insert(k.to_string(), v.to_string());
@@ -115,6 +363,7 @@ impl TestApp {
                 .build()
                 .expect("client"),
             env,
+            database: Some(database),
         }
     }
 
@@ -217,6 +466,16 @@ impl TestApp {
 impl Drop for TestApp {
     fn drop(&mut self) {
         self.state.shutdown.cancel();
+        // The test's runtime ends with the test, before the app's own shutdown could close
+        // its pool: close both pools now (no connection is opened from here on; `close`
+        // marks a pool closed at once, its future only waits for the connections to go).
+        #[allow(clippy::let_underscore_future)]
+        {
+            let _ = self.state.db.close();
+            let _ = self.db.close();
+        }
+        // The last app on a database drops it, cutting the connections still open.
+        drop(self.database.take());
     }
 }
 
@@ -492,13 +751,17 @@ pub fn keep_beating(app: &TestApp, id: i32) -> tokio::task::JoinHandle<()> {
     })
 }
 
-/// The events in one NOTIFY payload (a single envelope or a batch of them).
-pub fn notified_events(payload: &str) -> Vec<Value> {
-    match serde_json::from_str::<Value>(payload) {
-        Ok(Value::Array(events)) => events,
-        Ok(event) => vec![event],
-        Err(_) => Vec::new(),
-    }
+/// The events of a feed (`tasks` or `droplets`) in the event log after `after`, in order:
+/// `(event_id, envelope)`.
+pub async fn logged_events(db: &PgPool, feed: &str, after: i64) -> Vec<(i64, Value)> {
+    sqlx::query_as(
+        "SELECT event_id, envelope FROM events WHERE feed = $1 AND event_id > $2 ORDER BY event_id",
+    )
+    .bind(feed)
+    .bind(after)
+    .fetch_all(db)
+    .await
+    .expect("read the event log")
 }
 
 /// A fresh RSA key pair as PEM text (private, public), made with the machine's openssl.

@@ -385,10 +385,16 @@ async fn a_heartbeat_brings_a_silent_droplet_back_unless_an_admin_deactivated_it
     let server = DropletServer::start(Behaviour::Ok).await;
     app.register(78, &["x"], &server.endpoint).await;
     app.register(79, &["x"], &server.endpoint).await;
-    let mut listener = sqlx::postgres::PgListener::connect(&app.database_url)
-        .await
-        .unwrap();
-    listener.listen("orchestrator_droplets").await.unwrap();
+    // The droplet events so far (the registrations); the round's follow them in the log.
+    let before = eventually(
+        Duration::from_secs(5),
+        "the registrations' events",
+        || async {
+            let logged = logged_events(&app.db, "droplets", 0).await;
+            (logged.len() >= 2).then(|| logged.last().map(|(id, _)| *id).unwrap_or(0))
+        },
+    )
+    .await;
     sqlx::query("UPDATE droplets SET last_heartbeat = NOW() - interval '5 seconds'")
         .execute(&app.db)
         .await
@@ -397,19 +403,22 @@ async fn a_heartbeat_brings_a_silent_droplet_back_unless_an_admin_deactivated_it
     let mut round = health_monitor::run_once(&app.state).await.unwrap();
     round.marked_inactive.sort_unstable();
     assert_eq!(round.marked_inactive, [78, 79]);
-    let mut events = Vec::new();
-    while events.len() < 4 {
-        let n = tokio::time::timeout(Duration::from_secs(5), listener.recv())
-            .await
-            .expect("droplet events")
-            .unwrap();
-        for v in notified_events(n.payload()) {
-            events.push((
-                v["payload"]["event"].as_str().unwrap().to_string(),
-                v["payload"]["droplet"]["droplet_id"].as_i64().unwrap(),
-            ));
-        }
-    }
+    let mut events: Vec<(String, i64)> =
+        eventually(Duration::from_secs(5), "droplet events", || async {
+            let logged = logged_events(&app.db, "droplets", before).await;
+            (logged.len() >= 4).then(|| {
+                logged
+                    .iter()
+                    .map(|(_, v)| {
+                        (
+                            v["payload"]["event"].as_str().unwrap().to_string(),
+                            v["payload"]["droplet"]["droplet_id"].as_i64().unwrap(),
+                        )
+                    })
+                    .collect()
+            })
+        })
+        .await;
     events.sort();
     assert_eq!(
         events,

@@ -2,6 +2,7 @@
 //! shape, droplets filled in without touching their status, the cache surviving a restart
 //! with the Registry gone, garbage and slow answers changing nothing, and the public key.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -38,6 +39,8 @@ struct RegistryServer {
     url: String,
     directory: Arc<Mutex<Answer>>,
     public_key: Arc<Mutex<Option<String>>>,
+    /// How many times the public key was asked for.
+    key_requests: Arc<AtomicUsize>,
     stop: Option<oneshot::Sender<()>>,
     handle: Option<tokio::task::JoinHandle<()>>,
 }
@@ -46,7 +49,8 @@ impl RegistryServer {
     async fn start(answer: Answer) -> RegistryServer {
         let directory = Arc::new(Mutex::new(answer));
         let public_key: Arc<Mutex<Option<String>>> = Arc::new(Mutex::new(None));
-        let (d, k) = (directory.clone(), public_key.clone());
+        let key_requests = Arc::new(AtomicUsize::new(0));
+        let (d, k, asked) = (directory.clone(), public_key.clone(), key_requests.clone());
         let app = Router::new()
             .route(
                 "/droplets",
@@ -68,6 +72,7 @@ impl RegistryServer {
                 "/public-key",
                 get(move || {
                     let k = k.clone();
+                    asked.fetch_add(1, Ordering::SeqCst);
                     async move {
                         match k.lock().unwrap().clone() {
                             Some(pem) => (AxumStatus::OK, axum::Json(json!({"public_key": pem})))
@@ -91,6 +96,7 @@ impl RegistryServer {
             url,
             directory,
             public_key,
+            key_requests,
             stop: Some(tx),
             handle: Some(handle),
         }
@@ -377,11 +383,14 @@ async fn without_a_registry_url_the_registry_is_unconfigured() {
     assert_eq!(dep["status"], "unconfigured");
 }
 
+/// The key that verifies Registry tokens is never trusted on first use from whatever answers
+/// REGISTRY_URL: a (fake) Registry serving a PEM over http gets nothing installed, with
+/// REGISTRY_FETCH_PUBLIC_KEY off (the default) or on; the status says why.
 #[tokio::test]
-async fn the_registrys_public_key_is_fetched_when_none_is_configured() {
+async fn a_public_key_served_over_http_is_not_installed_with_or_without_the_fetch_flag() {
     let (private, public) = rsa_pair();
     let registry = RegistryServer::start(Answer::json(json!([]))).await;
-    let app = app_with(&registry).await;
+    *registry.public_key.lock().unwrap() = Some(public);
     let now = chrono::Utc::now().timestamp();
     let token = jsonwebtoken::encode(
         &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::RS256),
@@ -389,20 +398,38 @@ async fn the_registrys_public_key_is_fetched_when_none_is_configured() {
         &jsonwebtoken::EncodingKey::from_rsa_pem(private.as_bytes()).unwrap(),
     )
     .unwrap();
-    // The start-up sync found no key.
-    let error = eventually(Duration::from_secs(10), "start-up key fetch done", || {
-        let s = app.state.registry.snapshot();
-        async move { s.public_key_error }
-    })
-    .await;
-    assert!(error.contains("HTTP 404"), "{error}");
-    let (s, _) = app.get("/droplets", &token).await;
-    assert_eq!(s, StatusCode::UNAUTHORIZED);
-
-    *registry.public_key.lock().unwrap() = Some(public);
-    assert_eq!(registry_client::run_once(&app.state).await, Ok(0));
-    assert_eq!(app.state.registry.snapshot().public_key, "fetched");
-    let (s, b) = app.get("/droplets", &token).await;
-    assert_eq!(s, StatusCode::OK, "{b}");
-    assert_eq!(b["target"], 14);
+    let cases = [
+        (
+            None,
+            "no REGISTRY_PUBLIC_KEY; fetching it is off (REGISTRY_FETCH_PUBLIC_KEY=false)",
+        ),
+        (
+            Some("true"),
+            "REGISTRY_FETCH_PUBLIC_KEY needs an https REGISTRY_URL; key not fetched",
+        ),
+    ];
+    for (flag, why) in cases {
+        let mut env = vec![
+            ("REGISTRY_URL", registry.url.as_str()),
+            ("REGISTRY_SYNC_INTERVAL", "3600"),
+            ("DISPATCH_TIMEOUT_SECONDS", "1"),
+        ];
+        if let Some(flag) = flag {
+            env.push(("REGISTRY_FETCH_PUBLIC_KEY", flag));
+        }
+        let app = TestApp::spawn_with(&env).await;
+        assert_eq!(registry_client::run_once(&app.state).await, Ok(0));
+        let snapshot = app.state.registry.snapshot();
+        assert_eq!(snapshot.status, "connected", "{flag:?}");
+        assert_eq!(snapshot.public_key, "none", "{flag:?}");
+        assert_eq!(snapshot.public_key_error.as_deref(), Some(why), "{flag:?}");
+        assert!(!app.state.keys.has_registry_key(), "{flag:?}");
+        let (s, b) = app.get("/droplets", &token).await;
+        assert_eq!(s, StatusCode::UNAUTHORIZED, "{flag:?}: {b}");
+    }
+    assert_eq!(
+        registry.key_requests.load(Ordering::SeqCst),
+        0,
+        "the key was not even asked for"
+    );
 }

@@ -307,26 +307,17 @@ async fn the_task_assigned_event_says_why_the_droplet_was_chosen() {
     let app = TestApp::spawn().await;
     let server = DropletServer::start(Behaviour::Ok).await;
     app.register(33, &["why"], &server.endpoint).await;
-    let mut listener = sqlx::postgres::PgListener::connect(&app.database_url)
-        .await
-        .unwrap();
-    listener.listen("orchestrator_tasks").await.unwrap();
     let id = app
         .create_task(5, task_for(Some("why"), 5, "explain"))
         .await;
-    let event = tokio::time::timeout(Duration::from_secs(5), async {
-        loop {
-            let n = listener.recv().await.unwrap();
-            let found = notified_events(n.payload())
-                .into_iter()
-                .find(|v| v["payload"]["event"] == "task_assigned");
-            if let Some(v) = found {
-                return v;
-            }
-        }
+    let event = eventually(Duration::from_secs(5), "a task_assigned event", || async {
+        logged_events(&app.db, "tasks", 0)
+            .await
+            .into_iter()
+            .map(|(_, v)| v)
+            .find(|v| v["payload"]["event"] == "task_assigned")
     })
-    .await
-    .expect("a task_assigned event");
+    .await;
     let payload = &event["payload"];
     assert_eq!(payload["task"]["id"], id);
     assert_eq!(payload["previous_status"], "pending");

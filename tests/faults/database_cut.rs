@@ -20,8 +20,8 @@ const CUT: Duration = Duration::from_secs(10);
 #[ignore = "slow fault scenario: cargo test --test faults -- --include-ignored --test-threads 1"]
 async fn a_database_cut_of_ten_seconds_is_503_then_everything_recovers() {
     let proxy = Proxy::start().await;
-    let (name, direct_url) = fresh_database();
-    let mut env = base_env(&proxy.database_url(&name), free_port());
+    let (db, direct_url) = fresh_database().await;
+    let mut env = base_env(&proxy.database_url(&db.name), free_port());
     // Longer than the cut, as the defaults (90 s, 300 s) are: droplets whose heartbeats and
     // starts failed during it are not declared lost nor their tasks requeued.
     env.push(("HEARTBEAT_TIMEOUT".into(), "30".into()));
@@ -204,7 +204,7 @@ async fn a_database_cut_of_ten_seconds_is_503_then_everything_recovers() {
     fleet.stop();
     drop(server);
     pool.close().await;
-    drop_database(&name).await;
+    drop(db);
 }
 
 /// Runs per job and the last outcome, from the job board.

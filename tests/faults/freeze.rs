@@ -34,7 +34,7 @@ async fn snapshot(pool: &sqlx::PgPool, ids: &[i32]) -> Vec<Snapshot> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 #[ignore = "slow fault scenario: cargo test --test faults -- --include-ignored --test-threads 1"]
 async fn a_frozen_droplet_loses_its_tasks_and_its_late_patches_are_refused() {
-    let (name, url) = fresh_database();
+    let (db, url) = fresh_database().await;
     let mut env = base_env(&url, free_port());
     env.push(("HEARTBEAT_TIMEOUT".into(), "3".into()));
     let server = Server::start("s4-freeze", &env).await;
@@ -181,5 +181,5 @@ async fn a_frozen_droplet_loses_its_tasks_and_its_late_patches_are_refused() {
     fleet.stop();
     drop(server);
     pool.close().await;
-    drop_database(&name).await;
+    drop(db);
 }

@@ -6,15 +6,15 @@
 use std::fs::File;
 use std::path::PathBuf;
 use std::process::Stdio;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use sqlx::postgres::PgPoolOptions;
 use sqlx::PgPool;
 use tokio::process::{Child, Command};
-use uuid::Uuid;
 
-use crate::helpers::{server_url, SECRET};
+use crate::helpers::{TestDatabase, SECRET};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_orchestrator");
 
@@ -25,11 +25,13 @@ pub fn out_dir() -> PathBuf {
     dir
 }
 
-/// A fresh database name (the server creates it when it starts).
-pub fn fresh_database() -> (String, String) {
-    let name = format!("orch_test_{}", Uuid::new_v4().simple());
-    let url = format!("{}/{name}", server_url().trim_end_matches('/'));
-    (name, url)
+/// A fresh database for a scenario, which takes the whole connection budget (its servers
+/// have pools of 20): the server creates the database when it starts; it is dropped
+/// `WITH (FORCE)` when the scenario drops the owner returned here, or panics.
+pub async fn fresh_database() -> (Arc<TestDatabase>, String) {
+    let db = TestDatabase::exclusive().await;
+    let url = db.url.clone();
+    (db, url)
 }
 
 /// A port nothing listens on right now.
@@ -46,19 +48,6 @@ pub async fn pool(url: &str) -> PgPool {
         .connect(url)
         .await
         .expect("test pool on the scenario's database")
-}
-
-/// Drops a scenario's database (best effort; `.ci/run` drops leftovers too).
-pub async fn drop_database(name: &str) {
-    if let Ok(pool) = PgPoolOptions::new()
-        .max_connections(1)
-        .connect(&format!("{}/postgres", server_url().trim_end_matches('/')))
-        .await
-    {
-        let sql = format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)");
-        let _ = sqlx::query(sqlx::AssertSqlSafe(sql)).execute(&pool).await;
-        pool.close().await;
-    }
 }
 
 /// The settings every child starts with; scenarios add theirs on top.

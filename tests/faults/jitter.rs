@@ -17,7 +17,7 @@ const CONTROL: i32 = 1599;
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 #[ignore = "slow fault scenario: cargo test --test faults -- --include-ignored --test-threads 1"]
 async fn late_heartbeats_within_half_the_margin_never_mark_a_droplet_inactive() {
-    let (name, url) = fresh_database();
+    let (db, url) = fresh_database().await;
     let mut env = base_env(&url, free_port());
     env.push(("HEARTBEAT_INTERVAL".into(), INTERVAL.to_string()));
     env.push(("HEARTBEAT_TIMEOUT".into(), TIMEOUT.to_string()));
@@ -137,5 +137,5 @@ async fn late_heartbeats_within_half_the_margin_never_mark_a_droplet_inactive() 
     fleet.stop();
     drop(server);
     pool.close().await;
-    drop_database(&name).await;
+    drop(db);
 }

@@ -10,7 +10,7 @@ use crate::invariants;
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 #[ignore = "slow fault scenario: cargo test --test faults -- --include-ignored --test-threads 1"]
 async fn kill_9_under_load_loses_nothing_and_routing_resumes() {
-    let (name, url) = fresh_database();
+    let (db, url) = fresh_database().await;
     let env = base_env(&url, free_port());
     let mut first = Server::start("s1-kill-first", &env).await;
     let pool = pool(&url).await;
@@ -122,5 +122,5 @@ async fn kill_9_under_load_loses_nothing_and_routing_resumes() {
     fleet.stop();
     drop(second);
     pool.close().await;
-    drop_database(&name).await;
+    drop(db);
 }

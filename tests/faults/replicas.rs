@@ -12,7 +12,7 @@ use crate::invariants;
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 #[ignore = "slow fault scenario: cargo test --test faults -- --include-ignored --test-threads 1"]
 async fn two_replicas_one_killed_the_survivor_carries_on() {
-    let (name, url) = fresh_database();
+    let (db, url) = fresh_database().await;
     let env_a = base_env(&url, free_port());
     let env_b = base_env(&url, free_port());
     let mut a = Server::start("s2-replica-a", &env_a).await;
@@ -126,5 +126,5 @@ async fn two_replicas_one_killed_the_survivor_carries_on() {
     fleet.stop();
     drop(b);
     pool.close().await;
-    drop_database(&name).await;
+    drop(db);
 }

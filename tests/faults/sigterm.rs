@@ -19,7 +19,7 @@ const IN_FLIGHT: usize = 8;
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 #[ignore = "slow fault scenario: cargo test --test faults -- --include-ignored --test-threads 1"]
 async fn sigterm_lets_requests_finish_closes_sockets_with_1001_and_exits() {
-    let (name, url) = fresh_database();
+    let (db, url) = fresh_database().await;
     let mut env = base_env(&url, free_port());
     // Requests wait on the test's lock for a while; they must not time out at the pool.
     env.push(("DATABASE_ACQUIRE_TIMEOUT_SECONDS".into(), "20".into()));
@@ -158,5 +158,5 @@ async fn sigterm_lets_requests_finish_closes_sockets_with_1001_and_exits() {
     fleet.stop();
     drop(restarted);
     pool.close().await;
-    drop_database(&name).await;
+    drop(db);
 }
