@@ -21,3 +21,11 @@ CREATE INDEX IF NOT EXISTS idx_events_feed_id ON events (feed, event_id);
 CREATE INDEX IF NOT EXISTS idx_events_published_at ON events (published_at);
 
 CREATE SEQUENCE IF NOT EXISTS event_ids;
+
+-- The newest event_id the retention has deleted: a client resuming after an older id has
+-- missed events and must reload (ids may have gaps, so the oldest kept id cannot tell).
+CREATE TABLE IF NOT EXISTS event_log_state (
+    only_row BOOLEAN PRIMARY KEY DEFAULT TRUE CHECK (only_row),
+    trimmed_through BIGINT NOT NULL DEFAULT 0
+);
+INSERT INTO event_log_state (only_row, trimmed_through) VALUES (TRUE, 0) ON CONFLICT DO NOTHING;

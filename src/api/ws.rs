@@ -455,25 +455,33 @@ async fn resume(
     after: i64,
 ) -> Result<i64, ()> {
     let feed = registration.feed;
-    let oldest: Option<i64> = sqlx::query_scalar("SELECT MIN(event_id) FROM events")
-        .fetch_one(&state.db)
-        .await
-        .map_err(|_| ())?;
-    if let Some(oldest) = oldest {
-        if after + 1 < oldest {
-            let frame = json!({
-                "udc_version": crate::udc::UDC_VERSION,
-                "trace_id": uuid::Uuid::new_v4().to_string(),
-                "source": 10,
-                "target": null,
-                "message_type": "event",
-                "payload": {"event": "resync_required", "oldest_event_id": oldest, "after": after},
-                "timestamp": crate::udc::now_iso(),
-            });
-            socket
-                .send(Message::Text(Utf8Bytes::from(frame.to_string())))
-                .await
-                .map_err(|_| ())?;
+    // Missed events: ids at or below the retention's trim point are gone; an id beyond the
+    // newest event comes from another log (a restored database): both must reload.
+    let (trimmed, oldest, newest): (i64, Option<i64>, Option<i64>) = sqlx::query_as(
+        "SELECT (SELECT trimmed_through FROM event_log_state),
+                (SELECT MIN(event_id) FROM events), (SELECT MAX(event_id) FROM events)",
+    )
+    .fetch_one(&state.db)
+    .await
+    .map_err(|_| ())?;
+    let newest = newest.unwrap_or(trimmed);
+    let mut after = after;
+    if after < trimmed || after > newest {
+        let frame = json!({
+            "udc_version": crate::udc::UDC_VERSION,
+            "trace_id": uuid::Uuid::new_v4().to_string(),
+            "source": 10,
+            "target": null,
+            "message_type": "event",
+            "payload": {"event": "resync_required", "oldest_event_id": oldest.unwrap_or(trimmed + 1), "after": after},
+            "timestamp": crate::udc::now_iso(),
+        });
+        socket
+            .send(Message::Text(Utf8Bytes::from(frame.to_string())))
+            .await
+            .map_err(|_| ())?;
+        if after > newest {
+            after = newest;
         }
     }
     let mut last = after;

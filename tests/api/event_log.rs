@@ -396,7 +396,7 @@ async fn resuming_while_writers_are_busy_leaves_no_gap_and_no_duplicate_at_the_s
                 .fetch_one(&app.db)
                 .await
                 .ok()?;
-        (n == 3).then_some(max.unwrap())
+        max.filter(|_| n == 3)
     })
     .await;
 
@@ -460,11 +460,7 @@ async fn resuming_from_before_the_kept_log_starts_with_resync_required() {
     })
     .await;
     let e: Vec<i64> = log.iter().map(|r| r.0).collect();
-    sqlx::query("DELETE FROM events WHERE event_id <= $1")
-        .bind(e[2])
-        .execute(&app.db)
-        .await
-        .expect("delete old events");
+    trim_through(&app, e[2]).await;
 
     let status = {
         let (s, body) = app.get("/ws/status", &app.token(5, &["read"])).await;
@@ -875,7 +871,9 @@ async fn an_unrelated_open_transaction_does_not_hold_events_back() {
     open.rollback().await.expect("rollback");
     let after = match &during {
         Some(_) => None,
-        None => next_frame(&mut ws, WAIT).await,
+        None => next_frame(&mut ws, WAIT)
+            .await
+            .map(|e| name(&e).to_string()),
     };
     assert!(
         during.as_ref().is_some_and(|e| is_created(id)(e)),
@@ -883,4 +881,88 @@ async fn an_unrelated_open_transaction_does_not_hold_events_back() {
          it came after that transaction ended: {after:?}"
     );
     let _ = ws.send(Message::Close(None)).await;
+}
+
+#[tokio::test]
+async fn an_open_transaction_in_another_database_does_not_hold_events_back() {
+    use sqlx::Connection;
+    let app = TestApp::spawn().await;
+    listening(&app).await;
+    let mut ws = connect(&app, "tasks", "").await;
+
+    // Another application's database on the same server, with a transaction open there.
+    let mut elsewhere =
+        sqlx::PgConnection::connect(&format!("{}/postgres", server_url().trim_end_matches('/')))
+            .await
+            .expect("connect to the postgres database");
+    let mut open = elsewhere.begin().await.expect("begin");
+    let _: (i64,) = sqlx::query_as("SELECT pg_current_xact_id()::text::bigint")
+        .fetch_one(&mut *open)
+        .await
+        .expect("an xid");
+    let id = idle_task(&app, "while another database has a transaction open").await;
+    let during = next_frame(&mut ws, Duration::from_secs(2)).await;
+    open.rollback().await.expect("rollback");
+    let _ = elsewhere.close().await;
+    let after = match &during {
+        Some(_) => None,
+        None => next_frame(&mut ws, WAIT)
+            .await
+            .map(|e| name(&e).to_string()),
+    };
+    assert!(
+        during.as_ref().is_some_and(|e| is_created(id)(e)),
+        "task_created did not arrive within 2 s while a transaction was open in another \
+         database; after it ended the client got: {after:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_gap_in_the_event_ids_is_not_mistaken_for_trimmed_events() {
+    let app = TestApp::spawn().await;
+    listening(&app).await;
+    let mut ws = connect(&app, "tasks", "").await;
+    let t1 = idle_task(&app, "seen").await;
+    let seen = next_event(&mut ws).await;
+    assert_eq!(task_id(&seen), t1);
+    let last_seen = event_id(&seen);
+    drop(ws);
+
+    // What a relay round that rolled back (or a server crash) leaves behind: an id never used.
+    let _: i64 = sqlx::query_scalar("SELECT nextval('event_ids')")
+        .fetch_one(&app.db)
+        .await
+        .expect("nextval");
+    let t2 = idle_task(&app, "next").await;
+    eventually(WAIT, "the next event in the log", || async {
+        let log = log_after(&app, "tasks", last_seen).await;
+        (log.len() == 1).then_some(())
+    })
+    .await;
+    // The retention trims the event the client had already seen; nothing it missed is gone.
+    trim_through(&app, last_seen).await;
+
+    let mut back = connect(&app, "tasks", &format!("&after={last_seen}")).await;
+    let first = next_event(&mut back).await;
+    assert_eq!(
+        (name(&first), task_id(&first)),
+        ("task_created", t2),
+        "nothing after {last_seen} was trimmed, so no resync_required: {first}"
+    );
+}
+
+/// What the retention does, at once: the events up to `id` deleted and the trim point noted.
+async fn trim_through(app: &TestApp, id: i64) {
+    let mut tx = app.db.begin().await.expect("begin");
+    sqlx::query("DELETE FROM events WHERE event_id <= $1")
+        .bind(id)
+        .execute(&mut *tx)
+        .await
+        .expect("delete old events");
+    sqlx::query("UPDATE event_log_state SET trimmed_through = GREATEST(trimmed_through, $1)")
+        .bind(id)
+        .execute(&mut *tx)
+        .await
+        .expect("note the trim point");
+    tx.commit().await.expect("commit");
 }
