@@ -12,7 +12,7 @@ use reqwest::StatusCode;
 use serde_json::{json, Value};
 use sqlx::postgres::PgListener;
 use tokio::net::TcpStream;
-use tokio_tungstenite::tungstenite::{Error as WsError, Message};
+use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{connect_async, MaybeTlsStream, WebSocketStream};
 
 use crate::helpers::*;
@@ -33,19 +33,6 @@ async fn connect(app: &TestApp, feed: &str, query: &str) -> Ws {
         .unwrap_or_else(|e| panic!("connect to /ws/{feed}{query}: {e}"));
     assert_eq!(response.status().as_u16(), 101);
     ws
-}
-
-/// The HTTP status a refused connection got.
-async fn refused(url: String) -> u16 {
-    match connect_async(url).await {
-        Err(WsError::Http(response)) => response.status().as_u16(),
-        Err(e) => panic!("expected an HTTP refusal, got {e}"),
-        Ok(_) => panic!("the connection was accepted"),
-    }
-}
-
-fn stats(app: &TestApp) -> Value {
-    serde_json::to_value(app.state.events.stats()).expect("stats")
 }
 
 async fn listening(app: &TestApp) {

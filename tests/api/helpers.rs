@@ -792,3 +792,17 @@ pub fn rsa_pair() -> (String, String) {
         String::from_utf8(public.stdout).expect("PEM"),
     )
 }
+
+/// The HTTP status a refused WebSocket connection got.
+pub async fn refused(url: String) -> u16 {
+    match tokio_tungstenite::connect_async(url).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => response.status().as_u16(),
+        Err(e) => panic!("expected an HTTP refusal, got {e}"),
+        Ok(_) => panic!("the connection was accepted"),
+    }
+}
+
+/// The hub's figures, read in process (polling `/ws/status` would meet the rate limit).
+pub fn stats(app: &TestApp) -> Value {
+    serde_json::to_value(app.state.events.stats()).expect("stats")
+}

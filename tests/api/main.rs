@@ -16,6 +16,7 @@ mod envelope;
 mod event_log;
 mod fixture_droplet;
 mod jobs;
+mod listing;
 mod management;
 mod message;
 mod metrics_api;

@@ -868,20 +868,7 @@ async fn delivery_failures_are_reported_without_the_transports_text() {
         (25, "no answer within 1 s"),
     ];
     for (id, why) in expected {
-        let (s, b) = app
-            .request(
-                Method::POST,
-                &format!("/send?target_droplet_id={id}"),
-                Some(&app.token(5, &["read", "write"])),
-                Some(json!({"hello": id})),
-            )
-            .await;
-        assert_eq!(s, StatusCode::BAD_GATEWAY, "{id}: {b}");
-        assert_eq!(
-            b["detail"],
-            format!("Delivery to droplet {id} failed: {why}"),
-            "{id}"
-        );
+        send_fails(&app, id, why).await;
     }
     // The broadcast says the same, per droplet.
     let (s, b) = app
@@ -993,19 +980,7 @@ async fn production_refuses_loopback_link_local_and_names_that_resolve_there() {
             .is_some_and(|e| e.contains("endpoint not allowed")),
         "{task}"
     );
-    let (s, b) = app
-        .request(
-            Method::POST,
-            "/send?target_droplet_id=41",
-            Some(&app.token(5, &["read", "write"])),
-            Some(json!({"hello": 1})),
-        )
-        .await;
-    assert_eq!(s, StatusCode::BAD_GATEWAY, "{b}");
-    assert_eq!(
-        b["detail"],
-        "Delivery to droplet 41 failed: endpoint not allowed"
-    );
+    send_fails(&app, 41, "endpoint not allowed").await;
     assert!(d.received().is_empty(), "{:?}", d.received());
 }
 
@@ -1064,19 +1039,7 @@ async fn a_redirecting_droplet_is_not_followed() {
             .is_some_and(|r| r.contains("refused with HTTP 307")),
         "{last:?}"
     );
-    let (s, b) = app
-        .request(
-            Method::POST,
-            "/send?target_droplet_id=44",
-            Some(&app.token(5, &["read", "write"])),
-            Some(json!({"hello": 1})),
-        )
-        .await;
-    assert_eq!(s, StatusCode::BAD_GATEWAY, "{b}");
-    assert_eq!(
-        b["detail"],
-        "Delivery to droplet 44 failed: refused with HTTP 307"
-    );
+    send_fails(&app, 44, "refused with HTTP 307").await;
     assert!(redirecting.received().iter().all(|r| r.answered == 307));
     assert!(
         elsewhere.received().is_empty(),
@@ -1463,4 +1426,22 @@ async fn a_late_update_for_an_earlier_attempt_on_the_same_droplet_is_refused() {
         .patch(&format!("/tasks/{id}"), &me, json!({"status": "failed"}))
         .await;
     assert_eq!(s, StatusCode::CONFLICT);
+}
+
+/// `/send` of a bare message to droplet `id` is a 502 that says why in a word.
+async fn send_fails(app: &TestApp, id: i32, why: &str) {
+    let (s, b) = app
+        .request(
+            Method::POST,
+            &format!("/send?target_droplet_id={id}"),
+            Some(&app.token(5, &["read", "write"])),
+            Some(json!({"hello": id})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::BAD_GATEWAY, "{id}: {b}");
+    assert_eq!(
+        b["detail"],
+        format!("Delivery to droplet {id} failed: {why}"),
+        "{id}"
+    );
 }
