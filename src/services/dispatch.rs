@@ -200,37 +200,41 @@ impl Dispatcher {
     /// Sends `execute_task` to the task's droplet, retrying with backoff while the task is
     /// still assigned to it (the assignment timeout ends the attempts). A refusal ends them
     /// at once and hands the task back to the router.
-    ///
-    /// A waiting delivery holds only ids: the task is read, and its body built, once a slot
-    /// is free, so a burst of assignments costs little memory however large the tasks are,
-    /// and what is sent is the task as it is then (a delivery for a task that moved on is
-    /// dropped).
     pub fn execute(&self, state: &AppState, task: &Task) {
         if state.emergency_stopped() {
             return;
         }
-        let (Some(_), Some(internal)) = (task.assigned_droplet_id, task.assigned_droplet_internal)
-        else {
+        let (Some(endpoint), Some(droplet), Some(internal)) = (
+            task.assigned_droplet_endpoint.clone(),
+            task.assigned_droplet_id,
+            task.assigned_droplet_internal,
+        ) else {
             return;
         };
+        let orchestrator = state.keys.orchestrator_id();
+        let mut message = Outgoing {
+            trace_id: task.trace_id.to_string(),
+            source: orchestrator,
+            target: droplet,
+            id_form: None,
+            message_type: "command".into(),
+            payload: json!({ "command": "execute_task", "task": task }),
+        };
         let state = state.clone();
-        let (task_id, attempt) = (task.id, task.attempt);
+        let task_id = task.id;
         tokio::spawn(async move {
+            message.id_form = id_form(&state, internal).await;
             let config = state.config();
             let timeout = Duration::from_secs(config.dispatch_timeout_seconds);
             let give_up = tokio::time::Instant::now()
                 + Duration::from_secs(config.assignment_timeout_seconds);
             let mut backoff = Duration::from_millis(250);
             loop {
-                let Some(slot) = state.dispatch.slot(internal).await else {
-                    return;
-                };
-                // Boxed: the delivery's state exists only while it runs, not while it waits.
-                let outcome =
-                    Box::pin(deliver_execute(&state, task_id, internal, attempt, timeout)).await;
-                drop(slot);
-                let Some((droplet, outcome)) = outcome else {
-                    return; // no longer assigned to this droplet on this attempt
+                let outcome = {
+                    let Some(_slot) = state.dispatch.slot(internal).await else {
+                        return;
+                    };
+                    post_message(&state, &endpoint, &message, timeout).await
                 };
                 state
                     .metrics
@@ -267,6 +271,17 @@ impl Dispatcher {
                     _ = tokio::time::sleep(backoff) => {}
                 }
                 backoff = (backoff * 2).min(Duration::from_secs(10));
+                let still_assigned: Result<Option<bool>, _> = sqlx::query_scalar(
+                    "SELECT status = 'assigned' AND assigned_droplet_id = $2 FROM tasks WHERE id = $1",
+                )
+                .bind(task_id)
+                .bind(internal)
+                .fetch_optional(&state.db)
+                .await;
+                match still_assigned {
+                    Ok(Some(true)) | Err(_) => continue,
+                    Ok(_) => return,
+                }
             }
         });
     }
@@ -304,45 +319,15 @@ impl Dispatcher {
     }
 }
 
-/// One `execute_task` delivery: the task as it is now, while it is still assigned to this
-/// droplet on this attempt (None otherwise). A task that cannot be read is tried again (a
-/// transient failure), as the assignment timeout ends the attempts.
-async fn deliver_execute(
-    state: &AppState,
-    task_id: i32,
-    internal: i32,
-    attempt: i32,
-    timeout: Duration,
-) -> Option<(i32, Delivery)> {
-    let task = match crate::services::tasks::load(&state.db, task_id).await {
-        Ok(Some(t)) => t,
-        Ok(None) => return None,
-        Err(_) => return Some((0, Delivery::Failed("database unavailable".into()))),
-    };
-    if task.status != "assigned"
-        || task.assigned_droplet_internal != Some(internal)
-        || task.attempt != attempt
-    {
-        return None;
-    }
-    let (Some(droplet), Some(endpoint)) = (
-        task.assigned_droplet_id,
-        task.assigned_droplet_endpoint.clone(),
-    ) else {
-        return None;
-    };
-    let message = Outgoing {
-        trace_id: task.trace_id.to_string(),
-        source: state.keys.orchestrator_id(),
-        target: droplet,
-        id_form: task.assigned_droplet_id_form.clone(),
-        message_type: "command".into(),
-        payload: json!({ "command": "execute_task", "task": task }),
-    };
-    Some((
-        droplet,
-        post_message(state, &endpoint, &message, timeout).await,
-    ))
+/// How the droplet (internal id) writes ids; unknown when it cannot be read.
+async fn id_form(state: &AppState, internal: i32) -> Option<String> {
+    sqlx::query_scalar::<_, Option<String>>("SELECT id_form FROM droplets WHERE id = $1")
+        .bind(internal)
+        .fetch_optional(&state.db)
+        .await
+        .ok()
+        .flatten()
+        .flatten()
 }
 
 /// A trace id for a message that has none of its own.
