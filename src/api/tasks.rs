@@ -51,9 +51,6 @@ pub async fn create(
     })
 }
 
-/// Most bytes of payloads and results one listing carries (`?include=payload`).
-pub const LIST_PAYLOAD_BYTES: usize = 2 * 1024 * 1024;
-
 #[utoipa::path(get, path = "/tasks", tag = "tasks", params(TaskFilter), security(("bearer" = [])),
     responses((status = 200, description = "Tasks, newest first"), (status = 422, description = "Bad filter")))]
 pub async fn list(
@@ -63,42 +60,9 @@ pub async fn list(
 ) -> ApiResult<Udc<Value>> {
     caller.require(Permission::Read)?;
     let page = tasks::list(&state.db, &filter).await?;
+    let (listed, truncated) = page.shown(filter.include_payload());
+    let next_after_id = page.next_after_id();
     let has_more = page.has_more;
-    let next_after_id = if has_more {
-        page.tasks.last().map(|t| t.id)
-    } else {
-        None
-    };
-    let include = filter.include_payload();
-    // Payloads and results only when asked for, and then at most LIST_PAYLOAD_BYTES of
-    // them in one answer: the tasks past that come without (`payload_truncated`).
-    let mut budget = LIST_PAYLOAD_BYTES;
-    let mut truncated = false;
-    let listed: Vec<Value> = page
-        .tasks
-        .iter()
-        .map(|task| {
-            let mut v = serde_json::to_value(task).unwrap_or_default();
-            if let Value::Object(map) = &mut v {
-                if include {
-                    let size = task.payload.to_string().len()
-                        + task.result.as_ref().map_or(0, |r| r.to_string().len());
-                    if size <= budget {
-                        budget -= size;
-                    } else {
-                        truncated = true;
-                        map.remove("payload");
-                        map.remove("result");
-                        map.insert("payload_truncated".into(), json!(true));
-                    }
-                } else {
-                    map.remove("payload");
-                    map.remove("result");
-                }
-            }
-            v
-        })
-        .collect();
     Ok(Udc::ok(json!({
         "tasks": listed,
         "payload_truncated": truncated,

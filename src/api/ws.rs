@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::auth::{Caller, Permission};
 use crate::error::{ApiError, ApiResult, FieldError};
-use crate::services::events::{ClientFilter, ClientRegistration, Feed, Outbound};
+use crate::services::events::{self, ClientFilter, ClientRegistration, Feed, Outbound};
 use crate::services::state_machine::Status;
 use crate::state::AppState;
 use crate::udc::{self, Udc};
@@ -80,13 +80,11 @@ pub async fn status(State(state): State<AppState>, caller: Caller) -> ApiResult<
     caller.require(Permission::Read)?;
     let mut stats = state.events.stats_json();
     stats["heartbeat_interval_seconds"] = json!(state.config().ws_heartbeat_interval);
-    let (oldest, newest): (Option<i64>, Option<i64>) =
-        sqlx::query_as("SELECT MIN(event_id), MAX(event_id) FROM events")
-            .fetch_one(&state.db)
-            .await?;
+    let bounds = events::log::bounds(&state.db).await?;
     stats["retained_events"] = json!({
-        "oldest_event_id": oldest,
-        "newest_event_id": newest,
+        "oldest_event_id": bounds.oldest,
+        "newest_event_id": bounds.newest,
+        "trimmed_through": bounds.trimmed_through,
         "retention_seconds": state.config().event_retention_seconds,
     });
     Ok(Udc::ok(stats))
@@ -455,46 +453,20 @@ async fn resume(
     after: i64,
 ) -> Result<i64, ()> {
     let feed = registration.feed;
-    // Missed events: ids at or below the retention's trim point are gone; an id beyond the
-    // newest event comes from another log (a restored database): both must reload.
-    let (trimmed, oldest, newest): (i64, Option<i64>, Option<i64>) = sqlx::query_as(
-        "SELECT (SELECT trimmed_through FROM event_log_state),
-                (SELECT MIN(event_id) FROM events), (SELECT MAX(event_id) FROM events)",
-    )
-    .fetch_one(&state.db)
-    .await
-    .map_err(|_| ())?;
-    let newest = newest.unwrap_or(trimmed);
-    let mut after = after;
-    if after < trimmed || after > newest {
-        let frame = json!({
-            "udc_version": crate::udc::UDC_VERSION,
-            "trace_id": uuid::Uuid::new_v4().to_string(),
-            "source": 10,
-            "target": null,
-            "message_type": "event",
-            "payload": {"event": "resync_required", "oldest_event_id": oldest.unwrap_or(trimmed + 1), "after": after},
-            "timestamp": crate::udc::now_iso(),
-        });
+    let bounds = events::log::bounds(&state.db).await.map_err(|_| ())?;
+    let mut last = after;
+    if bounds.must_resync(after) {
+        let frame = bounds.resync_frame(after);
         socket
             .send(Message::Text(Utf8Bytes::from(frame.to_string())))
             .await
             .map_err(|_| ())?;
-        if after > newest {
-            after = newest;
-        }
+        last = after.min(bounds.newest_id());
     }
-    let mut last = after;
     loop {
-        let rows: Vec<(i64, Value)> = sqlx::query_as(
-            "SELECT event_id, envelope FROM events WHERE feed = $1 AND event_id > $2
-             ORDER BY event_id LIMIT 1000",
-        )
-        .bind(feed.as_str())
-        .bind(last)
-        .fetch_all(&state.db)
-        .await
-        .map_err(|_| ())?;
+        let rows = events::log::after(&state.db, feed, last, 1000)
+            .await
+            .map_err(|_| ())?;
         let Some(newest) = rows.last().map(|r| r.0) else {
             break;
         };

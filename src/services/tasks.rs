@@ -477,6 +477,47 @@ pub struct Page {
     pub has_more: bool,
 }
 
+/// Most bytes of payloads and results one listing carries (`?include=payload`).
+pub const LIST_PAYLOAD_BYTES: usize = 2 * 1024 * 1024;
+
+impl Page {
+    /// The tasks as a listing shows them: without `payload` and `result` unless asked for,
+    /// and then at most [`LIST_PAYLOAD_BYTES`] of them in one answer (the tasks past that
+    /// say `payload_truncated`). Also whether any was truncated.
+    pub fn shown(&self, include_payload: bool) -> (Vec<Value>, bool) {
+        let mut budget = LIST_PAYLOAD_BYTES;
+        let mut truncated = false;
+        let shown = self
+            .tasks
+            .iter()
+            .map(|task| {
+                let mut v = serde_json::to_value(task).unwrap_or_default();
+                if let Value::Object(map) = &mut v {
+                    let size = task.payload.to_string().len()
+                        + task.result.as_ref().map_or(0, |r| r.to_string().len());
+                    if include_payload && size <= budget {
+                        budget -= size;
+                    } else {
+                        map.remove("payload");
+                        map.remove("result");
+                        if include_payload {
+                            truncated = true;
+                            map.insert("payload_truncated".into(), Value::Bool(true));
+                        }
+                    }
+                }
+                v
+            })
+            .collect();
+        (shown, truncated)
+    }
+
+    /// The cursor of the next page (`after_id`), when there is one.
+    pub fn next_after_id(&self) -> Option<i32> {
+        self.tasks.last().map(|t| t.id).filter(|_| self.has_more)
+    }
+}
+
 /// `total` is counted exactly up to this many matching tasks; past it, it says "at least"
 /// (`total_exact: false`), so a listing costs the same at a million tasks as at a thousand.
 pub const TOTAL_BOUND: i64 = 10_000;

@@ -528,24 +528,10 @@ async fn droplet_2_registers_and_heartbeats_with_bare_bodies_and_a_permissionles
 
     // A read-only token (permissions without write) may not.
     let reader = app.token(42, &["read"]);
-    let (s, b) = app
-        .request(
-            Method::POST,
-            "/droplets/register",
-            Some(&reader),
-            Some(registration.clone()),
-        )
-        .await;
+    let (s, b) = post_bare(&app, "/droplets/register", &reader, registration.clone()).await;
     assert_eq!(s, StatusCode::FORBIDDEN, "{b}");
 
-    let (s, b) = app
-        .request(
-            Method::POST,
-            "/droplets/register",
-            Some(&registry),
-            Some(registration.clone()),
-        )
-        .await;
+    let (s, b) = post_bare(&app, "/droplets/register", &registry, registration.clone()).await;
     assert_eq!(s, StatusCode::CREATED, "{b}");
     assert_eq!(b["udc_version"], "1.0", "{b}");
     assert_eq!(b["message_type"], "response");
@@ -555,14 +541,7 @@ async fn droplet_2_registers_and_heartbeats_with_bare_bodies_and_a_permissionles
     assert_eq!(b["payload"]["droplet_id"], 42);
     assert_eq!(b["payload"]["status"], "active");
 
-    let (s, b) = app
-        .request(
-            Method::POST,
-            "/droplets/42/heartbeat",
-            Some(&registry),
-            Some(heartbeat.clone()),
-        )
-        .await;
+    let (s, b) = post_bare(&app, "/droplets/42/heartbeat", &registry, heartbeat.clone()).await;
     assert_eq!(s, StatusCode::OK, "{b}");
     assert_eq!(b["message_type"], "response");
     assert_eq!(b["payload"]["acknowledged"], true);
@@ -579,14 +558,7 @@ async fn droplet_2_registers_and_heartbeats_with_bare_bodies_and_a_permissionles
         metrics,
         json!({"cpu_percent": 1.0, "memory_mb": 100, "requests_per_minute": 0, "errors_last_hour": 0})
     );
-    let (s, b) = app
-        .request(
-            Method::POST,
-            "/droplets/42/heartbeat",
-            Some(&reader),
-            Some(heartbeat.clone()),
-        )
-        .await;
+    let (s, b) = post_bare(&app, "/droplets/42/heartbeat", &reader, heartbeat.clone()).await;
     assert_eq!(s, StatusCode::FORBIDDEN, "{b}");
 
     // The droplet named by `sub`, a float `exp` (Python's time.time() + 3600).
@@ -594,42 +566,21 @@ async fn droplet_2_registers_and_heartbeats_with_bare_bodies_and_a_permissionles
         &private,
         json!({"sub": "droplet-42", "iat": now, "exp": now as f64 + 3600.5}),
     );
-    let (s, b) = app
-        .request(
-            Method::POST,
-            "/droplets/42/heartbeat",
-            Some(&by_sub),
-            Some(heartbeat.clone()),
-        )
-        .await;
+    let (s, b) = post_bare(&app, "/droplets/42/heartbeat", &by_sub, heartbeat.clone()).await;
     assert_eq!(s, StatusCode::OK, "{b}");
     // A permission-less token acts only as its own droplet.
     let other = rs256(
         &private,
         json!({"droplet_id": 43, "iat": now, "exp": now + 3600}),
     );
-    let (s, b) = app
-        .request(
-            Method::POST,
-            "/droplets/register",
-            Some(&other),
-            Some(registration),
-        )
-        .await;
+    let (s, b) = post_bare(&app, "/droplets/register", &other, registration).await;
     assert_eq!(s, StatusCode::FORBIDDEN, "{b}");
     // A token not valid yet.
     let later = rs256(
         &private,
         json!({"droplet_id": 42, "nbf": now + 3600, "iat": now, "exp": now + 7200}),
     );
-    let (s, b) = app
-        .request(
-            Method::POST,
-            "/droplets/42/heartbeat",
-            Some(&later),
-            Some(heartbeat),
-        )
-        .await;
+    let (s, b) = post_bare(&app, "/droplets/42/heartbeat", &later, heartbeat).await;
     assert_eq!(s, StatusCode::UNAUTHORIZED, "{b}");
 }
 
@@ -1444,4 +1395,11 @@ async fn send_fails(app: &TestApp, id: i32, why: &str) {
         format!("Delivery to droplet {id} failed: {why}"),
         "{id}"
     );
+}
+
+/// A POST with a bare JSON body (no envelope), as droplet-2 sends its registration and
+/// heartbeats.
+async fn post_bare(app: &TestApp, path: &str, token: &str, body: Value) -> (StatusCode, Value) {
+    app.request(Method::POST, path, Some(token), Some(body))
+        .await
 }

@@ -5,6 +5,7 @@
 
 mod hub;
 mod listener;
+pub mod log;
 mod relay;
 
 pub use hub::{ClientFilter, ClientId, ClientRegistration, EventHub, Outbound, WsStats};
