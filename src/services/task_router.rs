@@ -32,6 +32,9 @@ const CONTENDED_RETRIES: u32 = 40;
 pub struct RouterTrigger {
     notify: Notify,
     paused: AtomicBool,
+    /// True while the loop is in a pass (set before it checks `paused`, so once routing is
+    /// paused and this reads false, no pass of the loop is running or will start).
+    passing: AtomicBool,
     room: RwLock<Room>,
 }
 
@@ -47,6 +50,7 @@ impl RouterTrigger {
         RouterTrigger {
             notify: Notify::new(),
             paused: AtomicBool::new(false),
+            passing: AtomicBool::new(false),
             room: RwLock::new(Room::default()),
         }
     }
@@ -64,6 +68,12 @@ impl RouterTrigger {
 
     pub fn is_paused(&self) -> bool {
         self.paused.load(Ordering::SeqCst)
+    }
+
+    /// Whether the routing loop is in a pass right now (tests wait for a paused router to
+    /// be still).
+    pub fn is_passing(&self) -> bool {
+        self.passing.load(Ordering::SeqCst)
     }
 
     /// Whether a droplet able to take a task with this capability had room at the last pass.
@@ -112,10 +122,14 @@ pub async fn run_loop(state: AppState, stop: CancellationToken) {
         }
         let mut contended_rounds = 0u32;
         loop {
+            state.router.passing.store(true, Ordering::SeqCst);
             if state.router.is_paused() || state.emergency_stopped() || stop.is_cancelled() {
+                state.router.passing.store(false, Ordering::SeqCst);
                 break;
             }
-            match pass(&state).await {
+            let result = pass(&state).await;
+            state.router.passing.store(false, Ordering::SeqCst);
+            match result {
                 Ok(p) if p.assigned as i64 >= BATCH => continue,
                 // Another replica (or a heartbeat) held some droplets: the work this trigger
                 // announced may still be waiting, and that replica's pass may have read its

@@ -432,7 +432,7 @@ async fn a_pass_skips_what_another_replica_holds_instead_of_waiting() {
     let app = TestApp::spawn_with(&[("TASK_ROUTER_INTERVAL", "3600")]).await;
     let server = DropletServer::start(Behaviour::Ok).await;
     // Only this test's passes run.
-    app.state.jobs.set_paused(&app.state, "task_router", true);
+    pause_routing(&app).await;
     app.register(46, &["held"], &server.endpoint).await;
     let ids = app.insert_pending(10, Some("held"), 5).await;
 
@@ -443,17 +443,12 @@ async fn a_pass_skips_what_another_replica_holds_instead_of_waiting() {
         .execute(&mut *other)
         .await
         .unwrap();
-    // (The app's own start-up pass may still be filling the droplet for a moment: a pass
-    // that finds it busy skips it, so ask again until one gets it; none may wait.)
-    let assigned = eventually(SOON, "a pass that gets the droplet", || async {
-        let n = tokio::time::timeout(SOON, route_pass(&app.state))
-            .await
-            .expect("the pass waited for the held tasks")
-            .unwrap();
-        (n > 0).then_some(n)
-    })
-    .await;
+    let assigned = tokio::time::timeout(SOON, route_pass(&app.state))
+        .await
+        .expect("the pass waited for the held tasks")
+        .unwrap();
     assert_eq!(assigned, 5);
+    assert_eq!(assigned_among(&app, &ids[5..]).await, 5);
     for id in &ids[..5] {
         assert_eq!(app.holder(*id).await.0, "pending");
     }
@@ -472,6 +467,25 @@ async fn a_pass_skips_what_another_replica_holds_instead_of_waiting() {
     assert_eq!(route_pass(&app.state).await.unwrap(), 5);
 }
 
+/// Pauses the router and waits until its loop is still (the start-up pass may be running),
+/// so that only the test's own passes route from then on.
+async fn pause_routing(app: &TestApp) {
+    app.state.jobs.set_paused(&app.state, "task_router", true);
+    eventually(SOON, "the routing loop still", || async {
+        (!app.state.router.is_passing()).then_some(())
+    })
+    .await;
+}
+
+/// How many of these tasks are assigned.
+async fn assigned_among(app: &TestApp, ids: &[i32]) -> i64 {
+    sqlx::query_scalar("SELECT COUNT(*) FROM tasks WHERE id = ANY($1) AND status = 'assigned'")
+        .bind(ids)
+        .fetch_one(&app.db)
+        .await
+        .unwrap()
+}
+
 /// What another replica's routing pass holds while it fills droplets: the per-droplet
 /// advisory lock (not a row lock, so heartbeats never wait for a pass).
 async fn hold_droplets(tx: &mut sqlx::PgConnection) {
@@ -486,7 +500,7 @@ async fn hold_droplets(tx: &mut sqlx::PgConnection) {
 async fn heartbeats_and_routing_passes_never_wait_for_each_other() {
     let app = TestApp::spawn_with(&[("TASK_ROUTER_INTERVAL", "3600")]).await;
     let server = DropletServer::start(Behaviour::Ok).await;
-    app.state.jobs.set_paused(&app.state, "task_router", true);
+    pause_routing(&app).await;
     app.register(49, &["beat"], &server.endpoint).await;
     let ids = app.insert_pending(3, Some("beat"), 5).await;
 
@@ -496,16 +510,19 @@ async fn heartbeats_and_routing_passes_never_wait_for_each_other() {
         .execute(&mut *beat)
         .await
         .unwrap();
-    // (Only the app's own start-up pass, never the heartbeat, can keep a pass off the droplet.)
-    let assigned = eventually(SOON, "a pass that fills the droplet", || async {
-        let n = tokio::time::timeout(SOON, route_pass(&app.state))
-            .await
-            .expect("the pass waited for the heartbeat")
-            .unwrap();
-        (n > 0).then_some(n)
-    })
+    // With the row held, passes still fill the droplet (with row locks they skipped it).
+    eventually(
+        SOON,
+        "the tasks assigned while a heartbeat holds the row",
+        || async {
+            tokio::time::timeout(SOON, route_pass(&app.state))
+                .await
+                .expect("the pass waited for the heartbeat")
+                .unwrap();
+            (assigned_among(&app, &ids).await == 3).then_some(())
+        },
+    )
     .await;
-    assert_eq!(assigned, 3, "the pass skipped a droplet a heartbeat held");
     beat.rollback().await.unwrap();
     for id in &ids {
         assert_eq!(app.holder(*id).await.0, "assigned");
