@@ -633,6 +633,17 @@ pub fn dead_endpoint() -> String {
 pub type HistoryEntry = (Option<String>, String, Option<String>, Option<String>);
 
 impl TestApp {
+    /// Pauses the router and waits until its loop is still: the app's start-up pass (or a
+    /// pass a trigger began) may be running when the pause lands, and would otherwise move
+    /// rows a test is about to seed.
+    pub async fn pause_routing(&self) {
+        self.state.jobs.set_paused(&self.state, "task_router", true);
+        eventually(Duration::from_secs(10), "the routing loop still", || async {
+            (!self.state.router.is_passing()).then_some(())
+        })
+        .await;
+    }
+
     /// Registers droplet `id` that holds at most `max` tasks at once.
     pub async fn register_max(&self, id: i32, capabilities: &[&str], endpoint: &str, max: i64) {
         let (status, body) = self

@@ -72,7 +72,7 @@ const TWO_DAYS: f64 = 2.0 * 86_400.0;
 /// - an `assigned` history row for every assignment.
 async fn data_set(app: &TestApp) -> i32 {
     // The router and the jobs must not move the data set.
-    app.state.jobs.set_paused(&app.state, "task_router", true);
+    app.pause_routing().await;
     app.state
         .jobs
         .set_paused(&app.state, "health_monitor", true);

@@ -357,7 +357,7 @@ async fn two_routers_on_one_database_assign_each_task_exactly_once() {
     let b = TestApp::spawn_on(&a.database_url, &[("TASK_ROUTER_INTERVAL", "3600")]).await;
     let server = DropletServer::start(Behaviour::Ok).await;
     for app in [&a, &b] {
-        app.state.jobs.set_paused(&app.state, "task_router", true);
+        app.pause_routing().await;
     }
     // 5 droplets with room for 100 each, 600 tasks: both replicas compete for 500 slots.
     for id in 40..45 {
@@ -432,7 +432,7 @@ async fn a_pass_skips_what_another_replica_holds_instead_of_waiting() {
     let app = TestApp::spawn_with(&[("TASK_ROUTER_INTERVAL", "3600")]).await;
     let server = DropletServer::start(Behaviour::Ok).await;
     // Only this test's passes run.
-    pause_routing(&app).await;
+    app.pause_routing().await;
     app.register(46, &["held"], &server.endpoint).await;
     let ids = app.insert_pending(10, Some("held"), 5).await;
 
@@ -466,17 +466,6 @@ async fn a_pass_skips_what_another_replica_holds_instead_of_waiting() {
 
     assert_eq!(route_pass(&app.state).await.unwrap(), 5);
 }
-
-/// Pauses the router and waits until its loop is still (the start-up pass may be running),
-/// so that only the test's own passes route from then on.
-async fn pause_routing(app: &TestApp) {
-    app.state.jobs.set_paused(&app.state, "task_router", true);
-    eventually(SOON, "the routing loop still", || async {
-        (!app.state.router.is_passing()).then_some(())
-    })
-    .await;
-}
-
 /// How many of these tasks are assigned.
 async fn assigned_among(app: &TestApp, ids: &[i32]) -> i64 {
     sqlx::query_scalar("SELECT COUNT(*) FROM tasks WHERE id = ANY($1) AND status = 'assigned'")
@@ -500,7 +489,7 @@ async fn hold_droplets(tx: &mut sqlx::PgConnection) {
 async fn heartbeats_and_routing_passes_never_wait_for_each_other() {
     let app = TestApp::spawn_with(&[("TASK_ROUTER_INTERVAL", "3600")]).await;
     let server = DropletServer::start(Behaviour::Ok).await;
-    pause_routing(&app).await;
+    app.pause_routing().await;
     app.register(49, &["beat"], &server.endpoint).await;
     let ids = app.insert_pending(3, Some("beat"), 5).await;
 
