@@ -2,33 +2,11 @@
 
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use serde::Serialize;
 use serde_json::json;
 
 use crate::udc;
 
-/// One entry of a FastAPI-shaped 422: `{"loc":["body","trace_id"],"msg":"Field required","type":"missing"}`.
-#[derive(Debug, Clone, Serialize, PartialEq, utoipa::ToSchema)]
-pub struct FieldError {
-    pub loc: Vec<serde_json::Value>,
-    pub msg: String,
-    #[serde(rename = "type")]
-    pub kind: String,
-}
-
-impl FieldError {
-    pub fn new(loc: &[&str], msg: impl Into<String>, kind: &str) -> Self {
-        FieldError {
-            loc: loc.iter().map(|s| json!(s)).collect(),
-            msg: msg.into(),
-            kind: kind.to_string(),
-        }
-    }
-
-    pub fn missing(loc: &[&str]) -> Self {
-        FieldError::new(loc, "Field required", "missing")
-    }
-}
+pub use crate::validation::FieldError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {

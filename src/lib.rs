@@ -9,12 +9,14 @@ pub mod db;
 pub mod error;
 pub mod jobs;
 pub mod metrics;
+pub mod protocol;
 pub mod services;
 pub mod simulate;
 pub mod state;
 pub mod system;
 pub mod telemetry;
 pub mod udc;
+pub mod validation;
 
 use std::future::Future;
 use std::net::SocketAddr;

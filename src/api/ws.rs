@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::auth::{Caller, Permission};
 use crate::error::{ApiError, ApiResult, FieldError};
+use crate::protocol::{Envelope, ORCHESTRATOR_SOURCE};
 use crate::services::events::{self, ClientFilter, ClientRegistration, Feed, Outbound};
 use crate::services::state_machine::Status;
 use crate::state::AppState;
@@ -576,15 +577,7 @@ fn error_frame(detail: &str) -> Reply {
 /// Answers to a client's own messages are UDC `response` envelopes, so a dashboard tells
 /// them from events by `message_type`.
 fn response_frame(payload: Value) -> Message {
-    let envelope = json!({
-        "udc_version": udc::UDC_VERSION,
-        "trace_id": uuid::Uuid::new_v4().to_string(),
-        "source": 10,
-        "target": null,
-        "message_type": "response",
-        "payload": payload,
-        "timestamp": udc::now_iso(),
-    });
+    let envelope = Envelope::new("response", ORCHESTRATOR_SOURCE, Value::Null, payload).to_value();
     Message::Text(Utf8Bytes::from(envelope.to_string()))
 }
 

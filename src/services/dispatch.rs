@@ -13,10 +13,10 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use uuid::Uuid;
 
 use crate::config::Config;
+use crate::protocol::Envelope;
 use crate::services::endpoints::{self, NoAllowedAddress};
 use crate::services::tasks::Task;
 use crate::state::AppState;
-use crate::udc::{now_iso, UDC_VERSION};
 
 pub struct Dispatcher {
     permits: Arc<Semaphore>,
@@ -102,19 +102,15 @@ impl Outgoing {
     /// The UDC envelope, ids in the target's own form, with the signature when there is one.
     pub fn envelope(&self, signature: Option<&str>) -> Value {
         let form = self.id_form.as_deref();
-        let mut envelope = json!({
-            "udc_version": UDC_VERSION,
-            "trace_id": self.trace_id,
-            "source": id_value(self.source, form),
-            "target": id_value(self.target, form),
-            "message_type": self.message_type,
-            "payload": self.payload,
-            "timestamp": now_iso(),
-        });
-        if let Some(signature) = signature {
-            envelope["signature"] = json!(signature);
-        }
-        envelope
+        Envelope::new(
+            &self.message_type,
+            id_value(self.source, form),
+            id_value(self.target, form),
+            &self.payload,
+        )
+        .trace(Some(self.trace_id.clone()))
+        .signed(signature)
+        .to_value()
     }
 }
 

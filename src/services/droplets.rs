@@ -8,9 +8,10 @@ use sqlx::PgPool;
 
 use crate::auth::Caller;
 use crate::error::{ApiError, FieldError};
+use crate::protocol;
 use crate::services::events::{self, DropletEventKind, Event};
 use crate::state::AppState;
-use crate::udc::{self, Validate};
+use crate::validation::Validate;
 
 /// A droplet as the API shows it: `id` and `droplet_id` are both the external id.
 #[derive(Debug, Clone, Serialize, sqlx::FromRow, utoipa::ToSchema)]
@@ -25,13 +26,13 @@ pub struct Droplet {
     #[schema(value_type = Vec<String>)]
     pub capabilities: Value,
     pub status: String,
-    #[serde(serialize_with = "udc::ts_opt")]
+    #[serde(serialize_with = "protocol::ts_opt")]
     #[schema(value_type = Option<String>, format = DateTime)]
     pub last_heartbeat: Option<NaiveDateTime>,
-    #[serde(serialize_with = "udc::ts_opt")]
+    #[serde(serialize_with = "protocol::ts_opt")]
     #[schema(value_type = Option<String>, format = DateTime)]
     pub registered_at: Option<NaiveDateTime>,
-    #[serde(serialize_with = "udc::ts_opt")]
+    #[serde(serialize_with = "protocol::ts_opt")]
     #[schema(value_type = Option<String>, format = DateTime)]
     pub updated_at: Option<NaiveDateTime>,
     pub max_concurrent_tasks: Option<i32>,
@@ -505,7 +506,7 @@ pub struct HeartbeatRow {
     pub status: String,
     #[schema(value_type = Option<Object>)]
     pub metrics: Option<Value>,
-    #[serde(serialize_with = "udc::ts_opt")]
+    #[serde(serialize_with = "protocol::ts_opt")]
     #[schema(value_type = Option<String>, format = DateTime)]
     pub received_at: Option<NaiveDateTime>,
 }

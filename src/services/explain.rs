@@ -8,10 +8,10 @@ use std::collections::BTreeMap;
 use chrono::{NaiveDateTime, Utc};
 use serde_json::{json, Value};
 
+use crate::protocol::iso;
 use crate::services::contracts;
 use crate::services::tasks::{self, HistoryRow, Task};
 use crate::state::AppState;
-use crate::udc::iso;
 
 #[derive(sqlx::FromRow)]
 struct Candidate {

@@ -9,8 +9,9 @@ use serde_json::Value;
 use sqlx::{PgPool, Postgres, Transaction};
 
 use crate::error::FieldError;
+use crate::protocol;
 use crate::services::state_machine::ALL_STATUSES;
-use crate::udc::{self, Validate};
+use crate::validation::Validate;
 
 /// The windows the metrics endpoints accept.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -211,7 +212,7 @@ pub async fn summary(db: &PgPool) -> Result<Value, sqlx::Error> {
         "assignment_latency": assignment,
         "execution_time": execution,
         "latency_window": "24h: assignment over tasks created in it, execution over tasks completed in it",
-        "generated_at": udc::now_iso(),
+        "generated_at": protocol::now_iso(),
     }))
 }
 
@@ -297,7 +298,7 @@ pub async fn performance(
         "success_rate": rate(p.completed, p.completed + p.failed),
         "duration": p.duration,
         "retries": { "total": p.retries, "tasks_retried": p.tasks_retried },
-        "generated_at": udc::now_iso(),
+        "generated_at": protocol::now_iso(),
     }))
 }
 
@@ -370,7 +371,7 @@ pub async fn by_type(db: &PgPool, range: Option<TimeRange>) -> Result<Value, sql
         "time_range": range.map(|r| r.as_str()).unwrap_or("all"),
         "total": all,
         "types": rows,
-        "generated_at": udc::now_iso(),
+        "generated_at": protocol::now_iso(),
     }))
 }
 

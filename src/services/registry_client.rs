@@ -8,8 +8,8 @@ use std::time::Duration;
 use serde::Serialize;
 use serde_json::{json, Map, Value};
 
+use crate::protocol::now_iso;
 use crate::state::AppState;
-use crate::udc::now_iso;
 
 /// Largest directory (or key) body read from the Registry; more is treated as garbage.
 const MAX_BODY_BYTES: usize = 8 * 1024 * 1024;

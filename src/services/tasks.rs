@@ -9,10 +9,11 @@ use uuid::Uuid;
 
 use crate::auth::Caller;
 use crate::error::{ApiError, FieldError};
+use crate::protocol;
 use crate::services::events::{self, Event, TaskEventKind};
 use crate::services::state_machine::{self, Actor, Applied, Mode, Move, MoveError, Status};
 use crate::state::AppState;
-use crate::udc::{self, Validate};
+use crate::validation::{length, range, Validate};
 
 /// The task columns as the API shows them, from a row aliased `t` joined with droplets `d`.
 pub const TASK_COLUMNS_CTE: &str = const_format::concatcp!(
@@ -71,19 +72,19 @@ pub struct Task {
     pub last_droplet_id: Option<i32>,
     pub status: String,
     pub priority: i32,
-    #[serde(serialize_with = "udc::ts")]
+    #[serde(serialize_with = "protocol::ts")]
     #[schema(value_type = String, format = DateTime)]
     pub created_at: NaiveDateTime,
-    #[serde(serialize_with = "udc::ts_opt")]
+    #[serde(serialize_with = "protocol::ts_opt")]
     #[schema(value_type = Option<String>, format = DateTime)]
     pub assigned_at: Option<NaiveDateTime>,
-    #[serde(serialize_with = "udc::ts_opt")]
+    #[serde(serialize_with = "protocol::ts_opt")]
     #[schema(value_type = Option<String>, format = DateTime)]
     pub started_at: Option<NaiveDateTime>,
-    #[serde(serialize_with = "udc::ts_opt")]
+    #[serde(serialize_with = "protocol::ts_opt")]
     #[schema(value_type = Option<String>, format = DateTime)]
     pub completed_at: Option<NaiveDateTime>,
-    #[serde(serialize_with = "udc::ts_opt")]
+    #[serde(serialize_with = "protocol::ts_opt")]
     #[schema(value_type = Option<String>, format = DateTime)]
     pub deadline: Option<NaiveDateTime>,
     #[schema(value_type = Option<Object>)]
@@ -94,7 +95,7 @@ pub struct Task {
     pub created_by: Option<String>,
     /// Which assignment the task is on: 0 while never assigned, then 1, 2, ...
     pub attempt: i32,
-    #[serde(serialize_with = "udc::ts")]
+    #[serde(serialize_with = "protocol::ts")]
     #[schema(value_type = String, format = DateTime)]
     pub updated_at: NaiveDateTime,
 }
@@ -116,7 +117,7 @@ pub struct HistoryRow {
     pub metadata: Option<Value>,
     /// The attempt the task was on after this change.
     pub attempt: i32,
-    #[serde(serialize_with = "udc::ts")]
+    #[serde(serialize_with = "protocol::ts")]
     #[schema(value_type = String, format = DateTime)]
     pub changed_at: NaiveDateTime,
 }
@@ -141,39 +142,6 @@ pub struct NewTask {
     pub payload: Option<Value>,
 }
 
-fn length(loc: &'static str, value: &str, min: usize, max: usize, errors: &mut Vec<FieldError>) {
-    let n = value.chars().count();
-    if n < min {
-        errors.push(FieldError::new(
-            &[loc],
-            format!("String should have at least {min} character(s)"),
-            "string_too_short",
-        ));
-    } else if n > max {
-        errors.push(FieldError::new(
-            &[loc],
-            format!("String should have at most {max} characters"),
-            "string_too_long",
-        ));
-    }
-}
-
-fn range(loc: &'static str, value: Option<i64>, min: i64, max: i64, errors: &mut Vec<FieldError>) {
-    if let Some(v) = value {
-        if v < min || v > max {
-            errors.push(FieldError::new(
-                &[loc],
-                format!("Input should be between {min} and {max}, got {v}"),
-                if v < min {
-                    "greater_than_equal"
-                } else {
-                    "less_than_equal"
-                },
-            ));
-        }
-    }
-}
-
 impl Validate for NewTask {
     fn validate(&self) -> Vec<FieldError> {
         let mut errors = Vec::new();
@@ -185,7 +153,7 @@ impl Validate for NewTask {
         range("priority", self.priority, 1, 10, &mut errors);
         range("max_retries", self.max_retries, 0, 100, &mut errors);
         if let Some(d) = &self.deadline {
-            if udc::parse_time(d).is_none() {
+            if protocol::parse_time(d).is_none() {
                 errors.push(FieldError::new(
                     &["deadline"],
                     "Input should be a valid datetime (ISO-8601)",
@@ -212,7 +180,7 @@ pub struct Created {
     pub task_id: i32,
     pub trace_id: Uuid,
     pub status: String,
-    #[serde(serialize_with = "udc::ts")]
+    #[serde(serialize_with = "protocol::ts")]
     #[schema(value_type = String, format = DateTime)]
     pub created_at: NaiveDateTime,
     pub estimated_assignment_seconds: u64,
@@ -319,7 +287,7 @@ pub async fn create_at(
     let deadline = new
         .deadline
         .as_deref()
-        .and_then(udc::parse_time)
+        .and_then(protocol::parse_time)
         .map(|d| d.naive_utc());
     let payload = match new.payload {
         Some(Value::Object(m)) => Value::Object(m),

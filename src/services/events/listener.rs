@@ -117,7 +117,7 @@ async fn read_after(state: &AppState, last: i64) -> Result<Option<i64>, sqlx::Er
     };
     state
         .events
-        .set_listener(|l| l.last_event_at = Some(crate::udc::now_iso()));
+        .set_listener(|l| l.last_event_at = Some(crate::protocol::now_iso()));
     for (id, feed, envelope) in rows {
         if let Some(feed) = Feed::parse(&feed) {
             state.events.publish_event(feed, id, &envelope);

@@ -15,9 +15,8 @@ pub use relay::{run_relay, EVENTS_CHANNEL};
 use serde::Serialize;
 use serde_json::{json, Value};
 use sqlx::PgConnection;
-use uuid::Uuid;
 
-use crate::udc::{now_iso, UDC_VERSION};
+use crate::protocol::{Envelope, ORCHESTRATOR_SOURCE};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -134,15 +133,9 @@ fn merge(payload: &mut Value, extra: Option<Value>) {
 }
 
 fn event_envelope(trace_id: Option<String>, payload: Value) -> Value {
-    json!({
-        "udc_version": UDC_VERSION,
-        "trace_id": trace_id.unwrap_or_else(|| Uuid::new_v4().to_string()),
-        "source": 10,
-        "target": null,
-        "message_type": "event",
-        "payload": payload,
-        "timestamp": now_iso(),
-    })
+    Envelope::new("event", ORCHESTRATOR_SOURCE, Value::Null, payload)
+        .trace(trace_id)
+        .to_value()
 }
 
 /// A CTE for a statement that changes a droplet's status in one round trip (the heartbeat):

@@ -1,177 +1,18 @@
-//! The UDC envelope: the request extractor, the response wrapper, the request's trace id,
-//! and the FastAPI-shaped validation errors droplets already parse.
-
-use std::sync::{Arc, Mutex};
+//! Request bodies: the envelope (either form) or a bare body, split into metadata and a
+//! typed payload, with FastAPI-shaped 422s located in the request.
 
 use axum::body::Bytes;
-use axum::extract::{FromRequest, FromRequestParts, Request};
-use axum::http::request::Parts;
-use axum::http::{HeaderName, HeaderValue, StatusCode};
-use axum::middleware::Next;
-use axum::response::{IntoResponse, Response};
-use chrono::{DateTime, NaiveDateTime, SecondsFormat, Utc};
+use axum::extract::{FromRequest, Request};
+use axum::http::StatusCode;
+use chrono::{DateTime, Utc};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use serde_json::{json, Map, Value};
-use uuid::Uuid;
 
+use super::scope::set_trace_id;
 use crate::error::{ApiError, FieldError};
-
-pub const UDC_VERSION: &str = "1.0";
-pub static TRACE_ID_HEADER: HeaderName = HeaderName::from_static("x-trace-id");
-
-// ---------------------------------------------------------------------------
-// The request scope: trace id and caller, visible to every extractor, handler and error.
-
-struct RequestScope {
-    trace_id: Mutex<String>,
-    caller: Mutex<Option<i32>>,
-    source: i32,
-}
-
-tokio::task_local! {
-    static SCOPE: Arc<RequestScope>;
-}
-
-/// The trace id of the request being served, if any.
-pub fn current_trace_id() -> Option<String> {
-    SCOPE
-        .try_with(|s| s.trace_id.lock().map(|t| t.clone()).ok())
-        .ok()
-        .flatten()
-}
-
-/// The envelope's trace id wins over the header's once the body is read.
-fn set_trace_id(trace_id: &str) {
-    let _ = SCOPE.try_with(|s| {
-        if let Ok(mut t) = s.trace_id.lock() {
-            *t = trace_id.to_string();
-        }
-    });
-}
-
-/// Records who is calling, for the response envelope's `target`.
-pub fn set_caller(droplet_id: i32) {
-    let _ = SCOPE.try_with(|s| {
-        if let Ok(mut c) = s.caller.lock() {
-            *c = Some(droplet_id);
-        }
-    });
-}
-
-fn current_caller() -> Option<i32> {
-    SCOPE
-        .try_with(|s| s.caller.lock().ok().and_then(|c| *c))
-        .ok()
-        .flatten()
-}
-
-fn current_source() -> i32 {
-    SCOPE.try_with(|s| s.source).unwrap_or(10)
-}
-
-/// A trace id from a client header, kept only when it is short and printable.
-fn usable_trace_id(value: Option<&HeaderValue>) -> Option<String> {
-    let v = value?.to_str().ok()?.trim();
-    (!v.is_empty() && v.len() <= 128 && v.chars().all(|c| c.is_ascii_graphic()))
-        .then(|| v.to_string())
-}
-
-/// Middleware: opens the request scope and puts `X-Trace-Id` on every response.
-pub async fn trace_scope(source: i32, request: Request, next: Next) -> Response {
-    let trace_id = usable_trace_id(request.headers().get(&TRACE_ID_HEADER))
-        .unwrap_or_else(|| Uuid::new_v4().to_string());
-    let scope = Arc::new(RequestScope {
-        trace_id: Mutex::new(trace_id),
-        caller: Mutex::new(None),
-        source,
-    });
-    let span = tracing::Span::current();
-    let mut response = SCOPE.scope(scope.clone(), next.run(request)).await;
-    let trace_id = scope.trace_id.lock().map(|t| t.clone()).unwrap_or_default();
-    span.record("trace_id", trace_id.as_str());
-    if let Ok(value) = HeaderValue::from_str(&trace_id) {
-        response
-            .headers_mut()
-            .insert(TRACE_ID_HEADER.clone(), value);
-    }
-    response
-}
-
-// ---------------------------------------------------------------------------
-// Times: UTC out with a `Z`, in with `Z`, an offset, or none (naive = UTC).
-
-pub fn iso(dt: &NaiveDateTime) -> String {
-    dt.and_utc().to_rfc3339_opts(SecondsFormat::Micros, true)
-}
-
-pub fn now_iso() -> String {
-    Utc::now().to_rfc3339_opts(SecondsFormat::Micros, true)
-}
-
-/// An ISO-8601 time: `Z`, an offset with or without its colon (`+05:00`, `+0500`), or none
-/// (naive = UTC). Years outside 1-9999 are refused (the database could not store them).
-pub fn parse_time(raw: &str) -> Option<DateTime<Utc>> {
-    let raw = raw.trim();
-    let with_offset = DateTime::parse_from_rfc3339(raw).ok().or_else(|| {
-        ["%Y-%m-%dT%H:%M:%S%.f%z", "%Y-%m-%d %H:%M:%S%.f%z"]
-            .iter()
-            .find_map(|f| DateTime::parse_from_str(raw, f).ok())
-    });
-    let parsed = match with_offset {
-        Some(dt) => Some(dt.with_timezone(&Utc)),
-        None => ["%Y-%m-%dT%H:%M:%S%.f", "%Y-%m-%d %H:%M:%S%.f", "%Y-%m-%d"]
-            .iter()
-            .find_map(|f| {
-                NaiveDateTime::parse_from_str(raw, f).ok().or_else(|| {
-                    chrono::NaiveDate::parse_from_str(raw, f)
-                        .ok()
-                        .and_then(|d| d.and_hms_opt(0, 0, 0))
-                })
-            })
-            .map(|n| n.and_utc()),
-    };
-    parsed.filter(|t| (1..=9999).contains(&chrono::Datelike::year(t)))
-}
-
-/// `#[serde(serialize_with = "udc::ts")]` for `NaiveDateTime` columns.
-pub fn ts<S: serde::Serializer>(dt: &NaiveDateTime, s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_str(&iso(dt))
-}
-
-/// `#[serde(serialize_with = "udc::ts_opt")]` for nullable `NaiveDateTime` columns.
-pub fn ts_opt<S: serde::Serializer>(dt: &Option<NaiveDateTime>, s: S) -> Result<S::Ok, S::Error> {
-    match dt {
-        Some(dt) => s.serialize_str(&iso(dt)),
-        None => s.serialize_none(),
-    }
-}
-
-// ---------------------------------------------------------------------------
-// The request envelope.
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize, utoipa::ToSchema)]
-#[serde(rename_all = "lowercase")]
-pub enum MessageType {
-    Command,
-    Query,
-    Response,
-    Event,
-    Heartbeat,
-}
-
-impl MessageType {
-    fn parse(raw: &str) -> Option<Self> {
-        Some(match raw {
-            "command" => MessageType::Command,
-            "query" => MessageType::Query,
-            "response" => MessageType::Response,
-            "event" => MessageType::Event,
-            "heartbeat" => MessageType::Heartbeat,
-            _ => return None,
-        })
-    }
-}
+use crate::protocol::{parse_time, MessageType, UDC_VERSION};
+use crate::validation::Validate;
 
 /// What the envelope says besides its payload. `source` is recorded, never trusted.
 #[derive(Debug, Clone, Serialize)]
@@ -183,16 +24,6 @@ pub struct EnvelopeMeta {
     pub message_type: MessageType,
     pub timestamp: DateTime<Utc>,
 }
-
-/// Business rules a payload checks after it deserialized; locations are relative to the payload.
-pub trait Validate {
-    fn validate(&self) -> Vec<FieldError> {
-        Vec::new()
-    }
-}
-
-impl Validate for Value {}
-impl Validate for Map<String, Value> {}
 
 /// The extractor for enveloped bodies: the typed payload and the envelope's metadata.
 #[derive(Debug, Clone)]
@@ -570,7 +401,7 @@ pub fn deserialize_payload<T: DeserializeOwned + Validate>(
     }
 }
 
-fn serde_error_entry(mut loc: Vec<Value>, message: &str) -> FieldError {
+pub(super) fn serde_error_entry(mut loc: Vec<Value>, message: &str) -> FieldError {
     // serde says "missing field `name`" at the parent's path.
     if let Some(rest) = message.strip_prefix("missing field `") {
         let field = rest.trim_end_matches('`');
@@ -600,208 +431,8 @@ fn serde_error_entry(mut loc: Vec<Value>, message: &str) -> FieldError {
     }
 }
 
-// ---------------------------------------------------------------------------
-// Query strings and paths, with 422s that name the parameter.
-
-/// Query parameters; a bad one is a 422 at `["query", name]`.
-#[derive(Debug, Clone)]
-pub struct QueryParams<T>(pub T);
-
-impl<S, T> FromRequestParts<S> for QueryParams<T>
-where
-    S: Send + Sync,
-    T: DeserializeOwned + Validate,
-{
-    type Rejection = ApiError;
-
-    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
-        let query = parts.uri.query().unwrap_or("");
-        let de = serde_urlencoded::Deserializer::new(form_urlencoded_parse(query));
-        let value: T = serde_path_to_error::deserialize(de).map_err(|err| {
-            let mut loc = vec![json!("query")];
-            let path = err.path().to_string();
-            if path != "." {
-                loc.push(json!(path));
-            }
-            ApiError::Validation(vec![serde_error_entry(loc, &err.inner().to_string())])
-        })?;
-        let problems = value.validate();
-        if !problems.is_empty() {
-            return Err(ApiError::Validation(
-                problems
-                    .into_iter()
-                    .map(|mut p| {
-                        p.loc.insert(0, json!("query"));
-                        p
-                    })
-                    .collect(),
-            ));
-        }
-        Ok(QueryParams(value))
-    }
-}
-
-fn form_urlencoded_parse(query: &str) -> url::form_urlencoded::Parse<'_> {
-    url::form_urlencoded::parse(query.as_bytes())
-}
-
-/// A path parameter; a bad one is a 422 at `["path", name]`.
-#[derive(Debug, Clone, Copy)]
-pub struct PathParam<T>(pub T);
-
-impl<S, T> FromRequestParts<S> for PathParam<T>
-where
-    S: Send + Sync,
-    T: DeserializeOwned + Send,
-{
-    type Rejection = ApiError;
-
-    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
-        use axum::extract::path::ErrorKind;
-        use axum::extract::rejection::PathRejection;
-        match axum::extract::Path::<T>::from_request_parts(parts, state).await {
-            Ok(axum::extract::Path(v)) => Ok(PathParam(v)),
-            Err(PathRejection::FailedToDeserializePathParams(e)) => {
-                // A single value's error carries no key: name the route's own parameter
-                // (`task_id`, `droplet_id`), as FastAPI does.
-                let route_key = axum::extract::RawPathParams::from_request_parts(parts, state)
-                    .await
-                    .ok()
-                    .and_then(|raw| raw.iter().next().map(|(k, _)| k.to_string()))
-                    .unwrap_or_else(|| "id".to_string());
-                let (key, msg) = match e.kind() {
-                    ErrorKind::ParseErrorAtKey {
-                        key,
-                        value,
-                        expected_type,
-                    } => (
-                        key.clone(),
-                        format!(
-                            "Input should be a valid {}, got {value:?}",
-                            type_word(expected_type)
-                        ),
-                    ),
-                    ErrorKind::ParseError {
-                        value,
-                        expected_type,
-                    } => (
-                        route_key,
-                        format!(
-                            "Input should be a valid {}, got {value:?}",
-                            type_word(expected_type)
-                        ),
-                    ),
-                    other => (route_key, other.to_string()),
-                };
-                Err(ApiError::Validation(vec![FieldError {
-                    loc: vec![json!("path"), json!(key)],
-                    msg,
-                    kind: "int_parsing".into(),
-                }]))
-            }
-            Err(other) => Err(ApiError::invalid(
-                &["path"],
-                other.body_text(),
-                "value_error",
-            )),
-        }
-    }
-}
-
-/// FastAPI's word for a Rust type in a message: `integer` for `i32`, not the Rust name.
-fn type_word(rust_type: &str) -> &str {
-    let numeric = rust_type
-        .get(1..)
-        .is_some_and(|bits| !bits.is_empty() && bits.chars().all(|c| c.is_ascii_digit()));
-    match rust_type.chars().next() {
-        Some('i' | 'u') if numeric => "integer",
-        Some('f') if numeric => "number",
-        _ => rust_type,
-    }
-}
-
-// ---------------------------------------------------------------------------
-// The response envelope.
-
-#[derive(Serialize)]
-struct ResponseEnvelope<'a, T: Serialize> {
-    udc_version: &'static str,
-    trace_id: String,
-    source: i32,
-    target: Option<i32>,
-    message_type: &'static str,
-    payload: &'a T,
-    timestamp: String,
-}
-
-/// Every authenticated answer: the payload wrapped in the response envelope.
-#[derive(Debug, Clone)]
-pub struct Udc<T> {
-    pub status: StatusCode,
-    pub payload: T,
-}
-
-impl<T: Serialize> Udc<T> {
-    pub fn ok(payload: T) -> Self {
-        Udc {
-            status: StatusCode::OK,
-            payload,
-        }
-    }
-    pub fn created(payload: T) -> Self {
-        Udc {
-            status: StatusCode::CREATED,
-            payload,
-        }
-    }
-    pub fn with_status(status: StatusCode, payload: T) -> Self {
-        Udc { status, payload }
-    }
-}
-
-/// Wraps a payload in the response envelope as JSON (also used for events and dispatch).
-pub fn response_envelope<T: Serialize>(payload: &T) -> Value {
-    serde_json::to_value(ResponseEnvelope {
-        udc_version: UDC_VERSION,
-        trace_id: current_trace_id().unwrap_or_else(|| Uuid::new_v4().to_string()),
-        source: current_source(),
-        target: current_caller(),
-        message_type: "response",
-        payload,
-        timestamp: now_iso(),
-    })
-    .unwrap_or(Value::Null)
-}
-
-impl<T: Serialize> IntoResponse for Udc<T> {
-    fn into_response(self) -> Response {
-        let envelope = ResponseEnvelope {
-            udc_version: UDC_VERSION,
-            trace_id: current_trace_id().unwrap_or_else(|| Uuid::new_v4().to_string()),
-            source: current_source(),
-            target: current_caller(),
-            message_type: "response",
-            payload: &self.payload,
-            timestamp: now_iso(),
-        };
-        (self.status, axum::Json(envelope)).into_response()
-    }
-}
-
 #[cfg(test)]
 mod tests {
-    #[test]
-    fn offsets_with_or_without_colon_and_sane_years() {
-        let t = super::parse_time("2026-01-01T12:00:00+0500").unwrap();
-        assert_eq!(t.to_rfc3339(), "2026-01-01T07:00:00+00:00");
-        let t = super::parse_time("2026-01-01T12:00:00+05:00").unwrap();
-        assert_eq!(t.to_rfc3339(), "2026-01-01T07:00:00+00:00");
-        let t = super::parse_time("2026-01-01T12:00:00").unwrap();
-        assert_eq!(t.to_rfc3339(), "2026-01-01T12:00:00+00:00");
-        assert!(super::parse_time("-9999-01-01T00:00:00").is_none());
-        assert!(super::parse_time("+20000-01-01T00:00:00Z").is_none());
-    }
-
     use super::*;
 
     fn envelope(v: Value) -> Result<(EnvelopeMeta, Value), Vec<FieldError>> {
@@ -858,17 +489,6 @@ mod tests {
         }))
         .unwrap_err();
         assert_eq!(errs.len(), 5);
-    }
-
-    #[test]
-    fn times_accept_z_offsets_and_naive() {
-        assert!(parse_time("2025-11-15T10:30:00Z").is_some());
-        assert!(parse_time("2025-11-15T10:30:00+02:00").is_some());
-        assert_eq!(
-            parse_time("2025-11-15T10:30:00").unwrap(),
-            parse_time("2025-11-15T10:30:00Z").unwrap()
-        );
-        assert!(parse_time("not a time").is_none());
     }
 
     #[test]
