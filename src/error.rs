@@ -145,3 +145,12 @@ impl IntoResponse for ApiError {
         response
     }
 }
+
+impl From<crate::identity::TokenError> for ApiError {
+    fn from(e: crate::identity::TokenError) -> Self {
+        match e {
+            crate::identity::TokenError::Invalid => ApiError::InvalidCredentials,
+            crate::identity::TokenError::Signing(m) => ApiError::Internal(m),
+        }
+    }
+}

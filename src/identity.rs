@@ -1,0 +1,493 @@
+//! Who is who: the claims of the mesh's bearer JWTs (HS256 with our secret, RS256 with the
+//! Registry's key), the principal a token names and what it may do, and the keys that
+//! verify incoming tokens and sign the orchestrator's own. No HTTP here: the edge's
+//! extractor (`auth.rs`) turns these into answers.
+
+use std::sync::RwLock;
+
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::config::Config;
+
+/// A token that cannot be used, or one we could not sign.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TokenError {
+    #[error("Could not validate credentials")]
+    Invalid,
+    #[error("signing a token: {0}")]
+    Signing(String),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Permission {
+    Read,
+    Write,
+    Admin,
+}
+
+impl Permission {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Permission::Read => "read",
+            Permission::Write => "write",
+            Permission::Admin => "admin",
+        }
+    }
+
+    pub fn parse(raw: &str) -> Option<Permission> {
+        match raw.trim().to_ascii_lowercase().as_str() {
+            "read" => Some(Permission::Read),
+            "write" => Some(Permission::Write),
+            "admin" => Some(Permission::Admin),
+            _ => None,
+        }
+    }
+}
+
+/// The claims of every token: `{"droplet_id":5,"steward":"Name","permissions":["read"],"iat":..,"exp":..}`.
+/// A token names its droplet by `droplet_id`, else by `sub` (`"droplet-5"` or `"5"`), as the
+/// mesh's other issuers write it. `permissions` absent (as the Registry issues tokens) is not
+/// the same as an empty list: see [`Principal::may_write_own_droplet`].
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(try_from = "RawClaims")]
+pub struct Claims {
+    pub droplet_id: i32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sub: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub steward: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub permissions: Option<Vec<String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub iat: Option<i64>,
+    pub exp: i64,
+    /// `"outbound"` on the tokens the orchestrator sends; such a token is never accepted back.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token_use: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub iss: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub aud: Option<String>,
+}
+
+/// The claims as they come: ids as integers or strings, times as integers or floats
+/// (Python's `time.time() + 3600`).
+#[derive(Deserialize)]
+struct RawClaims {
+    #[serde(default)]
+    droplet_id: Option<Value>,
+    #[serde(default)]
+    sub: Option<Value>,
+    #[serde(default)]
+    steward: Option<String>,
+    #[serde(default)]
+    permissions: Option<Vec<String>>,
+    #[serde(default)]
+    iat: Option<f64>,
+    exp: f64,
+    #[serde(default)]
+    token_use: Option<String>,
+    #[serde(default)]
+    iss: Option<String>,
+    #[serde(default)]
+    aud: Option<Value>,
+}
+
+/// `5`, `"5"` or `"droplet-5"` as a droplet id.
+pub fn parse_droplet_id(value: &Value) -> Option<i32> {
+    let n = match value {
+        Value::Number(n) => n.as_i64()?,
+        Value::String(s) => s.trim().trim_start_matches("droplet-").parse().ok()?,
+        _ => return None,
+    };
+    i32::try_from(n).ok().filter(|n| *n > 0)
+}
+
+impl TryFrom<RawClaims> for Claims {
+    type Error = String;
+
+    fn try_from(raw: RawClaims) -> Result<Claims, String> {
+        let droplet_id = match (&raw.droplet_id, &raw.sub) {
+            (Some(v), _) if !v.is_null() => {
+                parse_droplet_id(v).ok_or("droplet_id is not a droplet id")?
+            }
+            (_, Some(v)) => parse_droplet_id(v).ok_or("sub is not a droplet id")?,
+            _ => return Err("the token names no droplet (droplet_id or sub)".into()),
+        };
+        if !raw.exp.is_finite() || raw.iat.is_some_and(|i| !i.is_finite()) {
+            return Err("exp and iat must be numbers".into());
+        }
+        Ok(Claims {
+            droplet_id,
+            sub: raw.sub.map(|v| match v {
+                Value::String(s) => s,
+                other => other.to_string(),
+            }),
+            steward: raw.steward,
+            permissions: raw.permissions,
+            iat: raw.iat.map(|i| i as i64),
+            exp: raw.exp as i64,
+            token_use: raw.token_use,
+            iss: raw.iss,
+            aud: raw.aud.map(|v| match v {
+                Value::String(s) => s,
+                other => other.to_string(),
+            }),
+        })
+    }
+}
+
+/// Who is acting: a token's droplet and what it may do (the HTTP edge's `Caller` wraps it;
+/// services see only this).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Principal {
+    pub droplet_id: i32,
+    pub steward: Option<String>,
+    pub permissions: Vec<Permission>,
+    /// False when the token had no `permissions` claim at all (as the Registry issues them).
+    pub permissions_claimed: bool,
+    /// When the token expires (epoch seconds); WebSockets close then.
+    pub expires_at: i64,
+}
+
+impl Principal {
+    pub fn from_claims(claims: &Claims) -> Principal {
+        let mut permissions: Vec<Permission> = claims
+            .permissions
+            .iter()
+            .flatten()
+            .filter_map(|p| Permission::parse(p))
+            .collect();
+        permissions.sort();
+        permissions.dedup();
+        Principal {
+            droplet_id: claims.droplet_id,
+            steward: claims.steward.clone(),
+            permissions,
+            permissions_claimed: claims.permissions.is_some(),
+            expires_at: claims.exp,
+        }
+    }
+
+    /// Registering and heartbeating one's own droplet: `write`, or a token with no
+    /// `permissions` claim at all (the Registry vouches for the droplet's identity). A token
+    /// whose permissions lack `write` (a read-only dashboard token) may not.
+    pub fn may_write_own_droplet(&self) -> bool {
+        !self.permissions_claimed || self.has(Permission::Write)
+    }
+
+    pub fn is_admin(&self) -> bool {
+        self.permissions.contains(&Permission::Admin)
+    }
+
+    /// Admin may do everything; write includes read.
+    pub fn has(&self, needed: Permission) -> bool {
+        self.is_admin()
+            || self.permissions.contains(&needed)
+            || (needed == Permission::Read && self.permissions.contains(&Permission::Write))
+    }
+
+    /// How history rows name this caller: `admin-1` or `droplet-8`.
+    pub fn actor_name(&self) -> String {
+        if self.is_admin() {
+            format!("admin-{}", self.droplet_id)
+        } else {
+            format!("droplet-{}", self.droplet_id)
+        }
+    }
+}
+
+/// Reads a PEM value that is either the PEM text itself or a path to it.
+pub fn read_pem(value: &str) -> Result<Vec<u8>, String> {
+    if value.contains("-----BEGIN") {
+        Ok(value.replace("\\n", "\n").into_bytes())
+    } else {
+        std::fs::read(value).map_err(|e| format!("cannot read {value}: {e}"))
+    }
+}
+
+/// The keys that verify incoming tokens and sign outgoing ones.
+pub struct Keys {
+    hs_decode: DecodingKey,
+    hs_encode: EncodingKey,
+    rs_decode: RwLock<Option<DecodingKey>>,
+    rs_encode: Option<EncodingKey>,
+    hs_validation: Validation,
+    rs_validation: Validation,
+    expiration_seconds: u64,
+    orchestrator_id: i32,
+    orchestrator_steward: String,
+    outbound_seconds: u64,
+    outbound_iss: Option<String>,
+    outbound_aud: Option<String>,
+    /// A token the Registry issued to the orchestrator, and when it expires.
+    registry_token: RwLock<Option<(String, i64)>>,
+}
+
+/// What the orchestrator's own tokens are marked with (`token_use`).
+pub const OUTBOUND: &str = "outbound";
+
+/// The credentials of one request the orchestrator makes: its bearer token, and the
+/// envelope's `signature` when the orchestrator holds a token issued by the Registry.
+#[derive(Debug, Clone)]
+pub struct Outbound {
+    pub bearer: String,
+    pub signature: Option<String>,
+}
+
+impl Keys {
+    pub fn from_config(config: &Config) -> Result<Keys, String> {
+        if config.jwt_algorithm == "RS256" {
+            tracing::warn!(
+                "JWT_ALGORITHM=RS256: /token mints HS256 tokens all the same; RS256 tokens are the \
+                 Registry's (REGISTRY_PUBLIC_KEY) and the orchestrator's own outbound ones \
+                 (ORCHESTRATOR_PRIVATE_KEY)"
+            );
+        }
+        let secret = config.jwt_secret_key.expose().as_bytes();
+        let rs_decode = match &config.registry_public_key {
+            Some(v) => Some(
+                DecodingKey::from_rsa_pem(&read_pem(v)?)
+                    .map_err(|e| format!("REGISTRY_PUBLIC_KEY: not an RSA public key: {e}"))?,
+            ),
+            None => None,
+        };
+        let rs_encode =
+            match &config.orchestrator_private_key {
+                Some(v) => Some(EncodingKey::from_rsa_pem(&read_pem(v)?).map_err(|e| {
+                    format!("ORCHESTRATOR_PRIVATE_KEY: not an RSA private key: {e}")
+                })?),
+                None => None,
+            };
+        Ok(Keys {
+            hs_decode: DecodingKey::from_secret(secret),
+            hs_encode: EncodingKey::from_secret(secret),
+            rs_decode: RwLock::new(rs_decode),
+            rs_encode,
+            hs_validation: pinned_validation(Algorithm::HS256),
+            rs_validation: pinned_validation(Algorithm::RS256),
+            expiration_seconds: config.jwt_expiration_seconds,
+            orchestrator_id: config.droplet_id,
+            orchestrator_steward: config.droplet_steward.clone(),
+            outbound_seconds: config.outbound_token_seconds,
+            outbound_iss: config.registry_issuer.clone(),
+            outbound_aud: config.registry_audience.clone(),
+            registry_token: RwLock::new(
+                config
+                    .registry_token
+                    .as_ref()
+                    .map(|t| (t.expose().to_string(), unverified_exp(t.expose()))),
+            ),
+        })
+    }
+
+    /// Installs the Registry's public key fetched at run time (only with
+    /// `REGISTRY_FETCH_PUBLIC_KEY=true`, over https); a change of key is logged.
+    pub fn set_registry_key(&self, pem: &[u8]) -> Result<(), String> {
+        let key = DecodingKey::from_rsa_pem(pem).map_err(|e| e.to_string())?;
+        if let Ok(mut slot) = self.rs_decode.write() {
+            if slot.is_some() {
+                tracing::warn!("the Registry's public key changed; tokens signed with the old key are now refused");
+            } else {
+                tracing::info!("installed the Registry's public key");
+            }
+            *slot = Some(key);
+        }
+        Ok(())
+    }
+
+    /// Installs a token the Registry issued to the orchestrator.
+    pub fn set_registry_token(&self, token: String) {
+        let exp = unverified_exp(&token);
+        if let Ok(mut slot) = self.registry_token.write() {
+            *slot = Some((token, exp));
+        }
+    }
+
+    /// Seconds until the Registry's token expires (None: the orchestrator holds none).
+    pub fn registry_token_remaining(&self) -> Option<i64> {
+        let slot = self.registry_token.read().ok()?;
+        slot.as_ref()
+            .map(|(_, exp)| exp - chrono::Utc::now().timestamp())
+    }
+
+    /// The credentials of a request to a droplet: the Registry's token as bearer and
+    /// signature while the orchestrator holds a live one, else our own outbound token.
+    pub fn outbound(&self) -> Result<Outbound, TokenError> {
+        if let Ok(slot) = self.registry_token.read() {
+            if let Some((token, exp)) = slot.as_ref() {
+                if *exp > chrono::Utc::now().timestamp() + 30 {
+                    return Ok(Outbound {
+                        bearer: token.clone(),
+                        signature: Some(token.clone()),
+                    });
+                }
+            }
+        }
+        Ok(Outbound {
+            bearer: self.orchestrator_token()?,
+            signature: None,
+        })
+    }
+
+    pub fn has_registry_key(&self) -> bool {
+        self.rs_decode.read().map(|k| k.is_some()).unwrap_or(false)
+    }
+
+    /// Verifies a token: the key that verifies it decides the algorithm, never the header alone.
+    /// Tokens the orchestrator sent (marked outbound) and any token naming the orchestrator's
+    /// own id are refused: no one acts as the orchestrator.
+    pub fn verify(&self, token: &str) -> Result<Claims, TokenError> {
+        let claims = self.verify_signature(token)?;
+        if claims.token_use.as_deref() == Some(OUTBOUND)
+            || claims.droplet_id == self.orchestrator_id
+        {
+            return Err(TokenError::Invalid);
+        }
+        Ok(claims)
+    }
+
+    /// The orchestrator's own id, which no inbound token may carry.
+    pub fn orchestrator_id(&self) -> i32 {
+        self.orchestrator_id
+    }
+
+    fn verify_signature(&self, token: &str) -> Result<Claims, TokenError> {
+        if let Ok(data) =
+            jsonwebtoken::decode::<Claims>(token, &self.hs_decode, &self.hs_validation)
+        {
+            return Ok(data.claims);
+        }
+        if let Ok(guard) = self.rs_decode.read() {
+            if let Some(key) = guard.as_ref() {
+                if let Ok(data) = jsonwebtoken::decode::<Claims>(token, key, &self.rs_validation) {
+                    return Ok(data.claims);
+                }
+            }
+        }
+        Err(TokenError::Invalid)
+    }
+
+    /// Signs a token with our HS256 secret.
+    pub fn mint(
+        &self,
+        droplet_id: i32,
+        steward: Option<String>,
+        permissions: &[Permission],
+        expires_in: u64,
+    ) -> Result<String, TokenError> {
+        let now = chrono::Utc::now().timestamp();
+        let claims = Claims {
+            droplet_id,
+            sub: Some(format!("droplet-{droplet_id}")),
+            steward,
+            permissions: Some(permissions.iter().map(|p| p.as_str().to_string()).collect()),
+            iat: Some(now),
+            exp: now + expires_in.min(i64::MAX as u64 / 2) as i64,
+            token_use: None,
+            iss: None,
+            aud: None,
+        };
+        jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.hs_encode)
+            .map_err(|e| TokenError::Signing(e.to_string()))
+    }
+
+    pub fn default_expiration(&self) -> u64 {
+        self.expiration_seconds
+    }
+
+    /// The token the orchestrator sends to droplets: RS256 with our private key when one
+    /// is configured, else HS256. It carries `sub` (real droplets read the caller from it),
+    /// lives minutes (`OUTBOUND_TOKEN_SECONDS`) and is marked outbound, so it is refused if
+    /// sent back. HS256 tokens carry no `aud`: python-jose refuses an `aud` it was not told
+    /// to expect; RS256 ones carry the Registry's `iss`/`aud` when configured.
+    pub fn orchestrator_token(&self) -> Result<String, TokenError> {
+        let now = chrono::Utc::now().timestamp();
+        let rs256 = self.rs_encode.is_some();
+        let claims = Claims {
+            droplet_id: self.orchestrator_id,
+            sub: Some(format!("droplet-{}", self.orchestrator_id)),
+            steward: Some(self.orchestrator_steward.clone()),
+            permissions: Some(vec!["read".into(), "write".into()]),
+            iat: Some(now),
+            exp: now + self.outbound_seconds as i64,
+            token_use: Some(OUTBOUND.into()),
+            iss: self.outbound_iss.clone().filter(|_| rs256),
+            aud: self.outbound_aud.clone().filter(|_| rs256),
+        };
+        match &self.rs_encode {
+            Some(key) => jsonwebtoken::encode(&Header::new(Algorithm::RS256), &claims, key),
+            None => jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.hs_encode),
+        }
+        .map_err(|e| TokenError::Signing(e.to_string()))
+    }
+}
+
+fn pinned_validation(alg: Algorithm) -> Validation {
+    let mut v = Validation::new(alg);
+    v.algorithms = vec![alg];
+    v.set_required_spec_claims(&["exp"]);
+    v.validate_exp = true;
+    // A token not valid yet is refused (with the same leeway as `exp`).
+    v.validate_nbf = true;
+    // Registry tokens carry `aud: "fullpotential.droplets"`; the orchestrator is one of those
+    // droplets, and the signature is what it trusts.
+    v.validate_aud = false;
+    v.leeway = 30;
+    v
+}
+
+/// The `exp` of a token we hold (not one we are shown), without checking its signature;
+/// 0 when it has none.
+fn unverified_exp(token: &str) -> i64 {
+    use base64::Engine;
+    token
+        .split('.')
+        .nth(1)
+        .and_then(|segment| {
+            base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .decode(segment.trim_end_matches('='))
+                .ok()
+        })
+        .and_then(|bytes| serde_json::from_slice::<Value>(&bytes).ok())
+        .and_then(|claims| claims.get("exp").and_then(Value::as_f64))
+        .map(|e| e as i64)
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn principal(perms: &[Permission]) -> Principal {
+        Principal {
+            droplet_id: 5,
+            steward: None,
+            permissions: perms.to_vec(),
+            permissions_claimed: true,
+            expires_at: i64::MAX,
+        }
+    }
+
+    #[test]
+    fn admin_has_everything_and_write_includes_read() {
+        assert!(principal(&[Permission::Admin]).has(Permission::Write));
+        assert!(principal(&[Permission::Write]).has(Permission::Read));
+        assert!(!principal(&[Permission::Read]).has(Permission::Write));
+        assert!(!principal(&[Permission::Write]).has(Permission::Admin));
+    }
+
+    #[test]
+    fn numeric_string_droplet_ids_are_accepted() {
+        let c: Claims = serde_json::from_str(r#"{"droplet_id":"droplet-7","exp":1}"#).unwrap();
+        assert_eq!(c.droplet_id, 7);
+        let c: Claims = serde_json::from_str(r#"{"sub":"droplet-12","exp":1.5}"#).unwrap();
+        assert_eq!((c.droplet_id, c.exp, c.permissions), (12, 1, None));
+        let c: Claims = serde_json::from_str(r#"{"sub":"3","exp":1}"#).unwrap();
+        assert_eq!(c.droplet_id, 3);
+        assert!(serde_json::from_str::<Claims>(r#"{"exp":1}"#).is_err());
+        assert!(serde_json::from_str::<Claims>(r#"{"sub":"bob","exp":1}"#).is_err());
+    }
+}
