@@ -63,13 +63,10 @@ impl Caller {
 
     /// Non-admin tokens act only as their own droplet.
     pub fn require_self_or_admin(&self, droplet_id: i32) -> Result<(), ApiError> {
-        if self.is_admin() || self.droplet_id == droplet_id {
+        if self.may_act_as(droplet_id) {
             Ok(())
         } else {
-            Err(ApiError::forbidden(format!(
-                "Token of droplet {} cannot act as droplet {droplet_id}",
-                self.droplet_id
-            )))
+            Err(ApiError::forbidden(self.not_as(droplet_id)))
         }
     }
 }

@@ -154,3 +154,19 @@ impl From<crate::identity::TokenError> for ApiError {
         }
     }
 }
+
+impl From<crate::services::error::Error> for ApiError {
+    fn from(e: crate::services::error::Error) -> Self {
+        use crate::services::error::Error;
+        match e {
+            Error::NotFound(m) => ApiError::NotFound(m),
+            Error::Forbidden(m) => ApiError::Forbidden(m),
+            Error::Conflict(m) => ApiError::Conflict(m),
+            Error::Invalid(errors) => ApiError::Validation(errors),
+            Error::Unavailable(m) => ApiError::ServiceUnavailable(m),
+            Error::Upstream(m) => ApiError::BadGateway(m),
+            Error::Database(e) => ApiError::from(e),
+            Error::Internal(m) => ApiError::Internal(m),
+        }
+    }
+}

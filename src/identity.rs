@@ -178,6 +178,19 @@ impl Principal {
         !self.permissions_claimed || self.has(Permission::Write)
     }
 
+    /// Non-admin tokens act only as their own droplet.
+    pub fn may_act_as(&self, droplet_id: i32) -> bool {
+        self.is_admin() || self.droplet_id == droplet_id
+    }
+
+    /// The refusal of acting as another droplet, in the contract's words.
+    pub fn not_as(&self, droplet_id: i32) -> String {
+        format!(
+            "Token of droplet {} cannot act as droplet {droplet_id}",
+            self.droplet_id
+        )
+    }
+
     pub fn is_admin(&self) -> bool {
         self.permissions.contains(&Permission::Admin)
     }

@@ -390,7 +390,10 @@ async fn serve_socket(
             outbound = registration.rx.recv() => {
                 let (message, is_event) = match outbound {
                     Some(Outbound::Event(id, _)) if id > 0 && id <= last_sent => continue,
-                    Some(Outbound::Event(_, text)) => (Message::Text(text), true),
+                    Some(Outbound::Event(_, text)) => match Utf8Bytes::try_from(text) {
+                        Ok(text) => (Message::Text(text), true),
+                        Err(_) => continue,
+                    },
                     Some(Outbound::Ping) => (Message::Ping(Default::default()), false),
                     None => break Some((1011, "event hub closed")),
                 };

@@ -6,11 +6,12 @@ use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::{json, Value};
 use sqlx::PgPool;
 
-use crate::auth::Caller;
-use crate::error::{ApiError, FieldError};
+use crate::identity::Principal;
 use crate::protocol;
+use crate::services::error::{Error, Result};
 use crate::services::events::{self, DropletEventKind, Event};
 use crate::state::AppState;
+use crate::validation::FieldError;
 use crate::validation::Validate;
 
 /// A droplet as the API shows it: `id` and `droplet_id` are both the external id.
@@ -206,22 +207,24 @@ struct Upserted {
 /// form it showed before is kept).
 pub async fn register(
     state: &AppState,
-    caller: &Caller,
+    caller: &Principal,
     reg: Registration,
     id_form: Option<&str>,
-) -> Result<(Droplet, bool), ApiError> {
+) -> Result<(Droplet, bool)> {
     let id = reg.external_id().ok_or_else(|| {
-        ApiError::Validation(vec![FieldError::missing(&[
+        Error::Invalid(vec![FieldError::missing(&[
             "body",
             "payload",
             "droplet_id",
         ])])
     })?;
-    caller.require_self_or_admin(id)?;
+    if !caller.may_act_as(id) {
+        return Err(Error::Forbidden(caller.not_as(id)));
+    }
     if let Err(why) =
         crate::services::endpoints::check_registration(&reg.endpoint, &state.endpoint_policy)
     {
-        return Err(ApiError::invalid(
+        return Err(Error::invalid(
             &["body", "payload", "endpoint"],
             why,
             "url_not_allowed",
@@ -247,7 +250,7 @@ pub async fn register(
             }
         }
         if !errors.is_empty() {
-            return Err(ApiError::Validation(errors));
+            return Err(Error::Invalid(errors));
         }
     }
     // Each capability once, in the order the droplet declared them (`dedup` alone would
@@ -387,15 +390,15 @@ pub const HEARTBEAT_SQL: &str = const_format::concatcp!(
 /// An admin's deactivation holds: the heartbeat is recorded but the status stays.
 pub async fn heartbeat(
     state: &AppState,
-    caller: &Caller,
+    caller: &Principal,
     droplet_id: i32,
     beat: Heartbeat,
     id_form: Option<&str>,
-) -> Result<Droplet, ApiError> {
+) -> Result<Droplet> {
     // The contract's order: the droplet exists (404) before the caller may act on it (403).
-    if caller.require_self_or_admin(droplet_id).is_err() {
+    if !caller.may_act_as(droplet_id) {
         require(&state.db, droplet_id).await?;
-        caller.require_self_or_admin(droplet_id)?;
+        return Err(Error::Forbidden(caller.not_as(droplet_id)));
     }
     let new_status = droplet_status_for(&beat.status);
     let row: Option<Beat> = sqlx::query_as(HEARTBEAT_SQL)
@@ -406,7 +409,7 @@ pub async fn heartbeat(
         .bind(id_form)
         .fetch_optional(&state.db)
         .await?;
-    let row = row.ok_or_else(|| ApiError::not_found(format!("Droplet {droplet_id} not found")))?;
+    let row = row.ok_or_else(|| Error::not_found(format!("Droplet {droplet_id} not found")))?;
     // The statement itself sent the health event (in its own transaction, so in commit order
     // with every other change of this droplet).
     if row.previous_status != row.droplet.status && row.droplet.status == "active" {
@@ -437,10 +440,10 @@ pub async fn load_internal(db: &PgPool, internal_id: i32) -> Result<Option<Dropl
     .await
 }
 
-pub async fn require(db: &PgPool, droplet_id: i32) -> Result<Droplet, ApiError> {
+pub async fn require(db: &PgPool, droplet_id: i32) -> Result<Droplet> {
     load(db, droplet_id)
         .await?
-        .ok_or_else(|| ApiError::not_found(format!("Droplet {droplet_id} not found")))
+        .ok_or_else(|| Error::not_found(format!("Droplet {droplet_id} not found")))
 }
 
 /// Filters of `GET /droplets`.
@@ -528,10 +531,10 @@ pub async fn recent_heartbeats(
 /// Sets a droplet's status by an admin's hand (and holds or releases it), with its event.
 pub async fn set_admin_status(
     state: &AppState,
-    caller: &Caller,
+    caller: &Principal,
     droplet_id: i32,
     activate: bool,
-) -> Result<(Droplet, String), ApiError> {
+) -> Result<(Droplet, String)> {
     let mut tx = state.db.begin().await?;
     let row: Option<Beat> = sqlx::query_as(const_format::concatcp!(
         "WITH old AS (SELECT id, status FROM droplets WHERE droplet_id = $1 FOR NO KEY UPDATE),
@@ -552,7 +555,7 @@ pub async fn set_admin_status(
     .bind(activate)
     .fetch_optional(&mut *tx)
     .await?;
-    let row = row.ok_or_else(|| ApiError::not_found(format!("Droplet {droplet_id} not found")))?;
+    let row = row.ok_or_else(|| Error::not_found(format!("Droplet {droplet_id} not found")))?;
     if row.previous_status != row.droplet.status {
         let event = Event::droplet(
             DropletEventKind::DropletHealthChanged,

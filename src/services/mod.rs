@@ -5,6 +5,7 @@ pub mod contracts;
 pub mod dispatch;
 pub mod droplets;
 pub mod endpoints;
+pub mod error;
 pub mod events;
 pub mod explain;
 pub mod health_monitor;

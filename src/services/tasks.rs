@@ -7,12 +7,13 @@ use serde_json::Value;
 use sqlx::PgPool;
 use uuid::Uuid;
 
-use crate::auth::Caller;
-use crate::error::{ApiError, FieldError};
+use crate::identity::Principal;
 use crate::protocol;
+use crate::services::error::{Error, Result};
 use crate::services::events::{self, Event, TaskEventKind};
-use crate::services::state_machine::{self, Actor, Applied, Mode, Move, MoveError, Status};
+use crate::services::state_machine::{self, Actor, Applied, Mode, Move, Status};
 use crate::state::AppState;
+use crate::validation::FieldError;
 use crate::validation::{length, range, Validate};
 
 /// The task columns as the API shows them, from a row aliased `t` joined with droplets `d`.
@@ -225,7 +226,7 @@ async fn check_contracts(
     capability: &str,
     payload: &Value,
     payload_loc: &[&str],
-) -> Result<(), ApiError> {
+) -> Result<()> {
     let schemas = contracts_for(&state.db, capability).await?;
     if schemas.iter().all(Option::is_none) {
         return Ok(());
@@ -236,7 +237,7 @@ async fn check_contracts(
         payload,
     )
     .map_err(|violations| {
-        ApiError::Validation(
+        Error::Invalid(
             violations
                 .into_iter()
                 .map(|v| {
@@ -253,10 +254,10 @@ async fn check_contracts(
 /// Returns the task and whether it is new.
 pub async fn create(
     state: &AppState,
-    caller: &Caller,
+    caller: &Principal,
     trace_id: &str,
     new: NewTask,
-) -> Result<(Task, bool), ApiError> {
+) -> Result<(Task, bool)> {
     create_at(
         state,
         caller,
@@ -271,13 +272,13 @@ pub async fn create(
 /// (`/message`'s `create_task` carries it under `task_data`).
 pub async fn create_at(
     state: &AppState,
-    caller: &Caller,
+    caller: &Principal,
     trace_id: &str,
     new: NewTask,
     payload_loc: &[&str],
-) -> Result<(Task, bool), ApiError> {
+) -> Result<(Task, bool)> {
     let trace = Uuid::parse_str(trace_id).map_err(|_| {
-        ApiError::invalid(
+        Error::invalid(
             &["body", "trace_id"],
             "Input should be a valid UUID",
             "uuid_parsing",
@@ -319,11 +320,11 @@ pub async fn create_at(
         tx.rollback().await?;
         let existing = load_by_trace(&state.db, trace)
             .await?
-            .ok_or_else(|| ApiError::conflict(format!("Trace id {trace} is in use")))?;
+            .ok_or_else(|| Error::conflict(format!("Trace id {trace} is in use")))?;
         if existing.created_by.as_deref() == Some(created_by.as_str()) {
             return Ok((existing, false));
         }
-        return Err(ApiError::conflict(format!(
+        return Err(Error::conflict(format!(
             "Trace id {trace} was already used by another creator"
         )));
     };
@@ -594,35 +595,14 @@ impl Validate for TaskUpdate {
     }
 }
 
-fn move_error(e: MoveError) -> ApiError {
-    match e {
-        MoveError::NotFound(id) => ApiError::not_found(format!("Task {id} not found")),
-        MoveError::NotYours(id) => {
-            ApiError::forbidden(format!("Task {id} is not assigned to this droplet"))
-        }
-        e @ (MoveError::Invalid(..) | MoveError::StaleAttempt { .. }) => {
-            ApiError::conflict(e.to_string())
-        }
-        MoveError::Database(e) => ApiError::from(e),
-    }
-}
-
 /// Applies moves in one transaction and does what follows a commit.
-pub async fn run_moves(
-    state: &AppState,
-    moves: &[Move],
-    mode: Mode,
-) -> Result<Vec<Applied>, ApiError> {
+pub async fn run_moves(state: &AppState, moves: &[Move], mode: Mode) -> Result<Vec<Applied>> {
     let mut tx = state.db.begin().await?;
     let applied = match state_machine::apply(&mut tx, moves, mode).await {
         Ok(a) => a,
-        Err(MoveError::Database(e)) => {
-            let _ = tx.rollback().await;
-            return Err(ApiError::from(e));
-        }
         Err(e) => {
             let _ = tx.rollback().await;
-            return Err(move_error(e));
+            return Err(Error::from(e));
         }
     };
     tx.commit().await?;
@@ -676,20 +656,19 @@ pub fn after_commit(state: &AppState, applied: &[Applied]) {
 /// `PATCH /tasks/{id}`: the assigned droplet (or an admin) moves its task.
 pub async fn update(
     state: &AppState,
-    caller: &Caller,
+    caller: &Principal,
     id: i32,
     update: TaskUpdate,
-) -> Result<Task, ApiError> {
+) -> Result<Task> {
     let task = load(&state.db, id)
         .await?
-        .ok_or_else(|| ApiError::not_found(format!("Task {id} not found")))?;
-    let to = Status::parse(&update.status).ok_or_else(|| {
-        ApiError::invalid(&["body", "payload", "status"], "unknown status", "enum")
-    })?;
+        .ok_or_else(|| Error::not_found(format!("Task {id} not found")))?;
+    let to = Status::parse(&update.status)
+        .ok_or_else(|| Error::invalid(&["body", "payload", "status"], "unknown status", "enum"))?;
     let mut m = Move::new(id, to, Actor::Admin, caller.actor_name());
     if !caller.is_admin() {
         if task.assigned_droplet_id != Some(caller.droplet_id) {
-            return Err(ApiError::forbidden(format!(
+            return Err(Error::forbidden(format!(
                 "Task {id} is not assigned to droplet {}",
                 caller.droplet_id
             )));
@@ -716,25 +695,25 @@ pub async fn update(
         .into_iter()
         .next()
         .map(|a| a.task)
-        .ok_or_else(|| ApiError::internal("move applied without a row"))
+        .ok_or_else(|| Error::internal("move applied without a row"))
 }
 
 /// `DELETE /tasks/{id}`: the creator (or an admin) cancels a task that has not started.
 pub async fn cancel(
     state: &AppState,
-    caller: &Caller,
+    caller: &Principal,
     id: i32,
     reason: Option<String>,
-) -> Result<Task, ApiError> {
+) -> Result<Task> {
     let task = load(&state.db, id)
         .await?
-        .ok_or_else(|| ApiError::not_found(format!("Task {id} not found")))?;
+        .ok_or_else(|| Error::not_found(format!("Task {id} not found")))?;
     let actor = if caller.is_admin() {
         Actor::Admin
     } else if task.created_by.as_deref() == Some(caller.droplet_id.to_string().as_str()) {
         Actor::Creator
     } else {
-        return Err(ApiError::forbidden(format!(
+        return Err(Error::forbidden(format!(
             "Only the creator of task {id} or an admin may cancel it"
         )));
     };
@@ -745,5 +724,5 @@ pub async fn cancel(
         .into_iter()
         .next()
         .map(|a| a.task)
-        .ok_or_else(|| ApiError::internal("move applied without a row"))
+        .ok_or_else(|| Error::internal("move applied without a row"))
 }

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use axum::extract::ws::Utf8Bytes;
+use bytes::Bytes;
 use serde::Serialize;
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
@@ -68,7 +68,8 @@ impl ClientFilter {
 #[derive(Debug)]
 pub enum Outbound {
     /// An event and its `event_id` (0 for one outside the log).
-    Event(i64, Utf8Bytes),
+    /// An event id and its envelope as UTF-8 JSON text, shared by every client it goes to.
+    Event(i64, Bytes),
     Ping,
 }
 
@@ -278,7 +279,7 @@ impl EventHub {
 
     /// Sends one event to every matching client of its feed without ever waiting:
     /// a client whose queue is full is dropped (close 1013).
-    pub fn publish(&self, feed: Feed, event_id: i64, text: Utf8Bytes, meta: &EventMeta) {
+    pub fn publish(&self, feed: Feed, event_id: i64, text: Bytes, meta: &EventMeta) {
         self.inner.published.fetch_add(1, Ordering::Relaxed);
         let Ok(clients) = self.inner.feed(feed).read() else {
             return;
@@ -317,7 +318,7 @@ impl EventHub {
     /// Publishes one event of the log (the reader's path).
     pub fn publish_event(&self, feed: Feed, event_id: i64, envelope: &Value) {
         let meta = EventMeta::of(feed, envelope);
-        self.publish(feed, event_id, Utf8Bytes::from(envelope.to_string()), &meta);
+        self.publish(feed, event_id, Bytes::from(envelope.to_string()), &meta);
     }
 
     /// Publishes an event that is not in the log (tests).
