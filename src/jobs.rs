@@ -11,6 +11,7 @@ use tokio_cron_scheduler::{Job, JobScheduler};
 use uuid::Uuid;
 
 use crate::config::Config;
+use crate::services::config_reload;
 use crate::services::{health_monitor, registry_client, task_router};
 use crate::state::AppState;
 
@@ -355,4 +356,16 @@ pub async fn stop(state: &AppState) {
     if let Some(mut scheduler) = state.jobs.scheduler.lock().await.take() {
         let _ = scheduler.shutdown().await;
     }
+}
+
+/// `/management/reload-config`: the settings re-read and applied, then the jobs rescheduled
+/// to the intervals now in force.
+pub async fn reload_config(
+    state: &AppState,
+) -> Result<config_reload::Reload, config_reload::ReloadError> {
+    let mut report = config_reload::reload(state, |level| state.log.set_level(level)).await?;
+    report.rescheduled_jobs = reschedule(state)
+        .await
+        .map_err(config_reload::ReloadError::Apply)?;
+    Ok(report)
 }

@@ -143,11 +143,22 @@ pub async fn build_state(config: Config, log: LogHandle) -> Result<AppState, Sta
 /// and the five scheduled jobs.
 pub async fn start_background(state: &AppState) -> Result<(), StartError> {
     let stop = state.shutdown.clone();
-    tokio::spawn(services::events::run_listener(state.clone(), stop.clone()));
-    tokio::spawn(services::events::run_relay(state.clone(), stop.clone()));
-    tokio::spawn(services::task_router::run_loop(state.clone(), stop.clone()));
+    tokio::spawn(services::events::run_listener(
+        state.core.clone(),
+        stop.clone(),
+    ));
+    tokio::spawn(services::events::run_relay(
+        state.core.clone(),
+        stop.clone(),
+    ));
+    tokio::spawn(services::task_router::run_loop(
+        state.core.clone(),
+        stop.clone(),
+    ));
     tokio::spawn(system::run_sampler(state.clone(), stop));
-    tokio::spawn(services::registry_client::run_at_startup(state.clone()));
+    tokio::spawn(services::registry_client::run_at_startup(
+        state.core.clone(),
+    ));
     jobs::start(state).await.map_err(StartError::Scheduler)
 }
 

@@ -10,7 +10,7 @@ use serde_json::{json, Value};
 use crate::auth::{Caller, Permission};
 use crate::error::{ApiError, ApiResult};
 use crate::jobs;
-use crate::services::config_reload::{self, ReloadError};
+use crate::services::config_reload::ReloadError;
 use crate::services::registry_client;
 use crate::state::AppState;
 use crate::udc::{OptionalEnvelope, PathParam, Udc};
@@ -130,12 +130,14 @@ pub async fn reload_config(
     _body: OptionalEnvelope,
 ) -> ApiResult<Udc<Value>> {
     caller.require(Permission::Admin)?;
-    let report = config_reload::reload(&state).await.map_err(|e| match e {
-        ReloadError::Invalid(e) => {
-            ApiError::invalid(&["env", e.variable], e.message, "value_error")
-        }
-        ReloadError::Apply(e) => ApiError::internal(format!("reload-config: {e}")),
-    })?;
+    let report = crate::jobs::reload_config(&state)
+        .await
+        .map_err(|e| match e {
+            ReloadError::Invalid(e) => {
+                ApiError::invalid(&["env", e.variable], e.message, "value_error")
+            }
+            ReloadError::Apply(e) => ApiError::internal(format!("reload-config: {e}")),
+        })?;
     tracing::warn!(by = %caller.actor_name(), applied = ?report.applied,
         restart_required = ?report.restart_required, "configuration reloaded");
     let message = match (

@@ -7,8 +7,7 @@ use std::sync::Mutex;
 use serde::Serialize;
 
 use crate::config::{Config, ConfigError};
-use crate::jobs;
-use crate::state::AppState;
+use crate::services::Core;
 
 /// Settings a running process cannot change: the listener, the pool, the runtime, the keys
 /// and the layers built at start-up. A reload reports them and keeps the values in force.
@@ -163,10 +162,14 @@ pub enum ReloadError {
     Apply(String),
 }
 
-/// Re-reads the settings and applies what can change live: job intervals (rescheduled),
-/// the log level, feature flags, rate limits, CORS origins, timeouts and the other values
-/// read where they are used. An invalid configuration changes nothing.
-pub async fn reload(state: &AppState) -> Result<Reload, ReloadError> {
+/// Re-reads the settings and applies what can change live: the log level (through
+/// `set_log_level`), feature flags, rate limits, CORS origins, timeouts and the other values
+/// read where they are used. An invalid configuration changes nothing. The jobs are
+/// rescheduled by the caller (`jobs::reload_config`), which fills `rescheduled_jobs`.
+pub async fn reload(
+    state: &Core,
+    set_log_level: impl FnOnce(&str) -> Result<(), String>,
+) -> Result<Reload, ReloadError> {
     let mut next = state.config_source.load()?;
     let current = state.config();
     let changed = diff(&current, &next);
@@ -179,10 +182,7 @@ pub async fn reload(state: &AppState) -> Result<Reload, ReloadError> {
         .into());
     }
     if next.log_level != current.log_level {
-        state
-            .log
-            .set_level(&next.log_level)
-            .map_err(ReloadError::Apply)?;
+        set_log_level(&next.log_level).map_err(ReloadError::Apply)?;
     }
     if next.ws_max_connections_per_droplet != current.ws_max_connections_per_droplet {
         state
@@ -190,7 +190,6 @@ pub async fn reload(state: &AppState) -> Result<Reload, ReloadError> {
             .set_max_per_droplet(next.ws_max_connections_per_droplet);
     }
     state.replace_config(next);
-    let rescheduled_jobs = jobs::reschedule(state).await.map_err(ReloadError::Apply)?;
     let applied = changed
         .iter()
         .filter(|c| c.applied)
@@ -206,7 +205,7 @@ pub async fn reload(state: &AppState) -> Result<Reload, ReloadError> {
         changed,
         applied,
         restart_required,
-        rescheduled_jobs,
+        rescheduled_jobs: Vec::new(),
     })
 }
 

@@ -16,7 +16,7 @@ use crate::config::Config;
 use crate::protocol::Envelope;
 use crate::services::endpoints::{self, NoAllowedAddress};
 use crate::services::tasks::Task;
-use crate::state::AppState;
+use crate::services::Core;
 
 pub struct Dispatcher {
     permits: Arc<Semaphore>,
@@ -128,7 +128,7 @@ fn blocked_by_policy(error: &reqwest::Error) -> bool {
 /// POSTs a message to `{endpoint}/message` with the orchestrator's credentials, after
 /// checking the endpoint (its shape, and every address it resolves to).
 pub async fn post_message(
-    state: &AppState,
+    state: &Core,
     endpoint: &str,
     message: &Outgoing,
     timeout: Duration,
@@ -196,7 +196,7 @@ impl Dispatcher {
     /// Sends `execute_task` to the task's droplet, retrying with backoff while the task is
     /// still assigned to it (the assignment timeout ends the attempts). A refusal ends them
     /// at once and hands the task back to the router.
-    pub fn execute(&self, state: &AppState, task: &Task) {
+    pub fn execute(&self, state: &Core, task: &Task) {
         if state.emergency_stopped() {
             return;
         }
@@ -284,7 +284,7 @@ impl Dispatcher {
 
     /// Tells a droplet (internal id) that a task was taken from it or cancelled.
     /// Sent during an emergency stop too: it only ever takes work away from a droplet.
-    pub fn cancel(&self, state: &AppState, internal_droplet: i32, task: &Task) {
+    pub fn cancel(&self, state: &Core, internal_droplet: i32, task: &Task) {
         let state = state.clone();
         let (task_id, trace_id, attempt) = (task.id, task.trace_id, task.attempt);
         tokio::spawn(async move {
@@ -316,7 +316,7 @@ impl Dispatcher {
 }
 
 /// How the droplet (internal id) writes ids; unknown when it cannot be read.
-async fn id_form(state: &AppState, internal: i32) -> Option<String> {
+async fn id_form(state: &Core, internal: i32) -> Option<String> {
     sqlx::query_scalar::<_, Option<String>>("SELECT id_form FROM droplets WHERE id = $1")
         .bind(internal)
         .fetch_optional(&state.db)

@@ -10,7 +10,7 @@ use crate::identity::Principal;
 use crate::protocol;
 use crate::services::error::{Error, Result};
 use crate::services::events::{self, DropletEventKind, Event};
-use crate::state::AppState;
+use crate::services::Core;
 use crate::validation::FieldError;
 use crate::validation::Validate;
 
@@ -206,7 +206,7 @@ struct Upserted {
 /// `id_form` is how the droplet wrote its envelope's `source` (None for a bare body: the
 /// form it showed before is kept).
 pub async fn register(
-    state: &AppState,
+    state: &Core,
     caller: &Principal,
     reg: Registration,
     id_form: Option<&str>,
@@ -389,7 +389,7 @@ pub const HEARTBEAT_SQL: &str = const_format::concatcp!(
 /// Records a heartbeat in one statement: the droplet's row and one `heartbeats` row.
 /// An admin's deactivation holds: the heartbeat is recorded but the status stays.
 pub async fn heartbeat(
-    state: &AppState,
+    state: &Core,
     caller: &Principal,
     droplet_id: i32,
     beat: Heartbeat,
@@ -530,7 +530,7 @@ pub async fn recent_heartbeats(
 
 /// Sets a droplet's status by an admin's hand (and holds or releases it), with its event.
 pub async fn set_admin_status(
-    state: &AppState,
+    state: &Core,
     caller: &Principal,
     droplet_id: i32,
     activate: bool,

@@ -11,7 +11,7 @@ use serde_json::{json, Value};
 use crate::protocol::iso;
 use crate::services::contracts;
 use crate::services::tasks::{self, HistoryRow, Task};
-use crate::state::AppState;
+use crate::services::Core;
 
 #[derive(sqlx::FromRow)]
 struct Candidate {
@@ -24,7 +24,7 @@ struct Candidate {
 }
 
 /// The explanation of one task, or None when there is no such task.
-pub async fn explain(state: &AppState, id: i32) -> Result<Option<Value>, sqlx::Error> {
+pub async fn explain(state: &Core, id: i32) -> Result<Option<Value>, sqlx::Error> {
     let Some(task) = tasks::load(&state.db, id).await? else {
         return Ok(None);
     };
@@ -66,7 +66,7 @@ fn retry_at(task: &Task, backoff: u64, max: u64) -> Option<NaiveDateTime> {
 
 /// The reason a waiting task is not assigned now, and every capable droplet with its state.
 async fn waiting(
-    state: &AppState,
+    state: &Core,
     task: &Task,
     retry_at: Option<NaiveDateTime>,
 ) -> Result<Value, sqlx::Error> {
@@ -168,7 +168,7 @@ async fn waiting(
 
 /// How many pending tasks the router takes before this one (same capability, or any task
 /// without one for a task without one), in its order: priority, then age.
-async fn position(state: &AppState, task: &Task) -> Result<i64, sqlx::Error> {
+async fn position(state: &Core, task: &Task) -> Result<i64, sqlx::Error> {
     sqlx::query_scalar(
         "SELECT COUNT(*) FROM tasks
          WHERE status = 'pending' AND id <> $1

@@ -6,7 +6,7 @@ use serde_json::json;
 use crate::services::droplets::{Droplet, DROPLET_COLUMNS};
 use crate::services::events::{self, DropletEventKind, Event};
 use crate::services::task_recovery;
-use crate::state::AppState;
+use crate::services::Core;
 
 /// Advisory locks of the rounds that must run on one replica at a time (tests hold them).
 pub const HEALTH_LOCK: i64 = 0x0A5C_0011;
@@ -20,7 +20,7 @@ pub struct HealthRound {
 }
 
 /// One round of the `health_monitor` job.
-pub async fn run_once(state: &AppState) -> Result<HealthRound, sqlx::Error> {
+pub async fn run_once(state: &Core) -> Result<HealthRound, sqlx::Error> {
     let config = state.config();
     let mut tx = state.db.begin().await?;
     let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1)")
@@ -109,7 +109,7 @@ const RETENTION_BATCHES: usize = 200;
 /// rows are taken with `SKIP LOCKED`: a task the router or a PATCH holds is left for the next
 /// round, and nothing live (pending, assigned, running, or failed with a retry due) is ever
 /// touched. Returns how many tasks were deleted.
-pub async fn cleanup_old_tasks(state: &AppState) -> Result<u64, sqlx::Error> {
+pub async fn cleanup_old_tasks(state: &Core) -> Result<u64, sqlx::Error> {
     let days = state.config().task_retention_days;
     if days == 0 {
         return Ok(0);
@@ -150,7 +150,7 @@ pub async fn cleanup_old_tasks(state: &AppState) -> Result<u64, sqlx::Error> {
 }
 
 /// One round of the `heartbeat_cleanup` job: heartbeats older than the retention go.
-pub async fn cleanup_old_heartbeats(state: &AppState) -> Result<u64, sqlx::Error> {
+pub async fn cleanup_old_heartbeats(state: &Core) -> Result<u64, sqlx::Error> {
     let days = state.config().heartbeat_retention_days;
     let mut tx = state.db.begin().await?;
     let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1)")

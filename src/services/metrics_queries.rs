@@ -8,7 +8,7 @@ use serde::Serialize;
 use serde_json::Value;
 use sqlx::{PgPool, Postgres, Transaction};
 
-use crate::error::FieldError;
+use crate::validation::FieldError;
 use crate::protocol;
 use crate::services::state_machine::ALL_STATUSES;
 use crate::validation::Validate;

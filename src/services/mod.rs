@@ -2,6 +2,7 @@
 
 pub mod config_reload;
 pub mod contracts;
+pub mod core;
 pub mod dispatch;
 pub mod droplets;
 pub mod endpoints;
@@ -15,3 +16,4 @@ pub mod state_machine;
 pub mod task_recovery;
 pub mod task_router;
 pub mod tasks;
+pub use self::core::Core;

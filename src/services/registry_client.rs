@@ -9,7 +9,7 @@ use serde::Serialize;
 use serde_json::{json, Map, Value};
 
 use crate::protocol::now_iso;
-use crate::state::AppState;
+use crate::services::Core;
 
 /// Largest directory (or key) body read from the Registry; more is treated as garbage.
 const MAX_BODY_BYTES: usize = 8 * 1024 * 1024;
@@ -186,12 +186,12 @@ pub fn parse_public_key(body: &str) -> Option<String> {
 }
 
 /// How long one request to the Registry may take: short, so a slow Registry never holds a job.
-fn timeout(state: &AppState) -> Duration {
+fn timeout(state: &Core) -> Duration {
     Duration::from_secs(state.config().dispatch_timeout_seconds.clamp(1, 5))
 }
 
 /// GETs a URL; the body, or why not (status, timeout, too big).
-async fn fetch(state: &AppState, url: &str) -> Result<(u16, String), String> {
+async fn fetch(state: &Core, url: &str) -> Result<(u16, String), String> {
     let mut request = state.http.get(url).timeout(timeout(state));
     if let Ok(token) = state.keys.orchestrator_token() {
         request = request.bearer_auth(token);
@@ -231,10 +231,7 @@ async fn fetch(state: &AppState, url: &str) -> Result<(u16, String), String> {
 }
 
 /// Fetches and parses the directory: `{url}/droplets`, or `{url}` itself when that is a 404.
-async fn fetch_directory(
-    state: &AppState,
-    base: &str,
-) -> Result<(Vec<DirectoryEntry>, usize), String> {
+async fn fetch_directory(state: &Core, base: &str) -> Result<(Vec<DirectoryEntry>, usize), String> {
     let mut url = format!("{base}/droplets");
     let (mut status, mut body) = fetch(state, &url).await?;
     if status == 404 {
@@ -252,7 +249,7 @@ async fn fetch_directory(
 /// Installs the Registry's public key when none is configured; the outcome goes to the status.
 /// The key is never trusted on first use from whatever answers `REGISTRY_URL`: only with
 /// `REGISTRY_FETCH_PUBLIC_KEY=true` and over https.
-async fn fetch_public_key(state: &AppState, base: &str) {
+async fn fetch_public_key(state: &Core, base: &str) {
     let config = state.config();
     if config.registry_public_key.is_some() {
         state.registry.update(|s| s.public_key = "configured");
@@ -306,7 +303,7 @@ async fn fetch_public_key(state: &AppState, base: &str) {
     state.registry.update(|s| s.public_key_error = problem);
 }
 
-async fn cached_count(state: &AppState) -> Option<usize> {
+async fn cached_count(state: &Core) -> Option<usize> {
     sqlx::query_scalar::<_, i64>("SELECT COUNT(*) FROM registry_directory")
         .fetch_one(&state.db)
         .await
@@ -324,7 +321,7 @@ pub struct SyncChanges {
 /// Writes the directory to the cache (replacing it) and fills in or refreshes `droplets`,
 /// in one transaction. Never touches a droplet's status.
 pub async fn apply_directory(
-    state: &AppState,
+    state: &Core,
     entries: &[DirectoryEntry],
 ) -> Result<SyncChanges, sqlx::Error> {
     let ids: Vec<i32> = entries.iter().map(|e| e.droplet_id).collect();
@@ -422,7 +419,7 @@ pub async fn apply_directory(
 /// One round of the `registry_sync` job: how many directory entries were synced. A Registry
 /// that is down, slow or answers garbage changes nothing; the error is the job's outcome and
 /// the status says `disconnected` with it.
-pub async fn run_once(state: &AppState) -> Result<usize, String> {
+pub async fn run_once(state: &Core) -> Result<usize, String> {
     let _one_at_a_time = state.registry.sync.lock().await;
     let Some(base) = state.config().registry_url.clone() else {
         let known = cached_count(state).await;
@@ -489,7 +486,7 @@ pub async fn run_once(state: &AppState) -> Result<usize, String> {
 /// with `X-Registry-Key: REGISTRY_KEY`, as the mesh's droplets get theirs) when a key is
 /// configured and the token held expires within ten minutes. Deliveries then carry it as
 /// their bearer and their envelope's `signature`.
-pub async fn refresh_token(state: &AppState, base: &str) {
+pub async fn refresh_token(state: &Core, base: &str) {
     let config = state.config();
     let Some(key) = config.registry_key.clone() else {
         return;
@@ -539,7 +536,7 @@ pub async fn refresh_token(state: &AppState, base: &str) {
 
 /// At start-up: what the cache knows counts at once, then a first sync (not waiting a whole
 /// `REGISTRY_SYNC_INTERVAL`).
-pub async fn run_at_startup(state: AppState) {
+pub async fn run_at_startup(state: Core) {
     if let Some(n) = cached_count(&state).await {
         state.registry.update(|s| s.droplets_known = n);
     }
@@ -549,7 +546,7 @@ pub async fn run_at_startup(state: AppState) {
 }
 
 /// Empties the cached directory (`/management/cache/clear`); droplets stay as they are.
-pub async fn clear_cache(state: &AppState) -> Result<u64, sqlx::Error> {
+pub async fn clear_cache(state: &Core) -> Result<u64, sqlx::Error> {
     let n = sqlx::query("DELETE FROM registry_directory")
         .execute(&state.db)
         .await?

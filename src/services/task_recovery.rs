@@ -5,7 +5,7 @@ use sqlx::PgConnection;
 
 use crate::services::state_machine::{self, Actor, Applied, Cause, Mode, Move, Status};
 use crate::services::tasks;
-use crate::state::AppState;
+use crate::services::Core;
 
 /// Advisory lock of the maintenance round, so it runs on one replica at a time.
 pub const MAINTENANCE_LOCK: i64 = 0x0A5C_0010;
@@ -14,7 +14,7 @@ const LIMIT: i64 = 1000;
 /// Takes a lost droplet's tasks away: assigned ones to pending (not a retry), running ones
 /// to failed (`droplet N lost`), to be retried elsewhere after their backoff.
 pub async fn recover_droplet(
-    state: &AppState,
+    state: &Core,
     internal_id: i32,
     droplet_id: i32,
 ) -> Result<usize, sqlx::Error> {
@@ -59,7 +59,7 @@ pub async fn recover_droplet(
 /// `DISPATCH_REFUSALS_BEFORE_ERROR` refusals in a row the droplet is marked `error`, out of
 /// routing until it registers or heartbeats again, with a `droplet_health_changed` event.
 pub async fn refused(
-    state: &AppState,
+    state: &Core,
     task_id: i32,
     internal_id: i32,
     droplet_id: i32,
@@ -163,7 +163,7 @@ pub struct Maintenance {
 }
 
 /// Deadlines, assignment timeouts and due retries, once across replicas.
-pub async fn maintain(state: &AppState) -> Result<Maintenance, sqlx::Error> {
+pub async fn maintain(state: &Core) -> Result<Maintenance, sqlx::Error> {
     let config = state.config();
     let mut tx = state.db.begin().await?;
     let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1)")

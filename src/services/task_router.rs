@@ -13,8 +13,8 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::services::state_machine::{self, Actor, Mode, Move, Status};
+use crate::services::Core;
 use crate::services::{task_recovery, tasks};
-use crate::state::AppState;
 
 /// The advisory lock space of "a pass is filling this droplet" (the key's second half is the
 /// droplet's internal id).
@@ -112,7 +112,7 @@ impl Default for RouterTrigger {
 }
 
 /// The loop behind immediate routing: one pass per wake-up, again while passes are full.
-pub async fn run_loop(state: AppState, stop: CancellationToken) {
+pub async fn run_loop(state: Core, stop: CancellationToken) {
     // The first pass picks up whatever is pending at start-up.
     state.router.trigger();
     loop {
@@ -208,11 +208,11 @@ struct Pass {
 }
 
 /// One routing pass; returns how many tasks it assigned.
-pub async fn route_pass(state: &AppState) -> Result<usize, sqlx::Error> {
+pub async fn route_pass(state: &Core) -> Result<usize, sqlx::Error> {
     pass(state).await.map(|p| p.assigned)
 }
 
-async fn pass(state: &AppState) -> Result<Pass, sqlx::Error> {
+async fn pass(state: &Core) -> Result<Pass, sqlx::Error> {
     let mut tx = state.db.begin().await?;
     // Locking the droplets we fill keeps two replicas from overfilling one droplet; a droplet
     // another replica is filling right now is skipped, never waited for. The locks are
@@ -477,7 +477,7 @@ pub struct RouterRound {
 /// One round of the `task_router` job: due retries, deadlines and assignment timeouts
 /// first (so what they free is routed in the same round), then a pass unless routing is
 /// paused or stopped.
-pub async fn run_once(state: &AppState) -> Result<RouterRound, sqlx::Error> {
+pub async fn run_once(state: &Core) -> Result<RouterRound, sqlx::Error> {
     let maintenance = task_recovery::maintain(state).await?;
     let assigned = if is_active(state) {
         route_pass(state).await?
@@ -491,6 +491,6 @@ pub async fn run_once(state: &AppState) -> Result<RouterRound, sqlx::Error> {
 }
 
 /// Whether routing is running: not paused and not stopped.
-pub fn is_active(state: &AppState) -> bool {
+pub fn is_active(state: &Core) -> bool {
     !state.router.is_paused() && !state.emergency_stopped()
 }

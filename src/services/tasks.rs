@@ -12,7 +12,7 @@ use crate::protocol;
 use crate::services::error::{Error, Result};
 use crate::services::events::{self, Event, TaskEventKind};
 use crate::services::state_machine::{self, Actor, Applied, Mode, Move, Status};
-use crate::state::AppState;
+use crate::services::Core;
 use crate::validation::FieldError;
 use crate::validation::{length, range, Validate};
 
@@ -222,7 +222,7 @@ pub async fn contracts_for(
 /// A payload at least one capable droplet's contract accepts (or a droplet without one), else
 /// 422 with one entry per violated rule, located in the payload.
 async fn check_contracts(
-    state: &AppState,
+    state: &Core,
     capability: &str,
     payload: &Value,
     payload_loc: &[&str],
@@ -253,7 +253,7 @@ async fn check_contracts(
 /// Creates a task, or finds the one this creator already made with this trace id.
 /// Returns the task and whether it is new.
 pub async fn create(
-    state: &AppState,
+    state: &Core,
     caller: &Principal,
     trace_id: &str,
     new: NewTask,
@@ -271,7 +271,7 @@ pub async fn create(
 /// [`create`], with the location of the task's payload in the request for 422 entries
 /// (`/message`'s `create_task` carries it under `task_data`).
 pub async fn create_at(
-    state: &AppState,
+    state: &Core,
     caller: &Principal,
     trace_id: &str,
     new: NewTask,
@@ -596,7 +596,7 @@ impl Validate for TaskUpdate {
 }
 
 /// Applies moves in one transaction and does what follows a commit.
-pub async fn run_moves(state: &AppState, moves: &[Move], mode: Mode) -> Result<Vec<Applied>> {
+pub async fn run_moves(state: &Core, moves: &[Move], mode: Mode) -> Result<Vec<Applied>> {
     let mut tx = state.db.begin().await?;
     let applied = match state_machine::apply(&mut tx, moves, mode).await {
         Ok(a) => a,
@@ -612,7 +612,7 @@ pub async fn run_moves(state: &AppState, moves: &[Move], mode: Mode) -> Result<V
 
 /// What follows committed moves: dispatch new assignments, tell droplets about work taken
 /// from them, route again when room or work appeared, count outcomes.
-pub fn after_commit(state: &AppState, applied: &[Applied]) {
+pub fn after_commit(state: &Core, applied: &[Applied]) {
     let mut route_again = false;
     for a in applied {
         match a.to {
@@ -654,12 +654,7 @@ pub fn after_commit(state: &AppState, applied: &[Applied]) {
 }
 
 /// `PATCH /tasks/{id}`: the assigned droplet (or an admin) moves its task.
-pub async fn update(
-    state: &AppState,
-    caller: &Principal,
-    id: i32,
-    update: TaskUpdate,
-) -> Result<Task> {
+pub async fn update(state: &Core, caller: &Principal, id: i32, update: TaskUpdate) -> Result<Task> {
     let task = load(&state.db, id)
         .await?
         .ok_or_else(|| Error::not_found(format!("Task {id} not found")))?;
@@ -700,7 +695,7 @@ pub async fn update(
 
 /// `DELETE /tasks/{id}`: the creator (or an admin) cancels a task that has not started.
 pub async fn cancel(
-    state: &AppState,
+    state: &Core,
     caller: &Principal,
     id: i32,
     reason: Option<String>,

@@ -9,20 +9,20 @@ use sqlx::postgres::PgListener;
 use tokio_util::sync::CancellationToken;
 
 use super::{Feed, EVENTS_CHANNEL};
-use crate::state::AppState;
+use crate::services::Core;
 
 /// How often the reader looks without a wake-up.
 const POLL: Duration = Duration::from_millis(250);
 const BATCH: i64 = 2000;
 
 /// The newest event id in the log (0 when empty).
-pub async fn newest_event_id(state: &AppState) -> Result<i64, sqlx::Error> {
+pub async fn newest_event_id(state: &Core) -> Result<i64, sqlx::Error> {
     sqlx::query_scalar("SELECT COALESCE(MAX(event_id), 0) FROM events")
         .fetch_one(&state.db)
         .await
 }
 
-pub async fn run_listener(state: AppState, stop: CancellationToken) {
+pub async fn run_listener(state: Core, stop: CancellationToken) {
     let mut last = loop {
         match newest_event_id(&state).await {
             Ok(id) => break id,
@@ -104,7 +104,7 @@ pub async fn run_listener(state: AppState, stop: CancellationToken) {
 
 /// Publishes the events after `last` to the local hub; the newest id read, or None when
 /// there was nothing new.
-async fn read_after(state: &AppState, last: i64) -> Result<Option<i64>, sqlx::Error> {
+async fn read_after(state: &Core, last: i64) -> Result<Option<i64>, sqlx::Error> {
     let rows: Vec<(i64, String, Value)> = sqlx::query_as(
         "SELECT event_id, feed, envelope FROM events WHERE event_id > $1 ORDER BY event_id LIMIT $2",
     )
@@ -126,7 +126,7 @@ async fn read_after(state: &AppState, last: i64) -> Result<Option<i64>, sqlx::Er
     Ok(Some(newest))
 }
 
-fn note_lost(state: &AppState, lost_at: &mut Option<Instant>, error: &str) {
+fn note_lost(state: &Core, lost_at: &mut Option<Instant>, error: &str) {
     if lost_at.is_none() {
         tracing::warn!(
             error,

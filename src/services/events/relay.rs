@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use crate::state::AppState;
+use crate::services::Core;
 
 /// The NOTIFY channel that wakes the readers (its payload is empty: they read the log).
 pub const EVENTS_CHANNEL: &str = "orchestrator_events";
@@ -41,7 +41,7 @@ pub fn wake() {
 }
 
 /// One round: how many events were published (None: another replica holds the relay).
-pub async fn publish_round(state: &AppState) -> Result<Option<u64>, sqlx::Error> {
+pub async fn publish_round(state: &Core) -> Result<Option<u64>, sqlx::Error> {
     let mut tx = state.db.begin().await?;
     let mine: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1)")
         .bind(RELAY_LOCK)
@@ -81,7 +81,7 @@ pub async fn publish_round(state: &AppState) -> Result<Option<u64>, sqlx::Error>
 
 /// Deletes the events older than the retention (in batches), and records the newest id
 /// deleted in the same statement.
-pub async fn trim(state: &AppState) -> Result<u64, sqlx::Error> {
+pub async fn trim(state: &Core) -> Result<u64, sqlx::Error> {
     let keep = state.config().event_retention_seconds as f64;
     let mut deleted = 0;
     loop {
@@ -113,7 +113,7 @@ pub async fn trim(state: &AppState) -> Result<u64, sqlx::Error> {
 
 /// The relay loop of this replica: a round at each local write and every `IDLE`; rounds run
 /// back to back while there is a backlog.
-pub async fn run_relay(state: AppState, stop: CancellationToken) {
+pub async fn run_relay(state: Core, stop: CancellationToken) {
     let mut last_trim = Instant::now();
     let mut failing = false;
     loop {

@@ -1,0 +1,118 @@
+//! What the services share: the pool, the settings in force, the event hub, the router's
+//! trigger, the dispatcher and the other parts they are built from. Built once by the
+//! composition root (`state.rs`), which adds the HTTP edge's own parts on top; no service
+//! sees those.
+
+use std::ops::Deref;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
+
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::identity::Keys;
+use crate::metrics::Metrics;
+use crate::services::config_reload::ConfigSource;
+use crate::services::contracts::Contracts;
+use crate::services::dispatch::Dispatcher;
+use crate::services::endpoints::{self, EndpointPolicy};
+use crate::services::events::EventHub;
+use crate::services::registry_client::RegistryStatus;
+use crate::services::task_router::RouterTrigger;
+
+/// The services' shared parts, cheap to clone (one `Arc`).
+#[derive(Clone)]
+pub struct Core(Arc<Parts>);
+
+pub struct Parts {
+    pub db: PgPool,
+    config: RwLock<Arc<Config>>,
+    /// Verifies tokens and signs the orchestrator's own.
+    pub keys: Keys,
+    pub events: EventHub,
+    pub router: RouterTrigger,
+    pub dispatch: Dispatcher,
+    pub metrics: Metrics,
+    pub registry: RegistryStatus,
+    /// Requests to the Registry.
+    pub http: reqwest::Client,
+    /// Deliveries to droplets: endpoint policy at each resolution, no redirects.
+    pub delivery: reqwest::Client,
+    pub endpoint_policy: EndpointPolicy,
+    /// Compiled capability contracts (JSON Schemas), shared by creation and routing.
+    pub contracts: Contracts,
+    /// Cancelled when the process shuts down (SIGTERM, /management/shutdown).
+    pub shutdown: CancellationToken,
+    /// Set by /management/emergency-stop until the jobs are resumed.
+    emergency_stop: AtomicBool,
+    /// Where a reload reads the settings (tests fix it to a map).
+    pub config_source: ConfigSource,
+}
+
+impl Deref for Core {
+    type Target = Parts;
+    fn deref(&self) -> &Parts {
+        &self.0
+    }
+}
+
+impl Core {
+    pub fn new(db: PgPool, config: Config, keys: Keys) -> Core {
+        let http = reqwest::Client::builder()
+            .timeout(std::time::Duration::from_secs(
+                config.dispatch_timeout_seconds,
+            ))
+            .connect_timeout(std::time::Duration::from_secs(
+                config.dispatch_timeout_seconds.min(5),
+            ))
+            .pool_max_idle_per_host(16)
+            .build()
+            .unwrap_or_default();
+        let delivery = endpoints::delivery_client(&config);
+        let endpoint_policy = EndpointPolicy::from_config(&config);
+        Core(Arc::new(Parts {
+            delivery,
+            endpoint_policy,
+            contracts: Contracts::new(),
+            db,
+            keys,
+            events: EventHub::new(&config),
+            router: RouterTrigger::new(),
+            dispatch: Dispatcher::new(&config),
+            metrics: Metrics::new(),
+            registry: RegistryStatus::new(config.registry_url.is_some()),
+            http,
+            shutdown: CancellationToken::new(),
+            emergency_stop: AtomicBool::new(false),
+            config_source: ConfigSource::new(),
+            config: RwLock::new(Arc::new(config)),
+        }))
+    }
+}
+
+impl Parts {
+    /// The settings in force now (reload-config may replace them).
+    pub fn config(&self) -> Arc<Config> {
+        match self.config.read() {
+            Ok(c) => c.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    pub fn replace_config(&self, config: Config) {
+        let mut slot = match self.config.write() {
+            Ok(c) => c,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        *slot = Arc::new(config);
+    }
+
+    pub fn emergency_stopped(&self) -> bool {
+        self.emergency_stop.load(Ordering::SeqCst)
+    }
+
+    pub fn set_emergency_stop(&self, on: bool) {
+        self.emergency_stop.store(on, Ordering::SeqCst);
+    }
+}
