@@ -8,8 +8,8 @@ use serde_json::{json, Map, Value};
 use crate::auth::{Caller, Permission};
 use crate::error::ApiResult;
 use crate::services::dispatch::id_form_of;
+use crate::services::droplet_admin;
 use crate::services::droplets::{self, DropletFilter, Heartbeat, Registration};
-use crate::services::task_recovery;
 use crate::state::AppState;
 use crate::udc::{PathParam, QueryParams, RawBody, Udc};
 
@@ -138,22 +138,8 @@ async fn set_active(
     activate: bool,
 ) -> ApiResult<Udc<Value>> {
     caller.require(Permission::Admin)?;
-    let (droplet, previous) =
-        droplets::set_admin_status(state, caller, droplet_id, activate).await?;
-    let mut recovered = 0;
-    if activate {
-        state.router.trigger();
-    } else if state.config().enable_auto_recovery {
-        recovered =
-            task_recovery::recover_droplet(state, droplet.internal_id, droplet.droplet_id).await?;
-    }
-    Ok(Udc::ok(json!({
-        "droplet_id": droplet.droplet_id,
-        "status": droplet.status,
-        "previous_status": previous,
-        "held_until_activated": !activate,
-        "tasks_recovered": recovered,
-    })))
+    let change = droplet_admin::set_active(state, caller, droplet_id, activate).await?;
+    Ok(Udc::ok(serde_json::to_value(change).unwrap_or_default()))
 }
 
 #[utoipa::path(post, path = "/droplets/{droplet_id}/activate", tag = "droplets", security(("bearer" = [])),

@@ -15,7 +15,7 @@ use uuid::Uuid;
 use crate::config::Config;
 use crate::protocol::Envelope;
 use crate::services::endpoints::{self, NoAllowedAddress};
-use crate::services::tasks::Task;
+use crate::services::task_store::Task;
 use crate::services::Core;
 
 pub struct Dispatcher {

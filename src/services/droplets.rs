@@ -528,14 +528,14 @@ pub async fn recent_heartbeats(
     .await
 }
 
-/// Sets a droplet's status by an admin's hand (and holds or releases it), with its event.
+/// Sets a droplet's status by an admin's hand (and holds or releases it), with its event,
+/// in the caller's transaction.
 pub async fn set_admin_status(
-    state: &Core,
+    conn: &mut sqlx::PgConnection,
     caller: &Principal,
     droplet_id: i32,
     activate: bool,
 ) -> Result<(Droplet, String)> {
-    let mut tx = state.db.begin().await?;
     let row: Option<Beat> = sqlx::query_as(const_format::concatcp!(
         "WITH old AS (SELECT id, status FROM droplets WHERE droplet_id = $1 FOR NO KEY UPDATE),
          up AS (
@@ -553,7 +553,7 @@ pub async fn set_admin_status(
     ))
     .bind(droplet_id)
     .bind(activate)
-    .fetch_optional(&mut *tx)
+    .fetch_optional(&mut *conn)
     .await?;
     let row = row.ok_or_else(|| Error::not_found(format!("Droplet {droplet_id} not found")))?;
     if row.previous_status != row.droplet.status {
@@ -565,8 +565,7 @@ pub async fn set_admin_status(
                 "reason": if activate { format!("activated by {}", caller.actor_name()) } else { format!("deactivated by {}", caller.actor_name()) },
             })),
         );
-        events::notify(&mut tx, &[event]).await?;
+        events::notify(conn, &[event]).await?;
     }
-    tx.commit().await?;
     Ok((row.droplet, row.previous_status))
 }

@@ -8,9 +8,9 @@ use serde::Serialize;
 use serde_json::Value;
 use sqlx::{PgPool, Postgres, Transaction};
 
-use crate::validation::FieldError;
 use crate::protocol;
 use crate::services::state_machine::ALL_STATUSES;
+use crate::validation::FieldError;
 use crate::validation::Validate;
 
 /// The windows the metrics endpoints accept.

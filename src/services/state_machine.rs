@@ -8,7 +8,7 @@ use serde_json::{json, Value};
 use sqlx::PgConnection;
 
 use crate::services::events::{self, Event, TaskEventKind};
-use crate::services::tasks::{Task, TASK_COLUMNS_CTE};
+use crate::services::task_store::{Task, TASK_COLUMNS_CTE};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]

@@ -1,30 +1,40 @@
 //! Recovery: work of a lost droplet goes back to pending (assigned) or fails to be retried
 //! (in progress); failed tasks retry after their backoff; deadlines and assignment timeouts.
 
-use sqlx::PgConnection;
-
-use crate::services::state_machine::{self, Actor, Applied, Cause, Mode, Move, Status};
-use crate::services::tasks;
+use crate::services::state_machine::{Actor, Cause, Mode, Move, MoveError, Status};
+use crate::services::transition::Transition;
 use crate::services::Core;
 
 /// Advisory lock of the maintenance round, so it runs on one replica at a time.
 pub const MAINTENANCE_LOCK: i64 = 0x0A5C_0010;
 const LIMIT: i64 = 1000;
 
-/// Takes a lost droplet's tasks away: assigned ones to pending (not a retry), running ones
-/// to failed (`droplet N lost`), to be retried elsewhere after their backoff.
+/// Takes a lost droplet's tasks away, in a transaction of its own.
 pub async fn recover_droplet(
     state: &Core,
     internal_id: i32,
     droplet_id: i32,
 ) -> Result<usize, sqlx::Error> {
-    let mut tx = state.db.begin().await?;
+    let mut t = Transition::begin(state).await?;
+    let n = recover_in(&mut t, internal_id, droplet_id).await?;
+    t.commit().await?;
+    Ok(n)
+}
+
+/// Takes a lost droplet's tasks away within a transition: assigned ones to pending (not a
+/// retry), running ones to failed (`droplet N lost`), to be retried elsewhere after their
+/// backoff. Returns how many moved.
+pub async fn recover_in(
+    t: &mut Transition<'_>,
+    internal_id: i32,
+    droplet_id: i32,
+) -> Result<usize, sqlx::Error> {
     let live: Vec<(i32, String)> = sqlx::query_as(
         "SELECT id, status FROM tasks WHERE assigned_droplet_id = $1 AND status IN ('assigned', 'in_progress')
          ORDER BY id FOR UPDATE",
     )
     .bind(internal_id)
-    .fetch_all(&mut *tx)
+    .fetch_all(t.conn())
     .await?;
     let moves: Vec<Move> = live
         .into_iter()
@@ -47,10 +57,7 @@ pub async fn recover_droplet(
             }
         })
         .collect();
-    let applied = apply(&mut tx, &moves).await?;
-    tx.commit().await?;
-    tasks::after_commit(state, &applied);
-    Ok(applied.len())
+    apply_counted(t, &moves).await
 }
 
 /// A droplet refused a delivery (a 4xx other than 408/429, or its endpoint is not allowed):
@@ -66,18 +73,18 @@ pub async fn refused(
     why: &str,
 ) -> Result<(), sqlx::Error> {
     let config = state.config();
-    let mut tx = state.db.begin().await?;
+    let mut t = Transition::begin(state).await?;
     let left: Option<bool> = sqlx::query_scalar(
         "SELECT COALESCE(retry_count, 0) < COALESCE(max_retries, 3) FROM tasks
          WHERE id = $1 AND status = 'assigned' AND assigned_droplet_id = $2 FOR UPDATE",
     )
     .bind(task_id)
     .bind(internal_id)
-    .fetch_optional(&mut *tx)
+    .fetch_optional(t.conn())
     .await?;
     let Some(retries_left) = left else {
         // The task moved on meanwhile (started, cancelled, requeued): nothing to undo.
-        return tx.rollback().await;
+        return t.rollback().await;
     };
     let reason = format!("droplet {droplet_id} refused the task ({why})");
     let mut m = if retries_left {
@@ -94,7 +101,7 @@ pub async fn refused(
     m.expect_droplet = Some(internal_id);
     m.expect_status = Some(Status::Assigned);
     m.event_extra = Some(serde_json::json!({ "refused_by": droplet_id, "refusal": why }));
-    let applied = apply(&mut tx, &[m]).await?;
+    apply(&mut t, &[m]).await?;
 
     // Count the refusal; the droplet that keeps refusing is put out of routing.
     #[derive(sqlx::FromRow)]
@@ -117,7 +124,7 @@ pub async fn refused(
     ))
     .bind(internal_id)
     .bind(config.dispatch_refusals_before_error as i32)
-    .fetch_optional(&mut *tx)
+    .fetch_optional(t.conn())
     .await?;
     if let Some(m) = &marked {
         let event = crate::services::events::Event::droplet(
@@ -131,9 +138,9 @@ pub async fn refused(
                 ),
             })),
         );
-        crate::services::events::notify(&mut tx, &[event]).await?;
+        crate::services::events::notify(t.conn(), &[event]).await?;
     }
-    tx.commit().await?;
+    t.commit().await?;
     if marked.is_some() {
         tracing::warn!(
             droplet_id,
@@ -141,16 +148,33 @@ pub async fn refused(
             "droplet marked error: it refused every delivery; it rejoins when it registers or heartbeats"
         );
     }
-    tasks::after_commit(state, &applied);
     Ok(())
 }
 
-async fn apply(conn: &mut PgConnection, moves: &[Move]) -> Result<Vec<Applied>, sqlx::Error> {
-    match state_machine::apply(conn, moves, Mode::SkipInvalid).await {
-        Ok(a) => Ok(a),
-        Err(state_machine::MoveError::Database(e)) => Err(e),
-        Err(e) => Err(sqlx::Error::Protocol(e.to_string())),
+/// [`apply`], returning how many moves held.
+async fn apply_counted(t: &mut Transition<'_>, moves: &[Move]) -> Result<usize, sqlx::Error> {
+    match t.apply(moves, Mode::SkipInvalid).await {
+        Ok(applied) => Ok(applied.len()),
+        Err(MoveError::Database(e)) => Err(e),
+        Err(e) => unreachable_in_skip_mode(e).map(|_| 0),
     }
+}
+
+/// Applies the jobs' moves, keeping those that are still valid (`SkipInvalid` fails only on
+/// the database).
+async fn apply(t: &mut Transition<'_>, moves: &[Move]) -> Result<(), sqlx::Error> {
+    match t.apply(moves, Mode::SkipInvalid).await {
+        Ok(_) => Ok(()),
+        Err(MoveError::Database(e)) => Err(e),
+        Err(e) => unreachable_in_skip_mode(e),
+    }
+}
+
+/// `SkipInvalid` leaves invalid moves out instead of failing; should it ever report one,
+/// the round is abandoned (rolled back) and logged, not answered as a database error.
+fn unreachable_in_skip_mode(e: MoveError) -> Result<(), sqlx::Error> {
+    tracing::error!(error = %e, "a skip-invalid transition reported an invalid move");
+    Err(sqlx::Error::RowNotFound)
 }
 
 /// What one maintenance round did.
@@ -165,13 +189,13 @@ pub struct Maintenance {
 /// Deadlines, assignment timeouts and due retries, once across replicas.
 pub async fn maintain(state: &Core) -> Result<Maintenance, sqlx::Error> {
     let config = state.config();
-    let mut tx = state.db.begin().await?;
+    let mut t = Transition::begin(state).await?;
     let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1)")
         .bind(MAINTENANCE_LOCK)
-        .fetch_one(&mut *tx)
+        .fetch_one(t.conn())
         .await?;
     if !locked {
-        tx.rollback().await?;
+        t.rollback().await?;
         return Ok(Maintenance {
             skipped: true,
             ..Default::default()
@@ -186,7 +210,7 @@ pub async fn maintain(state: &Core) -> Result<Maintenance, sqlx::Error> {
          ORDER BY deadline LIMIT $1 FOR UPDATE SKIP LOCKED",
     )
     .bind(LIMIT)
-    .fetch_all(&mut *tx)
+    .fetch_all(t.conn())
     .await?;
     let deadlines = overdue.len();
     for id in overdue {
@@ -206,7 +230,7 @@ pub async fn maintain(state: &Core) -> Result<Maintenance, sqlx::Error> {
     )
     .bind(config.assignment_timeout_seconds as f64)
     .bind(LIMIT)
-    .fetch_all(&mut *tx)
+    .fetch_all(t.conn())
     .await?;
     let timed_out = stale.len();
     for id in stale {
@@ -232,7 +256,7 @@ pub async fn maintain(state: &Core) -> Result<Maintenance, sqlx::Error> {
     .bind(config.retry_backoff_seconds as f64)
     .bind(config.retry_backoff_max_seconds as f64)
     .bind(LIMIT)
-    .fetch_all(&mut *tx)
+    .fetch_all(t.conn())
     .await?;
     let retried = due.len();
     for (id, count) in due {
@@ -243,9 +267,8 @@ pub async fn maintain(state: &Core) -> Result<Maintenance, sqlx::Error> {
         moves.push(m);
     }
 
-    let applied = apply(&mut tx, &moves).await?;
-    tx.commit().await?;
-    tasks::after_commit(state, &applied);
+    apply(&mut t, &moves).await?;
+    t.commit().await?;
     Ok(Maintenance {
         deadlines_failed: deadlines,
         assignments_timed_out: timed_out,

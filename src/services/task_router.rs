@@ -12,9 +12,10 @@ use serde_json::json;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use crate::services::state_machine::{self, Actor, Mode, Move, Status};
+use crate::services::state_machine::{Actor, Mode, Move, MoveError, Status};
+use crate::services::task_recovery;
+use crate::services::transition::Transition;
 use crate::services::Core;
-use crate::services::{task_recovery, tasks};
 
 /// The advisory lock space of "a pass is filling this droplet" (the key's second half is the
 /// droplet's internal id).
@@ -213,7 +214,7 @@ pub async fn route_pass(state: &Core) -> Result<usize, sqlx::Error> {
 }
 
 async fn pass(state: &Core) -> Result<Pass, sqlx::Error> {
-    let mut tx = state.db.begin().await?;
+    let mut t = Transition::begin(state).await?;
     // Locking the droplets we fill keeps two replicas from overfilling one droplet; a droplet
     // another replica is filling right now is skipped, never waited for. The locks are
     // advisory (per droplet, until this transaction ends), not row locks: a heartbeat, a
@@ -227,10 +228,10 @@ async fn pass(state: &Core) -> Result<Pass, sqlx::Error> {
          WHERE pg_try_advisory_xact_lock($1, d.id)",
     )
     .bind(DROPLET_FILL_LOCK)
-    .fetch_all(&mut *tx)
+    .fetch_all(t.conn())
     .await?;
     let active: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM droplets WHERE status = 'active'")
-        .fetch_one(&mut *tx)
+        .fetch_one(t.conn())
         .await?;
     let contended = active > candidates.len() as i64;
     let mut slots: Vec<Slot> = candidates
@@ -275,7 +276,7 @@ async fn pass(state: &Core) -> Result<Pass, sqlx::Error> {
         if !contended {
             state.router.set_room(Room::default());
         }
-        tx.rollback().await?;
+        t.rollback().await?;
         return Ok(Pass {
             assigned: 0,
             contended,
@@ -307,7 +308,7 @@ async fn pass(state: &Core) -> Result<Pass, sqlx::Error> {
     )
     .bind(&caps)
     .bind(&limits)
-    .fetch_all(&mut *tx)
+    .fetch_all(t.conn())
     .await?;
     let anywhere: Vec<PendingTask> = sqlx::query_as(
         "SELECT id, required_capability, last_droplet_id, COALESCE(priority, 5) AS priority,
@@ -319,7 +320,7 @@ async fn pass(state: &Core) -> Result<Pass, sqlx::Error> {
          LIMIT $1",
     )
     .bind(total_room.min(BATCH))
-    .fetch_all(&mut *tx)
+    .fetch_all(t.conn())
     .await?;
     pending.extend(anywhere);
     pending.sort_by_key(|a| (a.priority, a.created_at, a.id));
@@ -330,7 +331,7 @@ async fn pass(state: &Core) -> Result<Pass, sqlx::Error> {
         "SELECT id FROM tasks WHERE id = ANY($1) AND status = 'pending' ORDER BY id FOR UPDATE SKIP LOCKED",
     )
     .bind(&wanted)
-    .fetch_all(&mut *tx)
+    .fetch_all(t.conn())
     .await?
     .into_iter()
     .collect();
@@ -357,7 +358,7 @@ async fn pass(state: &Core) -> Result<Pass, sqlx::Error> {
             "SELECT id, COALESCE(payload, '{}'::jsonb) FROM tasks WHERE id = ANY($1)",
         )
         .bind(&need_payload)
-        .fetch_all(&mut *tx)
+        .fetch_all(t.conn())
         .await?
         .into_iter()
         .collect()
@@ -403,20 +404,26 @@ async fn pass(state: &Core) -> Result<Pass, sqlx::Error> {
     // An emergency stop that came while this pass was reading wins: nothing it chose is
     // assigned.
     if moves.is_empty() || state.emergency_stopped() {
-        tx.rollback().await?;
+        t.rollback().await?;
         return Ok(Pass {
             assigned: 0,
             contended,
         });
     }
-    let applied = match state_machine::apply(&mut tx, &moves, Mode::SkipInvalid).await {
-        Ok(a) => a,
-        Err(state_machine::MoveError::Database(e)) => return Err(e),
-        Err(e) => return Err(sqlx::Error::Protocol(e.to_string())),
-    };
-    tx.commit().await?;
-    state.metrics.assignments.inc_by(applied.len() as u64);
-    tasks::after_commit(state, &applied);
+    match t.apply(&moves, Mode::SkipInvalid).await {
+        Ok(_) => {}
+        Err(MoveError::Database(e)) => return Err(e),
+        Err(e) => {
+            // SkipInvalid leaves bad moves out; should it report one, the pass assigns nothing.
+            tracing::error!(error = %e, "a routing pass's transition reported an invalid move");
+            t.rollback().await?;
+            return Ok(Pass {
+                assigned: 0,
+                contended,
+            });
+        }
+    }
+    let applied = t.commit().await?;
     Ok(Pass {
         assigned: applied.len(),
         contended,

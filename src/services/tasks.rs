@@ -11,117 +11,13 @@ use crate::identity::Principal;
 use crate::protocol;
 use crate::services::error::{Error, Result};
 use crate::services::events::{self, Event, TaskEventKind};
-use crate::services::state_machine::{self, Actor, Applied, Mode, Move, Status};
+use crate::services::state_machine::{Actor, Mode, Move, Status};
+use crate::services::task_store::{self, TASK_COLUMNS_CTE};
+pub use crate::services::task_store::{history, load, load_by_trace, HistoryRow, Task};
+use crate::services::transition::{self, Transition};
 use crate::services::Core;
 use crate::validation::FieldError;
 use crate::validation::{length, range, Validate};
-
-/// The task columns as the API shows them, from a row aliased `t` joined with droplets `d`.
-pub const TASK_COLUMNS_CTE: &str = const_format::concatcp!(
-    COLUMNS_HEAD,
-    "t.payload",
-    COLUMNS_MID,
-    "t.result",
-    COLUMNS_TAIL
-);
-
-/// The same columns for listings: `payload` and `result` only when asked for (`$10`), so a
-/// page of large payloads costs neither the database nor this process their size.
-const LIST_COLUMNS: &str = const_format::concatcp!(
-    COLUMNS_HEAD,
-    "CASE WHEN $10 THEN t.payload ELSE 'null'::jsonb END AS payload",
-    COLUMNS_MID,
-    "CASE WHEN $10 THEN t.result END AS result",
-    COLUMNS_TAIL
-);
-
-const COLUMNS_HEAD: &str = "t.id, t.trace_id, t.task_type, t.title, t.description, ";
-const COLUMNS_MID: &str = ", \
-    t.required_capability, d.droplet_id AS assigned_droplet_id, d.name AS assigned_droplet_name, \
-    d.endpoint AS assigned_droplet_endpoint, t.assigned_droplet_id AS assigned_droplet_internal, \
-    t.last_droplet_id, t.status, COALESCE(t.priority, 5) AS priority, \
-    COALESCE(t.created_at, NOW()::timestamp) AS created_at, t.assigned_at, t.started_at, t.completed_at, \
-    t.deadline, ";
-const COLUMNS_TAIL: &str = ", t.error_message, COALESCE(t.retry_count, 0) AS retry_count, \
-    COALESCE(t.max_retries, 3) AS max_retries, t.created_by, t.attempt, \
-    COALESCE(t.updated_at, t.created_at, NOW()::timestamp) AS updated_at";
-
-const SELECT_TASK: &str = const_format::concatcp!(
-    "SELECT ",
-    TASK_COLUMNS_CTE,
-    " FROM tasks t LEFT JOIN droplets d ON d.id = t.assigned_droplet_id"
-);
-
-/// A task as every API answer and event shows it; droplet ids are the external ones.
-#[derive(Debug, Clone, Serialize, sqlx::FromRow, utoipa::ToSchema)]
-pub struct Task {
-    pub id: i32,
-    pub trace_id: Uuid,
-    pub task_type: String,
-    pub title: String,
-    pub description: Option<String>,
-    #[schema(value_type = Object)]
-    pub payload: Value,
-    pub required_capability: Option<String>,
-    pub assigned_droplet_id: Option<i32>,
-    pub assigned_droplet_name: Option<String>,
-    #[serde(skip)]
-    pub assigned_droplet_endpoint: Option<String>,
-    #[serde(skip)]
-    pub assigned_droplet_internal: Option<i32>,
-    #[serde(skip)]
-    pub last_droplet_id: Option<i32>,
-    pub status: String,
-    pub priority: i32,
-    #[serde(serialize_with = "protocol::ts")]
-    #[schema(value_type = String, format = DateTime)]
-    pub created_at: NaiveDateTime,
-    #[serde(serialize_with = "protocol::ts_opt")]
-    #[schema(value_type = Option<String>, format = DateTime)]
-    pub assigned_at: Option<NaiveDateTime>,
-    #[serde(serialize_with = "protocol::ts_opt")]
-    #[schema(value_type = Option<String>, format = DateTime)]
-    pub started_at: Option<NaiveDateTime>,
-    #[serde(serialize_with = "protocol::ts_opt")]
-    #[schema(value_type = Option<String>, format = DateTime)]
-    pub completed_at: Option<NaiveDateTime>,
-    #[serde(serialize_with = "protocol::ts_opt")]
-    #[schema(value_type = Option<String>, format = DateTime)]
-    pub deadline: Option<NaiveDateTime>,
-    #[schema(value_type = Option<Object>)]
-    pub result: Option<Value>,
-    pub error_message: Option<String>,
-    pub retry_count: i32,
-    pub max_retries: i32,
-    pub created_by: Option<String>,
-    /// Which assignment the task is on: 0 while never assigned, then 1, 2, ...
-    pub attempt: i32,
-    #[serde(serialize_with = "protocol::ts")]
-    #[schema(value_type = String, format = DateTime)]
-    pub updated_at: NaiveDateTime,
-}
-
-impl Task {
-    pub fn status(&self) -> Option<Status> {
-        Status::parse(&self.status)
-    }
-}
-
-/// One row of a task's history, oldest first.
-#[derive(Debug, Clone, Serialize, sqlx::FromRow, utoipa::ToSchema)]
-pub struct HistoryRow {
-    pub from_status: Option<String>,
-    pub to_status: String,
-    pub changed_by: Option<String>,
-    pub reason: Option<String>,
-    #[schema(value_type = Option<Object>)]
-    pub metadata: Option<Value>,
-    /// The attempt the task was on after this change.
-    pub attempt: i32,
-    #[serde(serialize_with = "protocol::ts")]
-    #[schema(value_type = String, format = DateTime)]
-    pub changed_at: NaiveDateTime,
-}
 
 /// The payload of `POST /tasks` (and of `/message`'s `create_task`).
 #[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
@@ -186,6 +82,16 @@ pub struct Created {
     pub created_at: NaiveDateTime,
     pub estimated_assignment_seconds: u64,
 }
+
+/// The same columns for listings: `payload` and `result` only when asked for (`$10`), so a
+/// page of large payloads costs neither the database nor this process their size.
+const LIST_COLUMNS: &str = const_format::concatcp!(
+    task_store::COLUMNS_HEAD,
+    "CASE WHEN $10 THEN t.payload ELSE 'null'::jsonb END AS payload",
+    task_store::COLUMNS_MID,
+    "CASE WHEN $10 THEN t.result END AS result",
+    task_store::COLUMNS_TAIL
+);
 
 /// Inserts a task and its first history row in one statement (public for the benchmark).
 pub const INSERT_TASK: &str = const_format::concatcp!(
@@ -301,7 +207,7 @@ pub async fn create_at(
             check_contracts(state, capability, &payload, payload_loc).await?;
         }
     }
-    let mut tx = state.db.begin().await?;
+    let mut t = Transition::begin(state).await?;
     let inserted: Option<Task> = sqlx::query_as(INSERT_TASK)
         .bind(trace)
         .bind(&new.task_type)
@@ -314,10 +220,10 @@ pub async fn create_at(
         .bind(deadline)
         .bind(&created_by)
         .bind(caller.actor_name())
-        .fetch_optional(&mut *tx)
+        .fetch_optional(t.conn())
         .await?;
     let Some(task) = inserted else {
-        tx.rollback().await?;
+        t.rollback().await?;
         let existing = load_by_trace(&state.db, trace)
             .await?
             .ok_or_else(|| Error::conflict(format!("Trace id {trace} is in use")))?;
@@ -334,39 +240,10 @@ pub async fn create_at(
         serde_json::to_value(&task).unwrap_or(Value::Null),
         None,
     );
-    events::notify(&mut tx, &[event]).await?;
-    tx.commit().await?;
-    state.metrics.tasks_created.inc();
-    state.router.trigger();
+    events::notify(t.conn(), &[event]).await?;
+    t.created(&task);
+    t.commit().await?;
     Ok((task, true))
-}
-
-pub async fn load(db: &PgPool, id: i32) -> Result<Option<Task>, sqlx::Error> {
-    sqlx::query_as(const_format::concatcp!(SELECT_TASK, " WHERE t.id = $1"))
-        .bind(id)
-        .fetch_optional(db)
-        .await
-}
-
-pub async fn load_by_trace(db: &PgPool, trace_id: Uuid) -> Result<Option<Task>, sqlx::Error> {
-    sqlx::query_as(const_format::concatcp!(
-        SELECT_TASK,
-        " WHERE t.trace_id = $1"
-    ))
-    .bind(trace_id)
-    .fetch_optional(db)
-    .await
-}
-
-pub async fn history(db: &PgPool, id: i32) -> Result<Vec<HistoryRow>, sqlx::Error> {
-    sqlx::query_as(
-        "SELECT from_status, to_status, changed_by, reason, metadata, attempt,
-                COALESCE(changed_at, NOW()::timestamp) AS changed_at
-         FROM task_state_history WHERE task_id = $1 ORDER BY id",
-    )
-    .bind(id)
-    .fetch_all(db)
-    .await
 }
 
 /// Filters of `GET /tasks`.
@@ -595,64 +472,6 @@ impl Validate for TaskUpdate {
     }
 }
 
-/// Applies moves in one transaction and does what follows a commit.
-pub async fn run_moves(state: &Core, moves: &[Move], mode: Mode) -> Result<Vec<Applied>> {
-    let mut tx = state.db.begin().await?;
-    let applied = match state_machine::apply(&mut tx, moves, mode).await {
-        Ok(a) => a,
-        Err(e) => {
-            let _ = tx.rollback().await;
-            return Err(Error::from(e));
-        }
-    };
-    tx.commit().await?;
-    after_commit(state, &applied);
-    Ok(applied)
-}
-
-/// What follows committed moves: dispatch new assignments, tell droplets about work taken
-/// from them, route again when room or work appeared, count outcomes.
-pub fn after_commit(state: &Core, applied: &[Applied]) {
-    let mut route_again = false;
-    for a in applied {
-        match a.to {
-            Status::Assigned => state.dispatch.execute(state, &a.task),
-            Status::Pending => route_again = true,
-            Status::Completed => {
-                state
-                    .metrics
-                    .task_outcomes
-                    .with_label_values(&["completed"])
-                    .inc();
-                route_again = true;
-            }
-            Status::Failed => {
-                state
-                    .metrics
-                    .task_outcomes
-                    .with_label_values(&["failed"])
-                    .inc();
-                route_again = true;
-            }
-            Status::Cancelled => {
-                state
-                    .metrics
-                    .task_outcomes
-                    .with_label_values(&["cancelled"])
-                    .inc();
-                route_again = true;
-            }
-            Status::InProgress => {}
-        }
-        if let Some(droplet) = a.previous_droplet {
-            state.dispatch.cancel(state, droplet, &a.task);
-        }
-    }
-    if route_again {
-        state.router.trigger();
-    }
-}
-
 /// `PATCH /tasks/{id}`: the assigned droplet (or an admin) moves its task.
 pub async fn update(state: &Core, caller: &Principal, id: i32, update: TaskUpdate) -> Result<Task> {
     let task = load(&state.db, id)
@@ -685,7 +504,7 @@ pub async fn update(state: &Core, caller: &Principal, id: i32, update: TaskUpdat
     m.expect_attempt = update
         .attempt
         .map(|a| a.clamp(-1, i64::from(i32::MAX)) as i32);
-    let applied = run_moves(state, &[m], Mode::Strict).await?;
+    let applied = transition::run(state, &[m], Mode::Strict).await?;
     applied
         .into_iter()
         .next()
@@ -714,7 +533,7 @@ pub async fn cancel(
     };
     let mut m = Move::new(id, Status::Cancelled, actor, caller.actor_name());
     m.reason = Some(reason.unwrap_or_else(|| format!("cancelled by {}", caller.actor_name())));
-    let applied = run_moves(state, &[m], Mode::Strict).await?;
+    let applied = transition::run(state, &[m], Mode::Strict).await?;
     applied
         .into_iter()
         .next()

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use chrono::NaiveDateTime;
 use orchestrator::services::state_machine::{Actor, Mode, Move, Status, ALL_STATUSES};
-use orchestrator::services::tasks::run_moves;
+use orchestrator::services::transition::run as run_moves;
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
 use uuid::Uuid;

@@ -1,0 +1,138 @@
+//! Task rows as every answer and event shows them: the columns (droplet ids external), one
+//! task by id or trace id, and its history. Read by creation, moves, dispatch and explain;
+//! writes go through the transition path (`transition.rs`).
+
+use chrono::NaiveDateTime;
+use serde::Serialize;
+use serde_json::Value;
+use sqlx::PgPool;
+use uuid::Uuid;
+
+use crate::protocol;
+use crate::services::state_machine::Status;
+
+/// The task columns as the API shows them, from a row aliased `t` joined with droplets `d`.
+pub const TASK_COLUMNS_CTE: &str = const_format::concatcp!(
+    COLUMNS_HEAD,
+    "t.payload",
+    COLUMNS_MID,
+    "t.result",
+    COLUMNS_TAIL
+);
+
+pub(crate) const COLUMNS_HEAD: &str = "t.id, t.trace_id, t.task_type, t.title, t.description, ";
+pub(crate) const COLUMNS_MID: &str = ", \
+    t.required_capability, d.droplet_id AS assigned_droplet_id, d.name AS assigned_droplet_name, \
+    d.endpoint AS assigned_droplet_endpoint, t.assigned_droplet_id AS assigned_droplet_internal, \
+    t.last_droplet_id, t.status, COALESCE(t.priority, 5) AS priority, \
+    COALESCE(t.created_at, NOW()::timestamp) AS created_at, t.assigned_at, t.started_at, t.completed_at, \
+    t.deadline, ";
+pub(crate) const COLUMNS_TAIL: &str =
+    ", t.error_message, COALESCE(t.retry_count, 0) AS retry_count, \
+    COALESCE(t.max_retries, 3) AS max_retries, t.created_by, t.attempt, \
+    COALESCE(t.updated_at, t.created_at, NOW()::timestamp) AS updated_at";
+
+pub const SELECT_TASK: &str = const_format::concatcp!(
+    "SELECT ",
+    TASK_COLUMNS_CTE,
+    " FROM tasks t LEFT JOIN droplets d ON d.id = t.assigned_droplet_id"
+);
+
+/// A task as every API answer and event shows it; droplet ids are the external ones.
+#[derive(Debug, Clone, Serialize, sqlx::FromRow, utoipa::ToSchema)]
+pub struct Task {
+    pub id: i32,
+    pub trace_id: Uuid,
+    pub task_type: String,
+    pub title: String,
+    pub description: Option<String>,
+    #[schema(value_type = Object)]
+    pub payload: Value,
+    pub required_capability: Option<String>,
+    pub assigned_droplet_id: Option<i32>,
+    pub assigned_droplet_name: Option<String>,
+    #[serde(skip)]
+    pub assigned_droplet_endpoint: Option<String>,
+    #[serde(skip)]
+    pub assigned_droplet_internal: Option<i32>,
+    #[serde(skip)]
+    pub last_droplet_id: Option<i32>,
+    pub status: String,
+    pub priority: i32,
+    #[serde(serialize_with = "protocol::ts")]
+    #[schema(value_type = String, format = DateTime)]
+    pub created_at: NaiveDateTime,
+    #[serde(serialize_with = "protocol::ts_opt")]
+    #[schema(value_type = Option<String>, format = DateTime)]
+    pub assigned_at: Option<NaiveDateTime>,
+    #[serde(serialize_with = "protocol::ts_opt")]
+    #[schema(value_type = Option<String>, format = DateTime)]
+    pub started_at: Option<NaiveDateTime>,
+    #[serde(serialize_with = "protocol::ts_opt")]
+    #[schema(value_type = Option<String>, format = DateTime)]
+    pub completed_at: Option<NaiveDateTime>,
+    #[serde(serialize_with = "protocol::ts_opt")]
+    #[schema(value_type = Option<String>, format = DateTime)]
+    pub deadline: Option<NaiveDateTime>,
+    #[schema(value_type = Option<Object>)]
+    pub result: Option<Value>,
+    pub error_message: Option<String>,
+    pub retry_count: i32,
+    pub max_retries: i32,
+    pub created_by: Option<String>,
+    /// Which assignment the task is on: 0 while never assigned, then 1, 2, ...
+    pub attempt: i32,
+    #[serde(serialize_with = "protocol::ts")]
+    #[schema(value_type = String, format = DateTime)]
+    pub updated_at: NaiveDateTime,
+}
+
+impl Task {
+    pub fn status(&self) -> Option<Status> {
+        Status::parse(&self.status)
+    }
+}
+
+/// One row of a task's history, oldest first.
+#[derive(Debug, Clone, Serialize, sqlx::FromRow, utoipa::ToSchema)]
+pub struct HistoryRow {
+    pub from_status: Option<String>,
+    pub to_status: String,
+    pub changed_by: Option<String>,
+    pub reason: Option<String>,
+    #[schema(value_type = Option<Object>)]
+    pub metadata: Option<Value>,
+    /// The attempt the task was on after this change.
+    pub attempt: i32,
+    #[serde(serialize_with = "protocol::ts")]
+    #[schema(value_type = String, format = DateTime)]
+    pub changed_at: NaiveDateTime,
+}
+
+pub async fn load(db: &PgPool, id: i32) -> Result<Option<Task>, sqlx::Error> {
+    sqlx::query_as(const_format::concatcp!(SELECT_TASK, " WHERE t.id = $1"))
+        .bind(id)
+        .fetch_optional(db)
+        .await
+}
+
+pub async fn load_by_trace(db: &PgPool, trace_id: Uuid) -> Result<Option<Task>, sqlx::Error> {
+    sqlx::query_as(const_format::concatcp!(
+        SELECT_TASK,
+        " WHERE t.trace_id = $1"
+    ))
+    .bind(trace_id)
+    .fetch_optional(db)
+    .await
+}
+
+pub async fn history(db: &PgPool, id: i32) -> Result<Vec<HistoryRow>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT from_status, to_status, changed_by, reason, metadata, attempt,
+                COALESCE(changed_at, NOW()::timestamp) AS changed_at
+         FROM task_state_history WHERE task_id = $1 ORDER BY id",
+    )
+    .bind(id)
+    .fetch_all(db)
+    .await
+}

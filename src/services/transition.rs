@@ -1,0 +1,123 @@
+//! The one path of a change of tasks' states: it begins the transaction, applies the moves
+//! through the state machine (with their history rows and events), commits, and then does
+//! what follows a commit: dispatch new assignments, tell droplets about work taken from
+//! them, count outcomes, and wake the router when room or work appeared. Creation, PATCH,
+//! cancel, routing, recovery, refusals, retries, deadlines and timeouts all go through it.
+
+use sqlx::{PgConnection, Postgres, Transaction};
+
+use crate::services::state_machine::{self, Applied, Mode, Move, MoveError, Status};
+use crate::services::task_store::Task;
+use crate::services::Core;
+
+/// A change of tasks in progress: one transaction. The caller may read and lock rows in it
+/// (`conn`) before it decides the moves; nothing follows until `commit`.
+pub struct Transition<'a> {
+    core: &'a Core,
+    tx: Transaction<'static, Postgres>,
+    applied: Vec<Applied>,
+    created: usize,
+    wake_router: bool,
+}
+
+impl<'a> Transition<'a> {
+    pub async fn begin(core: &'a Core) -> Result<Transition<'a>, sqlx::Error> {
+        Ok(Transition {
+            core,
+            tx: core.db.begin().await?,
+            applied: Vec::new(),
+            created: 0,
+            wake_router: false,
+        })
+    }
+
+    /// The transaction, for the reads, locks and other writes that belong to this change.
+    pub fn conn(&mut self) -> &mut PgConnection {
+        &mut self.tx
+    }
+
+    /// Applies moves through the state machine in this transaction. In `Strict` mode the
+    /// first move that may not happen fails the call (drop or roll back the transition).
+    pub async fn apply(&mut self, moves: &[Move], mode: Mode) -> Result<&[Applied], MoveError> {
+        let start = self.applied.len();
+        let applied = state_machine::apply(&mut self.tx, moves, mode).await?;
+        self.applied.extend(applied);
+        Ok(&self.applied[start..])
+    }
+
+    /// Records that this transaction inserted a new task (its row, history and event).
+    pub fn created(&mut self, _task: &Task) {
+        self.created += 1;
+    }
+
+    /// Asks for a routing pass after the commit (room appeared that no move shows, e.g. a
+    /// droplet was activated).
+    pub fn wake_router(&mut self) {
+        self.wake_router = true;
+    }
+
+    /// Ends the change without effects.
+    pub async fn rollback(self) -> Result<(), sqlx::Error> {
+        self.tx.rollback().await
+    }
+
+    /// Commits, then does what follows the committed moves. Returns them.
+    pub async fn commit(self) -> Result<Vec<Applied>, sqlx::Error> {
+        let Transition {
+            core,
+            tx,
+            applied,
+            created,
+            wake_router,
+        } = self;
+        tx.commit().await?;
+        after_commit(core, &applied, created);
+        if wake_router {
+            core.router.trigger();
+        }
+        Ok(applied)
+    }
+}
+
+/// Applies moves in a transaction of their own and commits them.
+pub async fn run(core: &Core, moves: &[Move], mode: Mode) -> Result<Vec<Applied>, MoveError> {
+    let mut t = Transition::begin(core).await?;
+    t.apply(moves, mode).await?;
+    Ok(t.commit().await?)
+}
+
+/// What follows committed moves: dispatch new assignments, tell droplets about work taken
+/// from them, route again when room or work appeared, count outcomes.
+fn after_commit(core: &Core, applied: &[Applied], created: usize) {
+    let mut route_again = created > 0;
+    if created > 0 {
+        core.metrics.tasks_created.inc_by(created as u64);
+    }
+    let mut assigned = 0u64;
+    for a in applied {
+        match a.to {
+            Status::Assigned => {
+                assigned += 1;
+                core.dispatch.execute(core, &a.task);
+            }
+            Status::Pending => route_again = true,
+            Status::InProgress => {}
+            finished @ (Status::Completed | Status::Failed | Status::Cancelled) => {
+                core.metrics
+                    .task_outcomes
+                    .with_label_values(&[finished.as_str()])
+                    .inc();
+                route_again = true;
+            }
+        }
+        if let Some(droplet) = a.previous_droplet {
+            core.dispatch.cancel(core, droplet, &a.task);
+        }
+    }
+    if assigned > 0 {
+        core.metrics.assignments.inc_by(assigned);
+    }
+    if route_again {
+        core.router.trigger();
+    }
+}
