@@ -151,6 +151,10 @@ pub async fn start_background(state: &AppState) -> Result<(), StartError> {
         state.core.clone(),
         stop.clone(),
     ));
+    tokio::spawn(services::task_recovery::run_refusals(
+        state.core.clone(),
+        stop.clone(),
+    ));
     tokio::spawn(services::task_router::run_loop(
         state.core.clone(),
         stop.clone(),

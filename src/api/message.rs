@@ -458,7 +458,7 @@ pub async fn send(
     })?;
     let (message_type, payload) = message_of(&state, &params, body)?;
     let droplet = droplets::require(&state.db, target).await?;
-    if droplet.status != "active" {
+    if droplet.status != crate::services::status::DropletStatus::Active {
         return Err(ApiError::conflict(format!(
             "Droplet {target} is {}; messages are sent only to active droplets",
             droplet.status

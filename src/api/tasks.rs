@@ -25,25 +25,11 @@ pub async fn create(
     State(state): State<AppState>,
     caller: Caller,
     body: RawBody,
-) -> ApiResult<Udc<Value>> {
+) -> ApiResult<Udc<tasks::Created>> {
     caller.require(Permission::Write)?;
     let body = body.envelope::<NewTask>()?;
     let (task, new) = tasks::create(&state, &caller, &body.meta.trace_id, body.payload).await?;
-    let estimate = if state
-        .router
-        .has_room_for(task.required_capability.as_deref())
-    {
-        0
-    } else {
-        state.config().task_router_interval
-    };
-    let payload = json!({
-        "task_id": task.id,
-        "trace_id": task.trace_id,
-        "status": task.status,
-        "created_at": crate::udc::iso(&task.created_at),
-        "estimated_assignment_seconds": estimate,
-    });
+    let payload = tasks::Created::of(&state, &task);
     Ok(if new {
         Udc::created(payload)
     } else {

@@ -13,13 +13,13 @@ use tokio_util::sync::CancellationToken;
 use crate::config::Config;
 use crate::identity::Keys;
 use crate::metrics::Metrics;
-use crate::services::config_reload::ConfigSource;
+use crate::services::config_source::ConfigSource;
 use crate::services::contracts::Contracts;
-use crate::services::dispatch::Dispatcher;
+use crate::services::dispatch::slots::Dispatcher;
 use crate::services::endpoints::{self, EndpointPolicy};
 use crate::services::events::EventHub;
-use crate::services::registry_client::RegistryStatus;
-use crate::services::task_router::RouterTrigger;
+use crate::services::registry_status::RegistryStatus;
+use crate::services::router_trigger::RouterTrigger;
 
 /// The services' shared parts, cheap to clone (one `Arc`).
 #[derive(Clone)]

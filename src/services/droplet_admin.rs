@@ -6,6 +6,7 @@ use serde::Serialize;
 use crate::identity::Principal;
 use crate::services::droplets::{self, Droplet};
 use crate::services::error::Result;
+use crate::services::status::DropletStatus;
 use crate::services::task_recovery;
 use crate::services::transition::Transition;
 use crate::services::Core;
@@ -14,8 +15,8 @@ use crate::services::Core;
 #[derive(Debug, Clone, Serialize)]
 pub struct AdminChange {
     pub droplet_id: i32,
-    pub status: String,
-    pub previous_status: String,
+    pub status: DropletStatus,
+    pub previous_status: DropletStatus,
     pub held_until_activated: bool,
     pub tasks_recovered: usize,
 }
@@ -30,7 +31,7 @@ pub async fn set_active(
     activate: bool,
 ) -> Result<AdminChange> {
     let mut t = Transition::begin(core).await?;
-    let (droplet, previous): (Droplet, String) =
+    let (droplet, previous): (Droplet, DropletStatus) =
         droplets::set_admin_status(t.conn(), caller, droplet_id, activate).await?;
     let mut recovered = 0;
     if activate {

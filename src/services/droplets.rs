@@ -10,6 +10,7 @@ use crate::identity::Principal;
 use crate::protocol;
 use crate::services::error::{Error, Result};
 use crate::services::events::{self, DropletEventKind, Event};
+use crate::services::status::DropletStatus;
 use crate::services::Core;
 use crate::validation::FieldError;
 use crate::validation::Validate;
@@ -26,7 +27,7 @@ pub struct Droplet {
     pub endpoint: String,
     #[schema(value_type = Vec<String>)]
     pub capabilities: Value,
-    pub status: String,
+    pub status: DropletStatus,
     #[serde(serialize_with = "protocol::ts_opt")]
     #[schema(value_type = Option<String>, format = DateTime)]
     pub last_heartbeat: Option<NaiveDateTime>,
@@ -361,7 +362,7 @@ fn droplet_status_for(reported: &str) -> &'static str {
 struct Beat {
     #[sqlx(flatten)]
     droplet: Droplet,
-    previous_status: String,
+    previous_status: DropletStatus,
 }
 
 /// The heartbeat in one round trip: the droplet's row (status unless an admin holds it) and
@@ -412,7 +413,7 @@ pub async fn heartbeat(
     let row = row.ok_or_else(|| Error::not_found(format!("Droplet {droplet_id} not found")))?;
     // The statement itself sent the health event (in its own transaction, so in commit order
     // with every other change of this droplet).
-    if row.previous_status != row.droplet.status && row.droplet.status == "active" {
+    if row.previous_status != row.droplet.status && row.droplet.status == DropletStatus::Active {
         state.router.trigger();
     }
     Ok(row.droplet)
@@ -535,7 +536,7 @@ pub async fn set_admin_status(
     caller: &Principal,
     droplet_id: i32,
     activate: bool,
-) -> Result<(Droplet, String)> {
+) -> Result<(Droplet, DropletStatus)> {
     let row: Option<Beat> = sqlx::query_as(const_format::concatcp!(
         "WITH old AS (SELECT id, status FROM droplets WHERE droplet_id = $1 FOR NO KEY UPDATE),
          up AS (

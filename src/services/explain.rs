@@ -10,6 +10,7 @@ use serde_json::{json, Value};
 
 use crate::protocol::iso;
 use crate::services::contracts;
+use crate::services::status::Status;
 use crate::services::tasks::{self, HistoryRow, Task};
 use crate::services::Core;
 
@@ -42,7 +43,7 @@ pub async fn explain(state: &Core, id: i32) -> Result<Option<Value>, sqlx::Error
         config.retry_backoff_seconds,
         config.retry_backoff_max_seconds,
     );
-    if task.status == "pending" || retry_at.is_some() {
+    if task.status == Status::Pending || retry_at.is_some() {
         let waiting = waiting(state, &task, retry_at).await?;
         if let (Some(obj), Value::Object(more)) = (answer.as_object_mut(), waiting) {
             obj.extend(more);
@@ -53,7 +54,7 @@ pub async fn explain(state: &Core, id: i32) -> Result<Option<Value>, sqlx::Error
 
 /// When a failed task with retries left goes back to pending (its backoff from the failure).
 fn retry_at(task: &Task, backoff: u64, max: u64) -> Option<NaiveDateTime> {
-    if task.status != "failed" || task.retry_count >= task.max_retries {
+    if task.status != Status::Failed || task.retry_count >= task.max_retries {
         return None;
     }
     if task.deadline.is_some_and(|d| d <= Utc::now().naive_utc()) {

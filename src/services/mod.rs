@@ -1,6 +1,7 @@
 //! The spec's services: business rules over the database, no HTTP types.
 
 pub mod config_reload;
+pub mod config_source;
 pub mod contracts;
 pub mod core;
 pub mod dispatch;
@@ -13,7 +14,10 @@ pub mod explain;
 pub mod health_monitor;
 pub mod metrics_queries;
 pub mod registry_client;
+pub mod registry_status;
+pub mod router_trigger;
 pub mod state_machine;
+pub mod status;
 pub mod task_recovery;
 pub mod task_router;
 pub mod task_store;

@@ -10,47 +10,7 @@ use sqlx::PgConnection;
 use crate::services::events::{self, Event, TaskEventKind};
 use crate::services::task_store::{Task, TASK_COLUMNS_CTE};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Status {
-    Pending,
-    Assigned,
-    InProgress,
-    Completed,
-    Failed,
-    Cancelled,
-}
-
-pub const ALL_STATUSES: [Status; 6] = [
-    Status::Pending,
-    Status::Assigned,
-    Status::InProgress,
-    Status::Completed,
-    Status::Failed,
-    Status::Cancelled,
-];
-
-impl Status {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Status::Pending => "pending",
-            Status::Assigned => "assigned",
-            Status::InProgress => "in_progress",
-            Status::Completed => "completed",
-            Status::Failed => "failed",
-            Status::Cancelled => "cancelled",
-        }
-    }
-
-    pub fn parse(raw: &str) -> Option<Status> {
-        ALL_STATUSES.iter().copied().find(|s| s.as_str() == raw)
-    }
-
-    /// Completed and cancelled never move again; failed moves only by a retry.
-    pub fn is_finished(self) -> bool {
-        matches!(self, Status::Completed | Status::Failed | Status::Cancelled)
-    }
-}
+pub use crate::services::status::{Status, ALL_STATUSES};
 
 /// Who asks for a move, as the state machine sees them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

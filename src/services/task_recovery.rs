@@ -1,6 +1,7 @@
 //! Recovery: work of a lost droplet goes back to pending (assigned) or fails to be retried
 //! (in progress); failed tasks retry after their backoff; deadlines and assignment timeouts.
 
+use crate::services::dispatch::Refusal;
 use crate::services::state_machine::{Actor, Cause, Mode, Move, MoveError, Status};
 use crate::services::transition::Transition;
 use crate::services::Core;
@@ -175,6 +176,32 @@ async fn apply(t: &mut Transition<'_>, moves: &[Move]) -> Result<(), sqlx::Error
 fn unreachable_in_skip_mode(e: MoveError) -> Result<(), sqlx::Error> {
     tracing::error!(error = %e, "a skip-invalid transition reported an invalid move");
     Err(sqlx::Error::RowNotFound)
+}
+
+/// Acts on the refusals dispatch reports, one at a time, until shutdown.
+pub async fn run_refusals(core: Core, stop: tokio_util::sync::CancellationToken) {
+    let Some(mut refusals) = core.dispatch.take_refusals() else {
+        return;
+    };
+    loop {
+        let refusal = tokio::select! {
+            _ = stop.cancelled() => return,
+            r = refusals.recv() => match r {
+                Some(r) => r,
+                None => return,
+            },
+        };
+        let Refusal {
+            task_id,
+            internal_droplet,
+            droplet_id,
+            reason,
+        } = refusal;
+        if let Err(e) = refused(&core, task_id, internal_droplet, droplet_id, &reason).await {
+            // The assignment timeout requeues the task if this could not.
+            tracing::warn!(task_id, error = %e, "could not requeue a refused task");
+        }
+    }
 }
 
 /// What one maintenance round did.

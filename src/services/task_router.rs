@@ -4,12 +4,10 @@
 //! `FOR UPDATE SKIP LOCKED`, so replicas never assign a task twice nor wait on each other.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::RwLock;
+use std::sync::atomic::Ordering;
 
 use chrono::NaiveDateTime;
 use serde_json::json;
-use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::services::state_machine::{Actor, Mode, Move, MoveError, Status};
@@ -29,88 +27,8 @@ pub const BATCH: i64 = 5000;
 const CONTENDED_PAUSE: std::time::Duration = std::time::Duration::from_millis(50);
 const CONTENDED_RETRIES: u32 = 40;
 
-/// Wakes the routing loop; many triggers during a pass make one more pass.
-pub struct RouterTrigger {
-    notify: Notify,
-    paused: AtomicBool,
-    /// True while the loop is in a pass (set before it checks `paused`, so once routing is
-    /// paused and this reads false, no pass of the loop is running or will start).
-    passing: AtomicBool,
-    room: RwLock<Room>,
-}
-
-/// Which capabilities had room at the last pass (for `estimated_assignment_seconds`).
-#[derive(Default, Clone)]
-struct Room {
-    any: bool,
-    capabilities: HashSet<String>,
-}
-
-impl RouterTrigger {
-    pub fn new() -> Self {
-        RouterTrigger {
-            notify: Notify::new(),
-            paused: AtomicBool::new(false),
-            passing: AtomicBool::new(false),
-            room: RwLock::new(Room::default()),
-        }
-    }
-
-    pub fn trigger(&self) {
-        self.notify.notify_one();
-    }
-
-    pub fn set_paused(&self, paused: bool) {
-        self.paused.store(paused, Ordering::SeqCst);
-        if !paused {
-            self.trigger();
-        }
-    }
-
-    pub fn is_paused(&self) -> bool {
-        self.paused.load(Ordering::SeqCst)
-    }
-
-    /// Whether the routing loop is in a pass right now (tests wait for a paused router to
-    /// be still).
-    pub fn is_passing(&self) -> bool {
-        self.passing.load(Ordering::SeqCst)
-    }
-
-    /// Whether a droplet able to take a task with this capability had room at the last pass.
-    pub fn has_room_for(&self, capability: Option<&str>) -> bool {
-        let Ok(room) = self.room.read() else {
-            return false;
-        };
-        match capability {
-            None => room.any,
-            Some(c) => room.capabilities.contains(c),
-        }
-    }
-
-    fn set_room(&self, room: Room) {
-        if let Ok(mut r) = self.room.write() {
-            *r = room;
-        }
-    }
-
-    /// Forgets the room snapshot (`/management/cache/clear`); the next pass rebuilds it.
-    pub fn clear_room(&self) -> bool {
-        let had = self
-            .room
-            .read()
-            .map(|r| r.any || !r.capabilities.is_empty())
-            .unwrap_or(false);
-        self.set_room(Room::default());
-        had
-    }
-}
-
-impl Default for RouterTrigger {
-    fn default() -> Self {
-        Self::new()
-    }
-}
+use crate::services::router_trigger::Room;
+pub use crate::services::router_trigger::RouterTrigger;
 
 /// The loop behind immediate routing: one pass per wake-up, again while passes are full.
 pub async fn run_loop(state: Core, stop: CancellationToken) {

@@ -9,7 +9,7 @@ use sqlx::PgPool;
 use uuid::Uuid;
 
 use crate::protocol;
-use crate::services::state_machine::Status;
+use crate::services::status::Status;
 
 /// The task columns as the API shows them, from a row aliased `t` joined with droplets `d`.
 pub const TASK_COLUMNS_CTE: &str = const_format::concatcp!(
@@ -57,7 +57,7 @@ pub struct Task {
     pub assigned_droplet_internal: Option<i32>,
     #[serde(skip)]
     pub last_droplet_id: Option<i32>,
-    pub status: String,
+    pub status: Status,
     pub priority: i32,
     #[serde(serialize_with = "protocol::ts")]
     #[schema(value_type = String, format = DateTime)]
@@ -89,7 +89,7 @@ pub struct Task {
 
 impl Task {
     pub fn status(&self) -> Option<Status> {
-        Status::parse(&self.status)
+        Some(self.status)
     }
 }
 

@@ -76,11 +76,33 @@ impl Validate for NewTask {
 pub struct Created {
     pub task_id: i32,
     pub trace_id: Uuid,
-    pub status: String,
+    pub status: Status,
     #[serde(serialize_with = "protocol::ts")]
     #[schema(value_type = String, format = DateTime)]
     pub created_at: NaiveDateTime,
     pub estimated_assignment_seconds: u64,
+}
+
+impl Created {
+    /// The answer to a creation: the task, and when it should be assigned: at once when a
+    /// capable droplet had room at the last routing pass, else by the next `task_router` run.
+    pub fn of(core: &Core, task: &Task) -> Created {
+        let estimate = if core
+            .router
+            .has_room_for(task.required_capability.as_deref())
+        {
+            0
+        } else {
+            core.config().task_router_interval
+        };
+        Created {
+            task_id: task.id,
+            trace_id: task.trace_id,
+            status: task.status,
+            created_at: task.created_at,
+            estimated_assignment_seconds: estimate,
+        }
+    }
 }
 
 /// The same columns for listings: `payload` and `result` only when asked for (`$10`), so a

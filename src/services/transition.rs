@@ -6,6 +6,7 @@
 
 use sqlx::{PgConnection, Postgres, Transaction};
 
+use crate::services::dispatch;
 use crate::services::state_machine::{self, Applied, Mode, Move, MoveError, Status};
 use crate::services::task_store::Task;
 use crate::services::Core;
@@ -98,7 +99,7 @@ fn after_commit(core: &Core, applied: &[Applied], created: usize) {
         match a.to {
             Status::Assigned => {
                 assigned += 1;
-                core.dispatch.execute(core, &a.task);
+                dispatch::execute(core, &a.task);
             }
             Status::Pending => route_again = true,
             Status::InProgress => {}
@@ -111,7 +112,7 @@ fn after_commit(core: &Core, applied: &[Applied], created: usize) {
             }
         }
         if let Some(droplet) = a.previous_droplet {
-            core.dispatch.cancel(core, droplet, &a.task);
+            dispatch::cancel(core, droplet, &a.task);
         }
     }
     if assigned > 0 {

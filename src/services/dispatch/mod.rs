@@ -1,0 +1,300 @@
+//! Dispatch: after an assignment commits, the task goes to its droplet's `/message` as an
+//! `execute_task` command; work taken away is announced with `cancel_task`. Off the request
+//! path, with bounded concurrency (in all, and per droplet, so a silent droplet cannot hold
+//! every slot), retried with backoff while the task stays assigned. A droplet that refuses a
+//! delivery (a 4xx other than 408/429) is not asked again: the task goes back to the router.
+
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use uuid::Uuid;
+
+use crate::protocol::Envelope;
+use crate::services::endpoints::{self, NoAllowedAddress};
+use crate::services::task_store::Task;
+use crate::services::Core;
+
+pub mod slots;
+pub use slots::{Dispatcher, Refusal};
+
+/// The outcome of one delivery.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Delivery {
+    Delivered,
+    /// No answer in time (transient: retried).
+    Timeout,
+    /// Unreachable or a server error, in a word (transient: retried). Never the transport's
+    /// own text, which would make `/send` a port scanner.
+    Failed(String),
+    /// The droplet answered a 3xx or a 4xx other than 408/429: it will not take this message.
+    Refused(u16),
+    /// The endpoint is not one the orchestrator delivers to (its shape or its address).
+    Blocked,
+}
+
+impl Delivery {
+    pub fn label(&self) -> &'static str {
+        match self {
+            Delivery::Delivered => "delivered",
+            Delivery::Timeout => "timeout",
+            Delivery::Failed(_) => "failed",
+            Delivery::Refused(_) => "refused",
+            Delivery::Blocked => "blocked",
+        }
+    }
+
+    /// Whether trying again later may help.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, Delivery::Timeout | Delivery::Failed(_))
+    }
+
+    /// The outcome in words, for a caller or a log line.
+    pub fn reason(&self, timeout: Duration) -> String {
+        match self {
+            Delivery::Delivered => "delivered".into(),
+            Delivery::Timeout => format!("no answer within {} s", timeout.as_secs()),
+            Delivery::Failed(reason) => reason.clone(),
+            Delivery::Refused(code) => format!("refused with HTTP {code}"),
+            Delivery::Blocked => "endpoint not allowed".into(),
+        }
+    }
+}
+
+/// A droplet id as that droplet writes ids in its own envelopes: `12`, or `"droplet-12"`
+/// (`id_form` = `string`, what the original droplets require). Integers when unknown.
+pub fn id_value(id: i32, id_form: Option<&str>) -> Value {
+    match id_form {
+        Some("string") => json!(format!("droplet-{id}")),
+        _ => json!(id),
+    }
+}
+
+/// How a droplet writes ids, from the `source` of an envelope it sent.
+pub fn id_form_of(source: &Value) -> Option<&'static str> {
+    match source {
+        Value::String(_) => Some("string"),
+        Value::Number(_) => Some("int"),
+        _ => None,
+    }
+}
+
+/// One message the orchestrator sends to a droplet.
+#[derive(Debug, Clone)]
+pub struct Outgoing {
+    pub trace_id: String,
+    /// Who the message is from: the orchestrator, or the droplet a `/send` relays for.
+    pub source: i32,
+    pub target: i32,
+    /// How the target droplet writes ids (`int`, `string`, or unknown).
+    pub id_form: Option<String>,
+    pub message_type: String,
+    pub payload: Value,
+}
+
+impl Outgoing {
+    /// The UDC envelope, ids in the target's own form, with the signature when there is one.
+    pub fn envelope(&self, signature: Option<&str>) -> Value {
+        let form = self.id_form.as_deref();
+        Envelope::new(
+            &self.message_type,
+            id_value(self.source, form),
+            id_value(self.target, form),
+            &self.payload,
+        )
+        .trace(Some(self.trace_id.clone()))
+        .signed(signature)
+        .to_value()
+    }
+}
+
+fn blocked_by_policy(error: &reqwest::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(e) = source {
+        if e.downcast_ref::<NoAllowedAddress>().is_some() {
+            return true;
+        }
+        source = e.source();
+    }
+    false
+}
+
+/// POSTs a message to `{endpoint}/message` with the orchestrator's credentials, after
+/// checking the endpoint (its shape, and every address it resolves to).
+pub async fn post_message(
+    state: &Core,
+    endpoint: &str,
+    message: &Outgoing,
+    timeout: Duration,
+) -> Delivery {
+    if endpoints::check_delivery(endpoint, &state.endpoint_policy).is_err() {
+        return Delivery::Blocked;
+    }
+    let credentials = match state.keys.outbound() {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot sign the orchestrator's token");
+            return Delivery::Failed("internal error".into());
+        }
+    };
+    let body = message.envelope(credentials.signature.as_deref());
+    let url = format!("{}/message", endpoint.trim_end_matches('/'));
+    let sent = state
+        .delivery
+        .post(&url)
+        .bearer_auth(credentials.bearer)
+        .timeout(timeout)
+        .json(&body)
+        .send()
+        .await;
+    match sent {
+        Ok(r) if r.status().is_success() => Delivery::Delivered,
+        Ok(r) => {
+            let code = r.status().as_u16();
+            if code == 408 || code == 429 || r.status().is_server_error() {
+                Delivery::Failed(format!("HTTP {code}"))
+            } else {
+                Delivery::Refused(code)
+            }
+        }
+        Err(e) if e.is_timeout() => Delivery::Timeout,
+        Err(e) if blocked_by_policy(&e) => Delivery::Blocked,
+        Err(_) => Delivery::Failed("unreachable".into()),
+    }
+}
+
+/// Sends `execute_task` to the task's droplet, retrying with backoff while the task is
+/// still assigned to it (the assignment timeout ends the attempts). A refusal ends them
+/// at once and hands the task back to the router.
+pub fn execute(state: &Core, task: &Task) {
+    if state.emergency_stopped() {
+        return;
+    }
+    let (Some(endpoint), Some(droplet), Some(internal)) = (
+        task.assigned_droplet_endpoint.clone(),
+        task.assigned_droplet_id,
+        task.assigned_droplet_internal,
+    ) else {
+        return;
+    };
+    let orchestrator = state.keys.orchestrator_id();
+    let mut message = Outgoing {
+        trace_id: task.trace_id.to_string(),
+        source: orchestrator,
+        target: droplet,
+        id_form: None,
+        message_type: "command".into(),
+        payload: json!({ "command": "execute_task", "task": task }),
+    };
+    let state = state.clone();
+    let task_id = task.id;
+    tokio::spawn(async move {
+        message.id_form = id_form(&state, internal).await;
+        let config = state.config();
+        let timeout = Duration::from_secs(config.dispatch_timeout_seconds);
+        let give_up =
+            tokio::time::Instant::now() + Duration::from_secs(config.assignment_timeout_seconds);
+        let mut backoff = Duration::from_millis(250);
+        loop {
+            let outcome = {
+                let Some(_slot) = state.dispatch.slot(internal).await else {
+                    return;
+                };
+                post_message(&state, &endpoint, &message, timeout).await
+            };
+            state
+                .metrics
+                .dispatch
+                .with_label_values(&[outcome.label()])
+                .inc();
+            if outcome == Delivery::Delivered {
+                return;
+            }
+            if !outcome.is_transient() {
+                let reason = outcome.reason(timeout);
+                tracing::warn!(task_id, droplet, %reason, "droplet refused the task; it goes back to the router");
+                // Recovery takes the task back (`task_recovery::run_refusals`); should that
+                // fail, the assignment timeout requeues it.
+                state.dispatch.report_refusal(Refusal {
+                    task_id,
+                    internal_droplet: internal,
+                    droplet_id: droplet,
+                    reason,
+                });
+                return;
+            }
+            tracing::debug!(task_id, droplet, outcome = ?outcome, "dispatch failed; will retry");
+            // An emergency stop halts dispatch at once; the assignment timeout requeues
+            // the task once the stop is over.
+            if tokio::time::Instant::now() + backoff > give_up
+                || state.shutdown.is_cancelled()
+                || state.emergency_stopped()
+            {
+                return;
+            }
+            tokio::select! {
+                _ = state.shutdown.cancelled() => return,
+                _ = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(10));
+            let still_assigned: Result<Option<bool>, _> = sqlx::query_scalar(
+                "SELECT status = 'assigned' AND assigned_droplet_id = $2 FROM tasks WHERE id = $1",
+            )
+            .bind(task_id)
+            .bind(internal)
+            .fetch_optional(&state.db)
+            .await;
+            match still_assigned {
+                Ok(Some(true)) | Err(_) => continue,
+                Ok(_) => return,
+            }
+        }
+    });
+}
+
+/// Tells a droplet (internal id) that a task was taken from it or cancelled.
+/// Sent during an emergency stop too: it only ever takes work away from a droplet.
+pub fn cancel(state: &Core, internal_droplet: i32, task: &Task) {
+    let state = state.clone();
+    let (task_id, trace_id, attempt) = (task.id, task.trace_id, task.attempt);
+    tokio::spawn(async move {
+        let Ok(Some(droplet)) =
+            crate::services::droplets::load_internal(&state.db, internal_droplet).await
+        else {
+            return;
+        };
+        let message = Outgoing {
+            trace_id: trace_id.to_string(),
+            source: state.keys.orchestrator_id(),
+            target: droplet.droplet_id,
+            id_form: droplet.id_form.clone(),
+            message_type: "command".into(),
+            payload: json!({ "command": "cancel_task", "task_id": task_id, "attempt": attempt }),
+        };
+        let timeout = Duration::from_secs(state.config().dispatch_timeout_seconds);
+        let Some(_slot) = state.dispatch.slot(internal_droplet).await else {
+            return;
+        };
+        let outcome = post_message(&state, &droplet.endpoint, &message, timeout).await;
+        state
+            .metrics
+            .dispatch
+            .with_label_values(&[outcome.label()])
+            .inc();
+    });
+}
+
+/// How the droplet (internal id) writes ids; unknown when it cannot be read.
+async fn id_form(state: &Core, internal: i32) -> Option<String> {
+    sqlx::query_scalar::<_, Option<String>>("SELECT id_form FROM droplets WHERE id = $1")
+        .bind(internal)
+        .fetch_optional(&state.db)
+        .await
+        .ok()
+        .flatten()
+        .flatten()
+}
+
+/// A trace id for a message that has none of its own.
+pub fn new_trace_id() -> String {
+    Uuid::new_v4().to_string()
+}

@@ -1,0 +1,65 @@
+//! The dispatcher's shared parts: delivery slots (in all, and per droplet, so a silent
+//! droplet cannot hold every slot) and the queue of refusals that recovery acts on.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::mpsc::{self, UnboundedReceiver, UnboundedSender};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use crate::config::Config;
+
+pub struct Dispatcher {
+    permits: Arc<Semaphore>,
+    per_droplet: Mutex<HashMap<i32, Arc<Semaphore>>>,
+    per_droplet_limit: usize,
+    refusals: UnboundedSender<Refusal>,
+    refusals_out: Mutex<Option<UnboundedReceiver<Refusal>>>,
+}
+
+/// A droplet refused a delivery of a task it was assigned (its attempt ends there).
+#[derive(Debug, Clone)]
+pub struct Refusal {
+    pub task_id: i32,
+    pub internal_droplet: i32,
+    pub droplet_id: i32,
+    pub reason: String,
+}
+
+impl Dispatcher {
+    pub fn new(config: &Config) -> Dispatcher {
+        let (refusals, refusals_out) = mpsc::unbounded_channel();
+        Dispatcher {
+            permits: Arc::new(Semaphore::new(config.dispatch_concurrency)),
+            per_droplet: Mutex::new(HashMap::new()),
+            per_droplet_limit: config.dispatch_per_droplet_concurrency.max(1),
+            refusals,
+            refusals_out: Mutex::new(Some(refusals_out)),
+        }
+    }
+
+    /// A delivery slot to this droplet (internal id): one of its own first, then one of the
+    /// shared ones, so one droplet holds at most `DISPATCH_PER_DROPLET_CONCURRENCY` shared
+    /// slots however slow it is.
+    pub async fn slot(&self, droplet: i32) -> Option<(OwnedSemaphorePermit, OwnedSemaphorePermit)> {
+        let own = {
+            let mut map = self.per_droplet.lock().ok()?;
+            map.entry(droplet)
+                .or_insert_with(|| Arc::new(Semaphore::new(self.per_droplet_limit)))
+                .clone()
+        };
+        let own = own.acquire_owned().await.ok()?;
+        let shared = self.permits.clone().acquire_owned().await.ok()?;
+        Some((own, shared))
+    }
+
+    /// Hands a refusal to recovery.
+    pub fn report_refusal(&self, refusal: Refusal) {
+        let _ = self.refusals.send(refusal);
+    }
+
+    /// The refusals reported, for the one loop that acts on them (`None` once taken).
+    pub fn take_refusals(&self) -> Option<UnboundedReceiver<Refusal>> {
+        self.refusals_out.lock().ok()?.take()
+    }
+}
