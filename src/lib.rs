@@ -159,7 +159,7 @@ pub async fn start_background(state: &AppState) -> Result<(), StartError> {
         state.core.clone(),
         stop.clone(),
     ));
-    tokio::spawn(system::run_sampler(state.clone(), stop));
+    tokio::spawn(system::run_sampler(state.process.clone(), stop));
     tokio::spawn(services::registry_client::run_at_startup(
         state.core.clone(),
     ));

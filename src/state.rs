@@ -21,7 +21,7 @@ pub struct AppState(Arc<App>);
 pub struct App {
     pub core: Core,
     pub jobs: JobBoard,
-    pub process: ProcessStats,
+    pub process: Arc<ProcessStats>,
     pub log: LogHandle,
     pub started_at: Instant,
 }
@@ -46,7 +46,7 @@ impl AppState {
         AppState(Arc::new(App {
             core: Core::new(db, config, keys),
             jobs,
-            process: ProcessStats::new(),
+            process: Arc::new(ProcessStats::new()),
             log,
             started_at: Instant::now(),
         }))

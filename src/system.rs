@@ -1,6 +1,6 @@
 //! This process's CPU, memory and threads for `/state`, sampled off the runtime's threads.
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use sysinfo::{Pid, ProcessRefreshKind, ProcessesToUpdate, System};
@@ -64,11 +64,11 @@ fn thread_count() -> usize {
 }
 
 /// Samples every few seconds until `stop` is cancelled.
-pub async fn run_sampler(state: crate::state::AppState, stop: tokio_util::sync::CancellationToken) {
+pub async fn run_sampler(stats: Arc<ProcessStats>, stop: tokio_util::sync::CancellationToken) {
     loop {
-        let s = state.clone();
-        if let Ok(sample) = tokio::task::spawn_blocking(move || s.process.sample()).await {
-            if let Ok(mut latest) = state.process.latest.lock() {
+        let s = stats.clone();
+        if let Ok(sample) = tokio::task::spawn_blocking(move || s.sample()).await {
+            if let Ok(mut latest) = stats.latest.lock() {
                 *latest = sample;
             }
         }

@@ -7,6 +7,7 @@ use axum::{Json, Router};
 use serde_json::{json, Value};
 
 use crate::error::ApiResult;
+use crate::services::system_status;
 use crate::state::AppState;
 use crate::udc::now_iso;
 
@@ -64,38 +65,12 @@ pub async fn capabilities() -> Json<Value> {
     }))
 }
 
-/// Task and droplet counts for `/state` (also used by `/message`'s `system_status`).
-pub async fn counts(state: &AppState) -> ApiResult<Value> {
-    let (tasks_pending, tasks_assigned, tasks_in_progress, droplets_active, droplets_total): (
-        i64,
-        i64,
-        i64,
-        i64,
-        i64,
-    ) = sqlx::query_as(
-        "SELECT (SELECT COUNT(*) FROM tasks WHERE status = 'pending'),
-                    (SELECT COUNT(*) FROM tasks WHERE status = 'assigned'),
-                    (SELECT COUNT(*) FROM tasks WHERE status = 'in_progress'),
-                    (SELECT COUNT(*) FROM droplets WHERE status = 'active'),
-                    (SELECT COUNT(*) FROM droplets)",
-    )
-    .fetch_one(&state.db)
-    .await?;
-    Ok(json!({
-        "tasks_pending": tasks_pending,
-        "tasks_assigned": tasks_assigned,
-        "tasks_in_progress": tasks_in_progress,
-        "tasks_active": tasks_assigned + tasks_in_progress,
-        "droplets_active": droplets_active,
-        "droplets_total": droplets_total,
-    }))
-}
-
 /// This process's CPU, memory, uptime and threads, with the live task and droplet counts.
 #[utoipa::path(get, path = "/state", tag = "public", responses((status = 200, description = "Resource usage"), (status = 503, description = "Database unreachable")))]
 pub async fn state_of(State(state): State<AppState>) -> ApiResult<Json<Value>> {
     let sample = state.process.latest();
-    let mut custom = counts(&state).await?;
+    let mut custom =
+        serde_json::to_value(system_status::counts(&state.db).await?).unwrap_or_default();
     custom["num_threads"] = json!(sample.num_threads);
     custom["websocket_connections"] = json!(state.events.connection_count());
     Ok(Json(json!({

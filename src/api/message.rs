@@ -1,22 +1,19 @@
 //! Inter-droplet messaging: `POST /message` (commands, queries, events and heartbeats from
 //! droplets), `POST /send` to one droplet and `POST /broadcast` to many.
 
-use std::time::Duration;
-
 use axum::extract::State;
 use axum::routing::post;
 use axum::Router;
-use futures::StreamExt;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 use uuid::Uuid;
 
-use crate::api::health;
 use crate::auth::{Caller, Permission};
 use crate::error::{ApiError, ApiResult, FieldError};
 use crate::services::dispatch::id_form_of;
-use crate::services::dispatch::{self, Delivery};
-use crate::services::droplets::{self, Droplet, DropletFilter, Heartbeat};
+use crate::services::droplets::{self, DropletFilter, Heartbeat};
+use crate::services::messaging::{self, Relayed};
+use crate::services::system_status;
 use crate::services::tasks::{self, NewTask};
 use crate::state::AppState;
 use crate::udc::{self, Envelope, MessageType, QueryParams, RawBody, Udc, Validate};
@@ -242,7 +239,8 @@ async fn query(state: &AppState, payload: &Map<String, Value>) -> ApiResult<Valu
         }
         _ => {
             let sample = state.process.latest();
-            let mut counts = health::counts(state).await?;
+            let mut counts =
+                serde_json::to_value(system_status::counts(&state.db).await?).unwrap_or_default();
             counts["websocket_connections"] = json!(state.events.connection_count());
             Ok(json!({
                 "query": "system_status",
@@ -339,20 +337,9 @@ impl Validate for SendParams {
     }
 }
 
-/// An emergency stop halts everything the orchestrator sends to droplets, messages included.
-fn refuse_while_stopped(state: &AppState) -> ApiResult<()> {
-    if state.emergency_stopped() {
-        return Err(ApiError::ServiceUnavailable(
-            "Emergency stop: messages to droplets are halted until the jobs are resumed".into(),
-        ));
-    }
-    Ok(())
-}
-
 /// The message to send: its type and payload, from the query, an envelope body, or a bare
-/// JSON object body. It is relayed: the payload says so (`relayed_by`), and the orchestrator's
-/// own commands (`execute_task`, `cancel_task`) cannot be sent on anyone's behalf.
-fn message_of(state: &AppState, params: &SendParams, body: RawBody) -> ApiResult<(String, Value)> {
+/// JSON object body; relayed on the caller's behalf (see `messaging::Relayed`).
+fn message_of(state: &AppState, params: &SendParams, body: RawBody) -> ApiResult<Relayed> {
     let from_body = body.optional_message()?;
     let message_type = params
         .message_type
@@ -367,7 +354,7 @@ fn message_of(state: &AppState, params: &SendParams, body: RawBody) -> ApiResult
             })
         })
         .unwrap_or_else(|| "command".to_string());
-    let mut payload = match (&params.payload, from_body) {
+    let payload = match (&params.payload, from_body) {
         (_, Some((_, payload))) => payload,
         (Some(raw), None) => serde_json::from_str(raw).unwrap_or_default(),
         (None, None) => {
@@ -378,64 +365,7 @@ fn message_of(state: &AppState, params: &SendParams, body: RawBody) -> ApiResult
             ))
         }
     };
-    let command = payload.get("command").and_then(Value::as_str).unwrap_or("");
-    if ORCHESTRATOR_COMMANDS.contains(&command) {
-        return Err(ApiError::forbidden(format!(
-            "{command} comes only from the orchestrator itself; it cannot be relayed"
-        )));
-    }
-    if let Value::Object(map) = &mut payload {
-        map.insert("relayed_by".into(), json!(state.keys.orchestrator_id()));
-    }
-    Ok((message_type, payload))
-}
-
-/// Commands a droplet takes only from the orchestrator.
-pub const ORCHESTRATOR_COMMANDS: [&str; 2] = ["execute_task", "cancel_task"];
-
-/// One droplet's delivery outcome, as `/send` and `/broadcast` report it.
-fn outcome_json(droplet: &Droplet, outcome: &Delivery, timeout: Duration) -> Value {
-    let mut v = json!({
-        "droplet_id": droplet.droplet_id,
-        "name": droplet.name,
-        "status": outcome.label(),
-    });
-    if *outcome != Delivery::Delivered {
-        v["reason"] = json!(outcome.reason(timeout));
-    }
-    v
-}
-
-/// Delivers a relayed message: from the caller (`source`), in the target's id form.
-async fn deliver(
-    state: &AppState,
-    caller: &Caller,
-    droplet: &Droplet,
-    trace_id: &str,
-    message_type: &str,
-    payload: &Value,
-    timeout: Duration,
-) -> Delivery {
-    let message = dispatch::Outgoing {
-        trace_id: trace_id.to_string(),
-        source: caller.droplet_id,
-        target: droplet.droplet_id,
-        id_form: droplet.id_form.clone(),
-        message_type: message_type.to_string(),
-        payload: payload.clone(),
-    };
-    let outcome = {
-        let Some(_slot) = state.dispatch.slot(droplet.internal_id).await else {
-            return Delivery::Failed("shutting down".into());
-        };
-        dispatch::post_message(state, &droplet.endpoint, &message, timeout).await
-    };
-    state
-        .metrics
-        .dispatch
-        .with_label_values(&[outcome.label()])
-        .inc();
-    outcome
+    Ok(Relayed::new(state, message_type, payload)?)
 }
 
 /// Sends a message to one active droplet's `/message`, in a new envelope from the orchestrator.
@@ -450,45 +380,16 @@ pub async fn send(
     caller: Caller,
     QueryParams(params): QueryParams<SendParams>,
     body: RawBody,
-) -> ApiResult<Udc<Value>> {
+) -> ApiResult<Udc<messaging::Sent>> {
     caller.require(Permission::Write)?;
-    refuse_while_stopped(&state)?;
+    messaging::ensure_sending(&state)?;
     let target = params.target_droplet_id.ok_or_else(|| {
         ApiError::Validation(vec![FieldError::missing(&["query", "target_droplet_id"])])
     })?;
-    let (message_type, payload) = message_of(&state, &params, body)?;
-    let droplet = droplets::require(&state.db, target).await?;
-    if droplet.status != crate::services::status::DropletStatus::Active {
-        return Err(ApiError::conflict(format!(
-            "Droplet {target} is {}; messages are sent only to active droplets",
-            droplet.status
-        )));
-    }
-    let timeout = Duration::from_secs(state.config().dispatch_timeout_seconds);
-    let trace_id = Uuid::new_v4().to_string();
-    let outcome = deliver(
-        &state,
-        &caller,
-        &droplet,
-        &trace_id,
-        &message_type,
-        &payload,
-        timeout,
-    )
-    .await;
-    match outcome {
-        Delivery::Delivered => Ok(Udc::ok(json!({
-            "delivered": true,
-            "status": "delivered",
-            "target_droplet_id": target,
-            "message_type": message_type,
-            "trace_id": trace_id,
-        }))),
-        other => Err(ApiError::BadGateway(format!(
-            "Delivery to droplet {target} failed: {}",
-            other.reason(timeout)
-        ))),
-    }
+    let message = message_of(&state, &params, body)?;
+    Ok(Udc::ok(
+        messaging::send(&state, &caller, target, message).await?,
+    ))
 }
 
 /// Sends a message to every active droplet (or those with a capability), in parallel.
@@ -502,63 +403,11 @@ pub async fn broadcast(
     caller: Caller,
     QueryParams(params): QueryParams<SendParams>,
     body: RawBody,
-) -> ApiResult<Udc<Value>> {
+) -> ApiResult<Udc<messaging::Broadcast>> {
     caller.require(Permission::Admin)?;
-    refuse_while_stopped(&state)?;
-    let (message_type, payload) = message_of(&state, &params, body)?;
-    let targets = droplets::list(
-        &state.db,
-        &DropletFilter {
-            status: Some("active".into()),
-            capability: params.capability_filter.clone(),
-        },
-    )
-    .await?;
-    let config = state.config();
-    let timeout = Duration::from_secs(config.dispatch_timeout_seconds);
-    let trace_id = Uuid::new_v4().to_string();
-    // Owned clones per delivery: the futures run concurrently and outlive no borrow.
-    let mut results: Vec<(i32, Value)> = futures::stream::iter(targets)
-        .map(|droplet| {
-            let (state, caller, trace_id, message_type, payload) = (
-                state.clone(),
-                caller.clone(),
-                trace_id.clone(),
-                message_type.clone(),
-                payload.clone(),
-            );
-            async move {
-                let outcome = deliver(
-                    &state,
-                    &caller,
-                    &droplet,
-                    &trace_id,
-                    &message_type,
-                    &payload,
-                    timeout,
-                )
-                .await;
-                (
-                    droplet.droplet_id,
-                    outcome_json(&droplet, &outcome, timeout),
-                )
-            }
-        })
-        .buffer_unordered(config.dispatch_concurrency.max(1))
-        .collect()
-        .await;
-    results.sort_by_key(|(id, _)| *id);
-    let count = |label: &str| results.iter().filter(|(_, r)| r["status"] == label).count();
-    let (delivered, timed_out) = (count("delivered"), count("timeout"));
-    let failed = results.len() - delivered - timed_out;
-    Ok(Udc::ok(json!({
-        "trace_id": trace_id,
-        "message_type": message_type,
-        "capability_filter": params.capability_filter,
-        "total": results.len(),
-        "delivered": delivered,
-        "failed": failed,
-        "timeout": timed_out,
-        "results": results.into_iter().map(|(_, r)| r).collect::<Vec<_>>(),
-    })))
+    messaging::ensure_sending(&state)?;
+    let message = message_of(&state, &params, body)?;
+    Ok(Udc::ok(
+        messaging::broadcast(&state, &caller, params.capability_filter.clone(), message).await?,
+    ))
 }

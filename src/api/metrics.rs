@@ -1,8 +1,6 @@
 //! The JSON metrics endpoints under `/metrics/...` (read permission; `ENABLE_METRICS=false`
 //! turns them into 404s). The numbers come from `services::metrics_queries`.
 
-use std::time::Instant;
-
 use axum::extract::{FromRequestParts, State};
 use axum::http::request::Parts;
 use axum::routing::get;
@@ -13,6 +11,7 @@ use crate::auth::{Caller, Permission};
 use crate::error::{ApiError, ApiResult};
 use crate::services::droplets;
 use crate::services::metrics_queries::{self as queries, RangeParams, TimeRange};
+use crate::services::system_status;
 use crate::state::AppState;
 use crate::udc::{self, PathParam, QueryParams, Udc};
 
@@ -179,67 +178,16 @@ pub async fn system_health(
     caller: Caller,
 ) -> ApiResult<Udc<Value>> {
     caller.require(Permission::Read)?;
-    let config = state.config();
-    let mut problems: Vec<String> = Vec::new();
-
-    let started = Instant::now();
-    let ping = sqlx::query_scalar::<_, i32>("SELECT 1")
-        .fetch_one(&state.db)
-        .await;
-    let round_trip_ms = started.elapsed().as_secs_f64() * 1000.0;
-    let size = state.db.size();
-    let idle = state.db.num_idle() as u32;
-    let max = config.pool_max_connections();
-    let in_use = size.saturating_sub(idle);
-    let mut database = json!({
-        "status": "ok",
-        "round_trip_ms": (round_trip_ms * 1000.0).round() / 1000.0,
-        "pool": {
-            "size": size, "idle": idle, "in_use": in_use, "max": max,
-            "usage": if max > 0 { f64::from(in_use) / f64::from(max) } else { 0.0 },
-        },
-    });
-    if let Err(e) = ping {
-        database["status"] = json!("unreachable");
-        database["error"] = json!(e.to_string());
-        problems.push("database unreachable".into());
-    }
-
     let jobs = state.jobs.list();
-    for j in jobs.iter().filter(|j| j.last_error.is_some()) {
-        problems.push(format!("job {} failed its last run", j.id));
-    }
-    let websocket = state.events.stats();
-    if !websocket.listener.connected {
-        problems.push("event listener not connected".into());
-    }
-    let registry = state.registry.snapshot();
-    if registry.status == "disconnected" {
-        problems.push("registry disconnected".into());
-    }
-    let status = if state.emergency_stopped() {
-        "maintenance"
-    } else if problems.is_empty() {
-        "healthy"
-    } else {
-        "degraded"
+    let outside = system_status::Outside {
+        failed_jobs: jobs
+            .iter()
+            .filter(|j| j.last_error.is_some())
+            .map(|j| j.id.to_string())
+            .collect(),
+        jobs: serde_json::to_value(&jobs).unwrap_or_default(),
+        process: state.process.latest(),
+        uptime_seconds: state.started_at.elapsed().as_secs(),
     };
-    let sample = state.process.latest();
-    Ok(Udc::ok(json!({
-        "status": status,
-        "problems": problems,
-        "database": database,
-        "jobs": jobs,
-        "router_paused": state.router.is_paused(),
-        "emergency_stopped": state.emergency_stopped(),
-        "websocket": websocket,
-        "registry": registry,
-        "process": {
-            "cpu_percent": (sample.cpu_percent * 10.0).round() / 10.0,
-            "memory_mb": (sample.memory_mb * 10.0).round() / 10.0,
-            "num_threads": sample.num_threads,
-            "uptime_seconds": state.started_at.elapsed().as_secs(),
-        },
-        "generated_at": udc::now_iso(),
-    })))
+    Ok(Udc::ok(system_status::health_report(&state, outside).await))
 }

@@ -1,0 +1,197 @@
+//! Messages relayed to droplets on a caller's behalf: `/send` to one active droplet and
+//! `/broadcast` to every active one (or those with a capability). The caller is the
+//! message's `source`; the payload says the orchestrator relayed it (`relayed_by`); the
+//! orchestrator's own commands cannot be relayed; nothing is sent during an emergency stop.
+
+use std::time::Duration;
+
+use futures::StreamExt;
+use serde::Serialize;
+use serde_json::{json, Value};
+use uuid::Uuid;
+
+use crate::identity::Principal;
+use crate::services::dispatch::{self, Delivery};
+use crate::services::droplets::{self, Droplet, DropletFilter};
+use crate::services::error::{Error, Result};
+use crate::services::status::DropletStatus;
+use crate::services::Core;
+
+/// Commands a droplet takes only from the orchestrator.
+pub const ORCHESTRATOR_COMMANDS: [&str; 2] = ["execute_task", "cancel_task"];
+
+/// An emergency stop halts everything the orchestrator sends to droplets, messages included.
+pub fn ensure_sending(core: &Core) -> Result<()> {
+    if core.emergency_stopped() {
+        return Err(Error::Unavailable(
+            "Emergency stop: messages to droplets are halted until the jobs are resumed".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// A message to relay: its type and payload, marked as relayed. The orchestrator's own
+/// commands (`execute_task`, `cancel_task`) are refused: they cannot come from anyone else.
+#[derive(Debug, Clone)]
+pub struct Relayed {
+    pub message_type: String,
+    pub payload: Value,
+}
+
+impl Relayed {
+    pub fn new(core: &Core, message_type: String, mut payload: Value) -> Result<Relayed> {
+        let command = payload.get("command").and_then(Value::as_str).unwrap_or("");
+        if ORCHESTRATOR_COMMANDS.contains(&command) {
+            return Err(Error::forbidden(format!(
+                "{command} comes only from the orchestrator itself; it cannot be relayed"
+            )));
+        }
+        if let Value::Object(map) = &mut payload {
+            map.insert("relayed_by".into(), json!(core.keys.orchestrator_id()));
+        }
+        Ok(Relayed {
+            message_type,
+            payload,
+        })
+    }
+}
+
+/// What `/send` answers when the droplet took the message.
+#[derive(Debug, Clone, Serialize)]
+pub struct Sent {
+    pub delivered: bool,
+    pub status: &'static str,
+    pub target_droplet_id: i32,
+    pub message_type: String,
+    pub trace_id: String,
+}
+
+/// Sends a message to one active droplet; a failed delivery is an upstream error with the
+/// reason in a word (never the transport's own text).
+pub async fn send(core: &Core, sender: &Principal, target: i32, message: Relayed) -> Result<Sent> {
+    let droplet = droplets::require(&core.db, target).await?;
+    if droplet.status != DropletStatus::Active {
+        return Err(Error::conflict(format!(
+            "Droplet {target} is {}; messages are sent only to active droplets",
+            droplet.status
+        )));
+    }
+    let timeout = Duration::from_secs(core.config().dispatch_timeout_seconds);
+    let trace_id = Uuid::new_v4().to_string();
+    match deliver(core, sender, &droplet, &trace_id, &message, timeout).await {
+        Delivery::Delivered => Ok(Sent {
+            delivered: true,
+            status: "delivered",
+            target_droplet_id: target,
+            message_type: message.message_type,
+            trace_id,
+        }),
+        other => Err(Error::Upstream(format!(
+            "Delivery to droplet {target} failed: {}",
+            other.reason(timeout)
+        ))),
+    }
+}
+
+/// What `/broadcast` answers: the outcome per droplet, in droplet order, and the counts.
+#[derive(Debug, Clone, Serialize)]
+pub struct Broadcast {
+    pub trace_id: String,
+    pub message_type: String,
+    pub capability_filter: Option<String>,
+    pub total: usize,
+    pub delivered: usize,
+    pub failed: usize,
+    pub timeout: usize,
+    pub results: Vec<Value>,
+}
+
+/// Sends a message to every active droplet (or those with a capability), in parallel.
+pub async fn broadcast(
+    core: &Core,
+    sender: &Principal,
+    capability_filter: Option<String>,
+    message: Relayed,
+) -> Result<Broadcast> {
+    let targets = droplets::list(
+        &core.db,
+        &DropletFilter {
+            status: Some("active".into()),
+            capability: capability_filter.clone(),
+        },
+    )
+    .await?;
+    let config = core.config();
+    let timeout = Duration::from_secs(config.dispatch_timeout_seconds);
+    let trace_id = Uuid::new_v4().to_string();
+    let mut results: Vec<(i32, Value)> = futures::stream::iter(targets)
+        .map(|droplet| {
+            let (trace_id, message) = (&trace_id, &message);
+            async move {
+                let outcome = deliver(core, sender, &droplet, trace_id, message, timeout).await;
+                (
+                    droplet.droplet_id,
+                    outcome_json(&droplet, &outcome, timeout),
+                )
+            }
+        })
+        .buffer_unordered(config.dispatch_concurrency.max(1))
+        .collect()
+        .await;
+    results.sort_by_key(|(id, _)| *id);
+    let count = |label: &str| results.iter().filter(|(_, r)| r["status"] == label).count();
+    let (delivered, timed_out) = (count("delivered"), count("timeout"));
+    Ok(Broadcast {
+        trace_id,
+        message_type: message.message_type,
+        capability_filter,
+        total: results.len(),
+        delivered,
+        failed: results.len() - delivered - timed_out,
+        timeout: timed_out,
+        results: results.into_iter().map(|(_, r)| r).collect(),
+    })
+}
+
+/// One droplet's delivery outcome, as `/send` and `/broadcast` report it.
+fn outcome_json(droplet: &Droplet, outcome: &Delivery, timeout: Duration) -> Value {
+    let mut v = json!({
+        "droplet_id": droplet.droplet_id,
+        "name": droplet.name,
+        "status": outcome.label(),
+    });
+    if *outcome != Delivery::Delivered {
+        v["reason"] = json!(outcome.reason(timeout));
+    }
+    v
+}
+
+/// Delivers a relayed message: from the sender (`source`), in the target's id form.
+async fn deliver(
+    core: &Core,
+    sender: &Principal,
+    droplet: &Droplet,
+    trace_id: &str,
+    message: &Relayed,
+    timeout: Duration,
+) -> Delivery {
+    let outgoing = dispatch::Outgoing {
+        trace_id: trace_id.to_string(),
+        source: sender.droplet_id,
+        target: droplet.droplet_id,
+        id_form: droplet.id_form.clone(),
+        message_type: message.message_type.clone(),
+        payload: message.payload.clone(),
+    };
+    let outcome = {
+        let Some(_slot) = core.dispatch.slot(droplet.internal_id).await else {
+            return Delivery::Failed("shutting down".into());
+        };
+        dispatch::post_message(core, &droplet.endpoint, &outgoing, timeout).await
+    };
+    core.metrics
+        .dispatch
+        .with_label_values(&[outcome.label()])
+        .inc();
+    outcome
+}

@@ -1,0 +1,126 @@
+//! The system's state in one place: the live task and droplet counts (`/state`, `/message`'s
+//! `system_status`) and the health report of `/metrics/system/health` (the database's round
+//! trip and pool, the jobs, the event listener, the Registry), with the rule that decides
+//! healthy, degraded or maintenance.
+
+use std::time::Instant;
+
+use serde::Serialize;
+use serde_json::{json, Value};
+use sqlx::PgPool;
+
+use crate::protocol::now_iso;
+use crate::services::Core;
+use crate::system::ProcessSample;
+
+/// Live tasks and droplets.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct LiveCounts {
+    pub tasks_pending: i64,
+    pub tasks_assigned: i64,
+    pub tasks_in_progress: i64,
+    pub tasks_active: i64,
+    pub droplets_active: i64,
+    pub droplets_total: i64,
+}
+
+pub async fn counts(db: &PgPool) -> Result<LiveCounts, sqlx::Error> {
+    let (tasks_pending, tasks_assigned, tasks_in_progress, droplets_active, droplets_total): (
+        i64,
+        i64,
+        i64,
+        i64,
+        i64,
+    ) = sqlx::query_as(
+        "SELECT (SELECT COUNT(*) FROM tasks WHERE status = 'pending'),
+                    (SELECT COUNT(*) FROM tasks WHERE status = 'assigned'),
+                    (SELECT COUNT(*) FROM tasks WHERE status = 'in_progress'),
+                    (SELECT COUNT(*) FROM droplets WHERE status = 'active'),
+                    (SELECT COUNT(*) FROM droplets)",
+    )
+    .fetch_one(db)
+    .await?;
+    Ok(LiveCounts {
+        tasks_pending,
+        tasks_assigned,
+        tasks_in_progress,
+        tasks_active: tasks_assigned + tasks_in_progress,
+        droplets_active,
+        droplets_total,
+    })
+}
+
+/// What the report needs from above the services: the scheduler's jobs (as shown, and the
+/// ids of those whose last run failed) and the process's figures.
+pub struct Outside {
+    pub jobs: Value,
+    pub failed_jobs: Vec<String>,
+    pub process: ProcessSample,
+    pub uptime_seconds: u64,
+}
+
+/// `/metrics/system/health`: `maintenance` during an emergency stop, `healthy` with no
+/// problem, else `degraded` with the problems named.
+pub async fn health_report(core: &Core, outside: Outside) -> Value {
+    let config = core.config();
+    let mut problems: Vec<String> = Vec::new();
+
+    let started = Instant::now();
+    let ping = sqlx::query_scalar::<_, i32>("SELECT 1")
+        .fetch_one(&core.db)
+        .await;
+    let round_trip_ms = started.elapsed().as_secs_f64() * 1000.0;
+    let size = core.db.size();
+    let idle = core.db.num_idle() as u32;
+    let max = config.pool_max_connections();
+    let in_use = size.saturating_sub(idle);
+    let mut database = json!({
+        "status": "ok",
+        "round_trip_ms": (round_trip_ms * 1000.0).round() / 1000.0,
+        "pool": {
+            "size": size, "idle": idle, "in_use": in_use, "max": max,
+            "usage": if max > 0 { f64::from(in_use) / f64::from(max) } else { 0.0 },
+        },
+    });
+    if let Err(e) = ping {
+        database["status"] = json!("unreachable");
+        database["error"] = json!(e.to_string());
+        problems.push("database unreachable".into());
+    }
+    for id in &outside.failed_jobs {
+        problems.push(format!("job {id} failed its last run"));
+    }
+    let websocket = core.events.stats();
+    if !websocket.listener.connected {
+        problems.push("event listener not connected".into());
+    }
+    let registry = core.registry.snapshot();
+    if registry.status == "disconnected" {
+        problems.push("registry disconnected".into());
+    }
+    let status = if core.emergency_stopped() {
+        "maintenance"
+    } else if problems.is_empty() {
+        "healthy"
+    } else {
+        "degraded"
+    };
+    let sample = outside.process;
+    json!({
+        "status": status,
+        "problems": problems,
+        "database": database,
+        "jobs": outside.jobs,
+        "router_paused": core.router.is_paused(),
+        "emergency_stopped": core.emergency_stopped(),
+        "websocket": websocket,
+        "registry": registry,
+        "process": {
+            "cpu_percent": (sample.cpu_percent * 10.0).round() / 10.0,
+            "memory_mb": (sample.memory_mb * 10.0).round() / 10.0,
+            "num_threads": sample.num_threads,
+            "uptime_seconds": outside.uptime_seconds,
+        },
+        "generated_at": now_iso(),
+    })
+}
