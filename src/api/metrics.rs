@@ -1,5 +1,5 @@
 //! The JSON metrics endpoints under `/metrics/...` (read permission; `ENABLE_METRICS=false`
-//! turns them into 404s). The numbers come from `services::metrics_queries`.
+//! turns them into 404s). The numbers come from `services::analytics`.
 
 use axum::extract::{FromRequestParts, State};
 use axum::http::request::Parts;
@@ -9,8 +9,8 @@ use serde_json::{json, Value};
 
 use crate::auth::{Caller, Permission};
 use crate::error::{ApiError, ApiResult};
+use crate::services::analytics::{self as queries, RangeParams, TimeRange};
 use crate::services::droplets;
-use crate::services::metrics_queries::{self as queries, RangeParams, TimeRange};
 use crate::services::system_status;
 use crate::state::AppState;
 use crate::udc::{self, PathParam, QueryParams, Udc};

@@ -112,7 +112,7 @@ async fn finished_counts(state: &AppState) -> Vec<(String, i64)> {
     let cached = state.metrics.finished.lock().ok().and_then(|c| c.clone());
     match cached {
         Some((at, counts)) => {
-            if at.elapsed() > crate::metrics::FINISHED_RECOUNT
+            if at.elapsed() > crate::instruments::FINISHED_RECOUNT
                 && !state
                     .metrics
                     .finished_recounting

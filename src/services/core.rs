@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::identity::Keys;
-use crate::metrics::Metrics;
+use crate::instruments::Metrics;
 use crate::services::config_source::ConfigSource;
 use crate::services::contracts::Contracts;
 use crate::services::dispatch::slots::Dispatcher;

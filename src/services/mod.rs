@@ -1,5 +1,7 @@
-//! The spec's services: business rules over the database, no HTTP types.
+//! The spec's services: business rules over the database. No HTTP types and no import of
+//! the layers above (`api`, `auth`, `udc`, `error`, `state`, `jobs`); they share one [`Core`].
 
+pub mod analytics;
 pub mod config_reload;
 pub mod config_source;
 pub mod contracts;
@@ -13,7 +15,6 @@ pub mod events;
 pub mod explain;
 pub mod health_monitor;
 pub mod messaging;
-pub mod metrics_queries;
 pub mod registry_client;
 pub mod registry_status;
 pub mod router_trigger;
@@ -25,4 +26,5 @@ pub mod task_router;
 pub mod task_store;
 pub mod tasks;
 pub mod transition;
+
 pub use self::core::Core;
