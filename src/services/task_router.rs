@@ -133,6 +133,60 @@ pub async fn route_pass(state: &Core) -> Result<usize, sqlx::Error> {
 
 async fn pass(state: &Core) -> Result<Pass, sqlx::Error> {
     let mut t = Transition::begin(state).await?;
+    let (mut slots, contended) = lock_droplets(&mut t).await?;
+    let room = PassRoom::of(&slots);
+    if room.total == 0 {
+        // A pass that saw droplets locked elsewhere knows nothing about their room.
+        if !contended {
+            state.router.set_room(Room::default());
+        }
+        t.rollback().await?;
+        return Ok(Pass {
+            assigned: 0,
+            contended,
+        });
+    }
+    let pending = lock_pending(&mut t, &room).await?;
+    let payloads = contracted_payloads(&mut t, &slots, &pending).await?;
+    let fit = Fit {
+        contracts: &state.contracts,
+        payloads: &payloads,
+    };
+    let moves = plan(&mut slots, &pending, &fit);
+    // The room left after this pass's assignments answers `estimated_assignment_seconds`.
+    state.router.set_room(room_left(&slots));
+    // An emergency stop that came while this pass was reading wins: nothing it chose is
+    // assigned.
+    if moves.is_empty() || state.emergency_stopped() {
+        t.rollback().await?;
+        return Ok(Pass {
+            assigned: 0,
+            contended,
+        });
+    }
+    match t.apply(&moves, Mode::SkipInvalid).await {
+        Ok(_) => {}
+        Err(MoveError::Database(e)) => return Err(e),
+        Err(e) => {
+            // SkipInvalid leaves bad moves out; should it report one, the pass assigns nothing.
+            tracing::error!(error = %e, "a routing pass's transition reported an invalid move");
+            t.rollback().await?;
+            return Ok(Pass {
+                assigned: 0,
+                contended,
+            });
+        }
+    }
+    let applied = t.commit().await?;
+    Ok(Pass {
+        assigned: applied.len(),
+        contended,
+    })
+}
+
+/// The active droplets this pass may fill, with their load: each locked for the pass
+/// (advisory, per droplet), those another replica is filling left out. Also whether any was.
+async fn lock_droplets(t: &mut Transition<'_>) -> Result<(Vec<Slot>, bool), sqlx::Error> {
     // Locking the droplets we fill keeps two replicas from overfilling one droplet; a droplet
     // another replica is filling right now is skipped, never waited for. The locks are
     // advisory (per droplet, until this transaction ends), not row locks: a heartbeat, a
@@ -152,7 +206,7 @@ async fn pass(state: &Core) -> Result<Pass, sqlx::Error> {
         .fetch_one(t.conn())
         .await?;
     let contended = active > candidates.len() as i64;
-    let mut slots: Vec<Slot> = candidates
+    let slots: Vec<Slot> = candidates
         .into_iter()
         .map(|c| Slot {
             id: c.id,
@@ -175,38 +229,49 @@ async fn pass(state: &Core) -> Result<Pass, sqlx::Error> {
             },
         })
         .collect();
+    Ok((slots, contended))
+}
 
-    // Room per capability: only those with room are read, so piles nobody can run cost nothing.
-    let mut room_per_capability: HashMap<String, i64> = HashMap::new();
-    let mut total_room = 0i64;
-    for s in &slots {
-        let room = s.room();
-        if room == 0 {
-            continue;
+/// The room of the droplets a pass holds, in all and per capability.
+struct PassRoom {
+    total: i64,
+    per_capability: HashMap<String, i64>,
+}
+
+impl PassRoom {
+    /// Only capabilities with room are read, so piles nobody can run cost nothing.
+    fn of(slots: &[Slot]) -> PassRoom {
+        let mut room_per_capability: HashMap<String, i64> = HashMap::new();
+        let mut total_room = 0i64;
+        for s in slots {
+            let room = s.room();
+            if room == 0 {
+                continue;
+            }
+            total_room += room;
+            for c in &s.capabilities {
+                *room_per_capability.entry(c.clone()).or_insert(0) += room;
+            }
         }
-        total_room += room;
-        for c in &s.capabilities {
-            *room_per_capability.entry(c.clone()).or_insert(0) += room;
+        PassRoom {
+            total: total_room,
+            per_capability: room_per_capability,
         }
     }
-    if total_room == 0 {
-        // A pass that saw droplets locked elsewhere knows nothing about their room.
-        if !contended {
-            state.router.set_room(Room::default());
-        }
-        t.rollback().await?;
-        return Ok(Pass {
-            assigned: 0,
-            contended,
-        });
-    }
+}
 
-    let caps: Vec<String> = room_per_capability.keys().cloned().collect();
+/// The most urgent pending tasks the room can take (per capability, and those needing
+/// none), at most [`BATCH`], locked for the pass; those another replica holds are skipped.
+async fn lock_pending(
+    t: &mut Transition<'_>,
+    room: &PassRoom,
+) -> Result<Vec<PendingTask>, sqlx::Error> {
+    let caps: Vec<String> = room.per_capability.keys().cloned().collect();
     // Each capability's share of a pass, so the rows read are about the rows assigned.
     let per_capability = (BATCH / caps.len().max(1) as i64).max(200);
     let limits: Vec<i64> = caps
         .iter()
-        .map(|c| room_per_capability[c].min(per_capability))
+        .map(|c| room.per_capability[c].min(per_capability))
         .collect();
     // Read the best candidates per capability without locking, keep the pass's best BATCH
     // across capabilities, then lock only those: locking is a write per row, so locking
@@ -237,7 +302,7 @@ async fn pass(state: &Core) -> Result<Pass, sqlx::Error> {
          ORDER BY priority, created_at, id
          LIMIT $1",
     )
-    .bind(total_room.min(BATCH))
+    .bind(room.total.min(BATCH))
     .fetch_all(t.conn())
     .await?;
     pending.extend(anywhere);
@@ -254,8 +319,15 @@ async fn pass(state: &Core) -> Result<Pass, sqlx::Error> {
     .into_iter()
     .collect();
     pending.retain(|t| locked.contains(&t.id));
+    Ok(pending)
+}
 
-    // Payloads only for tasks whose capability some droplet here has a contract for.
+/// Payloads only of the tasks whose capability some droplet here has a contract for.
+async fn contracted_payloads(
+    t: &mut Transition<'_>,
+    slots: &[Slot],
+    pending: &[PendingTask],
+) -> Result<HashMap<i32, serde_json::Value>, sqlx::Error> {
     let contracted: HashSet<&str> = slots
         .iter()
         .flat_map(|s| s.schemas.keys().map(String::as_str))
@@ -269,7 +341,7 @@ async fn pass(state: &Core) -> Result<Pass, sqlx::Error> {
         })
         .map(|t| t.id)
         .collect();
-    let payloads: HashMap<i32, serde_json::Value> = if need_payload.is_empty() {
+    Ok(if need_payload.is_empty() {
         HashMap::new()
     } else {
         sqlx::query_as::<_, (i32, serde_json::Value)>(
@@ -280,20 +352,20 @@ async fn pass(state: &Core) -> Result<Pass, sqlx::Error> {
         .await?
         .into_iter()
         .collect()
-    };
-    let fit = Fit {
-        contracts: &state.contracts,
-        payloads: &payloads,
-    };
+    })
+}
 
+/// The moves of this pass: each task to the least loaded capable droplet (freshest
+/// heartbeat on ties), with why it was chosen; the slots' loads follow the choices.
+fn plan(slots: &mut [Slot], pending: &[PendingTask], fit: &Fit) -> Vec<Move> {
     let mut moves = Vec::with_capacity(pending.len());
-    for task in &pending {
-        let Some(choice) = choose(&slots, task, &fit) else {
+    for task in pending {
+        let Some(choice) = choose(slots, task, fit) else {
             continue;
         };
         let considered: Vec<serde_json::Value> = slots
             .iter()
-            .filter(|s| can_take(s, task, &fit))
+            .filter(|s| can_take(s, task, fit))
             .take(10)
             .map(|s| json!({ "droplet_id": s.droplet_id, "load": s.load, "max_concurrent_tasks": s.max }))
             .collect();
@@ -317,35 +389,7 @@ async fn pass(state: &Core) -> Result<Pass, sqlx::Error> {
         m.expect_status = Some(Status::Pending);
         moves.push(m);
     }
-    // The room left after this pass's assignments answers `estimated_assignment_seconds`.
-    state.router.set_room(room_left(&slots));
-    // An emergency stop that came while this pass was reading wins: nothing it chose is
-    // assigned.
-    if moves.is_empty() || state.emergency_stopped() {
-        t.rollback().await?;
-        return Ok(Pass {
-            assigned: 0,
-            contended,
-        });
-    }
-    match t.apply(&moves, Mode::SkipInvalid).await {
-        Ok(_) => {}
-        Err(MoveError::Database(e)) => return Err(e),
-        Err(e) => {
-            // SkipInvalid leaves bad moves out; should it report one, the pass assigns nothing.
-            tracing::error!(error = %e, "a routing pass's transition reported an invalid move");
-            t.rollback().await?;
-            return Ok(Pass {
-                assigned: 0,
-                contended,
-            });
-        }
-    }
-    let applied = t.commit().await?;
-    Ok(Pass {
-        assigned: applied.len(),
-        contended,
-    })
+    moves
 }
 
 fn room_left(slots: &[Slot]) -> Room {
