@@ -15,8 +15,8 @@ use serde_json::{json, Value};
 use tokio::sync::Semaphore;
 use uuid::Uuid;
 
-use crate::auth::{Keys, Permission};
 use crate::config::Config;
+use crate::identity::{Keys, Permission};
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct SimulateArgs {
@@ -187,7 +187,7 @@ fn envelope(source: i32, message_type: &str, payload: Value) -> Value {
         "target": 10,
         "message_type": message_type,
         "payload": payload,
-        "timestamp": crate::udc::now_iso(),
+        "timestamp": crate::protocol::now_iso(),
     })
 }
 
@@ -515,7 +515,7 @@ pub async fn run(args: SimulateArgs) -> Result<Summary, String> {
             let trace = Uuid::new_v4();
             let body = json!({
                 "udc_version": "1.0", "trace_id": trace, "source": creator, "target": 10,
-                "message_type": "command", "timestamp": crate::udc::now_iso(),
+                "message_type": "command", "timestamp": crate::protocol::now_iso(),
                 "payload": {"task_type": "simulated", "title": format!("simulated task {n}"),
                             "required_capability": capability, "payload": {"n": n}},
             });

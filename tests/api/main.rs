@@ -16,6 +16,7 @@ mod envelope;
 mod event_log;
 mod fixture_droplet;
 mod jobs;
+mod layers;
 mod listing;
 mod management;
 mod message;

@@ -1,0 +1,164 @@
+//! The layering of ARCHITECTURE.md, checked on the source: a file imports only its own layer
+//! and those below, and no two files import each other in a circle.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+/// Every `.rs` file under `src/`, by its path relative to `src/`.
+fn sources() -> BTreeMap<String, String> {
+    fn walk(dir: &Path, root: &Path, out: &mut BTreeMap<String, String>) {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                walk(&path, root, out);
+            } else if path.extension().is_some_and(|e| e == "rs") {
+                let rel = path
+                    .strip_prefix(root)
+                    .unwrap()
+                    .to_string_lossy()
+                    .into_owned();
+                out.insert(rel, std::fs::read_to_string(&path).unwrap());
+            }
+        }
+    }
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("src");
+    let mut out = BTreeMap::new();
+    walk(&root, &root, &mut out);
+    out
+}
+
+/// The code of a file without its unit tests (a test module may use anything).
+fn code(text: &str) -> &str {
+    text.find("#[cfg(test)]\nmod tests")
+        .map_or(text, |i| &text[..i])
+}
+
+/// The `crate::a::b` paths a file names, as their segments.
+fn crate_paths(text: &str) -> Vec<Vec<String>> {
+    let mut paths = Vec::new();
+    let mut rest = code(text);
+    while let Some(i) = rest.find("crate::") {
+        rest = &rest[i + "crate::".len()..];
+        let end = rest
+            .find(|c: char| !(c.is_alphanumeric() || c == '_' || c == ':'))
+            .unwrap_or(rest.len());
+        let path: Vec<String> = rest[..end]
+            .split("::")
+            .filter(|s| !s.is_empty())
+            .map(str::to_string)
+            .collect();
+        // `crate::a::{b, c}`: each item its own path.
+        if rest[end..].starts_with('{') {
+            let close = rest[end..].find('}').map_or(rest.len(), |c| end + c);
+            for item in rest[end + 1..close].split(',') {
+                let item = item.trim().split([' ', ':']).next().unwrap_or("");
+                if !item.is_empty() && item != "self" {
+                    let mut p = path.clone();
+                    p.push(item.to_string());
+                    paths.push(p);
+                }
+            }
+        }
+        paths.push(path);
+    }
+    paths
+}
+
+/// The layer of a module path (`services::tasks` -> 1). Higher layers may import lower.
+fn layer(first: &str) -> Option<u8> {
+    Some(match first {
+        "config" | "protocol" | "validation" | "identity" | "instruments" | "system"
+        | "telemetry" | "db" => 0,
+        "services" => 1,
+        "state" | "jobs" | "cli" | "simulate" => 2,
+        "error" | "auth" | "udc" | "api" => 3,
+        _ => return None,
+    })
+}
+
+fn layer_of_file(rel: &str) -> Option<u8> {
+    let first = rel.trim_end_matches(".rs").split('/').next()?;
+    match first {
+        "lib" | "main" => Some(4),
+        other => layer(other),
+    }
+}
+
+#[test]
+fn no_file_imports_a_layer_above_its_own() {
+    let mut offences = Vec::new();
+    for (rel, text) in sources() {
+        let Some(own) = layer_of_file(&rel) else {
+            panic!("{rel}: a file of no layer; add its module to tests/api/layers.rs and ARCHITECTURE.md");
+        };
+        for path in crate_paths(&text) {
+            let Some(first) = path.first() else { continue };
+            if let Some(theirs) = layer(first) {
+                if theirs > own {
+                    offences.push(format!("{rel} imports crate::{}", path.join("::")));
+                }
+            }
+        }
+        if own <= 1 && code(&text).contains("axum") {
+            offences.push(format!("{rel} names axum"));
+        }
+    }
+    assert!(
+        offences.is_empty(),
+        "imports above their layer:\n{}",
+        offences.join("\n")
+    );
+}
+
+/// The file a module path lives in: the longest prefix that is a file (or its `mod.rs`).
+fn file_of(path: &[String], files: &BTreeSet<String>) -> Option<String> {
+    (1..=path.len()).rev().find_map(|n| {
+        let stem = path[..n].join("/");
+        [format!("{stem}.rs"), format!("{stem}/mod.rs")]
+            .into_iter()
+            .find(|f| files.contains(f))
+    })
+}
+
+#[test]
+fn the_services_import_each_other_without_a_circle() {
+    let sources = sources();
+    let files: BTreeSet<String> = sources.keys().cloned().collect();
+    // Re-exports (`pub use self::core::Core;`) name the file that defines the item.
+    let mut edges: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for (rel, text) in &sources {
+        if !rel.starts_with("services/") {
+            continue;
+        }
+        let entry = edges.entry(rel.clone()).or_default();
+        for path in crate_paths(text) {
+            let resolved = if path.len() == 2 && path[0] == "services" && path[1] == "Core" {
+                Some("services/core.rs".to_string())
+            } else {
+                file_of(&path, &files)
+            };
+            if let Some(to) = resolved.filter(|to| to != rel && to != "services/mod.rs") {
+                if to.starts_with("services/") {
+                    entry.insert(to);
+                }
+            }
+        }
+    }
+    // A circle is a file that reaches itself.
+    for start in edges.keys() {
+        let mut seen = BTreeSet::new();
+        let mut stack: Vec<(String, Vec<String>)> = vec![(start.clone(), vec![start.clone()])];
+        while let Some((at, trail)) = stack.pop() {
+            for next in edges.get(&at).into_iter().flatten() {
+                if next == start {
+                    panic!("an import circle: {} -> {start}", trail.join(" -> "));
+                }
+                if seen.insert(next.clone()) {
+                    let mut t = trail.clone();
+                    t.push(next.clone());
+                    stack.push((next.clone(), t));
+                }
+            }
+        }
+    }
+}
