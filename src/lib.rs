@@ -11,6 +11,7 @@ pub mod jobs;
 pub mod metrics;
 pub mod services;
 pub mod simulate;
+pub mod simulator;
 pub mod state;
 pub mod system;
 pub mod telemetry;
