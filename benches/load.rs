@@ -10,7 +10,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use orchestrator::simulate::{self, Latency, SimulateArgs};
+use orchestrator::simulate::{self, SimulateArgs};
+use orchestrator::simulator::fleet::register;
+use orchestrator::simulator::{
+    Api, Behaviour, Fleet, FleetConfig, Heartbeats, Latency, Patience, Wire,
+};
 use serde_json::{json, Value};
 use sqlx::postgres::PgPoolOptions;
 use sqlx::PgPool;
@@ -274,10 +278,7 @@ fn token(droplet_id: i32, permissions: &[&str]) -> String {
 }
 
 fn envelope(payload: Value) -> Value {
-    json!({
-        "udc_version": "1.0", "trace_id": Uuid::new_v4(), "source": 42, "target": 10,
-        "message_type": "command", "payload": payload, "timestamp": chrono::Utc::now().to_rfc3339(),
-    })
+    Wire::BENCH.envelope(42, "command", payload)
 }
 
 // ---------------------------------------------------------------------------
@@ -450,16 +451,19 @@ async fn register_droplets(
     caps: impl Fn(i32) -> Vec<String>,
     endpoint: &str,
 ) {
-    let client = http_client(8);
+    let api = Api::new(vec![base.to_string()]);
     for id in ids {
-        let r = client
-            .post(format!("{base}/droplets/register"))
-            .bearer_auth(token(id, &["read", "write"]))
-            .json(&envelope(json!({"droplet_id": id, "name": format!("bench-{id}"), "endpoint": format!("{endpoint}/d/{id}"), "capabilities": caps(id)})))
-            .send()
-            .await
-            .expect("register");
-        assert!(r.status().is_success(), "register {id}: {}", r.status());
+        register(
+            &api,
+            &Wire::BENCH,
+            id,
+            &token(id, &["read", "write"]),
+            &format!("{endpoint}/d/{id}"),
+            &caps(id),
+            Patience::Once,
+        )
+        .await
+        .unwrap_or_else(|e| panic!("register {id}: {e}"));
     }
 }
 
@@ -535,30 +539,6 @@ async fn heartbeat(s: &Sizes, rows: &mut Vec<Row>) {
     ));
 }
 
-/// A droplet endpoint that answers every message at once.
-async fn sink() -> (String, Arc<AtomicU64>) {
-    let count = Arc::new(AtomicU64::new(0));
-    let c = count.clone();
-    let app = axum::Router::new().route(
-        "/d/{id}/message",
-        axum::routing::post(move || {
-            let c = c.clone();
-            async move {
-                c.fetch_add(1, Ordering::Relaxed);
-                axum::Json(json!({"received": true}))
-            }
-        }),
-    );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind sink");
-    let addr = listener.local_addr().expect("addr");
-    tokio::spawn(async move {
-        let _ = axum::serve(listener, app).await;
-    });
-    (format!("http://{addr}"), count)
-}
-
 async fn route(s: &Sizes, rows: &mut Vec<Row>, rss: &mut Vec<(String, f64)>) {
     let db = fresh_db_url();
     let server = Server::start(&db, 8, &[]).await;
@@ -581,15 +561,23 @@ async fn route(s: &Sizes, rows: &mut Vec<Row>, rss: &mut Vec<(String, f64)>) {
         .execute(&pool)
         .await
         .expect("analyze");
-    let (endpoint, delivered) = sink().await;
+    // Droplets that acknowledge every delivery and do nothing with it, capability
+    // `cap{id % 10}` (droplet 1 cap1, ..., droplet 10 cap0, droplet 11 cap1, ...).
     let started = Instant::now();
-    register_droplets(
-        &server.base,
-        1..=s.route_droplets,
-        |id| vec![format!("cap{}", id % 10)],
-        &endpoint,
+    let droplets = Fleet::start(
+        Api::new(vec![server.base.clone()]),
+        (1..=s.route_droplets)
+            .map(|id| (id, token(id, &["read", "write"])))
+            .collect(),
+        FleetConfig {
+            behaviour: Behaviour::Acknowledge,
+            heartbeats: Heartbeats::Off,
+            capabilities: (1..=10).map(|k| format!("cap{}", k % 10)).collect(),
+            ..FleetConfig::new(Wire::BENCH, &[])
+        },
     )
-    .await;
+    .await
+    .expect("register the droplets");
     let deadline = started + Duration::from_secs(600);
     loop {
         let pending: i64 =
@@ -612,6 +600,7 @@ async fn route(s: &Sizes, rows: &mut Vec<Row>, rss: &mut Vec<(String, f64)>) {
     rss.push(("after route (100k assignments)".into(), server.rss_mb()));
     pool.close().await;
     server.stop();
+    droplets.stop();
     drop_db(&db).await;
     rows.push(row(
         "route",
@@ -622,7 +611,7 @@ async fn route(s: &Sizes, rows: &mut Vec<Row>, rss: &mut Vec<(String, f64)>) {
         format!(
             "{:.0} tasks/s assigned ({history} history rows, {} dispatched so far)",
             history as f64 / secs,
-            delivered.load(Ordering::Relaxed)
+            droplets.delivered.load(Ordering::Relaxed)
         ),
         "target 10,000/s (stretch 20,000); Python 10 tasks/s",
     ));

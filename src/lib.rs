@@ -13,6 +13,7 @@ pub mod jobs;
 pub mod protocol;
 pub mod services;
 pub mod simulate;
+pub mod simulator;
 pub mod state;
 pub mod system;
 pub mod telemetry;

@@ -70,7 +70,7 @@ fn layer(first: &str) -> Option<u8> {
         "config" | "protocol" | "validation" | "identity" | "instruments" | "system"
         | "telemetry" | "db" => 0,
         "services" => 1,
-        "state" | "jobs" | "cli" | "simulate" => 2,
+        "state" | "jobs" | "cli" | "simulate" | "simulator" => 2,
         "error" | "auth" | "udc" | "api" => 3,
         _ => return None,
     })

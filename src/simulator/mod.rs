@@ -1,0 +1,40 @@
+//! Simulated droplets and the clients around them, over real HTTP and WebSocket, against a
+//! running orchestrator. One implementation serves `orchestrator simulate` (`crate::simulate`),
+//! the fault scenarios (`tests/faults/fleet.rs`) and the load bench (`benches/load.rs`); each
+//! picks its [`Wire`] (the envelopes it has always sent), its [`Patience`] (one attempt, or
+//! retries as a careful client makes them) and its droplets' [`Behaviour`].
+//!
+//! - [`api`]: the orchestrator as a client reaches it: replicas, retries, a log of answers.
+//! - [`wire`]: the envelopes, per caller.
+//! - [`droplet`]: one droplet: its state (frozen, heartbeat gaps, tasks in hand), its
+//!   behaviour, its `/message` and the work it does for a delivery.
+//! - [`fleet`]: droplets behind one HTTP server, registered and heartbeating, with tallies.
+//! - [`producer`]: tasks created at a steady rate.
+//! - [`dashboard`]: a client on a `/ws/...` feed.
+//! - [`report`]: per-task timelines and latency percentiles.
+
+pub mod api;
+pub mod dashboard;
+pub mod droplet;
+pub mod fleet;
+pub mod producer;
+pub mod report;
+pub mod wire;
+
+use std::sync::{Mutex, MutexGuard};
+
+pub use api::{Api, ApiOptions, Exchange, Patience};
+pub use dashboard::{Dashboard, Watch};
+pub use droplet::{Behaviour, Delivery, Droplet};
+pub use fleet::{Fleet, FleetConfig, Heartbeats};
+pub use producer::{Pick, Produced, Producer, ProducerConfig};
+pub use report::{Latency, Marks, Timeline};
+pub use wire::Wire;
+
+/// A lock whose holder panicked is still read: the figures it guards stay usable.
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    match m.lock() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
+    }
+}
