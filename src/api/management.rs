@@ -136,6 +136,10 @@ pub async fn reload_config(
         }
         ReloadError::Apply(e) => ApiError::internal(format!("reload-config: {e}")),
     })?;
+    // New intervals take effect: each job whose interval changed is rescheduled.
+    let rescheduled_jobs = jobs::reschedule(&state)
+        .await
+        .map_err(|e| ApiError::internal(format!("reload-config: {e}")))?;
     tracing::warn!(by = %caller.actor_name(), applied = ?report.applied,
         restart_required = ?report.restart_required, "configuration reloaded");
     let message = match (
@@ -150,6 +154,7 @@ pub async fn reload_config(
         ),
     };
     let mut payload = serde_json::to_value(&report).unwrap_or_else(|_| json!({}));
+    payload["rescheduled_jobs"] = json!(rescheduled_jobs);
     payload["reloaded"] = json!(true);
     payload["message"] = json!(message);
     Ok(Udc::ok(payload))

@@ -7,7 +7,6 @@ use std::sync::Mutex;
 use serde::Serialize;
 
 use crate::config::{self, Config, ConfigError};
-use crate::jobs;
 use crate::state::AppState;
 
 /// Where a reload reads its settings: the process environment with `.env`, or a fixed set
@@ -107,7 +106,6 @@ pub struct Reload {
     pub changed: Vec<Change>,
     pub applied: Vec<&'static str>,
     pub restart_required: Vec<&'static str>,
-    pub rescheduled_jobs: Vec<&'static str>,
 }
 
 /// Why a reload changed nothing.
@@ -119,9 +117,10 @@ pub enum ReloadError {
     Apply(String),
 }
 
-/// Re-reads the settings and applies what can change live: job intervals (rescheduled),
-/// the log level, feature flags, rate limits, CORS origins, timeouts and the other values
-/// read where they are used. An invalid configuration changes nothing.
+/// Re-reads the settings and applies what can change live: the log level, feature flags,
+/// rate limits, CORS origins, timeouts and the other values read where they are used. New
+/// job intervals are in the configuration now in force; the caller reschedules the jobs.
+/// An invalid configuration changes nothing.
 pub async fn reload(state: &AppState) -> Result<Reload, ReloadError> {
     let mut next = state.config_source.load()?;
     let current = state.config();
@@ -146,7 +145,6 @@ pub async fn reload(state: &AppState) -> Result<Reload, ReloadError> {
             .set_max_per_droplet(next.ws_max_connections_per_droplet);
     }
     state.replace_config(next);
-    let rescheduled_jobs = jobs::reschedule(state).await.map_err(ReloadError::Apply)?;
     let applied = changed
         .iter()
         .filter(|c| c.applied)
@@ -162,7 +160,6 @@ pub async fn reload(state: &AppState) -> Result<Reload, ReloadError> {
         changed,
         applied,
         restart_required,
-        rescheduled_jobs,
     })
 }
 
