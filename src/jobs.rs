@@ -6,7 +6,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio_cron_scheduler::{Job, JobScheduler};
 use uuid::Uuid;
 
@@ -14,18 +14,65 @@ use crate::config::Config;
 use crate::services::{health_monitor, registry_client, task_router};
 use crate::state::AppState;
 
-pub const JOB_IDS: [&str; 5] = [
-    "health_monitor",
-    "task_router",
-    "registry_sync",
-    "heartbeat_cleanup",
-    "websocket_ping",
-];
+/// A scheduled job. On the wire and in `/management/scheduler/jobs/{job_id}` paths, its
+/// snake_case name (`task_router`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobId {
+    HealthMonitor,
+    TaskRouter,
+    RegistrySync,
+    HeartbeatCleanup,
+    WebsocketPing,
+}
+
+impl JobId {
+    /// The five jobs in their documented order.
+    pub const ALL: [JobId; 5] = [
+        JobId::HealthMonitor,
+        JobId::TaskRouter,
+        JobId::RegistrySync,
+        JobId::HeartbeatCleanup,
+        JobId::WebsocketPing,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobId::HealthMonitor => "health_monitor",
+            JobId::TaskRouter => "task_router",
+            JobId::RegistrySync => "registry_sync",
+            JobId::HeartbeatCleanup => "heartbeat_cleanup",
+            JobId::WebsocketPing => "websocket_ping",
+        }
+    }
+
+    /// The job of that name, if there is one.
+    pub fn parse(name: &str) -> Option<JobId> {
+        JobId::ALL.into_iter().find(|id| id.as_str() == name)
+    }
+
+    /// Seconds between runs under `config`.
+    fn interval(self, config: &Config) -> u64 {
+        match self {
+            JobId::HealthMonitor => config.heartbeat_check_interval,
+            JobId::TaskRouter => config.task_router_interval,
+            JobId::RegistrySync => config.registry_sync_interval,
+            JobId::HeartbeatCleanup => config.heartbeat_cleanup_interval,
+            JobId::WebsocketPing => config.ws_heartbeat_interval,
+        }
+    }
+}
+
+impl std::fmt::Display for JobId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
 
 /// What the board knows of one job.
 #[derive(Debug, Clone, Serialize)]
 pub struct JobInfo {
-    pub id: &'static str,
+    pub id: JobId,
     pub interval_seconds: u64,
     pub paused: bool,
     pub running: bool,
@@ -41,36 +88,22 @@ pub struct JobInfo {
 }
 
 pub struct JobBoard {
-    jobs: Mutex<BTreeMap<&'static str, JobInfo>>,
+    jobs: Mutex<BTreeMap<JobId, JobInfo>>,
     scheduler: tokio::sync::Mutex<Option<JobScheduler>>,
     /// The jobs an emergency stop paused, resumed when it ends (not those paused by hand).
-    stopped: Mutex<Vec<&'static str>>,
-}
-
-fn interval_of(config: &Config, id: &str) -> u64 {
-    match id {
-        "health_monitor" => config.heartbeat_check_interval,
-        "task_router" => config.task_router_interval,
-        "registry_sync" => config.registry_sync_interval,
-        "heartbeat_cleanup" => config.heartbeat_cleanup_interval,
-        _ => config.ws_heartbeat_interval,
-    }
-}
-
-pub fn known(id: &str) -> Option<&'static str> {
-    JOB_IDS.iter().copied().find(|j| *j == id)
+    stopped: Mutex<Vec<JobId>>,
 }
 
 impl JobBoard {
     pub fn new(config: &Config) -> JobBoard {
-        let jobs = JOB_IDS
-            .iter()
+        let jobs = JobId::ALL
+            .into_iter()
             .map(|id| {
                 (
-                    *id,
+                    id,
                     JobInfo {
                         id,
-                        interval_seconds: interval_of(config, id),
+                        interval_seconds: id.interval(config),
                         paused: false,
                         running: false,
                         runs: 0,
@@ -92,7 +125,7 @@ impl JobBoard {
         }
     }
 
-    fn with<R>(&self, f: impl FnOnce(&mut BTreeMap<&'static str, JobInfo>) -> R) -> R {
+    fn with<R>(&self, f: impl FnOnce(&mut BTreeMap<JobId, JobInfo>) -> R) -> R {
         let mut guard = match self.jobs.lock() {
             Ok(g) => g,
             Err(p) => p.into_inner(),
@@ -102,27 +135,32 @@ impl JobBoard {
 
     /// The five jobs in their documented order.
     pub fn list(&self) -> Vec<JobInfo> {
-        self.with(|m| JOB_IDS.iter().filter_map(|id| m.get(id).cloned()).collect())
+        self.with(|m| {
+            JobId::ALL
+                .iter()
+                .filter_map(|id| m.get(id).cloned())
+                .collect()
+        })
     }
 
-    pub fn get(&self, id: &str) -> Option<JobInfo> {
-        self.with(|m| m.get(id).cloned())
+    pub fn get(&self, id: JobId) -> Option<JobInfo> {
+        self.with(|m| m.get(&id).cloned())
     }
 
-    pub fn is_paused(&self, id: &str) -> bool {
-        self.with(|m| m.get(id).is_some_and(|j| j.paused))
+    pub fn is_paused(&self, id: JobId) -> bool {
+        self.with(|m| m.get(&id).is_some_and(|j| j.paused))
     }
 
     /// Pauses or resumes one job by an operator's hand; `task_router` also stops or restarts
     /// immediate routing. The operator's word holds over an emergency stop's: a job paused or
     /// resumed by hand during the stop is not touched when the stop ends.
-    pub fn set_paused(&self, state: &AppState, id: &str, paused: bool) -> Option<JobInfo> {
+    pub fn set_paused(&self, state: &AppState, id: JobId, paused: bool) -> Option<JobInfo> {
         let info = self.switch(state, id, paused)?;
         self.with_stopped(|s| s.retain(|j| *j != id));
         Some(info)
     }
 
-    fn with_stopped<R>(&self, f: impl FnOnce(&mut Vec<&'static str>) -> R) -> R {
+    fn with_stopped<R>(&self, f: impl FnOnce(&mut Vec<JobId>) -> R) -> R {
         let mut guard = match self.stopped.lock() {
             Ok(g) => g,
             Err(p) => p.into_inner(),
@@ -132,10 +170,10 @@ impl JobBoard {
 
     /// Emergency stop: routing and dispatch halt and every running job is paused. Returns
     /// the jobs this call paused.
-    pub fn emergency_stop(&self, state: &AppState) -> Vec<&'static str> {
+    pub fn emergency_stop(&self, state: &AppState) -> Vec<JobId> {
         state.set_emergency_stop(true);
         let mut paused = Vec::new();
-        for id in JOB_IDS {
+        for id in JobId::ALL {
             if !self.is_paused(id) && self.switch(state, id, true).is_some() {
                 paused.push(id);
             }
@@ -145,19 +183,19 @@ impl JobBoard {
     }
 
     /// Ends an emergency stop: the jobs it paused run again. Returns them.
-    pub fn end_emergency(&self, state: &AppState) -> Vec<&'static str> {
+    pub fn end_emergency(&self, state: &AppState) -> Vec<JobId> {
         // The flag goes first: resuming task_router starts a pass that checks it.
         state.set_emergency_stop(false);
         let resumed = self.with_stopped(std::mem::take);
-        for id in &resumed {
+        for &id in &resumed {
             self.switch(state, id, false);
         }
         resumed
     }
 
-    fn switch(&self, state: &AppState, id: &str, paused: bool) -> Option<JobInfo> {
+    fn switch(&self, state: &AppState, id: JobId, paused: bool) -> Option<JobInfo> {
         let info = self.with(|m| {
-            let j = m.get_mut(id)?;
+            let j = m.get_mut(&id)?;
             j.paused = paused;
             if !paused {
                 j.next_run =
@@ -167,15 +205,15 @@ impl JobBoard {
             }
             Some(j.clone())
         })?;
-        if id == "task_router" {
+        if id == JobId::TaskRouter {
             state.router.set_paused(paused);
         }
         Some(info)
     }
 
     /// Claims a run: false when the job is paused or its previous run is still going.
-    fn begin(&self, id: &str) -> bool {
-        self.with(|m| match m.get_mut(id) {
+    fn begin(&self, id: JobId) -> bool {
+        self.with(|m| match m.get_mut(&id) {
             Some(j) if !j.paused && !j.running => {
                 j.running = true;
                 true
@@ -184,9 +222,9 @@ impl JobBoard {
         })
     }
 
-    fn finish(&self, id: &str, started: Instant, outcome: &Result<String, String>) {
+    fn finish(&self, id: JobId, started: Instant, outcome: &Result<String, String>) {
         self.with(|m| {
-            if let Some(j) = m.get_mut(id) {
+            if let Some(j) = m.get_mut(&id) {
                 j.running = false;
                 j.runs += 1;
                 j.last_run = Some(Utc::now());
@@ -209,11 +247,11 @@ impl JobBoard {
     }
 }
 
-/// One run of a job by id, as the scheduler and tests call it.
-pub async fn run_once(state: &AppState, id: &str) -> Result<String, String> {
+/// One run of a job, as the scheduler and tests call it.
+pub async fn run_once(state: &AppState, id: JobId) -> Result<String, String> {
     let text = |e: sqlx::Error| e.to_string();
     match id {
-        "health_monitor" => health_monitor::run_once(state)
+        JobId::HealthMonitor => health_monitor::run_once(state)
             .await
             .map(|r| {
                 format!(
@@ -223,7 +261,7 @@ pub async fn run_once(state: &AppState, id: &str) -> Result<String, String> {
                 )
             })
             .map_err(text),
-        "task_router" => task_router::run_once(state)
+        JobId::TaskRouter => task_router::run_once(state)
             .await
             .map(|r| {
                 let m = r.maintenance;
@@ -233,10 +271,10 @@ pub async fn run_once(state: &AppState, id: &str) -> Result<String, String> {
                 )
             })
             .map_err(text),
-        "registry_sync" => registry_client::run_once(state)
+        JobId::RegistrySync => registry_client::run_once(state)
             .await
             .map(|n| format!("{n} droplets synced")),
-        "heartbeat_cleanup" => async {
+        JobId::HeartbeatCleanup => async {
             let beats = health_monitor::cleanup_old_heartbeats(state).await?;
             let tasks = health_monitor::cleanup_old_tasks(state).await?;
             Ok::<_, sqlx::Error>(format!(
@@ -245,39 +283,43 @@ pub async fn run_once(state: &AppState, id: &str) -> Result<String, String> {
         }
         .await
         .map_err(text),
-        "websocket_ping" => {
+        JobId::WebsocketPing => {
             let interval = state.config().ws_heartbeat_interval;
             Ok(format!(
                 "{} clients pinged",
                 state.events.ping_all(interval)
             ))
         }
-        other => Err(format!("unknown job {other}")),
     }
 }
 
 /// A scheduled tick: skipped when paused, stopped or still running; an error is logged and
 /// the job runs again next time.
-async fn tick(state: AppState, id: &'static str) {
+async fn tick(state: AppState, id: JobId) {
     if state.emergency_stopped() || state.shutdown.is_cancelled() || !state.jobs.begin(id) {
         return;
     }
     let started = Instant::now();
     let outcome = run_once(&state, id).await;
     let label = if outcome.is_ok() { "ok" } else { "error" };
-    state.metrics.job_runs.with_label_values(&[id, label]).inc();
+    let name = id.as_str();
+    state
+        .metrics
+        .job_runs
+        .with_label_values(&[name, label])
+        .inc();
     state
         .metrics
         .job_duration
-        .with_label_values(&[id])
+        .with_label_values(&[name])
         .observe(started.elapsed().as_secs_f64());
     if let Err(e) = &outcome {
-        tracing::warn!(job = id, error = %e, "job run failed; it runs again next interval");
+        tracing::warn!(job = name, error = %e, "job run failed; it runs again next interval");
     }
     state.jobs.finish(id, started, &outcome);
 }
 
-fn make_job(state: &AppState, id: &'static str, every: u64) -> Result<Job, String> {
+fn make_job(state: &AppState, id: JobId, every: u64) -> Result<Job, String> {
     let s = state.clone();
     Job::new_repeated_async(Duration::from_secs(every.max(1)), move |_uuid, _lock| {
         let s = s.clone();
@@ -290,14 +332,14 @@ fn make_job(state: &AppState, id: &'static str, every: u64) -> Result<Job, Strin
 pub async fn start(state: &AppState) -> Result<(), String> {
     let scheduler = JobScheduler::new().await.map_err(|e| e.to_string())?;
     let config = state.config();
-    for id in JOB_IDS {
-        let every = interval_of(&config, id);
+    for id in JobId::ALL {
+        let every = id.interval(&config);
         let uuid = scheduler
             .add(make_job(state, id, every)?)
             .await
             .map_err(|e| e.to_string())?;
         state.jobs.with(|m| {
-            if let Some(j) = m.get_mut(id) {
+            if let Some(j) = m.get_mut(&id) {
                 j.scheduled = Some(uuid);
                 j.interval_seconds = every;
                 j.next_run = Some(Utc::now() + chrono::Duration::seconds(every as i64));
@@ -310,18 +352,18 @@ pub async fn start(state: &AppState) -> Result<(), String> {
 }
 
 /// Applies new intervals live (reload-config): each changed job is rescheduled.
-pub async fn reschedule(state: &AppState) -> Result<Vec<&'static str>, String> {
+pub async fn reschedule(state: &AppState) -> Result<Vec<JobId>, String> {
     let config = state.config();
     let guard = state.jobs.scheduler.lock().await;
     let Some(scheduler) = guard.as_ref() else {
         return Ok(Vec::new());
     };
     let mut changed = Vec::new();
-    for id in JOB_IDS {
-        let every = interval_of(&config, id);
+    for id in JobId::ALL {
+        let every = id.interval(&config);
         let old = state
             .jobs
-            .with(|m| m.get(id).map(|j| (j.interval_seconds, j.scheduled)));
+            .with(|m| m.get(&id).map(|j| (j.interval_seconds, j.scheduled)));
         let Some((current, uuid)) = old else {
             continue;
         };
@@ -338,7 +380,7 @@ pub async fn reschedule(state: &AppState) -> Result<Vec<&'static str>, String> {
             .await
             .map_err(|e| e.to_string())?;
         state.jobs.with(|m| {
-            if let Some(j) = m.get_mut(id) {
+            if let Some(j) = m.get_mut(&id) {
                 j.scheduled = Some(uuid);
                 j.interval_seconds = every;
                 j.next_run =

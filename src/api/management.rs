@@ -9,7 +9,7 @@ use serde_json::{json, Value};
 
 use crate::auth::{Caller, Permission};
 use crate::error::{ApiError, ApiResult};
-use crate::jobs;
+use crate::jobs::{self, JobId};
 use crate::services::config_reload::{self, ReloadError};
 use crate::services::registry_client;
 use crate::state::AppState;
@@ -29,11 +29,12 @@ pub fn router() -> Router<AppState> {
         .route("/management/cache/clear", post(clear_cache))
 }
 
-fn job_or_404(job_id: &str) -> ApiResult<&'static str> {
-    jobs::known(job_id).ok_or_else(|| {
+fn job_or_404(job_id: &str) -> ApiResult<JobId> {
+    JobId::parse(job_id).ok_or_else(|| {
+        let known: Vec<&str> = JobId::ALL.iter().map(|id| id.as_str()).collect();
         ApiError::not_found(format!(
             "Job {job_id} not found (jobs: {})",
-            jobs::JOB_IDS.join(", ")
+            known.join(", ")
         ))
     })
 }
@@ -65,7 +66,7 @@ pub async fn pause_job(
         .jobs
         .set_paused(&state, id, true)
         .ok_or_else(|| ApiError::not_found(format!("Job {job_id} not found")))?;
-    tracing::warn!(job = id, by = %caller.actor_name(), "job paused");
+    tracing::warn!(job = id.as_str(), by = %caller.actor_name(), "job paused");
     Ok(Udc::ok(json!({
         "job": job,
         "emergency_stop": state.emergency_stopped(),
@@ -91,7 +92,7 @@ pub async fn resume_job(
 ) -> ApiResult<Udc<Value>> {
     caller.require(Permission::Admin)?;
     let id = job_or_404(&job_id)?;
-    let ends_stop = id == "task_router" && state.emergency_stopped();
+    let ends_stop = id == JobId::TaskRouter && state.emergency_stopped();
     let resumed_by_stop_end = if ends_stop {
         state.jobs.end_emergency(&state)
     } else {
@@ -104,7 +105,7 @@ pub async fn resume_job(
     if ends_stop {
         tracing::warn!(by = %caller.actor_name(), "emergency stop ended");
     }
-    tracing::info!(job = id, by = %caller.actor_name(), "job resumed");
+    tracing::info!(job = id.as_str(), by = %caller.actor_name(), "job resumed");
     Ok(Udc::ok(json!({
         "job": job,
         "emergency_stop": state.emergency_stopped(),
