@@ -9,8 +9,8 @@ use serde_json::{json, Value};
 
 use crate::auth::{Caller, Permission};
 use crate::error::{ApiError, ApiResult};
-use crate::jobs;
-use crate::services::config_reload::ReloadError;
+use crate::jobs::{self, JobId};
+use crate::services::config_reload::{self, ReloadError};
 use crate::services::registry_client;
 use crate::state::AppState;
 use crate::udc::{OptionalEnvelope, PathParam, Udc};
@@ -29,11 +29,12 @@ pub fn router() -> Router<AppState> {
         .route("/management/cache/clear", post(clear_cache))
 }
 
-fn job_or_404(job_id: &str) -> ApiResult<&'static str> {
-    jobs::known(job_id).ok_or_else(|| {
+fn job_or_404(job_id: &str) -> ApiResult<JobId> {
+    JobId::parse(job_id).ok_or_else(|| {
+        let known: Vec<&str> = JobId::ALL.iter().map(|id| id.as_str()).collect();
         ApiError::not_found(format!(
             "Job {job_id} not found (jobs: {})",
-            jobs::JOB_IDS.join(", ")
+            known.join(", ")
         ))
     })
 }
@@ -65,7 +66,7 @@ pub async fn pause_job(
         .jobs
         .set_paused(&state, id, true)
         .ok_or_else(|| ApiError::not_found(format!("Job {job_id} not found")))?;
-    tracing::warn!(job = id, by = %caller.actor_name(), "job paused");
+    tracing::warn!(job = id.as_str(), by = %caller.actor_name(), "job paused");
     Ok(Udc::ok(json!({
         "job": job,
         "emergency_stop": state.emergency_stopped(),
@@ -91,7 +92,7 @@ pub async fn resume_job(
 ) -> ApiResult<Udc<Value>> {
     caller.require(Permission::Admin)?;
     let id = job_or_404(&job_id)?;
-    let ends_stop = id == "task_router" && state.emergency_stopped();
+    let ends_stop = id == JobId::TaskRouter && state.emergency_stopped();
     let resumed_by_stop_end = if ends_stop {
         state.jobs.end_emergency(&state)
     } else {
@@ -104,7 +105,7 @@ pub async fn resume_job(
     if ends_stop {
         tracing::warn!(by = %caller.actor_name(), "emergency stop ended");
     }
-    tracing::info!(job = id, by = %caller.actor_name(), "job resumed");
+    tracing::info!(job = id.as_str(), by = %caller.actor_name(), "job resumed");
     Ok(Udc::ok(json!({
         "job": job,
         "emergency_stop": state.emergency_stopped(),
@@ -130,14 +131,17 @@ pub async fn reload_config(
     _body: OptionalEnvelope,
 ) -> ApiResult<Udc<Value>> {
     caller.require(Permission::Admin)?;
-    let report = crate::jobs::reload_config(&state)
-        .await
-        .map_err(|e| match e {
+    let report =
+        config_reload::reload(&state, |level| state.log.set_level(level)).map_err(|e| match e {
             ReloadError::Invalid(e) => {
                 ApiError::invalid(&["env", e.variable], e.message, "value_error")
             }
             ReloadError::Apply(e) => ApiError::internal(format!("reload-config: {e}")),
         })?;
+    // New intervals take effect: each job whose interval changed is rescheduled.
+    let rescheduled_jobs = jobs::reschedule(&state)
+        .await
+        .map_err(|e| ApiError::internal(format!("reload-config: {e}")))?;
     tracing::warn!(by = %caller.actor_name(), applied = ?report.applied,
         restart_required = ?report.restart_required, "configuration reloaded");
     let message = match (
@@ -152,6 +156,7 @@ pub async fn reload_config(
         ),
     };
     let mut payload = serde_json::to_value(&report).unwrap_or_else(|_| json!({}));
+    payload["rescheduled_jobs"] = json!(rescheduled_jobs);
     payload["reloaded"] = json!(true);
     payload["message"] = json!(message);
     Ok(Udc::ok(payload))

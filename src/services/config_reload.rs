@@ -5,52 +5,8 @@ use std::collections::BTreeMap;
 
 use serde::Serialize;
 
-use crate::config::{Config, ConfigError};
+use crate::config::{self, Config, ConfigError};
 use crate::services::Core;
-
-/// Settings a running process cannot change: the listener, the pool, the runtime, the keys
-/// and the layers built at start-up. A reload reports them and keeps the values in force.
-pub const RESTART_REQUIRED: &[&str] = &[
-    "ENVIRONMENT",
-    "HOST",
-    "PORT",
-    "WORKERS",
-    "DATABASE_URL",
-    "DATABASE_POOL_SIZE",
-    "DATABASE_MAX_OVERFLOW",
-    "DATABASE_ACQUIRE_TIMEOUT_SECONDS",
-    "JWT_SECRET_KEY",
-    "JWT_ALGORITHM",
-    "JWT_EXPIRATION_SECONDS",
-    "REGISTRY_PUBLIC_KEY",
-    "ORCHESTRATOR_PRIVATE_KEY",
-    "DROPLET_ID",
-    "DROPLET_STEWARD",
-    "DISPATCH_CONCURRENCY",
-    "DISPATCH_PER_DROPLET_CONCURRENCY",
-    "REGISTRY_TOKEN",
-    "REGISTRY_KEY",
-    "REGISTRY_FETCH_PUBLIC_KEY",
-    "REGISTRY_ISSUER",
-    "REGISTRY_AUDIENCE",
-    "OUTBOUND_TOKEN_SECONDS",
-    "HEADER_READ_TIMEOUT_SECONDS",
-    "MAX_CONNECTIONS",
-    "WS_MAX_CONNECTIONS",
-    "WS_CLIENT_QUEUE",
-    "WS_MAX_MESSAGE_BYTES",
-    "MAX_BODY_BYTES",
-    "CORS_ALLOW_CREDENTIALS",
-];
-
-/// Settings whose values are secret: a change is reported, the values never.
-const SECRET: &[&str] = &[
-    "JWT_SECRET_KEY",
-    "REGISTRY_PUBLIC_KEY",
-    "ORCHESTRATOR_PRIVATE_KEY",
-    "REGISTRY_TOKEN",
-    "REGISTRY_KEY",
-];
 
 pub use crate::services::config_source::ConfigSource;
 
@@ -71,7 +27,6 @@ pub struct Reload {
     pub changed: Vec<Change>,
     pub applied: Vec<&'static str>,
     pub restart_required: Vec<&'static str>,
-    pub rescheduled_jobs: Vec<&'static str>,
 }
 
 /// Why a reload changed nothing.
@@ -85,16 +40,17 @@ pub enum ReloadError {
 
 /// Re-reads the settings and applies what can change live: the log level (through
 /// `set_log_level`), feature flags, rate limits, CORS origins, timeouts and the other values
-/// read where they are used. An invalid configuration changes nothing. The jobs are
-/// rescheduled by the caller (`jobs::reload_config`), which fills `rescheduled_jobs`.
-pub async fn reload(
+/// read where they are used. New job intervals are in the configuration now in force; the
+/// caller reschedules the jobs (the reload-config handler). An invalid configuration changes
+/// nothing.
+pub fn reload(
     state: &Core,
     set_log_level: impl FnOnce(&str) -> Result<(), String>,
 ) -> Result<Reload, ReloadError> {
     let mut next = state.config_source.load()?;
     let current = state.config();
     let changed = diff(&current, &next);
-    keep_restart_required(&mut next, &current);
+    next.keep_restart_required(&current);
     if next.cors_allow_credentials && next.cors_origins.iter().any(|o| o == "*") {
         return Err(ConfigError {
             variable: "CORS_ORIGINS",
@@ -126,7 +82,6 @@ pub async fn reload(
         changed,
         applied,
         restart_required,
-        rescheduled_jobs: Vec::new(),
     })
 }
 
@@ -134,77 +89,34 @@ pub async fn reload(
 fn diff(current: &Config, next: &Config) -> Vec<Change> {
     let before = current.describe();
     let after = next.describe();
-    let secret_changed = |name: &str| match name {
-        "JWT_SECRET_KEY" => {
-            // A secret generated per process is not a setting that changed.
-            !(current.jwt_secret_generated && next.jwt_secret_generated)
-                && current.jwt_secret_key != next.jwt_secret_key
-        }
-        "REGISTRY_PUBLIC_KEY" => current.registry_public_key != next.registry_public_key,
-        _ => current.orchestrator_private_key != next.orchestrator_private_key,
-    };
     let mut names: Vec<&'static str> = before.keys().chain(after.keys()).copied().collect();
     names.sort_unstable();
     names.dedup();
     names
         .into_iter()
         .filter_map(|name| {
+            let setting = config::setting(name)?;
             let (from, to) = (shown(&before, name), shown(&after, name));
-            let differs = if SECRET.contains(&name) {
-                secret_changed(name)
+            let differs = if setting.secret {
+                setting.differs(current, next)
             } else {
                 from != to
             };
-            differs.then(|| Change {
+            differs.then_some(Change {
                 setting: name,
                 from,
                 to,
-                applied: !RESTART_REQUIRED.contains(&name),
+                applied: !setting.restart_required,
             })
         })
         .collect()
 }
 
 fn shown(described: &BTreeMap<&'static str, String>, name: &str) -> String {
-    if SECRET.contains(&name) {
+    if config::setting(name).is_some_and(|s| s.secret) {
         return "********".into();
     }
     described.get(name).cloned().unwrap_or_default()
-}
-
-/// The values a running process cannot change stay as they are until a restart.
-fn keep_restart_required(next: &mut Config, current: &Config) {
-    next.environment = current.environment;
-    next.host = current.host;
-    next.port = current.port;
-    next.workers = current.workers;
-    next.database_url = current.database_url.clone();
-    next.database_pool_size = current.database_pool_size;
-    next.database_max_overflow = current.database_max_overflow;
-    next.database_acquire_timeout = current.database_acquire_timeout;
-    next.jwt_secret_key = current.jwt_secret_key.clone();
-    next.jwt_secret_generated = current.jwt_secret_generated;
-    next.jwt_algorithm = current.jwt_algorithm.clone();
-    next.jwt_expiration_seconds = current.jwt_expiration_seconds;
-    next.registry_public_key = current.registry_public_key.clone();
-    next.orchestrator_private_key = current.orchestrator_private_key.clone();
-    next.droplet_id = current.droplet_id;
-    next.droplet_steward = current.droplet_steward.clone();
-    next.dispatch_concurrency = current.dispatch_concurrency;
-    next.dispatch_per_droplet_concurrency = current.dispatch_per_droplet_concurrency;
-    next.registry_token = current.registry_token.clone();
-    next.registry_key = current.registry_key.clone();
-    next.registry_fetch_public_key = current.registry_fetch_public_key;
-    next.registry_issuer = current.registry_issuer.clone();
-    next.registry_audience = current.registry_audience.clone();
-    next.outbound_token_seconds = current.outbound_token_seconds;
-    next.header_read_timeout_seconds = current.header_read_timeout_seconds;
-    next.max_connections = current.max_connections;
-    next.ws_max_connections = current.ws_max_connections;
-    next.ws_client_queue = current.ws_client_queue;
-    next.ws_max_message_bytes = current.ws_max_message_bytes;
-    next.max_body_bytes = current.max_body_bytes;
-    next.cors_allow_credentials = current.cors_allow_credentials;
 }
 
 #[cfg(test)]
@@ -241,6 +153,17 @@ mod tests {
         assert!(!changes[1].applied);
         assert!(changes[2].applied);
         assert!(diff(&a, &a).is_empty());
+    }
+
+    #[test]
+    fn each_secret_is_compared_on_its_own() {
+        let a = config(&[]);
+        for name in ["REGISTRY_TOKEN", "REGISTRY_KEY", "ORCHESTRATOR_PRIVATE_KEY"] {
+            let changes = diff(&a, &config(&[(name, "x")]));
+            let names: Vec<_> = changes.iter().map(|c| c.setting).collect();
+            assert_eq!(names, [name]);
+            assert_eq!(changes[0].to, "********");
+        }
     }
 
     #[test]
@@ -285,10 +208,11 @@ mod tests {
         ]);
         let reported: Vec<_> = diff(&current, &next).iter().map(|c| c.setting).collect();
         // ENABLE_SWAGGER and HOST's default follow ENVIRONMENT; the rest is this list.
-        for name in RESTART_REQUIRED {
-            assert!(reported.contains(name), "{name} not reported");
+        let restart_required = config::SETTINGS.iter().filter(|s| s.restart_required);
+        for name in restart_required.map(|s| s.name) {
+            assert!(reported.contains(&name), "{name} not reported");
         }
-        keep_restart_required(&mut next, &current);
+        next.keep_restart_required(&current);
         let left: Vec<_> = diff(&current, &next)
             .into_iter()
             .filter(|c| !c.applied)
@@ -301,7 +225,7 @@ mod tests {
     fn restart_required_values_stay_in_force() {
         let current = config(&[("PORT", "8000"), ("LOG_LEVEL", "INFO")]);
         let mut next = config(&[("PORT", "9000"), ("LOG_LEVEL", "ERROR")]);
-        keep_restart_required(&mut next, &current);
+        next.keep_restart_required(&current);
         assert_eq!(next.port, 8000);
         assert_eq!(next.log_level, "ERROR");
     }

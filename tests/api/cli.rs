@@ -136,8 +136,8 @@ fn check_config_prints_the_effective_configuration_with_secrets_masked() {
         !stdout.contains(SECRET) && !stdout.contains("hunter2"),
         "a secret was printed: {stdout}"
     );
-    for (name, _, _) in orchestrator::config::VARIABLES {
-        if *name != "RELOAD" {
+    for name in orchestrator::config::SETTINGS.iter().map(|s| s.name) {
+        if name != "RELOAD" {
             assert!(
                 stdout.lines().any(|l| l.starts_with(&format!("{name}="))),
                 "{name} not printed"
@@ -261,7 +261,7 @@ fn env_example() -> (String, std::collections::HashMap<String, String>) {
 #[test]
 fn env_example_lists_every_variable_with_its_default() {
     let (text, values) = env_example();
-    for (name, _, _) in orchestrator::config::VARIABLES {
+    for name in orchestrator::config::SETTINGS.iter().map(|s| s.name) {
         let listed = text.lines().any(|l| {
             let l = l.trim_start_matches('#').trim_start();
             l.starts_with(&format!("{name}="))
@@ -270,9 +270,7 @@ fn env_example_lists_every_variable_with_its_default() {
     }
     for name in values.keys() {
         assert!(
-            orchestrator::config::VARIABLES
-                .iter()
-                .any(|(n, _, _)| n == name),
+            orchestrator::config::setting(name).is_some(),
             ".env.example sets {name}, which the service does not read"
         );
     }

@@ -23,6 +23,7 @@ use axum::http::StatusCode;
 use axum::routing::post;
 use axum::{Json, Router};
 use orchestrator::config::Config;
+pub use orchestrator::jobs::JobId;
 use orchestrator::state::AppState;
 use reqwest::Method;
 use serde_json::{json, Value};
@@ -637,7 +638,9 @@ impl TestApp {
     /// pass a trigger began) may be running when the pause lands, and would otherwise move
     /// rows a test is about to seed.
     pub async fn pause_routing(&self) {
-        self.state.jobs.set_paused(&self.state, "task_router", true);
+        self.state
+            .jobs
+            .set_paused(&self.state, JobId::TaskRouter, true);
         eventually(
             Duration::from_secs(10),
             "the routing loop still",
@@ -731,13 +734,13 @@ impl TestApp {
     }
 
     /// How many times a scheduled job has run so far.
-    pub fn job_runs(&self, id: &str) -> u64 {
+    pub fn job_runs(&self, id: JobId) -> u64 {
         self.state.jobs.get(id).map(|j| j.runs).unwrap_or(0)
     }
 
     /// Waits until the scheduled job `id` has run `n` more times (a clock made of job runs,
     /// so a test can wait "at least one interval" without sleeping a fixed time).
-    pub async fn wait_job_runs(&self, id: &str, n: u64, within: Duration) {
+    pub async fn wait_job_runs(&self, id: JobId, n: u64, within: Duration) {
         let target = self.job_runs(id) + n;
         eventually(within, &format!("{id} ran {n} more times"), || async move {
             (self.job_runs(id) >= target).then_some(())

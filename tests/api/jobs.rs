@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use orchestrator::jobs::{self, JOB_IDS};
+use orchestrator::jobs;
 use orchestrator::services::{health_monitor, task_recovery};
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
@@ -44,7 +44,7 @@ async fn the_five_jobs_are_listed_with_their_last_and_next_runs() {
     })
     .await;
     let ids: Vec<&str> = jobs.iter().map(|j| j["id"].as_str().unwrap()).collect();
-    assert_eq!(ids, JOB_IDS);
+    assert_eq!(ids, JobId::ALL.map(JobId::as_str));
     for j in &jobs {
         assert_eq!(j["interval_seconds"], 1, "{j}");
         assert_eq!(j["paused"], false, "{j}");
@@ -58,11 +58,12 @@ async fn the_five_jobs_are_listed_with_their_last_and_next_runs() {
 #[tokio::test]
 async fn every_job_runs_once_on_demand() {
     let app = TestApp::spawn().await;
-    for id in JOB_IDS {
+    for id in JobId::ALL {
         let outcome = jobs::run_once(&app.state, id).await;
         assert!(outcome.is_ok(), "{id}: {outcome:?}");
+        assert_eq!(JobId::parse(id.as_str()), Some(id));
     }
-    assert!(jobs::run_once(&app.state, "nope").await.is_err());
+    assert_eq!(JobId::parse("nope"), None);
 }
 
 #[tokio::test]
@@ -91,10 +92,10 @@ async fn pausing_the_router_stops_assignment_and_resuming_restarts_it() {
     eventually(
         Duration::from_secs(2),
         "no router round in flight",
-        || async { (!app.state.jobs.get("task_router").unwrap().running).then_some(()) },
+        || async { (!app.state.jobs.get(JobId::TaskRouter).unwrap().running).then_some(()) },
     )
     .await;
-    let runs = app.job_runs("task_router");
+    let runs = app.job_runs(JobId::TaskRouter);
 
     let id = app
         .create_task(
@@ -103,17 +104,17 @@ async fn pausing_the_router_stops_assignment_and_resuming_restarts_it() {
         )
         .await;
     // Two health monitor runs: more than a router interval has passed.
-    app.wait_job_runs("health_monitor", 2, Duration::from_secs(4))
+    app.wait_job_runs(JobId::HealthMonitor, 2, Duration::from_secs(4))
         .await;
     assert_eq!(app.holder(id).await.0, "pending");
-    assert_eq!(app.job_runs("task_router"), runs, "a paused job ran");
+    assert_eq!(app.job_runs(JobId::TaskRouter), runs, "a paused job ran");
     assert!(job(&listed(&app).await, "task_router")["paused"] == true);
 
     let (s, body) = admin_post(&app, "/management/scheduler/jobs/task_router/resume").await;
     assert_eq!(s, StatusCode::OK, "{body}");
     assert_eq!(body["payload"]["job"]["paused"], false);
     app.wait_assigned(id, 50, Duration::from_secs(3)).await;
-    app.wait_job_runs("task_router", 1, Duration::from_secs(3))
+    app.wait_job_runs(JobId::TaskRouter, 1, Duration::from_secs(3))
         .await;
 }
 

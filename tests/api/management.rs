@@ -49,7 +49,7 @@ async fn management_endpoints_are_for_admins_only() {
     // Nothing happened.
     assert!(!app.state.shutdown.is_cancelled());
     assert!(!app.state.emergency_stopped());
-    assert!(!app.state.jobs.is_paused("task_router"));
+    assert!(!app.state.jobs.is_paused(JobId::TaskRouter));
     // The version stays public.
     let (s, b) = app
         .request(Method::GET, "/management/version", None, None)
@@ -109,7 +109,7 @@ async fn reload_config_changes_the_router_interval_live() {
     assert_eq!(config.port, 0, "the port waits for a restart");
 
     // The job now runs every second.
-    app.wait_job_runs("task_router", 2, Duration::from_secs(4))
+    app.wait_job_runs(JobId::TaskRouter, 2, Duration::from_secs(4))
         .await;
     let (s, body) = app.get("/management/scheduler/jobs", &app.admin()).await;
     assert_eq!(s, StatusCode::OK);
@@ -161,7 +161,11 @@ async fn an_invalid_reload_changes_nothing() {
     );
     assert_eq!(app.state.config().task_router_interval, 3600);
     assert_eq!(
-        app.state.jobs.get("task_router").unwrap().interval_seconds,
+        app.state
+            .jobs
+            .get(JobId::TaskRouter)
+            .unwrap()
+            .interval_seconds,
         3600
     );
 }
@@ -213,7 +217,7 @@ async fn an_emergency_stop_halts_routing_until_the_router_is_resumed() {
     eventually(
         Duration::from_secs(2),
         "no router round in flight",
-        || async { (!app.state.jobs.get("task_router").unwrap().running).then_some(()) },
+        || async { (!app.state.jobs.get(JobId::TaskRouter).unwrap().running).then_some(()) },
     )
     .await;
     // Tasks are still recorded, and reads work; nothing is routed or dispatched.
@@ -226,7 +230,7 @@ async fn an_emergency_stop_halts_routing_until_the_router_is_resumed() {
     assert_eq!(app.task(id).await["status"], "pending");
     let (s, _) = app.get("/droplets", &app.admin()).await;
     assert_eq!(s, StatusCode::OK);
-    orchestrator::jobs::run_once(&app.state, "task_router")
+    orchestrator::jobs::run_once(&app.state, JobId::TaskRouter)
         .await
         .unwrap();
     app.state.router.trigger();
@@ -250,14 +254,14 @@ async fn an_emergency_stop_halts_routing_until_the_router_is_resumed() {
     })
     .await;
     for job in [
-        "health_monitor",
-        "task_router",
-        "registry_sync",
-        "websocket_ping",
+        JobId::HealthMonitor,
+        JobId::TaskRouter,
+        JobId::RegistrySync,
+        JobId::WebsocketPing,
     ] {
         assert!(!app.state.jobs.is_paused(job), "{job} still paused");
     }
-    assert!(app.state.jobs.is_paused("heartbeat_cleanup"));
+    assert!(app.state.jobs.is_paused(JobId::HeartbeatCleanup));
 }
 
 #[tokio::test]

@@ -75,7 +75,7 @@ async fn data_set(app: &TestApp) -> i32 {
     app.pause_routing().await;
     app.state
         .jobs
-        .set_paused(&app.state, "health_monitor", true);
+        .set_paused(&app.state, JobId::HealthMonitor, true);
     let d8: i32 = sqlx::query_scalar(
         "INSERT INTO droplets (droplet_id, name, endpoint, capabilities, status, last_heartbeat, registered_at)
          VALUES (8, 'verifier', 'http://127.0.0.1:9', '[\"verify\"]', 'active', NOW(), NOW() - interval '2 days'),
@@ -459,7 +459,7 @@ async fn system_health_reports_database_pool_jobs_websockets_and_registry() {
     let app = TestApp::spawn().await;
     app.state
         .jobs
-        .set_paused(&app.state, "heartbeat_cleanup", true);
+        .set_paused(&app.state, JobId::HeartbeatCleanup, true);
     eventually(Duration::from_secs(10), "event listener connected", || {
         let connected = app.state.events.stats().listener.connected;
         async move { connected.then_some(()) }

@@ -478,7 +478,7 @@ async fn a_droplet_refusing_three_deliveries_in_a_row_is_marked_error_until_it_h
     assert_eq!(refusing.executed(), [id as i64; 3]);
 
     // Out of routing: the router runs and leaves the task pending.
-    app.wait_job_runs("task_router", 2, SOON).await;
+    app.wait_job_runs(JobId::TaskRouter, 2, SOON).await;
     assert_eq!(app.holder(id).await, ("pending".to_string(), None));
     assert_eq!(refusing.executed().len(), 3);
 

@@ -180,7 +180,7 @@ async fn a_task_that_always_fails_runs_max_retries_plus_one_times_then_stays_fai
         assert_eq!(s, StatusCode::OK, "{b}");
     }
     // The retry job runs twice more; the task has used its retries.
-    app.wait_job_runs("task_router", 2, Duration::from_secs(4))
+    app.wait_job_runs(JobId::TaskRouter, 2, Duration::from_secs(4))
         .await;
     assert_eq!(app.holder(id).await.0, "failed");
     assert_eq!(app.retry_count(id).await, 2);

@@ -130,13 +130,15 @@ async fn work_spreads_evenly_over_the_least_loaded_droplets() {
     assert!(app
         .state
         .jobs
-        .set_paused(&app.state, "task_router", true)
+        .set_paused(&app.state, JobId::TaskRouter, true)
         .is_some());
     for i in 0..36 {
         app.create_task(5, task_for(Some("spread"), 5, &format!("t{i}")))
             .await;
     }
-    app.state.jobs.set_paused(&app.state, "task_router", false);
+    app.state
+        .jobs
+        .set_paused(&app.state, JobId::TaskRouter, false);
     eventually(SOON, "40 tasks assigned", || async {
         let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM tasks WHERE status = 'assigned'")
             .fetch_one(&app.db)
@@ -367,7 +369,9 @@ async fn two_routers_on_one_database_assign_each_task_exactly_once() {
     assert_eq!(ids.len(), 600);
 
     for app in [&a, &b] {
-        app.state.jobs.set_paused(&app.state, "task_router", false);
+        app.state
+            .jobs
+            .set_paused(&app.state, JobId::TaskRouter, false);
     }
     let mut passes = Vec::new();
     for _ in 0..4 {
