@@ -15,6 +15,7 @@ use crate::identity::Keys;
 use crate::instruments::Metrics;
 use crate::services::config_source::ConfigSource;
 use crate::services::contracts::Contracts;
+use crate::services::create_queue::CreateQueue;
 use crate::services::dispatch::slots::Dispatcher;
 use crate::services::endpoints::{self, EndpointPolicy};
 use crate::services::events::EventHub;
@@ -42,6 +43,8 @@ pub struct Parts {
     pub endpoint_policy: EndpointPolicy,
     /// Compiled capability contracts (JSON Schemas), shared by creation and routing.
     pub contracts: Contracts,
+    /// Creations waiting to share an insert and a commit.
+    pub creates: CreateQueue,
     /// Cancelled when the process shuts down (SIGTERM, /management/shutdown).
     pub shutdown: CancellationToken,
     /// Set by /management/emergency-stop until the jobs are resumed.
@@ -75,6 +78,7 @@ impl Core {
             delivery,
             endpoint_policy,
             contracts: Contracts::new(),
+            creates: CreateQueue::new((config.pool_max_connections() as usize / 4).clamp(1, 8)),
             db,
             keys,
             events: EventHub::new(&config),

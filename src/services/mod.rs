@@ -6,6 +6,7 @@ pub mod config_reload;
 pub mod config_source;
 pub mod contracts;
 pub mod core;
+pub mod create_queue;
 pub mod dispatch;
 pub mod droplet_admin;
 pub mod droplets;

@@ -1,6 +1,8 @@
 //! Tasks: creation (idempotent by trace id), reading, listing, and the moves callers ask
 //! for (PATCH, cancel), all through the state machine.
 
+use std::collections::{HashMap, HashSet};
+
 use chrono::NaiveDateTime;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -9,6 +11,7 @@ use uuid::Uuid;
 
 use crate::identity::Principal;
 use crate::protocol;
+use crate::services::create_queue::{NewRow, Waiting};
 use crate::services::error::{Error, Result};
 use crate::services::events::{self, Event, TaskEventKind};
 use crate::services::state_machine::{Actor, Mode, Move, Status};
@@ -229,23 +232,24 @@ pub async fn create_at(
             check_contracts(state, capability, &payload, payload_loc).await?;
         }
     }
-    let mut t = Transition::begin(state).await?;
-    let inserted: Option<Task> = sqlx::query_as(INSERT_TASK)
-        .bind(trace)
-        .bind(&new.task_type)
-        .bind(&new.title)
-        .bind(&new.description)
-        .bind(&payload)
-        .bind(new.required_capability.as_deref().filter(|c| !c.is_empty()))
-        .bind(new.priority.unwrap_or(5) as i32)
-        .bind(new.max_retries.unwrap_or(3) as i32)
-        .bind(deadline)
-        .bind(&created_by)
-        .bind(caller.actor_name())
-        .fetch_optional(t.conn())
-        .await?;
+    let inserted = insert(
+        state,
+        NewRow {
+            trace_id: trace,
+            task_type: new.task_type,
+            title: new.title,
+            description: new.description,
+            payload,
+            required_capability: new.required_capability.filter(|c| !c.is_empty()),
+            priority: new.priority.unwrap_or(5) as i32,
+            max_retries: new.max_retries.unwrap_or(3) as i32,
+            deadline,
+            created_by: created_by.clone(),
+            changed_by: caller.actor_name(),
+        },
+    )
+    .await?;
     let Some(task) = inserted else {
-        t.rollback().await?;
         let existing = load_by_trace(&state.db, trace)
             .await?
             .ok_or_else(|| Error::conflict(format!("Trace id {trace} is in use")))?;
@@ -256,16 +260,185 @@ pub async fn create_at(
             "Trace id {trace} was already used by another creator"
         )));
     };
-    let event = Event::task(
-        TaskEventKind::TaskCreated,
-        Some(task.trace_id.to_string()),
-        serde_json::to_value(&task).unwrap_or(Value::Null),
-        None,
-    );
-    events::notify(t.conn(), &[event]).await?;
-    t.created(&task);
-    t.commit().await?;
     Ok((task, true))
+}
+
+/// Inserts many tasks in one statement, each with its first history row (public for the
+/// benchmark). Rows are given as arrays, one element per task; a taken trace id is skipped.
+pub const INSERT_TASKS: &str = const_format::concatcp!(
+    "WITH input AS (
+        SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::jsonb[],
+                             $6::text[], $7::int[], $8::int[], $9::timestamp[], $10::text[],
+                             $11::text[])
+            WITH ORDINALITY AS i(trace_id, task_type, title, description, payload,
+                                 required_capability, priority, max_retries, deadline,
+                                 created_by, changed_by, n)
+     ), t AS (
+        INSERT INTO tasks (trace_id, task_type, title, description, payload, required_capability,
+                           priority, max_retries, deadline, created_by, status)
+        SELECT trace_id, task_type, title, description, payload, required_capability,
+               priority, max_retries, deadline, created_by, 'pending'
+        FROM input ORDER BY n
+        ON CONFLICT (trace_id) DO NOTHING
+        RETURNING *
+     ), h AS (
+        INSERT INTO task_state_history (task_id, from_status, to_status, changed_by, reason)
+        SELECT t.id, NULL, 'pending', input.changed_by, 'created'
+        FROM t JOIN input ON input.trace_id = t.trace_id ORDER BY t.id
+     )
+     SELECT ",
+    TASK_COLUMNS_CTE,
+    " FROM t LEFT JOIN droplets d ON d.id = t.assigned_droplet_id ORDER BY t.id"
+);
+
+/// Inserts a task with its first history row and its `task_created` event, sharing one
+/// transaction and one commit with the creations waiting at the same moment. Answers once
+/// the row is committed: the task, or `None` when its trace id was taken.
+async fn insert(core: &Core, row: NewRow) -> Result<Option<Task>> {
+    let answer = core.creates.push(row);
+    lead(core);
+    match answer.await {
+        Ok(inserted) => Ok(inserted?),
+        Err(_) => Err(Error::internal("a shared insert ended without an answer")),
+    }
+}
+
+/// Inserts rows as if their creations came at the same moment: they share one insert and
+/// one commit, unless one of them fails it, when each is tried alone. In the order given.
+pub async fn insert_all(core: &Core, rows: Vec<NewRow>) -> Vec<Result<Option<Task>>> {
+    let answers: Vec<_> = rows.into_iter().map(|row| core.creates.push(row)).collect();
+    lead(core);
+    let mut out = Vec::with_capacity(answers.len());
+    for answer in answers {
+        out.push(match answer.await {
+            Ok(inserted) => inserted.map_err(Error::from),
+            Err(_) => Err(Error::internal("a shared insert ended without an answer")),
+        });
+    }
+    out
+}
+
+/// Becomes a leader when a place is free: inserts what waits, batch after batch, until
+/// nothing does. A leader runs on its own task, so a client that goes away cancels nobody
+/// else's creation.
+fn lead(core: &Core) {
+    let Some(permit) = core.creates.try_lead() else {
+        // The leaders at work take this row with their next batch.
+        return;
+    };
+    let core = core.clone();
+    tokio::spawn(async move {
+        let mut permit = Some(permit);
+        while permit.is_some() {
+            loop {
+                let batch = core.creates.take();
+                if batch.is_empty() {
+                    break;
+                }
+                insert_batch(&core, batch).await;
+            }
+            drop(permit.take());
+            // A row may have come while this leader let go, when no place was free for it.
+            if !core.creates.is_empty() {
+                permit = core.creates.try_lead();
+            }
+        }
+    });
+}
+
+/// One shared insert; should it fail (one row the database refuses, say), each row is tried
+/// alone, so one bad creation never fails its neighbours.
+async fn insert_batch(core: &Core, batch: Vec<Waiting>) {
+    let rows: Vec<&NewRow> = batch.iter().map(|w| &w.row).collect();
+    match insert_rows(core, &rows).await {
+        Ok(mut inserted) => {
+            for w in batch {
+                let _ = w.reply.send(Ok(inserted.remove(&w.row.trace_id)));
+            }
+        }
+        Err(e) if batch.len() == 1 => {
+            if let Some(w) = batch.into_iter().next() {
+                let _ = w.reply.send(Err(e));
+            }
+        }
+        Err(_) => {
+            for w in batch {
+                let alone = insert_rows(core, &[&w.row])
+                    .await
+                    .map(|mut m| m.remove(&w.row.trace_id));
+                let _ = w.reply.send(alone);
+            }
+        }
+    }
+}
+
+/// Inserts the rows (the first of each trace id) with their history rows and events, in
+/// one transaction through the transition path. Returns the tasks inserted by trace id.
+async fn insert_rows(
+    core: &Core,
+    rows: &[&NewRow],
+) -> std::result::Result<HashMap<Uuid, Task>, sqlx::Error> {
+    let mut seen = HashSet::with_capacity(rows.len());
+    let rows: Vec<&NewRow> = rows
+        .iter()
+        .copied()
+        .filter(|r| seen.insert(r.trace_id))
+        .collect();
+    let mut t = Transition::begin(core).await?;
+    let tasks: Vec<Task> = sqlx::query_as(INSERT_TASKS)
+        .bind(rows.iter().map(|r| r.trace_id).collect::<Vec<_>>())
+        .bind(
+            rows.iter()
+                .map(|r| r.task_type.as_str())
+                .collect::<Vec<_>>(),
+        )
+        .bind(rows.iter().map(|r| r.title.as_str()).collect::<Vec<_>>())
+        .bind(
+            rows.iter()
+                .map(|r| r.description.as_deref())
+                .collect::<Vec<_>>(),
+        )
+        .bind(rows.iter().map(|r| &r.payload).collect::<Vec<_>>())
+        .bind(
+            rows.iter()
+                .map(|r| r.required_capability.as_deref())
+                .collect::<Vec<_>>(),
+        )
+        .bind(rows.iter().map(|r| r.priority).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.max_retries).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| r.deadline).collect::<Vec<_>>())
+        .bind(
+            rows.iter()
+                .map(|r| r.created_by.as_str())
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            rows.iter()
+                .map(|r| r.changed_by.as_str())
+                .collect::<Vec<_>>(),
+        )
+        .fetch_all(t.conn())
+        .await?;
+    let events: Vec<Event> = tasks
+        .iter()
+        .map(|task| {
+            Event::task(
+                TaskEventKind::TaskCreated,
+                Some(task.trace_id.to_string()),
+                serde_json::to_value(task).unwrap_or(Value::Null),
+                None,
+            )
+        })
+        .collect();
+    events::notify(t.conn(), &events).await?;
+    for task in &tasks {
+        t.created(task);
+    }
+    t.commit().await?;
+    Ok(tasks
+        .into_iter()
+        .map(|task| (task.trace_id, task))
+        .collect())
 }
 
 /// Filters of `GET /tasks`.

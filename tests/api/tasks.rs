@@ -943,3 +943,76 @@ async fn a_task_nobody_can_run_stays_pending_and_one_for_a_capable_droplet_is_ro
     .await;
     assert_eq!(app.task_status(held).await, "pending");
 }
+
+fn new_row(title: &str) -> orchestrator::services::create_queue::NewRow {
+    orchestrator::services::create_queue::NewRow {
+        trace_id: Uuid::new_v4(),
+        task_type: "batched".into(),
+        title: title.into(),
+        description: None,
+        payload: json!({}),
+        required_capability: None,
+        priority: 5,
+        max_retries: 3,
+        deadline: None,
+        created_by: "5".into(),
+        changed_by: "droplet-5".into(),
+    }
+}
+
+/// How many transactions wrote the tasks (rows written by one share its `xmin`).
+async fn writing_transactions(app: &TestApp) -> i64 {
+    sqlx::query_scalar("SELECT COUNT(DISTINCT xmin::text) FROM tasks")
+        .fetch_one(&app.db)
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn creations_at_one_moment_share_one_commit_and_a_bad_one_fails_alone() {
+    let app = TestApp::spawn().await;
+    app.pause_routing().await;
+    // Twenty at once: one insert, one commit, each with its history row and its event.
+    let rows: Vec<_> = (0..20).map(|i| new_row(&format!("t{i}"))).collect();
+    let answers = orchestrator::services::tasks::insert_all(&app.state, rows).await;
+    assert!(answers.iter().all(|a| matches!(a, Ok(Some(_)))));
+    assert_eq!(counts(&app).await, (20, 20));
+    assert_eq!(writing_transactions(&app).await, 1);
+    let created_events: i64 = sqlx::query_scalar(
+        "SELECT (SELECT COUNT(*) FROM event_outbox WHERE envelope->'payload'->>'event' = 'task_created')
+              + (SELECT COUNT(*) FROM events WHERE envelope->'payload'->>'event' = 'task_created')",
+    )
+    .fetch_one(&app.db)
+    .await
+    .unwrap();
+    assert_eq!(created_events, 20);
+
+    // Twenty more, one of which the database refuses (a NUL in its title): the other
+    // nineteen are committed all the same, the bad one alone fails, nothing of it is left.
+    let mut rows: Vec<_> = (0..20).map(|i| new_row(&format!("u{i}"))).collect();
+    rows[7].title = "bad\u{0}".into();
+    let bad_trace = rows[7].trace_id;
+    let answers = orchestrator::services::tasks::insert_all(&app.state, rows).await;
+    for (i, a) in answers.iter().enumerate() {
+        if i == 7 {
+            assert!(a.is_err(), "the NUL row: {a:?}");
+        } else {
+            assert!(matches!(a, Ok(Some(_))), "row {i}: {a:?}");
+        }
+    }
+    assert_eq!(counts(&app).await, (39, 39));
+    let bad: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM tasks WHERE trace_id = $1")
+        .bind(bad_trace)
+        .fetch_one(&app.db)
+        .await
+        .unwrap();
+    assert_eq!(bad, 0);
+
+    // A trace id given twice in one batch: one task, the second is told it was taken.
+    let row = new_row("twice");
+    let answers =
+        orchestrator::services::tasks::insert_all(&app.state, vec![row.clone(), row]).await;
+    assert!(matches!(answers[0], Ok(Some(_))), "{:?}", answers[0]);
+    assert!(matches!(answers[1], Ok(None)), "{:?}", answers[1]);
+    assert_eq!(counts(&app).await, (40, 40));
+}
