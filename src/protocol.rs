@@ -77,6 +77,12 @@ impl<'a, P: Serialize> Envelope<'a, P> {
         self
     }
 
+    /// The time the message says it was sent, in a form of the sender's choosing.
+    pub fn at(mut self, timestamp: String) -> Self {
+        self.timestamp = timestamp;
+        self
+    }
+
     /// The sender's signature (a token the Registry issued), for droplets that require one.
     pub fn signed(mut self, signature: Option<&'a str>) -> Self {
         self.signature = signature;

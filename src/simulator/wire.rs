@@ -6,7 +6,7 @@
 use serde_json::{json, Value};
 use uuid::Uuid;
 
-use crate::protocol::{now_iso, UDC_VERSION};
+use crate::protocol::{now_iso, Envelope};
 
 /// The id every envelope names as its `target`: the orchestrator, droplet #10.
 pub const ORCHESTRATOR: i32 = 10;
@@ -96,15 +96,10 @@ impl Wire {
             Stamp::Micros => now_iso(),
             Stamp::Rfc3339 => chrono::Utc::now().to_rfc3339(),
         };
-        json!({
-            "udc_version": UDC_VERSION,
-            "trace_id": trace_id,
-            "source": source,
-            "target": ORCHESTRATOR,
-            "message_type": message_type,
-            "payload": payload,
-            "timestamp": timestamp,
-        })
+        Envelope::new(message_type, source, ORCHESTRATOR, payload)
+            .trace(Some(trace_id.to_string()))
+            .at(timestamp)
+            .to_value()
     }
 
     /// `POST /droplets/register`'s envelope for droplet `id` at `endpoint`.
