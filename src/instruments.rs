@@ -19,19 +19,7 @@ pub struct Metrics {
     pub droplets_by_status: IntGaugeVec,
     pub ws_connections: IntGaugeVec,
     pub pool: IntGaugeVec,
-    /// Counts of finished tasks (completed, failed, cancelled): they only grow with the
-    /// history, so a scrape answers from the last count and recounts in the background at
-    /// most every [`FINISHED_RECOUNT`].
-    pub finished: std::sync::Mutex<Option<FinishedCounts>>,
-    pub finished_recounting: std::sync::atomic::AtomicBool,
 }
-
-/// When the finished-task counts were taken, and the `(status, count)` pairs.
-pub type FinishedCounts = (std::time::Instant, Vec<(String, i64)>);
-
-/// How old the finished-task counts of `/metrics` may get before a scrape recounts them (in
-/// the background: the scrape itself never waits for it).
-pub const FINISHED_RECOUNT: std::time::Duration = std::time::Duration::from_secs(30);
 
 fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
     let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
@@ -121,8 +109,6 @@ impl Metrics {
                 &["state"],
             ),
             registry: r,
-            finished: std::sync::Mutex::new(None),
-            finished_recounting: std::sync::atomic::AtomicBool::new(false),
         }
     }
 

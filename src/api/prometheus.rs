@@ -8,6 +8,7 @@ use axum::Router;
 use prometheus::{Encoder, TextEncoder};
 
 use crate::error::{ApiError, ApiResult};
+use crate::services::system_status;
 use crate::state::AppState;
 
 pub fn router() -> Router<AppState> {
@@ -49,24 +50,13 @@ pub async fn scrape(State(state): State<AppState>) -> ApiResult<Response> {
     Ok(response)
 }
 
-/// The gauges at scrape time, none of them a count of the history: the live statuses
-/// (pending, assigned, in progress) and the droplets are counted through their indexes,
-/// which stay small however many tasks have finished; the finished ones come from the last
-/// count, recounted in the background at most every `FINISHED_RECOUNT`. An unreachable
-/// database leaves the gauges as they were (the scrape still answers, so the pool and
-/// request metrics show the outage).
+/// The gauges at scrape time: tasks by status from the counts kept as changes happen
+/// (exact, a handful of rows however many tasks there are), droplets by status, WebSocket
+/// connections and the pool. An unreachable database leaves the gauges as they were (the
+/// scrape still answers, so the pool and request metrics show the outage).
 async fn refresh_gauges(state: &AppState) {
     let m = &state.metrics;
-    let live: Result<Vec<(String, String, i64)>, sqlx::Error> = sqlx::query_as(
-        "SELECT 'task', status, COUNT(*) FROM tasks
-         WHERE status IN ('pending', 'assigned', 'in_progress') GROUP BY status
-         UNION ALL
-         SELECT 'droplet', status, COUNT(*) FROM droplets GROUP BY status",
-    )
-    .fetch_all(&state.db)
-    .await;
-    let finished = finished_counts(state).await;
-    match live {
+    match system_status::by_status(&state.db).await {
         Ok(rows) => {
             for s in TASK_STATUSES {
                 m.tasks_by_status.with_label_values(&[s]).set(0);
@@ -74,10 +64,7 @@ async fn refresh_gauges(state: &AppState) {
             for s in DROPLET_STATUSES {
                 m.droplets_by_status.with_label_values(&[s]).set(0);
             }
-            let finished = finished
-                .into_iter()
-                .map(|(s, n)| ("task".to_string(), s, n));
-            for (kind, status, n) in rows.into_iter().chain(finished) {
+            for (kind, status, n) in rows {
                 let gauge = if kind == "task" {
                     &m.tasks_by_status
                 } else {
@@ -103,45 +90,4 @@ async fn refresh_gauges(state: &AppState) {
         .with_label_values(&["in_use"])
         .set((size - idle).max(0));
     m.pool.with_label_values(&["max"]).set(max);
-}
-
-/// The finished-task counts: the last ones, recounted in the background when older than
-/// `FINISHED_RECOUNT` (counted now only the first time, when there is nothing to show).
-async fn finished_counts(state: &AppState) -> Vec<(String, i64)> {
-    use std::sync::atomic::Ordering;
-    let cached = state.metrics.finished.lock().ok().and_then(|c| c.clone());
-    match cached {
-        Some((at, counts)) => {
-            if at.elapsed() > crate::instruments::FINISHED_RECOUNT
-                && !state
-                    .metrics
-                    .finished_recounting
-                    .swap(true, Ordering::SeqCst)
-            {
-                let state = state.clone();
-                tokio::spawn(async move {
-                    let _ = count_finished(&state).await;
-                    state
-                        .metrics
-                        .finished_recounting
-                        .store(false, Ordering::SeqCst);
-                });
-            }
-            counts
-        }
-        None => count_finished(state).await.unwrap_or_default(),
-    }
-}
-
-async fn count_finished(state: &AppState) -> Result<Vec<(String, i64)>, sqlx::Error> {
-    let counts: Vec<(String, i64)> = sqlx::query_as(
-        "SELECT status, COUNT(*) FROM tasks
-         WHERE status IN ('completed', 'failed', 'cancelled') GROUP BY status",
-    )
-    .fetch_all(&state.db)
-    .await?;
-    if let Ok(mut slot) = state.metrics.finished.lock() {
-        *slot = Some((std::time::Instant::now(), counts.clone()));
-    }
-    Ok(counts)
 }

@@ -168,6 +168,20 @@ pub async fn cleanup_old_heartbeats(state: &Core) -> Result<u64, sqlx::Error> {
     .execute(&mut *tx)
     .await?
     .rows_affected();
+    // The status counts of backends that are gone fold into shard 0 (no live backend
+    // writes those rows, so nothing waits on them).
+    sqlx::query(
+        "WITH gone AS (
+            DELETE FROM task_status_counts
+            WHERE shard <> 0 AND shard NOT IN (SELECT pid FROM pg_stat_activity WHERE pid IS NOT NULL)
+            RETURNING status, n
+         )
+         INSERT INTO task_status_counts AS c (status, shard, n)
+         SELECT status, 0, SUM(n) FROM gone GROUP BY status ORDER BY status
+         ON CONFLICT (status, shard) DO UPDATE SET n = c.n + EXCLUDED.n",
+    )
+    .execute(&mut *tx)
+    .await?;
     tx.commit().await?;
     Ok(deleted)
 }

@@ -50,6 +50,18 @@ pub async fn counts(db: &PgPool) -> Result<LiveCounts, sqlx::Error> {
     })
 }
 
+/// Tasks per status (from the counts kept as changes happen: a handful of rows, whatever
+/// the size of the table) and droplets per status.
+pub async fn by_status(db: &PgPool) -> Result<Vec<(String, String, i64)>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT 'task', status, SUM(n)::bigint FROM task_status_counts GROUP BY status
+         UNION ALL
+         SELECT 'droplet', status, COUNT(*) FROM droplets GROUP BY status",
+    )
+    .fetch_all(db)
+    .await
+}
+
 /// What the report needs from above the services: the scheduler's jobs (as shown, and the
 /// ids of those whose last run failed) and the process's figures.
 pub struct Outside {

@@ -531,3 +531,72 @@ async fn metrics_need_read_permission_and_vanish_when_disabled() {
         assert_eq!(s, StatusCode::NOT_FOUND, "{path}");
     }
 }
+
+/// Tasks per status as counted now, and as kept by the triggers.
+async fn counted_and_kept(app: &TestApp) -> (Vec<(String, i64)>, Vec<(String, i64)>) {
+    let counted = sqlx::query_as(
+        "SELECT status::text, COUNT(*) FROM tasks GROUP BY status HAVING COUNT(*) > 0 ORDER BY 1",
+    )
+    .fetch_all(&app.db)
+    .await
+    .unwrap();
+    let kept = sqlx::query_as(
+        "SELECT status::text, SUM(n)::bigint FROM task_status_counts GROUP BY status
+         HAVING SUM(n) <> 0 ORDER BY 1",
+    )
+    .fetch_all(&app.db)
+    .await
+    .unwrap();
+    (counted, kept)
+}
+
+#[tokio::test]
+async fn status_counts_kept_as_changes_happen_equal_a_count_of_the_table() {
+    let app = TestApp::spawn().await;
+    data_set(&app).await;
+    let (counted, kept) = counted_and_kept(&app).await;
+    assert_eq!(kept, counted);
+    // Moves through the state machine, from several connections at once, a deletion, and
+    // the cleanup job folding the rows of backends that are gone: still equal.
+    let ids: Vec<i32> =
+        sqlx::query_scalar("SELECT id FROM tasks WHERE status = 'pending' ORDER BY id")
+            .fetch_all(&app.db)
+            .await
+            .unwrap();
+    let cancels = ids.iter().map(|id| {
+        let db = app.db.clone();
+        async move {
+            sqlx::query("UPDATE tasks SET status = 'cancelled' WHERE id = $1")
+                .bind(id)
+                .execute(&db)
+                .await
+                .unwrap();
+        }
+    });
+    futures::future::join_all(cancels).await;
+    sqlx::query("DELETE FROM tasks WHERE status = 'completed' AND task_type = 'beta'")
+        .execute(&app.db)
+        .await
+        .unwrap();
+    let (counted, kept) = counted_and_kept(&app).await;
+    assert_eq!(kept, counted);
+    assert!(
+        counted.iter().any(|(s, n)| s == "cancelled" && *n == 5),
+        "{counted:?}"
+    );
+    orchestrator::services::health_monitor::cleanup_old_heartbeats(&app.state)
+        .await
+        .unwrap();
+    let (counted, kept) = counted_and_kept(&app).await;
+    assert_eq!(kept, counted);
+    // And /metrics shows them.
+    let (status, text) = {
+        let r = reqwest::get(app.url("/metrics")).await.unwrap();
+        (r.status(), r.text().await.unwrap())
+    };
+    assert_eq!(status, StatusCode::OK);
+    assert!(
+        text.contains("orchestrator_tasks{status=\"cancelled\"} 5"),
+        "{text}"
+    );
+}
