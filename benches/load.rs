@@ -391,7 +391,7 @@ async fn create(s: &Sizes, rows: &mut Vec<Row>, pool_size: u32, label: &str) {
         .await
         .expect("pool");
     // The spec's SQL alone: our trigger keeping the status counts is not part of it.
-    sqlx::query("ALTER TABLE tasks DISABLE TRIGGER task_status_counts_insert")
+    sqlx::query("ALTER TABLE tasks DISABLE TRIGGER task_counts_insert")
         .execute(&pool)
         .await
         .expect("the ceiling without our trigger");

@@ -145,9 +145,9 @@ struct Windows {
 /// Tasks and droplets by status, the last hour and day, and latencies over the last day.
 pub async fn summary(db: &PgPool) -> Result<Value, sqlx::Error> {
     let mut tx = reading(db).await?;
-    // Kept as changes happen (task_status_counts): a handful of rows, not a million.
+    // Kept as changes happen (task_counts): a handful of rows, not a million.
     let task_rows: Vec<(String, i64)> =
-        sqlx::query_as("SELECT status, SUM(n)::bigint FROM task_status_counts GROUP BY status")
+        sqlx::query_as("SELECT status, SUM(n)::bigint FROM task_counts GROUP BY status")
             .fetch_all(&mut *tx)
             .await?;
     let droplet_rows: Vec<(String, i64)> =
@@ -335,6 +335,18 @@ const BY_TYPE: &str = "SELECT task_type, COUNT(*) AS total,
         AVG(date_part('epoch', completed_at - started_at))
             FILTER (WHERE status = 'completed') AS mean_duration_seconds
     FROM tasks";
+/// [`BY_TYPE`] over every task, from `task_counts` (kept by triggers on `tasks`).
+const BY_TYPE_KEPT: &str = "SELECT task_type, SUM(n)::bigint AS total,
+        COALESCE(SUM(n) FILTER (WHERE status = 'pending'), 0)::bigint AS pending,
+        COALESCE(SUM(n) FILTER (WHERE status = 'assigned'), 0)::bigint AS assigned,
+        COALESCE(SUM(n) FILTER (WHERE status = 'in_progress'), 0)::bigint AS in_progress,
+        COALESCE(SUM(n) FILTER (WHERE status = 'completed'), 0)::bigint AS completed,
+        COALESCE(SUM(n) FILTER (WHERE status = 'failed'), 0)::bigint AS failed,
+        COALESCE(SUM(n) FILTER (WHERE status = 'cancelled'), 0)::bigint AS cancelled,
+        SUM(retries)::bigint AS retries,
+        (SUM(run_seconds) FILTER (WHERE status = 'completed')
+          / NULLIF(SUM(runs) FILTER (WHERE status = 'completed'), 0))::float8 AS mean_duration_seconds
+    FROM task_counts GROUP BY task_type HAVING SUM(n) > 0";
 const BY_TYPE_ORDER: &str = " ORDER BY total DESC, task_type";
 
 /// Tasks per type (all of them, or those created in the range): counts by status, success
@@ -343,14 +355,11 @@ const BY_TYPE_ORDER: &str = " ORDER BY total DESC, task_type";
 /// cost at a million tasks, so they are left to `/metrics/tasks/performance?task_type=`.
 pub async fn by_type(db: &PgPool, range: Option<TimeRange>) -> Result<Value, sqlx::Error> {
     let mut rows: Vec<TypeRow> = match range {
+        // All time: from the counts kept as changes happen, a few rows per type.
         None => {
-            sqlx::query_as(const_format::concatcp!(
-                BY_TYPE,
-                " GROUP BY task_type",
-                BY_TYPE_ORDER
-            ))
-            .fetch_all(db)
-            .await?
+            sqlx::query_as(const_format::concatcp!(BY_TYPE_KEPT, BY_TYPE_ORDER))
+                .fetch_all(db)
+                .await?
         }
         Some(r) => {
             sqlx::query_as(const_format::concatcp!(

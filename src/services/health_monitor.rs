@@ -172,13 +172,16 @@ pub async fn cleanup_old_heartbeats(state: &Core) -> Result<u64, sqlx::Error> {
     // writes those rows, so nothing waits on them).
     sqlx::query(
         "WITH gone AS (
-            DELETE FROM task_status_counts
+            DELETE FROM task_counts
             WHERE shard <> 0 AND shard NOT IN (SELECT pid FROM pg_stat_activity WHERE pid IS NOT NULL)
-            RETURNING status, n
+            RETURNING *
          )
-         INSERT INTO task_status_counts AS c (status, shard, n)
-         SELECT status, 0, SUM(n) FROM gone GROUP BY status ORDER BY status
-         ON CONFLICT (status, shard) DO UPDATE SET n = c.n + EXCLUDED.n",
+         INSERT INTO task_counts AS c (task_type, status, shard, n, retries, run_seconds, runs)
+         SELECT task_type, status, 0, SUM(n), SUM(retries), SUM(run_seconds), SUM(runs)
+         FROM gone GROUP BY task_type, status ORDER BY task_type, status
+         ON CONFLICT (task_type, status, shard) DO UPDATE
+            SET n = c.n + EXCLUDED.n, retries = c.retries + EXCLUDED.retries,
+                run_seconds = c.run_seconds + EXCLUDED.run_seconds, runs = c.runs + EXCLUDED.runs",
     )
     .execute(&mut *tx)
     .await?;

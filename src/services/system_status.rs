@@ -54,7 +54,7 @@ pub async fn counts(db: &PgPool) -> Result<LiveCounts, sqlx::Error> {
 /// the size of the table) and droplets per status.
 pub async fn by_status(db: &PgPool) -> Result<Vec<(String, String, i64)>, sqlx::Error> {
     sqlx::query_as(
-        "SELECT 'task', status, SUM(n)::bigint FROM task_status_counts GROUP BY status
+        "SELECT 'task', status, SUM(n)::bigint FROM task_counts GROUP BY status
          UNION ALL
          SELECT 'droplet', status, COUNT(*) FROM droplets GROUP BY status",
     )
