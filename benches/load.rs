@@ -381,7 +381,44 @@ async fn create(s: &Sizes, rows: &mut Vec<Row>, pool_size: u32, label: &str) {
         }
     })
     .await;
+    // The same requests with our status-count trigger off: what the trigger costs our own
+    // (batched) write path.
+    let admin_pool = PgPoolOptions::new()
+        .max_connections(1)
+        .connect(&db)
+        .await
+        .expect("pool");
+    sqlx::query("ALTER TABLE tasks DISABLE TRIGGER task_counts_insert")
+        .execute(&admin_pool)
+        .await
+        .expect("trigger off");
+    let api_untriggered = {
+        let client = http_client(s.concurrency);
+        let url = format!("{}/tasks", server.base);
+        let tok = token(5, &["read", "write"]);
+        closed_loop(s.concurrency, s.warmup, s.measure, move |n| {
+            let client = client.clone();
+            let url = url.clone();
+            let tok = tok.clone();
+            async move {
+                let body = envelope(json!({"task_type": "bench", "title": format!("task {n}"), "priority": 1 + (n % 10), "payload": {"n": n}}));
+                matches!(client.post(&url).bearer_auth(&tok).json(&body).send().await, Ok(r) if r.status().as_u16() == 201)
+            }
+        })
+        .await
+    };
+    admin_pool.close().await;
     server.stop();
+    rows.push(row(
+        "create",
+        &format!("POST /tasks without the task_counts trigger, pool {pool_size}{label}"),
+        format!("{:.0} req/s", api_untriggered.rate()),
+        format!(
+            "with it {:.0} req/s: the trigger costs the service {:.1} %",
+            api.rate(),
+            (1.0 - api.rate() / api_untriggered.rate().max(0.001)) * 100.0
+        ),
+    ));
 
     // The ceiling: the spec's SQL (task row + history row, one transaction) straight
     // through a pool at the same concurrency.
