@@ -365,13 +365,12 @@ fn http_client(concurrency: usize) -> reqwest::Client {
 // ---------------------------------------------------------------------------
 // Scenarios.
 
-async fn create(s: &Sizes, rows: &mut Vec<Row>, pool_size: u32, label: &str) {
-    let db = fresh_db_url();
-    let server = Server::start(&db, pool_size, &[]).await;
+/// `POST /tasks` in a closed loop at the scenario's concurrency, fresh trace ids.
+async fn post_tasks(s: &Sizes, base: &str) -> LoadResult {
     let client = http_client(s.concurrency);
-    let url = format!("{}/tasks", server.base);
+    let url = format!("{base}/tasks");
     let tok = token(5, &["read", "write"]);
-    let api = closed_loop(s.concurrency, s.warmup, s.measure, move |n| {
+    closed_loop(s.concurrency, s.warmup, s.measure, move |n| {
         let client = client.clone();
         let url = url.clone();
         let tok = tok.clone();
@@ -380,7 +379,13 @@ async fn create(s: &Sizes, rows: &mut Vec<Row>, pool_size: u32, label: &str) {
             matches!(client.post(&url).bearer_auth(&tok).json(&body).send().await, Ok(r) if r.status().as_u16() == 201)
         }
     })
-    .await;
+    .await
+}
+
+async fn create(s: &Sizes, rows: &mut Vec<Row>, pool_size: u32, label: &str) {
+    let db = fresh_db_url();
+    let server = Server::start(&db, pool_size, &[]).await;
+    let api = post_tasks(s, &server.base).await;
     // The same requests with our status-count trigger off: what the trigger costs our own
     // (batched) write path.
     let admin_pool = PgPoolOptions::new()
@@ -392,21 +397,7 @@ async fn create(s: &Sizes, rows: &mut Vec<Row>, pool_size: u32, label: &str) {
         .execute(&admin_pool)
         .await
         .expect("trigger off");
-    let api_untriggered = {
-        let client = http_client(s.concurrency);
-        let url = format!("{}/tasks", server.base);
-        let tok = token(5, &["read", "write"]);
-        closed_loop(s.concurrency, s.warmup, s.measure, move |n| {
-            let client = client.clone();
-            let url = url.clone();
-            let tok = tok.clone();
-            async move {
-                let body = envelope(json!({"task_type": "bench", "title": format!("task {n}"), "priority": 1 + (n % 10), "payload": {"n": n}}));
-                matches!(client.post(&url).bearer_auth(&tok).json(&body).send().await, Ok(r) if r.status().as_u16() == 201)
-            }
-        })
-        .await
-    };
+    let api_untriggered = post_tasks(s, &server.base).await;
     admin_pool.close().await;
     server.stop();
     rows.push(row(
