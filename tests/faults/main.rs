@@ -11,6 +11,7 @@ mod helpers;
 mod fleet;
 mod harness;
 mod invariants;
+#[path = "../common/proxy.rs"]
 mod proxy;
 
 mod database_cut;
