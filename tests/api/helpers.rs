@@ -638,9 +638,11 @@ impl TestApp {
     /// rows a test is about to seed.
     pub async fn pause_routing(&self) {
         self.state.jobs.set_paused(&self.state, "task_router", true);
-        eventually(Duration::from_secs(10), "the routing loop still", || async {
-            (!self.state.router.is_passing()).then_some(())
-        })
+        eventually(
+            Duration::from_secs(10),
+            "the routing loop still",
+            || async { (!self.state.router.is_passing()).then_some(()) },
+        )
         .await;
     }
 
