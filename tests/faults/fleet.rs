@@ -6,9 +6,9 @@
 
 #![allow(dead_code)]
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -52,9 +52,15 @@ pub struct Api {
 
 impl Api {
     pub fn new(bases: Vec<String>) -> Arc<Api> {
+        Api::with_timeout(bases, Duration::from_secs(25))
+    }
+
+    /// Clients that give up on one answer after `timeout` (and send again): a replica that
+    /// is paused holds a request until then.
+    pub fn with_timeout(bases: Vec<String>, timeout: Duration) -> Arc<Api> {
         Arc::new(Api {
             http: reqwest::Client::builder()
-                .timeout(Duration::from_secs(25))
+                .timeout(timeout)
                 .pool_max_idle_per_host(64)
                 .build()
                 .expect("client"),
@@ -189,6 +195,31 @@ fn route_of(path: &str) -> String {
         .join("/")
 }
 
+/// How a droplet takes the deliveries it is sent (set while a fault lasts).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Behaviour {
+    /// Starts, works, completes.
+    Normal = 0,
+    /// Answers `execute_task` with a 400: it will not take the task.
+    Refuse = 1,
+    /// Works as usual, then sends its completion a second time.
+    CompleteTwice = 2,
+    /// Acknowledges `execute_task`, sends nothing until the task has moved to another
+    /// attempt, then sends its result for the attempt it was given.
+    LateResult = 3,
+}
+
+impl Behaviour {
+    fn from_u8(v: u8) -> Behaviour {
+        match v {
+            1 => Behaviour::Refuse,
+            2 => Behaviour::CompleteTwice,
+            3 => Behaviour::LateResult,
+            _ => Behaviour::Normal,
+        }
+    }
+}
+
 /// One simulated droplet.
 pub struct Droplet {
     pub id: i32,
@@ -208,6 +239,7 @@ pub struct Droplet {
     pub executed: Mutex<Vec<i32>>,
     /// Tasks being worked on right now (PATCHed in_progress, not yet finished).
     pub working: Mutex<Vec<i32>>,
+    behaviour: AtomicU8,
 }
 
 impl Droplet {
@@ -223,7 +255,16 @@ impl Droplet {
             late: Mutex::new(Vec::new()),
             executed: Mutex::new(Vec::new()),
             working: Mutex::new(Vec::new()),
+            behaviour: AtomicU8::new(Behaviour::Normal as u8),
         }
+    }
+
+    pub fn set_behaviour(&self, b: Behaviour) {
+        self.behaviour.store(b as u8, Ordering::SeqCst);
+    }
+
+    pub fn behaviour(&self) -> Behaviour {
+        Behaviour::from_u8(self.behaviour.load(Ordering::SeqCst))
     }
 
     pub fn freeze(&self) {
@@ -260,7 +301,43 @@ pub struct Fleet {
     /// PATCHes answered 409 whose first attempt had in fact been applied (answer lost).
     pub already_done: AtomicU64,
     pub paused: AtomicBool,
+    /// PATCHes carry the attempt of the delivery they answer (fencing).
+    pub fenced: AtomicBool,
+    /// (task, attempt) -> droplets that were told to execute it.
+    pub runs: Mutex<HashMap<(i32, i32), Vec<i32>>>,
+    /// (droplet, task, attempt) being worked on: a second delivery of it is acknowledged
+    /// and not run again.
+    running: Mutex<HashSet<(i32, i32, i32)>>,
+    pub duplicate_deliveries: AtomicU64,
+    /// PATCHes the server applied (answered 200 at once, not read back after a 409).
+    pub accepted: Mutex<Vec<Accepted>>,
+    /// PATCHes refused because they named an attempt the task is no longer on (409).
+    pub stale_refused: AtomicU64,
+    /// PATCHes refused because the task is no longer the droplet's (403).
+    pub not_yours_refused: AtomicU64,
+    /// Deliveries a droplet refused (`Behaviour::Refuse`).
+    pub refused_deliveries: AtomicU64,
+    /// Second completions (`Behaviour::CompleteTwice`): task, attempt, answer.
+    pub second_completions: Mutex<Vec<(i32, i32, Option<u16>)>>,
+    /// Results sent after the task moved on (`Behaviour::LateResult`): task, attempt,
+    /// attempt the task was on then, answer.
+    pub late_results: Mutex<Vec<LateResult>>,
+    /// Deliveries taken by a droplet that answers late (each ends in `late_results`).
+    pub late_taken: AtomicU64,
     stop: CancellationToken,
+}
+
+/// A result sent late: task, attempt it was for, attempt the task was on then, answer.
+pub type LateResult = (i32, i32, i64, Option<u16>);
+
+/// A PATCH the server applied, with the attempt it named and the one the task is on after.
+#[derive(Debug, Clone)]
+pub struct Accepted {
+    pub task: i32,
+    pub droplet: i32,
+    pub status: String,
+    pub attempt_sent: Option<i32>,
+    pub attempt_after: Option<i64>,
 }
 
 impl Fleet {
@@ -291,6 +368,17 @@ impl Fleet {
             cancels: AtomicU64::new(0),
             already_done: AtomicU64::new(0),
             paused: AtomicBool::new(false),
+            fenced: AtomicBool::new(false),
+            runs: Mutex::new(HashMap::new()),
+            running: Mutex::new(HashSet::new()),
+            duplicate_deliveries: AtomicU64::new(0),
+            accepted: Mutex::new(Vec::new()),
+            stale_refused: AtomicU64::new(0),
+            not_yours_refused: AtomicU64::new(0),
+            refused_deliveries: AtomicU64::new(0),
+            second_completions: Mutex::new(Vec::new()),
+            late_results: Mutex::new(Vec::new()),
+            late_taken: AtomicU64::new(0),
             stop: CancellationToken::new(),
         });
         let app = Router::new()
@@ -352,6 +440,29 @@ impl Fleet {
             .collect()
     }
 
+    /// (task, attempt) pairs that were told to more than one droplet.
+    pub fn attempts_on_two_droplets(&self) -> Vec<(i32, i32, Vec<i32>)> {
+        lock(&self.runs)
+            .iter()
+            .filter_map(|((t, a), ds)| {
+                let distinct: std::collections::BTreeSet<i32> = ds.iter().copied().collect();
+                (distinct.len() > 1).then(|| (*t, *a, distinct.into_iter().collect()))
+            })
+            .collect()
+    }
+
+    /// Applied PATCHes that named an attempt other than the one the task was on.
+    pub fn applied_for_another_attempt(&self) -> Vec<Accepted> {
+        lock(&self.accepted)
+            .iter()
+            .filter(|a| {
+                a.attempt_sent
+                    .is_some_and(|s| a.attempt_after != Some(i64::from(s)))
+            })
+            .cloned()
+            .collect()
+    }
+
     pub fn stop(&self) {
         self.stop.cancel();
     }
@@ -385,11 +496,18 @@ async fn beat_loop(fleet: Arc<Fleet>, d: Arc<Droplet>, every: Duration) {
         tokio::spawn(async move {
             let body = envelope(json!({"status": "active", "metrics": {"simulated": true}}));
             let path = format!("/droplets/{}/heartbeat", d.id);
-            if let Some((200, _)) = fleet
+            let mut answer = fleet
                 .api
                 .once(Method::POST, &path, &d.token, Some(&body))
-                .await
-            {
+                .await;
+            // No answer or a 5xx: once more at once (to the other replica when there is one).
+            if answer.as_ref().is_none_or(|(s, _)| *s >= 500) {
+                answer = fleet
+                    .api
+                    .once(Method::POST, &path, &d.token, Some(&body))
+                    .await;
+            }
+            if let Some((200, _)) = answer {
                 let now = Instant::now();
                 let mut last = lock(&d.last_beat);
                 if let Some(prev) = *last {
@@ -428,9 +546,32 @@ async fn on_message(
                 return (StatusCode::UNPROCESSABLE_ENTITY, Json(json!({})));
             };
             let task = task as i32;
+            let attempt = body["payload"]["task"]["attempt"].as_i64().unwrap_or(0) as i32;
+            let behaviour = d.behaviour();
+            if behaviour == Behaviour::Refuse {
+                fleet.refused_deliveries.fetch_add(1, Ordering::Relaxed);
+                return (
+                    StatusCode::BAD_REQUEST,
+                    Json(json!({"detail": "not accepting work"})),
+                );
+            }
+            if !lock(&fleet.running).insert((id, task, attempt)) {
+                // The same delivery again (its first answer was lost): already on it.
+                fleet.duplicate_deliveries.fetch_add(1, Ordering::Relaxed);
+                return (StatusCode::OK, Json(json!({"received": true})));
+            }
             lock(&fleet.executions).entry(task).or_default().push(id);
+            lock(&fleet.runs)
+                .entry((task, attempt))
+                .or_default()
+                .push(id);
             lock(&d.executed).push(task);
-            tokio::spawn(work(fleet.clone(), d.clone(), task));
+            if behaviour == Behaviour::LateResult {
+                fleet.late_taken.fetch_add(1, Ordering::Relaxed);
+                tokio::spawn(late_result(fleet.clone(), d.clone(), task, attempt));
+            } else {
+                tokio::spawn(work(fleet.clone(), d.clone(), task, attempt));
+            }
         }
         Some("cancel_task") => {
             fleet.cancels.fetch_add(1, Ordering::Relaxed);
@@ -442,9 +583,14 @@ async fn on_message(
 
 /// Start, work, complete. A PATCH is sent again while no answer (or a 5xx) comes back; a 4xx
 /// ends the work (the task was taken away or already moved).
-async fn work(fleet: Arc<Fleet>, d: Arc<Droplet>, task: i32) {
+async fn work(fleet: Arc<Fleet>, d: Arc<Droplet>, task: i32, attempt: i32) {
+    work_once(&fleet, &d, task, attempt).await;
+    lock(&fleet.running).remove(&(d.id, task, attempt));
+}
+
+async fn work_once(fleet: &Arc<Fleet>, d: &Arc<Droplet>, task: i32, attempt: i32) {
     let epoch = d.epoch.load(Ordering::SeqCst);
-    let Some(200) = patch(&fleet, &d, task, "in_progress", epoch).await else {
+    let Some(200) = patch(fleet, d, task, "in_progress", epoch, attempt).await else {
         return;
     };
     lock(&d.working).push(task);
@@ -452,15 +598,111 @@ async fn work(fleet: Arc<Fleet>, d: Arc<Droplet>, task: i32) {
         _ = fleet.stop.cancelled() => return,
         _ = tokio::time::sleep(fleet.work) => {}
     }
-    let answer = patch(&fleet, &d, task, "completed", epoch).await;
+    let answer = patch(fleet, d, task, "completed", epoch, attempt).await;
     lock(&d.working).retain(|t| *t != task);
     if answer == Some(200) {
         *lock(&fleet.completions).entry(task).or_insert(0) += 1;
         fleet.completed.fetch_add(1, Ordering::Relaxed);
+        if d.behaviour() == Behaviour::CompleteTwice {
+            // The same completion again, as a droplet that lost track would send it.
+            let second = send_result(fleet, d, task, attempt).await;
+            lock(&fleet.second_completions).push((task, attempt, second));
+        }
     }
 }
 
-async fn patch(fleet: &Fleet, d: &Droplet, task: i32, status: &str, epoch: u64) -> Option<u16> {
+/// `Behaviour::LateResult`: waits (up to a minute) until the task is on another attempt or
+/// finished, then sends its completion for the attempt it was given.
+async fn late_result(fleet: Arc<Fleet>, d: Arc<Droplet>, task: i32, attempt: i32) {
+    let path = format!("/tasks/{task}");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut now_on = i64::from(attempt);
+    while Instant::now() < deadline && !fleet.stop.is_cancelled() {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        if let Some((200, v)) = fleet
+            .api
+            .call(Method::GET, &path, &d.token, None, Duration::from_secs(20))
+            .await
+        {
+            let t = &v["payload"]["task"];
+            now_on = t["attempt"].as_i64().unwrap_or(now_on);
+            let finished = matches!(
+                t["status"].as_str(),
+                Some("completed" | "failed" | "cancelled")
+            );
+            if now_on > i64::from(attempt) || finished {
+                break;
+            }
+        }
+    }
+    let answer = send_result(&fleet, &d, task, attempt).await;
+    lock(&fleet.late_results).push((task, attempt, now_on, answer));
+    lock(&fleet.running).remove(&(d.id, task, attempt));
+}
+
+/// `PATCH completed` for `attempt`, retried only while no answer or a 5xx comes; counted
+/// like any other PATCH, never read back.
+async fn send_result(fleet: &Fleet, d: &Droplet, task: i32, attempt: i32) -> Option<u16> {
+    let body = envelope(json!({
+        "status": "completed", "attempt": attempt, "result": {"droplet": d.id, "late": true}
+    }));
+    let answer = fleet
+        .api
+        .call(
+            Method::PATCH,
+            &format!("/tasks/{task}"),
+            &d.token,
+            Some(&body),
+            Duration::from_secs(60),
+        )
+        .await;
+    note_answer(fleet, d, task, "completed", Some(attempt), answer.as_ref());
+    answer.map(|(s, _)| s)
+}
+
+/// Counts an answer to a PATCH: applied, refused as stale (another attempt), refused as
+/// not the droplet's any more.
+fn note_answer(
+    fleet: &Fleet,
+    d: &Droplet,
+    task: i32,
+    status: &str,
+    attempt_sent: Option<i32>,
+    answer: Option<&(u16, Value)>,
+) {
+    match answer {
+        Some((200, v)) => lock(&fleet.accepted).push(Accepted {
+            task,
+            droplet: d.id,
+            status: status.to_string(),
+            attempt_sent,
+            attempt_after: v["payload"]["attempt"].as_i64(),
+        }),
+        Some((409, v)) if is_stale(v) => {
+            fleet.stale_refused.fetch_add(1, Ordering::Relaxed);
+        }
+        Some((403, _)) => {
+            fleet.not_yours_refused.fetch_add(1, Ordering::Relaxed);
+        }
+        _ => {}
+    }
+}
+
+/// A 409 that says the update named another attempt than the task's.
+fn is_stale(v: &Value) -> bool {
+    v["detail"]
+        .as_str()
+        .is_some_and(|d| d.contains("this update is for attempt"))
+}
+
+async fn patch(
+    fleet: &Fleet,
+    d: &Droplet,
+    task: i32,
+    status: &str,
+    epoch: u64,
+    attempt: i32,
+) -> Option<u16> {
     // A frozen droplet sends nothing; it goes on where it stopped once it thaws. A PATCH
     // sent after a freeze that began during the work is a late one.
     d.thawed().await;
@@ -468,6 +710,10 @@ async fn patch(fleet: &Fleet, d: &Droplet, task: i32, status: &str, epoch: u64) 
     let mut payload = json!({ "status": status });
     if status == "completed" {
         payload["result"] = json!({"droplet": d.id});
+    }
+    let fenced = fleet.fenced.load(Ordering::Relaxed);
+    if fenced {
+        payload["attempt"] = json!(attempt);
     }
     let body = envelope(payload);
     let answer = fleet
@@ -479,8 +725,20 @@ async fn patch(fleet: &Fleet, d: &Droplet, task: i32, status: &str, epoch: u64) 
             Some(&body),
             Duration::from_secs(60),
         )
-        .await
-        .map(|(s, _)| s);
+        .await;
+    note_answer(
+        fleet,
+        d,
+        task,
+        status,
+        fenced.then_some(attempt),
+        answer.as_ref(),
+    );
+    // A stale attempt is refused for good: nothing to read back.
+    let answer = match answer {
+        Some((409, v)) if is_stale(&v) => return Some(409),
+        other => other.map(|(s, _)| s),
+    };
     // A 409 after an answer that never came: the first attempt may have won. A careful
     // droplet reads the task and takes "already there, and mine" as done.
     let answer = match answer {
@@ -493,7 +751,8 @@ async fn patch(fleet: &Fleet, d: &Droplet, task: i32, status: &str, epoch: u64) 
             {
                 Some((200, v))
                     if v["payload"]["task"]["status"] == status
-                        && v["payload"]["task"]["assigned_droplet_id"] == d.id =>
+                        && v["payload"]["task"]["assigned_droplet_id"] == d.id
+                        && (!fenced || v["payload"]["task"]["attempt"] == attempt) =>
                 {
                     fleet.already_done.fetch_add(1, Ordering::Relaxed);
                     Some(200)
@@ -677,5 +936,115 @@ impl Dashboard {
 
     pub fn close_code(&self) -> Option<u16> {
         *lock(&self.close)
+    }
+}
+
+/// One event a resuming dashboard received: its `event_id` (0 for a frame outside the log),
+/// its kind and the task it is about.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    pub event_id: i64,
+    pub event: String,
+    pub task: Option<i64>,
+}
+
+/// A dashboard that stays on a feed of one replica: after every disconnect (the replica
+/// killed, paused past `silence`, or the socket broken) it connects again with
+/// `?after=<the last event_id it got>`, as the README tells dashboards to.
+pub struct ResumingDashboard {
+    pub base: String,
+    pub seen: Mutex<Vec<Seen>>,
+    pub last_event_id: AtomicI64,
+    /// Connections made (the first one included).
+    pub connections: AtomicU64,
+    pub resyncs: AtomicU64,
+    stop: CancellationToken,
+}
+
+impl ResumingDashboard {
+    /// Starts following `feed` on `base` from the start of the log (`?after=0`).
+    pub fn start(base: &str, feed: &str, silence: Duration) -> Arc<ResumingDashboard> {
+        let d = Arc::new(ResumingDashboard {
+            base: base.to_string(),
+            seen: Mutex::new(Vec::new()),
+            last_event_id: AtomicI64::new(0),
+            connections: AtomicU64::new(0),
+            resyncs: AtomicU64::new(0),
+            stop: CancellationToken::new(),
+        });
+        let (me, feed) = (d.clone(), feed.to_string());
+        tokio::spawn(async move { me.follow(&feed, silence).await });
+        d
+    }
+
+    async fn follow(self: Arc<Self>, feed: &str, silence: Duration) {
+        use tokio_tungstenite::tungstenite::Message;
+        let admin = token(1, &["read", "write", "admin"]);
+        let ws = self.base.replacen("http", "ws", 1);
+        while !self.stop.is_cancelled() {
+            let after = self.last_event_id.load(Ordering::SeqCst);
+            let url = format!("{ws}/ws/{feed}?token={admin}&after={after}");
+            let connect = tokio::time::timeout(
+                Duration::from_secs(5),
+                tokio_tungstenite::connect_async(url.as_str()),
+            );
+            let mut socket = tokio::select! {
+                _ = self.stop.cancelled() => return,
+                c = connect => match c {
+                    Ok(Ok((socket, _))) => socket,
+                    _ => {
+                        tokio::time::sleep(Duration::from_millis(300)).await;
+                        continue;
+                    }
+                },
+            };
+            self.connections.fetch_add(1, Ordering::SeqCst);
+            loop {
+                let frame = tokio::select! {
+                    _ = self.stop.cancelled() => return,
+                    f = tokio::time::timeout(silence, socket.next()) => f,
+                };
+                match frame {
+                    Ok(Some(Ok(Message::Text(t)))) => {
+                        let Ok(v) = serde_json::from_str::<Value>(t.as_str()) else {
+                            continue;
+                        };
+                        let p = &v["payload"];
+                        let event = p["event"].as_str().unwrap_or("").to_string();
+                        if event == "resync_required" {
+                            self.resyncs.fetch_add(1, Ordering::SeqCst);
+                            continue;
+                        }
+                        let event_id = p["event_id"].as_i64().unwrap_or(0);
+                        if event_id > 0 {
+                            self.last_event_id.fetch_max(event_id, Ordering::SeqCst);
+                        }
+                        lock(&self.seen).push(Seen {
+                            event_id,
+                            event,
+                            task: p["task"]["id"].as_i64(),
+                        });
+                    }
+                    Ok(Some(Ok(Message::Close(_)))) | Ok(Some(Err(_))) | Ok(None) => break,
+                    Ok(Some(Ok(_))) => {}
+                    // Nothing (not even a ping) for `silence`: the link is dead; go again.
+                    Err(_) => break,
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// How many times each event id was received.
+    pub fn counts(&self) -> HashMap<i64, u32> {
+        let mut m = HashMap::new();
+        for s in lock(&self.seen).iter().filter(|s| s.event_id > 0) {
+            *m.entry(s.event_id).or_insert(0) += 1;
+        }
+        m
+    }
+
+    pub fn stop(&self) {
+        self.stop.cancel();
     }
 }

@@ -14,6 +14,7 @@ mod invariants;
 #[path = "../common/proxy.rs"]
 mod proxy;
 
+mod chaos;
 mod database_cut;
 mod freeze;
 mod jitter;
