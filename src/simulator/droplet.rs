@@ -2,6 +2,10 @@
 //! `/message` and the work it does for an `execute_task`: PATCH `in_progress`, work for the
 //! fleet's work time, PATCH `completed` (or `failed`, at the fleet's fail rate).
 //!
+//! Droplets that misbehave on purpose (the chaos run) refuse deliveries, complete a task
+//! twice, or send a result late for an attempt the task has left; every answer to their
+//! PATCHes is tallied on the [`Fleet`] (applied, refused as stale, refused as not theirs).
+//!
 //! A frozen droplet neither heartbeats nor answers nor PATCHes until it thaws; a delivery
 //! sent meanwhile is answered 503 once it thaws, and work that spanned a freeze PATCHes late
 //! (recorded in [`Droplet::late`]).
@@ -19,18 +23,20 @@ use tokio::sync::watch;
 use uuid::Uuid;
 
 use super::api::Patience;
-use super::fleet::Fleet;
+use super::fleet::{Accepted, Fleet};
 use super::lock;
 
 /// How long a careful droplet keeps sending a PATCH that gets no answer (or a 5xx).
 const PATCH_GIVE_UP: Duration = Duration::from_secs(60);
 /// How long a careful droplet tries to read a task back after a 409.
 const READ_BACK_GIVE_UP: Duration = Duration::from_secs(30);
+/// How long a droplet that answers late waits for its task to move on.
+const LATE_GIVE_UP: Duration = Duration::from_secs(60);
 
-/// How a droplet takes the deliveries it is sent. Behaviours that misbehave on purpose
-/// (refusing deliveries, completing twice, a late result for an old attempt, freezing
-/// mid-task) belong here as further variants, switched per droplet with
-/// [`Droplet::set_behaviour`].
+/// How a droplet takes the deliveries it is sent, switched per droplet with
+/// [`Droplet::set_behaviour`] (while a fault lasts). Freezing mid-task is not a behaviour:
+/// it is [`Droplet::freeze`] / [`Droplet::thaw`], timed by the caller (see
+/// [`Droplet::working`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Behaviour {
     /// Starts, works, completes (or fails, at the fleet's fail rate).
@@ -38,6 +44,23 @@ pub enum Behaviour {
     /// Acknowledges every delivery and does nothing with it: a sink that only counts what
     /// the orchestrator dispatched (the load bench's route scenario).
     Acknowledge,
+    /// Answers `execute_task` with a 400: it will not take the task
+    /// ([`Fleet::refused_deliveries`]).
+    Refuse,
+    /// Works as usual, then sends its completion a second time
+    /// ([`Fleet::second_completions`]).
+    CompleteTwice,
+    /// Acknowledges `execute_task`, sends nothing until the task has moved to another
+    /// attempt (or finished; a minute at most), then sends its result for the attempt it was
+    /// given ([`Fleet::late_taken`], [`Fleet::late_results`]).
+    LateResult,
+}
+
+impl Behaviour {
+    /// Whether the droplet does (or pretends to do) the work of a delivery it takes.
+    fn works(self) -> bool {
+        !matches!(self, Behaviour::Acknowledge | Behaviour::Refuse)
+    }
 }
 
 /// What an `execute_task` names.
@@ -168,6 +191,20 @@ pub(crate) async fn on_message(
                 return (StatusCode::UNPROCESSABLE_ENTITY, Json(json!({})));
             };
             fleet.delivered.fetch_add(1, Ordering::Relaxed);
+            let behaviour = d.behaviour();
+            if behaviour == Behaviour::Refuse {
+                fleet.refused_deliveries.fetch_add(1, Ordering::Relaxed);
+                return (
+                    StatusCode::BAD_REQUEST,
+                    Json(json!({"detail": "not accepting work"})),
+                );
+            }
+            let key = (id, delivery.task, delivery.attempt);
+            if behaviour.works() && !lock(&fleet.running).insert(key) {
+                // The same delivery again (its first answer was lost): already on it.
+                fleet.duplicate_deliveries.fetch_add(1, Ordering::Relaxed);
+                return (StatusCode::OK, Json(json!({"received": true})));
+            }
             if let (Some(timeline), Some(trace)) = (&fleet.config().timeline, delivery.trace) {
                 timeline.dispatched(trace);
             }
@@ -175,12 +212,20 @@ pub(crate) async fn on_message(
                 .entry(delivery.task)
                 .or_default()
                 .push(id);
+            lock(&fleet.runs)
+                .entry((delivery.task, delivery.attempt))
+                .or_default()
+                .push(id);
             lock(&d.executed).push(delivery.task);
-            match d.behaviour() {
-                Behaviour::Normal => {
+            match behaviour {
+                Behaviour::Normal | Behaviour::CompleteTwice => {
                     tokio::spawn(work(fleet.clone(), d.clone(), delivery));
                 }
-                Behaviour::Acknowledge => {}
+                Behaviour::LateResult => {
+                    fleet.late_taken.fetch_add(1, Ordering::Relaxed);
+                    tokio::spawn(late_result(fleet.clone(), d.clone(), delivery));
+                }
+                Behaviour::Acknowledge | Behaviour::Refuse => {}
             }
         }
         Some("cancel_task") => {
@@ -194,10 +239,15 @@ pub(crate) async fn on_message(
 /// Start, work, finish. A careful droplet sends a PATCH again while no answer (or a 5xx)
 /// comes back; a 4xx ends the work (the task was taken away or already moved).
 async fn work(fleet: Arc<Fleet>, d: Arc<Droplet>, delivery: Delivery) {
+    work_once(&fleet, &d, delivery).await;
+    lock(&fleet.running).remove(&(d.id, delivery.task, delivery.attempt));
+}
+
+async fn work_once(fleet: &Fleet, d: &Droplet, delivery: Delivery) {
     let task = delivery.task;
     let epoch = d.epoch.load(Ordering::SeqCst);
     let started = json!({"status": "in_progress"});
-    let Some(200) = patch(&fleet, &d, &delivery, started, epoch).await else {
+    let Some(200) = patch(fleet, d, &delivery, started, epoch).await else {
         return;
     };
     lock(&d.working).push(task);
@@ -212,7 +262,7 @@ async fn work(fleet: Arc<Fleet>, d: Arc<Droplet>, delivery: Delivery) {
     } else {
         json!({"status": "completed", "result": fleet.config().wire.result(d.id)})
     };
-    let answer = patch(&fleet, &d, &delivery, outcome, epoch).await;
+    let answer = patch(fleet, d, &delivery, outcome, epoch).await;
     lock(&d.working).retain(|t| *t != task);
     if answer == Some(200) {
         if fail {
@@ -220,11 +270,110 @@ async fn work(fleet: Arc<Fleet>, d: Arc<Droplet>, delivery: Delivery) {
         } else {
             *lock(&fleet.completions).entry(task).or_insert(0) += 1;
             fleet.completed.fetch_add(1, Ordering::Relaxed);
+            if d.behaviour() == Behaviour::CompleteTwice {
+                // The same completion again, as a droplet that lost track would send it.
+                let second = send_result(fleet, d, &delivery).await;
+                lock(&fleet.second_completions).push((task, delivery.attempt, second));
+            }
         }
         if let (Some(timeline), Some(trace)) = (&fleet.config().timeline, delivery.trace) {
             timeline.finished(trace);
         }
     }
+}
+
+/// `Behaviour::LateResult`: waits (up to a minute) until the task is on another attempt or
+/// finished, then sends its completion for the attempt it was given.
+async fn late_result(fleet: Arc<Fleet>, d: Arc<Droplet>, delivery: Delivery) {
+    let (task, attempt) = (delivery.task, delivery.attempt);
+    let path = format!("/tasks/{task}");
+    let deadline = Instant::now() + LATE_GIVE_UP;
+    let mut now_on = i64::from(attempt);
+    while Instant::now() < deadline && !fleet.is_stopped() {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        if let Some((200, v)) = fleet
+            .api
+            .call(Method::GET, &path, &d.token, None, Duration::from_secs(20))
+            .await
+        {
+            let t = &v["payload"]["task"];
+            now_on = t["attempt"].as_i64().unwrap_or(now_on);
+            let finished = matches!(
+                t["status"].as_str(),
+                Some("completed" | "failed" | "cancelled")
+            );
+            if now_on > i64::from(attempt) || finished {
+                break;
+            }
+        }
+    }
+    let answer = send_result(&fleet, &d, &delivery).await;
+    lock(&fleet.late_results).push((task, attempt, now_on, answer));
+    lock(&fleet.running).remove(&(d.id, task, attempt));
+}
+
+/// `PATCH completed` naming the delivery's attempt, sent again only while no answer or a
+/// 5xx comes; tallied like any other PATCH, never read back.
+async fn send_result(fleet: &Fleet, d: &Droplet, delivery: &Delivery) -> Option<u16> {
+    let config = fleet.config();
+    let mut result = config.wire.result(d.id);
+    result["late"] = json!(true);
+    let payload = json!({"status": "completed", "attempt": delivery.attempt, "result": result});
+    let body = config.wire.envelope(d.id, "command", payload);
+    let answer = fleet
+        .api
+        .call(
+            Method::PATCH,
+            &format!("/tasks/{}", delivery.task),
+            &d.token,
+            Some(&body),
+            PATCH_GIVE_UP,
+        )
+        .await;
+    note_answer(
+        fleet,
+        d,
+        delivery.task,
+        "completed",
+        Some(delivery.attempt),
+        answer.as_ref(),
+    );
+    answer.map(|(s, _)| s)
+}
+
+/// Tallies an answer to a PATCH: applied, refused as stale (another attempt), refused as
+/// not the droplet's any more.
+fn note_answer(
+    fleet: &Fleet,
+    d: &Droplet,
+    task: i32,
+    status: &str,
+    attempt_sent: Option<i32>,
+    answer: Option<&(u16, Value)>,
+) {
+    match answer {
+        Some((200, v)) => lock(&fleet.accepted).push(Accepted {
+            task,
+            droplet: d.id,
+            status: status.to_string(),
+            attempt_sent,
+            attempt_after: v["payload"]["attempt"].as_i64(),
+        }),
+        Some((409, v)) if is_stale(v) => {
+            fleet.stale_refused.fetch_add(1, Ordering::Relaxed);
+        }
+        Some((403, _)) => {
+            fleet.not_yours_refused.fetch_add(1, Ordering::Relaxed);
+        }
+        _ => {}
+    }
+}
+
+/// A 409 that says the update named another attempt than the task's.
+fn is_stale(v: &Value) -> bool {
+    v["detail"]
+        .as_str()
+        .is_some_and(|d| d.contains("this update is for attempt"))
 }
 
 /// `PATCH /tasks/{id}` with `payload` (its `status`), as the droplet; the attempt is named
@@ -258,12 +407,22 @@ async fn patch(
             Some(&body),
             PATCH_GIVE_UP,
         )
-        .await
-        .map(|(s, _)| s);
+        .await;
+    note_answer(
+        fleet,
+        d,
+        delivery.task,
+        &status,
+        fenced.then_some(delivery.attempt),
+        answer.as_ref(),
+    );
+    // A stale attempt is refused for good: nothing to read back.
+    let stale = matches!(&answer, Some((409, v)) if is_stale(v));
+    let answer = answer.map(|(s, _)| s);
     // A 409 after an answer that never came: the first attempt may have won. A careful
     // droplet reads the task and takes "already there, and mine" as done.
     let answer = match answer {
-        Some(409) if config.patience == Patience::Careful => {
+        Some(409) if config.patience == Patience::Careful && !stale => {
             match fleet
                 .api
                 .call(Method::GET, &path, &d.token, None, READ_BACK_GIVE_UP)

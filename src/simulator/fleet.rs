@@ -2,7 +2,7 @@
 //! each (round robin), heartbeating, doing what their [`Behaviour`] says with every
 //! delivery, and counting what happened.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -93,7 +93,41 @@ pub struct Fleet {
     pub paused: AtomicBool,
     /// PATCHes name the attempt of the delivery they answer (off: the wire as it always was).
     pub fenced: AtomicBool,
+    /// (task, attempt) -> droplets that were told to execute it.
+    pub runs: Mutex<HashMap<(i32, i32), Vec<i32>>>,
+    /// (droplet, task, attempt) being worked on: a second delivery of it is acknowledged
+    /// and not run again.
+    pub(crate) running: Mutex<HashSet<(i32, i32, i32)>>,
+    /// Deliveries acknowledged and not run again (a droplet already on that attempt).
+    pub duplicate_deliveries: AtomicU64,
+    /// PATCHes the server applied (answered 200 at once, not read back after a 409).
+    pub accepted: Mutex<Vec<Accepted>>,
+    /// PATCHes refused because they named an attempt the task is no longer on (409).
+    pub stale_refused: AtomicU64,
+    /// PATCHes refused because the task is no longer the droplet's (403).
+    pub not_yours_refused: AtomicU64,
+    /// Deliveries a droplet refused ([`Behaviour::Refuse`]).
+    pub refused_deliveries: AtomicU64,
+    /// Second completions ([`Behaviour::CompleteTwice`]): task, attempt, answer.
+    pub second_completions: Mutex<Vec<(i32, i32, Option<u16>)>>,
+    /// Results sent after the task moved on ([`Behaviour::LateResult`]).
+    pub late_results: Mutex<Vec<LateResult>>,
+    /// Deliveries taken by a droplet that answers late (each ends in `late_results`).
+    pub late_taken: AtomicU64,
     stop: CancellationToken,
+}
+
+/// A result sent late: task, attempt it was for, attempt the task was on then, answer.
+pub type LateResult = (i32, i32, i64, Option<u16>);
+
+/// A PATCH the server applied, with the attempt it named and the one the task is on after.
+#[derive(Debug, Clone)]
+pub struct Accepted {
+    pub task: i32,
+    pub droplet: i32,
+    pub status: String,
+    pub attempt_sent: Option<i32>,
+    pub attempt_after: Option<i64>,
 }
 
 impl Fleet {
@@ -126,6 +160,16 @@ impl Fleet {
             patch_errors: AtomicU64::new(0),
             paused: AtomicBool::new(false),
             fenced: AtomicBool::new(false),
+            runs: Mutex::new(HashMap::new()),
+            running: Mutex::new(HashSet::new()),
+            duplicate_deliveries: AtomicU64::new(0),
+            accepted: Mutex::new(Vec::new()),
+            stale_refused: AtomicU64::new(0),
+            not_yours_refused: AtomicU64::new(0),
+            refused_deliveries: AtomicU64::new(0),
+            second_completions: Mutex::new(Vec::new()),
+            late_results: Mutex::new(Vec::new()),
+            late_taken: AtomicU64::new(0),
             stop: CancellationToken::new(),
         });
         let app = Router::new()
@@ -214,6 +258,29 @@ impl Fleet {
             .collect()
     }
 
+    /// (task, attempt) pairs that were told to more than one droplet: the droplets.
+    pub fn attempts_on_two_droplets(&self) -> Vec<(i32, i32, Vec<i32>)> {
+        lock(&self.runs)
+            .iter()
+            .filter_map(|((t, a), ds)| {
+                let distinct: BTreeSet<i32> = ds.iter().copied().collect();
+                (distinct.len() > 1).then(|| (*t, *a, distinct.into_iter().collect()))
+            })
+            .collect()
+    }
+
+    /// Applied PATCHes that named an attempt other than the one the task was on.
+    pub fn applied_for_another_attempt(&self) -> Vec<Accepted> {
+        lock(&self.accepted)
+            .iter()
+            .filter(|a| {
+                a.attempt_sent
+                    .is_some_and(|s| a.attempt_after != Some(i64::from(s)))
+            })
+            .cloned()
+            .collect()
+    }
+
     /// Stops the server, the heartbeats and the work in hand.
     pub fn stop(&self) {
         self.stop.cancel();
@@ -274,7 +341,8 @@ pub async fn register(
     }
 }
 
-/// One droplet's heartbeats: every `every`, up to its jitter late, none while it is frozen.
+/// One droplet's heartbeats: every `every`, up to its jitter late, none while it is frozen;
+/// a careful droplet sends one that got no answer (or a 5xx) once more at once.
 async fn beat_loop(fleet: Arc<Fleet>, d: Arc<Droplet>, every: Duration) {
     let mut due = tokio::time::Instant::now();
     loop {
@@ -297,11 +365,21 @@ async fn beat_loop(fleet: Arc<Fleet>, d: Arc<Droplet>, every: Duration) {
         tokio::spawn(async move {
             let body = fleet.config.wire.heartbeat(d.id);
             let path = format!("/droplets/{}/heartbeat", d.id);
-            if let Some((200, _)) = fleet
+            let mut answer = fleet
                 .api
                 .once(Method::POST, &path, &d.token, Some(&body))
-                .await
+                .await;
+            // A careful droplet: no answer or a 5xx, once more at once (to the other replica
+            // when there is one).
+            if fleet.config.patience == Patience::Careful
+                && answer.as_ref().is_none_or(|(s, _)| *s >= 500)
             {
+                answer = fleet
+                    .api
+                    .once(Method::POST, &path, &d.token, Some(&body))
+                    .await;
+            }
+            if let Some((200, _)) = answer {
                 d.beat_arrived();
             }
         });

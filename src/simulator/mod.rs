@@ -8,7 +8,8 @@
 //! - [`wire`]: the envelopes, per caller.
 //! - [`droplet`]: one droplet: its state (frozen, heartbeat gaps, tasks in hand), its
 //!   behaviour, its `/message` and the work it does for a delivery.
-//! - [`fleet`]: droplets behind one HTTP server, registered and heartbeating, with tallies.
+//! - [`fleet`]: droplets behind one HTTP server, registered and heartbeating, with tallies
+//!   (what was delivered, run, applied, refused as stale or not theirs, sent twice or late).
 //! - [`producer`]: tasks created at a steady rate.
 //! - [`dashboard`]: a client on a `/ws/...` feed.
 //! - [`report`]: per-task timelines and latency percentiles.
@@ -26,7 +27,7 @@ use std::sync::{Mutex, MutexGuard};
 pub use api::{Api, ApiOptions, Exchange, Patience};
 pub use dashboard::{Dashboard, Watch};
 pub use droplet::{Behaviour, Delivery, Droplet};
-pub use fleet::{Fleet, FleetConfig, Heartbeats};
+pub use fleet::{Accepted, Fleet, FleetConfig, Heartbeats, LateResult};
 pub use producer::{Pick, Produced, Producer, ProducerConfig};
 pub use report::{Latency, Marks, Timeline};
 pub use wire::Wire;

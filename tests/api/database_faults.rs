@@ -2,126 +2,18 @@
 //! between the app and PostgreSQL. Cut or silenced, requests answer 503 within a few
 //! seconds; restored, they succeed again without anyone restarting anything.
 
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
-use tokio::task::JoinHandle;
 use uuid::Uuid;
 
 use crate::helpers::*;
-
-const OPEN: u8 = 0;
-/// Connections are closed at once (the database is down or restarting).
-const CUT: u8 = 1;
-/// Connections stay open but nothing passes (a network partition).
-const SILENT: u8 = 2;
-
-/// A TCP proxy to the local PostgreSQL.
-struct Proxy {
-    port: u16,
-    mode: watch::Sender<u8>,
-    links: Arc<Mutex<Vec<JoinHandle<()>>>>,
-    accept: JoinHandle<()>,
-}
-
-impl Proxy {
-    async fn start() -> Proxy {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
-        let port = listener.local_addr().expect("addr").port();
-        let (mode, _) = watch::channel(OPEN);
-        let links: Arc<Mutex<Vec<JoinHandle<()>>>> = Arc::default();
-        let upstream = server_url()
-            .rsplit('@')
-            .next()
-            .unwrap_or("127.0.0.1:5432")
-            .trim_start_matches("postgres://")
-            .trim_end_matches('/')
-            .to_string();
-        let accept = {
-            let (mode, links) = (mode.clone(), links.clone());
-            tokio::spawn(async move {
-                while let Ok((client, _)) = listener.accept().await {
-                    let link = tokio::spawn(link(client, upstream.clone(), mode.subscribe()));
-                    links.lock().unwrap().push(link);
-                }
-            })
-        };
-        Proxy {
-            port,
-            mode,
-            links,
-            accept,
-        }
-    }
-
-    /// The app's database URL through this proxy.
-    fn database_url(&self) -> String {
-        let server = server_url();
-        let (scheme_user, _) = server
-            .rsplit_once('@')
-            .unwrap_or(("postgres://postgres", ""));
-        format!(
-            "{scheme_user}@127.0.0.1:{}/orch_test_{}",
-            self.port,
-            Uuid::new_v4().simple()
-        )
-    }
-
-    /// From now on connections fail as `mode` says, the open ones included.
-    fn fail(&self, mode: u8) {
-        self.mode.send_replace(mode);
-    }
-
-    /// Connections pass again; the ones held silent are closed, as TCP would in the end.
-    fn restore(&self) {
-        for link in std::mem::take(&mut *self.links.lock().unwrap()) {
-            link.abort();
-        }
-        self.mode.send_replace(OPEN);
-    }
-}
-
-/// One client connection: forwarded while the proxy is open, then closed or held silent.
-async fn link(mut client: TcpStream, upstream: String, mut mode: watch::Receiver<u8>) {
-    let current = *mode.borrow_and_update();
-    if current == CUT {
-        return;
-    }
-    if current == OPEN {
-        let Ok(mut server) = TcpStream::connect(&upstream).await else {
-            return;
-        };
-        tokio::select! {
-            _ = tokio::io::copy_bidirectional(&mut client, &mut server) => return,
-            _ = mode.wait_for(|m| *m != OPEN) => {}
-        }
-        if *mode.borrow() == CUT {
-            return;
-        }
-        // Silent: both sockets stay open and nothing more is forwarded.
-        let _held = (client, server);
-        return std::future::pending::<()>().await;
-    }
-    let _held = client;
-    std::future::pending::<()>().await;
-}
-
-impl Drop for Proxy {
-    fn drop(&mut self) {
-        self.accept.abort();
-        for link in self.links.lock().unwrap().drain(..) {
-            link.abort();
-        }
-    }
-}
+use crate::proxy::Proxy;
 
 async fn spawn_behind(proxy: &Proxy) -> TestApp {
     TestApp::spawn_on(
-        &proxy.database_url(),
+        &proxy.database_url(&format!("orch_test_{}", Uuid::new_v4().simple())),
         &[
             ("DATABASE_ACQUIRE_TIMEOUT_SECONDS", "1"),
             ("REQUEST_TIMEOUT_SECONDS", "10"),
@@ -211,7 +103,7 @@ async fn a_cut_database_is_503_within_seconds_and_recovers_by_itself() {
     let app = spawn_behind(&proxy).await;
     warm_up(&app).await;
 
-    proxy.fail(CUT);
+    proxy.cut();
     assert_unavailable_quickly(&app).await;
 
     proxy.restore();
@@ -230,7 +122,7 @@ async fn a_silent_database_is_503_within_seconds_and_recovers_by_itself() {
     let app = spawn_behind(&proxy).await;
     warm_up(&app).await;
 
-    proxy.fail(SILENT);
+    proxy.stall();
     assert_unavailable_quickly(&app).await;
 
     proxy.restore();
@@ -243,7 +135,7 @@ async fn repeated_outages_are_survived() {
     let app = spawn_behind(&proxy).await;
     for _ in 0..3 {
         warm_up(&app).await;
-        proxy.fail(CUT);
+        proxy.cut();
         let (status, _, took) = list_tasks(&app).await;
         assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
         assert!(took < Duration::from_secs(5), "took {took:?}");

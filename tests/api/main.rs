@@ -1,6 +1,8 @@
 //! Integration tests: the real app over HTTP and WebSocket, a fresh PostgreSQL database each.
 
 mod helpers;
+#[path = "../common/proxy.rs"]
+mod proxy;
 
 mod smoke;
 

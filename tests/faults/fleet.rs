@@ -7,18 +7,26 @@
 //! The simulator itself is the service's own (`orchestrator::simulator`, shared with
 //! `orchestrator simulate` and the load bench); this file sets it up as the scenarios use
 //! it: the tests' envelopes and tokens, careful clients, dashboards that keep every event.
+//! [`ResumingDashboard`] (the chaos run's) is a client only the scenarios need: a dashboard
+//! that reconnects with `?after=<event_id>`.
 
 #![allow(dead_code)]
 
+use std::collections::HashMap;
 use std::ops::Deref;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
+
+use futures::StreamExt;
+use serde_json::Value;
+use tokio_util::sync::CancellationToken;
 
 use orchestrator::simulator::{self, FleetConfig, Heartbeats, Patience, Pick, Watch, Wire};
 
 // What the scenarios name (some only now and then).
 #[allow(unused_imports)]
-pub use orchestrator::simulator::{Api, Behaviour, Droplet, Exchange, Produced};
+pub use orchestrator::simulator::{Accepted, Api, Behaviour, Droplet, Exchange, Produced};
 
 use crate::helpers::token;
 
@@ -135,4 +143,118 @@ impl Deref for Dashboard {
     fn deref(&self) -> &simulator::Dashboard {
         &self.0
     }
+}
+
+/// One event a resuming dashboard received: its `event_id` (0 for a frame outside the log),
+/// its kind and the task it is about.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    pub event_id: i64,
+    pub event: String,
+    pub task: Option<i64>,
+}
+
+/// A dashboard that stays on a feed of one replica: after every disconnect (the replica
+/// killed, paused past `silence`, or the socket broken) it connects again with
+/// `?after=<the last event_id it got>`, as the README tells dashboards to.
+pub struct ResumingDashboard {
+    pub base: String,
+    pub seen: Mutex<Vec<Seen>>,
+    pub last_event_id: AtomicI64,
+    /// Connections made (the first one included).
+    pub connections: AtomicU64,
+    pub resyncs: AtomicU64,
+    stop: CancellationToken,
+}
+
+impl ResumingDashboard {
+    /// Starts following `feed` on `base` from the start of the log (`?after=0`).
+    pub fn start(base: &str, feed: &str, silence: Duration) -> Arc<ResumingDashboard> {
+        let d = Arc::new(ResumingDashboard {
+            base: base.to_string(),
+            seen: Mutex::new(Vec::new()),
+            last_event_id: AtomicI64::new(0),
+            connections: AtomicU64::new(0),
+            resyncs: AtomicU64::new(0),
+            stop: CancellationToken::new(),
+        });
+        let (me, feed) = (d.clone(), feed.to_string());
+        tokio::spawn(async move { me.follow(&feed, silence).await });
+        d
+    }
+
+    async fn follow(self: Arc<Self>, feed: &str, silence: Duration) {
+        use tokio_tungstenite::tungstenite::Message;
+        let admin = token(1, &["read", "write", "admin"]);
+        let ws = self.base.replacen("http", "ws", 1);
+        while !self.stop.is_cancelled() {
+            let after = self.last_event_id.load(Ordering::SeqCst);
+            let url = format!("{ws}/ws/{feed}?token={admin}&after={after}");
+            let connect = tokio::time::timeout(
+                Duration::from_secs(5),
+                tokio_tungstenite::connect_async(url.as_str()),
+            );
+            let mut socket = tokio::select! {
+                _ = self.stop.cancelled() => return,
+                c = connect => match c {
+                    Ok(Ok((socket, _))) => socket,
+                    _ => {
+                        tokio::time::sleep(Duration::from_millis(300)).await;
+                        continue;
+                    }
+                },
+            };
+            self.connections.fetch_add(1, Ordering::SeqCst);
+            loop {
+                let frame = tokio::select! {
+                    _ = self.stop.cancelled() => return,
+                    f = tokio::time::timeout(silence, socket.next()) => f,
+                };
+                match frame {
+                    Ok(Some(Ok(Message::Text(t)))) => {
+                        let Ok(v) = serde_json::from_str::<Value>(t.as_str()) else {
+                            continue;
+                        };
+                        let p = &v["payload"];
+                        let event = p["event"].as_str().unwrap_or("").to_string();
+                        if event == "resync_required" {
+                            self.resyncs.fetch_add(1, Ordering::SeqCst);
+                            continue;
+                        }
+                        let event_id = p["event_id"].as_i64().unwrap_or(0);
+                        if event_id > 0 {
+                            self.last_event_id.fetch_max(event_id, Ordering::SeqCst);
+                        }
+                        lock(&self.seen).push(Seen {
+                            event_id,
+                            event,
+                            task: p["task"]["id"].as_i64(),
+                        });
+                    }
+                    Ok(Some(Ok(Message::Close(_)))) | Ok(Some(Err(_))) | Ok(None) => break,
+                    Ok(Some(Ok(_))) => {}
+                    // Nothing (not even a ping) for `silence`: the link is dead; go again.
+                    Err(_) => break,
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// How many times each event id was received.
+    pub fn counts(&self) -> HashMap<i64, u32> {
+        let mut m = HashMap::new();
+        for s in lock(&self.seen).iter().filter(|s| s.event_id > 0) {
+            *m.entry(s.event_id).or_insert(0) += 1;
+        }
+        m
+    }
+
+    pub fn stop(&self) {
+        self.stop.cancel();
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }

@@ -107,6 +107,19 @@ impl Server {
     /// Starts the binary with `env` (the whole environment, PATH aside) and waits until
     /// `/health` answers.
     pub async fn start(label: &str, env: &[(String, String)]) -> Server {
+        match Server::try_start(label, env, Duration::from_secs(60)).await {
+            Ok(server) => server,
+            Err(why) => panic!("{why}"),
+        }
+    }
+
+    /// As `start`, but a process that exits or is not ready `within` is an error (it is
+    /// killed), so a caller may try again (say, once the database is back).
+    pub async fn try_start(
+        label: &str,
+        env: &[(String, String)],
+        within: Duration,
+    ) -> Result<Server, String> {
         let port: u16 = env
             .iter()
             .find(|(k, _)| k == "PORT")
@@ -140,15 +153,15 @@ impl Server {
             stderr,
             started,
         };
-        server.wait_ready(Duration::from_secs(60)).await;
-        server
+        server.wait_ready(within).await?;
+        Ok(server)
     }
 
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().and_then(|c| c.id())
     }
 
-    async fn wait_ready(&mut self, within: Duration) {
+    async fn wait_ready(&mut self, within: Duration) -> Result<(), String> {
         let http = reqwest::Client::builder()
             .timeout(Duration::from_secs(2))
             .build()
@@ -157,24 +170,27 @@ impl Server {
         loop {
             if let Ok(r) = http.get(format!("{}/health", self.base)).send().await {
                 if r.status().is_success() {
-                    return;
+                    return Ok(());
                 }
             }
             if let Some(child) = self.child.as_mut() {
                 if let Ok(Some(status)) = child.try_wait() {
-                    panic!(
+                    self.child = None;
+                    return Err(format!(
                         "{} exited before it was ready ({status}): {}",
                         self.label,
                         self.stderr_text()
-                    );
+                    ));
                 }
             }
-            assert!(
-                Instant::now() < deadline,
-                "{} not ready within {within:?}: {}",
-                self.label,
-                self.stderr_text()
-            );
+            if Instant::now() >= deadline {
+                self.kill9().await;
+                return Err(format!(
+                    "{} not ready within {within:?}: {}",
+                    self.label,
+                    self.stderr_text()
+                ));
+            }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
@@ -184,6 +200,38 @@ impl Server {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill().await;
         }
+    }
+
+    /// SIGSTOP: the process is paused with everything it holds (connections, locks,
+    /// requests and deliveries in flight) until `sigcont`.
+    pub fn sigstop(&self) {
+        self.signal("-STOP");
+    }
+
+    pub fn sigcont(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, sig: &str) {
+        if let Some(pid) = self.pid() {
+            let _ = std::process::Command::new("kill")
+                .args([sig, &pid.to_string()])
+                .status();
+        }
+    }
+
+    /// Resident memory of the process in MB (VmRSS), when it runs.
+    pub fn rss_mb(&self) -> Option<f64> {
+        let pid = self.pid()?;
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        let kb: f64 = status
+            .lines()
+            .find(|l| l.starts_with("VmRSS:"))?
+            .split_whitespace()
+            .nth(1)?
+            .parse()
+            .ok()?;
+        Some(kb / 1024.0)
     }
 
     /// Sends SIGTERM; the process is left to exit on its own.

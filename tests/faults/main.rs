@@ -11,8 +11,10 @@ mod helpers;
 mod fleet;
 mod harness;
 mod invariants;
+#[path = "../common/proxy.rs"]
 mod proxy;
 
+mod chaos;
 mod database_cut;
 mod freeze;
 mod jitter;
