@@ -204,6 +204,8 @@ fn schedule(seed: u64, run: Duration, droplets: &[i32]) -> Vec<Fault> {
 /// has written (one pair per start).
 struct Replica {
     index: usize,
+    /// `seed<S>`: each run's logs are kept apart.
+    run: String,
     env: Vec<(String, String)>,
     server: tokio::sync::Mutex<Option<Server>>,
     starts: Mutex<u32>,
@@ -213,7 +215,7 @@ struct Replica {
 impl Replica {
     fn label(&self) -> String {
         let n = *self.starts.lock().unwrap_or_else(|e| e.into_inner());
-        format!("chaos-{}-{n}", ["a", "b"][self.index])
+        format!("chaos-{}-{}-{n}", self.run, ["a", "b"][self.index])
     }
 
     /// Starts the process, trying again until it is ready (a database fault may be on).
@@ -334,6 +336,7 @@ async fn chaos_schedule_loses_and_duplicates_nothing() {
             }
             Arc::new(Replica {
                 index,
+                run: format!("seed{seed}"),
                 env,
                 server: tokio::sync::Mutex::new(None),
                 starts: Mutex::new(0),
@@ -366,6 +369,7 @@ async fn chaos_schedule_loses_and_duplicates_nothing() {
 
     // The schedule, each fault on its own task.
     let started = Instant::now();
+    let started_wall = now_wall();
     let played: Arc<Mutex<Vec<Played>>> = Arc::default();
     let mut handles = Vec::new();
     for f in plan.clone() {
@@ -655,6 +659,7 @@ async fn chaos_schedule_loses_and_duplicates_nothing() {
 
     // --- Figures ------------------------------------------------------------------------
     let (recover_new, recover_in_flight) = recoveries(&pool, &played, started).await;
+    slowest_tasks(&pool, started_wall, 5).await;
     let lost = findings.lost() + unfinished.len();
     let duplicated = findings.duplicated() + fleet.completed_twice().len() + on_two.len();
     let stale_refused = fleet.stale_refused.load(Ordering::Relaxed)
@@ -835,6 +840,49 @@ async fn fencing_violations(pool: &PgPool) -> Vec<String> {
         current = Some((task, attempt, holder));
     }
     out
+}
+
+/// The tasks that took longest from creation to their end, with their history (what kept
+/// them waiting), times from the start of the run.
+async fn slowest_tasks(pool: &PgPool, started: NaiveDateTime, n: i64) {
+    let ids: Vec<(i32, f64)> = sqlx::query_as(
+        "SELECT id, EXTRACT(EPOCH FROM completed_at - created_at)::float8 FROM tasks
+         WHERE completed_at IS NOT NULL ORDER BY completed_at - created_at DESC LIMIT $1",
+    )
+    .bind(n)
+    .fetch_all(pool)
+    .await
+    .unwrap_or_default();
+    for (id, took) in ids {
+        println!("  slowest task {id}: {took:.1}s");
+        type Row = (
+            NaiveDateTime,
+            Option<String>,
+            String,
+            Option<String>,
+            Option<String>,
+            i32,
+        );
+        let rows: Vec<Row> =
+            sqlx::query_as(
+                "SELECT COALESCE(changed_at, LOCALTIMESTAMP), from_status, to_status, changed_by, reason, attempt
+                 FROM task_state_history WHERE task_id = $1 ORDER BY id",
+            )
+            .bind(id)
+            .fetch_all(pool)
+            .await
+            .unwrap_or_default();
+        for (at, from, to, by, reason, attempt) in rows {
+            println!(
+                "    {:>7.2}s  {:>11} -> {:<11} attempt {attempt}  by {}  {}",
+                (at - started).num_milliseconds() as f64 / 1000.0,
+                from.unwrap_or_default(),
+                to,
+                by.unwrap_or_default(),
+                reason.unwrap_or_default()
+            );
+        }
+    }
 }
 
 /// task -> the id of its newest event in the log.
