@@ -93,23 +93,35 @@ fn make_job(state: &AppState, id: JobId, every: u64) -> Result<Job, String> {
     .map_err(|e| e.to_string())
 }
 
+/// Adds a job to the scheduler every `every` seconds and records it on the board (its
+/// next run, unless it is paused).
+async fn add_job(
+    state: &AppState,
+    scheduler: &JobScheduler,
+    id: JobId,
+    every: u64,
+) -> Result<(), String> {
+    let uuid = scheduler
+        .add(make_job(state, id, every)?)
+        .await
+        .map_err(|e| e.to_string())?;
+    state.jobs.with(|m| {
+        if let Some(j) = m.get_mut(&id) {
+            j.scheduled = Some(uuid);
+            j.interval_seconds = every;
+            j.next_run = (!j.paused).then(|| Utc::now() + chrono::Duration::seconds(every as i64));
+        }
+    });
+    Ok(())
+}
+
 /// Starts the scheduler with the five jobs.
 pub async fn start(state: &AppState) -> Result<(), String> {
     let scheduler = JobScheduler::new().await.map_err(|e| e.to_string())?;
     let config = state.config();
     for id in JobId::ALL {
         let every = id.interval(&config);
-        let uuid = scheduler
-            .add(make_job(state, id, every)?)
-            .await
-            .map_err(|e| e.to_string())?;
-        state.jobs.with(|m| {
-            if let Some(j) = m.get_mut(&id) {
-                j.scheduled = Some(uuid);
-                j.interval_seconds = every;
-                j.next_run = Some(Utc::now() + chrono::Duration::seconds(every as i64));
-            }
-        });
+        add_job(state, &scheduler, id, every).await?;
     }
     scheduler.start().await.map_err(|e| e.to_string())?;
     *state.jobs.scheduler.lock().await = Some(scheduler);
@@ -140,18 +152,7 @@ pub async fn reschedule(state: &AppState) -> Result<Vec<JobId>, String> {
         if let Some(uuid) = uuid {
             scheduler.remove(&uuid).await.map_err(|e| e.to_string())?;
         }
-        let uuid = scheduler
-            .add(make_job(state, id, every)?)
-            .await
-            .map_err(|e| e.to_string())?;
-        state.jobs.with(|m| {
-            if let Some(j) = m.get_mut(&id) {
-                j.scheduled = Some(uuid);
-                j.interval_seconds = every;
-                j.next_run =
-                    (!j.paused).then(|| Utc::now() + chrono::Duration::seconds(every as i64));
-            }
-        });
+        add_job(state, scheduler, id, every).await?;
         changed.push(id);
     }
     Ok(changed)

@@ -76,6 +76,11 @@ async fn sigterm_lets_requests_finish_closes_sockets_with_1001_and_exits() {
     .expect("the requests wait on the lock");
     // Others (the producer, droplets' PATCHes) wait there too; give ours time to arrive.
     tokio::time::sleep(Duration::from_millis(500)).await;
+    // Every one of ours is still unanswered: in flight, held behind the lock.
+    assert!(
+        held.iter().all(|(_, handle)| !handle.is_finished()),
+        "a held creation was answered while the table was locked"
+    );
 
     server.sigterm();
     let signalled = Instant::now();
