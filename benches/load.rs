@@ -131,7 +131,11 @@ impl Server {
             // The scenarios number droplets from 1: the orchestrator's own id is out of
             // their way (no token may act as it).
             .env("DROPLET_ID", "1000000")
-            .env("LOG_LEVEL", "ERROR")
+            // `BENCH_LOG=warn,orchestrator::services::task_router=debug` profiles the passes.
+            .env(
+                "LOG_LEVEL",
+                std::env::var("BENCH_LOG").unwrap_or_else(|_| "ERROR".into()),
+            )
             .env("DATABASE_POOL_SIZE", pool.to_string())
             .env("DATABASE_MAX_OVERFLOW", "0")
             .env("HEARTBEAT_TIMEOUT", "3600")
@@ -538,22 +542,7 @@ async fn heartbeat(s: &Sizes, rows: &mut Vec<Row>) {
         "http://127.0.0.1:9",
     )
     .await;
-    let tokens: Arc<Vec<String>> =
-        Arc::new((0..=n).map(|id| token(id, &["read", "write"])).collect());
-    let client = http_client(s.concurrency);
-    let base = server.base.clone();
-    let api = closed_loop(s.concurrency, s.warmup, s.measure, move |k| {
-        let client = client.clone();
-        let tokens = tokens.clone();
-        let id = 1 + (k % n as u64) as i32;
-        let url = format!("{base}/droplets/{id}/heartbeat");
-        async move {
-            let body = json!({"trace_id": Uuid::new_v4(), "source": id, "target": 10, "message_type": "heartbeat",
-                "payload": {"status": "active", "metrics": {"cpu_percent": 12.5, "memory_mb": 256}}, "timestamp": chrono::Utc::now().to_rfc3339()});
-            matches!(client.post(&url).bearer_auth(&tokens[id as usize]).json(&body).send().await, Ok(r) if r.status().is_success())
-        }
-    })
-    .await;
+    let api = post_heartbeats(s, &server.base, n).await;
     server.stop();
     let pool = PgPoolOptions::new()
         .max_connections(8)
@@ -597,6 +586,143 @@ async fn heartbeat(s: &Sizes, rows: &mut Vec<Row>) {
             api.rate() / ceiling.rate().max(0.001)
         ),
     ));
+}
+
+/// pgbench (PostgreSQL's own load tool) running `script` with 8 clients for the measure
+/// time against `db`: transactions per second.
+fn pgbench(db: &str, s: &Sizes, script: &str) -> f64 {
+    let file = std::env::temp_dir().join(format!("orch-bench-{}.sql", Uuid::new_v4().simple()));
+    std::fs::write(&file, script).expect("write the pgbench script");
+    let out = Command::new("pgbench")
+        .args(["-n", "-M", "prepared", "-c", "8", "-j", "2", "-T"])
+        .arg(s.measure.as_secs().max(1).to_string())
+        .arg("-f")
+        .arg(&file)
+        .arg(db)
+        .output()
+        .expect("pgbench (postgresql-contrib / postgresql-client) runs");
+    let _ = std::fs::remove_file(&file);
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines()
+        .find(|l| l.starts_with("tps = "))
+        .and_then(|l| l.split_whitespace().nth(2))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| {
+            panic!(
+                "pgbench gave no tps: {text} {}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })
+}
+
+/// The spec's create SQL for pgbench: a task row and its history row in one transaction.
+const PGBENCH_CREATE: &str = r"\set n random(1, 1000000000)
+BEGIN;
+INSERT INTO tasks (trace_id, task_type, title, payload, priority, max_retries, created_by, status)
+VALUES (gen_random_uuid(), 'bench', 'task ' || :n, jsonb_build_object('n', :n), 1 + :n % 10, 3, '5', 'pending')
+RETURNING id AS task_id \gset
+INSERT INTO task_state_history (task_id, from_status, to_status, changed_by, reason)
+VALUES (:task_id, NULL, 'pending', 'droplet-5', 'created');
+END;
+";
+
+/// The spec's heartbeat SQL for pgbench: the droplet's row and one `heartbeats` row.
+const PGBENCH_HEARTBEAT: &str = r#"\set d random(1, 1000)
+BEGIN;
+UPDATE droplets SET last_heartbeat = NOW(), updated_at = NOW(), status = 'active'
+WHERE droplet_id = :d RETURNING id AS internal \gset
+INSERT INTO heartbeats (droplet_id, status, metrics)
+VALUES (:internal, 'active', '{"cpu_percent": 12.5, "memory_mb": 256}');
+END;
+"#;
+
+/// The issue's independent run: `POST /tasks` and heartbeats over 64 HTTP connections
+/// against the release server, then pgbench (8 clients) running the spec's SQL on the same
+/// database, one run each, and the ratios.
+async fn independent(s: &Sizes, rows: &mut Vec<Row>) {
+    let db = fresh_db_url();
+    let server = Server::start(&db, 8, &[]).await;
+    let api = post_tasks(s, &server.base).await;
+    let n = s.heartbeat_droplets;
+    register_droplets(
+        &server.base,
+        1..=n,
+        |_| vec!["none".into()],
+        "http://127.0.0.1:9",
+    )
+    .await;
+    let beats = post_heartbeats(s, &server.base, n).await;
+    server.stop();
+    // The spec's SQL alone: our status-count trigger is not part of it.
+    let admin = PgPoolOptions::new()
+        .max_connections(1)
+        .connect(&db)
+        .await
+        .expect("pool");
+    sqlx::query("ALTER TABLE tasks DISABLE TRIGGER task_counts_insert")
+        .execute(&admin)
+        .await
+        .expect("the spec's SQL without our trigger");
+    admin.close().await;
+    let sql_create = pgbench(&db, s, PGBENCH_CREATE);
+    let sql_heartbeat = pgbench(&db, s, PGBENCH_HEARTBEAT);
+    drop_db(&db).await;
+    rows.push(row(
+        "independent",
+        &format!(
+            "POST /tasks, {} HTTP connections, vs pgbench 8 clients",
+            s.concurrency
+        ),
+        format!(
+            "{:.0} req/s, p99 {:.2} ms ({} non-2xx) vs {:.0} tx/s",
+            api.rate(),
+            api.latency.p99,
+            api.errors,
+            sql_create
+        ),
+        format!(
+            "ratio {:.2} (target 0.7, stretch 1.0)",
+            api.rate() / sql_create.max(0.001)
+        ),
+    ));
+    rows.push(row(
+        "independent",
+        &format!(
+            "heartbeats, {n} droplets, {} HTTP connections, vs pgbench 8 clients",
+            s.concurrency
+        ),
+        format!(
+            "{:.0} req/s, p99 {:.2} ms ({} non-2xx) vs {:.0} tx/s",
+            beats.rate(),
+            beats.latency.p99,
+            beats.errors,
+            sql_heartbeat
+        ),
+        format!(
+            "ratio {:.2} (target 0.7)",
+            beats.rate() / sql_heartbeat.max(0.001)
+        ),
+    ));
+}
+
+/// Heartbeats of `n` droplets in a closed loop at the scenario's concurrency.
+async fn post_heartbeats(s: &Sizes, base: &str, n: i32) -> LoadResult {
+    let tokens: Arc<Vec<String>> =
+        Arc::new((0..=n).map(|id| token(id, &["read", "write"])).collect());
+    let client = http_client(s.concurrency);
+    let base = base.to_string();
+    closed_loop(s.concurrency, s.warmup, s.measure, move |k| {
+        let client = client.clone();
+        let tokens = tokens.clone();
+        let id = 1 + (k % n as u64) as i32;
+        let url = format!("{base}/droplets/{id}/heartbeat");
+        async move {
+            let body = json!({"trace_id": Uuid::new_v4(), "source": id, "target": 10, "message_type": "heartbeat",
+                "payload": {"status": "active", "metrics": {"cpu_percent": 12.5, "memory_mb": 256}}, "timestamp": chrono::Utc::now().to_rfc3339()});
+            matches!(client.post(&url).bearer_auth(&tokens[id as usize]).json(&body).send().await, Ok(r) if r.status().is_success())
+        }
+    })
+    .await
 }
 
 async fn route(s: &Sizes, rows: &mut Vec<Row>, rss: &mut Vec<(String, f64)>) {
@@ -1113,6 +1239,14 @@ fn main() {
         if wanted("heartbeat") {
             step("heartbeat");
             heartbeat(&s, &mut rows).await;
+        }
+        // Not in the default run: `--only independent`.
+        if only
+            .as_deref()
+            .is_some_and(|o| o.split(',').any(|w| w == "independent"))
+        {
+            step("independent");
+            independent(&s, &mut rows).await;
         }
         if wanted("route") {
             step("route");

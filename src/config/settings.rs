@@ -268,6 +268,12 @@ settings! {
         restart: true,
         parse: number(4usize, 1, 10_000),
     }
+    dispatch_queue_bodies: usize = "DISPATCH_QUEUE_BODIES" {
+        default: "8192",
+        help: "queued deliveries that keep their task in memory; the rest are read back",
+        restart: true,
+        parse: number(8192usize, 0, 1_000_000),
+    }
     dispatch_refusals_before_error: u32 = "DISPATCH_REFUSALS_BEFORE_ERROR" {
         default: "3",
         help: "deliveries a droplet refuses in a row (4xx) before it is marked error",

@@ -132,8 +132,10 @@ pub async fn route_pass(state: &Core) -> Result<usize, sqlx::Error> {
 }
 
 async fn pass(state: &Core) -> Result<Pass, sqlx::Error> {
+    let started = std::time::Instant::now();
     let mut t = Transition::begin(state).await?;
     let (mut slots, contended) = lock_droplets(&mut t).await?;
+    let droplets_read = started.elapsed();
     let room = PassRoom::of(&slots);
     if room.total == 0 {
         // A pass that saw droplets locked elsewhere knows nothing about their room.
@@ -148,11 +150,13 @@ async fn pass(state: &Core) -> Result<Pass, sqlx::Error> {
     }
     let pending = lock_pending(&mut t, &room).await?;
     let payloads = contracted_payloads(&mut t, &slots, &pending).await?;
+    let tasks_read = started.elapsed();
     let fit = Fit {
         contracts: &state.contracts,
         payloads: &payloads,
     };
     let moves = plan(&mut slots, &pending, &fit);
+    let planned = started.elapsed();
     // The room left after this pass's assignments answers `estimated_assignment_seconds`.
     state.router.set_room(room_left(&slots));
     // An emergency stop that came while this pass was reading wins: nothing it chose is
@@ -177,7 +181,18 @@ async fn pass(state: &Core) -> Result<Pass, sqlx::Error> {
             });
         }
     }
+    let written = started.elapsed();
     let applied = t.commit().await?;
+    // The profile of a pass, for `LOG_LEVEL=warn,orchestrator::services::task_router=debug`.
+    tracing::debug!(
+        assigned = applied.len(),
+        droplets_ms = droplets_read.as_secs_f64() * 1e3,
+        tasks_ms = (tasks_read - droplets_read).as_secs_f64() * 1e3,
+        plan_ms = (planned - tasks_read).as_secs_f64() * 1e3,
+        write_ms = (written - planned).as_secs_f64() * 1e3,
+        commit_ms = (started.elapsed() - written).as_secs_f64() * 1e3,
+        "routing pass"
+    );
     Ok(Pass {
         assigned: applied.len(),
         contended,

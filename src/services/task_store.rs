@@ -24,6 +24,7 @@ pub(crate) const COLUMNS_HEAD: &str = "t.id, t.trace_id, t.task_type, t.title, t
 pub(crate) const COLUMNS_MID: &str = ", \
     t.required_capability, d.droplet_id AS assigned_droplet_id, d.name AS assigned_droplet_name, \
     d.endpoint AS assigned_droplet_endpoint, t.assigned_droplet_id AS assigned_droplet_internal, \
+    d.id_form AS assigned_droplet_id_form, \
     t.last_droplet_id, t.status, COALESCE(t.priority, 5) AS priority, \
     COALESCE(t.created_at, NOW()::timestamp) AS created_at, t.assigned_at, t.started_at, t.completed_at, \
     t.deadline, ";
@@ -55,6 +56,9 @@ pub struct Task {
     pub assigned_droplet_endpoint: Option<String>,
     #[serde(skip)]
     pub assigned_droplet_internal: Option<i32>,
+    /// How the assigned droplet writes ids in its envelopes (`int`, `string`, unknown).
+    #[serde(skip)]
+    pub assigned_droplet_id_form: Option<String>,
     #[serde(skip)]
     pub last_droplet_id: Option<i32>,
     pub status: Status,

@@ -509,7 +509,8 @@ impl Validate for TaskFilter {
 
 pub struct Page {
     pub tasks: Vec<Task>,
-    /// The tasks that match the filters: exact up to [`TOTAL_BOUND`], a lower bound past it.
+    /// The tasks that match the filters: exact for status and type alone, else exact up to
+    /// [`TOTAL_BOUND`] and a lower bound past it.
     pub total: i64,
     pub total_exact: bool,
     pub limit: i64,
@@ -559,8 +560,10 @@ impl Page {
     }
 }
 
-/// `total` is counted exactly up to this many matching tasks; past it, it says "at least"
-/// (`total_exact: false`), so a listing costs the same at a million tasks as at a thousand.
+/// `total` of a filter on more than status and type is counted exactly up to this many
+/// matching tasks; past it, it says "at least" (`total_exact: false`), so a listing costs the
+/// same at a million tasks as at a thousand. Filters on status and type alone (and none) are
+/// exact at any size: their totals are the counts kept in `task_counts`.
 pub const TOTAL_BOUND: i64 = 10_000;
 
 const TASK_FILTER: &str = " WHERE ($1::text IS NULL OR t.status = $1)
@@ -604,9 +607,25 @@ pub async fn list(db: &PgPool, f: &TaskFilter) -> Result<Page, sqlx::Error> {
     .await?;
     let has_more = tasks.len() as i64 > limit;
     tasks.truncate(limit as usize);
-    // The total of the whole filter (not of what follows a cursor), counted up to a bound.
+    // The total of the whole filter (not of what follows a cursor): from the counts kept as
+    // changes happen when the filter is only status and type, else counted up to a bound.
     let (total, total_exact) = if f.after_id.is_none() && offset == 0 && !has_more {
         (tasks.len() as i64, true)
+    } else if f.priority_min.is_none()
+        && f.priority_max.is_none()
+        && f.assigned_droplet_id.is_none()
+        && f.required_capability.is_none()
+        && f.created_by.is_none()
+    {
+        let kept: i64 = sqlx::query_scalar(
+            "SELECT COALESCE(SUM(n), 0)::bigint FROM task_counts
+             WHERE ($1::text IS NULL OR status = $1) AND ($2::text IS NULL OR task_type = $2)",
+        )
+        .bind(&f.status)
+        .bind(&f.task_type)
+        .fetch_one(db)
+        .await?;
+        (kept, true)
     } else {
         let counted: i64 = sqlx::query_scalar(const_format::concatcp!(
             "SELECT COUNT(*) FROM (SELECT 1 FROM tasks t",

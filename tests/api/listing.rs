@@ -49,11 +49,32 @@ async fn total_is_exact_up_to_the_bound_and_a_lower_bound_past_it() {
     assert_eq!(b["payload"]["total_exact"], true);
     assert_eq!(b["payload"]["has_more"], true);
 
-    // Past the bound: counted up to it, and said to be a lower bound.
+    // Status and type alone (or no filter): exact at any size, from the kept counts.
     let (_, b) = app.get("/tasks?status=failed&limit=10", &token).await;
+    assert_eq!(b["payload"]["total"], TOTAL_BOUND + 30);
+    assert_eq!(b["payload"]["total_exact"], true);
+    let (_, b) = app.get("/tasks?limit=10&offset=20", &token).await;
+    assert_eq!(b["payload"]["total"], TOTAL_BOUND + 150);
+    assert_eq!(b["payload"]["total_exact"], true);
+    let (_, b) = app
+        .get("/tasks?status=failed&task_type=small&limit=10", &token)
+        .await;
+    assert_eq!(b["payload"]["total"], 0);
+    let (_, b) = app
+        .get("/tasks?status=completed&task_type=small&limit=10", &token)
+        .await;
+    assert_eq!(b["payload"]["total"], 120);
+    assert_eq!(b["payload"]["total_exact"], true);
+
+    // Any other filter past the bound: counted up to it, and said to be a lower bound.
+    let (_, b) = app
+        .get("/tasks?status=failed&created_by=5&limit=10", &token)
+        .await;
     assert_eq!(b["payload"]["total"], TOTAL_BOUND);
     assert_eq!(b["payload"]["total_exact"], false);
-    let (_, b) = app.get("/tasks?limit=10&offset=20", &token).await;
+    let (_, b) = app
+        .get("/tasks?created_by=5&limit=10&offset=20", &token)
+        .await;
     assert_eq!(b["payload"]["total"], TOTAL_BOUND);
     assert_eq!(b["payload"]["total_exact"], false);
 

@@ -12,6 +12,7 @@ mod configuration;
 mod contracts_explain;
 mod dashboard;
 mod database_faults;
+mod dispatch;
 mod droplets;
 mod edge_security;
 mod envelope;

@@ -7,6 +7,7 @@
 use std::time::Duration;
 
 use serde_json::{json, Value};
+use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::protocol::Envelope;
@@ -14,7 +15,9 @@ use crate::services::endpoints::{self, NoAllowedAddress};
 use crate::services::task_store::Task;
 use crate::services::Core;
 
+pub mod queue;
 pub mod slots;
+use queue::{Tries, Waiting};
 pub use slots::{Dispatcher, Refusal};
 
 /// The outcome of one delivery.
@@ -162,92 +165,197 @@ pub async fn post_message(
     }
 }
 
-/// Sends `execute_task` to the task's droplet, retrying with backoff while the task is
-/// still assigned to it (the assignment timeout ends the attempts). A refusal ends them
-/// at once and hands the task back to the router.
+/// Queues `execute_task` to the task's droplet; a worker sends it, retrying with backoff
+/// while the task is still assigned to it (the assignment timeout ends the attempts). A
+/// refusal ends them at once and hands the task back to the router.
 pub fn execute(state: &Core, task: &Task) {
     if state.emergency_stopped() {
         return;
     }
-    let (Some(endpoint), Some(droplet), Some(internal)) = (
+    let Some(droplet) = task.assigned_droplet_internal else {
+        return;
+    };
+    let config = state.config();
+    state.dispatch.queue.push(Waiting {
+        task_id: task.id,
+        attempt: task.attempt,
+        droplet,
+        body: Some(Box::new(task.clone())),
+        tries: Tries {
+            backoff: Duration::from_millis(250),
+            give_up: tokio::time::Instant::now()
+                + Duration::from_secs(config.assignment_timeout_seconds),
+        },
+    });
+}
+
+/// The workers that send queued deliveries (`DISPATCH_CONCURRENCY` of them), until shutdown.
+pub async fn run_workers(state: Core, stop: CancellationToken) {
+    let mut workers = tokio::task::JoinSet::new();
+    for _ in 0..state.dispatch.workers.max(1) {
+        workers.spawn(work(state.clone(), stop.clone()));
+    }
+    while workers.join_next().await.is_some() {}
+}
+
+async fn work(state: Core, stop: CancellationToken) {
+    loop {
+        let taken = state.dispatch.queue.take(|d| state.dispatch.try_own(d));
+        let Some((waiting, own)) = taken else {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = state.dispatch.queue.ready() => continue,
+            }
+        };
+        let Some(waiting) = with_body(&state, waiting).await else {
+            drop(own);
+            state.dispatch.queue.slot_freed();
+            continue;
+        };
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = send(&state, waiting, own) => {}
+        }
+        state.dispatch.queue.slot_freed();
+    }
+}
+
+/// The delivery with its task: as queued, or read back with the deliveries waiting behind it
+/// for the same droplet (those go back to the head of the lane). None when its task is no
+/// longer assigned to that droplet on that attempt (nothing to send), or it cannot be read
+/// now (the assignment timeout requeues the task).
+async fn with_body(state: &Core, waiting: Waiting) -> Option<Waiting> {
+    if waiting.body.is_some() {
+        return Some(waiting);
+    }
+    let mut batch = vec![waiting];
+    batch.extend(
+        state
+            .dispatch
+            .queue
+            .take_bodiless(batch[0].droplet, queue::READ_BACK - 1),
+    );
+    let ids: Vec<i32> = batch.iter().map(|w| w.task_id).collect();
+    let rows: Vec<Task> = match sqlx::query_as(const_format::concatcp!(
+        crate::services::task_store::SELECT_TASK,
+        " WHERE t.id = ANY($1) AND t.status = 'assigned' AND t.assigned_droplet_id = $2"
+    ))
+    .bind(&ids)
+    .bind(batch[0].droplet)
+    .fetch_all(&state.db)
+    .await
+    {
+        Ok(rows) => rows,
+        Err(e) => {
+            tracing::warn!(error = %e, deliveries = batch.len(), "could not read queued deliveries back; the assignment timeout requeues their tasks");
+            return None;
+        }
+    };
+    let mut rows: std::collections::HashMap<i32, Task> =
+        rows.into_iter().map(|t| (t.id, t)).collect();
+    let mut ready: Vec<Waiting> = batch
+        .into_iter()
+        .filter_map(|mut w| {
+            let task = rows.remove(&w.task_id)?;
+            (task.attempt == w.attempt).then(|| {
+                w.body = Some(Box::new(task));
+                w
+            })
+        })
+        .collect();
+    if ready.is_empty() {
+        return None;
+    }
+    let first = ready.remove(0);
+    state.dispatch.queue.push_front(ready);
+    Some(first)
+}
+
+/// Sends one delivery holding its droplet's own slot, then acts on the outcome.
+async fn send(state: &Core, waiting: Waiting, own: tokio::sync::OwnedSemaphorePermit) {
+    let Waiting {
+        task_id,
+        attempt,
+        droplet: internal,
+        body,
+        tries,
+    } = waiting;
+    let Some(task) = body else { return };
+    // An emergency stop halts dispatch at once; the assignment timeout requeues the task
+    // once the stop is over.
+    if state.emergency_stopped() {
+        return;
+    }
+    let (Some(endpoint), Some(droplet)) = (
         task.assigned_droplet_endpoint.clone(),
         task.assigned_droplet_id,
-        task.assigned_droplet_internal,
     ) else {
         return;
     };
-    let orchestrator = state.keys.orchestrator_id();
-    let mut message = Outgoing {
+    let message = Outgoing {
         trace_id: task.trace_id.to_string(),
-        source: orchestrator,
+        source: state.keys.orchestrator_id(),
         target: droplet,
-        id_form: None,
+        id_form: task.assigned_droplet_id_form.clone(),
         message_type: "command".into(),
         payload: json!({ "command": "execute_task", "task": task }),
     };
+    drop(task);
+    let timeout = Duration::from_secs(state.config().dispatch_timeout_seconds);
+    let outcome = {
+        let Some(_shared) = state.dispatch.shared().await else {
+            return;
+        };
+        let outcome = post_message(state, &endpoint, &message, timeout).await;
+        drop(own);
+        outcome
+    };
+    state
+        .metrics
+        .dispatch
+        .with_label_values(&[outcome.label()])
+        .inc();
+    if outcome == Delivery::Delivered {
+        return;
+    }
+    if !outcome.is_transient() {
+        let reason = outcome.reason(timeout);
+        tracing::warn!(task_id, droplet, %reason, "droplet refused the task; it goes back to the router");
+        // Recovery takes the task back (`task_recovery::run_refusals`); should that fail, the
+        // assignment timeout requeues it.
+        state.dispatch.report_refusal(Refusal {
+            task_id,
+            internal_droplet: internal,
+            droplet_id: droplet,
+            reason,
+        });
+        return;
+    }
+    tracing::debug!(task_id, droplet, outcome = ?outcome, "dispatch failed; will retry");
+    if tokio::time::Instant::now() + tries.backoff > tries.give_up
+        || state.shutdown.is_cancelled()
+        || state.emergency_stopped()
+    {
+        return;
+    }
+    // The retry waits holding only ids; its task is read back (and sent only if still
+    // assigned to this droplet on this attempt) when its turn comes.
     let state = state.clone();
-    let task_id = task.id;
     tokio::spawn(async move {
-        message.id_form = id_form(&state, internal).await;
-        let config = state.config();
-        let timeout = Duration::from_secs(config.dispatch_timeout_seconds);
-        let give_up =
-            tokio::time::Instant::now() + Duration::from_secs(config.assignment_timeout_seconds);
-        let mut backoff = Duration::from_millis(250);
-        loop {
-            let outcome = {
-                let Some(_slot) = state.dispatch.slot(internal).await else {
-                    return;
-                };
-                post_message(&state, &endpoint, &message, timeout).await
-            };
-            state
-                .metrics
-                .dispatch
-                .with_label_values(&[outcome.label()])
-                .inc();
-            if outcome == Delivery::Delivered {
-                return;
-            }
-            if !outcome.is_transient() {
-                let reason = outcome.reason(timeout);
-                tracing::warn!(task_id, droplet, %reason, "droplet refused the task; it goes back to the router");
-                // Recovery takes the task back (`task_recovery::run_refusals`); should that
-                // fail, the assignment timeout requeues it.
-                state.dispatch.report_refusal(Refusal {
-                    task_id,
-                    internal_droplet: internal,
-                    droplet_id: droplet,
-                    reason,
-                });
-                return;
-            }
-            tracing::debug!(task_id, droplet, outcome = ?outcome, "dispatch failed; will retry");
-            // An emergency stop halts dispatch at once; the assignment timeout requeues
-            // the task once the stop is over.
-            if tokio::time::Instant::now() + backoff > give_up
-                || state.shutdown.is_cancelled()
-                || state.emergency_stopped()
-            {
-                return;
-            }
-            tokio::select! {
-                _ = state.shutdown.cancelled() => return,
-                _ = tokio::time::sleep(backoff) => {}
-            }
-            backoff = (backoff * 2).min(Duration::from_secs(10));
-            let still_assigned: Result<Option<bool>, _> = sqlx::query_scalar(
-                "SELECT status = 'assigned' AND assigned_droplet_id = $2 FROM tasks WHERE id = $1",
-            )
-            .bind(task_id)
-            .bind(internal)
-            .fetch_optional(&state.db)
-            .await;
-            match still_assigned {
-                Ok(Some(true)) | Err(_) => continue,
-                Ok(_) => return,
-            }
+        tokio::select! {
+            _ = state.shutdown.cancelled() => return,
+            _ = tokio::time::sleep(tries.backoff) => {}
         }
+        state.dispatch.queue.push(Waiting {
+            task_id,
+            attempt,
+            droplet: internal,
+            body: None,
+            tries: Tries {
+                backoff: (tries.backoff * 2).min(Duration::from_secs(10)),
+                give_up: tries.give_up,
+            },
+        });
     });
 }
 
@@ -281,17 +389,6 @@ pub fn cancel(state: &Core, internal_droplet: i32, task: &Task) {
             .with_label_values(&[outcome.label()])
             .inc();
     });
-}
-
-/// How the droplet (internal id) writes ids; unknown when it cannot be read.
-async fn id_form(state: &Core, internal: i32) -> Option<String> {
-    sqlx::query_scalar::<_, Option<String>>("SELECT id_form FROM droplets WHERE id = $1")
-        .bind(internal)
-        .fetch_optional(&state.db)
-        .await
-        .ok()
-        .flatten()
-        .flatten()
 }
 
 /// A trace id for a message that has none of its own.

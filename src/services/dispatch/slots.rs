@@ -8,8 +8,13 @@ use tokio::sync::mpsc::{self, UnboundedReceiver, UnboundedSender};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::config::Config;
+use crate::services::dispatch::queue::DeliveryQueue;
 
 pub struct Dispatcher {
+    /// The task deliveries waiting for a worker.
+    pub queue: DeliveryQueue,
+    /// How many workers send them (`DISPATCH_CONCURRENCY`).
+    pub workers: usize,
     permits: Arc<Semaphore>,
     per_droplet: Mutex<HashMap<i32, Arc<Semaphore>>>,
     per_droplet_limit: usize,
@@ -30,6 +35,8 @@ impl Dispatcher {
     pub fn new(config: &Config) -> Dispatcher {
         let (refusals, refusals_out) = mpsc::unbounded_channel();
         Dispatcher {
+            queue: DeliveryQueue::new(config.dispatch_queue_bodies),
+            workers: config.dispatch_concurrency,
             permits: Arc::new(Semaphore::new(config.dispatch_concurrency)),
             per_droplet: Mutex::new(HashMap::new()),
             per_droplet_limit: config.dispatch_per_droplet_concurrency.max(1),
@@ -38,17 +45,30 @@ impl Dispatcher {
         }
     }
 
+    fn own(&self, droplet: i32) -> Option<Arc<Semaphore>> {
+        let mut map = self.per_droplet.lock().ok()?;
+        Some(
+            map.entry(droplet)
+                .or_insert_with(|| Arc::new(Semaphore::new(self.per_droplet_limit)))
+                .clone(),
+        )
+    }
+
+    /// One of this droplet's own delivery slots if one is free now.
+    pub fn try_own(&self, droplet: i32) -> Option<OwnedSemaphorePermit> {
+        self.own(droplet)?.try_acquire_owned().ok()
+    }
+
+    /// One of the shared delivery slots (None once closed).
+    pub async fn shared(&self) -> Option<OwnedSemaphorePermit> {
+        self.permits.clone().acquire_owned().await.ok()
+    }
+
     /// A delivery slot to this droplet (internal id): one of its own first, then one of the
     /// shared ones, so one droplet holds at most `DISPATCH_PER_DROPLET_CONCURRENCY` shared
     /// slots however slow it is.
     pub async fn slot(&self, droplet: i32) -> Option<(OwnedSemaphorePermit, OwnedSemaphorePermit)> {
-        let own = {
-            let mut map = self.per_droplet.lock().ok()?;
-            map.entry(droplet)
-                .or_insert_with(|| Arc::new(Semaphore::new(self.per_droplet_limit)))
-                .clone()
-        };
-        let own = own.acquire_owned().await.ok()?;
+        let own = self.own(droplet)?.acquire_owned().await.ok()?;
         let shared = self.permits.clone().acquire_owned().await.ok()?;
         Some((own, shared))
     }
