@@ -146,6 +146,14 @@ impl Server {
         for (k, v) in extra {
             cmd.env(k, v);
         }
+        // `BENCH_SERVER_ENV="MALLOC_ARENA_MAX=2 ..."`: more settings for the server.
+        if let Ok(more) = std::env::var("BENCH_SERVER_ENV") {
+            for kv in more.split_whitespace() {
+                if let Some((k, v)) = kv.split_once('=') {
+                    cmd.env(k, v);
+                }
+            }
+        }
         let child = cmd
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
@@ -1203,6 +1211,16 @@ fn main() {
             .and_then(|n| n.parse().ok())
         {
             s.read_tasks = n;
+        }
+        // `--e2e-rate 200`: the end_to_end scenario at another rate (the highest rate that
+        // keeps create->assigned p99 under 50 ms).
+        if let Some(r) = args
+            .iter()
+            .position(|a| a == "--e2e-rate")
+            .and_then(|i| args.get(i + 1))
+            .and_then(|n| n.parse().ok())
+        {
+            s.e2e_rate = r;
         }
         let wanted = |name: &str| {
             only.as_deref()

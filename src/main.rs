@@ -7,6 +7,9 @@ use orchestrator::auth::{Keys, Permission};
 use orchestrator::cli::{Cli, Command};
 use orchestrator::config::Config;
 
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let config = match Config::from_env() {

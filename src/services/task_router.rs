@@ -49,7 +49,7 @@ pub async fn run_loop(state: Core, stop: CancellationToken) {
             let result = pass(&state).await;
             state.router.passing.store(false, Ordering::SeqCst);
             match result {
-                Ok(p) if p.assigned as i64 >= BATCH => continue,
+                Ok(p) if p.more => continue,
                 // Another replica (or a heartbeat) held some droplets: the work this trigger
                 // announced may still be waiting, and that replica's pass may have read its
                 // tasks before this one arrived. Try again shortly rather than leave the task
@@ -122,6 +122,8 @@ impl Slot {
 #[derive(Debug, Default, Clone, Copy)]
 struct Pass {
     assigned: usize,
+    /// It assigned tasks and read as many as its limits allowed: more may be waiting.
+    more: bool,
     /// Some active droplets were locked by another transaction and left out of this pass.
     contended: bool,
 }
@@ -145,10 +147,11 @@ async fn pass(state: &Core) -> Result<Pass, sqlx::Error> {
         t.rollback().await?;
         return Ok(Pass {
             assigned: 0,
+            more: false,
             contended,
         });
     }
-    let pending = lock_pending(&mut t, &room).await?;
+    let (pending, more) = lock_pending(&mut t, &room).await?;
     let payloads = contracted_payloads(&mut t, &slots, &pending).await?;
     let tasks_read = started.elapsed();
     let fit = Fit {
@@ -165,6 +168,7 @@ async fn pass(state: &Core) -> Result<Pass, sqlx::Error> {
         t.rollback().await?;
         return Ok(Pass {
             assigned: 0,
+            more: false,
             contended,
         });
     }
@@ -177,12 +181,14 @@ async fn pass(state: &Core) -> Result<Pass, sqlx::Error> {
             t.rollback().await?;
             return Ok(Pass {
                 assigned: 0,
+                more: false,
                 contended,
             });
         }
     }
     let written = started.elapsed();
     let applied = t.commit().await?;
+    let more = more && !applied.is_empty();
     // The profile of a pass, for `LOG_LEVEL=warn,orchestrator::services::task_router=debug`.
     tracing::debug!(
         assigned = applied.len(),
@@ -195,6 +201,7 @@ async fn pass(state: &Core) -> Result<Pass, sqlx::Error> {
     );
     Ok(Pass {
         assigned: applied.len(),
+        more,
         contended,
     })
 }
@@ -280,7 +287,7 @@ impl PassRoom {
 async fn lock_pending(
     t: &mut Transition<'_>,
     room: &PassRoom,
-) -> Result<Vec<PendingTask>, sqlx::Error> {
+) -> Result<(Vec<PendingTask>, bool), sqlx::Error> {
     let caps: Vec<String> = room.per_capability.keys().cloned().collect();
     // Each capability's share of a pass, so the rows read are about the rows assigned.
     let per_capability = (BATCH / caps.len().max(1) as i64).max(200);
@@ -320,6 +327,18 @@ async fn lock_pending(
     .bind(room.total.min(BATCH))
     .fetch_all(t.conn())
     .await?;
+    // A capability (or the tasks needing none) read up to its limit, or a pass cut to
+    // BATCH, may have more waiting: the loop passes again at once.
+    let mut read: HashMap<Option<&str>, i64> = HashMap::new();
+    for p in pending.iter().chain(&anywhere) {
+        *read.entry(p.required_capability.as_deref()).or_insert(0) += 1;
+    }
+    let more = caps
+        .iter()
+        .zip(&limits)
+        .any(|(c, lim)| read.get(&Some(c.as_str())).copied().unwrap_or(0) >= *lim)
+        || read.get(&None).copied().unwrap_or(0) >= room.total.min(BATCH)
+        || (pending.len() + anywhere.len()) as i64 > BATCH;
     pending.extend(anywhere);
     pending.sort_by_key(|a| (a.priority, a.created_at, a.id));
     pending.truncate(BATCH as usize);
@@ -334,7 +353,7 @@ async fn lock_pending(
     .into_iter()
     .collect();
     pending.retain(|t| locked.contains(&t.id));
-    Ok(pending)
+    Ok((pending, more))
 }
 
 /// Payloads only of the tasks whose capability some droplet here has a contract for.

@@ -590,3 +590,30 @@ async fn a_droplet_that_comes_back_gets_the_waiting_work_at_once() {
     assert_eq!(s, StatusCode::OK, "{b}");
     app.wait_assigned(id, 48, SOON).await;
 }
+
+#[tokio::test]
+async fn a_backlog_larger_than_one_pass_reads_is_routed_at_once_without_the_job() {
+    // 26 capabilities: a pass reads at most 200 tasks of each, so 500 of one take three
+    // passes. The job would run in an hour; the loop passes again while a pass read all it
+    // could.
+    let app = TestApp::spawn_with(&[("TASK_ROUTER_INTERVAL", "3600")]).await;
+    let droplet = DropletServer::start(Behaviour::Ok).await;
+    app.pause_routing().await;
+    app.insert_pending(500, Some("c0"), 5).await;
+    let caps: Vec<String> = (0..26).map(|i| format!("c{i}")).collect();
+    let caps: Vec<&str> = caps.iter().map(String::as_str).collect();
+    app.register(41, &caps, &droplet.endpoint).await;
+    app.state
+        .jobs
+        .set_paused(&app.state, orchestrator::jobs::JobId::TaskRouter, false);
+    app.state.router.trigger();
+    eventually(Duration::from_secs(15), "500 tasks assigned", || async {
+        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM tasks WHERE status = 'assigned'")
+            .fetch_one(&app.db)
+            .await
+            .unwrap();
+        (n == 500).then_some(())
+    })
+    .await;
+    assert_eq!(app.job_runs(orchestrator::jobs::JobId::TaskRouter), 0);
+}
