@@ -627,10 +627,11 @@ fn pgbench(db: &str, s: &Sizes, script: &str) -> f64 {
 const PGBENCH_CREATE: &str = r"\set n random(1, 1000000000)
 BEGIN;
 INSERT INTO tasks (trace_id, task_type, title, payload, priority, max_retries, created_by, status)
-VALUES (gen_random_uuid(), 'bench', 'task ' || :n, jsonb_build_object('n', :n), 1 + :n % 10, 3, '5', 'pending')
+VALUES (gen_random_uuid(), 'bench', 'task ' || (:n)::text, jsonb_build_object('n', (:n)::bigint),
+        1 + (:n)::int % 10, 3, '5', 'pending')
 RETURNING id AS task_id \gset
 INSERT INTO task_state_history (task_id, from_status, to_status, changed_by, reason)
-VALUES (:task_id, NULL, 'pending', 'droplet-5', 'created');
+VALUES ((:task_id)::int, NULL, 'pending', 'droplet-5', 'created');
 END;
 ";
 
@@ -638,9 +639,9 @@ END;
 const PGBENCH_HEARTBEAT: &str = r#"\set d random(1, 1000)
 BEGIN;
 UPDATE droplets SET last_heartbeat = NOW(), updated_at = NOW(), status = 'active'
-WHERE droplet_id = :d RETURNING id AS internal \gset
+WHERE droplet_id = (:d)::int RETURNING id AS internal \gset
 INSERT INTO heartbeats (droplet_id, status, metrics)
-VALUES (:internal, 'active', '{"cpu_percent": 12.5, "memory_mb": 256}');
+VALUES ((:internal)::int, 'active', '{"cpu_percent": 12.5, "memory_mb": 256}');
 END;
 "#;
 
@@ -651,15 +652,6 @@ async fn independent(s: &Sizes, rows: &mut Vec<Row>) {
     let db = fresh_db_url();
     let server = Server::start(&db, 8, &[]).await;
     let api = post_tasks(s, &server.base).await;
-    let n = s.heartbeat_droplets;
-    register_droplets(
-        &server.base,
-        1..=n,
-        |_| vec!["none".into()],
-        "http://127.0.0.1:9",
-    )
-    .await;
-    let beats = post_heartbeats(s, &server.base, n).await;
     server.stop();
     // The spec's SQL alone: our status-count trigger is not part of it.
     let admin = PgPoolOptions::new()
@@ -673,6 +665,22 @@ async fn independent(s: &Sizes, rows: &mut Vec<Row>) {
         .expect("the spec's SQL without our trigger");
     admin.close().await;
     let sql_create = pgbench(&db, s, PGBENCH_CREATE);
+    drop_db(&db).await;
+    // Heartbeats on a database of their own: registering 1,000 droplets beside the tasks
+    // just created would route them all (to endpoints that refuse connections) while the
+    // heartbeats run.
+    let db = fresh_db_url();
+    let server = Server::start(&db, 8, &[]).await;
+    let n = s.heartbeat_droplets;
+    register_droplets(
+        &server.base,
+        1..=n,
+        |_| vec!["none".into()],
+        "http://127.0.0.1:9",
+    )
+    .await;
+    let beats = post_heartbeats(s, &server.base, n).await;
+    server.stop();
     let sql_heartbeat = pgbench(&db, s, PGBENCH_HEARTBEAT);
     drop_db(&db).await;
     rows.push(row(
