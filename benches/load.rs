@@ -563,14 +563,25 @@ async fn heartbeat(s: &Sizes, rows: &mut Vec<Row>) {
             let pool = pool.clone();
             let id = 1 + (k % n as u64) as i32;
             async move {
-                sqlx::query(orchestrator::services::droplets::HEARTBEAT_SQL)
+                // The spec's heartbeat SQL alone: the droplet's row and a `heartbeats` row
+                // in one transaction (as the independent run's pgbench script).
+                async {
+                    let mut tx = pool.begin().await?;
+                    let internal: i32 = sqlx::query_scalar(
+                        "UPDATE droplets SET last_heartbeat = NOW(), updated_at = NOW(), status = 'active'
+                         WHERE droplet_id = $1 RETURNING id",
+                    )
                     .bind(id)
-                    .bind("active")
-                    .bind("active")
-                    .bind(json!({"cpu_percent": 12.5, "memory_mb": 256}))
-                    .bind(None::<&str>)
-                    .execute(&pool)
-                    .await
+                    .fetch_one(&mut *tx)
+                    .await?;
+                    sqlx::query("INSERT INTO heartbeats (droplet_id, status, metrics) VALUES ($1, 'active', $2)")
+                        .bind(internal)
+                        .bind(json!({"cpu_percent": 12.5, "memory_mb": 256}))
+                        .execute(&mut *tx)
+                        .await?;
+                    tx.commit().await
+                }
+                .await
                     .is_ok()
             }
         })

@@ -192,6 +192,7 @@ mod tests {
             ("DROPLET_STEWARD", "Someone"),
             ("DISPATCH_CONCURRENCY", "3"),
             ("DISPATCH_PER_DROPLET_CONCURRENCY", "2"),
+            ("DISPATCH_QUEUE_BODIES", "5"),
             ("REGISTRY_TOKEN", "a.b.c"),
             ("REGISTRY_KEY", "key"),
             ("REGISTRY_FETCH_PUBLIC_KEY", "true"),

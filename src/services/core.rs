@@ -17,6 +17,7 @@ use crate::services::config_source::ConfigSource;
 use crate::services::contracts::Contracts;
 use crate::services::create_queue::CreateQueue;
 use crate::services::dispatch::slots::Dispatcher;
+use crate::services::droplet_store::HeartbeatQueue;
 use crate::services::endpoints::{self, EndpointPolicy};
 use crate::services::events::EventHub;
 use crate::services::registry_status::RegistryStatus;
@@ -45,6 +46,8 @@ pub struct Parts {
     pub contracts: Contracts,
     /// Creations waiting to share an insert and a commit.
     pub creates: CreateQueue,
+    /// Heartbeats waiting to share a statement and a commit.
+    pub heartbeats: HeartbeatQueue,
     /// Cancelled when the process shuts down (SIGTERM, /management/shutdown).
     pub shutdown: CancellationToken,
     /// Set by /management/emergency-stop until the jobs are resumed.
@@ -79,6 +82,9 @@ impl Core {
             endpoint_policy,
             contracts: Contracts::new(),
             creates: CreateQueue::new((config.pool_max_connections() as usize / 4).clamp(1, 8)),
+            heartbeats: HeartbeatQueue::new(
+                (config.pool_max_connections() as usize / 4).clamp(1, 8),
+            ),
             db,
             keys,
             events: EventHub::new(&config),

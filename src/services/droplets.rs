@@ -15,59 +15,8 @@ use crate::services::Core;
 use crate::validation::FieldError;
 use crate::validation::Validate;
 
-/// A droplet as the API shows it: `id` and `droplet_id` are both the external id.
-#[derive(Debug, Clone, Serialize, sqlx::FromRow, utoipa::ToSchema)]
-pub struct Droplet {
-    #[serde(skip)]
-    pub internal_id: i32,
-    pub id: i32,
-    pub droplet_id: i32,
-    pub name: String,
-    pub steward: Option<String>,
-    pub endpoint: String,
-    #[schema(value_type = Vec<String>)]
-    pub capabilities: Value,
-    pub status: DropletStatus,
-    #[serde(serialize_with = "protocol::ts_opt")]
-    #[schema(value_type = Option<String>, format = DateTime)]
-    pub last_heartbeat: Option<NaiveDateTime>,
-    #[serde(serialize_with = "protocol::ts_opt")]
-    #[schema(value_type = Option<String>, format = DateTime)]
-    pub registered_at: Option<NaiveDateTime>,
-    #[serde(serialize_with = "protocol::ts_opt")]
-    #[schema(value_type = Option<String>, format = DateTime)]
-    pub updated_at: Option<NaiveDateTime>,
-    pub max_concurrent_tasks: Option<i32>,
-    pub admin_deactivated: bool,
-    pub registered: bool,
-    /// How the droplet writes ids in its own envelopes (`int`, `string`), to answer in kind.
-    #[serde(skip)]
-    pub id_form: Option<String>,
-    /// Per capability, the JSON Schema of the payloads the droplet accepts.
-    #[schema(value_type = Option<Object>)]
-    pub capability_schemas: Option<Value>,
-}
-
-pub const DROPLET_COLUMNS: &str = "id AS internal_id, droplet_id AS id, droplet_id, name, steward, endpoint, \
-    COALESCE(capabilities, '[]'::jsonb) AS capabilities, status, last_heartbeat, registered_at, updated_at, \
-    max_concurrent_tasks, admin_deactivated, registered, id_form, capability_schemas";
-
-impl Droplet {
-    pub fn capability_list(&self) -> Vec<String> {
-        self.capabilities
-            .as_array()
-            .map(|a| {
-                a.iter()
-                    .filter_map(|c| c.as_str().map(str::to_string))
-                    .collect()
-            })
-            .unwrap_or_default()
-    }
-
-    fn to_json(&self) -> Value {
-        serde_json::to_value(self).unwrap_or(Value::Null)
-    }
-}
+pub use crate::services::droplet_store::{Beat, BeatRow, Beaten, Droplet, DROPLET_COLUMNS};
+use crate::services::shared_commit;
 
 fn id_from_any<'de, D: Deserializer<'de>>(d: D) -> Result<Option<i64>, D::Error> {
     #[derive(Deserialize)]
@@ -358,36 +307,41 @@ fn droplet_status_for(reported: &str) -> &'static str {
     }
 }
 
-#[derive(sqlx::FromRow)]
-struct Beat {
-    #[sqlx(flatten)]
-    droplet: Droplet,
-    previous_status: DropletStatus,
-}
-
-/// The heartbeat in one round trip: the droplet's row (status unless an admin holds it) and
-/// its `heartbeats` row; `$1` droplet id, `$2` new droplet status, `$3` reported status,
-/// `$4` metrics, `$5` the id form the droplet's envelope showed (or NULL). Public for the
-/// benchmark.
-pub const HEARTBEAT_SQL: &str = const_format::concatcp!(
-    "WITH old AS (SELECT id, status FROM droplets WHERE droplet_id = $1 FOR NO KEY UPDATE),
+/// Heartbeats in one round trip, many droplets at once (one heartbeat each): each droplet's
+/// row (status unless an admin holds it) and its `heartbeats` row, rows locked in id order.
+/// `$1` droplet ids, `$2` new droplet statuses, `$3` reported statuses, `$4` metrics, `$5` the
+/// id forms the envelopes showed (or NULL).
+pub const HEARTBEATS_SQL: &str = const_format::concatcp!(
+    "WITH b AS (
+        SELECT * FROM unnest($1::int[], $2::text[], $3::text[], $4::jsonb[], $5::text[])
+            AS b(beat_droplet, new_status, reported, metrics, beat_id_form)
+     ),
+     old AS (
+        SELECT d.id AS old_id, d.status AS old_status, b.*
+        FROM droplets d JOIN b ON b.beat_droplet = d.droplet_id
+        ORDER BY d.id FOR NO KEY UPDATE OF d
+     ),
      up AS (
         UPDATE droplets SET last_heartbeat = NOW(), updated_at = NOW(), refused_deliveries = 0,
-            id_form = COALESCE($5, droplets.id_form),
-            status = CASE WHEN droplets.admin_deactivated THEN droplets.status ELSE $2 END
-        FROM old WHERE droplets.id = old.id
+            id_form = COALESCE(old.beat_id_form, droplets.id_form),
+            status = CASE WHEN droplets.admin_deactivated THEN droplets.status ELSE old.new_status END
+        FROM old WHERE droplets.id = old.old_id
         RETURNING droplets.*
      ),
-     hb AS (INSERT INTO heartbeats (droplet_id, status, metrics) SELECT id, $3, $4 FROM up),
+     hb AS (
+        INSERT INTO heartbeats (droplet_id, status, metrics)
+        SELECT up.id, old.reported, old.metrics FROM up JOIN old ON old.old_id = up.id ORDER BY up.id
+     ),
      ",
     events::HEARTBEAT_HEALTH_EVENT_CTE,
     "
      SELECT ",
     DROPLET_COLUMNS,
-    ", (SELECT status FROM old) AS previous_status, (SELECT COUNT(*) FROM health_event) AS notified FROM up"
+    ", old.old_status AS previous_status FROM up JOIN old ON old.old_id = up.id"
 );
 
-/// Records a heartbeat in one statement: the droplet's row and one `heartbeats` row.
+/// Records a heartbeat: the droplet's row and one `heartbeats` row, in one statement shared
+/// with the heartbeats of other droplets arriving at the same moment (`shared_commit`).
 /// An admin's deactivation holds: the heartbeat is recorded but the status stays.
 pub async fn heartbeat(
     state: &Core,
@@ -401,15 +355,27 @@ pub async fn heartbeat(
         require(&state.db, droplet_id).await?;
         return Err(Error::Forbidden(caller.not_as(droplet_id)));
     }
-    let new_status = droplet_status_for(&beat.status);
-    let row: Option<Beat> = sqlx::query_as(HEARTBEAT_SQL)
-        .bind(droplet_id)
-        .bind(new_status)
-        .bind(&beat.status)
-        .bind(&beat.metrics)
-        .bind(id_form)
-        .fetch_optional(&state.db)
-        .await?;
+    let answer = state.heartbeats.push(BeatRow {
+        droplet_id,
+        new_status: droplet_status_for(&beat.status).to_string(),
+        reported: beat.status.clone(),
+        metrics: beat.metrics.clone(),
+        id_form: id_form.map(str::to_string),
+    });
+    shared_commit::lead(
+        state,
+        |c: &Core| &c.heartbeats,
+        |q| q.take_distinct(|b| b.droplet_id),
+        |core, batch| async move { beat_batch(&core, batch).await },
+    );
+    let row = match answer.await {
+        Ok(beaten) => beaten?,
+        Err(_) => {
+            return Err(Error::internal(
+                "a shared heartbeat ended without an answer",
+            ))
+        }
+    };
     let row = row.ok_or_else(|| Error::not_found(format!("Droplet {droplet_id} not found")))?;
     // The statement itself sent the health event (in its own transaction, so in commit order
     // with every other change of this droplet).
@@ -417,6 +383,60 @@ pub async fn heartbeat(
         state.router.trigger();
     }
     Ok(row.droplet)
+}
+
+/// One shared heartbeat statement; should it fail (a row the database refuses, or a deadlock
+/// with another writer of several droplets), each heartbeat is tried alone, so one never
+/// fails its neighbours.
+async fn beat_batch(core: &Core, batch: Vec<shared_commit::Waiting<BeatRow, Beaten>>) {
+    let rows: Vec<&BeatRow> = batch.iter().map(|w| &w.item).collect();
+    match beat_rows(core, &rows).await {
+        Ok(mut beaten) => {
+            for w in batch {
+                let _ = w.reply.send(Ok(beaten.remove(&w.item.droplet_id)));
+            }
+        }
+        Err(e) if batch.len() == 1 => {
+            if let Some(w) = batch.into_iter().next() {
+                let _ = w.reply.send(Err(e));
+            }
+        }
+        Err(_) => {
+            for w in batch {
+                let alone = beat_rows(core, &[&w.item])
+                    .await
+                    .map(|mut m| m.remove(&w.item.droplet_id));
+                let _ = w.reply.send(alone);
+            }
+        }
+    }
+}
+
+/// The heartbeats of distinct droplets in one statement; the droplets after them by id.
+async fn beat_rows(
+    core: &Core,
+    rows: &[&BeatRow],
+) -> std::result::Result<std::collections::HashMap<i32, Beat>, sqlx::Error> {
+    let beats: Vec<Beat> = sqlx::query_as(HEARTBEATS_SQL)
+        .bind(rows.iter().map(|r| r.droplet_id).collect::<Vec<_>>())
+        .bind(
+            rows.iter()
+                .map(|r| r.new_status.as_str())
+                .collect::<Vec<_>>(),
+        )
+        .bind(rows.iter().map(|r| r.reported.as_str()).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| &r.metrics).collect::<Vec<_>>())
+        .bind(
+            rows.iter()
+                .map(|r| r.id_form.as_deref())
+                .collect::<Vec<_>>(),
+        )
+        .fetch_all(&core.db)
+        .await?;
+    Ok(beats
+        .into_iter()
+        .map(|b| (b.droplet.droplet_id, b))
+        .collect())
 }
 
 pub async fn load(db: &PgPool, droplet_id: i32) -> Result<Option<Droplet>, sqlx::Error> {

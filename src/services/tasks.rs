@@ -14,6 +14,7 @@ use crate::protocol;
 use crate::services::create_queue::{NewRow, Waiting};
 use crate::services::error::{Error, Result};
 use crate::services::events::{self, Event, TaskEventKind};
+use crate::services::shared_commit;
 use crate::services::state_machine::{Actor, Mode, Move, Status};
 use crate::services::task_store::{self, TASK_COLUMNS_CTE};
 pub use crate::services::task_store::{history, load, load_by_trace, HistoryRow, Task};
@@ -318,42 +319,24 @@ pub async fn insert_all(core: &Core, rows: Vec<NewRow>) -> Vec<Result<Option<Tas
     out
 }
 
-/// Becomes a leader when a place is free: inserts what waits, batch after batch, until
-/// nothing does. A leader runs on its own task, so a client that goes away cancels nobody
-/// else's creation.
+/// Becomes a leader of the creations when a place is free (`shared_commit::lead`).
 fn lead(core: &Core) {
-    let Some(permit) = core.creates.try_lead() else {
-        // The leaders at work take this row with their next batch.
-        return;
-    };
-    let core = core.clone();
-    tokio::spawn(async move {
-        let mut permit = Some(permit);
-        while permit.is_some() {
-            loop {
-                let batch = core.creates.take();
-                if batch.is_empty() {
-                    break;
-                }
-                insert_batch(&core, batch).await;
-            }
-            drop(permit.take());
-            // A row may have come while this leader let go, when no place was free for it.
-            if !core.creates.is_empty() {
-                permit = core.creates.try_lead();
-            }
-        }
-    });
+    shared_commit::lead(
+        core,
+        |c: &Core| &c.creates,
+        |q| q.take(),
+        |core, batch| async move { insert_batch(&core, batch).await },
+    );
 }
 
 /// One shared insert; should it fail (one row the database refuses, say), each row is tried
 /// alone, so one bad creation never fails its neighbours.
 async fn insert_batch(core: &Core, batch: Vec<Waiting>) {
-    let rows: Vec<&NewRow> = batch.iter().map(|w| &w.row).collect();
+    let rows: Vec<&NewRow> = batch.iter().map(|w| &w.item).collect();
     match insert_rows(core, &rows).await {
         Ok(mut inserted) => {
             for w in batch {
-                let _ = w.reply.send(Ok(inserted.remove(&w.row.trace_id)));
+                let _ = w.reply.send(Ok(inserted.remove(&w.item.trace_id)));
             }
         }
         Err(e) if batch.len() == 1 => {
@@ -363,9 +346,9 @@ async fn insert_batch(core: &Core, batch: Vec<Waiting>) {
         }
         Err(_) => {
             for w in batch {
-                let alone = insert_rows(core, &[&w.row])
+                let alone = insert_rows(core, &[&w.item])
                     .await
-                    .map(|mut m| m.remove(&w.row.trace_id));
+                    .map(|mut m| m.remove(&w.item.trace_id));
                 let _ = w.reply.send(alone);
             }
         }

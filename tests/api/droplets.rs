@@ -605,3 +605,70 @@ pub fn urlencode(s: &str) -> String {
         })
         .collect()
 }
+
+#[tokio::test]
+async fn concurrent_heartbeats_share_statements_and_each_counts_once() {
+    // 20 inactive droplets, three heartbeats each at the same moment: heartbeats of distinct
+    // droplets share a statement, a droplet's second and third wait for the next one.
+    let app = TestApp::spawn().await;
+    for id in 60..80 {
+        app.register(id, &["x"], "http://127.0.0.1:9").await;
+    }
+    sqlx::query("UPDATE droplets SET status = 'inactive' WHERE droplet_id BETWEEN 60 AND 79")
+        .execute(&app.db)
+        .await
+        .expect("inactive");
+    let after: i64 = sqlx::query_scalar("SELECT COALESCE(MAX(event_id), 0) FROM events")
+        .fetch_one(&app.db)
+        .await
+        .unwrap();
+    let beats = (60..80)
+        .flat_map(|id| (0..3).map(move |k| (id, k)))
+        .map(|(id, k)| {
+            let app = &app;
+            async move {
+                let body = envelope(json!({"status": "active", "metrics": {"beat": k}}));
+                app.post(
+                    &format!("/droplets/{id}/heartbeat"),
+                    &app.token(id, &["read", "write"]),
+                    body,
+                )
+                .await
+            }
+        });
+    for (status, body) in futures::future::join_all(beats).await {
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert_eq!(body["payload"]["acknowledged"], true, "{body}");
+    }
+    for id in 60..80 {
+        let rows = heartbeats(&app, id).await;
+        assert_eq!(rows.len(), 3, "droplet {id}: {rows:?}");
+        assert_eq!(row(&app, id).await.unwrap().status, "active");
+    }
+    // One status change each: one `droplet_health_changed` per droplet, from inactive.
+    eventually(
+        std::time::Duration::from_secs(10),
+        "20 health events",
+        || async {
+            let events = logged_events(&app.db, "droplets", after).await;
+            let changed: Vec<_> = events
+                .iter()
+                .filter(|(_, e)| e["payload"]["event"] == "droplet_health_changed")
+                .collect();
+            (changed.len() >= 20).then_some(changed.len())
+        },
+    )
+    .await;
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let events = logged_events(&app.db, "droplets", after).await;
+    let mut changed: Vec<i64> = events
+        .iter()
+        .filter(|(_, e)| e["payload"]["event"] == "droplet_health_changed")
+        .map(|(_, e)| {
+            assert_eq!(e["payload"]["previous_status"], "inactive", "{e}");
+            e["payload"]["droplet"]["droplet_id"].as_i64().unwrap()
+        })
+        .collect();
+    changed.sort_unstable();
+    assert_eq!(changed, (60..80).collect::<Vec<i64>>());
+}

@@ -139,10 +139,9 @@ fn event_envelope(trace_id: Option<String>, payload: Value) -> Value {
 }
 
 /// A CTE for a statement that changes a droplet's status in one round trip (the heartbeat):
-/// given the changed row as `up` and the row before as `old`, it adds a
+/// given the changed rows as `up` and the rows before as `old` (`old_id`, `old_status`), it adds a
 /// `droplet_health_changed` event to the outbox in that same statement's transaction when the
-/// status changed. Reference the CTE (`SELECT COUNT(*) FROM health_event`) or PostgreSQL
-/// skips it.
+/// status changed (PostgreSQL runs a data-modifying CTE whether or not the query reads it).
 pub const HEARTBEAT_HEALTH_EVENT_CTE: &str = "health_event AS (
     INSERT INTO event_outbox (feed, envelope)
     SELECT 'droplets', jsonb_build_object(
@@ -153,7 +152,7 @@ pub const HEARTBEAT_HEALTH_EVENT_CTE: &str = "health_event AS (
         'message_type', 'event',
         'timestamp', to_char(clock_timestamp() AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'),
         'payload', jsonb_build_object(
-            'event', 'droplet_health_changed', 'previous_status', old.status, 'reason', 'heartbeat',
+            'event', 'droplet_health_changed', 'previous_status', old.old_status, 'reason', 'heartbeat',
             'droplet', jsonb_build_object(
                 'id', up.droplet_id, 'droplet_id', up.droplet_id, 'name', up.name,
                 'steward', up.steward, 'endpoint', up.endpoint,
@@ -163,7 +162,8 @@ pub const HEARTBEAT_HEALTH_EVENT_CTE: &str = "health_event AS (
                 'updated_at', to_char(up.updated_at, 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'),
                 'max_concurrent_tasks', up.max_concurrent_tasks,
                 'admin_deactivated', up.admin_deactivated, 'registered', up.registered)))
-    FROM up, old WHERE up.status IS DISTINCT FROM old.status
+    FROM up JOIN old ON old.old_id = up.id WHERE up.status IS DISTINCT FROM old.old_status
+    ORDER BY up.id
     RETURNING 1
 )";
 

@@ -1,0 +1,90 @@
+//! Droplet rows as every answer and event shows them, and what concurrent heartbeats wait
+//! with to share a statement (`droplets::heartbeat`). Reads and writes are in `droplets.rs`.
+
+use chrono::NaiveDateTime;
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::protocol;
+use crate::services::shared_commit::SharedCommit;
+use crate::services::status::DropletStatus;
+
+/// A droplet as the API shows it: `id` and `droplet_id` are both the external id.
+#[derive(Debug, Clone, Serialize, sqlx::FromRow, utoipa::ToSchema)]
+pub struct Droplet {
+    #[serde(skip)]
+    pub internal_id: i32,
+    pub id: i32,
+    pub droplet_id: i32,
+    pub name: String,
+    pub steward: Option<String>,
+    pub endpoint: String,
+    #[schema(value_type = Vec<String>)]
+    pub capabilities: Value,
+    pub status: DropletStatus,
+    #[serde(serialize_with = "protocol::ts_opt")]
+    #[schema(value_type = Option<String>, format = DateTime)]
+    pub last_heartbeat: Option<NaiveDateTime>,
+    #[serde(serialize_with = "protocol::ts_opt")]
+    #[schema(value_type = Option<String>, format = DateTime)]
+    pub registered_at: Option<NaiveDateTime>,
+    #[serde(serialize_with = "protocol::ts_opt")]
+    #[schema(value_type = Option<String>, format = DateTime)]
+    pub updated_at: Option<NaiveDateTime>,
+    pub max_concurrent_tasks: Option<i32>,
+    pub admin_deactivated: bool,
+    pub registered: bool,
+    /// How the droplet writes ids in its own envelopes (`int`, `string`), to answer in kind.
+    #[serde(skip)]
+    pub id_form: Option<String>,
+    /// Per capability, the JSON Schema of the payloads the droplet accepts.
+    #[schema(value_type = Option<Object>)]
+    pub capability_schemas: Option<Value>,
+}
+
+pub const DROPLET_COLUMNS: &str = "id AS internal_id, droplet_id AS id, droplet_id, name, steward, endpoint, \
+    COALESCE(capabilities, '[]'::jsonb) AS capabilities, status, last_heartbeat, registered_at, updated_at, \
+    max_concurrent_tasks, admin_deactivated, registered, id_form, capability_schemas";
+
+impl Droplet {
+    pub fn capability_list(&self) -> Vec<String> {
+        self.capabilities
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|c| c.as_str().map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    pub(crate) fn to_json(&self) -> Value {
+        serde_json::to_value(self).unwrap_or(Value::Null)
+    }
+}
+
+/// A heartbeat waiting to share a statement with others (one per droplet in a batch).
+#[derive(Debug, Clone)]
+pub struct BeatRow {
+    pub droplet_id: i32,
+    /// The droplet's status after it (unless an admin holds it).
+    pub new_status: String,
+    /// The status the droplet reported, for its `heartbeats` row.
+    pub reported: String,
+    pub metrics: Option<Value>,
+    /// The id form its envelope showed, if any.
+    pub id_form: Option<String>,
+}
+
+/// The droplet after its heartbeat, and its status before.
+#[derive(Debug, sqlx::FromRow)]
+pub struct Beat {
+    #[sqlx(flatten)]
+    pub droplet: Droplet,
+    pub previous_status: DropletStatus,
+}
+
+/// The heartbeat's answer: the droplet after it, or `None` when there is no such droplet.
+pub type Beaten = Result<Option<Beat>, sqlx::Error>;
+/// Heartbeats waiting to share a statement.
+pub type HeartbeatQueue = SharedCommit<BeatRow, Beaten>;

@@ -1,0 +1,145 @@
+//! Concurrent writes share a transaction: a write waits here with its item, and one of a few
+//! leaders takes every item waiting and writes them in one statement and one commit. Each
+//! write still answers only after its own item is committed. Creations (`tasks::insert`) and
+//! heartbeats (`droplets::heartbeat`) go this way.
+
+use std::future::Future;
+use std::hash::Hash;
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
+
+/// Most items one shared write takes.
+pub const MAX_BATCH: usize = 256;
+
+/// An item waiting, and where its answer goes.
+pub struct Waiting<T, R> {
+    pub item: T,
+    pub reply: oneshot::Sender<R>,
+}
+
+pub struct SharedCommit<T, R> {
+    waiting: Mutex<Vec<Waiting<T, R>>>,
+    leaders: Arc<Semaphore>,
+}
+
+impl<T, R> SharedCommit<T, R> {
+    /// `leaders`: how many shared writes may run at once.
+    pub fn new(leaders: usize) -> SharedCommit<T, R> {
+        SharedCommit {
+            waiting: Mutex::new(Vec::new()),
+            leaders: Arc::new(Semaphore::new(leaders.max(1))),
+        }
+    }
+
+    pub fn push(&self, item: T) -> oneshot::Receiver<R> {
+        let (reply, answer) = oneshot::channel();
+        self.lock().push(Waiting { item, reply });
+        answer
+    }
+
+    /// Up to [`MAX_BATCH`] items, oldest first.
+    pub fn take(&self) -> Vec<Waiting<T, R>> {
+        let mut waiting = self.lock();
+        let n = waiting.len().min(MAX_BATCH);
+        waiting.drain(..n).collect()
+    }
+
+    /// Up to [`MAX_BATCH`] items, oldest first, at most one per key (the others wait for the
+    /// next batch, in their order).
+    pub fn take_distinct<K: Hash + Eq>(&self, key: impl Fn(&T) -> K) -> Vec<Waiting<T, R>> {
+        let mut waiting = self.lock();
+        let mut seen = std::collections::HashSet::new();
+        let mut taken = Vec::new();
+        let mut left = Vec::new();
+        for w in waiting.drain(..) {
+            if taken.len() < MAX_BATCH && seen.insert(key(&w.item)) {
+                taken.push(w);
+            } else {
+                left.push(w);
+            }
+        }
+        *waiting = left;
+        taken
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.lock().is_empty()
+    }
+
+    /// A leader's place, when one is free.
+    pub fn try_lead(&self) -> Option<OwnedSemaphorePermit> {
+        self.leaders.clone().try_acquire_owned().ok()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Waiting<T, R>>> {
+        match self.waiting.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        }
+    }
+}
+
+/// Becomes a leader of `queue` when a place is free: writes what waits (`take` a batch,
+/// `write` it), batch after batch, until nothing does. A leader runs on its own task, so a
+/// client that goes away cancels nobody else's write.
+/// `C` is what the writes need (the services' `Core`), holding the queue.
+pub fn lead<C, T, R, Q, B, W, Fut>(core: &C, queue: Q, take: B, write: W)
+where
+    C: Clone + Send + Sync + 'static,
+    T: Send + 'static,
+    R: Send + 'static,
+    Q: Fn(&C) -> &SharedCommit<T, R> + Send + 'static,
+    B: Fn(&SharedCommit<T, R>) -> Vec<Waiting<T, R>> + Send + 'static,
+    W: Fn(C, Vec<Waiting<T, R>>) -> Fut + Send + 'static,
+    Fut: Future<Output = ()> + Send,
+{
+    let Some(permit) = queue(core).try_lead() else {
+        // The leaders at work take this item with their next batch.
+        return;
+    };
+    let core = core.clone();
+    tokio::spawn(async move {
+        let mut permit = Some(permit);
+        while permit.is_some() {
+            loop {
+                let batch = take(queue(&core));
+                if batch.is_empty() {
+                    break;
+                }
+                write(core.clone(), batch).await;
+            }
+            drop(permit.take());
+            // An item may have come while this leader let go, when no place was free for it.
+            if !queue(&core).is_empty() {
+                permit = queue(&core).try_lead();
+            }
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn take_distinct_leaves_a_second_item_of_a_key_for_the_next_batch() {
+        let q: SharedCommit<(i32, &str), ()> = SharedCommit::new(1);
+        for item in [(1, "a"), (2, "b"), (1, "c"), (3, "d"), (2, "e")] {
+            let _ = q.push(item);
+        }
+        let first: Vec<_> = q
+            .take_distinct(|i| i.0)
+            .into_iter()
+            .map(|w| w.item.1)
+            .collect();
+        assert_eq!(first, ["a", "b", "d"]);
+        let second: Vec<_> = q
+            .take_distinct(|i| i.0)
+            .into_iter()
+            .map(|w| w.item.1)
+            .collect();
+        assert_eq!(second, ["c", "e"]);
+        assert!(q.is_empty());
+    }
+}
