@@ -126,7 +126,7 @@ mod tests {
     fn take_distinct_leaves_a_second_item_of_a_key_for_the_next_batch() {
         let q: SharedCommit<(i32, &str), ()> = SharedCommit::new(1);
         for item in [(1, "a"), (2, "b"), (1, "c"), (3, "d"), (2, "e")] {
-            let _ = q.push(item);
+            drop(q.push(item));
         }
         let first: Vec<_> = q
             .take_distinct(|i| i.0)
