@@ -400,17 +400,8 @@ async fn create(s: &Sizes, rows: &mut Vec<Row>, pool_size: u32, label: &str) {
     let api = post_tasks(s, &server.base).await;
     // The same requests with our status-count trigger off: what the trigger costs our own
     // (batched) write path.
-    let admin_pool = PgPoolOptions::new()
-        .max_connections(1)
-        .connect(&db)
-        .await
-        .expect("pool");
-    sqlx::query("ALTER TABLE tasks DISABLE TRIGGER task_counts_insert")
-        .execute(&admin_pool)
-        .await
-        .expect("trigger off");
+    count_trigger(&db, false).await;
     let api_untriggered = post_tasks(s, &server.base).await;
-    admin_pool.close().await;
     server.stop();
     rows.push(row(
         "create",
@@ -495,6 +486,22 @@ async fn create(s: &Sizes, rows: &mut Vec<Row>, pool_size: u32, label: &str) {
     ));
 }
 
+/// Turns our status-count trigger on creations on or off (the spec's SQL alone has none).
+async fn count_trigger(db: &str, on: bool) {
+    let admin = PgPoolOptions::new()
+        .max_connections(1)
+        .connect(db)
+        .await
+        .expect("pool");
+    let sql = if on {
+        "ALTER TABLE tasks ENABLE TRIGGER task_counts_insert"
+    } else {
+        "ALTER TABLE tasks DISABLE TRIGGER task_counts_insert"
+    };
+    sqlx::query(sql).execute(&admin).await.expect("the trigger");
+    admin.close().await;
+}
+
 async fn insert_directly(pool: &PgPool, n: u64) -> Result<(), sqlx::Error> {
     let mut tx = pool.begin().await?;
     // The spec's SQL alone: the task row and its history row in one transaction. No event:
@@ -539,19 +546,26 @@ async fn register_droplets(
     }
 }
 
-async fn heartbeat(s: &Sizes, rows: &mut Vec<Row>) {
+/// Heartbeats of the scenario's droplets over HTTP against a fresh database (returned, the
+/// server stopped).
+async fn heartbeats_over_http(s: &Sizes) -> (BenchDb, LoadResult) {
     let db = fresh_db_url();
     let server = Server::start(&db, 8, &[]).await;
-    let n = s.heartbeat_droplets;
     register_droplets(
         &server.base,
-        1..=n,
+        1..=s.heartbeat_droplets,
         |_| vec!["none".into()],
         "http://127.0.0.1:9",
     )
     .await;
-    let api = post_heartbeats(s, &server.base, n).await;
+    let api = post_heartbeats(s, &server.base, s.heartbeat_droplets).await;
     server.stop();
+    (db, api)
+}
+
+async fn heartbeat(s: &Sizes, rows: &mut Vec<Row>) {
+    let n = s.heartbeat_droplets;
+    let (db, api) = heartbeats_over_http(s).await;
     let pool = PgPoolOptions::new()
         .max_connections(8)
         .connect(&db)
@@ -665,33 +679,14 @@ async fn independent(s: &Sizes, rows: &mut Vec<Row>) {
     let api = post_tasks(s, &server.base).await;
     server.stop();
     // The spec's SQL alone: our status-count trigger is not part of it.
-    let admin = PgPoolOptions::new()
-        .max_connections(1)
-        .connect(&db)
-        .await
-        .expect("pool");
-    sqlx::query("ALTER TABLE tasks DISABLE TRIGGER task_counts_insert")
-        .execute(&admin)
-        .await
-        .expect("the spec's SQL without our trigger");
-    admin.close().await;
+    count_trigger(&db, false).await;
     let sql_create = pgbench(&db, s, PGBENCH_CREATE);
     drop_db(&db).await;
     // Heartbeats on a database of their own: registering 1,000 droplets beside the tasks
     // just created would route them all (to endpoints that refuse connections) while the
     // heartbeats run.
-    let db = fresh_db_url();
-    let server = Server::start(&db, 8, &[]).await;
     let n = s.heartbeat_droplets;
-    register_droplets(
-        &server.base,
-        1..=n,
-        |_| vec!["none".into()],
-        "http://127.0.0.1:9",
-    )
-    .await;
-    let beats = post_heartbeats(s, &server.base, n).await;
-    server.stop();
+    let (db, beats) = heartbeats_over_http(s).await;
     let sql_heartbeat = pgbench(&db, s, PGBENCH_HEARTBEAT);
     drop_db(&db).await;
     rows.push(row(

@@ -30,5 +30,3 @@ pub type Inserted = Result<Option<Task>, sqlx::Error>;
 
 /// Creations waiting to share an insert.
 pub type CreateQueue = SharedCommit<NewRow, Inserted>;
-/// A creation waiting, and where its answer goes.
-pub type Waiting = crate::services::shared_commit::Waiting<NewRow, Inserted>;

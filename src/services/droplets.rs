@@ -366,7 +366,17 @@ pub async fn heartbeat(
         state,
         |c: &Core| &c.heartbeats,
         |q| q.take_distinct(|b| b.droplet_id),
-        |core, batch| async move { beat_batch(&core, batch).await },
+        // Should the shared statement fail (a deadlock with another writer of several
+        // droplets, say), each heartbeat is tried alone.
+        |core, batch| async move {
+            shared_commit::write_each(
+                &core,
+                batch,
+                |b| b.droplet_id,
+                |core, rows| Box::pin(beat_rows(core, rows)),
+            )
+            .await
+        },
     );
     let row = match answer.await {
         Ok(beaten) => beaten?,
@@ -383,33 +393,6 @@ pub async fn heartbeat(
         state.router.trigger();
     }
     Ok(row.droplet)
-}
-
-/// One shared heartbeat statement; should it fail (a row the database refuses, or a deadlock
-/// with another writer of several droplets), each heartbeat is tried alone, so one never
-/// fails its neighbours.
-async fn beat_batch(core: &Core, batch: Vec<shared_commit::Waiting<BeatRow, Beaten>>) {
-    let rows: Vec<&BeatRow> = batch.iter().map(|w| &w.item).collect();
-    match beat_rows(core, &rows).await {
-        Ok(mut beaten) => {
-            for w in batch {
-                let _ = w.reply.send(Ok(beaten.remove(&w.item.droplet_id)));
-            }
-        }
-        Err(e) if batch.len() == 1 => {
-            if let Some(w) = batch.into_iter().next() {
-                let _ = w.reply.send(Err(e));
-            }
-        }
-        Err(_) => {
-            for w in batch {
-                let alone = beat_rows(core, &[&w.item])
-                    .await
-                    .map(|mut m| m.remove(&w.item.droplet_id));
-                let _ = w.reply.send(alone);
-            }
-        }
-    }
 }
 
 /// The heartbeats of distinct droplets in one statement; the droplets after them by id.

@@ -3,8 +3,10 @@
 //! write still answers only after its own item is committed. Creations (`tasks::insert`) and
 //! heartbeats (`droplets::heartbeat`) go this way.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::hash::Hash;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
@@ -116,6 +118,47 @@ where
             }
         }
     });
+}
+
+/// What a shared write returns: the written items' results by key (an item missing from it
+/// is answered `None`).
+pub type Written<'a, K, V> =
+    Pin<Box<dyn Future<Output = Result<HashMap<K, V>, sqlx::Error>> + Send + 'a>>;
+
+/// Writes a batch in one go and answers each item; should that fail (one item the database
+/// refuses, say, or a deadlock), each item is written alone, so one bad item never fails its
+/// neighbours.
+pub async fn write_each<C, T, K, V>(
+    core: &C,
+    batch: Vec<Waiting<T, Result<Option<V>, sqlx::Error>>>,
+    key: fn(&T) -> K,
+    write: for<'a> fn(&'a C, &'a [&'a T]) -> Written<'a, K, V>,
+) where
+    K: Hash + Eq,
+{
+    let items: Vec<&T> = batch.iter().map(|w| &w.item).collect();
+    let together = write(core, &items).await;
+    drop(items);
+    match together {
+        Ok(mut written) => {
+            for w in batch {
+                let _ = w.reply.send(Ok(written.remove(&key(&w.item))));
+            }
+        }
+        Err(e) if batch.len() == 1 => {
+            if let Some(w) = batch.into_iter().next() {
+                let _ = w.reply.send(Err(e));
+            }
+        }
+        Err(_) => {
+            for w in batch {
+                let alone = write(core, &[&w.item])
+                    .await
+                    .map(|mut m| m.remove(&key(&w.item)));
+                let _ = w.reply.send(alone);
+            }
+        }
+    }
 }
 
 #[cfg(test)]

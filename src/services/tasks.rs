@@ -11,7 +11,7 @@ use uuid::Uuid;
 
 use crate::identity::Principal;
 use crate::protocol;
-use crate::services::create_queue::{NewRow, Waiting};
+use crate::services::create_queue::NewRow;
 use crate::services::error::{Error, Result};
 use crate::services::events::{self, Event, TaskEventKind};
 use crate::services::shared_commit;
@@ -325,34 +325,16 @@ fn lead(core: &Core) {
         core,
         |c: &Core| &c.creates,
         |q| q.take(),
-        |core, batch| async move { insert_batch(&core, batch).await },
+        |core, batch| async move {
+            shared_commit::write_each(
+                &core,
+                batch,
+                |r| r.trace_id,
+                |core, rows| Box::pin(insert_rows(core, rows)),
+            )
+            .await
+        },
     );
-}
-
-/// One shared insert; should it fail (one row the database refuses, say), each row is tried
-/// alone, so one bad creation never fails its neighbours.
-async fn insert_batch(core: &Core, batch: Vec<Waiting>) {
-    let rows: Vec<&NewRow> = batch.iter().map(|w| &w.item).collect();
-    match insert_rows(core, &rows).await {
-        Ok(mut inserted) => {
-            for w in batch {
-                let _ = w.reply.send(Ok(inserted.remove(&w.item.trace_id)));
-            }
-        }
-        Err(e) if batch.len() == 1 => {
-            if let Some(w) = batch.into_iter().next() {
-                let _ = w.reply.send(Err(e));
-            }
-        }
-        Err(_) => {
-            for w in batch {
-                let alone = insert_rows(core, &[&w.item])
-                    .await
-                    .map(|mut m| m.remove(&w.item.trace_id));
-                let _ = w.reply.send(alone);
-            }
-        }
-    }
 }
 
 /// Inserts the rows (the first of each trace id) with their history rows and events, in
