@@ -747,6 +747,69 @@ async fn post_heartbeats(s: &Sizes, base: &str, n: i32) -> LoadResult {
     .await
 }
 
+/// Heartbeats while creates and routing run at full speed (issue 16, item 5): 100 droplets
+/// that acknowledge every delivery, `POST /tasks` from 64 clients (every task routable to
+/// any of them) and, at the same time, the droplets' heartbeats from 16 more.
+async fn mixed(s: &Sizes, rows: &mut Vec<Row>) {
+    let db = fresh_db_url();
+    let server = Server::start(&db, 8, &[]).await;
+    let n = s.route_droplets;
+    let droplets = Fleet::start(
+        Api::new(vec![server.base.clone()]),
+        (1..=n)
+            .map(|id| (id, token(id, &["read", "write"])))
+            .collect(),
+        FleetConfig {
+            behaviour: Behaviour::Acknowledge,
+            heartbeats: Heartbeats::Off,
+            ..FleetConfig::new(Wire::BENCH, &[])
+        },
+    )
+    .await
+    .expect("register the droplets");
+    let beat_sizes = Sizes {
+        concurrency: 16,
+        ..Sizes::new(s.quick)
+    };
+    let (creates, beats) = tokio::join!(
+        post_tasks(s, &server.base),
+        post_heartbeats(&beat_sizes, &server.base, n)
+    );
+    let pool = PgPoolOptions::new()
+        .max_connections(1)
+        .connect(&db)
+        .await
+        .expect("pool");
+    let assigned: i64 =
+        sqlx::query_scalar("SELECT COUNT(*) FROM task_state_history WHERE to_status = 'assigned'")
+            .fetch_one(&pool)
+            .await
+            .unwrap_or(0);
+    pool.close().await;
+    server.stop();
+    droplets.stop();
+    drop_db(&db).await;
+    rows.push(row(
+        "mixed",
+        &format!(
+            "heartbeats of {n} droplets (16 clients) while POST /tasks ({} clients) is routed to them",
+            s.concurrency
+        ),
+        format!(
+            "heartbeats {:.0} req/s, p50 {:.2} ms, p99 {:.2} ms ({} non-2xx); creates {:.0} req/s, p99 {:.2} ms ({} non-2xx); {assigned} assignments, {} delivered",
+            beats.rate(),
+            beats.latency.p50,
+            beats.latency.p99,
+            beats.errors,
+            creates.rate(),
+            creates.latency.p99,
+            creates.errors,
+            droplets.delivered.load(Ordering::Relaxed)
+        ),
+        "heartbeat p99 <= 50 ms and 0 non-2xx",
+    ));
+}
+
 async fn route(s: &Sizes, rows: &mut Vec<Row>, rss: &mut Vec<(String, f64)>) {
     let db = fresh_db_url();
     let server = Server::start(&db, 8, &[]).await;
@@ -1279,6 +1342,10 @@ fn main() {
         {
             step("independent");
             independent(&s, &mut rows).await;
+        }
+        if wanted("mixed") {
+            step("mixed");
+            mixed(&s, &mut rows).await;
         }
         if wanted("route") {
             step("route");
