@@ -22,6 +22,7 @@ use crate::services::endpoints::{self, EndpointPolicy};
 use crate::services::events::EventHub;
 use crate::services::registry_status::RegistryStatus;
 use crate::services::router_trigger::RouterTrigger;
+use crate::services::table_statistics::Growth;
 
 /// The services' shared parts, cheap to clone (one `Arc`).
 #[derive(Clone)]
@@ -48,6 +49,8 @@ pub struct Parts {
     pub creates: CreateQueue,
     /// Heartbeats waiting to share a statement and a commit.
     pub heartbeats: HeartbeatQueue,
+    /// Creations counted, for fresh statistics of the young task tables.
+    pub growth: Growth,
     /// Cancelled when the process shuts down (SIGTERM, /management/shutdown).
     pub shutdown: CancellationToken,
     /// Set by /management/emergency-stop until the jobs are resumed.
@@ -82,6 +85,7 @@ impl Core {
             endpoint_policy,
             contracts: Contracts::new(),
             creates: CreateQueue::new((config.pool_max_connections() as usize / 4).clamp(1, 8)),
+            growth: Growth::new(),
             heartbeats: HeartbeatQueue::new(
                 (config.pool_max_connections() as usize / 4).clamp(1, 8),
             ),

@@ -319,6 +319,7 @@ pub const HEARTBEATS_SQL: &str = const_format::concatcp!(
      old AS (
         SELECT d.id AS old_id, d.status AS old_status, b.*
         FROM droplets d JOIN b ON b.beat_droplet = d.droplet_id
+        WHERE d.droplet_id = ANY($1::int[])
         ORDER BY d.id FOR NO KEY UPDATE OF d
      ),
      up AS (

@@ -24,6 +24,7 @@ pub mod shared_commit;
 pub mod state_machine;
 pub mod status;
 pub mod system_status;
+pub mod table_statistics;
 pub mod task_recovery;
 pub mod task_router;
 pub mod task_store;

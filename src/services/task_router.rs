@@ -213,17 +213,32 @@ async fn lock_droplets(t: &mut Transition<'_>) -> Result<(Vec<Slot>, bool), sqlx
     // another replica is filling right now is skipped, never waited for. The locks are
     // advisory (per droplet, until this transaction ends), not row locks: a heartbeat, a
     // registration or an admin's change of the droplet's row never waits for a pass.
-    let candidates: Vec<Candidate> = sqlx::query_as(
+    let mut candidates: Vec<Candidate> = sqlx::query_as(
         "SELECT d.id, d.droplet_id, COALESCE(d.capabilities, '[]'::jsonb) AS capabilities,
-                d.max_concurrent_tasks, d.last_heartbeat, d.capability_schemas,
-                (SELECT COUNT(*) FROM tasks t
-                  WHERE t.assigned_droplet_id = d.id AND t.status IN ('assigned', 'in_progress')) AS load
+                d.max_concurrent_tasks, d.last_heartbeat, d.capability_schemas, 0::bigint AS load
          FROM (SELECT * FROM droplets WHERE status = 'active' ORDER BY id) d
          WHERE pg_try_advisory_xact_lock($1, d.id)",
     )
     .bind(DROPLET_FILL_LOCK)
     .fetch_all(t.conn())
     .await?;
+    // Their loads in one grouped read of the live tasks (a count per droplet was one scan
+    // per droplet per pass: 1,200 scans a second at 300 tasks/s with 50 droplets, each of
+    // the whole table while its statistics were young).
+    let ids: Vec<i32> = candidates.iter().map(|c| c.id).collect();
+    let loads: HashMap<i32, i64> = sqlx::query_as::<_, (i32, i64)>(
+        "SELECT assigned_droplet_id, COUNT(*) FROM tasks
+         WHERE status IN ('assigned', 'in_progress') AND assigned_droplet_id = ANY($1)
+         GROUP BY assigned_droplet_id",
+    )
+    .bind(&ids)
+    .fetch_all(t.conn())
+    .await?
+    .into_iter()
+    .collect();
+    for c in &mut candidates {
+        c.load = loads.get(&c.id).copied().unwrap_or(0);
+    }
     let active: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM droplets WHERE status = 'active'")
         .fetch_one(t.conn())
         .await?;

@@ -8,6 +8,7 @@ use sqlx::{PgConnection, Postgres, Transaction};
 
 use crate::services::dispatch;
 use crate::services::state_machine::{self, Applied, Mode, Move, MoveError, Status};
+use crate::services::table_statistics;
 use crate::services::task_store::Task;
 use crate::services::Core;
 
@@ -93,6 +94,9 @@ fn after_commit(core: &Core, applied: &[Applied], created: usize) {
     let mut route_again = created > 0;
     if created > 0 {
         core.metrics.tasks_created.inc_by(created as u64);
+        if core.growth.created(created as u64) {
+            table_statistics::analyze_in_background(core.db.clone());
+        }
     }
     let mut assigned = 0u64;
     for a in applied {
