@@ -143,3 +143,42 @@ async fn repeated_outages_are_survived() {
         assert_recovered(&app).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delivery_waiting_while_the_database_is_away_is_sent_once_it_is_back() {
+    // The assignment timeout is an hour: only the delivery's own retries can bring it.
+    let proxy = Proxy::start().await;
+    let app = TestApp::spawn_on(
+        &proxy.database_url(&format!("orch_test_{}", Uuid::new_v4().simple())),
+        &[
+            ("DATABASE_ACQUIRE_TIMEOUT_SECONDS", "1"),
+            ("ASSIGNMENT_TIMEOUT_SECONDS", "3600"),
+        ],
+    )
+    .await;
+    let droplet = DropletServer::start(Behaviour::Error500).await;
+    app.register(51, &["away"], &droplet.endpoint).await;
+    let task = app
+        .create_task(
+            5,
+            json!({"task_type": "t", "title": "waits", "required_capability": "away"}),
+        )
+        .await;
+    eventually(Duration::from_secs(10), "a failed delivery", || async {
+        (!droplet.executed().is_empty()).then_some(())
+    })
+    .await;
+    // Its retry is read back from the database, which is away now: it waits, not dropped.
+    proxy.cut();
+    droplet.set(Behaviour::Ok);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let tries_while_away = droplet.executed().len();
+    proxy.restore();
+    eventually(
+        Duration::from_secs(20),
+        "the delivery after the outage",
+        || async { (droplet.executed().len() > tries_while_away).then_some(()) },
+    )
+    .await;
+    assert_eq!(droplet.executed().last(), Some(&(task as i64)));
+}

@@ -1016,3 +1016,31 @@ async fn creations_at_one_moment_share_one_commit_and_a_bad_one_fails_alone() {
     assert!(matches!(answers[1], Ok(None)), "{:?}", answers[1]);
     assert_eq!(counts(&app).await, (40, 40));
 }
+
+/// When this database's `tasks` table was last analyzed by hand (not by autovacuum).
+async fn last_analyze(app: &TestApp) -> Option<chrono::DateTime<chrono::Utc>> {
+    sqlx::query_scalar("SELECT last_analyze FROM pg_stat_user_tables WHERE relname = 'tasks'")
+        .fetch_one(&app.db)
+        .await
+        .expect("table statistics")
+}
+
+#[tokio::test]
+async fn the_young_task_tables_are_analyzed_after_the_500th_creation() {
+    // Plans made while `tasks` held a few pages scan it whole (the history rows' foreign-key
+    // check among them); the process analyzes it as it grows, not a minute later.
+    let app = TestApp::spawn().await;
+    app.pause_routing().await;
+    let rows: Vec<_> = (0..499).map(|i| new_row(&format!("a{i}"))).collect();
+    let answers = orchestrator::services::tasks::insert_all(&app.state, rows).await;
+    assert!(answers.iter().all(|a| matches!(a, Ok(Some(_)))));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(last_analyze(&app).await, None, "not before the 500th");
+    let answers =
+        orchestrator::services::tasks::insert_all(&app.state, vec![new_row("the 500th")]).await;
+    assert!(matches!(answers[0], Ok(Some(_))));
+    eventually(Duration::from_secs(10), "tasks analyzed", || async {
+        last_analyze(&app).await
+    })
+    .await;
+}

@@ -247,7 +247,12 @@ async fn with_body(state: &Core, waiting: Waiting) -> Option<Waiting> {
     {
         Ok(rows) => rows,
         Err(e) => {
-            tracing::warn!(error = %e, deliveries = batch.len(), "could not read queued deliveries back; the assignment timeout requeues their tasks");
+            // The database is away: the deliveries wait and are read back again (each until
+            // its own give-up time, after which the assignment timeout requeues its task).
+            tracing::warn!(error = %e, deliveries = batch.len(), "could not read queued deliveries back; trying again shortly");
+            let now = tokio::time::Instant::now();
+            batch.retain(|w| w.tries.give_up > now);
+            later(state, batch, READ_BACK_PAUSE);
             return None;
         }
     };
@@ -340,22 +345,38 @@ async fn send(state: &Core, waiting: Waiting, own: tokio::sync::OwnedSemaphorePe
     }
     // The retry waits holding only ids; its task is read back (and sent only if still
     // assigned to this droplet on this attempt) when its turn comes.
+    let retry = Waiting {
+        task_id,
+        attempt,
+        droplet: internal,
+        body: None,
+        tries: Tries {
+            backoff: (tries.backoff * 2).min(Duration::from_secs(10)),
+            give_up: tries.give_up,
+        },
+    };
+    later(state, vec![retry], tries.backoff);
+}
+
+/// How long deliveries that could not be read back wait before the next try.
+const READ_BACK_PAUSE: Duration = Duration::from_secs(1);
+
+/// Puts deliveries back in the queue after a pause (none at shutdown), holding only ids.
+fn later(state: &Core, waiting: Vec<Waiting>, pause: Duration) {
+    if waiting.is_empty() {
+        return;
+    }
     let state = state.clone();
     tokio::spawn(async move {
         tokio::select! {
-            _ = state.shutdown.cancelled() => return,
-            _ = tokio::time::sleep(tries.backoff) => {}
+            _ = state.shutdown.cancelled() => {}
+            _ = tokio::time::sleep(pause) => {
+                for mut w in waiting {
+                    w.body = None;
+                    state.dispatch.queue.push(w);
+                }
+            }
         }
-        state.dispatch.queue.push(Waiting {
-            task_id,
-            attempt,
-            droplet: internal,
-            body: None,
-            tries: Tries {
-                backoff: (tries.backoff * 2).min(Duration::from_secs(10)),
-                give_up: tries.give_up,
-            },
-        });
     });
 }
 
