@@ -46,7 +46,7 @@ pub async fn list(
 ) -> ApiResult<Udc<Value>> {
     caller.require(Permission::Read)?;
     let page = tasks::list(&state.db, &filter).await?;
-    let (listed, truncated) = page.shown(filter.include_payload());
+    let (listed, truncated) = page.shown();
     let next_after_id = page.next_after_id();
     let has_more = page.has_more;
     Ok(Udc::ok(json!({

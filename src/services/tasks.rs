@@ -109,13 +109,14 @@ impl Created {
     }
 }
 
-/// The same columns for listings: `payload` and `result` only when asked for (`$10`), so a
-/// page of large payloads costs neither the database nor this process their size.
+/// The same columns for listings, without `payload` and `result`: a page of large payloads
+/// costs neither the database's network nor this process their size. When they are asked
+/// for, [`list`] reads their sizes and then only the ones that fit [`LIST_PAYLOAD_BYTES`].
 const LIST_COLUMNS: &str = const_format::concatcp!(
     task_store::COLUMNS_HEAD,
-    "CASE WHEN $10 THEN t.payload ELSE 'null'::jsonb END AS payload",
+    "'null'::jsonb AS payload",
     task_store::COLUMNS_MID,
-    "CASE WHEN $10 THEN t.result END AS result",
+    "NULL::jsonb AS result",
     task_store::COLUMNS_TAIL
 );
 
@@ -482,6 +483,9 @@ pub struct Page {
     pub offset: i64,
     /// Whether more tasks match past this page.
     pub has_more: bool,
+    /// With `?include=payload`: for each task, whether its payload and result were read
+    /// (false for those past [`LIST_PAYLOAD_BYTES`]). Empty otherwise.
+    pub payload_read: Vec<bool>,
 }
 
 /// Most bytes of payloads and results one listing carries (`?include=payload`).
@@ -489,25 +493,22 @@ pub const LIST_PAYLOAD_BYTES: usize = 2 * 1024 * 1024;
 
 impl Page {
     /// The tasks as a listing shows them: without `payload` and `result` unless asked for,
-    /// and then at most [`LIST_PAYLOAD_BYTES`] of them in one answer (the tasks past that
-    /// say `payload_truncated`). Also whether any was truncated.
-    pub fn shown(&self, include_payload: bool) -> (Vec<Value>, bool) {
-        let mut budget = LIST_PAYLOAD_BYTES;
+    /// and then only those read within [`LIST_PAYLOAD_BYTES`] (the others say
+    /// `payload_truncated`). Also whether any was truncated.
+    pub fn shown(&self) -> (Vec<Value>, bool) {
+        let asked = !self.payload_read.is_empty();
         let mut truncated = false;
         let shown = self
             .tasks
             .iter()
-            .map(|task| {
+            .enumerate()
+            .map(|(i, task)| {
                 let mut v = serde_json::to_value(task).unwrap_or_default();
                 if let Value::Object(map) = &mut v {
-                    let size = task.payload.to_string().len()
-                        + task.result.as_ref().map_or(0, |r| r.to_string().len());
-                    if include_payload && size <= budget {
-                        budget -= size;
-                    } else {
+                    if !self.payload_read.get(i).copied().unwrap_or(false) {
                         map.remove("payload");
                         map.remove("result");
-                        if include_payload {
+                        if asked {
                             truncated = true;
                             map.insert("payload_truncated".into(), Value::Bool(true));
                         }
@@ -522,6 +523,55 @@ impl Page {
     /// The cursor of the next page (`after_id`), when there is one.
     pub fn next_after_id(&self) -> Option<i32> {
         self.tasks.last().map(|t| t.id).filter(|_| self.has_more)
+    }
+
+    /// Reads the payloads and results of the page's tasks, in order, while they fit
+    /// [`LIST_PAYLOAD_BYTES`] (a task too large is passed over and the next ones still
+    /// tried): first their sizes as the database writes them, then only the chosen ones.
+    async fn read_payloads(&mut self, db: &PgPool) -> Result<(), sqlx::Error> {
+        let ids: Vec<i32> = self.tasks.iter().map(|t| t.id).collect();
+        let sizes: Vec<(i32, i64)> = sqlx::query_as(
+            "SELECT id, (octet_length(payload::text)
+                         + COALESCE(octet_length(result::text), 0))::bigint
+               FROM tasks WHERE id = ANY($1)",
+        )
+        .bind(&ids)
+        .fetch_all(db)
+        .await?;
+        let size_of: std::collections::HashMap<i32, i64> = sizes.into_iter().collect();
+        let mut budget = LIST_PAYLOAD_BYTES as i64;
+        let mut chosen = Vec::new();
+        for id in &ids {
+            match size_of.get(id) {
+                Some(&size) if size <= budget => {
+                    budget -= size;
+                    chosen.push(*id);
+                }
+                _ => {}
+            }
+        }
+        let bodies: Vec<(i32, Value, Option<Value>)> =
+            sqlx::query_as("SELECT id, payload, result FROM tasks WHERE id = ANY($1)")
+                .bind(&chosen)
+                .fetch_all(db)
+                .await?;
+        let mut body_of: std::collections::HashMap<i32, (Value, Option<Value>)> = bodies
+            .into_iter()
+            .map(|(id, payload, result)| (id, (payload, result)))
+            .collect();
+        self.payload_read = self
+            .tasks
+            .iter_mut()
+            .map(|task| match body_of.remove(&task.id) {
+                Some((payload, result)) => {
+                    task.payload = payload;
+                    task.result = result;
+                    true
+                }
+                None => false,
+            })
+            .collect();
+        Ok(())
     }
 }
 
@@ -553,8 +603,8 @@ pub async fn list(db: &PgPool, f: &TaskFilter) -> Result<Page, sqlx::Error> {
         LIST_COLUMNS,
         " FROM tasks t LEFT JOIN droplets d ON d.id = t.assigned_droplet_id",
         TASK_FILTER,
-        " AND ($11::int IS NULL OR (t.created_at, t.id) <
-                (SELECT a.created_at, a.id FROM tasks a WHERE a.id = $11))
+        " AND ($10::int IS NULL OR (t.created_at, t.id) <
+                (SELECT a.created_at, a.id FROM tasks a WHERE a.id = $10))
          ORDER BY t.created_at DESC, t.id DESC LIMIT $8 + 1 OFFSET $9"
     ))
     .bind(&f.status)
@@ -566,7 +616,6 @@ pub async fn list(db: &PgPool, f: &TaskFilter) -> Result<Page, sqlx::Error> {
     .bind(&f.created_by)
     .bind(limit)
     .bind(offset)
-    .bind(f.include_payload())
     .bind(f.after_id)
     .fetch_all(db)
     .await?;
@@ -613,14 +662,19 @@ pub async fn list(db: &PgPool, f: &TaskFilter) -> Result<Page, sqlx::Error> {
             (counted, true)
         }
     };
-    Ok(Page {
+    let mut page = Page {
         tasks,
         total,
         total_exact,
         limit,
         offset,
         has_more,
-    })
+        payload_read: Vec::new(),
+    };
+    if f.include_payload() {
+        page.read_payloads(db).await?;
+    }
+    Ok(page)
 }
 
 /// The payload of `PATCH /tasks/{id}`.

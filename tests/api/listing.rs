@@ -5,7 +5,7 @@
 use std::collections::HashSet;
 
 use orchestrator::services::health_monitor;
-use orchestrator::services::tasks::TOTAL_BOUND;
+use orchestrator::services::tasks::{self, TaskFilter, TOTAL_BOUND};
 use reqwest::StatusCode;
 use serde_json::Value;
 
@@ -261,4 +261,70 @@ async fn without_a_retention_nothing_is_deleted() {
         .await
         .unwrap();
     assert_eq!(n, 5);
+}
+
+/// `?include=payload` over large payloads reads only the ones that fit the listing's budget
+/// into this process (their sizes first, then those bodies), in order, passing over one too
+/// large for what is left and still taking the smaller ones after it.
+#[tokio::test]
+async fn a_listing_with_payloads_reads_only_what_fits_its_budget() {
+    let app = TestApp::spawn().await;
+    // Oldest first: 20 small, then 50 of 0.9 MB, then one of 3 MB (newest). Newest first in
+    // the listing: the 3 MB one (past the budget alone), two of 0.9 MB (1.8 MB), 48 passed
+    // over, then the 20 small ones (a few bytes each) still fit.
+    for (n, size) in [(20, 10), (50, 900_000), (1, 3_000_000)] {
+        sqlx::query(
+            "INSERT INTO tasks (task_type, title, payload, status, created_by, created_at)
+             SELECT 'big', 'big', jsonb_build_object('blob', repeat('x', $2)), 'pending', '5',
+                    clock_timestamp()
+             FROM generate_series(1, $1) g",
+        )
+        .bind(n)
+        .bind(size)
+        .execute(&app.db)
+        .await
+        .unwrap();
+    }
+    let filter = TaskFilter {
+        limit: Some(100),
+        include: Some("payload".into()),
+        ..TaskFilter::default()
+    };
+    let page = tasks::list(&app.db, &filter).await.unwrap();
+    assert_eq!(page.tasks.len(), 71);
+    let held: usize = page.tasks.iter().map(|t| t.payload.to_string().len()).sum();
+    assert!(held < 2_200_000, "{held} bytes of payloads held");
+    let read: Vec<bool> = page.payload_read.clone();
+    assert!(!read[0], "the 3 MB payload is past the budget alone");
+    assert_eq!(read[1..51].iter().filter(|r| **r).count(), 2);
+    assert!(
+        read[51..].iter().all(|r| *r),
+        "the small ones after still fit"
+    );
+    assert!(page
+        .tasks
+        .iter()
+        .zip(&read)
+        .all(|(t, r)| *r == (t.payload != Value::Null)));
+
+    let (shown, truncated) = page.shown();
+    assert!(truncated);
+    assert_eq!(
+        shown.iter().filter(|t| t.get("payload").is_some()).count(),
+        22
+    );
+    assert_eq!(
+        shown
+            .iter()
+            .filter(|t| t["payload_truncated"] == true)
+            .count(),
+        49
+    );
+
+    // Without the asking, nothing is read and nothing is said to be truncated.
+    let page = tasks::list(&app.db, &TaskFilter::default()).await.unwrap();
+    assert!(page.tasks.iter().all(|t| t.payload == Value::Null));
+    let (shown, truncated) = page.shown();
+    assert!(!truncated);
+    assert!(shown.iter().all(|t| t.get("payload").is_none()));
 }
