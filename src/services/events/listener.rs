@@ -127,7 +127,8 @@ async fn read_after(state: &Core, last: i64) -> Result<Option<i64>, sqlx::Error>
 }
 
 fn note_lost(state: &Core, lost_at: &mut Option<Instant>, error: &str) {
-    if lost_at.is_none() {
+    // A pool closed for shutdown is not a lost database: the reader is about to stop.
+    if lost_at.is_none() && !state.db.is_closed() {
         tracing::warn!(
             error,
             "event reader lost its database connection; reconnecting"
