@@ -8,6 +8,7 @@ use std::sync::RwLock;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use sha2::{Digest, Sha256};
 
 use crate::config::Config;
 
@@ -225,7 +226,7 @@ pub fn read_pem(value: &str) -> Result<Vec<u8>, String> {
 pub struct Keys {
     hs_decode: DecodingKey,
     hs_encode: EncodingKey,
-    rs_decode: RwLock<Option<DecodingKey>>,
+    rs_decode: RwLock<Option<RegistryKey>>,
     rs_encode: Option<EncodingKey>,
     hs_validation: Validation,
     rs_validation: Validation,
@@ -237,6 +238,31 @@ pub struct Keys {
     outbound_aud: Option<String>,
     /// A token the Registry issued to the orchestrator, and when it expires.
     registry_token: RwLock<Option<(String, i64)>>,
+}
+
+/// The Registry's public key and the fingerprint of its PEM, to tell a change of key from
+/// the same key fetched again.
+struct RegistryKey {
+    decode: DecodingKey,
+    fingerprint: String,
+}
+
+/// What installing the Registry's key did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyChange {
+    /// There was no key before.
+    Installed,
+    /// The same key as the one held (a sync fetches it each time).
+    Unchanged,
+    /// Another key replaced the one held.
+    Changed,
+}
+
+/// A short fingerprint of a PEM: `SHA256:` and the first 8 bytes of the digest of its text
+/// (surrounding whitespace aside), in hex.
+pub fn key_fingerprint(pem: &[u8]) -> String {
+    let digest = Sha256::digest(String::from_utf8_lossy(pem).trim().as_bytes());
+    format!("SHA256:{}", hex::encode(&digest[..8]))
 }
 
 /// What the orchestrator's own tokens are marked with (`token_use`).
@@ -252,19 +278,16 @@ pub struct Outbound {
 
 impl Keys {
     pub fn from_config(config: &Config) -> Result<Keys, String> {
-        if config.jwt_algorithm == "RS256" {
-            tracing::warn!(
-                "JWT_ALGORITHM=RS256: /token mints HS256 tokens all the same; RS256 tokens are the \
-                 Registry's (REGISTRY_PUBLIC_KEY) and the orchestrator's own outbound ones \
-                 (ORCHESTRATOR_PRIVATE_KEY)"
-            );
-        }
         let secret = config.jwt_secret_key.expose().as_bytes();
         let rs_decode = match &config.registry_public_key {
-            Some(v) => Some(
-                DecodingKey::from_rsa_pem(&read_pem(v)?)
-                    .map_err(|e| format!("REGISTRY_PUBLIC_KEY: not an RSA public key: {e}"))?,
-            ),
+            Some(v) => {
+                let pem = read_pem(v)?;
+                Some(RegistryKey {
+                    decode: DecodingKey::from_rsa_pem(&pem)
+                        .map_err(|e| format!("REGISTRY_PUBLIC_KEY: not an RSA public key: {e}"))?,
+                    fingerprint: key_fingerprint(&pem),
+                })
+            }
             None => None,
         };
         let rs_encode =
@@ -297,18 +320,39 @@ impl Keys {
     }
 
     /// Installs the Registry's public key fetched at run time (only with
-    /// `REGISTRY_FETCH_PUBLIC_KEY=true`, over https); a change of key is logged.
-    pub fn set_registry_key(&self, pem: &[u8]) -> Result<(), String> {
-        let key = DecodingKey::from_rsa_pem(pem).map_err(|e| e.to_string())?;
-        if let Ok(mut slot) = self.rs_decode.write() {
-            if slot.is_some() {
-                tracing::warn!("the Registry's public key changed; tokens signed with the old key are now refused");
-            } else {
-                tracing::info!("installed the Registry's public key");
-            }
-            *slot = Some(key);
+    /// `REGISTRY_FETCH_PUBLIC_KEY=true`, over https). Each sync fetches it again: the same
+    /// key is left as it is and not logged; a first key is logged, a change of key warned
+    /// with both fingerprints.
+    pub fn set_registry_key(&self, pem: &[u8]) -> Result<KeyChange, String> {
+        let fingerprint = key_fingerprint(pem);
+        let mut slot = match self.rs_decode.write() {
+            Ok(slot) => slot,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        let old = slot.as_ref().map(|k| k.fingerprint.clone());
+        if old.as_deref() == Some(fingerprint.as_str()) {
+            return Ok(KeyChange::Unchanged);
         }
-        Ok(())
+        let decode = DecodingKey::from_rsa_pem(pem).map_err(|e| e.to_string())?;
+        let change = match old {
+            Some(old) => {
+                tracing::warn!(
+                    old_fingerprint = %old,
+                    new_fingerprint = %fingerprint,
+                    "the Registry's public key changed; tokens signed with the old key are now refused"
+                );
+                KeyChange::Changed
+            }
+            None => {
+                tracing::info!(fingerprint = %fingerprint, "installed the Registry's public key");
+                KeyChange::Installed
+            }
+        };
+        *slot = Some(RegistryKey {
+            decode,
+            fingerprint,
+        });
+        Ok(change)
     }
 
     /// Installs a token the Registry issued to the orchestrator.
@@ -375,7 +419,9 @@ impl Keys {
         }
         if let Ok(guard) = self.rs_decode.read() {
             if let Some(key) = guard.as_ref() {
-                if let Ok(data) = jsonwebtoken::decode::<Claims>(token, key, &self.rs_validation) {
+                if let Ok(data) =
+                    jsonwebtoken::decode::<Claims>(token, &key.decode, &self.rs_validation)
+                {
                     return Ok(data.claims);
                 }
             }
@@ -502,5 +548,67 @@ mod tests {
         assert_eq!(c.droplet_id, 3);
         assert!(serde_json::from_str::<Claims>(r#"{"exp":1}"#).is_err());
         assert!(serde_json::from_str::<Claims>(r#"{"sub":"bob","exp":1}"#).is_err());
+    }
+
+    /// Two RSA public keys (2048 bits, made with `openssl genrsa | openssl rsa -pubout`).
+    const KEY_A: &str = "-----BEGIN PUBLIC KEY-----\n\
+MIIBIjANBgkqhkiG9w0BAQEFAAOCAQ8AMIIBCgKCAQEAulpukP7BWDYzcRwhEey7\n\
+4cM21DflcU+Elfze2nq5KQLQ+9Owo1ZZeYz8DABKCNIr3f+M52oIRw9yjdoLotiv\n\
+3s3Dj1ljTU7WJY8wjfaBA9/l9V63WQ8yVKphGW9LH0+A7xrIXKuFR0xqkrWi7Dui\n\
+xI03d7KqSHTkLzh+2pefb+EEp9DtFZ5ySO0fujqqT2iQAKSzmpkWnjsU0lOvrY6K\n\
+tsbvf2binHOewyfxj8eEHI5Cd59Cfvb3zqfPpqGBRPMg4Cs2zH5BAET4+3SA5QMe\n\
+rWQTZ8NmdXi/6Du9aTK/dqbHVg19nfQsxPBNSX5zAUUiLEa7TddNUrPXqrbZRczi\n\
+fQIDAQAB\n\
+-----END PUBLIC KEY-----";
+    const KEY_B: &str = "-----BEGIN PUBLIC KEY-----\n\
+MIIBIjANBgkqhkiG9w0BAQEFAAOCAQ8AMIIBCgKCAQEAswuPOITLm4dKOEnOOd40\n\
+2u6vsbQjJihyHFRUdP1VzEg7bx6Bc8TL/ajubgikMij9PbQdrmpm4ejGWu7i6YmW\n\
+Fbo39T6WIkU3QGjXZUeMwShAUK0QPv7QHYJMdTb7pPOVPUfuanBGwieANPDxPsgb\n\
+eNNPlm0IzUuwehRnGDdh0eHwVuHXp/sFue1yrvglvZE68B2lOD1Y2pi+adA2/Tuo\n\
+6qemfsAc8WlqDfKD0OcE8AcIEeZXLEm45x46S91jFE/GfsjdtkhEmq20UzunyfNd\n\
+t956L0FlYhTQ44sATQubwML9e1CiGUIW4q7YYizsy57/+Z33SrIjbUHECtJoo+D3\n\
+wwIDAQAB\n\
+-----END PUBLIC KEY-----";
+
+    #[test]
+    fn the_registry_key_is_installed_left_alone_when_the_same_and_replaced_when_changed() {
+        let config = Config::from_lookup(&|_| None).unwrap();
+        let keys = Keys::from_config(&config).unwrap();
+        assert!(!keys.has_registry_key());
+        assert_eq!(
+            keys.set_registry_key(KEY_A.as_bytes()),
+            Ok(KeyChange::Installed)
+        );
+        assert!(keys.has_registry_key());
+        assert_eq!(
+            keys.set_registry_key(KEY_A.as_bytes()),
+            Ok(KeyChange::Unchanged)
+        );
+        // The same PEM with other surrounding whitespace is the same key.
+        assert_eq!(
+            keys.set_registry_key(format!("{KEY_A}\n\n").as_bytes()),
+            Ok(KeyChange::Unchanged)
+        );
+        assert_eq!(
+            keys.set_registry_key(KEY_B.as_bytes()),
+            Ok(KeyChange::Changed)
+        );
+        assert_eq!(
+            keys.set_registry_key(KEY_B.as_bytes()),
+            Ok(KeyChange::Unchanged)
+        );
+        // Garbage changes nothing.
+        assert!(keys
+            .set_registry_key(b"-----BEGIN PUBLIC KEY-----\nx\n-----END PUBLIC KEY-----")
+            .is_err());
+        assert_eq!(
+            keys.set_registry_key(KEY_B.as_bytes()),
+            Ok(KeyChange::Unchanged)
+        );
+        assert_ne!(
+            key_fingerprint(KEY_A.as_bytes()),
+            key_fingerprint(KEY_B.as_bytes())
+        );
+        assert!(key_fingerprint(KEY_A.as_bytes()).starts_with("SHA256:"));
     }
 }

@@ -52,6 +52,9 @@ async fn run(command: Command, config: Config) -> ExitCode {
                 eprintln!("orchestrator: invalid configuration: {e}");
                 return ExitCode::from(2);
             }
+            for warning in config.warnings() {
+                eprintln!("orchestrator: warning: {warning}");
+            }
             for (name, value) in config.describe() {
                 println!("{name}={value}");
             }
@@ -63,6 +66,13 @@ async fn run(command: Command, config: Config) -> ExitCode {
             permissions,
             expires_in,
         } => {
+            if droplet_id == config.droplet_id {
+                eprintln!(
+                    "orchestrator: droplet id {droplet_id} is the orchestrator's own (DROPLET_ID); \
+                     the orchestrator refuses every token that names it"
+                );
+                return ExitCode::from(2);
+            }
             let mut perms = Vec::new();
             for p in permissions
                 .split(',')
@@ -142,6 +152,9 @@ async fn serve(config: Config) -> ExitCode {
     }
     if config.token_endpoint_open() {
         tracing::warn!("ENVIRONMENT=development: POST /token is open to anyone");
+    }
+    for warning in config.warnings() {
+        tracing::warn!("{warning}");
     }
     let addr = std::net::SocketAddr::new(config.host, config.port);
     let listener = match tokio::net::TcpListener::bind(addr).await {

@@ -69,6 +69,31 @@ impl Config {
         !self.is_production()
     }
 
+    /// Settings that are valid but probably not what was meant: `serve` logs each as a
+    /// warning and `check-config` prints each to stderr.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut warnings = Vec::new();
+        if self.jwt_algorithm == "RS256" {
+            warnings.push(
+                "JWT_ALGORITHM=RS256 has no effect: /token and `orchestrator token` mint HS256 \
+                 tokens all the same; RS256 tokens are the Registry's (verified with \
+                 REGISTRY_PUBLIC_KEY) and the orchestrator's own outbound ones (signed with \
+                 ORCHESTRATOR_PRIVATE_KEY)"
+                    .to_string(),
+            );
+        }
+        if self.dispatch_concurrency <= self.dispatch_per_droplet_concurrency {
+            warnings.push(format!(
+                "DISPATCH_CONCURRENCY={} is not above DISPATCH_PER_DROPLET_CONCURRENCY={}: one \
+                 droplet that never answers can hold every delivery worker and delay every \
+                 other droplet's deliveries; raise DISPATCH_CONCURRENCY or lower \
+                 DISPATCH_PER_DROPLET_CONCURRENCY",
+                self.dispatch_concurrency, self.dispatch_per_droplet_concurrency
+            ));
+        }
+        warnings
+    }
+
     /// The effective settings, secrets masked, for `check-config` and reload answers.
     pub fn describe(&self) -> BTreeMap<&'static str, String> {
         SETTINGS
@@ -254,6 +279,30 @@ mod tests {
         assert!(setting("REGISTRY_TOKEN").is_some_and(|s| s.secret));
         assert!(setting("TASK_ROUTER_INTERVAL").is_some_and(|s| !s.restart_required));
         assert!(setting("NOPE").is_none());
+    }
+
+    #[test]
+    fn warnings_name_rs256_and_a_dispatch_pool_one_droplet_can_fill() {
+        assert!(config(&[]).unwrap().warnings().is_empty());
+        let rs256 = config(&[("JWT_ALGORITHM", "RS256")]).unwrap().warnings();
+        assert_eq!(rs256.len(), 1);
+        assert!(rs256[0].starts_with("JWT_ALGORITHM=RS256"), "{rs256:?}");
+        for (all, one) in [("4", "4"), ("4", "8")] {
+            let w = config(&[
+                ("DISPATCH_CONCURRENCY", all),
+                ("DISPATCH_PER_DROPLET_CONCURRENCY", one),
+            ])
+            .unwrap()
+            .warnings();
+            assert_eq!(w.len(), 1, "{all}/{one}: {w:?}");
+            assert!(w[0].contains("DISPATCH_PER_DROPLET_CONCURRENCY"), "{w:?}");
+        }
+        let fair = config(&[
+            ("DISPATCH_CONCURRENCY", "5"),
+            ("DISPATCH_PER_DROPLET_CONCURRENCY", "4"),
+        ])
+        .unwrap();
+        assert!(fair.warnings().is_empty());
     }
 
     #[test]

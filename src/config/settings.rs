@@ -279,10 +279,11 @@ settings! {
         help: "deliveries a droplet refuses in a row (4xx) before it is marked error",
         parse: number(3u32, 1, 1000),
     }
-    /// Networks registered endpoints may resolve to (empty: any but the refused kinds).
+    /// Networks registered endpoints may resolve to (empty: any but the refused kinds); a list
+    /// narrows the checks and never lifts them, see `services::endpoints::EndpointPolicy`.
     endpoint_allowed_networks: Vec<ipnet::IpNet> = "ENDPOINT_ALLOWED_NETWORKS" {
         default: "unset (any but loopback, link-local, multicast, unspecified in production)",
-        help: "CIDR list registered endpoints must resolve into",
+        help: "CIDR list registered endpoints must resolve into; it only narrows the checks: loopback and link-local stay refused unless a listed network lies wholly inside them (`127.0.0.1/32` opts in, `0.0.0.0/0` does not); unspecified and multicast never",
         parse: networks(),
     }
 

@@ -40,6 +40,9 @@ pub struct Parts {
     pub registry: RegistryStatus,
     /// Requests to the Registry.
     pub http: reqwest::Client,
+    /// Fetches of the Registry's public key: https only, no redirects (a key is trusted only
+    /// from the https `REGISTRY_URL` itself).
+    pub registry_key_http: reqwest::Client,
     /// Deliveries to droplets: endpoint policy at each resolution, no redirects.
     pub delivery: reqwest::Client,
     pub endpoint_policy: EndpointPolicy,
@@ -78,6 +81,17 @@ impl Core {
             .pool_max_idle_per_host(16)
             .build()
             .unwrap_or_default();
+        let registry_key_http = reqwest::Client::builder()
+            .https_only(true)
+            .redirect(reqwest::redirect::Policy::none())
+            .timeout(std::time::Duration::from_secs(
+                config.dispatch_timeout_seconds,
+            ))
+            .connect_timeout(std::time::Duration::from_secs(
+                config.dispatch_timeout_seconds.min(5),
+            ))
+            .build()
+            .unwrap_or_default();
         let delivery = endpoints::delivery_client(&config);
         let endpoint_policy = EndpointPolicy::from_config(&config);
         Core(Arc::new(Parts {
@@ -97,6 +111,7 @@ impl Core {
             metrics: Metrics::new(),
             registry: RegistryStatus::new(config.registry_url.is_some()),
             http,
+            registry_key_http,
             shutdown: CancellationToken::new(),
             emergency_stop: AtomicBool::new(false),
             config_source: ConfigSource::new(),

@@ -34,8 +34,10 @@ fn id_from_any<'de, D: Deserializer<'de>>(d: D) -> Result<Option<i64>, D::Error>
     })
 }
 
-/// Most capabilities one droplet may declare (each up to 100 characters).
+/// Most capabilities one droplet may declare (each up to [`MAX_CAPABILITY_CHARS`]).
 pub const MAX_CAPABILITIES: usize = 100;
+/// Longest capability name, in characters.
+pub const MAX_CAPABILITY_CHARS: usize = 100;
 /// Largest `metrics` object one heartbeat may carry, as JSON text.
 pub const MAX_METRICS_BYTES: usize = 16 * 1024;
 
@@ -123,11 +125,11 @@ impl Validate for Registration {
         if self
             .capabilities
             .iter()
-            .any(|c| c.is_empty() || c.chars().count() > 100)
+            .any(|c| c.is_empty() || c.chars().count() > MAX_CAPABILITY_CHARS)
         {
             errors.push(FieldError::new(
                 &["capabilities"],
-                "Capabilities should have 1 to 100 characters",
+                format!("Capabilities should have 1 to {MAX_CAPABILITY_CHARS} characters"),
                 "string_too_long",
             ));
         }
@@ -170,6 +172,15 @@ pub async fn register(
     })?;
     if !caller.may_act_as(id) {
         return Err(Error::Forbidden(caller.not_as(id)));
+    }
+    // No one registers the orchestrator, not even an admin: deliveries and routing would go
+    // to whatever endpoint was given for it.
+    if id == state.keys.orchestrator_id() {
+        return Err(Error::invalid(
+            &["body", "payload", "droplet_id"],
+            format!("droplet_id {id} is the orchestrator's own id; no droplet may register as it"),
+            "value_error",
+        ));
     }
     if let Err(why) =
         crate::services::endpoints::check_registration(&reg.endpoint, &state.endpoint_policy)

@@ -3,7 +3,7 @@
 //! own credentials to whatever a droplet registers, so an endpoint must not turn it into a
 //! client of the database port, the cloud's metadata service or its own loopback.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 
 use ipnet::IpNet;
@@ -16,7 +16,9 @@ use crate::config::Config;
 pub struct EndpointPolicy {
     /// Loopback is allowed in development, so the tour and the simulator work.
     allow_loopback: bool,
-    /// When set, the only networks allowed (`ENDPOINT_ALLOWED_NETWORKS`).
+    /// When set, deliveries go only into these networks (`ENDPOINT_ALLOWED_NETWORKS`): the
+    /// list narrows the checks, it never lifts them, except for a network that lies wholly
+    /// inside loopback or link-local, which opts in to exactly that network.
     allowed: Vec<IpNet>,
 }
 
@@ -29,24 +31,39 @@ impl EndpointPolicy {
     }
 
     /// Whether a delivery may go to this address. Unspecified, multicast and broadcast
-    /// addresses never; link-local (cloud metadata) and loopback only where allowed
-    /// explicitly (`ENDPOINT_ALLOWED_NETWORKS`) or, for loopback, in development.
+    /// addresses never. With `ENDPOINT_ALLOWED_NETWORKS` set, only addresses inside one of
+    /// its networks. Link-local (cloud metadata) and, in production, loopback only inside a
+    /// listed network that lies wholly inside loopback or link-local (`127.0.0.1/32`, not
+    /// `0.0.0.0/0`): a broad network does not re-open them.
     pub fn allows(&self, ip: IpAddr) -> bool {
         let ip = canonical(ip);
         if ip.is_unspecified() || ip.is_multicast() || is_broadcast(ip) {
             return false;
         }
-        if !self.allowed.is_empty() {
-            return self.allowed.iter().any(|net| net.contains(&ip));
-        }
-        if is_link_local(ip) {
+        if !self.allowed.is_empty() && !self.allowed.iter().any(|net| net.contains(&ip)) {
             return false;
         }
-        if ip.is_loopback() {
-            return self.allow_loopback;
+        if is_link_local(ip) || ip.is_loopback() {
+            let opted_in = self
+                .allowed
+                .iter()
+                .any(|net| net.contains(&ip) && is_loopback_or_link_local_only(net));
+            return opted_in || (ip.is_loopback() && self.allow_loopback);
         }
         true
     }
+}
+
+/// Whether every address of the network is loopback (127.0.0.0/8, ::1) or link-local
+/// (169.254.0.0/16, fe80::/10): listing such a network is an explicit opt-in to it.
+fn is_loopback_or_link_local_only(net: &IpNet) -> bool {
+    const SPECIAL: [IpNet; 4] = [
+        IpNet::new_assert(IpAddr::V4(Ipv4Addr::new(127, 0, 0, 0)), 8),
+        IpNet::new_assert(IpAddr::V6(Ipv6Addr::LOCALHOST), 128),
+        IpNet::new_assert(IpAddr::V4(Ipv4Addr::new(169, 254, 0, 0)), 16),
+        IpNet::new_assert(IpAddr::V6(Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 0)), 10),
+    ];
+    SPECIAL.iter().any(|special| special.contains(net))
 }
 
 /// An IPv4 address written as IPv6 (`::ffff:127.0.0.1`) is that IPv4 address.
@@ -219,6 +236,41 @@ mod tests {
         let p = policy(true, &["10.0.0.0/8"]);
         assert!(p.allows("10.1.2.3".parse().unwrap()));
         assert!(!p.allows("192.168.1.2".parse().unwrap()));
+    }
+
+    #[test]
+    fn a_network_covering_everything_does_not_reopen_loopback_or_metadata() {
+        let p = policy(true, &["0.0.0.0/0", "::/0"]);
+        for ip in [
+            "169.254.169.254",
+            "127.0.0.1",
+            "::1",
+            "fe80::1",
+            "::ffff:127.0.0.1",
+            "0.0.0.0",
+            "224.0.0.1",
+        ] {
+            assert!(!p.allows(ip.parse().unwrap()), "{ip}");
+        }
+        assert!(p.allows("10.1.2.3".parse().unwrap()));
+        assert!(p.allows("fd00::1".parse().unwrap()));
+    }
+
+    #[test]
+    fn a_listed_loopback_network_is_an_explicit_opt_in_to_it_alone() {
+        let p = policy(true, &["127.0.0.1/32"]);
+        assert!(p.allows("127.0.0.1".parse().unwrap()));
+        assert!(!p.allows("127.0.0.2".parse().unwrap()));
+        assert!(!p.allows("10.1.2.3".parse().unwrap()));
+        assert!(!p.allows("169.254.169.254".parse().unwrap()));
+        let p = policy(true, &["169.254.169.0/24", "10.0.0.0/8"]);
+        assert!(p.allows("169.254.169.254".parse().unwrap()));
+        assert!(p.allows("10.1.2.3".parse().unwrap()));
+        assert!(!p.allows("127.0.0.1".parse().unwrap()));
+        // Unspecified and multicast never, whatever is listed.
+        let p = policy(true, &["0.0.0.0/32", "224.0.0.0/4"]);
+        assert!(!p.allows("0.0.0.0".parse().unwrap()));
+        assert!(!p.allows("224.0.0.1".parse().unwrap()));
     }
 
     #[test]

@@ -2,12 +2,14 @@
 //! and into `droplets`, fetches the Registry's public key, and keeps the status `/dependencies`
 //! reports.
 
+use std::collections::HashSet;
 use std::time::Duration;
 
 use serde::Serialize;
 use serde_json::{json, Map, Value};
 
 use crate::protocol::now_iso;
+use crate::services::droplets::{MAX_CAPABILITIES, MAX_CAPABILITY_CHARS};
 use crate::services::Core;
 
 /// Largest directory (or key) body read from the Registry; more is treated as garbage.
@@ -48,14 +50,15 @@ pub fn parse_directory(body: &Value) -> Result<(Vec<DirectoryEntry>, usize), Str
     let mut skipped = 0;
     for item in list {
         match item.as_object().and_then(entry_of) {
-            Some(e) => {
-                // The same id twice: the later entry wins (one row per droplet).
-                entries.retain(|old| old.droplet_id != e.droplet_id);
-                entries.push(e);
-            }
+            Some(e) => entries.push(e),
             None => skipped += 1,
         }
     }
+    // The same id twice: the later entry wins, where it stands (one row per droplet).
+    let mut seen = HashSet::new();
+    entries.reverse();
+    entries.retain(|e| seen.insert(e.droplet_id));
+    entries.reverse();
     Ok((entries, skipped))
 }
 
@@ -84,22 +87,10 @@ fn entry_of(m: &Map<String, Value>) -> Option<DirectoryEntry> {
             e.chars().count() <= 255
                 && url::Url::parse(e).is_ok_and(|u| matches!(u.scheme(), "http" | "https"))
         });
-    let capabilities = m.get("capabilities").and_then(Value::as_array).map(|a| {
-        let mut caps: Vec<String> = Vec::new();
-        for c in a {
-            // A capability is a name, or an object that has one.
-            let name = c
-                .as_str()
-                .or_else(|| c.get("name").and_then(Value::as_str))
-                .map(str::trim);
-            if let Some(n) = name.filter(|n| !n.is_empty() && n.chars().count() <= 100) {
-                if !caps.iter().any(|c| c == n) {
-                    caps.push(n.to_string());
-                }
-            }
-        }
-        caps
-    });
+    let capabilities = m
+        .get("capabilities")
+        .and_then(Value::as_array)
+        .map(|a| capabilities_of(a));
     Some(DirectoryEntry {
         droplet_id,
         name: text(m, "name", 100),
@@ -108,6 +99,32 @@ fn entry_of(m: &Map<String, Value>) -> Option<DirectoryEntry> {
         capabilities,
         raw: Value::Object(m.clone()),
     })
+}
+
+/// A directory entry's capabilities under the bounds a registration has: each once, in the
+/// order listed, at most [`MAX_CAPABILITIES`] of them; names that are empty or longer than
+/// [`MAX_CAPABILITY_CHARS`] are left out. A directory listing thousands costs no more than
+/// reading up to the limit.
+fn capabilities_of(listed: &[Value]) -> Vec<String> {
+    let mut seen = HashSet::new();
+    let mut caps = Vec::new();
+    for c in listed {
+        if caps.len() == MAX_CAPABILITIES {
+            break;
+        }
+        // A capability is a name, or an object that has one.
+        let name = c
+            .as_str()
+            .or_else(|| c.get("name").and_then(Value::as_str))
+            .map(str::trim)
+            .filter(|n| !n.is_empty() && n.chars().count() <= MAX_CAPABILITY_CHARS);
+        if let Some(n) = name {
+            if seen.insert(n) {
+                caps.push(n.to_string());
+            }
+        }
+    }
+    caps
 }
 
 /// The PEM inside a public-key answer: PEM text, or `{"public_key": PEM}` (maybe enveloped).
@@ -131,9 +148,9 @@ fn timeout(state: &Core) -> Duration {
     Duration::from_secs(state.config().dispatch_timeout_seconds.clamp(1, 5))
 }
 
-/// GETs a URL; the body, or why not (status, timeout, too big).
-async fn fetch(state: &Core, url: &str) -> Result<(u16, String), String> {
-    let mut request = state.http.get(url).timeout(timeout(state));
+/// GETs a URL with this client; the body, or why not (status, timeout, too big).
+async fn fetch(state: &Core, client: &reqwest::Client, url: &str) -> Result<(u16, String), String> {
+    let mut request = client.get(url).timeout(timeout(state));
     if let Ok(token) = state.keys.orchestrator_token() {
         request = request.bearer_auth(token);
     }
@@ -174,10 +191,10 @@ async fn fetch(state: &Core, url: &str) -> Result<(u16, String), String> {
 /// Fetches and parses the directory: `{url}/droplets`, or `{url}` itself when that is a 404.
 async fn fetch_directory(state: &Core, base: &str) -> Result<(Vec<DirectoryEntry>, usize), String> {
     let mut url = format!("{base}/droplets");
-    let (mut status, mut body) = fetch(state, &url).await?;
+    let (mut status, mut body) = fetch(state, &state.http, &url).await?;
     if status == 404 {
         url = base.to_string();
-        (status, body) = fetch(state, &url).await?;
+        (status, body) = fetch(state, &state.http, &url).await?;
     }
     if !(200..300).contains(&status) {
         return Err(format!("GET {url}: HTTP {status}"));
@@ -220,10 +237,11 @@ async fn fetch_public_key(state: &Core, base: &str) {
         "/.well-known/jwks.json",
     ] {
         let url = format!("{base}{path}");
-        match fetch(state, &url).await {
+        // Its own client: https only and no redirects, whatever the shared one does.
+        match fetch(state, &state.registry_key_http, &url).await {
             Ok((200..=299, body)) => match parse_public_key(&body) {
                 Some(pem) => match state.keys.set_registry_key(pem.as_bytes()) {
-                    Ok(()) => {
+                    Ok(_) => {
                         state.registry.update(|s| {
                             s.public_key = "fetched";
                             s.public_key_error = None;
@@ -522,6 +540,44 @@ mod tests {
             assert_eq!(entries[1].endpoint.as_deref(), Some("https://o"));
             assert_eq!(entries[1].capabilities, Some(vec!["x".to_string()]));
         }
+    }
+
+    #[test]
+    fn capabilities_are_bounded_and_each_kept_once_in_order() {
+        let long = "c".repeat(MAX_CAPABILITY_CHARS + 1);
+        let mut listed = vec![
+            json!("b"),
+            json!(long),
+            json!({"name": "a"}),
+            json!(""),
+            json!("b"),
+            json!(" a "),
+            json!(5),
+        ];
+        listed.extend((0..80_000).map(|i| json!(format!("cap-{i}"))));
+        let (entries, _) = parse_directory(&json!([{"id": 8, "capabilities": listed}])).unwrap();
+        let caps = entries[0].capabilities.clone().unwrap();
+        assert_eq!(caps.len(), MAX_CAPABILITIES);
+        assert_eq!(caps[..4], ["b", "a", "cap-0", "cap-1"]);
+        assert_eq!(caps.last().map(String::as_str), Some("cap-97"));
+        assert!(caps
+            .iter()
+            .all(|c| c.chars().count() <= MAX_CAPABILITY_CHARS));
+        let exactly = "d".repeat(MAX_CAPABILITY_CHARS);
+        let (entries, _) =
+            parse_directory(&json!([{"id": 8, "capabilities": [exactly, "d"]}])).unwrap();
+        assert_eq!(entries[0].capabilities.as_ref().map(Vec::len), Some(2));
+    }
+
+    #[test]
+    fn the_later_of_two_entries_for_one_id_wins_where_it_stands() {
+        let (entries, _) = parse_directory(&json!([
+            {"id": 8, "name": "first"}, {"id": 9}, {"id": 8, "name": "later"}, {"id": 7}
+        ]))
+        .unwrap();
+        let ids: Vec<i32> = entries.iter().map(|e| e.droplet_id).collect();
+        assert_eq!(ids, [9, 8, 7]);
+        assert_eq!(entries[1].name.as_deref(), Some("later"));
     }
 
     #[test]

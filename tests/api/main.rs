@@ -18,6 +18,7 @@ mod edge_security;
 mod envelope;
 mod event_log;
 mod fixture_droplet;
+mod identity_review;
 mod jobs;
 mod layers;
 mod listing;
