@@ -1131,6 +1131,59 @@
     return [el('h3', { text: 'Why is it waiting?' }), el('p', { class: 'why-waiting', dataset: { reason: x.reason }, text: text }), list];
   }
 
+  const STATE_ORDER = ['pending', 'assigned', 'in_progress', 'completed', 'failed', 'cancelled'];
+
+  /** 0.3s below ten seconds, then as fmtAgo. */
+  function fmtSeconds(seconds) {
+    const s = Number(seconds);
+    if (!Number.isFinite(s)) return '—';
+    return s < 10 ? s.toFixed(1) + 's' : fmtAgo(s);
+  }
+
+  /**
+   * How a task that is not waiting got where it is, from /tasks/{id}/explain: each attempt
+   * (the droplet the router chose, its rule and the droplets it chose among, how it ended)
+   * and the time spent in each state.
+   */
+  function renderAttempts(x) {
+    if (!x) return [];
+    const attempts = Array.isArray(x.attempts) ? x.attempts : [];
+    if (x.status === 'pending' && !attempts.length) return [];
+    const parts = [];
+    if (attempts.length) {
+      const finished = ['completed', 'failed', 'cancelled'].includes(x.status);
+      const ol = el('ol', { class: 'attempts' });
+      for (const a of attempts) {
+        const current = a.attempt === x.attempt && !finished;
+        const among = Array.isArray(a.candidates) && a.candidates.length
+          ? 'among droplet' + (a.candidates.length === 1 ? ' ' : 's ') + a.candidates.map((c) => c.droplet_id).join(', ')
+          : '';
+        const ended = (current ? 'now ' : 'ended ') + statusWord(a.ended_as) + (a.ended_because ? ': ' + a.ended_because : '');
+        ol.append(
+          el(
+            'li',
+            { class: String(a.ended_as || '').replace(/[^a-z_]/g, ''), dataset: { attempt: String(a.attempt), chosen: a.chosen_droplet_id ?? '', ended: a.ended_as || '' } },
+            el('strong', { text: 'Attempt ' + a.attempt + ' → ' + (a.chosen_droplet_id !== null && a.chosen_droplet_id !== undefined ? 'droplet ' + a.chosen_droplet_id : 'no droplet recorded') }),
+            ' ',
+            a.assigned_at ? el('span', { class: 'when', text: fmtWhen(a.assigned_at) }) : null,
+            el('span', { class: 'why', text: [a.rule, among].filter(Boolean).join(' · ') }),
+            el('span', { class: 'ended', text: ended })
+          )
+        );
+      }
+      parts.push(el('h3', { text: 'Attempts (' + attempts.length + ')' }), ol);
+    }
+    const spent = x.time_in_state_seconds && typeof x.time_in_state_seconds === 'object' ? x.time_in_state_seconds : {};
+    const rank = (k) => (STATE_ORDER.includes(k) ? STATE_ORDER.indexOf(k) : STATE_ORDER.length);
+    const states = Object.keys(spent).sort((a, b) => rank(a) - rank(b));
+    if (states.length) {
+      const dl = el('dl', { class: 'fields time-in-state' });
+      for (const k of states) dl.append(el('dt', { text: statusWord(k) }), el('dd', { dataset: { state: k }, text: fmtSeconds(spent[k]) }));
+      parts.push(el('h3', { text: 'Time in each state' }), dl);
+    }
+    return parts;
+  }
+
   let detailTimer = null;
   function refreshDetailSoon() {
     clearTimeout(detailTimer);
@@ -1177,7 +1230,7 @@
     field(dl, 'Created by', /^\d+$/.test(String(t.created_by || '')) ? 'droplet ' + t.created_by : t.created_by);
     field(dl, 'Trace id', el('code', { text: t.trace_id || '' }));
     field(dl, 'Description', t.description);
-    const parts = [head, dl, ...renderExplain(why), el('h3', { text: 'Payload' }), el('pre', { class: 'payload', text: pretty(t.payload || {}) })];
+    const parts = [head, dl, ...renderExplain(why), ...renderAttempts(why), el('h3', { text: 'Payload' }), el('pre', { class: 'payload', text: pretty(t.payload || {}) })];
     if (t.result !== null && t.result !== undefined) parts.push(el('h3', { text: 'Result' }), el('pre', { class: 'result', text: pretty(t.result) }));
     if (t.error_message) parts.push(el('h3', { text: 'Error' }), el('pre', { class: 'error', text: t.error_message }));
     const history = Array.isArray(t.state_history) ? t.state_history : [];

@@ -3,7 +3,9 @@
 use axum::extract::State;
 use axum::routing::{get, post};
 use axum::Router;
+use serde::Serialize;
 use serde_json::{json, Map, Value};
+use utoipa::ToSchema;
 
 use crate::auth::{Caller, Permission};
 use crate::error::ApiResult;
@@ -164,20 +166,34 @@ pub async fn deactivate(
     set_active(&state, &caller, droplet_id, false).await
 }
 
+/// What `GET /droplets/{id}/capabilities` answers.
+#[derive(Serialize, ToSchema)]
+pub struct Capabilities {
+    pub droplet_id: i32,
+    pub name: String,
+    #[schema(value_type = Vec<String>)]
+    pub capabilities: Value,
+    /// Per capability, the JSON Schema (draft 2020-12) of the task payloads the droplet
+    /// accepts (an object, or a boolean schema); `{}` when it declared none. A client can
+    /// validate a payload before sending it.
+    #[schema(value_type = HashMap<String, Value>)]
+    pub capability_schemas: Value,
+}
+
 #[utoipa::path(get, path = "/droplets/{droplet_id}/capabilities", tag = "droplets", security(("bearer" = [])),
     params(("droplet_id" = i32, Path, description = "External droplet id")),
-    responses((status = 200, description = "Capabilities"), (status = 404, description = "Unknown droplet")))]
+    responses((status = 200, description = "Its capabilities and their contracts", body = Capabilities), (status = 404, description = "Unknown droplet")))]
 pub async fn capabilities(
     State(state): State<AppState>,
     caller: Caller,
     PathParam(droplet_id): PathParam<i32>,
-) -> ApiResult<Udc<Value>> {
+) -> ApiResult<Udc<Capabilities>> {
     caller.require(Permission::Read)?;
     let droplet = droplets::require(&state.db, droplet_id).await?;
-    Ok(Udc::ok(json!({
-        "droplet_id": droplet.droplet_id,
-        "name": droplet.name,
-        "capabilities": droplet.capabilities,
-        "capability_schemas": droplet.capability_schemas.clone().unwrap_or_else(|| json!({})),
-    })))
+    Ok(Udc::ok(Capabilities {
+        droplet_id: droplet.droplet_id,
+        name: droplet.name,
+        capabilities: droplet.capabilities,
+        capability_schemas: droplet.capability_schemas.unwrap_or_else(|| json!({})),
+    }))
 }

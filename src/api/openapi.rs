@@ -236,6 +236,7 @@ fn is_enveloped(op: &Value) -> bool {
 /// on 401), the common errors of every operation, and any path parameter a handler forgot
 /// to declare (so the description stays valid OpenAPI).
 fn complete(doc: &mut Value) {
+    add_listed_task(doc);
     let Some(paths) = doc.get_mut("paths").and_then(Value::as_object_mut) else {
         return;
     };
@@ -369,6 +370,56 @@ fn wrap_request_body(op: &mut Map<String, Value>) {
     }
 }
 
+/// `body = Explanation` on an authenticated endpoint's 2xx means a response envelope whose
+/// payload is an `Explanation`.
+fn wrap_response_body(response: &mut Map<String, Value>) {
+    let Some(content) = response.get_mut("content").and_then(Value::as_object_mut) else {
+        return;
+    };
+    for media in content.values_mut() {
+        let payload = media
+            .get("schema")
+            .cloned()
+            .unwrap_or_else(|| json!({ "type": "object" }));
+        media["schema"] = json!({
+            "allOf": [
+                schema_ref("ResponseEnvelope"),
+                { "type": "object", "required": ["payload"], "properties": { "payload": payload } }
+            ]
+        });
+    }
+}
+
+/// `ListedTask`, a task as `GET /tasks` lists it: the `Task` schema with `payload` and
+/// `result` optional, and `payload_truncated` when they were left out for the answer's size.
+fn add_listed_task(doc: &mut Value) {
+    let Some(schemas) = doc
+        .pointer_mut("/components/schemas")
+        .and_then(Value::as_object_mut)
+    else {
+        return;
+    };
+    let Some(mut listed) = schemas.get("Task").cloned() else {
+        return;
+    };
+    if let Some(required) = listed.get_mut("required").and_then(Value::as_array_mut) {
+        required.retain(|r| r != "payload" && r != "result");
+    }
+    if let Some(properties) = listed.get_mut("properties").and_then(Value::as_object_mut) {
+        properties.insert(
+            "payload_truncated".into(),
+            json!({
+                "type": "boolean",
+                "description": "Present (true) when `include=payload` was asked for and this task's payload and result were left out for the answer's size"
+            }),
+        );
+    }
+    listed["description"] = json!(
+        "A task as `GET /tasks` lists it: `payload` and `result` only with `include=payload`."
+    );
+    schemas.insert("ListedTask".into(), listed);
+}
+
 fn add_missing(responses: &mut Map<String, Value>, code: &str, description: &str) {
     responses
         .entry(code)
@@ -383,7 +434,9 @@ fn fill_response(code: &str, response: &mut Value, enveloped: bool) {
         .get("content")
         .and_then(Value::as_object)
         .is_some_and(|c| !c.is_empty());
-    if !has_content {
+    if has_content && enveloped && code.starts_with('2') {
+        wrap_response_body(response);
+    } else if !has_content {
         let schema = match code {
             c if c.starts_with('2') && enveloped => Some(schema_ref("ResponseEnvelope")),
             c if c.starts_with('2') => Some(json!({ "type": "object" })),

@@ -3,11 +3,16 @@
 use axum::extract::State;
 use axum::routing::{get, post};
 use axum::Router;
+use serde::Serialize;
 use serde_json::{json, Value};
+use utoipa::openapi::schema::{ArrayBuilder, Schema};
+use utoipa::openapi::{Ref, RefOr};
+use utoipa::ToSchema;
 
 use crate::auth::{Caller, Permission};
 use crate::error::{ApiError, ApiResult};
-use crate::services::tasks::{self, NewTask, TaskFilter, TaskUpdate};
+use crate::services::explain::Explanation;
+use crate::services::tasks::{self, HistoryRow, NewTask, Task, TaskFilter, TaskUpdate};
 use crate::state::AppState;
 use crate::udc::{OptionalEnvelope, PathParam, QueryParams, RawBody, Udc};
 
@@ -37,59 +42,102 @@ pub async fn create(
     })
 }
 
+/// What `GET /tasks` answers.
+#[derive(Serialize, ToSchema)]
+pub struct Listing {
+    /// Newest first, each a `Task` without `payload` and `result` unless asked for
+    /// (`include=payload`), and then without them past the answer's budget
+    /// (`payload_truncated: true` on the task).
+    #[schema(schema_with = listed_tasks)]
+    pub tasks: Vec<Value>,
+    pub payload_truncated: bool,
+    /// Exact, or a lower bound when `total_exact` is false.
+    pub total: i64,
+    pub total_exact: bool,
+    /// The cursor of the next page (`after_id`), when there is one.
+    pub next_after_id: Option<i32>,
+    pub limit: i64,
+    pub offset: i64,
+    pub has_more: bool,
+}
+
+/// An array of `ListedTask`: the `Task` schema with `payload` and `result` optional, which
+/// the OpenAPI description derives from `Task` (`api/openapi.rs`).
+fn listed_tasks() -> Schema {
+    ArrayBuilder::new()
+        .items(RefOr::Ref(Ref::from_schema_name("ListedTask")))
+        .build()
+        .into()
+}
+
 #[utoipa::path(get, path = "/tasks", tag = "tasks", params(TaskFilter), security(("bearer" = [])),
-    responses((status = 200, description = "Tasks, newest first"), (status = 422, description = "Bad filter")))]
+    responses((status = 200, description = "Tasks, newest first", body = Listing), (status = 422, description = "Bad filter")))]
 pub async fn list(
     State(state): State<AppState>,
     caller: Caller,
     QueryParams(filter): QueryParams<TaskFilter>,
-) -> ApiResult<Udc<Value>> {
+) -> ApiResult<Udc<Listing>> {
     caller.require(Permission::Read)?;
     let page = tasks::list(&state.db, &filter).await?;
     let (listed, truncated) = page.shown();
-    let next_after_id = page.next_after_id();
-    let has_more = page.has_more;
-    Ok(Udc::ok(json!({
-        "tasks": listed,
-        "payload_truncated": truncated,
-        "total": page.total,
-        "total_exact": page.total_exact,
-        "next_after_id": next_after_id,
-        "limit": page.limit,
-        "offset": page.offset,
-        "has_more": has_more,
-    })))
+    Ok(Udc::ok(Listing {
+        tasks: listed,
+        payload_truncated: truncated,
+        total: page.total,
+        total_exact: page.total_exact,
+        next_after_id: page.next_after_id(),
+        limit: page.limit,
+        offset: page.offset,
+        has_more: page.has_more,
+    }))
+}
+
+/// What `GET /tasks/{id}` answers.
+#[derive(Serialize, ToSchema)]
+pub struct TaskDetail {
+    pub task: TaskWithHistory,
+}
+
+/// A task with its state history, oldest first.
+#[derive(Serialize, ToSchema)]
+pub struct TaskWithHistory {
+    #[serde(flatten)]
+    pub task: Task,
+    pub state_history: Vec<HistoryRow>,
 }
 
 #[utoipa::path(get, path = "/tasks/{task_id}", tag = "tasks", security(("bearer" = [])),
     params(("task_id" = i32, Path, description = "Task id")),
-    responses((status = 200, description = "The task with its state history"), (status = 404, description = "Unknown task")))]
+    responses((status = 200, description = "The task with its state history", body = TaskDetail), (status = 404, description = "Unknown task")))]
 pub async fn detail(
     State(state): State<AppState>,
     caller: Caller,
     PathParam(task_id): PathParam<i32>,
-) -> ApiResult<Udc<Value>> {
+) -> ApiResult<Udc<TaskDetail>> {
     caller.require(Permission::Read)?;
     let task = tasks::load(&state.db, task_id)
         .await?
         .ok_or_else(|| ApiError::not_found(format!("Task {task_id} not found")))?;
-    let history = tasks::history(&state.db, task_id).await?;
-    let mut body = serde_json::to_value(&task).unwrap_or_default();
-    body["state_history"] = json!(history);
-    Ok(Udc::ok(json!({ "task": body })))
+    let state_history = tasks::history(&state.db, task_id).await?;
+    Ok(Udc::ok(TaskDetail {
+        task: TaskWithHistory {
+            task,
+            state_history,
+        },
+    }))
 }
 
 /// Why a task is waiting (a pending task's reason and every capable droplet's state) or, for
 /// any other task, the assignment decisions of each attempt and the time in each state.
 #[utoipa::path(get, path = "/tasks/{task_id}/explain", tag = "tasks", security(("bearer" = [])),
     params(("task_id" = i32, Path, description = "Task id")),
-    responses((status = 200, description = "For a waiting task: reason (no_capable_droplet, capable_droplets_inactive, capable_droplets_full, payload_rejected_by_contracts, waiting_for_retry with retry_at, routing_paused, emergency_stop, queued_behind with position) and candidates with why_not; always: attempts and time_in_state_seconds"),
+    responses((status = 200, description = "For a waiting task: reason (no_capable_droplet, capable_droplets_inactive, capable_droplets_full, payload_rejected_by_contracts, waiting_for_retry with retry_at, routing_paused, emergency_stop, queued_behind with position) and candidates with why_not; always: attempts and time_in_state_seconds", body = Explanation),
                (status = 404, description = "Unknown task")))]
 pub async fn explain(
     State(state): State<AppState>,
     caller: Caller,
     PathParam(task_id): PathParam<i32>,
-) -> ApiResult<Udc<Value>> {
+) -> ApiResult<Udc<Explanation>> {
     caller.require(Permission::Read)?;
     let answer = crate::services::explain::explain(&state, task_id)
         .await?
@@ -99,7 +147,7 @@ pub async fn explain(
 
 #[utoipa::path(patch, path = "/tasks/{task_id}", tag = "tasks", request_body = TaskUpdate, security(("bearer" = [])),
     params(("task_id" = i32, Path, description = "Task id")),
-    responses((status = 200, description = "Updated"), (status = 403, description = "Not the assigned droplet"), (status = 404, description = "Unknown task"), (status = 409, description = "Invalid transition")))]
+    responses((status = 200, description = "Updated"), (status = 403, description = "Not the assigned droplet"), (status = 404, description = "Unknown task"), (status = 409, description = "Invalid transition, or `attempt` is not the task's current attempt: `Task 7 is on attempt 3; this update is for attempt 2` (nothing changes)")))]
 pub async fn update(
     State(state): State<AppState>,
     caller: Caller,

@@ -6,7 +6,8 @@
 use std::collections::BTreeMap;
 
 use chrono::{NaiveDateTime, Utc};
-use serde_json::{json, Value};
+use serde::Serialize;
+use serde_json::Value;
 
 use crate::protocol::iso;
 use crate::services::contracts;
@@ -15,7 +16,7 @@ use crate::services::tasks::{self, HistoryRow, Task};
 use crate::services::Core;
 
 #[derive(sqlx::FromRow)]
-struct Candidate {
+struct CandidateRow {
     droplet_id: i32,
     status: String,
     admin_deactivated: bool,
@@ -24,19 +25,104 @@ struct Candidate {
     schema: Option<Value>,
 }
 
+/// Why a waiting task is not assigned now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Reason {
+    NoCapableDroplet,
+    CapableDropletsInactive,
+    CapableDropletsFull,
+    PayloadRejectedByContracts,
+    WaitingForRetry,
+    RoutingPaused,
+    EmergencyStop,
+    QueuedBehind,
+}
+
+/// What `GET /tasks/{id}/explain` answers. `reason` and `candidates` (with `retry_at` for
+/// `waiting_for_retry`, `position` for `queued_behind`) only for a task waiting to be routed.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct Explanation {
+    pub task_id: i32,
+    pub status: Status,
+    pub attempt: i32,
+    /// Per state, the seconds the task spent in it (the current state up to now, unless the
+    /// task is finished).
+    pub time_in_state_seconds: BTreeMap<String, f64>,
+    /// The assignment decisions of each attempt, oldest first.
+    pub attempts: Vec<AttemptDecision>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<Reason>,
+    /// With `queued_behind`: how many pending tasks the router takes before this one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub position: Option<i64>,
+    /// With `waiting_for_retry`: when the task goes back to pending.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>, format = DateTime)]
+    pub retry_at: Option<String>,
+    /// Every registered droplet with the capability.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub candidates: Option<Vec<Candidate>>,
+}
+
+/// A droplet with the capability a waiting task needs, and why it does not take it now.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct Candidate {
+    pub droplet_id: i32,
+    /// `active`, `inactive` or `error`.
+    pub status: String,
+    /// Its tasks assigned or in progress.
+    pub load: i64,
+    pub max_concurrent_tasks: Option<i32>,
+    /// Absent when it could take the task now.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub why_not: Option<String>,
+    /// When its contract refuses the payload: each rule the payload breaks.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub violations: Option<Vec<Violation>>,
+}
+
+/// A rule of a contract the payload breaks, at its place in the payload.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct Violation {
+    pub path: Vec<String>,
+    pub message: String,
+}
+
+/// One attempt: the router's decision, as the history recorded it, and how it ended.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct AttemptDecision {
+    pub attempt: i32,
+    #[schema(value_type = Option<String>, format = DateTime)]
+    pub assigned_at: Option<String>,
+    pub chosen_droplet_id: Option<i64>,
+    /// How the router chose.
+    pub rule: Option<String>,
+    /// The droplets it chose among, each with `droplet_id`, `load`, `max_concurrent_tasks`.
+    #[schema(value_type = Option<Vec<Object>>)]
+    pub candidates: Option<Value>,
+    /// The state the attempt is in, or ended in (`pending` when the task was requeued).
+    pub ended_as: Option<String>,
+    pub ended_because: Option<String>,
+}
+
 /// The explanation of one task, or None when there is no such task.
-pub async fn explain(state: &Core, id: i32) -> Result<Option<Value>, sqlx::Error> {
+pub async fn explain(state: &Core, id: i32) -> Result<Option<Explanation>, sqlx::Error> {
     let Some(task) = tasks::load(&state.db, id).await? else {
         return Ok(None);
     };
     let history = tasks::history(&state.db, id).await?;
-    let mut answer = json!({
-        "task_id": task.id,
-        "status": task.status,
-        "attempt": task.attempt,
-        "time_in_state_seconds": time_in_states(&task, &history),
-        "attempts": attempts(&history),
-    });
+    let mut answer = Explanation {
+        task_id: task.id,
+        status: task.status,
+        attempt: task.attempt,
+        time_in_state_seconds: time_in_states(&task, &history),
+        attempts: attempts(&history),
+        reason: None,
+        position: None,
+        retry_at: None,
+        candidates: None,
+    };
     let config = state.config();
     let retry_at = retry_at(
         &task,
@@ -44,10 +130,7 @@ pub async fn explain(state: &Core, id: i32) -> Result<Option<Value>, sqlx::Error
         config.retry_backoff_max_seconds,
     );
     if task.status == Status::Pending || retry_at.is_some() {
-        let waiting = waiting(state, &task, retry_at).await?;
-        if let (Some(obj), Value::Object(more)) = (answer.as_object_mut(), waiting) {
-            obj.extend(more);
-        }
+        waiting(state, &task, retry_at, &mut answer).await?;
     }
     Ok(Some(answer))
 }
@@ -70,9 +153,10 @@ async fn waiting(
     state: &Core,
     task: &Task,
     retry_at: Option<NaiveDateTime>,
-) -> Result<Value, sqlx::Error> {
+    answer: &mut Explanation,
+) -> Result<(), sqlx::Error> {
     let capability = task.required_capability.clone().filter(|c| !c.is_empty());
-    let rows: Vec<Candidate> = sqlx::query_as(
+    let rows: Vec<CandidateRow> = sqlx::query_as(
         "SELECT d.droplet_id, d.status, d.admin_deactivated, d.max_concurrent_tasks,
                 (SELECT COUNT(*) FROM tasks t WHERE t.assigned_droplet_id = d.id
                    AND t.status IN ('assigned', 'in_progress')) AS load,
@@ -121,50 +205,52 @@ async fn waiting(
                 }
             }
         }
-        let mut entry = json!({
-            "droplet_id": c.droplet_id,
-            "status": c.status,
-            "load": c.load,
-            "max_concurrent_tasks": c.max_concurrent_tasks,
+        let violations = c
+            .schema
+            .as_ref()
+            .filter(|_| refuses)
+            .and_then(|schema| state.contracts.compile(schema).ok())
+            .map(|contract| {
+                contracts::violations(&contract, &task.payload)
+                    .into_iter()
+                    .map(|v| Violation {
+                        path: v.path,
+                        message: v.message,
+                    })
+                    .collect()
+            });
+        candidates.push(Candidate {
+            droplet_id: c.droplet_id,
+            status: c.status.clone(),
+            load: c.load,
+            max_concurrent_tasks: c.max_concurrent_tasks,
+            why_not,
+            violations,
         });
-        if let Some(why) = why_not {
-            entry["why_not"] = json!(why);
-        }
-        if let Some(schema) = &c.schema {
-            if refuses {
-                if let Ok(contract) = state.contracts.compile(schema) {
-                    entry["violations"] = json!(contracts::violations(&contract, &task.payload)
-                        .into_iter()
-                        .map(|v| json!({"path": v.path, "message": v.message}))
-                        .collect::<Vec<_>>());
-                }
-            }
-        }
-        candidates.push(entry);
     }
 
-    let mut answer = json!({ "candidates": candidates });
+    answer.candidates = Some(candidates);
     let reason = if let Some(at) = retry_at {
-        answer["retry_at"] = json!(iso(&at));
-        "waiting_for_retry"
+        answer.retry_at = Some(iso(&at));
+        Reason::WaitingForRetry
     } else if state.emergency_stopped() {
-        "emergency_stop"
+        Reason::EmergencyStop
     } else if state.router.is_paused() {
-        "routing_paused"
+        Reason::RoutingPaused
     } else if rows.is_empty() {
-        "no_capable_droplet"
+        Reason::NoCapableDroplet
     } else if active == 0 {
-        "capable_droplets_inactive"
+        Reason::CapableDropletsInactive
     } else if with_room == 0 {
-        "capable_droplets_full"
+        Reason::CapableDropletsFull
     } else if accepting == 0 {
-        "payload_rejected_by_contracts"
+        Reason::PayloadRejectedByContracts
     } else {
-        answer["position"] = json!(position(state, task).await?);
-        "queued_behind"
+        answer.position = Some(position(state, task).await?);
+        Reason::QueuedBehind
     };
-    answer["reason"] = json!(reason);
-    Ok(answer)
+    answer.reason = Some(reason);
+    Ok(())
 }
 
 /// How many pending tasks the router takes before this one (same capability, or any task
@@ -186,7 +272,7 @@ async fn position(state: &Core, task: &Task) -> Result<i64, sqlx::Error> {
 }
 
 /// The assignment decisions of each attempt, as the router recorded them.
-fn attempts(history: &[HistoryRow]) -> Vec<Value> {
+fn attempts(history: &[HistoryRow]) -> Vec<AttemptDecision> {
     let mut by_attempt: BTreeMap<i32, Vec<&HistoryRow>> = BTreeMap::new();
     for row in history.iter().filter(|r| r.attempt > 0) {
         by_attempt.entry(row.attempt).or_default().push(row);
@@ -197,18 +283,23 @@ fn attempts(history: &[HistoryRow]) -> Vec<Value> {
             let assigned = rows.iter().find(|r| r.to_status == "assigned");
             let router = assigned
                 .and_then(|r| r.metadata.as_ref())
-                .and_then(|m| m.get("router"))
-                .cloned();
+                .and_then(|m| m.get("router"));
             let last = rows.last();
-            json!({
-                "attempt": attempt,
-                "assigned_at": assigned.map(|r| iso(&r.changed_at)),
-                "chosen_droplet_id": router.as_ref().and_then(|r| r.get("chosen")).cloned(),
-                "rule": router.as_ref().and_then(|r| r.get("rule")).cloned(),
-                "candidates": router.as_ref().and_then(|r| r.get("candidates")).cloned(),
-                "ended_as": last.map(|r| r.to_status.clone()),
-                "ended_because": last.and_then(|r| r.reason.clone()),
-            })
+            AttemptDecision {
+                attempt,
+                assigned_at: assigned.map(|r| iso(&r.changed_at)),
+                chosen_droplet_id: router.and_then(|r| r.get("chosen")).and_then(Value::as_i64),
+                rule: router
+                    .and_then(|r| r.get("rule"))
+                    .and_then(Value::as_str)
+                    .map(str::to_string),
+                candidates: router
+                    .and_then(|r| r.get("candidates"))
+                    .filter(|c| c.is_array())
+                    .cloned(),
+                ended_as: last.map(|r| r.to_status.clone()),
+                ended_because: last.and_then(|r| r.reason.clone()),
+            }
         })
         .collect()
 }

@@ -10,6 +10,7 @@ use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
 use uuid::Uuid;
 
+use crate::fixture_droplet::{FixtureDroplet, Mode};
 use crate::helpers::*;
 
 /// Loose enough for a loaded machine, far below the router's safety-net interval.
@@ -951,6 +952,50 @@ async fn explain_of_a_completed_task_shows_its_attempts_and_time_in_each_state()
     assert_eq!(resp.status().as_u16(), 200);
     let body: Value = resp.json().await.unwrap();
     assert_eq!(body["trace_id"], trace.as_str(), "{body}");
+}
+
+/// A task refused by the droplet the router chose first, then completed by another: two
+/// attempts, each with its own chosen droplet, the first ended back in `pending` because of
+/// the refusal.
+#[tokio::test]
+async fn explain_of_a_task_refused_once_then_completed_elsewhere_shows_both_attempts() {
+    let app = TestApp::spawn_with(&[("TASK_ROUTER_INTERVAL", "1")]).await;
+    let good = DropletServer::start(Behaviour::Ok).await;
+    let refusing = FixtureDroplet::start(Mode::Refuse).await;
+    register_ok(&app, 52, &["ocr"], &good.endpoint, None, None).await;
+    // Registered last: the freshest heartbeat, so the router tries it first.
+    register_ok(&app, 53, &["ocr"], &refusing.endpoint, None, None).await;
+    let id = app.create_task(5, task(Some("ocr"), 5, json!({}))).await;
+    app.wait_assigned(id, 52, Duration::from_secs(10)).await;
+    assert_eq!(refusing.executed(), [id as i64], "asked once");
+    finish(&app, 52, id).await;
+
+    let e = explain(&app, id).await;
+    assert_eq!(e["status"], "completed", "{e}");
+    assert_eq!(e["attempt"], 2, "{e}");
+    let attempts = e["attempts"].as_array().unwrap_or_else(|| panic!("{e}"));
+    assert_eq!(attempts.len(), 2, "{e}");
+    let (first, second) = (&attempts[0], &attempts[1]);
+    assert_eq!(first["attempt"], 1, "{e}");
+    assert_eq!(first["chosen_droplet_id"], 53, "{e}");
+    assert_eq!(first["ended_as"], "pending", "{e}");
+    let why = first["ended_because"].as_str().unwrap_or_default();
+    assert!(why.contains("refused"), "the refusal is named: {e}");
+    assert_eq!(second["attempt"], 2, "{e}");
+    assert_eq!(second["chosen_droplet_id"], 52, "{e}");
+    assert_ne!(first["chosen_droplet_id"], second["chosen_droplet_id"]);
+    assert_eq!(second["ended_as"], "completed", "{e}");
+    let t = &e["time_in_state_seconds"];
+    assert_eq!(
+        keys(t),
+        BTreeSet::from(["pending".into(), "assigned".into(), "in_progress".into()]),
+        "{e}"
+    );
+    assert!(
+        t["pending"].as_f64().is_some_and(|s| s >= 0.0)
+            && t["assigned"].as_f64().is_some_and(|s| s > 0.0),
+        "both stays in pending and in assigned count: {e}"
+    );
 }
 
 /// `POST /tasks` retries are safe (CONTRACT.md): the same creator resending the same trace id

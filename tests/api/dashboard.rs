@@ -1,8 +1,8 @@
 //! The dashboard in a real browser: Debian's headless Chromium, driven over WebDriver by
 //! chromedriver, against the real server. Signs in, then watches droplets and tasks change
 //! through the API without a reload, opens a task's history, and cancels it as an admin.
-//! Screenshots go to `target/dashboard.png`, `target/dashboard-task.png` and
-//! `target/dashboard-signin.png`.
+//! Screenshots go to `target/dashboard.png`, `target/dashboard-task.png`,
+//! `target/dashboard-explain.png` and `target/dashboard-signin.png`.
 //!
 //! These tests are `#[ignore]`d, so that `cargo test` passes on a machine without a browser:
 //! `scripts/browser-test.sh` installs Chromium and ChromeDriver when they are missing and
@@ -356,6 +356,125 @@ async fn in_development_the_page_mints_a_read_token_that_cannot_act() {
         )
         .await;
     assert_eq!(stored, Value::Null);
+}
+
+/// An opened task explains itself: a pending task that no droplet can take says why it
+/// waits; a finished one shows its attempt (the droplet chosen, how it ended) and the time it
+/// spent in each state.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs Chromium and ChromeDriver: scripts/browser-test.sh"]
+async fn an_opened_task_says_why_it_waits_or_how_its_attempts_went() {
+    let (browser, app) = tokio::join!(
+        Browser::start(),
+        TestApp::spawn_with(&[
+            ("RATE_LIMIT_PER_MINUTE", "100000"),
+            ("ENABLE_AUTO_RECOVERY", "false"),
+        ])
+    );
+    browser.goto(&app.url("/dashboard")).await;
+    browser
+        .wait_js(
+            "the sign-in form",
+            "return !document.querySelector('#signin').hidden",
+        )
+        .await;
+    browser.type_into("#token-input", &app.admin()).await;
+    browser.click("#signin-button").await;
+    browser
+        .wait_js(
+            "the live feeds",
+            "return document.querySelector('#conn').dataset.state === 'live'",
+        )
+        .await;
+
+    // Nobody has the capability: the page says so, and shows no attempt.
+    let waiting = app
+        .create_task(
+            5,
+            json!({"task_type": "render", "title": "Nobody can take this",
+                   "required_capability": "nobody-has-it", "payload": {}}),
+        )
+        .await;
+    let row = format!("#tasks tr[data-task-id='{waiting}']");
+    browser.wait_attr(&row, "status", "pending").await;
+    browser.click(&row).await;
+    browser
+        .wait_attr("#detail-body .why-waiting", "reason", "no_capable_droplet")
+        .await;
+    browser
+        .wait_text(
+            "#detail-body .why-waiting",
+            "No registered droplet has the capability",
+        )
+        .await;
+    assert_eq!(
+        browser
+            .js(
+                "return document.querySelector('#detail-body .attempts') === null",
+                vec![]
+            )
+            .await,
+        json!(true),
+        "a task never assigned has no attempts"
+    );
+
+    // A finished task: its one attempt on droplet 23, and where its time went.
+    let worker = DropletServer::start(Behaviour::Ok).await;
+    app.register(23, &["render"], &worker.endpoint).await;
+    let _beats = keep_beating(&app, 23);
+    let done = app
+        .create_task(
+            5,
+            json!({"task_type": "render", "title": "Render and finish",
+                   "required_capability": "render", "payload": {}}),
+        )
+        .await;
+    finish(
+        &app,
+        23,
+        done,
+        json!({"status": "completed", "result": {"ok": true}}),
+    )
+    .await;
+    let row = format!("#tasks tr[data-task-id='{done}']");
+    browser.wait_attr(&row, "status", "completed").await;
+    browser.click(&row).await;
+    browser
+        .wait_attr("#detail-body .attempts li", "chosen", "23")
+        .await;
+    browser
+        .wait_text("#detail-body .attempts li", "Attempt 1 → droplet 23")
+        .await;
+    browser
+        .wait_text("#detail-body .attempts li .ended", "ended completed")
+        .await;
+    browser
+        .wait_js(
+            "the time in each state",
+            "const s = [...document.querySelectorAll('#detail-body .time-in-state dd')].map(d => d.dataset.state);
+             return s.join() === 'pending,assigned,in_progress';",
+        )
+        .await;
+    assert_eq!(
+        browser
+            .js(
+                "return document.querySelector('#detail-body .why-waiting') === null",
+                vec![]
+            )
+            .await,
+        json!(true),
+        "a finished task does not wait"
+    );
+    browser.screenshot("dashboard-explain.png").await;
+    assert_eq!(
+        browser
+            .js(
+                "return document.querySelector('#page-error').hidden",
+                vec![]
+            )
+            .await,
+        json!(true)
+    );
 }
 
 /// Heartbeats for droplet `id` every 250 ms until aborted.

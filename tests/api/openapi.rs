@@ -3,6 +3,7 @@
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use reqwest::{Method, StatusCode};
 use serde_json::Value;
@@ -398,4 +399,254 @@ async fn swagger_ui_is_served_at_docs_only_when_enabled() {
         .await
         .unwrap();
     assert_eq!(resp.status(), StatusCode::OK);
+}
+
+/// The schema of an operation's answer, with the description's components beside it, so
+/// that its `$ref`s resolve when it is compiled on its own (OpenAPI 3.1 schemas are JSON
+/// Schema 2020-12).
+fn response_schema(spec: &Value, method: &str, path: &str, code: &str) -> Value {
+    let mut schema = spec["paths"][path][method]["responses"][code]["content"]["application/json"]
+        ["schema"]
+        .clone();
+    assert!(schema.is_object(), "{method} {path} {code}: no schema");
+    schema["components"] = spec["components"].clone();
+    schema
+}
+
+/// The payload schema an enveloped answer declares: the `$ref` inside its envelope.
+fn payload_ref(spec: &Value, method: &str, path: &str) -> String {
+    let schema =
+        &spec["paths"][path][method]["responses"]["200"]["content"]["application/json"]["schema"];
+    assert_eq!(
+        schema["allOf"][0]["$ref"], "#/components/schemas/ResponseEnvelope",
+        "{method} {path}: {schema}"
+    );
+    schema["allOf"][1]["properties"]["payload"]["$ref"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{method} {path}: no payload schema: {schema}"))
+        .to_string()
+}
+
+/// Asserts a live answer holds to the schema the description gives it.
+fn assert_conforms(spec: &Value, method: &str, path: &str, code: &str, body: &Value) {
+    let schema = response_schema(spec, method, path, code);
+    let validator = jsonschema::options()
+        .with_draft(jsonschema::Draft::Draft202012)
+        .build(&schema)
+        .unwrap_or_else(|e| panic!("{method} {path}: schema does not compile: {e}"));
+    let errors: Vec<String> = validator
+        .iter_errors(body)
+        .map(|e| format!("{} at {}", e, e.instance_path()))
+        .collect();
+    assert!(
+        errors.is_empty(),
+        "{method} {path} {code} does not match its schema: {errors:?}\n{body}"
+    );
+}
+
+fn properties(spec: &Value, schema: &str) -> BTreeSet<String> {
+    spec["components"]["schemas"][schema]["properties"]
+        .as_object()
+        .unwrap_or_else(|| panic!("schema {schema} has no properties"))
+        .keys()
+        .cloned()
+        .collect()
+}
+
+fn has_all(spec: &Value, schema: &str, wanted: &[&str]) {
+    let have = properties(spec, schema);
+    for w in wanted {
+        assert!(have.contains(*w), "{schema} lacks {w}: {have:?}");
+    }
+}
+
+/// Issue 17 in the description: fencing by attempt, capability contracts and explain.
+#[tokio::test]
+async fn the_spec_documents_attempts_contracts_and_explain() {
+    let app = TestApp::spawn().await;
+    let spec = spec_of(&app).await;
+
+    let explain = "/tasks/{task_id}/explain";
+    assert!(
+        spec["paths"][explain]["get"].is_object(),
+        "{explain} missing"
+    );
+    assert_eq!(
+        payload_ref(&spec, "get", explain),
+        "#/components/schemas/Explanation"
+    );
+    let reasons: BTreeSet<&str> = spec["components"]["schemas"]["Reason"]["enum"]
+        .as_array()
+        .unwrap_or_else(|| panic!("Reason enum: {}", spec["components"]["schemas"]["Reason"]))
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    assert_eq!(
+        reasons,
+        BTreeSet::from([
+            "no_capable_droplet",
+            "capable_droplets_inactive",
+            "capable_droplets_full",
+            "payload_rejected_by_contracts",
+            "waiting_for_retry",
+            "routing_paused",
+            "emergency_stop",
+            "queued_behind",
+        ])
+    );
+    has_all(
+        &spec,
+        "Explanation",
+        &[
+            "task_id",
+            "status",
+            "attempt",
+            "reason",
+            "position",
+            "retry_at",
+            "candidates",
+            "attempts",
+            "time_in_state_seconds",
+        ],
+    );
+    assert!(
+        spec["components"]["schemas"]["Explanation"]["properties"]["reason"]
+            .to_string()
+            .contains("#/components/schemas/Reason"),
+        "reason is a Reason"
+    );
+    has_all(
+        &spec,
+        "Candidate",
+        &[
+            "droplet_id",
+            "status",
+            "load",
+            "max_concurrent_tasks",
+            "why_not",
+        ],
+    );
+    has_all(
+        &spec,
+        "AttemptDecision",
+        &[
+            "attempt",
+            "chosen_droplet_id",
+            "rule",
+            "candidates",
+            "ended_as",
+        ],
+    );
+
+    // Fencing: the update's attempt, the task's and each history row's, and the 409.
+    has_all(&spec, "TaskUpdate", &["attempt"]);
+    has_all(&spec, "Task", &["attempt"]);
+    has_all(&spec, "HistoryRow", &["attempt"]);
+    has_all(&spec, "ListedTask", &["attempt"]);
+    assert_eq!(
+        payload_ref(&spec, "get", "/tasks/{task_id}"),
+        "#/components/schemas/TaskDetail"
+    );
+    assert_eq!(
+        payload_ref(&spec, "get", "/tasks"),
+        "#/components/schemas/Listing"
+    );
+    let conflict = spec["paths"]["/tasks/{task_id}"]["patch"]["responses"]["409"]["description"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(
+        conflict.contains("is on attempt") && conflict.contains("this update is for attempt"),
+        "{conflict}"
+    );
+
+    // Contracts: declared at registration, shown by the capabilities endpoint.
+    has_all(&spec, "Registration", &["capability_schemas"]);
+    assert_eq!(
+        payload_ref(&spec, "get", "/droplets/{droplet_id}/capabilities"),
+        "#/components/schemas/Capabilities"
+    );
+    has_all(
+        &spec,
+        "Capabilities",
+        &["capabilities", "capability_schemas"],
+    );
+}
+
+/// The answers the description now details are what the server sends: a pending task's
+/// explanation (no capable droplet; a full one with its candidates), a finished task's, the
+/// task with its history, the listing (with and without payloads) and the capabilities.
+#[tokio::test]
+async fn the_answers_of_tasks_explain_and_capabilities_match_their_schemas() {
+    let app = TestApp::spawn_with(&[("RATE_LIMIT_PER_MINUTE", "10000")]).await;
+    let spec = spec_of(&app).await;
+    let server = DropletServer::start(Behaviour::Ok).await;
+    let (s, b) = app
+        .post(
+            "/droplets/register",
+            &app.token(61, &["read", "write"]),
+            serde_json::json!({
+                "droplet_id": 61, "name": "droplet-61", "endpoint": server.endpoint,
+                "capabilities": ["verify"], "max_concurrent_tasks": 1,
+                "capability_schemas": {"verify": {"type": "object", "required": ["code_url"]}},
+            }),
+        )
+        .await;
+    assert!(s.is_success(), "{s} {b}");
+    let task = |capability: &str| {
+        serde_json::json!({"task_type": "verify", "title": "schema", "required_capability": capability,
+                           "payload": {"code_url": "https://example.com/x"}})
+    };
+    let done = app.create_task(5, task("verify")).await;
+    app.wait_assigned(done, 61, Duration::from_secs(10)).await;
+    let full = app.create_task(5, task("verify")).await;
+    let nobody = app.create_task(5, task("nobody-has-it")).await;
+    let admin = app.admin();
+
+    let explain = "/tasks/{task_id}/explain";
+    let (s, b) = app.get(&format!("/tasks/{full}/explain"), &admin).await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    assert_eq!(b["payload"]["reason"], "capable_droplets_full", "{b}");
+    assert!(b["payload"]["candidates"][0]["why_not"].is_string(), "{b}");
+    assert_conforms(&spec, "get", explain, "200", &b);
+    let (s, b) = app.get(&format!("/tasks/{nobody}/explain"), &admin).await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    assert_eq!(b["payload"]["reason"], "no_capable_droplet", "{b}");
+    assert_conforms(&spec, "get", explain, "200", &b);
+
+    for status in ["in_progress", "completed"] {
+        let (s, b) = app.move_task(61, done, status).await;
+        assert_eq!(s, StatusCode::OK, "{b}");
+    }
+    let (s, b) = app.get(&format!("/tasks/{done}/explain"), &admin).await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    assert_eq!(b["payload"]["attempts"][0]["chosen_droplet_id"], 61, "{b}");
+    assert_conforms(&spec, "get", explain, "200", &b);
+
+    let (s, b) = app.get(&format!("/tasks/{done}"), &admin).await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    assert_eq!(b["payload"]["task"]["attempt"], 1, "{b}");
+    assert_conforms(&spec, "get", "/tasks/{task_id}", "200", &b);
+    for query in ["", "?include=payload"] {
+        let (s, b) = app.get(&format!("/tasks{query}"), &admin).await;
+        assert_eq!(s, StatusCode::OK, "{b}");
+        assert_eq!(
+            b["payload"]["tasks"].as_array().map(Vec::len),
+            Some(3),
+            "{b}"
+        );
+        assert_conforms(&spec, "get", "/tasks", "200", &b);
+    }
+    let (s, b) = app.get("/droplets/61/capabilities", &admin).await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    assert_eq!(
+        b["payload"]["capability_schemas"]["verify"]["required"][0], "code_url",
+        "{b}"
+    );
+    assert_conforms(
+        &spec,
+        "get",
+        "/droplets/{droplet_id}/capabilities",
+        "200",
+        &b,
+    );
 }
