@@ -156,12 +156,17 @@ async fn an_accepted_delivery_starts_the_count_of_refusals_in_a_row_again() {
     })
     .await;
     assert_eq!(droplet_row(&app, 74).await, ("error".to_string(), 3));
-    let events = logged_events(&app.db, "droplets", 0).await;
-    let changed: Vec<&Value> = events
-        .iter()
-        .map(|(_, e)| &e["payload"])
-        .filter(|p| p["event"] == "droplet_health_changed")
-        .collect();
+    // The event, once the relay has published it.
+    let changed: Vec<Value> = eventually(SOON, "droplet_health_changed logged", || async {
+        let changed: Vec<Value> = logged_events(&app.db, "droplets", 0)
+            .await
+            .into_iter()
+            .map(|(_, e)| e["payload"].clone())
+            .filter(|p| p["event"] == "droplet_health_changed")
+            .collect();
+        Some(changed).filter(|c| !c.is_empty())
+    })
+    .await;
     assert_eq!(changed.len(), 1, "{changed:?}");
     let reason = changed[0]["reason"].as_str().unwrap_or_default();
     assert!(

@@ -2,6 +2,7 @@
 //! droplet cannot hold every slot) and the queue of refusals that recovery acts on.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::mpsc::{self, UnboundedReceiver, UnboundedSender};
@@ -24,6 +25,9 @@ pub struct Dispatcher {
     /// only their next accepted delivery resets the count in the database, so the hot path
     /// of droplets that never refuse issues no write.
     refused_lately: Mutex<HashSet<i32>>,
+    /// Whether `refused_lately` may hold any droplet: accepted deliveries skip its lock
+    /// while no droplet refuses.
+    any_refused_lately: AtomicBool,
 }
 
 /// A droplet refused a delivery of a task it was assigned (its attempt ends there).
@@ -47,6 +51,7 @@ impl Dispatcher {
             refusals,
             refusals_out: Mutex::new(Some(refusals_out)),
             refused_lately: Mutex::new(HashSet::new()),
+            any_refused_lately: AtomicBool::new(false),
         }
     }
 
@@ -87,15 +92,23 @@ impl Dispatcher {
     /// Whether this droplet refused a delivery here since its last accepted one; forgets it
     /// (the caller resets the count, or calls [`Dispatcher::note_refused`] when it cannot).
     pub fn take_refused_lately(&self, droplet: i32) -> bool {
-        self.refused_lately
-            .lock()
-            .is_ok_and(|mut lately| lately.remove(&droplet))
+        if !self.any_refused_lately.load(Ordering::Acquire) {
+            return false;
+        }
+        let Ok(mut lately) = self.refused_lately.lock() else {
+            return false;
+        };
+        let was = lately.remove(&droplet);
+        self.any_refused_lately
+            .store(!lately.is_empty(), Ordering::Release);
+        was
     }
 
     /// Remembers that this droplet has refusals counted.
     pub fn note_refused(&self, droplet: i32) {
         if let Ok(mut lately) = self.refused_lately.lock() {
             lately.insert(droplet);
+            self.any_refused_lately.store(true, Ordering::Release);
         }
     }
 
