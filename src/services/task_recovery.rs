@@ -65,7 +65,8 @@ pub async fn recover_in(
 /// the task leaves it as a failed attempt, back to pending with its retry counted (the router
 /// prefers another droplet), or failed for good when no retries are left. After
 /// `DISPATCH_REFUSALS_BEFORE_ERROR` refusals in a row the droplet is marked `error`, out of
-/// routing until it registers or heartbeats again, with a `droplet_health_changed` event.
+/// routing until it registers or heartbeats again, with a `droplet_health_changed` event (a
+/// delivery it accepts resets the count: `dispatch::send`).
 pub async fn refused(
     state: &Core,
     task_id: i32,
@@ -146,7 +147,9 @@ pub async fn refused(
         tracing::warn!(
             droplet_id,
             refusals = config.dispatch_refusals_before_error,
-            "droplet marked error: it refused every delivery; it rejoins when it registers or heartbeats"
+            last = %why,
+            "droplet marked error: it refused {} deliveries in a row (last: {why}); it rejoins when it registers or heartbeats",
+            config.dispatch_refusals_before_error
         );
     }
     Ok(())

@@ -25,6 +25,7 @@ pub(crate) const COLUMNS_MID: &str = ", \
     t.required_capability, d.droplet_id AS assigned_droplet_id, d.name AS assigned_droplet_name, \
     d.endpoint AS assigned_droplet_endpoint, t.assigned_droplet_id AS assigned_droplet_internal, \
     d.id_form AS assigned_droplet_id_form, \
+    COALESCE(d.refused_deliveries > 0, FALSE) AS assigned_droplet_refusing, \
     t.last_droplet_id, t.status, COALESCE(t.priority, 5) AS priority, \
     COALESCE(t.created_at, NOW()::timestamp) AS created_at, t.assigned_at, t.started_at, t.completed_at, \
     t.deadline, ";
@@ -59,6 +60,11 @@ pub struct Task {
     /// How the assigned droplet writes ids in its envelopes (`int`, `string`, unknown).
     #[serde(skip)]
     pub assigned_droplet_id_form: Option<String>,
+    /// Whether the assigned droplet had refusals counted when the row was read: its next
+    /// accepted delivery resets the count (dispatch).
+    #[serde(skip)]
+    #[sqlx(default)]
+    pub assigned_droplet_refusing: bool,
     #[serde(skip)]
     pub last_droplet_id: Option<i32>,
     pub status: Status,

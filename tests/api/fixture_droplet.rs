@@ -46,6 +46,10 @@ pub enum Mode {
     Redirect(String),
     /// Accepts the TCP connection and never answers (only at start: see [`FixtureDroplet::silent`]).
     Silent,
+    /// The n-th `execute_task` since the mode was set gets the n-th of these statuses (the
+    /// last one for every one after): `[408, 429, 200]`, `[401, 401, 200]`. Other requests
+    /// (`cancel_task`) get 200.
+    Statuses(Vec<u16>),
 }
 
 /// One request the fixture got, and what it answered.
@@ -75,6 +79,8 @@ impl Received {
 struct Shared {
     mode: Arc<Mutex<Mode>>,
     received: Arc<Mutex<Vec<Received>>>,
+    /// How many requests had been received when the mode was set.
+    since: Arc<AtomicUsize>,
 }
 
 /// A droplet server the test controls.
@@ -91,15 +97,21 @@ pub struct FixtureDroplet {
 
 impl FixtureDroplet {
     pub async fn start(mode: Mode) -> FixtureDroplet {
+        FixtureDroplet::start_on(0, mode).await
+    }
+
+    /// A fixture on this port of 127.0.0.1 (0: any free one).
+    pub async fn start_on(port: u16, mode: Mode) -> FixtureDroplet {
         if matches!(mode, Mode::Silent) {
             return FixtureDroplet::silent().await;
         }
         let shared = Shared {
             mode: Arc::new(Mutex::new(mode)),
             received: Arc::new(Mutex::new(Vec::new())),
+            since: Arc::default(),
         };
         let app = Router::new().fallback(answer).with_state(shared.clone());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
             .await
             .expect("bind fixture droplet");
         let addr = listener.local_addr().expect("addr");
@@ -154,6 +166,7 @@ impl FixtureDroplet {
             shared: Shared {
                 mode: Arc::new(Mutex::new(Mode::Silent)),
                 received: Arc::new(Mutex::new(Vec::new())),
+                since: Arc::default(),
             },
             accepted,
             open,
@@ -162,6 +175,8 @@ impl FixtureDroplet {
     }
 
     pub fn set(&self, mode: Mode) {
+        let received = self.shared.received.lock().unwrap();
+        self.shared.since.store(received.len(), Ordering::SeqCst);
         *self.shared.mode.lock().unwrap() = mode;
     }
 
@@ -206,6 +221,7 @@ async fn answer(
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::to_string);
     let mut location = None;
+    let mut received = shared.received.lock().unwrap();
     let (status, reply) = match &mode {
         Mode::Accept | Mode::Silent => (StatusCode::OK, json!({"received": true})),
         Mode::Droplet12 => droplet_12(bearer.as_deref(), &body),
@@ -221,8 +237,26 @@ async fn answer(
             location = Some(to.clone());
             (StatusCode::TEMPORARY_REDIRECT, json!({}))
         }
+        Mode::Statuses(codes) => {
+            let executes = |b: &Value| b["payload"]["command"] == "execute_task";
+            let n = received[shared.since.load(Ordering::SeqCst)..]
+                .iter()
+                .filter(|r| executes(&r.body))
+                .count();
+            let code = if executes(&body) {
+                codes.get(n).or(codes.last()).copied().unwrap_or(200)
+            } else {
+                200
+            };
+            let status = StatusCode::from_u16(code).expect("an HTTP status");
+            if status.is_success() {
+                (status, json!({"received": true}))
+            } else {
+                detail(status, json!(format!("scripted answer {code}")))
+            }
+        }
     };
-    shared.received.lock().unwrap().push(Received {
+    received.push(Received {
         method: method.to_string(),
         path: uri.path().to_string(),
         headers: headers
@@ -237,6 +271,7 @@ async fn answer(
         body,
         answered: status.as_u16(),
     });
+    drop(received);
     let mut response = (status, Json(reply)).into_response();
     if let Some(to) = location {
         response

@@ -23,6 +23,7 @@ mod jobs;
 mod layers;
 mod listing;
 mod management;
+mod mesh_review;
 mod message;
 mod metrics_api;
 mod nul_text;

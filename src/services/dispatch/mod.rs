@@ -2,7 +2,8 @@
 //! `execute_task` command; work taken away is announced with `cancel_task`. Off the request
 //! path, with bounded concurrency (in all, and per droplet, so a silent droplet cannot hold
 //! every slot), retried with backoff while the task stays assigned. A droplet that refuses a
-//! delivery (a 4xx other than 408/429) is not asked again: the task goes back to the router.
+//! delivery (a 4xx other than 408/429) is not asked again: the task goes back to the router;
+//! a delivery it accepts ends its run of refusals.
 
 use std::time::Duration;
 
@@ -305,6 +306,7 @@ async fn send(state: &Core, waiting: Waiting, own: tokio::sync::OwnedSemaphorePe
         message_type: "command".into(),
         payload: json!({ "command": "execute_task", "task": task }),
     };
+    let counted_refusals = task.assigned_droplet_refusing;
     drop(task);
     let timeout = Duration::from_secs(state.config().dispatch_timeout_seconds);
     let outcome = {
@@ -321,6 +323,12 @@ async fn send(state: &Core, waiting: Waiting, own: tokio::sync::OwnedSemaphorePe
         .with_label_values(&[outcome.label()])
         .inc();
     if outcome == Delivery::Delivered {
+        // Refusals count "in a row": an accepted delivery resets them. Only for a droplet
+        // known to have some (refused here lately, or counted when its task was read), so
+        // the deliveries of droplets that never refuse write nothing.
+        if state.dispatch.take_refused_lately(internal) || counted_refusals {
+            reset_refusals(state, internal).await;
+        }
         return;
     }
     if !outcome.is_transient() {
@@ -356,6 +364,21 @@ async fn send(state: &Core, waiting: Waiting, own: tokio::sync::OwnedSemaphorePe
         },
     };
     later(state, vec![retry], tries.backoff);
+}
+
+/// Resets a droplet's (internal id) count of refusals in a row after it accepted a delivery.
+async fn reset_refusals(state: &Core, internal: i32) {
+    let reset = sqlx::query(
+        "UPDATE droplets SET refused_deliveries = 0 WHERE id = $1 AND refused_deliveries > 0",
+    )
+    .bind(internal)
+    .execute(&state.db)
+    .await;
+    if let Err(e) = reset {
+        // Tried again at its next accepted delivery.
+        tracing::warn!(droplet = internal, error = %e, "could not reset a droplet's refusal count");
+        state.dispatch.note_refused(internal);
+    }
 }
 
 /// How long deliveries that could not be read back wait before the next try.

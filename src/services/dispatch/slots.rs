@@ -1,7 +1,8 @@
 //! The dispatcher's shared parts: delivery slots (in all, and per droplet, so a silent
 //! droplet cannot hold every slot) and the queue of refusals that recovery acts on.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::mpsc::{self, UnboundedReceiver, UnboundedSender};
@@ -20,6 +21,13 @@ pub struct Dispatcher {
     per_droplet_limit: usize,
     refusals: UnboundedSender<Refusal>,
     refusals_out: Mutex<Option<UnboundedReceiver<Refusal>>>,
+    /// Droplets (internal ids) that refused a delivery here since their last accepted one:
+    /// only their next accepted delivery resets the count in the database, so the hot path
+    /// of droplets that never refuse issues no write.
+    refused_lately: Mutex<HashSet<i32>>,
+    /// Whether `refused_lately` may hold any droplet: accepted deliveries skip its lock
+    /// while no droplet refuses.
+    any_refused_lately: AtomicBool,
 }
 
 /// A droplet refused a delivery of a task it was assigned (its attempt ends there).
@@ -42,6 +50,8 @@ impl Dispatcher {
             per_droplet_limit: config.dispatch_per_droplet_concurrency.max(1),
             refusals,
             refusals_out: Mutex::new(Some(refusals_out)),
+            refused_lately: Mutex::new(HashSet::new()),
+            any_refused_lately: AtomicBool::new(false),
         }
     }
 
@@ -73,9 +83,33 @@ impl Dispatcher {
         Some((own, shared))
     }
 
-    /// Hands a refusal to recovery.
+    /// Hands a refusal to recovery, and remembers that its droplet has refusals counted.
     pub fn report_refusal(&self, refusal: Refusal) {
+        self.note_refused(refusal.internal_droplet);
         let _ = self.refusals.send(refusal);
+    }
+
+    /// Whether this droplet refused a delivery here since its last accepted one; forgets it
+    /// (the caller resets the count, or calls [`Dispatcher::note_refused`] when it cannot).
+    pub fn take_refused_lately(&self, droplet: i32) -> bool {
+        if !self.any_refused_lately.load(Ordering::Acquire) {
+            return false;
+        }
+        let Ok(mut lately) = self.refused_lately.lock() else {
+            return false;
+        };
+        let was = lately.remove(&droplet);
+        self.any_refused_lately
+            .store(!lately.is_empty(), Ordering::Release);
+        was
+    }
+
+    /// Remembers that this droplet has refusals counted.
+    pub fn note_refused(&self, droplet: i32) {
+        if let Ok(mut lately) = self.refused_lately.lock() {
+            lately.insert(droplet);
+            self.any_refused_lately.store(true, Ordering::Release);
+        }
     }
 
     /// The refusals reported, for the one loop that acts on them (`None` once taken).
