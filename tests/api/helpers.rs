@@ -822,3 +822,50 @@ pub async fn refused(url: String) -> u16 {
 pub fn stats(app: &TestApp) -> Value {
     serde_json::to_value(app.state.events.stats()).expect("stats")
 }
+
+/// Every log line written while it lives, at the levels of `filter`, from the test's thread
+/// and the runtime's (the server runs in the test's process).
+pub struct LogCapture {
+    lines: Arc<Mutex<Vec<u8>>>,
+    _guard: tracing::subscriber::DefaultGuard,
+    _second: tracing::Dispatch,
+}
+
+#[derive(Clone)]
+struct CapturedLog(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for CapturedLog {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl LogCapture {
+    pub fn start(filter: &str) -> LogCapture {
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let writer = CapturedLog(lines.clone());
+        let subscriber = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_ansi(false)
+            .with_writer(move || writer.clone())
+            .finish();
+        let guard = tracing::subscriber::set_default(subscriber);
+        // With a single scoped subscriber in the process, tracing caches a callsite's interest
+        // from whichever thread reaches it first; other tests' threads have no subscriber and
+        // would switch our callsites off. A second live dispatcher makes it ask every one.
+        let second = tracing::Dispatch::new(tracing_subscriber::registry());
+        LogCapture {
+            lines,
+            _guard: guard,
+            _second: second,
+        }
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.lines.lock().unwrap()).to_string()
+    }
+}

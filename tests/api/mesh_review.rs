@@ -374,3 +374,26 @@ async fn events_carry_the_attempt_of_each_assignment() {
         .collect();
     assert_eq!(delivered, [(401, json!(1)), (200, json!(2))]);
 }
+
+/// The log line of a refusal shows what the droplet answered (its body, bounded), so the
+/// operator sees why without the droplet's own log; the task's history keeps the status only.
+#[tokio::test]
+async fn a_refusal_is_logged_with_the_droplets_answer() {
+    let log = LogCapture::start("warn");
+    let app = TestApp::spawn().await;
+    let refusing = FixtureDroplet::start(Mode::Refuse).await;
+    app.register(61, &["render"], &refusing.endpoint).await;
+    let id = app.create_task(5, task_for("render", json!({}))).await;
+    assert_eq!(execute_of(&refusing, id).await.answered, 401);
+    let line = eventually(SOON, "the refusal's log line", || async {
+        log.text()
+            .lines()
+            .find(|l| {
+                l.contains("droplet refused the task") && l.contains(&format!("task_id={id}"))
+            })
+            .map(str::to_string)
+    })
+    .await;
+    assert!(line.contains("HTTP 401"), "{line}");
+    assert!(line.contains("Could not validate credentials"), "{line}");
+}

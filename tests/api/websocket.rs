@@ -820,38 +820,13 @@ async fn shutdown_closes_every_socket_with_1001() {
     assert_eq!(code, Some(CloseCode::Away));
 }
 
-/// Collects every log line written while it is the thread's subscriber.
-#[derive(Clone, Default)]
-struct CapturedLog(Arc<std::sync::Mutex<Vec<u8>>>);
-
-impl std::io::Write for CapturedLog {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
 #[tokio::test]
 async fn tokens_in_websocket_urls_never_reach_a_log_line() {
-    let log = CapturedLog::default();
-    let writer = log.clone();
     // Everything the server side says, at every level; the test's own clients stay quiet
     // (they know the URL they were given).
-    let subscriber = tracing_subscriber::fmt()
-        .with_env_filter(
-            "trace,tungstenite=off,tokio_tungstenite=off,reqwest=off,hyper_util::client=off",
-        )
-        .with_ansi(false)
-        .with_writer(move || writer.clone())
-        .finish();
-    let _guard = tracing::subscriber::set_default(subscriber);
-    // With a single scoped subscriber in the process, tracing caches a callsite's interest
-    // from whichever thread reaches it first; other tests' threads have no subscriber and
-    // would switch our callsites off. A second live dispatcher makes it ask every one.
-    let _second = tracing::Dispatch::new(tracing_subscriber::registry());
+    let log = LogCapture::start(
+        "trace,tungstenite=off,tokio_tungstenite=off,reqwest=off,hyper_util::client=off",
+    );
 
     let app = TestApp::spawn().await;
     let reader = app.token(5, &["read"]);
@@ -882,7 +857,7 @@ async fn tokens_in_websocket_urls_never_reach_a_log_line() {
     })
     .await;
 
-    let text = String::from_utf8_lossy(&log.0.lock().unwrap()).to_string();
+    let text = log.text();
     assert!(
         text.contains("route=/ws/tasks"),
         "the capture works: {text}"

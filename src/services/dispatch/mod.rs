@@ -31,7 +31,8 @@ pub enum Delivery {
     /// own text, which would make `/send` a port scanner.
     Failed(String),
     /// The droplet answered a 3xx or a 4xx other than 408/429: it will not take this message.
-    Refused(u16),
+    /// With the start of its answer, for the operator's log only.
+    Refused(u16, String),
     /// The endpoint is not one the orchestrator delivers to (its shape or its address).
     Blocked,
 }
@@ -42,7 +43,7 @@ impl Delivery {
             Delivery::Delivered => "delivered",
             Delivery::Timeout => "timeout",
             Delivery::Failed(_) => "failed",
-            Delivery::Refused(_) => "refused",
+            Delivery::Refused(..) => "refused",
             Delivery::Blocked => "blocked",
         }
     }
@@ -58,7 +59,7 @@ impl Delivery {
             Delivery::Delivered => "delivered".into(),
             Delivery::Timeout => format!("no answer within {} s", timeout.as_secs()),
             Delivery::Failed(reason) => reason.clone(),
-            Delivery::Refused(code) => format!("refused with HTTP {code}"),
+            Delivery::Refused(code, _) => format!("refused with HTTP {code}"),
             Delivery::Blocked => "endpoint not allowed".into(),
         }
     }
@@ -157,13 +158,36 @@ pub async fn post_message(
             if code == 408 || code == 429 || r.status().is_server_error() {
                 Delivery::Failed(format!("HTTP {code}"))
             } else {
-                Delivery::Refused(code)
+                Delivery::Refused(code, answer_excerpt(r).await)
             }
         }
         Err(e) if e.is_timeout() => Delivery::Timeout,
         Err(e) if blocked_by_policy(&e) => Delivery::Blocked,
         Err(_) => Delivery::Failed("unreachable".into()),
     }
+}
+
+/// Most of a refusing droplet's answer the log line shows.
+const ANSWER_EXCERPT_BYTES: usize = 300;
+
+/// The start of a refusal's body (what the droplet says it will not take), read for at most
+/// a second and shown as printable text: the operator sees why without the droplet's log.
+async fn answer_excerpt(mut r: reqwest::Response) -> String {
+    let mut bytes = Vec::new();
+    let read = async {
+        while bytes.len() < ANSWER_EXCERPT_BYTES {
+            match r.chunk().await {
+                Ok(Some(chunk)) => bytes.extend_from_slice(&chunk),
+                _ => break,
+            }
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(1), read).await;
+    bytes.truncate(ANSWER_EXCERPT_BYTES);
+    String::from_utf8_lossy(&bytes)
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect()
 }
 
 /// Queues `execute_task` to the task's droplet; a worker sends it, retrying with backoff
@@ -333,7 +357,11 @@ async fn send(state: &Core, waiting: Waiting, own: tokio::sync::OwnedSemaphorePe
     }
     if !outcome.is_transient() {
         let reason = outcome.reason(timeout);
-        tracing::warn!(task_id, droplet, %reason, "droplet refused the task; it goes back to the router");
+        let answer = match &outcome {
+            Delivery::Refused(_, answer) => answer.as_str(),
+            _ => "",
+        };
+        tracing::warn!(task_id, droplet, %reason, answer, "droplet refused the task; it goes back to the router");
         // Recovery takes the task back (`task_recovery::run_refusals`); should that fail, the
         // assignment timeout requeues it.
         state.dispatch.report_refusal(Refusal {
