@@ -70,21 +70,6 @@ where
     }
 }
 
-/// An enveloped body when there is one (for `/send` and `/broadcast`, whose message may
-/// come from the query string instead).
-#[derive(Debug, Clone)]
-pub struct OptionalEnvelope(pub Option<Envelope<Value>>);
-
-impl<S: Send + Sync> FromRequest<S> for OptionalEnvelope {
-    type Rejection = ApiError;
-
-    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        RawBody(read_body(req, state).await?)
-            .optional_envelope()
-            .map(OptionalEnvelope)
-    }
-}
-
 /// The body as it came, parsed by the handler after it checked who is asking, so that a
 /// caller without the permission gets 403 before any 422 about its body (the contract's
 /// order: 401, 403, 404, 403, 409/422).

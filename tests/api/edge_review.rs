@@ -1,11 +1,14 @@
 //! The review of issue 14's edge: a request whose body cannot be read still answers in the
-//! contract's order (401, 403 permission, 404 exists, 403 may act on it, then 422), and the
-//! compose file publishes no open development `/token`.
+//! contract's order (401, 403 permission, 404 exists, 403 may act on it, then 422) on tasks,
+//! heartbeats and the management endpoints, and the compose file publishes no open
+//! development `/token`.
 
 use std::time::Duration;
 
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
+
+use orchestrator::jobs::JobId;
 
 use crate::fixture_droplet::*;
 use crate::helpers::*;
@@ -290,6 +293,45 @@ async fn a_heartbeat_with_a_bad_body_is_404_for_an_unknown_droplet_and_403_for_a
         .await
         .unwrap();
     assert_eq!(beats, 0, "no refused heartbeat was recorded");
+}
+
+/// Management endpoints: a non-admin with a bad body is refused for the permission (403), an
+/// unknown job is 404 before the body's 422, and a refused body changes nothing.
+#[tokio::test]
+async fn management_checks_the_permission_and_the_job_before_the_body() {
+    let app = TestApp::spawn().await;
+    let writer = app.token(5, &["read", "write"]);
+    let paths = [
+        "/management/scheduler/jobs/task_router/pause",
+        "/management/scheduler/jobs/task_router/resume",
+        "/management/reload-config",
+        "/management/shutdown",
+        "/management/emergency-stop",
+        "/management/cache/clear",
+    ];
+    let mut cases: Vec<(&str, String, String, &str, u16)> = paths
+        .iter()
+        .map(|p| ("not an admin", p.to_string(), writer.clone(), NOT_JSON, 403))
+        .collect();
+    cases.push((
+        "unknown job",
+        "/management/scheduler/jobs/no_such_job/pause".into(),
+        app.admin(),
+        NOT_JSON,
+        404,
+    ));
+    for p in paths {
+        cases.push(("admin, not JSON", p.to_string(), app.admin(), NOT_JSON, 422));
+    }
+    expect_each(&app, Method::POST, &cases).await;
+    assert!(!app.state.jobs.is_paused(JobId::TaskRouter));
+    assert!(!app.state.emergency_stopped());
+    assert!(!app.state.shutdown.is_cancelled(), "no shutdown");
+    // The happy path is as it was.
+    let (s, b) = app
+        .post("/management/cache/clear", &app.admin(), json!({}))
+        .await;
+    assert_eq!(s, StatusCode::OK, "{b}");
 }
 
 /// The `environment:` lines of the compose file's orchestrator service.
