@@ -170,3 +170,86 @@ impl From<crate::services::error::Error> for ApiError {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::io;
+    use std::sync::{Arc, Mutex};
+
+    use axum::body::Body;
+    use axum::extract::Request;
+    use axum::middleware::{from_fn, Next};
+    use axum::routing::get;
+    use axum::Router;
+    use tower::ServiceExt;
+    use tracing_subscriber::fmt::MakeWriter;
+
+    use super::*;
+
+    /// Everything the subscriber writes, kept for the test to read.
+    #[derive(Clone, Default)]
+    struct Captured(Arc<Mutex<Vec<u8>>>);
+
+    impl io::Write for Captured {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl<'a> MakeWriter<'a> for Captured {
+        type Writer = Captured;
+        fn make_writer(&'a self) -> Captured {
+            self.clone()
+        }
+    }
+
+    #[tokio::test]
+    async fn the_internal_error_log_line_carries_the_trace_id() {
+        let log = Captured::default();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(log.clone())
+            .with_ansi(false)
+            .finish();
+        // A current-thread runtime: the subscriber set here sees the whole request.
+        let _default = tracing::subscriber::set_default(subscriber);
+        let app = Router::new()
+            .route(
+                "/boom",
+                get(|| async { Err::<(), _>(ApiError::internal("the disk is on fire")) }),
+            )
+            .layer(from_fn(|request: Request, next: Next| {
+                udc::trace_scope(10, request, next)
+            }));
+
+        let response = app
+            .oneshot(
+                Request::get("/boom")
+                    .header("x-trace-id", "trace-5f2c-internal")
+                    .body(Body::empty())
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+
+        assert_eq!(response.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        let body = axum::body::to_bytes(response.into_body(), 4096)
+            .await
+            .unwrap();
+        let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(
+            body,
+            json!({"detail": "Internal server error", "trace_id": "trace-5f2c-internal"})
+        );
+        let log = String::from_utf8(log.0.lock().unwrap().clone()).unwrap();
+        let line = log
+            .lines()
+            .find(|l| l.contains("internal error"))
+            .unwrap_or_else(|| panic!("no internal error line in: {log}"));
+        assert!(line.contains("trace-5f2c-internal"), "{line}");
+        assert!(line.contains("the disk is on fire"), "{line}");
+    }
+}

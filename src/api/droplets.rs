@@ -74,7 +74,14 @@ pub async fn heartbeat(
 ) -> ApiResult<Udc<Value>> {
     caller.require_droplet_write()?;
     // A bare heartbeat (droplet-2's) carries its metrics beside its status.
-    let (meta, beat) = body.envelope_or_bare::<Heartbeat>(bare_heartbeat)?;
+    let (meta, beat) = match body.envelope_or_bare::<Heartbeat>(bare_heartbeat) {
+        Ok(parsed) => parsed,
+        // The contract's order: an unknown droplet (404) or another's (403) before a bad body.
+        Err(invalid) => {
+            droplets::may_heartbeat(&state, &caller, droplet_id).await?;
+            return Err(invalid);
+        }
+    };
     let id_form = meta.as_ref().and_then(|m| id_form_of(&m.source));
     let droplet = droplets::heartbeat(&state, &caller, droplet_id, beat, id_form).await?;
     Ok(Udc::ok(json!({

@@ -13,7 +13,7 @@ use crate::jobs::{self, JobId};
 use crate::services::config_reload::{self, ReloadError};
 use crate::services::registry_client;
 use crate::state::AppState;
-use crate::udc::{OptionalEnvelope, PathParam, Udc};
+use crate::udc::{PathParam, RawBody, Udc};
 
 pub fn router() -> Router<AppState> {
     Router::new()
@@ -58,10 +58,11 @@ pub async fn pause_job(
     State(state): State<AppState>,
     caller: Caller,
     PathParam(job_id): PathParam<String>,
-    _body: OptionalEnvelope,
+    body: RawBody,
 ) -> ApiResult<Udc<Value>> {
     caller.require(Permission::Admin)?;
     let id = job_or_404(&job_id)?;
+    body.optional_envelope()?;
     let job = state
         .jobs
         .set_paused(&state, id, true)
@@ -88,10 +89,11 @@ pub async fn resume_job(
     State(state): State<AppState>,
     caller: Caller,
     PathParam(job_id): PathParam<String>,
-    _body: OptionalEnvelope,
+    body: RawBody,
 ) -> ApiResult<Udc<Value>> {
     caller.require(Permission::Admin)?;
     let id = job_or_404(&job_id)?;
+    body.optional_envelope()?;
     let ends_stop = id == JobId::TaskRouter && state.emergency_stopped();
     let resumed_by_stop_end = if ends_stop {
         state.jobs.end_emergency(&state)
@@ -128,9 +130,11 @@ pub async fn resume_job(
 pub async fn reload_config(
     State(state): State<AppState>,
     caller: Caller,
-    _body: OptionalEnvelope,
+    body: RawBody,
 ) -> ApiResult<Udc<Value>> {
     caller.require(Permission::Admin)?;
+    // The body is read after the permission check: 403 before any 422.
+    body.optional_envelope()?;
     let report =
         config_reload::reload(&state, |level| state.log.set_level(level)).map_err(|e| match e {
             ReloadError::Invalid(e) => {
@@ -169,9 +173,11 @@ pub async fn reload_config(
 pub async fn shutdown(
     State(state): State<AppState>,
     caller: Caller,
-    _body: OptionalEnvelope,
+    body: RawBody,
 ) -> ApiResult<Udc<Value>> {
     caller.require(Permission::Admin)?;
+    // The body is read after the permission check: 403 before any 422.
+    body.optional_envelope()?;
     tracing::warn!(by = %caller.actor_name(), "shutdown requested");
     let token = state.shutdown.clone();
     // Cancelled from another task once this one has yielded: the graceful shutdown lets this
@@ -194,9 +200,11 @@ pub async fn shutdown(
 pub async fn emergency_stop(
     State(state): State<AppState>,
     caller: Caller,
-    _body: OptionalEnvelope,
+    body: RawBody,
 ) -> ApiResult<Udc<Value>> {
     caller.require(Permission::Admin)?;
+    // The body is read after the permission check: 403 before any 422.
+    body.optional_envelope()?;
     let paused = state.jobs.emergency_stop(&state);
     tracing::warn!(by = %caller.actor_name(), jobs = ?paused, "EMERGENCY STOP: routing and dispatch halted");
     Ok(Udc::ok(json!({
@@ -215,9 +223,11 @@ pub async fn emergency_stop(
 pub async fn clear_cache(
     State(state): State<AppState>,
     caller: Caller,
-    _body: OptionalEnvelope,
+    body: RawBody,
 ) -> ApiResult<Udc<Value>> {
     caller.require(Permission::Admin)?;
+    // The body is read after the permission check: 403 before any 422.
+    body.optional_envelope()?;
     let router_snapshot = state.router.clear_room();
     // A pass rebuilds the snapshot at once (when routing runs).
     state.router.trigger();

@@ -14,7 +14,7 @@ use crate::error::{ApiError, ApiResult};
 use crate::services::explain::Explanation;
 use crate::services::tasks::{self, HistoryRow, NewTask, Task, TaskFilter, TaskUpdate};
 use crate::state::AppState;
-use crate::udc::{OptionalEnvelope, PathParam, QueryParams, RawBody, Udc};
+use crate::udc::{PathParam, QueryParams, RawBody, Udc};
 
 pub fn router() -> Router<AppState> {
     Router::new()
@@ -155,7 +155,14 @@ pub async fn update(
     body: RawBody,
 ) -> ApiResult<Udc<Value>> {
     caller.require(Permission::Write)?;
-    let body = body.envelope::<TaskUpdate>()?;
+    let body = match body.envelope::<TaskUpdate>() {
+        Ok(body) => body,
+        // The contract's order: an unknown task (404) or another's (403) before a bad body.
+        Err(invalid) => {
+            tasks::may_update(&state, &caller, task_id).await?;
+            return Err(invalid);
+        }
+    };
     let task = tasks::update(&state, &caller, task_id, body.payload).await?;
     Ok(Udc::ok(json!({
         "task_id": task.id,
@@ -176,10 +183,18 @@ pub async fn cancel(
     State(state): State<AppState>,
     caller: Caller,
     PathParam(task_id): PathParam<i32>,
-    body: OptionalEnvelope,
+    body: RawBody,
 ) -> ApiResult<Udc<Value>> {
     caller.require(Permission::Write)?;
-    let reason = body.0.and_then(|e| {
+    let body = match body.optional_envelope() {
+        Ok(body) => body,
+        // The contract's order: an unknown task (404) or another's (403) before a bad body.
+        Err(invalid) => {
+            tasks::may_cancel(&state, &caller, task_id).await?;
+            return Err(invalid);
+        }
+    };
+    let reason = body.and_then(|e| {
         e.payload
             .get("reason")
             .and_then(|r| r.as_str())

@@ -456,6 +456,17 @@ pub async fn load_internal(db: &PgPool, internal_id: i32) -> Result<Option<Dropl
     .await
 }
 
+/// Whether `caller` may heartbeat droplet `droplet_id`, in the contract's order: the droplet
+/// exists (404), then the caller may act as it (403). The handler asks this of a heartbeat
+/// whose body it could not read, so that its 422 comes only after both.
+pub async fn may_heartbeat(state: &Core, caller: &Principal, droplet_id: i32) -> Result<Droplet> {
+    let droplet = require(&state.db, droplet_id).await?;
+    if !caller.may_act_as(droplet_id) {
+        return Err(Error::Forbidden(caller.not_as(droplet_id)));
+    }
+    Ok(droplet)
+}
+
 pub async fn require(db: &PgPool, droplet_id: i32) -> Result<Droplet> {
     load(db, droplet_id)
         .await?

@@ -705,21 +705,29 @@ impl Validate for TaskUpdate {
     }
 }
 
-/// `PATCH /tasks/{id}`: the assigned droplet (or an admin) moves its task.
-pub async fn update(state: &Core, caller: &Principal, id: i32, update: TaskUpdate) -> Result<Task> {
+/// Whether `caller` may PATCH task `id`, in the contract's order: the task exists (404),
+/// then, for a non-admin, it is assigned to the caller's droplet (403). The handler asks this
+/// of a request whose body it could not read, so that its 422 comes only after both.
+pub async fn may_update(state: &Core, caller: &Principal, id: i32) -> Result<Task> {
     let task = load(&state.db, id)
         .await?
         .ok_or_else(|| Error::not_found(format!("Task {id} not found")))?;
+    if !caller.is_admin() && task.assigned_droplet_id != Some(caller.droplet_id) {
+        return Err(Error::forbidden(format!(
+            "Task {id} is not assigned to droplet {}",
+            caller.droplet_id
+        )));
+    }
+    Ok(task)
+}
+
+/// `PATCH /tasks/{id}`: the assigned droplet (or an admin) moves its task.
+pub async fn update(state: &Core, caller: &Principal, id: i32, update: TaskUpdate) -> Result<Task> {
+    let task = may_update(state, caller, id).await?;
     let to = Status::parse(&update.status)
         .ok_or_else(|| Error::invalid(&["body", "payload", "status"], "unknown status", "enum"))?;
     let mut m = Move::new(id, to, Actor::Admin, caller.actor_name());
     if !caller.is_admin() {
-        if task.assigned_droplet_id != Some(caller.droplet_id) {
-            return Err(Error::forbidden(format!(
-                "Task {id} is not assigned to droplet {}",
-                caller.droplet_id
-            )));
-        }
         m.actor = Actor::AssignedDroplet;
         m.expect_droplet = task.assigned_droplet_internal;
     }
@@ -745,6 +753,23 @@ pub async fn update(state: &Core, caller: &Principal, id: i32, update: TaskUpdat
         .ok_or_else(|| Error::internal("move applied without a row"))
 }
 
+/// Whether `caller` may cancel task `id`, in the contract's order: the task exists (404),
+/// then the caller is its creator or an admin (403); the actor it cancels as.
+pub async fn may_cancel(state: &Core, caller: &Principal, id: i32) -> Result<Actor> {
+    let task = load(&state.db, id)
+        .await?
+        .ok_or_else(|| Error::not_found(format!("Task {id} not found")))?;
+    if caller.is_admin() {
+        Ok(Actor::Admin)
+    } else if task.created_by.as_deref() == Some(caller.droplet_id.to_string().as_str()) {
+        Ok(Actor::Creator)
+    } else {
+        Err(Error::forbidden(format!(
+            "Only the creator of task {id} or an admin may cancel it"
+        )))
+    }
+}
+
 /// `DELETE /tasks/{id}`: the creator (or an admin) cancels a task that has not started.
 pub async fn cancel(
     state: &Core,
@@ -752,18 +777,7 @@ pub async fn cancel(
     id: i32,
     reason: Option<String>,
 ) -> Result<Task> {
-    let task = load(&state.db, id)
-        .await?
-        .ok_or_else(|| Error::not_found(format!("Task {id} not found")))?;
-    let actor = if caller.is_admin() {
-        Actor::Admin
-    } else if task.created_by.as_deref() == Some(caller.droplet_id.to_string().as_str()) {
-        Actor::Creator
-    } else {
-        return Err(Error::forbidden(format!(
-            "Only the creator of task {id} or an admin may cancel it"
-        )));
-    };
+    let actor = may_cancel(state, caller, id).await?;
     let mut m = Move::new(id, Status::Cancelled, actor, caller.actor_name());
     m.reason = Some(reason.unwrap_or_else(|| format!("cancelled by {}", caller.actor_name())));
     let applied = transition::run(state, &[m], Mode::Strict).await?;

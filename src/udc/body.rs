@@ -70,26 +70,6 @@ where
     }
 }
 
-/// An enveloped body when there is one (for `/send` and `/broadcast`, whose message may
-/// come from the query string instead).
-#[derive(Debug, Clone)]
-pub struct OptionalEnvelope(pub Option<Envelope<Value>>);
-
-impl<S: Send + Sync> FromRequest<S> for OptionalEnvelope {
-    type Rejection = ApiError;
-
-    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        let bytes = read_body(req, state).await?;
-        if bytes.iter().all(|b| b.is_ascii_whitespace()) {
-            return Ok(OptionalEnvelope(None));
-        }
-        let object = parse_object(&bytes)?;
-        let (meta, payload) = split_envelope(object).map_err(ApiError::Validation)?;
-        set_trace_id(&meta.trace_id);
-        Ok(OptionalEnvelope(Some(Envelope { meta, payload })))
-    }
-}
-
 /// The body as it came, parsed by the handler after it checked who is asking, so that a
 /// caller without the permission gets 403 before any 422 about its body (the contract's
 /// order: 401, 403, 404, 403, 409/422).
@@ -124,6 +104,17 @@ impl RawBody {
         let payload = deserialize_payload::<T>(payload, &["body", "payload"])
             .map_err(ApiError::Validation)?;
         Ok(Envelope { meta, payload })
+    }
+
+    /// Nothing, or an envelope with any object as its payload (`DELETE /tasks/{id}`'s reason).
+    pub fn optional_envelope(&self) -> Result<Option<Envelope<Value>>, ApiError> {
+        if self.is_blank() {
+            return Ok(None);
+        }
+        let object = parse_object(&self.0)?;
+        let (meta, payload) = split_envelope(object).map_err(ApiError::Validation)?;
+        set_trace_id(&meta.trace_id);
+        Ok(Some(Envelope { meta, payload }))
     }
 
     /// An envelope, or a bare payload with no envelope at all (what droplet-2 sends to

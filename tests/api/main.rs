@@ -14,6 +14,7 @@ mod dashboard;
 mod database_faults;
 mod dispatch;
 mod droplets;
+mod edge_review;
 mod edge_security;
 mod envelope;
 mod event_log;

@@ -781,6 +781,23 @@ async fn relays_refuse_orchestrator_commands_and_name_the_caller_as_source() {
         got.body["payload"],
         json!({"command": "create_report", "relayed_by": 10})
     );
+    // A broadcast too: from the admin who sent it (droplet 1), relayed by 10.
+    let (s, b) = app
+        .request(
+            Method::POST,
+            "/broadcast",
+            Some(&app.admin()),
+            Some(json!({"command": "announce", "relayed_by": 99})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    let got = d.received().pop().unwrap();
+    assert_eq!(got.body["source"], 1, "{}", got.body);
+    assert_eq!(got.body["target"], 16, "{}", got.body);
+    assert_eq!(
+        got.body["payload"],
+        json!({"command": "announce", "relayed_by": 10})
+    );
 }
 
 /// A port that answers something other than HTTP, then closes.
@@ -965,6 +982,22 @@ async fn production_delivers_only_into_the_allowed_networks_when_they_are_set() 
 #[tokio::test]
 async fn a_redirecting_droplet_is_not_followed() {
     let app = TestApp::spawn_with(&[("TASK_ROUTER_INTERVAL", "1")]).await;
+    a_redirect_is_refused(&app).await;
+}
+
+/// In production, with the redirect's target inside the allowed networks, still no redirect.
+#[tokio::test]
+async fn a_redirecting_droplet_is_not_followed_in_production() {
+    let app = TestApp::spawn_with(&[
+        ("ENVIRONMENT", "production"),
+        ("ENDPOINT_ALLOWED_NETWORKS", "127.0.0.1/32"),
+        ("TASK_ROUTER_INTERVAL", "1"),
+    ])
+    .await;
+    a_redirect_is_refused(&app).await;
+}
+
+async fn a_redirect_is_refused(app: &TestApp) {
     let elsewhere = FixtureDroplet::start(Mode::Accept).await;
     let redirecting =
         FixtureDroplet::start(Mode::Redirect(format!("{}/message", elsewhere.endpoint))).await;
@@ -978,7 +1011,7 @@ async fn a_redirecting_droplet_is_not_followed() {
         (app.task_status(id).await == "failed").then_some(())
     })
     .await;
-    let history = history_with_attempts(&app, id).await;
+    let history = history_with_attempts(app, id).await;
     let last = history.last().unwrap();
     assert_eq!(
         (last.1.as_str(), last.2.as_deref()),
@@ -990,7 +1023,7 @@ async fn a_redirecting_droplet_is_not_followed() {
             .is_some_and(|r| r.contains("refused with HTTP 307")),
         "{last:?}"
     );
-    send_fails(&app, 44, "refused with HTTP 307").await;
+    send_fails(app, 44, "refused with HTTP 307").await;
     assert!(redirecting.received().iter().all(|r| r.answered == 307));
     assert!(
         elsewhere.received().is_empty(),
@@ -1158,10 +1191,20 @@ async fn permission_is_checked_before_the_body_and_existence_before_ownership() 
     let id = app.create_task(5, task_payload("exists")).await;
     let reader = app.token(5, &["read"]);
     let writer = app.token(5, &["read", "write"]);
-    for (method, path) in [
-        (Method::POST, "/tasks".to_string()),
-        (Method::PATCH, format!("/tasks/{id}")),
-        (Method::POST, "/droplets/register".to_string()),
+    // With the permission, a bad body is a 422 once the resource exists and the caller may
+    // act on it; the task is assigned to no droplet, so its PATCH is 403 (edge_review.rs).
+    for (method, path, with_write) in [
+        (
+            Method::POST,
+            "/tasks".to_string(),
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (Method::PATCH, format!("/tasks/{id}"), StatusCode::FORBIDDEN),
+        (
+            Method::POST,
+            "/droplets/register".to_string(),
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
     ] {
         let (s, b, _) = raw(
             &app,
@@ -1180,7 +1223,7 @@ async fn permission_is_checked_before_the_body_and_existence_before_ownership() 
             Some("{not json".into()),
         )
         .await;
-        assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{method} {path}: {b}");
+        assert_eq!(s, with_write, "{method} {path}: {b}");
     }
     // A heartbeat for an unknown droplet is 404 whoever sends it; for another's droplet, 403.
     let (s, b) = app
@@ -1220,7 +1263,21 @@ async fn heartbeat_metrics_and_capability_lists_are_bounded() {
         b["detail"][0]["loc"],
         json!(["body", "payload", "capabilities"])
     );
-    let hundred: Vec<String> = (0..100).map(|i| format!("cap-{i}")).collect();
+    // Each capability is up to 100 characters.
+    let (s, b) = app
+        .post(
+            "/droplets/register",
+            &me,
+            json!({"droplet_id": 8, "name": "n", "endpoint": "http://127.0.0.1:9", "capabilities": ["x".repeat(101)]}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{b}");
+    assert_eq!(
+        b["detail"][0]["loc"],
+        json!(["body", "payload", "capabilities"])
+    );
+    let mut hundred: Vec<String> = (0..99).map(|i| format!("cap-{i}")).collect();
+    hundred.push("y".repeat(100));
     let (s, b) = app
         .post(
             "/droplets/register",
