@@ -356,6 +356,11 @@ fn wrap_request_body(op: &mut Map<String, Value>) {
     else {
         return;
     };
+    in_envelope(content, "RequestEnvelope");
+}
+
+/// Each media type's schema becomes `envelope` with that schema as its `payload`.
+fn in_envelope(content: &mut Map<String, Value>, envelope: &str) {
     for media in content.values_mut() {
         let payload = media
             .get("schema")
@@ -363,7 +368,7 @@ fn wrap_request_body(op: &mut Map<String, Value>) {
             .unwrap_or_else(|| json!({ "type": "object" }));
         media["schema"] = json!({
             "allOf": [
-                schema_ref("RequestEnvelope"),
+                schema_ref(envelope),
                 { "type": "object", "required": ["payload"], "properties": { "payload": payload } }
             ]
         });
@@ -376,18 +381,7 @@ fn wrap_response_body(response: &mut Map<String, Value>) {
     let Some(content) = response.get_mut("content").and_then(Value::as_object_mut) else {
         return;
     };
-    for media in content.values_mut() {
-        let payload = media
-            .get("schema")
-            .cloned()
-            .unwrap_or_else(|| json!({ "type": "object" }));
-        media["schema"] = json!({
-            "allOf": [
-                schema_ref("ResponseEnvelope"),
-                { "type": "object", "required": ["payload"], "properties": { "payload": payload } }
-            ]
-        });
-    }
+    in_envelope(content, "ResponseEnvelope");
 }
 
 /// `ListedTask`, a task as `GET /tasks` lists it: the `Task` schema with `payload` and

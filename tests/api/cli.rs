@@ -9,7 +9,7 @@ use crate::helpers::*;
 
 /// Runs the orchestrator binary with exactly these variables (no inherited environment, and
 /// a working directory without a `.env`).
-fn orchestrator(args: &[&str], env: &[(&str, &str)]) -> Output {
+pub(crate) fn orchestrator(args: &[&str], env: &[(&str, &str)]) -> Output {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_orchestrator"));
     cmd.args(args).env_clear().current_dir(std::env::temp_dir());
     for (k, v) in env {
@@ -18,7 +18,7 @@ fn orchestrator(args: &[&str], env: &[(&str, &str)]) -> Output {
     cmd.output().expect("run the orchestrator binary")
 }
 
-fn text(bytes: &[u8]) -> String {
+pub(crate) fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
 

@@ -3,30 +3,15 @@
 //! of dispatch, and the RS256 token it sends carries the Registry's issuer and audience and
 //! is refused when sent back.
 
-use std::process::{Command, Output};
 use std::time::Duration;
 
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
 
+use crate::cli::{orchestrator, text};
 use crate::fixture_droplet::*;
 use crate::helpers::*;
-
-/// Runs the orchestrator binary with exactly these variables (no inherited environment, and
-/// a working directory without a `.env`).
-fn orchestrator(args: &[&str], env: &[(&str, &str)]) -> Output {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_orchestrator"));
-    cmd.args(args).env_clear().current_dir(std::env::temp_dir());
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    cmd.output().expect("run the orchestrator binary")
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
 
 async fn droplet_rows(app: &TestApp, id: i32) -> i64 {
     sqlx::query_scalar("SELECT COUNT(*) FROM droplets WHERE droplet_id = $1")
