@@ -64,6 +64,9 @@ fn is_loopback_or_link_local_only(net: &IpNet) -> bool {
         IpNet::new_assert(IpAddr::V6(Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 0)), 10),
     ];
     SPECIAL.iter().any(|special| special.contains(net))
+        || METADATA
+            .iter()
+            .any(|m| net.prefix_len() == net.max_prefix_len() && net.addr() == *m)
 }
 
 /// An IPv4 address written as IPv6 (`::ffff:127.0.0.1`) is that IPv4 address.
@@ -82,11 +85,20 @@ fn is_broadcast(ip: IpAddr) -> bool {
 }
 
 fn is_link_local(ip: IpAddr) -> bool {
-    match ip {
+    let link_local = match ip {
         IpAddr::V4(v4) => v4.is_link_local(),
         IpAddr::V6(v6) => (v6.segments()[0] & 0xffc0) == 0xfe80,
-    }
+    };
+    link_local || METADATA.contains(&ip)
 }
+
+/// Cloud metadata services outside link-local, refused as link-local is: AWS's over IPv6
+/// (`fd00:ec2::254`, a private address otherwise allowed) and Alibaba Cloud's
+/// (`100.100.100.200`, in the shared address space).
+const METADATA: [IpAddr; 2] = [
+    IpAddr::V6(Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254)),
+    IpAddr::V4(Ipv4Addr::new(100, 100, 100, 200)),
+];
 
 /// What is wrong with an endpoint's shape, in words for a 422.
 pub fn check_shape(raw: &str) -> Result<Url, &'static str> {
@@ -254,6 +266,25 @@ mod tests {
         }
         assert!(p.allows("10.1.2.3".parse().unwrap()));
         assert!(p.allows("fd00::1".parse().unwrap()));
+    }
+
+    #[test]
+    fn metadata_services_outside_link_local_are_refused_like_it() {
+        for production in [true, false] {
+            let p = policy(production, &[]);
+            assert!(!p.allows("fd00:ec2::254".parse().unwrap()));
+            assert!(!p.allows("100.100.100.200".parse().unwrap()));
+            assert!(p.allows("fd00:ec2::253".parse().unwrap()));
+            assert!(p.allows("100.100.100.199".parse().unwrap()));
+        }
+        let p = policy(true, &["fd00::/8", "100.64.0.0/10"]);
+        assert!(!p.allows("fd00:ec2::254".parse().unwrap()));
+        assert!(!p.allows("100.100.100.200".parse().unwrap()));
+        let p = policy(true, &["fd00:ec2::254/128"]);
+        assert!(
+            p.allows("fd00:ec2::254".parse().unwrap()),
+            "an explicit opt-in"
+        );
     }
 
     #[test]
