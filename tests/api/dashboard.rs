@@ -98,12 +98,7 @@ async fn the_dashboard_follows_the_mesh_live_in_a_browser() {
     browser.clear("#token-input").await;
     browser.type_into("#token-input", &admin).await;
     browser.click("#signin-button").await;
-    browser
-        .wait_js(
-            "the live feeds",
-            "return document.querySelector('#conn').dataset.state === 'live'",
-        )
-        .await;
+    browser.wait_live("the live feeds").await;
     let url = browser.js("return location.href", vec![]).await;
     assert!(
         !url.as_str().unwrap_or_default().contains(&admin),
@@ -276,12 +271,7 @@ async fn in_development_the_page_mints_a_read_token_that_cannot_act() {
         )
         .await;
     browser.click("#mint-read").await;
-    browser
-        .wait_js(
-            "the live feeds",
-            "return document.querySelector('#conn').dataset.state === 'live'",
-        )
-        .await;
+    browser.wait_live("the live feeds").await;
     browser
         .wait_attr("#droplets tr[data-droplet-id='31']", "status", "active")
         .await;
@@ -299,12 +289,7 @@ async fn in_development_the_page_mints_a_read_token_that_cannot_act() {
 
     // The token survives a reload of the tab (sessionStorage), and signing out forgets it.
     browser.goto(&app.url("/dashboard")).await;
-    browser
-        .wait_js(
-            "the live feeds after a reload",
-            "return document.querySelector('#conn').dataset.state === 'live'",
-        )
-        .await;
+    browser.wait_live("the live feeds after a reload").await;
 
     // The server drops every feed: the page says so, reconnects by itself, and resyncs from
     // REST, so a task created while it was away shows up all the same.
@@ -380,12 +365,7 @@ async fn an_opened_task_says_why_it_waits_or_how_its_attempts_went() {
         .await;
     browser.type_into("#token-input", &app.admin()).await;
     browser.click("#signin-button").await;
-    browser
-        .wait_js(
-            "the live feeds",
-            "return document.querySelector('#conn').dataset.state === 'live'",
-        )
-        .await;
+    browser.wait_live("the live feeds").await;
 
     // Nobody has the capability: the page says so, and shows no attempt.
     let waiting = app
@@ -539,6 +519,15 @@ struct Browser {
 }
 
 impl Browser {
+    /// Waits until the page says its feeds are live.
+    async fn wait_live(&self, what: &str) {
+        self.wait_js(
+            what,
+            "return document.querySelector('#conn').dataset.state === 'live'",
+        )
+        .await;
+    }
+
     async fn start() -> Browser {
         for bin in [CHROMIUM, CHROMEDRIVER] {
             assert!(

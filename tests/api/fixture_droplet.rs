@@ -40,6 +40,9 @@ pub enum Mode {
     Droplet2 { registry_public_key: String },
     /// 401 to everything.
     Refuse,
+    /// 401 to everything, echoing the bearer and the envelope it was sent (as a careless
+    /// droplet's error page might).
+    RefuseEchoing,
     /// 503 to everything.
     Fail,
     /// 307 to this URL.
@@ -231,6 +234,10 @@ async fn answer(
         Mode::Refuse => detail(
             StatusCode::UNAUTHORIZED,
             json!("Could not validate credentials"),
+        ),
+        Mode::RefuseEchoing => detail(
+            StatusCode::UNAUTHORIZED,
+            json!({"bad_token": bearer, "signature": body["signature"], "body": body}),
         ),
         Mode::Fail => detail(StatusCode::SERVICE_UNAVAILABLE, json!("overloaded")),
         Mode::Redirect(to) => {

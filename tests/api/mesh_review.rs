@@ -11,7 +11,7 @@ use serde_json::{json, Value};
 use crate::fixture_droplet::*;
 use crate::helpers::*;
 use crate::real_mesh::{
-    droplet_row, event_name, events_until, execute_of, feed, post_bare, task_for,
+    droplet_row, event_name, events_until, execute_of, feed, post_bare, task_for, Droplet2,
 };
 
 const SOON: Duration = Duration::from_secs(10);
@@ -235,14 +235,13 @@ async fn beats_of(app: &TestApp, id: i32) -> i64 {
 /// nothing else.
 #[tokio::test]
 async fn droplet_2_joins_after_a_404_heartbeat_with_a_token_that_may_do_nothing_else() {
-    let (private, public) = rsa_pair();
-    let app = TestApp::spawn_with(&[("REGISTRY_PUBLIC_KEY", &public)]).await;
-    let server = FixtureDroplet::start(Mode::Accept).await;
+    let Droplet2 {
+        app,
+        server,
+        private,
+        registry,
+    } = Droplet2::start().await;
     let now = chrono::Utc::now().timestamp();
-    let registry = rs256(
-        &private,
-        json!({"droplet_id": 42, "iat": now, "exp": now + 3600}),
-    );
     let heartbeat = json!({"status": "active", "cpu_percent": 1.0, "memory_mb": 100});
 
     let (s, b) = post_bare(&app, "/droplets/42/heartbeat", &registry, heartbeat.clone()).await;
@@ -396,4 +395,44 @@ async fn a_refusal_is_logged_with_the_droplets_answer() {
     .await;
     assert!(line.contains("HTTP 401"), "{line}");
     assert!(line.contains("Could not validate credentials"), "{line}");
+}
+
+/// A droplet that echoes the bearer (and the envelope's signature) in its refusal: the log
+/// line shows the rest of its answer, never the token.
+#[tokio::test]
+async fn a_refusal_echoing_the_token_is_logged_without_it() {
+    let log = LogCapture::start("warn");
+    // The orchestrator's own JWT as bearer, then a Registry token of any shape as bearer and
+    // signature.
+    for (n, settings) in [
+        vec![],
+        vec![("REGISTRY_TOKEN", "opaque-registry-token-4711")],
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let app = TestApp::spawn_with(&settings).await;
+        let echoing = FixtureDroplet::start(Mode::RefuseEchoing).await;
+        let droplet = 62 + n as i32;
+        app.register(droplet, &["render"], &echoing.endpoint).await;
+        let id = app.create_task(5, task_for("render", json!({}))).await;
+        let received = execute_of(&echoing, id).await;
+        assert_eq!(received.answered, 401);
+        let line = eventually(SOON, "the refusal's log line", || async {
+            log.text()
+                .lines()
+                .find(|l| {
+                    l.contains("droplet refused the task")
+                        && l.contains(&format!("droplet={droplet}"))
+                })
+                .map(str::to_string)
+        })
+        .await;
+        assert!(
+            line.contains("bad_token") && line.contains("[token]"),
+            "{line}"
+        );
+        assert!(!line.contains("opaque-registry-token-4711"), "{line}");
+        assert!(!line.contains("eyJ"), "{line}");
+    }
 }

@@ -505,18 +505,46 @@ async fn a_droplet_refusing_three_deliveries_in_a_row_is_marked_error_until_it_h
     assert_eq!(app.retry_count(id).await, 3);
 }
 
+/// droplet-2's side of the mesh: an orchestrator that trusts the Registry's key, an accepting
+/// droplet, the Registry's key pair and the token the Registry issues droplet 42 (only
+/// `droplet_id` and times: no `permissions` claim).
+pub(crate) struct Droplet2 {
+    pub app: TestApp,
+    pub server: FixtureDroplet,
+    pub private: String,
+    pub registry: String,
+}
+
+impl Droplet2 {
+    pub async fn start() -> Droplet2 {
+        let (private, public) = rsa_pair();
+        let app = TestApp::spawn_with(&[("REGISTRY_PUBLIC_KEY", &public)]).await;
+        let server = FixtureDroplet::start(Mode::Accept).await;
+        let now = chrono::Utc::now().timestamp();
+        let registry = rs256(
+            &private,
+            json!({"droplet_id": 42, "iat": now, "exp": now + 3600}),
+        );
+        Droplet2 {
+            app,
+            server,
+            private,
+            registry,
+        }
+    }
+}
+
 /// Fact 5: droplet-2 registers and heartbeats with bare bodies and a Registry token that has
 /// no `permissions` claim; a read-only token may not.
 #[tokio::test]
 async fn droplet_2_registers_and_heartbeats_with_bare_bodies_and_a_permissionless_token() {
-    let (private, public) = rsa_pair();
-    let app = TestApp::spawn_with(&[("REGISTRY_PUBLIC_KEY", &public)]).await;
-    let server = FixtureDroplet::start(Mode::Accept).await;
+    let Droplet2 {
+        app,
+        server,
+        private,
+        registry,
+    } = Droplet2::start().await;
     let now = chrono::Utc::now().timestamp();
-    let registry = rs256(
-        &private,
-        json!({"droplet_id": 42, "iat": now, "exp": now + 3600}),
-    );
     let registration = json!({
         "droplet_id": 42, "name": "x", "endpoint": server.endpoint,
         "capabilities": ["a"], "version": "1.0.0", "status": "active"
