@@ -9,7 +9,8 @@ use uuid::Uuid;
 
 pub const UDC_VERSION: &str = "1.0";
 
-/// The `source` of what the orchestrator publishes on its own (events, WebSocket replies).
+/// The orchestrator's droplet id when `DROPLET_ID` is not set (what it publishes carries the
+/// configured one: the relay stamps events, the request scope answers).
 pub const ORCHESTRATOR_SOURCE: i32 = 10;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize, utoipa::ToSchema)]

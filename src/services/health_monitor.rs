@@ -5,12 +5,9 @@ use serde_json::json;
 
 use crate::services::droplets::{Droplet, DROPLET_COLUMNS};
 use crate::services::events::{self, DropletEventKind, Event};
+use crate::services::locks::Singleton;
 use crate::services::task_recovery;
 use crate::services::Core;
-
-/// Advisory locks of the rounds that must run on one replica at a time (tests hold them).
-pub const HEALTH_LOCK: i64 = 0x0A5C_0011;
-pub const CLEANUP_LOCK: i64 = 0x0A5C_0012;
 
 #[derive(Debug, Default, Clone, serde::Serialize)]
 pub struct HealthRound {
@@ -23,11 +20,7 @@ pub struct HealthRound {
 pub async fn run_once(state: &Core) -> Result<HealthRound, sqlx::Error> {
     let config = state.config();
     let mut tx = state.db.begin().await?;
-    let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1)")
-        .bind(HEALTH_LOCK)
-        .fetch_one(&mut *tx)
-        .await?;
-    if !locked {
+    if !Singleton::HealthRound.try_for_transaction(&mut tx).await? {
         tx.rollback().await?;
         return Ok(HealthRound {
             skipped: true,
@@ -153,11 +146,10 @@ pub async fn cleanup_old_tasks(state: &Core) -> Result<u64, sqlx::Error> {
 pub async fn cleanup_old_heartbeats(state: &Core) -> Result<u64, sqlx::Error> {
     let days = state.config().heartbeat_retention_days;
     let mut tx = state.db.begin().await?;
-    let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1)")
-        .bind(CLEANUP_LOCK)
-        .fetch_one(&mut *tx)
-        .await?;
-    if !locked {
+    if !Singleton::HeartbeatCleanup
+        .try_for_transaction(&mut tx)
+        .await?
+    {
         tx.rollback().await?;
         return Ok(0);
     }

@@ -2,12 +2,11 @@
 //! (in progress); failed tasks retry after their backoff; deadlines and assignment timeouts.
 
 use crate::services::dispatch::Refusal;
+use crate::services::locks::Singleton;
 use crate::services::state_machine::{Actor, Cause, Mode, Move, MoveError, Status};
 use crate::services::transition::Transition;
 use crate::services::Core;
 
-/// Advisory lock of the maintenance round, so it runs on one replica at a time.
-pub const MAINTENANCE_LOCK: i64 = 0x0A5C_0010;
 const LIMIT: i64 = 1000;
 
 /// Takes a lost droplet's tasks away, in a transaction of its own.
@@ -220,11 +219,7 @@ pub struct Maintenance {
 pub async fn maintain(state: &Core) -> Result<Maintenance, sqlx::Error> {
     let config = state.config();
     let mut t = Transition::begin(state).await?;
-    let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1)")
-        .bind(MAINTENANCE_LOCK)
-        .fetch_one(t.conn())
-        .await?;
-    if !locked {
+    if !Singleton::Maintenance.try_for_transaction(t.conn()).await? {
         t.rollback().await?;
         return Ok(Maintenance {
             skipped: true,

@@ -10,14 +10,11 @@ use chrono::NaiveDateTime;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
+use crate::services::locks::DROPLET_FILL;
 use crate::services::state_machine::{Actor, Mode, Move, MoveError, Status};
 use crate::services::task_recovery;
 use crate::services::transition::Transition;
 use crate::services::Core;
-
-/// The advisory lock space of "a pass is filling this droplet" (the key's second half is the
-/// droplet's internal id).
-pub const DROPLET_FILL_LOCK: i32 = 0x0A5C_0011;
 
 /// Most tasks one pass assigns; a full pass runs again at once.
 pub const BATCH: i64 = 5000;
@@ -219,7 +216,7 @@ async fn lock_droplets(t: &mut Transition<'_>) -> Result<(Vec<Slot>, bool), sqlx
          FROM (SELECT * FROM droplets WHERE status = 'active' ORDER BY id) d
          WHERE pg_try_advisory_xact_lock($1, d.id)",
     )
-    .bind(DROPLET_FILL_LOCK)
+    .bind(DROPLET_FILL)
     .fetch_all(t.conn())
     .await?;
     // Their loads in one grouped read of the live tasks (a count per droplet was one scan

@@ -5,7 +5,8 @@
 use std::collections::{BTreeSet, HashSet};
 use std::time::Duration;
 
-use orchestrator::services::task_router::{route_pass, DROPLET_FILL_LOCK};
+use orchestrator::services::locks::DROPLET_FILL;
+use orchestrator::services::task_router::route_pass;
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
 use uuid::Uuid;
@@ -824,7 +825,7 @@ async fn explain_queued_behind_counts_the_tasks_the_router_takes_first() {
         .unwrap();
     let mut lock = app.db.acquire().await.unwrap();
     sqlx::query("SELECT pg_advisory_lock($1, $2)")
-        .bind(DROPLET_FILL_LOCK)
+        .bind(DROPLET_FILL)
         .bind(internal)
         .execute(&mut *lock)
         .await
@@ -859,7 +860,7 @@ async fn explain_queued_behind_counts_the_tasks_the_router_takes_first() {
 
     // Released: the router takes them one at a time (one slot), in the order of `position`.
     sqlx::query("SELECT pg_advisory_unlock($1, $2)")
-        .bind(DROPLET_FILL_LOCK)
+        .bind(DROPLET_FILL)
         .bind(internal)
         .execute(&mut *lock)
         .await

@@ -953,3 +953,46 @@ async fn trim_through(app: &TestApp, id: i64) {
         .expect("note the trim point");
     tx.commit().await.expect("commit");
 }
+
+/// Events carry the orchestrator's configured `DROPLET_ID` as their `source`, like its HTTP
+/// answers: those written by the services and the one the heartbeat's SQL writes.
+#[tokio::test]
+async fn events_carry_the_configured_droplet_id_as_source() {
+    let app = TestApp::spawn_with(&[("DROPLET_ID", "11")]).await;
+    app.register(7, &["analysis"], &dead_endpoint()).await;
+    // Back from inactive by a heartbeat: the event the heartbeat's own SQL writes.
+    sqlx::query("UPDATE droplets SET status = 'inactive' WHERE droplet_id = 7")
+        .execute(&app.db)
+        .await
+        .unwrap();
+    let (s, answer) = app
+        .post(
+            "/droplets/7/heartbeat",
+            &app.token(7, &["write"]),
+            json!({ "status": "active" }),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{answer}");
+    assert_eq!(answer["source"], 11);
+    let task = app.create_task(7, task_payload("sourced")).await;
+
+    let events = eventually(WAIT, "the task and both droplet events", || async {
+        let droplets = logged_events(&app.db, "droplets", 0).await;
+        let tasks = logged_events(&app.db, "tasks", 0).await;
+        let kinds: Vec<&str> = droplets
+            .iter()
+            .filter_map(|(_, e)| e["payload"]["event"].as_str())
+            .collect();
+        let created = tasks
+            .iter()
+            .any(|(_, e)| e["payload"]["task"]["id"] == task);
+        (created
+            && kinds.contains(&"droplet_registered")
+            && kinds.contains(&"droplet_health_changed"))
+        .then(|| droplets.into_iter().chain(tasks).collect::<Vec<_>>())
+    })
+    .await;
+    for (_, e) in &events {
+        assert_eq!(e["source"], 11, "{e}");
+    }
+}

@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use orchestrator::jobs;
+use orchestrator::services::locks::Singleton;
 use orchestrator::services::{health_monitor, task_recovery};
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
@@ -164,7 +165,7 @@ async fn a_failing_job_is_recorded_and_runs_again_next_time() {
 async fn a_round_another_replica_holds_is_skipped() {
     let app = TestApp::spawn().await;
     let mut other = app.db.begin().await.unwrap();
-    for lock in [health_monitor::HEALTH_LOCK, task_recovery::MAINTENANCE_LOCK] {
+    for lock in [Singleton::HealthRound.id(), Singleton::Maintenance.id()] {
         sqlx::query("SELECT pg_advisory_xact_lock($1)")
             .bind(lock)
             .execute(&mut *other)
@@ -176,4 +177,55 @@ async fn a_round_another_replica_holds_is_skipped() {
     other.rollback().await.unwrap();
     assert!(!health_monitor::run_once(&app.state).await.unwrap().skipped);
     assert!(!task_recovery::maintain(&app.state).await.unwrap().skipped);
+}
+
+/// The relay and the heartbeat cleanup once shared a lock id: while one held it, the other
+/// skipped its round (no replica published events during a long cleanup).
+#[tokio::test]
+async fn the_relay_publishes_while_a_cleanup_runs_and_the_cleanup_runs_while_the_relay_does() {
+    let app = TestApp::spawn().await;
+    app.register(7, &["analysis"], &dead_endpoint()).await;
+
+    // A long cleanup on another replica: its lock held in an open transaction.
+    let mut cleanup = app.db.begin().await.unwrap();
+    sqlx::query("SELECT pg_advisory_xact_lock($1)")
+        .bind(Singleton::HeartbeatCleanup.id())
+        .execute(&mut *cleanup)
+        .await
+        .unwrap();
+    let task = app
+        .create_task(7, task_payload("published meanwhile"))
+        .await;
+    eventually(Duration::from_secs(5), "task_created published", || async {
+        logged_events(&app.db, "tasks", 0)
+            .await
+            .iter()
+            .any(|(_, e)| e["payload"]["task"]["id"] == task)
+            .then_some(())
+    })
+    .await;
+    cleanup.rollback().await.unwrap();
+
+    // A relay round in progress elsewhere: its lock held in an open transaction.
+    sqlx::query(
+        "INSERT INTO heartbeats (droplet_id, status, received_at)
+         SELECT id, 'active', NOW() - interval '400 days' FROM droplets WHERE droplet_id = 7",
+    )
+    .execute(&app.db)
+    .await
+    .unwrap();
+    let mut relay = app.db.begin().await.unwrap();
+    sqlx::query("SELECT pg_advisory_xact_lock($1)")
+        .bind(Singleton::EventRelay.id())
+        .execute(&mut *relay)
+        .await
+        .unwrap();
+    let deleted = health_monitor::cleanup_old_heartbeats(&app.state)
+        .await
+        .unwrap();
+    relay.rollback().await.unwrap();
+    assert_eq!(
+        deleted, 1,
+        "the cleanup skipped its round while the relay held its lock"
+    );
 }

@@ -483,7 +483,7 @@ async fn assigned_among(app: &TestApp, ids: &[i32]) -> i64 {
 /// advisory lock (not a row lock, so heartbeats never wait for a pass).
 async fn hold_droplets(tx: &mut sqlx::PgConnection) {
     sqlx::query("SELECT pg_advisory_xact_lock($1, id) FROM droplets")
-        .bind(orchestrator::services::task_router::DROPLET_FILL_LOCK)
+        .bind(orchestrator::services::locks::DROPLET_FILL)
         .execute(&mut *tx)
         .await
         .unwrap();

@@ -132,10 +132,17 @@ fn merge(payload: &mut Value, extra: Option<Value>) {
     }
 }
 
+/// An event's envelope as the outbox keeps it: without `source`, which the relay sets to this
+/// orchestrator's configured `DROPLET_ID` as it publishes the event (writers of events, the
+/// state machine and SQL among them, need not know it).
 fn event_envelope(trace_id: Option<String>, payload: Value) -> Value {
-    Envelope::new("event", ORCHESTRATOR_SOURCE, Value::Null, payload)
+    let mut envelope = Envelope::new("event", ORCHESTRATOR_SOURCE, Value::Null, payload)
         .trace(trace_id)
-        .to_value()
+        .to_value();
+    if let Some(fields) = envelope.as_object_mut() {
+        fields.remove("source");
+    }
+    envelope
 }
 
 /// A CTE for a statement that changes a droplet's status in one round trip (the heartbeat):
@@ -147,7 +154,6 @@ pub const HEARTBEAT_HEALTH_EVENT_CTE: &str = "health_event AS (
     SELECT 'droplets', jsonb_build_object(
         'udc_version', '1.0',
         'trace_id', gen_random_uuid()::text,
-        'source', 10,
         'target', NULL,
         'message_type', 'event',
         'timestamp', to_char(clock_timestamp() AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'),

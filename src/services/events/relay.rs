@@ -18,12 +18,11 @@ use std::time::{Duration, Instant};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
+use crate::services::locks::Singleton;
 use crate::services::Core;
 
 /// The NOTIFY channel that wakes the readers (its payload is empty: they read the log).
 pub const EVENTS_CHANNEL: &str = "orchestrator_events";
-/// The advisory lock of a relay round.
-const RELAY_LOCK: i64 = 0x0A5C_0012;
 /// Most events one round publishes.
 const BATCH: i64 = 5000;
 /// How long an idle relay waits before looking again (a local write wakes it at once).
@@ -43,11 +42,7 @@ pub fn wake() {
 /// One round: how many events were published (None: another replica holds the relay).
 pub async fn publish_round(state: &Core) -> Result<Option<u64>, sqlx::Error> {
     let mut tx = state.db.begin().await?;
-    let mine: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1)")
-        .bind(RELAY_LOCK)
-        .fetch_one(&mut *tx)
-        .await?;
-    if !mine {
+    if !Singleton::EventRelay.try_for_transaction(&mut tx).await? {
         tx.rollback().await?;
         return Ok(None);
     }
@@ -61,10 +56,13 @@ pub async fn publish_round(state: &Core) -> Result<Option<u64>, sqlx::Error> {
             FROM (SELECT * FROM ready ORDER BY id) r
          )
          INSERT INTO events (event_id, feed, envelope)
-         SELECT event_id, feed, jsonb_set(envelope, '{payload,event_id}', to_jsonb(event_id))
+         SELECT event_id, feed,
+                jsonb_set(jsonb_set(envelope, '{payload,event_id}', to_jsonb(event_id)),
+                          '{source}', to_jsonb($2::int))
          FROM numbered",
     )
     .bind(BATCH)
+    .bind(state.keys.orchestrator_id())
     .execute(&mut *tx)
     .await?
     .rows_affected();
