@@ -502,25 +502,37 @@ async fn count_trigger(db: &str, on: bool) {
     admin.close().await;
 }
 
+/// The spec's creation SQL alone: a task and its first history row in one statement.
+const INSERT_TASK: &str = "WITH t AS (
+        INSERT INTO tasks (trace_id, task_type, title, description, payload, required_capability,
+                           priority, max_retries, deadline, created_by, status)
+        VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, 'pending')
+        ON CONFLICT (trace_id) DO NOTHING
+        RETURNING *
+     ), h AS (
+        INSERT INTO task_state_history (task_id, from_status, to_status, changed_by, reason)
+        SELECT id, NULL, 'pending', $11, 'created' FROM t
+     )
+     SELECT id FROM t";
+
 async fn insert_directly(pool: &PgPool, n: u64) -> Result<(), sqlx::Error> {
     let mut tx = pool.begin().await?;
     // The spec's SQL alone: the task row and its history row in one transaction. No event:
     // a ceiling that included our own event overhead would hide it.
-    let _row: orchestrator::services::tasks::Task =
-        sqlx::query_as(orchestrator::services::tasks::INSERT_TASK)
-            .bind(Uuid::new_v4())
-            .bind("bench")
-            .bind(format!("task {n}"))
-            .bind(None::<String>)
-            .bind(json!({"n": n}))
-            .bind(None::<String>)
-            .bind(1 + (n % 10) as i32)
-            .bind(3)
-            .bind(None::<chrono::NaiveDateTime>)
-            .bind("5")
-            .bind("droplet-5")
-            .fetch_one(&mut *tx)
-            .await?;
+    let _id: Option<i32> = sqlx::query_scalar(INSERT_TASK)
+        .bind(Uuid::new_v4())
+        .bind("bench")
+        .bind(format!("task {n}"))
+        .bind(None::<String>)
+        .bind(json!({"n": n}))
+        .bind(None::<String>)
+        .bind(1 + (n % 10) as i32)
+        .bind(3)
+        .bind(None::<chrono::NaiveDateTime>)
+        .bind("5")
+        .bind("droplet-5")
+        .fetch_optional(&mut *tx)
+        .await?;
     tx.commit().await
 }
 

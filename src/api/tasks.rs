@@ -12,7 +12,8 @@ use utoipa::ToSchema;
 use crate::auth::{Caller, Permission};
 use crate::error::{ApiError, ApiResult};
 use crate::services::explain::Explanation;
-use crate::services::tasks::{self, HistoryRow, NewTask, Task, TaskFilter, TaskUpdate};
+use crate::services::task_listing::{self, TaskFilter};
+use crate::services::tasks::{self, HistoryRow, NewTask, Task, TaskUpdate};
 use crate::state::AppState;
 use crate::udc::{PathParam, QueryParams, RawBody, Udc};
 
@@ -78,7 +79,7 @@ pub async fn list(
     QueryParams(filter): QueryParams<TaskFilter>,
 ) -> ApiResult<Udc<Listing>> {
     caller.require(Permission::Read)?;
-    let page = tasks::list(&state.db, &filter).await?;
+    let page = task_listing::list(&state.db, &filter).await?;
     let (listed, truncated) = page.shown();
     Ok(Udc::ok(Listing {
         tasks: listed,

@@ -26,6 +26,7 @@ pub mod state_machine;
 pub mod status;
 pub mod system_status;
 pub mod table_statistics;
+pub mod task_listing;
 pub mod task_recovery;
 pub mod task_router;
 pub mod task_store;

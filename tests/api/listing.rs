@@ -5,7 +5,7 @@
 use std::collections::HashSet;
 
 use orchestrator::services::health_monitor;
-use orchestrator::services::tasks::{self, TaskFilter, TOTAL_BOUND};
+use orchestrator::services::task_listing::{self as tasks, TaskFilter, TOTAL_BOUND};
 use reqwest::StatusCode;
 use serde_json::Value;
 
@@ -327,4 +327,88 @@ async fn a_listing_with_payloads_reads_only_what_fits_its_budget() {
     let (shown, truncated) = page.shown();
     assert!(!truncated);
     assert!(shown.iter().all(|t| t.get("payload").is_none()));
+}
+
+/// Each filter, alone and with others, lists the tasks a plain reading of it selects, and its
+/// `total` is theirs: whether the total comes from the kept counts (status and type alone) or
+/// from a bounded count (any other filter). Pages of 2, so the totals are never the page.
+#[tokio::test]
+async fn every_filter_alone_and_combined_lists_and_counts_what_it_selects() {
+    let app = TestApp::spawn().await;
+    app.pause_routing().await;
+    app.register(8, &["ocr"], &dead_endpoint()).await;
+    // 48 tasks over every filtered field: status, type, priority, holder, capability, creator.
+    sqlx::query(
+        "INSERT INTO tasks (task_type, title, payload, status, priority, required_capability,
+                            created_by, assigned_droplet_id, created_at)
+         SELECT (ARRAY['a','b'])[1 + g % 2], 'seeded ' || g, '{}'::jsonb,
+                (ARRAY['pending','assigned','failed'])[1 + g % 3], 1 + g % 10,
+                (ARRAY['ocr', NULL])[1 + (g / 2) % 2], (ARRAY['5','6','7'])[1 + (g / 3) % 3],
+                CASE WHEN g % 4 = 1 THEN (SELECT id FROM droplets WHERE droplet_id = 8) END,
+                NOW() - make_interval(secs => g)
+         FROM generate_series(1, 48) g",
+    )
+    .execute(&app.db)
+    .await
+    .unwrap();
+    type Row = (String, String, i32, Option<String>, String, Option<i32>);
+    type Selects = fn(&Row) -> bool;
+    let rows: Vec<(i32, Row)> = sqlx::query_as::<_, (i32, String, String, i32, Option<String>, String, Option<i32>)>(
+        "SELECT t.id, t.status, t.task_type, t.priority, t.required_capability, t.created_by, d.droplet_id
+         FROM tasks t LEFT JOIN droplets d ON d.id = t.assigned_droplet_id",
+    )
+    .fetch_all(&app.db)
+    .await
+    .unwrap()
+    .into_iter()
+    .map(|(id, s, ty, p, c, by, d)| (id, (s, ty, p, c, by, d)))
+    .collect();
+    let filters: [(&str, Selects); 12] = [
+        ("status=failed", |r| r.0 == "failed"),
+        ("task_type=b", |r| r.1 == "b"),
+        ("status=assigned&task_type=a", |r| {
+            r.0 == "assigned" && r.1 == "a"
+        }),
+        ("priority_min=4", |r| r.2 >= 4),
+        ("priority_max=6", |r| r.2 <= 6),
+        ("priority_min=3&priority_max=3", |r| r.2 == 3),
+        ("assigned_droplet_id=8", |r| r.5 == Some(8)),
+        ("required_capability=ocr", |r| r.3.as_deref() == Some("ocr")),
+        ("created_by=6", |r| r.4 == "6"),
+        ("status=pending&created_by=7", |r| {
+            r.0 == "pending" && r.4 == "7"
+        }),
+        ("task_type=a&required_capability=ocr&priority_min=5", |r| {
+            r.1 == "a" && r.3.as_deref() == Some("ocr") && r.2 >= 5
+        }),
+        ("status=failed&assigned_droplet_id=8", |r| {
+            r.0 == "failed" && r.5 == Some(8)
+        }),
+    ];
+    let reader = app.token(5, &["read"]);
+    for (query, selects) in filters {
+        let want: HashSet<i64> = rows
+            .iter()
+            .filter(|(_, r)| selects(r))
+            .map(|(id, _)| i64::from(*id))
+            .collect();
+        assert!(want.len() > 2, "{query} selects too few to page");
+        let mut got = HashSet::new();
+        let mut after = String::new();
+        loop {
+            let (s, page) = app
+                .get(&format!("/tasks?{query}&limit=2{after}"), &reader)
+                .await;
+            assert_eq!(s, StatusCode::OK, "{query}: {page}");
+            if after.is_empty() {
+                assert_eq!(page["payload"]["total"], want.len(), "{query}: total");
+            }
+            got.extend(ids(&page));
+            match page["payload"]["next_after_id"].as_i64() {
+                Some(next) => after = format!("&after_id={next}"),
+                None => break,
+            }
+        }
+        assert_eq!(got, want, "{query}: the tasks listed");
+    }
 }

@@ -1,0 +1,353 @@
+//! `GET /tasks`: the filters, each declared once and turned into SQL in one place, the page,
+//! its total, and the payloads read within a byte budget.
+
+use serde::Deserialize;
+use serde_json::Value;
+use sqlx::{PgPool, Postgres, QueryBuilder};
+
+use crate::services::state_machine::Status;
+use crate::services::task_store::{self, Task};
+use crate::validation::{range, FieldError, Validate};
+
+/// Filters of `GET /tasks`.
+#[derive(Debug, Clone, Default, Deserialize, utoipa::IntoParams)]
+pub struct TaskFilter {
+    pub status: Option<String>,
+    pub task_type: Option<String>,
+    pub priority_min: Option<i32>,
+    pub priority_max: Option<i32>,
+    pub assigned_droplet_id: Option<i32>,
+    pub required_capability: Option<String>,
+    pub created_by: Option<String>,
+    pub limit: Option<i64>,
+    pub offset: Option<i64>,
+    /// Keyset paging: the tasks after this one (the previous page's `next_after_id`).
+    pub after_id: Option<i32>,
+    /// `payload` to include each task's `payload` and `result` (left out by default).
+    pub include: Option<String>,
+}
+
+/// One condition of a filter: a field of [`TaskFilter`] that narrows which tasks match.
+#[derive(Debug, Clone, Copy)]
+enum Condition<'a> {
+    Status(&'a str),
+    TaskType(&'a str),
+    PriorityMin(i32),
+    PriorityMax(i32),
+    AssignedDroplet(i32),
+    RequiredCapability(&'a str),
+    CreatedBy(&'a str),
+}
+
+impl Condition<'_> {
+    /// `AND <condition>` over `tasks t`.
+    fn push(self, q: &mut QueryBuilder<Postgres>) {
+        q.push(" AND ");
+        match self {
+            Condition::Status(s) => q.push("t.status = ").push_bind(s),
+            Condition::TaskType(s) => q.push("t.task_type = ").push_bind(s),
+            Condition::PriorityMin(p) => q.push("t.priority >= ").push_bind(p),
+            Condition::PriorityMax(p) => q.push("t.priority <= ").push_bind(p),
+            Condition::AssignedDroplet(d) => q
+                .push("t.assigned_droplet_id = (SELECT id FROM droplets WHERE droplet_id = ")
+                .push_bind(d)
+                .push(")"),
+            Condition::RequiredCapability(c) => q.push("t.required_capability = ").push_bind(c),
+            Condition::CreatedBy(c) => q.push("t.created_by = ").push_bind(c),
+        };
+    }
+
+    /// `AND <condition>` over `task_counts`, for the conditions the kept counts can answer
+    /// (they are kept per status and type); false for the others.
+    fn push_kept(self, q: &mut QueryBuilder<Postgres>) -> bool {
+        match self {
+            Condition::Status(s) => q.push(" AND status = ").push_bind(s),
+            Condition::TaskType(s) => q.push(" AND task_type = ").push_bind(s),
+            Condition::PriorityMin(_)
+            | Condition::PriorityMax(_)
+            | Condition::AssignedDroplet(_)
+            | Condition::RequiredCapability(_)
+            | Condition::CreatedBy(_) => return false,
+        };
+        true
+    }
+}
+
+impl TaskFilter {
+    pub fn include_payload(&self) -> bool {
+        self.include.as_deref().is_some_and(|i| {
+            i.split(',')
+                .any(|p| matches!(p.trim(), "payload" | "result"))
+        })
+    }
+
+    /// The conditions this filter sets. Every field is named here (a new one fails to compile
+    /// until it is placed): a condition, or paging and presentation.
+    fn conditions(&self) -> Vec<Condition<'_>> {
+        let TaskFilter {
+            status,
+            task_type,
+            priority_min,
+            priority_max,
+            assigned_droplet_id,
+            required_capability,
+            created_by,
+            limit: _,
+            offset: _,
+            after_id: _,
+            include: _,
+        } = self;
+        [
+            status.as_deref().map(Condition::Status),
+            task_type.as_deref().map(Condition::TaskType),
+            priority_min.map(Condition::PriorityMin),
+            priority_max.map(Condition::PriorityMax),
+            assigned_droplet_id.map(Condition::AssignedDroplet),
+            required_capability
+                .as_deref()
+                .map(Condition::RequiredCapability),
+            created_by.as_deref().map(Condition::CreatedBy),
+        ]
+        .into_iter()
+        .flatten()
+        .collect()
+    }
+
+    /// ` WHERE TRUE AND ...` over `tasks t`.
+    fn push_where(&self, q: &mut QueryBuilder<Postgres>) {
+        q.push(" WHERE TRUE");
+        for c in self.conditions() {
+            c.push(q);
+        }
+    }
+
+    /// The count of the kept totals that answers this filter exactly, when they can.
+    fn kept_total(&self) -> Option<QueryBuilder<Postgres>> {
+        let mut q =
+            QueryBuilder::new("SELECT COALESCE(SUM(n), 0)::bigint FROM task_counts WHERE TRUE");
+        self.conditions()
+            .into_iter()
+            .all(|c| c.push_kept(&mut q))
+            .then_some(q)
+    }
+}
+
+impl Validate for TaskFilter {
+    fn validate(&self) -> Vec<FieldError> {
+        let mut errors = Vec::new();
+        if let Some(s) = &self.status {
+            if Status::parse(s).is_none() {
+                errors.push(FieldError::new(
+                    &["status"],
+                    "Input should be 'pending', 'assigned', 'in_progress', 'completed', 'failed' or 'cancelled'",
+                    "enum",
+                ));
+            }
+        }
+        range(
+            "priority_min",
+            self.priority_min.map(i64::from),
+            1,
+            10,
+            &mut errors,
+        );
+        range(
+            "priority_max",
+            self.priority_max.map(i64::from),
+            1,
+            10,
+            &mut errors,
+        );
+        range("limit", self.limit, 1, 500, &mut errors);
+        range("offset", self.offset, 0, i64::MAX, &mut errors);
+        range(
+            "after_id",
+            self.after_id.map(i64::from),
+            1,
+            i64::from(i32::MAX),
+            &mut errors,
+        );
+        errors
+    }
+}
+
+pub struct Page {
+    pub tasks: Vec<Task>,
+    /// The tasks that match the filters: exact for status and type alone, else exact up to
+    /// [`TOTAL_BOUND`] and a lower bound past it.
+    pub total: i64,
+    pub total_exact: bool,
+    pub limit: i64,
+    pub offset: i64,
+    /// Whether more tasks match past this page.
+    pub has_more: bool,
+    /// With `?include=payload`: for each task, whether its payload and result were read
+    /// (false for those past [`LIST_PAYLOAD_BYTES`]). Empty otherwise.
+    pub payload_read: Vec<bool>,
+}
+
+/// Most bytes of payloads and results one listing carries (`?include=payload`).
+pub const LIST_PAYLOAD_BYTES: usize = 2 * 1024 * 1024;
+
+/// The task columns for listings, without `payload` and `result`: a page of large payloads
+/// costs neither the database's network nor this process their size. When they are asked
+/// for, [`list`] reads their sizes and then only the ones that fit [`LIST_PAYLOAD_BYTES`].
+const LIST_COLUMNS: &str = const_format::concatcp!(
+    task_store::COLUMNS_HEAD,
+    "'null'::jsonb AS payload",
+    task_store::COLUMNS_MID,
+    "NULL::jsonb AS result",
+    task_store::COLUMNS_TAIL
+);
+
+impl Page {
+    /// The tasks as a listing shows them: without `payload` and `result` unless asked for,
+    /// and then only those read within [`LIST_PAYLOAD_BYTES`] (the others say
+    /// `payload_truncated`). Also whether any was truncated.
+    pub fn shown(&self) -> (Vec<Value>, bool) {
+        let asked = !self.payload_read.is_empty();
+        let mut truncated = false;
+        let shown = self
+            .tasks
+            .iter()
+            .enumerate()
+            .map(|(i, task)| {
+                let mut v = serde_json::to_value(task).unwrap_or_default();
+                if let Value::Object(map) = &mut v {
+                    if !self.payload_read.get(i).copied().unwrap_or(false) {
+                        map.remove("payload");
+                        map.remove("result");
+                        if asked {
+                            truncated = true;
+                            map.insert("payload_truncated".into(), Value::Bool(true));
+                        }
+                    }
+                }
+                v
+            })
+            .collect();
+        (shown, truncated)
+    }
+
+    /// The cursor of the next page (`after_id`), when there is one.
+    pub fn next_after_id(&self) -> Option<i32> {
+        self.tasks.last().map(|t| t.id).filter(|_| self.has_more)
+    }
+
+    /// Reads the payloads and results of the page's tasks, in order, while they fit
+    /// [`LIST_PAYLOAD_BYTES`] (a task too large is passed over and the next ones still
+    /// tried): first their sizes as the database writes them, then only the chosen ones.
+    async fn read_payloads(&mut self, db: &PgPool) -> Result<(), sqlx::Error> {
+        let ids: Vec<i32> = self.tasks.iter().map(|t| t.id).collect();
+        let sizes: Vec<(i32, i64)> = sqlx::query_as(
+            "SELECT id, (octet_length(payload::text)
+                         + COALESCE(octet_length(result::text), 0))::bigint
+               FROM tasks WHERE id = ANY($1)",
+        )
+        .bind(&ids)
+        .fetch_all(db)
+        .await?;
+        let size_of: std::collections::HashMap<i32, i64> = sizes.into_iter().collect();
+        let mut budget = LIST_PAYLOAD_BYTES as i64;
+        let mut chosen = Vec::new();
+        for id in &ids {
+            match size_of.get(id) {
+                Some(&size) if size <= budget => {
+                    budget -= size;
+                    chosen.push(*id);
+                }
+                _ => {}
+            }
+        }
+        let bodies: Vec<(i32, Value, Option<Value>)> =
+            sqlx::query_as("SELECT id, payload, result FROM tasks WHERE id = ANY($1)")
+                .bind(&chosen)
+                .fetch_all(db)
+                .await?;
+        let mut body_of: std::collections::HashMap<i32, (Value, Option<Value>)> = bodies
+            .into_iter()
+            .map(|(id, payload, result)| (id, (payload, result)))
+            .collect();
+        self.payload_read = self
+            .tasks
+            .iter_mut()
+            .map(|task| match body_of.remove(&task.id) {
+                Some((payload, result)) => {
+                    task.payload = payload;
+                    task.result = result;
+                    true
+                }
+                None => false,
+            })
+            .collect();
+        Ok(())
+    }
+}
+
+/// `total` of a filter on more than status and type is counted exactly up to this many
+/// matching tasks; past it, it says "at least" (`total_exact: false`), so a listing costs the
+/// same at a million tasks as at a thousand. Filters on status and type alone (and none) are
+/// exact at any size: their totals are the counts kept in `task_counts`.
+pub const TOTAL_BOUND: i64 = 10_000;
+
+/// Newest first, with the total that matches the filters. With `after_id` (keyset paging),
+/// the tasks after that one in the same order, whatever its depth.
+pub async fn list(db: &PgPool, f: &TaskFilter) -> Result<Page, sqlx::Error> {
+    let limit = f.limit.unwrap_or(50);
+    let offset = if f.after_id.is_some() {
+        0
+    } else {
+        f.offset.unwrap_or(0)
+    };
+    let mut q = QueryBuilder::new(const_format::concatcp!(
+        "SELECT ",
+        LIST_COLUMNS,
+        " FROM tasks t LEFT JOIN droplets d ON d.id = t.assigned_droplet_id"
+    ));
+    f.push_where(&mut q);
+    if let Some(after) = f.after_id {
+        q.push(" AND (t.created_at, t.id) < (SELECT a.created_at, a.id FROM tasks a WHERE a.id = ")
+            .push_bind(after)
+            .push(")");
+    }
+    q.push(" ORDER BY t.created_at DESC, t.id DESC LIMIT ")
+        .push_bind(limit + 1)
+        .push(" OFFSET ")
+        .push_bind(offset);
+    let mut tasks: Vec<Task> = q.build_query_as().fetch_all(db).await?;
+    let has_more = tasks.len() as i64 > limit;
+    tasks.truncate(limit as usize);
+    // The total of the whole filter (not of what follows a cursor): this page when it is the
+    // whole of it, else the counts kept as changes happen when they answer the filter, else
+    // counted up to a bound.
+    let (total, total_exact) = if f.after_id.is_none() && offset == 0 && !has_more {
+        (tasks.len() as i64, true)
+    } else if let Some(mut kept) = f.kept_total() {
+        (kept.build_query_scalar().fetch_one(db).await?, true)
+    } else {
+        let mut q = QueryBuilder::new("SELECT COUNT(*) FROM (SELECT 1 FROM tasks t");
+        f.push_where(&mut q);
+        q.push(" LIMIT ")
+            .push_bind(TOTAL_BOUND + 1)
+            .push(") bounded");
+        let counted: i64 = q.build_query_scalar().fetch_one(db).await?;
+        if counted > TOTAL_BOUND {
+            (TOTAL_BOUND, false)
+        } else {
+            (counted, true)
+        }
+    };
+    let mut page = Page {
+        tasks,
+        total,
+        total_exact,
+        limit,
+        offset,
+        has_more,
+        payload_read: Vec::new(),
+    };
+    if f.include_payload() {
+        page.read_payloads(db).await?;
+    }
+    Ok(page)
+}
