@@ -16,7 +16,19 @@ use crate::services::Core;
 
 /// A scheduled job. On the wire and in `/management/scheduler/jobs/{job_id}` paths, its
 /// snake_case name (`task_router`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    Serialize,
+    Deserialize,
+    utoipa::ToSchema,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum JobId {
     HealthMonitor,
@@ -70,7 +82,7 @@ impl std::fmt::Display for JobId {
 }
 
 /// What the board knows of one job.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct JobInfo {
     pub id: JobId,
     pub interval_seconds: u64,

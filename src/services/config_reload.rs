@@ -11,7 +11,7 @@ use crate::services::Core;
 pub use crate::services::config_source::ConfigSource;
 
 /// One setting that differs from the one in force.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct Change {
     pub setting: &'static str,
     pub from: String,
@@ -21,7 +21,7 @@ pub struct Change {
 }
 
 /// What a reload did.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct Reload {
     pub source: &'static str,
     pub changed: Vec<Change>,

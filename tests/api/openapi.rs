@@ -650,3 +650,78 @@ async fn the_answers_of_tasks_explain_and_capabilities_match_their_schemas() {
         &b,
     );
 }
+
+/// The management answers are typed: each declares its payload's schema, and what the
+/// service answers holds to it (pause, resume ending an emergency stop, reload, cache clear,
+/// shutdown last).
+#[tokio::test]
+async fn the_management_answers_match_their_schemas() {
+    let app = TestApp::spawn().await;
+    let spec = spec_of(&app).await;
+    let admin = app.admin();
+    let jobs = "/management/scheduler/jobs";
+    let pause = "/management/scheduler/jobs/{job_id}/pause";
+    let resume = "/management/scheduler/jobs/{job_id}/resume";
+    let calls: [(&str, &str, String, &str); 8] = [
+        ("get", jobs, jobs.into(), "Jobs"),
+        (
+            "post",
+            pause,
+            format!("{jobs}/health_monitor/pause"),
+            "JobChanged",
+        ),
+        (
+            "post",
+            resume,
+            format!("{jobs}/health_monitor/resume"),
+            "JobChanged",
+        ),
+        (
+            "post",
+            "/management/emergency-stop",
+            "/management/emergency-stop".into(),
+            "Stopped",
+        ),
+        (
+            "post",
+            resume,
+            format!("{jobs}/task_router/resume"),
+            "JobChanged",
+        ),
+        (
+            "post",
+            "/management/reload-config",
+            "/management/reload-config".into(),
+            "Reloaded",
+        ),
+        (
+            "post",
+            "/management/cache/clear",
+            "/management/cache/clear".into(),
+            "CacheCleared",
+        ),
+        (
+            "post",
+            "/management/shutdown",
+            "/management/shutdown".into(),
+            "ShuttingDown",
+        ),
+    ];
+    for (method, path, url, schema) in calls {
+        assert_eq!(
+            payload_ref(&spec, method, path),
+            format!("#/components/schemas/{schema}"),
+            "{method} {path}"
+        );
+        let (s, b) = if method == "get" {
+            app.get(&url, &admin).await
+        } else {
+            app.post(&url, &admin, serde_json::json!({})).await
+        };
+        assert_eq!(s, StatusCode::OK, "{url}: {b}");
+        assert_conforms(&spec, method, path, "200", &b);
+        if url.ends_with("task_router/resume") {
+            assert_eq!(b["payload"]["emergency_stop_ended"], true, "{b}");
+        }
+    }
+}
