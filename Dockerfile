@@ -25,6 +25,8 @@ RUN mkdir -p src benches \
 
 COPY src src
 COPY migrations migrations
+# The compile-time-checked queries' offline data: the build needs no database.
+COPY .sqlx .sqlx
 COPY assets assets
 COPY benches benches
 ARG ORCHESTRATOR_GIT_COMMIT=unknown

@@ -73,20 +73,19 @@ pub async fn run_once(state: &Core) -> Result<HealthRound, sqlx::Error> {
         // marked, one whose recovery did not finish (the process died between the two
         // transactions), one that reported `maintenance` and then went quiet, or one left
         // over while auto-recovery was off. Without this their running tasks would never end.
-        let holders: Vec<(i32, i32)> = sqlx::query_as(
+        let holders = sqlx::query!(
             "SELECT d.id, d.droplet_id FROM droplets d
              WHERE d.status <> 'active'
                AND (d.last_heartbeat IS NULL OR d.last_heartbeat < NOW() - make_interval(secs => $1::double precision))
                AND EXISTS (SELECT 1 FROM tasks t WHERE t.assigned_droplet_id = d.id
                              AND t.status IN ('assigned', 'in_progress'))
              ORDER BY d.id",
+            config.heartbeat_timeout as f64
         )
-        .bind(config.heartbeat_timeout as f64)
         .fetch_all(&state.db)
         .await?;
-        for (internal_id, droplet_id) in holders {
-            round.tasks_recovered +=
-                task_recovery::recover_droplet(state, internal_id, droplet_id).await?;
+        for h in holders {
+            round.tasks_recovered += task_recovery::recover_droplet(state, h.id, h.droplet_id).await?;
         }
     }
     Ok(round)
@@ -109,7 +108,7 @@ pub async fn cleanup_old_tasks(state: &Core) -> Result<u64, sqlx::Error> {
     }
     let mut deleted = 0u64;
     for _ in 0..RETENTION_BATCHES {
-        let n = sqlx::query(
+        let n = sqlx::query!(
             "WITH doomed AS (
                 SELECT id FROM tasks
                 WHERE completed_at < NOW() - make_interval(days => $1::int)
@@ -121,9 +120,9 @@ pub async fn cleanup_old_tasks(state: &Core) -> Result<u64, sqlx::Error> {
                 FOR UPDATE SKIP LOCKED
              )
              DELETE FROM tasks WHERE id IN (SELECT id FROM doomed)",
+            days as i32,
+            RETENTION_BATCH
         )
-        .bind(days as i32)
-        .bind(RETENTION_BATCH)
         .execute(&state.db)
         .await?
         .rows_affected();
@@ -153,16 +152,16 @@ pub async fn cleanup_old_heartbeats(state: &Core) -> Result<u64, sqlx::Error> {
         tx.rollback().await?;
         return Ok(0);
     }
-    let deleted = sqlx::query(
+    let deleted = sqlx::query!(
         "DELETE FROM heartbeats WHERE received_at < NOW() - make_interval(days => $1::int)",
+        days as i32
     )
-    .bind(days as i32)
     .execute(&mut *tx)
     .await?
     .rows_affected();
     // The status counts of backends that are gone fold into shard 0 (no live backend
     // writes those rows, so nothing waits on them).
-    sqlx::query(
+    sqlx::query!(
         "WITH gone AS (
             DELETE FROM task_counts
             WHERE shard <> 0 AND shard NOT IN (SELECT pid FROM pg_stat_activity WHERE pid IS NOT NULL)

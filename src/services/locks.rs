@@ -43,10 +43,12 @@ impl Singleton {
     /// Takes the lock for the caller's transaction if no one holds it; false when another
     /// replica does (the caller skips its round, never waits).
     pub async fn try_for_transaction(self, conn: &mut PgConnection) -> Result<bool, sqlx::Error> {
-        sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1)")
-            .bind(self.id())
-            .fetch_one(conn)
-            .await
+        sqlx::query_scalar!(
+            r#"SELECT pg_try_advisory_xact_lock($1) AS "locked!""#,
+            self.id()
+        )
+        .fetch_one(conn)
+        .await
     }
 }
 

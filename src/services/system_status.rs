@@ -25,41 +25,37 @@ pub struct LiveCounts {
 }
 
 pub async fn counts(db: &PgPool) -> Result<LiveCounts, sqlx::Error> {
-    let (tasks_pending, tasks_assigned, tasks_in_progress, droplets_active, droplets_total): (
-        i64,
-        i64,
-        i64,
-        i64,
-        i64,
-    ) = sqlx::query_as(
-        "SELECT (SELECT COUNT(*) FROM tasks WHERE status = 'pending'),
-                    (SELECT COUNT(*) FROM tasks WHERE status = 'assigned'),
-                    (SELECT COUNT(*) FROM tasks WHERE status = 'in_progress'),
-                    (SELECT COUNT(*) FROM droplets WHERE status = 'active'),
-                    (SELECT COUNT(*) FROM droplets)",
+    let c = sqlx::query!(
+        r#"SELECT (SELECT COUNT(*) FROM tasks WHERE status = 'pending') AS "pending!",
+                  (SELECT COUNT(*) FROM tasks WHERE status = 'assigned') AS "assigned!",
+                  (SELECT COUNT(*) FROM tasks WHERE status = 'in_progress') AS "in_progress!",
+                  (SELECT COUNT(*) FROM droplets WHERE status = 'active') AS "droplets_active!",
+                  (SELECT COUNT(*) FROM droplets) AS "droplets_total!""#
     )
     .fetch_one(db)
     .await?;
     Ok(LiveCounts {
-        tasks_pending,
-        tasks_assigned,
-        tasks_in_progress,
-        tasks_active: tasks_assigned + tasks_in_progress,
-        droplets_active,
-        droplets_total,
+        tasks_pending: c.pending,
+        tasks_assigned: c.assigned,
+        tasks_in_progress: c.in_progress,
+        tasks_active: c.assigned + c.in_progress,
+        droplets_active: c.droplets_active,
+        droplets_total: c.droplets_total,
     })
 }
 
 /// Tasks per status (from the counts kept as changes happen: a handful of rows, whatever
 /// the size of the table) and droplets per status.
 pub async fn by_status(db: &PgPool) -> Result<Vec<(String, String, i64)>, sqlx::Error> {
-    sqlx::query_as(
-        "SELECT 'task', status, SUM(n)::bigint FROM task_counts GROUP BY status
-         UNION ALL
-         SELECT 'droplet', status, COUNT(*) FROM droplets GROUP BY status",
+    let rows = sqlx::query!(
+        r#"SELECT 'task' AS "kind!", status AS "status!", SUM(n)::bigint AS "n!"
+           FROM task_counts GROUP BY status
+           UNION ALL
+           SELECT 'droplet', status, COUNT(*) FROM droplets GROUP BY status"#
     )
     .fetch_all(db)
-    .await
+    .await?;
+    Ok(rows.into_iter().map(|r| (r.kind, r.status, r.n)).collect())
 }
 
 /// What the report needs from above the services: the scheduler's jobs (as shown, and the
@@ -78,7 +74,7 @@ pub async fn health_report(core: &Core, outside: Outside) -> Value {
     let mut problems: Vec<String> = Vec::new();
 
     let started = Instant::now();
-    let ping = sqlx::query_scalar::<_, i32>("SELECT 1")
+    let ping = sqlx::query_scalar!(r#"SELECT 1 AS "one!""#)
         .fetch_one(&core.db)
         .await;
     let round_trip_ms = started.elapsed().as_secs_f64() * 1000.0;

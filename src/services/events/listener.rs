@@ -17,7 +17,7 @@ const BATCH: i64 = 2000;
 
 /// The newest event id in the log (0 when empty).
 pub async fn newest_event_id(state: &Core) -> Result<i64, sqlx::Error> {
-    sqlx::query_scalar("SELECT COALESCE(MAX(event_id), 0) FROM events")
+    sqlx::query_scalar!(r#"SELECT COALESCE(MAX(event_id), 0) AS "newest!" FROM events"#)
         .fetch_one(&state.db)
         .await
 }
@@ -105,13 +105,16 @@ pub async fn run_listener(state: Core, stop: CancellationToken) {
 /// Publishes the events after `last` to the local hub; the newest id read, or None when
 /// there was nothing new.
 async fn read_after(state: &Core, last: i64) -> Result<Option<i64>, sqlx::Error> {
-    let rows: Vec<(i64, String, Value)> = sqlx::query_as(
+    let rows: Vec<(i64, String, Value)> = sqlx::query!(
         "SELECT event_id, feed, envelope FROM events WHERE event_id > $1 ORDER BY event_id LIMIT $2",
+        last,
+        BATCH
     )
-    .bind(last)
-    .bind(BATCH)
     .fetch_all(&state.db)
-    .await?;
+    .await?
+    .into_iter()
+    .map(|r| (r.event_id, r.feed, r.envelope))
+    .collect();
     let Some(newest) = rows.last().map(|r| r.0) else {
         return Ok(None);
     };

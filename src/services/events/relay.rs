@@ -46,7 +46,7 @@ pub async fn publish_round(state: &Core) -> Result<Option<u64>, sqlx::Error> {
         tx.rollback().await?;
         return Ok(None);
     }
-    let published = sqlx::query(
+    let published = sqlx::query!(
         "WITH ready AS (
             SELECT id, feed, envelope FROM event_outbox ORDER BY id LIMIT $1
          ),
@@ -60,9 +60,9 @@ pub async fn publish_round(state: &Core) -> Result<Option<u64>, sqlx::Error> {
                 jsonb_set(jsonb_set(envelope, '{payload,event_id}', to_jsonb(event_id)),
                           '{source}', to_jsonb($2::int))
          FROM numbered",
+        BATCH,
+        state.keys.orchestrator_id()
     )
-    .bind(BATCH)
-    .bind(state.keys.orchestrator_id())
     .execute(&mut *tx)
     .await?
     .rows_affected();
@@ -83,8 +83,8 @@ pub async fn trim(state: &Core) -> Result<u64, sqlx::Error> {
     let keep = state.config().event_retention_seconds as f64;
     let mut deleted = 0;
     loop {
-        let n: i64 = sqlx::query_scalar(
-            "WITH gone AS (
+        let n: i64 = sqlx::query_scalar!(
+            r#"WITH gone AS (
                 DELETE FROM events WHERE event_id IN (
                     SELECT event_id FROM events
                     WHERE published_at < NOW() - make_interval(secs => $1::double precision)
@@ -96,9 +96,9 @@ pub async fn trim(state: &Core) -> Result<u64, sqlx::Error> {
                 WHERE EXISTS (SELECT 1 FROM gone)
                 RETURNING 1
              )
-             SELECT COUNT(*) FROM gone",
+             SELECT COUNT(*) AS "n!" FROM gone"#,
+            keep
         )
-        .bind(keep)
         .fetch_one(&state.db)
         .await?;
         let n = n as u64;
