@@ -5,7 +5,6 @@
 use std::collections::BTreeMap;
 
 use serde::Serialize;
-use serde_json::Value;
 use sqlx::{PgPool, Postgres, Transaction};
 
 use crate::protocol;
@@ -142,8 +141,61 @@ struct Windows {
     failed_24h: i64,
 }
 
+/// How many, and how many in each status (every status listed, zeros included).
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct ByStatus {
+    pub total: i64,
+    pub by_status: BTreeMap<String, i64>,
+}
+
+impl ByStatus {
+    fn of(rows: Vec<(String, i64)>, statuses: &[&str]) -> ByStatus {
+        let by_status = by_status(rows, statuses);
+        ByStatus {
+            total: by_status.values().sum(),
+            by_status,
+        }
+    }
+}
+
+/// Tasks created, completed and failed in a window.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct Window {
+    pub created: i64,
+    pub completed: i64,
+    pub failed: i64,
+    /// Completed over completed and failed; null when neither.
+    pub success_rate: Option<f64>,
+}
+
+impl Window {
+    fn of(created: i64, completed: i64, failed: i64) -> Window {
+        Window {
+            created,
+            completed,
+            failed,
+            success_rate: rate(completed, completed + failed),
+        }
+    }
+}
+
+/// `GET /metrics/summary`.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct Summary {
+    pub tasks: ByStatus,
+    pub droplets: ByStatus,
+    /// Completed over completed and failed, over every task kept.
+    pub success_rate: Option<f64>,
+    pub last_hour: Window,
+    pub last_24h: Window,
+    pub assignment_latency: Durations,
+    pub execution_time: Durations,
+    pub latency_window: &'static str,
+    pub generated_at: String,
+}
+
 /// Tasks and droplets by status, the last hour and day, and latencies over the last day.
-pub async fn summary(db: &PgPool) -> Result<Value, sqlx::Error> {
+pub async fn summary(db: &PgPool) -> Result<Summary, sqlx::Error> {
     let mut tx = reading(db).await?;
     // Kept as changes happen (task_counts): a handful of rows, not a million.
     let task_rows: Vec<(String, i64)> =
@@ -193,28 +245,23 @@ pub async fn summary(db: &PgPool) -> Result<Value, sqlx::Error> {
     .await?;
 
     let statuses: Vec<&str> = ALL_STATUSES.iter().map(|s| s.as_str()).collect();
-    let tasks = by_status(task_rows, &statuses);
-    let droplets = by_status(droplet_rows, &["active", "inactive", "error"]);
-    let completed = tasks.get("completed").copied().unwrap_or(0);
-    let failed = tasks.get("failed").copied().unwrap_or(0);
+    let tasks = ByStatus::of(task_rows, &statuses);
+    let droplets = ByStatus::of(droplet_rows, &["active", "inactive", "error"]);
+    let completed = tasks.by_status.get("completed").copied().unwrap_or(0);
+    let failed = tasks.by_status.get("failed").copied().unwrap_or(0);
     tx.commit().await?;
-    Ok(serde_json::json!({
-        "tasks": { "total": tasks.values().sum::<i64>(), "by_status": tasks },
-        "droplets": { "total": droplets.values().sum::<i64>(), "by_status": droplets },
-        "success_rate": rate(completed, completed + failed),
-        "last_hour": {
-            "created": w.created_1h, "completed": w.completed_1h, "failed": w.failed_1h,
-            "success_rate": rate(w.completed_1h, w.completed_1h + w.failed_1h),
-        },
-        "last_24h": {
-            "created": w.created_24h, "completed": w.completed_24h, "failed": w.failed_24h,
-            "success_rate": rate(w.completed_24h, w.completed_24h + w.failed_24h),
-        },
-        "assignment_latency": assignment,
-        "execution_time": execution,
-        "latency_window": "24h: assignment over tasks created in it, execution over tasks completed in it",
-        "generated_at": protocol::now_iso(),
-    }))
+    Ok(Summary {
+        tasks,
+        droplets,
+        success_rate: rate(completed, completed + failed),
+        last_hour: Window::of(w.created_1h, w.completed_1h, w.failed_1h),
+        last_24h: Window::of(w.created_24h, w.completed_24h, w.failed_24h),
+        assignment_latency: assignment,
+        execution_time: execution,
+        latency_window:
+            "24h: assignment over tasks created in it, execution over tasks completed in it",
+        generated_at: protocol::now_iso(),
+    })
 }
 
 // ---------------------------------------------------------------------------
@@ -255,13 +302,73 @@ const PERFORMANCE: &str = "SELECT COUNT(*) AS total,
                       THEN date_part('epoch', completed_at - started_at) END AS d
           FROM tasks";
 
+/// Tasks by where they ended up (or are now).
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct Outcomes {
+    pub completed: i64,
+    pub failed: i64,
+    pub cancelled: i64,
+    pub pending: i64,
+    pub assigned: i64,
+    pub in_progress: i64,
+}
+
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct Retries {
+    /// Retries made (the sum of `retry_count`).
+    pub total: i64,
+    /// Tasks retried at least once.
+    pub tasks_retried: i64,
+}
+
+/// A window reaching further back than `TASK_RETENTION_DAYS` covers tasks that were deleted:
+/// an answer over such a window says so (both absent without a retention).
+#[derive(Debug, Clone, Default, Serialize, utoipa::ToSchema)]
+pub struct RetentionNote {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub retention_days: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub window_exceeds_retention: Option<bool>,
+}
+
+impl RetentionNote {
+    /// The note for a window of `range` (all time when none) under `retention_days` (0: none).
+    pub fn of(retention_days: u64, range: Option<TimeRange>) -> RetentionNote {
+        if retention_days == 0 {
+            return RetentionNote::default();
+        }
+        RetentionNote {
+            retention_days: Some(retention_days),
+            window_exceeds_retention: Some(range.is_none_or(|r| r.days() > retention_days as f64)),
+        }
+    }
+}
+
+/// `GET /metrics/tasks/performance`.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct TaskPerformance {
+    pub time_range: &'static str,
+    pub task_type: Option<String>,
+    pub population: &'static str,
+    pub total: i64,
+    pub by_outcome: Outcomes,
+    pub success_rate: Option<f64>,
+    /// Run time (started to completed) of the completed ones.
+    pub duration: Durations,
+    pub retries: Retries,
+    pub generated_at: String,
+    #[serde(flatten)]
+    pub retention: RetentionNote,
+}
+
 /// Over the tasks created in the range (of one type, when given): counts by outcome, retries,
 /// and the run time (started to completed) of the completed ones.
 pub async fn performance(
     db: &PgPool,
     range: TimeRange,
     task_type: Option<&str>,
-) -> Result<Value, sqlx::Error> {
+    retention: RetentionNote,
+) -> Result<TaskPerformance, sqlx::Error> {
     let mut tx = reading(db).await?;
     // Two statements, so each has a plan that uses its index: (created_at) for every type,
     // (task_type, created_at) for one.
@@ -287,26 +394,34 @@ pub async fn performance(
         }
     };
     tx.commit().await?;
-    Ok(serde_json::json!({
-        "time_range": range.as_str(),
-        "task_type": task_type,
-        "population": "tasks created in the time range",
-        "total": p.total,
-        "by_outcome": {
-            "completed": p.completed, "failed": p.failed, "cancelled": p.cancelled,
-            "pending": p.pending, "assigned": p.assigned, "in_progress": p.in_progress,
+    Ok(TaskPerformance {
+        time_range: range.as_str(),
+        task_type: task_type.map(str::to_string),
+        population: "tasks created in the time range",
+        total: p.total,
+        by_outcome: Outcomes {
+            completed: p.completed,
+            failed: p.failed,
+            cancelled: p.cancelled,
+            pending: p.pending,
+            assigned: p.assigned,
+            in_progress: p.in_progress,
         },
-        "success_rate": rate(p.completed, p.completed + p.failed),
-        "duration": p.duration,
-        "retries": { "total": p.retries, "tasks_retried": p.tasks_retried },
-        "generated_at": protocol::now_iso(),
-    }))
+        success_rate: rate(p.completed, p.completed + p.failed),
+        duration: p.duration,
+        retries: Retries {
+            total: p.retries,
+            tasks_retried: p.tasks_retried,
+        },
+        generated_at: protocol::now_iso(),
+        retention,
+    })
 }
 
 // ---------------------------------------------------------------------------
 // GET /metrics/tasks/by-type
 
-#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+#[derive(Debug, Clone, Serialize, sqlx::FromRow, utoipa::ToSchema)]
 pub struct TypeRow {
     pub task_type: String,
     pub total: i64,
@@ -353,7 +468,23 @@ const BY_TYPE_ORDER: &str = " ORDER BY total DESC, task_type";
 /// rate, share of all tasks, and the mean run time of the completed ones. One hash aggregate
 /// over the rows; per-type percentiles would sort every row by type as well, ten times the
 /// cost at a million tasks, so they are left to `/metrics/tasks/performance?task_type=`.
-pub async fn by_type(db: &PgPool, range: Option<TimeRange>) -> Result<Value, sqlx::Error> {
+/// `GET /metrics/tasks/by-type`.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct ByType {
+    /// 1h, 24h, 7d, 30d, or `all`.
+    pub time_range: &'static str,
+    pub total: i64,
+    pub types: Vec<TypeRow>,
+    pub generated_at: String,
+    #[serde(flatten)]
+    pub retention: RetentionNote,
+}
+
+pub async fn by_type(
+    db: &PgPool,
+    range: Option<TimeRange>,
+    retention: RetentionNote,
+) -> Result<ByType, sqlx::Error> {
     let mut rows: Vec<TypeRow> = match range {
         // All time: from the counts kept as changes happen, a few rows per type.
         None => {
@@ -377,12 +508,13 @@ pub async fn by_type(db: &PgPool, range: Option<TimeRange>) -> Result<Value, sql
         r.success_rate = rate(r.completed, r.completed + r.failed);
         r.share = rate(r.total, all).unwrap_or(0.0);
     }
-    Ok(serde_json::json!({
-        "time_range": range.map(|r| r.as_str()).unwrap_or("all"),
-        "total": all,
-        "types": rows,
-        "generated_at": protocol::now_iso(),
-    }))
+    Ok(ByType {
+        time_range: range.map(|r| r.as_str()).unwrap_or("all"),
+        total: all,
+        types: rows,
+        generated_at: protocol::now_iso(),
+        retention,
+    })
 }
 
 // ---------------------------------------------------------------------------
@@ -403,6 +535,27 @@ struct Uptime {
     observed_seconds: Option<f64>,
 }
 
+/// A droplet's finished work in a window and its uptime.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct DropletWorkReport {
+    pub time_range: &'static str,
+    pub tasks_completed: i64,
+    pub tasks_failed: i64,
+    pub success_rate: Option<f64>,
+    pub mean_duration_seconds: Option<f64>,
+    pub p95_duration_seconds: Option<f64>,
+    pub uptime: UptimeReport,
+}
+
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct UptimeReport {
+    /// Covered over observed seconds; null before any time was observed.
+    pub ratio: Option<f64>,
+    pub heartbeats: i64,
+    pub covered_seconds: f64,
+    pub observed_seconds: f64,
+}
+
 /// A droplet's finished work in the range (by `completed_at`), and its uptime: each healthy
 /// heartbeat covers the time until the next one, at most `heartbeat_timeout` seconds; the
 /// ratio is covered time over the part of the range since the droplet was first registered.
@@ -411,7 +564,7 @@ pub async fn droplet_performance(
     internal_id: i32,
     range: TimeRange,
     heartbeat_timeout: u64,
-) -> Result<Value, sqlx::Error> {
+) -> Result<DropletWorkReport, sqlx::Error> {
     let mut tx = reading(db).await?;
     let work: DropletWork = sqlx::query_as(
         "SELECT COUNT(*) FILTER (WHERE status = 'completed') AS completed,
@@ -456,26 +609,26 @@ pub async fn droplet_performance(
     let observed = uptime.observed_seconds.unwrap_or(0.0);
     let ratio = (observed > 0.0).then(|| (covered / observed).clamp(0.0, 1.0));
     tx.commit().await?;
-    Ok(serde_json::json!({
-        "time_range": range.as_str(),
-        "tasks_completed": work.completed,
-        "tasks_failed": work.failed,
-        "success_rate": rate(work.completed, work.completed + work.failed),
-        "mean_duration_seconds": work.mean_duration_seconds,
-        "p95_duration_seconds": work.p95_duration_seconds,
-        "uptime": {
-            "ratio": ratio,
-            "heartbeats": uptime.heartbeats,
-            "covered_seconds": covered,
-            "observed_seconds": observed,
+    Ok(DropletWorkReport {
+        time_range: range.as_str(),
+        tasks_completed: work.completed,
+        tasks_failed: work.failed,
+        success_rate: rate(work.completed, work.completed + work.failed),
+        mean_duration_seconds: work.mean_duration_seconds,
+        p95_duration_seconds: work.p95_duration_seconds,
+        uptime: UptimeReport {
+            ratio,
+            heartbeats: uptime.heartbeats,
+            covered_seconds: covered,
+            observed_seconds: observed,
         },
-    }))
+    })
 }
 
 // ---------------------------------------------------------------------------
 // GET /metrics/routing
 
-#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+#[derive(Debug, Clone, Serialize, sqlx::FromRow, utoipa::ToSchema)]
 pub struct PendingByCapability {
     /// `null`: any active droplet can take these.
     pub capability: Option<String>,
@@ -487,7 +640,19 @@ pub struct PendingByCapability {
 
 /// Assignments in the range (from the history), assignment latency of the tasks created in
 /// it, and the pending queue per capability, with what no active droplet can take.
-pub async fn routing(db: &PgPool, range: TimeRange) -> Result<Value, sqlx::Error> {
+/// The routing figures the database holds (`GET /metrics/routing` adds the process's own).
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct RoutingReport {
+    pub time_range: &'static str,
+    pub assignments: i64,
+    pub assignments_per_minute: f64,
+    pub assignment_latency: Durations,
+    pub pending_total: i64,
+    pub pending_by_capability: Vec<PendingByCapability>,
+    pub pending_unroutable: i64,
+}
+
+pub async fn routing(db: &PgPool, range: TimeRange) -> Result<RoutingReport, sqlx::Error> {
     let mut tx = reading(db).await?;
     let assignments: i64 = sqlx::query_scalar(
         "SELECT COUNT(*) FROM task_state_history
@@ -530,13 +695,13 @@ pub async fn routing(db: &PgPool, range: TimeRange) -> Result<Value, sqlx::Error
         .sum();
     let minutes = range.seconds() / 60.0;
     tx.commit().await?;
-    Ok(serde_json::json!({
-        "time_range": range.as_str(),
-        "assignments": assignments,
-        "assignments_per_minute": assignments as f64 / minutes,
-        "assignment_latency": latency,
-        "pending_total": total_pending,
-        "pending_by_capability": pending,
-        "pending_unroutable": unroutable,
-    }))
+    Ok(RoutingReport {
+        time_range: range.as_str(),
+        assignments,
+        assignments_per_minute: assignments as f64 / minutes,
+        assignment_latency: latency,
+        pending_total: total_pending,
+        pending_by_capability: pending,
+        pending_unroutable: unroutable,
+    })
 }

@@ -85,7 +85,8 @@ pub async fn run_once(state: &Core) -> Result<HealthRound, sqlx::Error> {
         .fetch_all(&state.db)
         .await?;
         for h in holders {
-            round.tasks_recovered += task_recovery::recover_droplet(state, h.id, h.droplet_id).await?;
+            round.tasks_recovered +=
+                task_recovery::recover_droplet(state, h.id, h.droplet_id).await?;
         }
     }
     Ok(round)

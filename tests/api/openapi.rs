@@ -725,3 +725,64 @@ async fn the_management_answers_match_their_schemas() {
         }
     }
 }
+
+/// The metrics answers are typed: each declares its payload's schema, and what the service
+/// answers (with work done, and a retention the windows reach past) holds to it.
+#[tokio::test]
+async fn the_metrics_answers_match_their_schemas() {
+    let app = TestApp::spawn_with(&[("TASK_RETENTION_DAYS", "1")]).await;
+    let spec = spec_of(&app).await;
+    let server = DropletServer::start(Behaviour::Ok).await;
+    app.register(62, &["verify"], &server.endpoint).await;
+    let done = app
+        .create_task(5, serde_json::json!({"task_type": "verify", "title": "metrics", "required_capability": "verify"}))
+        .await;
+    app.wait_assigned(done, 62, Duration::from_secs(10)).await;
+    for status in ["in_progress", "completed"] {
+        let (s, b) = app.move_task(62, done, status).await;
+        assert_eq!(s, StatusCode::OK, "{b}");
+    }
+    app.create_task(5, serde_json::json!({"task_type": "other", "title": "waits", "required_capability": "nobody"}))
+        .await;
+    let reader = app.token(5, &["read"]);
+    let calls: [(&str, &str, &str); 6] = [
+        ("/metrics/summary", "/metrics/summary", "Summary"),
+        (
+            "/metrics/tasks/performance",
+            "/metrics/tasks/performance?time_range=7d",
+            "TaskPerformance",
+        ),
+        ("/metrics/tasks/by-type", "/metrics/tasks/by-type", "ByType"),
+        (
+            "/metrics/tasks/by-type",
+            "/metrics/tasks/by-type?time_range=1h",
+            "ByType",
+        ),
+        (
+            "/metrics/droplets/{droplet_id}/performance",
+            "/metrics/droplets/62/performance",
+            "DropletPerformance",
+        ),
+        ("/metrics/routing", "/metrics/routing", "Routing"),
+    ];
+    for (path, url, schema) in calls {
+        assert_eq!(
+            payload_ref(&spec, "get", path),
+            format!("#/components/schemas/{schema}"),
+            "{path}"
+        );
+        let (s, b) = app.get(url, &reader).await;
+        assert_eq!(s, StatusCode::OK, "{url}: {b}");
+        assert_conforms(&spec, "get", path, "200", &b);
+    }
+    let (_, b) = app
+        .get("/metrics/tasks/performance?time_range=7d", &reader)
+        .await;
+    assert_eq!(b["payload"]["window_exceeds_retention"], true, "{b}");
+    assert_eq!(b["payload"]["by_outcome"]["completed"], 1, "{b}");
+    let (_, b) = app.get("/metrics/droplets/62/performance", &reader).await;
+    assert_eq!(b["payload"]["tasks_completed"], 1, "{b}");
+    assert_eq!(b["payload"]["current_load"]["total"], 0, "{b}");
+    let (_, b) = app.get("/metrics/routing", &reader).await;
+    assert_eq!(b["payload"]["pending_unroutable"], 1, "{b}");
+}
