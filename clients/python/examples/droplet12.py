@@ -9,8 +9,8 @@ when full, in about 40. Its own code below is ours, not a copy.
 """
 
 import os
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import AsyncIterator
 
 from fastapi import FastAPI
 

@@ -9,8 +9,9 @@ import socket
 import subprocess
 import time
 import uuid
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any, AsyncIterator, Iterator
+from typing import Any
 
 import httpx
 import pytest
@@ -31,7 +32,11 @@ def free_port() -> int:
 
 
 def _psql(sql: str) -> None:
-    subprocess.run(["psql", f"{SERVER}/postgres", "-q", "-v", "ON_ERROR_STOP=1", "-c", sql], check=True, capture_output=True)
+    subprocess.run(
+        ["psql", f"{SERVER}/postgres", "-q", "-v", "ON_ERROR_STOP=1", "-c", sql],
+        check=True,
+        capture_output=True,
+    )
 
 
 class Service:
@@ -159,7 +164,9 @@ async def serve(service: Service) -> AsyncIterator[Any]:
     running: list[Served] = []
     proxies: list[Proxy] = []
 
-    async def start(capabilities: list[str], app: Any = None, proxy: Proxy | None = None, **kwargs: Any) -> Droplet:
+    async def start(
+        capabilities: list[str], app: Any = None, proxy: Proxy | None = None, **kwargs: Any
+    ) -> Droplet:
         """With `proxy` (not started), the droplet's endpoint is the proxy to its server."""
         droplet_id = next(_ids)
         port = free_port()
@@ -176,7 +183,13 @@ async def serve(service: Service) -> AsyncIterator[Any]:
             verifier=Verifier(secret=SECRET),
             **kwargs,
         )
-        config = uvicorn.Config(app(droplet) if app else asgi_app(droplet), host="127.0.0.1", port=port, lifespan="off", log_level="warning")
+        config = uvicorn.Config(
+            app(droplet) if app else asgi_app(droplet),
+            host="127.0.0.1",
+            port=port,
+            lifespan="off",
+            log_level="warning",
+        )
         server = uvicorn.Server(config)
         task = asyncio.create_task(server.serve())
         while not server.started:

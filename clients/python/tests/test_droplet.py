@@ -35,7 +35,9 @@ def cap() -> str:
     return f"cap-{uuid.uuid4().hex[:8]}"
 
 
-async def test_a_task_created_by_a_producer_is_run_and_its_result_read_back(serve, producer: Orchestrator) -> None:
+async def test_a_task_created_by_a_producer_is_run_and_its_result_read_back(
+    serve, producer: Orchestrator
+) -> None:
     capability = cap()
     droplet = await serve([capability], app=fastapi_app)
 
@@ -45,8 +47,20 @@ async def test_a_task_created_by_a_producer_is_run_and_its_result_read_back(serv
 
     await droplet.start()
     trace = str(uuid.uuid4())
-    created = await producer.create_task("verify", "Verify", {"code_url": "https://example.com/x"}, required_capability=capability, trace_id=trace)
-    again = await producer.create_task("verify", "Verify", {"code_url": "https://example.com/x"}, required_capability=capability, trace_id=trace)
+    created = await producer.create_task(
+        "verify",
+        "Verify",
+        {"code_url": "https://example.com/x"},
+        required_capability=capability,
+        trace_id=trace,
+    )
+    again = await producer.create_task(
+        "verify",
+        "Verify",
+        {"code_url": "https://example.com/x"},
+        required_capability=capability,
+        trace_id=trace,
+    )
     assert again["task_id"] == created["task_id"]  # a retried create is the same task
     result = await producer.wait_for_result(created["task_id"], timeout=20)
     assert result == {"checked": "https://example.com/x", "attempt": 1}
@@ -75,7 +89,9 @@ async def test_a_redelivery_runs_once(serve, producer: Orchestrator) -> None:
     task_id = created["task_id"]
     await eventually(lambda: calls, what="the handler to start")
     task = await producer.get_task(task_id)
-    redelivery = envelope(10, {"command": "execute_task", "task": task}, trace_id=task["trace_id"], target=droplet.droplet_id)
+    redelivery = envelope(
+        10, {"command": "execute_task", "task": task}, trace_id=task["trace_id"], target=droplet.droplet_id
+    )
     headers = {"Authorization": f"Bearer {orchestrator_token()}"}
     async with httpx.AsyncClient() as http:
         while_running = await http.post(f"{droplet.endpoint}/message", json=redelivery, headers=headers)
@@ -110,7 +126,9 @@ async def test_a_cancel_stops_the_handler(serve, producer: Orchestrator) -> None
     # A running task cannot be cancelled by its creator (in_progress -> cancelled is not a
     # move); it is taken from its droplet when its deadline passes, with a cancel_task.
     deadline = datetime.now(timezone.utc) + timedelta(seconds=3)
-    created = await producer.create_task("long", "Long", required_capability=capability, deadline=deadline.isoformat())
+    created = await producer.create_task(
+        "long", "Long", required_capability=capability, deadline=deadline.isoformat()
+    )
     await asyncio.wait_for(started.wait(), 20)
     assert droplet.outcome(created["task_id"]) == "running"
     await asyncio.wait_for(stopped.wait(), 20)
@@ -145,7 +163,9 @@ async def test_a_stale_attempts_update_is_dropped(serve, producer: Orchestrator,
     token = service.token(droplet.droplet_id, ["read", "write"])
     async with httpx.AsyncClient() as http:
         body = envelope(droplet.droplet_id, {"status": "failed", "attempt": 1, "error_message": "taken away"})
-        moved = await http.patch(f"{service.url}/tasks/{task_id}", json=body, headers={"Authorization": f"Bearer {token}"})
+        moved = await http.patch(
+            f"{service.url}/tasks/{task_id}", json=body, headers={"Authorization": f"Bearer {token}"}
+        )
         assert moved.status_code == 200, moved.text
     await eventually(lambda: task_on_attempt(producer, task_id, 2), what="attempt 2 assigned")
     release.set()  # attempt 1 finishes late: its update is a 409, dropped quietly
@@ -168,7 +188,9 @@ async def droplet_status(producer: Orchestrator, task_id: int, status: str) -> b
     return (await producer.get_task(task_id))["status"] == status
 
 
-async def test_a_full_droplet_answers_429_and_the_task_is_deferred_not_failed(serve, producer: Orchestrator) -> None:
+async def test_a_full_droplet_answers_429_and_the_task_is_deferred_not_failed(
+    serve, producer: Orchestrator
+) -> None:
     capability = cap()
     droplet = await serve([capability])
     release = asyncio.Event()
@@ -196,7 +218,9 @@ async def test_a_full_droplet_answers_429_and_the_task_is_deferred_not_failed(se
     assert "failed" not in [h["to_status"] for h in done["state_history"]]
 
 
-async def test_an_unknown_droplet_registers_again_when_its_heartbeat_is_refused(serve, producer: Orchestrator) -> None:
+async def test_an_unknown_droplet_registers_again_when_its_heartbeat_is_refused(
+    serve, producer: Orchestrator
+) -> None:
     droplet = await serve([cap()])
     await droplet.heartbeat()  # never registered: 404, then a registration
     assert droplet.heartbeat_interval == 2.0  # as the registration answer said
@@ -206,7 +230,9 @@ async def test_an_unknown_droplet_registers_again_when_its_heartbeat_is_refused(
 
 async def test_registration_keeps_trying_while_the_orchestrator_is_away(service) -> None:
     port = free_port()
-    droplet = Droplet(f"http://127.0.0.1:{port}", 9999, ["x"], "http://127.0.0.1:1", "t", verifier=Verifier(secret=SECRET))
+    droplet = Droplet(
+        f"http://127.0.0.1:{port}", 9999, ["x"], "http://127.0.0.1:1", "t", verifier=Verifier(secret=SECRET)
+    )
     with pytest.raises(asyncio.TimeoutError):
         await asyncio.wait_for(droplet.start(), 1.5)  # still retrying, not raising
     await droplet.stop()
@@ -222,7 +248,14 @@ async def test_the_message_endpoint_refuses_what_is_not_the_orchestrators(serve)
         calls.append(task.id)
         return {}
 
-    task = {"id": 1, "attempt": 1, "task_type": "x", "title": "x", "payload": {}, "required_capability": capability}
+    task = {
+        "id": 1,
+        "attempt": 1,
+        "task_type": "x",
+        "title": "x",
+        "payload": {},
+        "required_capability": capability,
+    }
     body = envelope(10, {"command": "execute_task", "task": task}, target=droplet.droplet_id)
     url = f"{droplet.endpoint}/message"
     async with httpx.AsyncClient() as http:

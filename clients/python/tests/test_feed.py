@@ -16,7 +16,9 @@ async def collect(feed: Any, into: list[dict]) -> None:
         into.append(event)
 
 
-async def test_a_dashboard_resumes_after_a_dropped_socket_without_losing_or_repeating(service, producer: Orchestrator) -> None:
+async def test_a_dashboard_resumes_after_a_dropped_socket_without_losing_or_repeating(
+    service, producer: Orchestrator
+) -> None:
     kind = f"feed-{uuid.uuid4().hex[:8]}"
     nobody = f"nobody-{uuid.uuid4().hex[:8]}"  # no droplet: each task makes one event
     proxy = Proxy(free_port(), int(service.url.rsplit(":", 1)[1]))

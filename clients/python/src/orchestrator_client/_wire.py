@@ -5,11 +5,11 @@ from __future__ import annotations
 import asyncio
 import uuid
 from datetime import datetime, timezone
-from typing import Any, Union
+from typing import Any
 
 import httpx
 
-DropletId = Union[int, str]
+DropletId = int | str
 
 #: The orchestrator's own droplet id.
 ORCHESTRATOR_ID = 10

@@ -1,7 +1,8 @@
 """Serving a droplet's ``/message``: its own small ASGI app, or a FastAPI router."""
 
 import json
-from typing import TYPE_CHECKING, Any, Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import TYPE_CHECKING, Any
 
 from .droplet import Droplet
 

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 import jwt
 
@@ -38,7 +39,7 @@ class Verifier:
 
     def _decode(self, token: str) -> dict[str, Any]:
         key, algorithm = (
-            (self.secret, "HS256") if self.secret is not None else (self.public_key, "RS256")
+            (self.secret, "HS256") if self.secret is not None else (self.public_key or "", "RS256")
         )
         try:
             claims = jwt.decode(

@@ -8,7 +8,8 @@ import json
 import logging
 import time
 import uuid
-from typing import Any, AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
+from typing import Any
 from urllib.parse import urlencode
 
 import httpx

@@ -7,8 +7,9 @@ import json
 import logging
 import os
 from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable, Mapping, Sequence
+from typing import Any
 
 import httpx
 
@@ -201,7 +202,9 @@ class Droplet:
         assert self._token is not None
         return self._token
 
-    async def _call(self, method: str, path: str, payload: dict[str, Any], kind: str = "command", attempts: int = 5) -> httpx.Response:
+    async def _call(
+        self, method: str, path: str, payload: dict[str, Any], kind: str = "command", attempts: int = 5
+    ) -> httpx.Response:
         body = envelope(self._source, payload, kind)
         response = await send(
             self.http,
@@ -254,7 +257,9 @@ class Droplet:
     async def heartbeat(self) -> None:
         """One heartbeat; a droplet the orchestrator does not know registers again."""
         status = {"status": "active", "metrics": {"running_tasks": self.running}}
-        response = await self._call("POST", f"/droplets/{self.droplet_id}/heartbeat", status, "heartbeat", attempts=2)
+        response = await self._call(
+            "POST", f"/droplets/{self.droplet_id}/heartbeat", status, "heartbeat", attempts=2
+        )
         if response.status_code == 404:
             log.info("the orchestrator does not know droplet %s; registering again", self.droplet_id)
             await self.register(wait=True)
@@ -303,10 +308,23 @@ class Droplet:
             return self._execute(message, payload.get("task"))
         if command == "cancel_task":
             return self._cancel(message, payload)
-        return 422, {"detail": f"unknown command {str(command)[:50]!r}; this droplet takes execute_task and cancel_task"}, {}
+        return (
+            422,
+            {
+                "detail": f"unknown command {str(command)[:50]!r}; "
+                "this droplet takes execute_task and cancel_task"
+            },
+            {},
+        )
 
     def _answer(self, message: Mapping[str, Any], payload: dict[str, Any]) -> dict[str, Any]:
-        return envelope(self._source, payload, "response", str(message.get("trace_id") or "") or None, message.get("source") or 10)
+        return envelope(
+            self._source,
+            payload,
+            "response",
+            str(message.get("trace_id") or "") or None,
+            message.get("source") or 10,
+        )
 
     def _execute(self, message: Mapping[str, Any], raw: Any) -> Answer:
         if not isinstance(raw, dict):
@@ -316,13 +334,21 @@ class Droplet:
         except ValueError as e:
             return 422, {"detail": str(e)}, {}
         capability = raw.get("required_capability")
-        handler = self._handlers.get(str(capability)) or self._handlers.get(task.task_type) or self._handlers.get("*")
+        handler = (
+            self._handlers.get(str(capability))
+            or self._handlers.get(task.task_type)
+            or self._handlers.get("*")
+        )
         if handler is None:
             return 422, {"detail": f"no handler for capability {str(capability)[:100]!r}"}, {}
         run = self._runs.get(task.id)
         if run is not None and (run.attempt or 0) >= (task.attempt or 0):
             # A redelivery: the answer to the first one was lost. Run once.
-            return 200, self._answer(message, {"received": True, "task_id": task.id, "status": run.outcome}), {}
+            return (
+                200,
+                self._answer(message, {"received": True, "task_id": task.id, "status": run.outcome}),
+                {},
+            )
         if run is not None and run.job is not None and not run.job.done():
             log.info("task %s attempt %s supersedes attempt %s", task.id, task.attempt, run.attempt)
             run.outcome = "stale"
@@ -330,7 +356,11 @@ class Droplet:
         limit = self.max_concurrent_tasks
         if limit is not None and self.running >= limit:
             self.busy_answers += 1
-            return 429, {"detail": f"droplet {self.droplet_id} is running {self.running} tasks (limit {limit})"}, {"Retry-After": self._retry_after}
+            return (
+                429,
+                {"detail": f"droplet {self.droplet_id} is running {self.running} tasks (limit {limit})"},
+                {"Retry-After": self._retry_after},
+            )
         new = _Run(task.attempt)
         self._runs[task.id] = new
         self._runs.move_to_end(task.id)
@@ -349,7 +379,11 @@ class Droplet:
         attempt = payload.get("attempt")
         run = self._runs.get(task_id)
         cancelled = False
-        if run is not None and run.outcome == "running" and (not isinstance(attempt, int) or run.attempt is None or attempt >= run.attempt):
+        if (
+            run is not None
+            and run.outcome == "running"
+            and (not isinstance(attempt, int) or run.attempt is None or attempt >= run.attempt)
+        ):
             run.outcome = "cancelled"
             if run.job is not None:
                 run.job.cancel()
