@@ -11,7 +11,6 @@ from datetime import datetime, timedelta, timezone
 
 import httpx
 import jwt
-import pytest
 from fastapi import FastAPI
 
 from orchestrator_client import Droplet, Orchestrator, Task, Verifier, envelope, fastapi_router
@@ -228,14 +227,31 @@ async def test_an_unknown_droplet_registers_again_when_its_heartbeat_is_refused(
     assert "active" in str(listed)
 
 
-async def test_registration_keeps_trying_while_the_orchestrator_is_away(service) -> None:
-    port = free_port()
+async def test_registration_keeps_trying_while_the_orchestrator_is_away(
+    service, producer: Orchestrator
+) -> None:
+    away = Proxy(free_port(), int(service.url.rsplit(":", 1)[1]))
+    away.up = False  # every connection is closed at once: the orchestrator is away
+    await away.start()
+    droplet_id = 9999
     droplet = Droplet(
-        f"http://127.0.0.1:{port}", 9999, ["x"], "http://127.0.0.1:1", "t", verifier=Verifier(secret=SECRET)
+        f"http://127.0.0.1:{away.port}",
+        droplet_id,
+        [cap()],
+        "http://127.0.0.1:1",
+        service.token(droplet_id, ["read", "write"]),
+        verifier=Verifier(secret=SECRET),
     )
-    with pytest.raises(asyncio.TimeoutError):
-        await asyncio.wait_for(droplet.start(), 1.5)  # still retrying, not raising
-    await droplet.stop()
+    try:
+        starting = asyncio.create_task(droplet.start())
+        await asyncio.sleep(5)  # longer than one request's own retries
+        assert not starting.done()  # still trying, not given up
+        away.up = True
+        await asyncio.wait_for(starting, 20)
+        assert "active" in str(await producer._get(f"/droplets/{droplet_id}"))
+    finally:
+        await droplet.stop()
+        await away.stop()
 
 
 async def test_the_message_endpoint_refuses_what_is_not_the_orchestrators(serve) -> None:
