@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import os
 import socket
@@ -50,8 +51,8 @@ class Service:
         return str(answer.json()["access_token"])
 
 
-@pytest.fixture(scope="session")
-def service() -> Iterator[Service]:
+@contextlib.contextmanager
+def run_service(extra_env: dict[str, str] | None = None) -> Iterator[Service]:
     """`orchestrator serve` on a free port over `orch_test_py_<random>`, dropped after."""
     binary = os.environ.get("ORCHESTRATOR_BIN", str(REPO / "target/debug/orchestrator"))
     database = f"orch_test_py_{uuid.uuid4().hex}"
@@ -70,6 +71,7 @@ def service() -> Iterator[Service]:
         "TASK_ROUTER_INTERVAL": "1",
         "RETRY_BACKOFF_SECONDS": "1",
         "HEARTBEAT_INTERVAL": "2",
+        **(extra_env or {}),
     }
     process = subprocess.Popen([binary, "serve"], env=env, cwd=REPO)
     url = f"http://127.0.0.1:{port}"
@@ -95,6 +97,12 @@ def service() -> Iterator[Service]:
             process.kill()
             process.wait()
         _psql(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+def service() -> Iterator[Service]:
+    with run_service() as running:
+        yield running
 
 
 @pytest.fixture
@@ -165,7 +173,11 @@ async def serve(service: Service) -> AsyncIterator[Any]:
     proxies: list[Proxy] = []
 
     async def start(
-        capabilities: list[str], app: Any = None, proxy: Proxy | None = None, **kwargs: Any
+        capabilities: list[str],
+        app: Any = None,
+        proxy: Proxy | None = None,
+        on: Service | None = None,
+        **kwargs: Any,
     ) -> Droplet:
         """With `proxy` (not started), the droplet's endpoint is the proxy to its server."""
         droplet_id = next(_ids)
@@ -175,13 +187,12 @@ async def serve(service: Service) -> AsyncIterator[Any]:
             await proxy.start()
             proxies.append(proxy)
         droplet = Droplet(
-            service.url,
+            (on or service).url,
             droplet_id,
             capabilities,
             f"http://127.0.0.1:{proxy.port if proxy else port}",
-            service.token(droplet_id, ["read", "write"]),
-            verifier=Verifier(secret=SECRET),
-            **kwargs,
+            (on or service).token(droplet_id, ["read", "write"]),
+            **{"verifier": Verifier(secret=SECRET), **kwargs},
         )
         config = uvicorn.Config(
             app(droplet) if app else asgi_app(droplet),
