@@ -8,12 +8,14 @@ import logging
 import time
 import uuid
 from datetime import datetime, timedelta, timezone
+from typing import Any
 
 import httpx
 import jwt
+import pytest
 from fastapi import FastAPI
 
-from orchestrator_client import Droplet, Orchestrator, Task, Verifier, envelope, fastapi_router
+from orchestrator_client import Droplet, Orchestrator, Task, TaskFailed, Verifier, envelope, fastapi_router
 
 from .conftest import SECRET, Proxy, eventually, free_port
 
@@ -292,3 +294,25 @@ async def test_the_message_endpoint_refuses_what_is_not_the_orchestrators(serve)
         assert (await http.post(url, json=other, headers=good)).status_code == 422
         assert (await http.get(url)).status_code == 405
     assert calls == []
+
+
+async def test_a_failing_handler_or_a_result_that_is_not_json_fails_the_task(
+    serve, producer: Orchestrator
+) -> None:
+    capability = cap()
+    droplet = await serve([capability])
+
+    @droplet.task(capability)
+    async def work(task: Task) -> Any:
+        if task.title == "raises":
+            raise ValueError("bad input: no code_url")
+        return {"not json": {1, 2}}
+
+    await droplet.start()
+    for title, error in (("raises", "bad input: no code_url"), ("set", "the result is not JSON")):
+        created = await producer.create_task("work", title, required_capability=capability, max_retries=0)
+        with pytest.raises(TaskFailed) as failed:
+            await producer.wait_for_result(created["task_id"], timeout=20)
+        assert failed.value.task["error_message"].startswith(error)
+        assert droplet.outcome(created["task_id"]) == "failed"
+    assert droplet.running == 0

@@ -405,6 +405,13 @@ class Droplet:
                 return
             if not isinstance(result, dict):
                 result = {"result": result}
+            try:
+                json.dumps(result)
+            except (TypeError, ValueError) as e:
+                log.info("task %s: its result is not JSON (%s)", task.id, e)
+                await self.report(task, "failed", error_message=f"the result is not JSON: {e}"[:2000])
+                run.outcome = "failed"
+                return
             await self.report(task, "completed", result=result)
             run.outcome = "completed"
         except asyncio.CancelledError:
@@ -415,6 +422,9 @@ class Droplet:
             run.outcome = "stale"
         except (httpx.TransportError, OrchestratorError) as e:
             log.warning("task %s: could not report to the orchestrator: %s", task.id, e)
+            run.outcome = "failed"
+        except Exception:  # never leave a run counted as running
+            log.exception("task %s: unexpected error in the droplet library", task.id)
             run.outcome = "failed"
 
 
