@@ -293,6 +293,12 @@ async def test_the_message_endpoint_refuses_what_is_not_the_orchestrators(serve)
         other = envelope(10, {"command": "execute_task", "task": {**task, "required_capability": "nobody"}})
         assert (await http.post(url, json=other, headers=good)).status_code == 422
         assert (await http.get(url)).status_code == 405
+        # A well-signed execute_task for a task not assigned here (a replayed token, a forged
+        # body): accepted on the wire, but the orchestrator refuses its in_progress, so the
+        # handler never runs.
+        forged = envelope(10, {"command": "execute_task", "task": {**task, "id": 2_000_000_000}})
+        assert (await http.post(url, json=forged, headers=good)).status_code == 200
+        await eventually(lambda: droplet.outcome(2_000_000_000) == "stale", what="the forged task dropped")
     assert calls == []
 
 
