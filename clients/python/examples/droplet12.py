@@ -24,7 +24,7 @@ droplet = Droplet(
     token=os.environ.get("ORCHESTRATOR_JWT"),
     registry_url=os.environ.get("REGISTRY_URL"),  # or fetch a token with the Registry key
     registry_key=os.environ.get("DROPLET_SECRET"),
-    verifier=Verifier(secret=os.environ.get("JWT_SECRET_KEY", "")),
+    verifier=Verifier(secret=os.environ["JWT_SECRET_KEY"]),  # python-jose HS256, as droplet-12
     name="Chat Orchestrator",
     steward="Zainab",
     id_form="string",  # droplet-12 writes "droplet-12" / "droplet-10"

@@ -8,6 +8,7 @@ import uuid
 
 import httpx
 import jwt
+import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
@@ -72,3 +73,9 @@ async def test_a_droplet_checking_the_registry_bearer_and_signature_runs_its_tas
                 )
                 assert answer.status_code == 401, answer.text
         await droplet.stop()
+
+
+def test_a_verifier_refuses_a_key_that_checks_nothing() -> None:
+    for bad in ({"secret": ""}, {"secret": "  "}, {"public_key": "not a pem"}, {}):
+        with pytest.raises(ValueError):
+            Verifier(**bad)

@@ -36,6 +36,10 @@ class Verifier:
     def __post_init__(self) -> None:
         if (self.secret is None) == (self.public_key is None):
             raise ValueError("give exactly one of secret (HS256) or public_key (RS256)")
+        if self.secret is not None and not self.secret.strip():
+            raise ValueError("an empty secret would accept tokens anyone can sign")
+        if self.public_key is not None and "BEGIN" not in self.public_key:
+            raise ValueError("public_key must be a PEM public key")
 
     def _decode(self, token: str) -> dict[str, Any]:
         key, algorithm = (
