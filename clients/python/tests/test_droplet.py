@@ -322,3 +322,29 @@ async def test_a_failing_handler_or_a_result_that_is_not_json_fails_the_task(
         assert failed.value.task["error_message"].startswith(error)
         assert droplet.outcome(created["task_id"]) == "failed"
     assert droplet.running == 0
+
+
+async def test_a_forged_delivery_cannot_stand_in_for_the_real_one(serve, producer: Orchestrator) -> None:
+    capability = cap()
+    droplet = await serve([capability])
+    calls: list[int | None] = []
+
+    @droplet.task(capability)
+    async def work(task: Task) -> dict[str, Any]:
+        calls.append(task.attempt)
+        return {"ran": task.payload.get("real", False)}
+
+    created = await producer.create_task("work", "Real", {"real": True}, required_capability=capability)
+    task = await producer.get_task(created["task_id"])  # pending: no droplet has it yet
+    forged = envelope(10, {"command": "execute_task", "task": {**task, "attempt": 1, "payload": {}}})
+    async with httpx.AsyncClient() as http:
+        answer = await http.post(
+            f"{droplet.endpoint}/message",
+            json=forged,
+            headers={"Authorization": f"Bearer {orchestrator_token()}"},
+        )
+    assert answer.status_code == 200
+    await eventually(lambda: droplet.outcome(task["id"]) == "stale", what="the forged delivery dropped")
+    await droplet.start()  # now the real attempt 1 is assigned here and delivered
+    assert await producer.wait_for_result(task["id"], timeout=20) == {"ran": True}
+    assert calls == [1]

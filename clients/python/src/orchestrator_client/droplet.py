@@ -123,6 +123,7 @@ class Droplet:
         self._remember = remember_tasks
         self._handlers: dict[str, Handler] = {}
         self._runs: OrderedDict[int, _Run] = OrderedDict()
+        self._dropped: OrderedDict[int, None] = OrderedDict()  # the last stale task ids
         self._http: httpx.AsyncClient | None = None
         self._heartbeats: asyncio.Task[None] | None = None
 
@@ -146,7 +147,9 @@ class Droplet:
         """What became of a task this droplet was sent: running, completed, failed,
         cancelled or stale (another attempt owns it); None if never sent."""
         run = self._runs.get(task_id)
-        return run.outcome if run else None
+        if run is not None:
+            return run.outcome
+        return "stale" if task_id in self._dropped else None
 
     # -- lifecycle ----------------------------------------------------------------------
     async def start(self) -> None:
@@ -420,6 +423,14 @@ class Droplet:
         except Stale as e:
             log.info("task %s attempt %s is no longer ours; dropped (%s)", task.id, task.attempt, e)
             run.outcome = "stale"
+            # Forgotten, so that a forged delivery (a replayed token, an invented attempt)
+            # cannot stand in for a real one later: every run starts with an accepted
+            # in_progress, so a repeated stale delivery runs nothing either.
+            if self._runs.get(task.id) is run:
+                del self._runs[task.id]
+            self._dropped[task.id] = None
+            while len(self._dropped) > 1000:
+                self._dropped.popitem(last=False)
         except (httpx.TransportError, OrchestratorError) as e:
             log.warning("task %s: could not report to the orchestrator: %s", task.id, e)
             run.outcome = "failed"
