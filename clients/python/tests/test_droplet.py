@@ -69,8 +69,9 @@ async def test_a_task_created_by_a_producer_is_run_and_its_result_read_back(
     moves = [(h["to_status"], h["changed_by"]) for h in task["state_history"]]
     assert ("in_progress", f"droplet-{droplet.droplet_id}") in moves
     assert ("completed", f"droplet-{droplet.droplet_id}") in moves
-    explained = await producer.explain(created["task_id"])
-    assert explained  # answered from the live state
+    waiting = await producer.create_task("verify", "Nobody", required_capability=f"nobody-{capability}")
+    explained = await producer.explain(waiting["task_id"])
+    assert explained["reason"] == "no_capable_droplet", explained
 
 
 async def test_a_redelivery_runs_once(serve, producer: Orchestrator) -> None:
@@ -227,6 +228,20 @@ async def test_an_unknown_droplet_registers_again_when_its_heartbeat_is_refused(
     assert droplet.heartbeat_interval == 2.0  # as the registration answer said
     listed = await producer._get(f"/droplets/{droplet.droplet_id}")
     assert "active" in str(listed)
+
+
+async def test_a_started_droplet_heartbeats_at_the_interval_it_was_given(
+    serve, producer: Orchestrator
+) -> None:
+    droplet = await serve([cap()])
+    await droplet.start()
+
+    async def last_heartbeat() -> Any:
+        return (await producer._get(f"/droplets/{droplet.droplet_id}"))["droplet"]["last_heartbeat"]
+
+    first = await last_heartbeat()
+    await asyncio.sleep(2.6)  # HEARTBEAT_INTERVAL is 2 in the test service
+    assert await last_heartbeat() != first
 
 
 async def test_registration_keeps_trying_while_the_orchestrator_is_away(
