@@ -241,6 +241,16 @@ settings! {
         help: "assigned but not started for this long: back to pending",
         parse: interval(300),
     }
+    max_requeues: u32 = "MAX_REQUEUES" {
+        default: "3",
+        help: "times one task may be requeued for not starting in time; the next timeout fails it (then the retry rules apply)",
+        parse: number(3u32, 0, 1000),
+    }
+    assignment_timeouts_before_error: u32 = "ASSIGNMENT_TIMEOUTS_BEFORE_ERROR" {
+        default: "3",
+        help: "tasks a droplet lets time out in a row (never started) before it is marked error",
+        parse: number(3u32, 1, 1000),
+    }
     retry_backoff_seconds: u64 = "RETRY_BACKOFF_SECONDS" {
         default: "5",
         help: "first retry delay, doubled per attempt",

@@ -230,6 +230,7 @@ pub async fn register(
                 name = EXCLUDED.name, steward = EXCLUDED.steward, endpoint = EXCLUDED.endpoint,
                 capabilities = EXCLUDED.capabilities, max_concurrent_tasks = EXCLUDED.max_concurrent_tasks,
                 id_form = COALESCE(EXCLUDED.id_form, droplets.id_form), refused_deliveries = 0,
+                timed_out_assignments = 0,
                 capability_schemas = EXCLUDED.capability_schemas,
                 status = CASE WHEN droplets.admin_deactivated THEN droplets.status ELSE 'active' END,
                 last_heartbeat = NOW(), updated_at = NOW(), registered = TRUE

@@ -41,6 +41,12 @@ pub enum Cause {
     /// assigned -> pending (retry_count + 1) or, with no retries left, -> failed: the droplet
     /// refused the delivery.
     Refused,
+    /// assigned -> pending (not a retry): the droplet refused the orchestrator's credentials
+    /// (HTTP 401/403), a configuration fault rather than the task's.
+    RefusedCredentials,
+    /// assigned -> failed: not started in time once more than `MAX_REQUEUES` allow (the
+    /// retry rules then apply as for any failure).
+    NeverStarted,
 }
 
 /// The contract's table: may `actor` move a task from `from` to `to` (for `cause`)?
@@ -58,10 +64,22 @@ pub fn allowed(from: Status, to: Status, actor: Actor, cause: Cause) -> bool {
             Cause::DropletLost | Cause::Deadline => actor == System,
             _ => false,
         },
-        (Assigned, Pending) => actor == System && matches!(cause, Cause::Requeue | Cause::Refused),
+        (Assigned, Pending) => {
+            actor == System
+                && matches!(
+                    cause,
+                    Cause::Requeue | Cause::Refused | Cause::RefusedCredentials
+                )
+        }
         (Failed, Pending) => actor == System && cause == Cause::Retry,
         (Pending, Failed) => actor == System && cause == Cause::Deadline,
-        (Assigned, Failed) => actor == System && matches!(cause, Cause::Deadline | Cause::Refused),
+        (Assigned, Failed) => {
+            actor == System
+                && matches!(
+                    cause,
+                    Cause::Deadline | Cause::Refused | Cause::NeverStarted
+                )
+        }
         _ => false,
     }
 }
@@ -307,8 +325,12 @@ pub async fn apply(
             serde_json::to_value(&task).unwrap_or(Value::Null),
             Some(extra),
         ));
-        // The droplet is told when work is taken from it, not when it failed the task itself.
+        // The droplet is told when work is taken from it, not when it failed the task itself,
+        // nor when it refused the task (it never took it), nor again at a retry (it failed
+        // the task itself or was told when the system failed it).
         let previous_droplet = match m.to {
+            _ if matches!(m.cause, Cause::Refused | Cause::RefusedCredentials) => None,
+            _ if from == Status::Failed => None,
             Status::Pending | Status::Cancelled => held,
             Status::Failed if m.actor == Actor::System => held,
             _ => None,
@@ -360,6 +382,12 @@ const TASK_UPDATE_SQL: &str = const_format::concatcp!(
         -- was its choice while the table was young: 1,200 scans a second at 300 tasks/s).
         FROM m WHERE tasks.id = m.id AND tasks.id = ANY($1::int[])
         RETURNING tasks.*
+     ), started AS (
+        -- A task that starts ends its droplet's run of assignment timeouts (a write only for
+        -- a droplet that has one).
+        UPDATE droplets SET timed_out_assignments = 0
+        FROM t WHERE t.status = 'in_progress' AND droplets.id = t.assigned_droplet_id
+          AND droplets.timed_out_assignments > 0
      )
      SELECT ",
     TASK_COLUMNS_CTE,
@@ -373,8 +401,10 @@ mod tests {
     use Status::*;
 
     const ACTORS: [Actor; 5] = [System, AssignedDroplet, Creator, Admin, Other];
-    const CAUSES: [Cause; 6] = [
+    const CAUSES: [Cause; 8] = [
         Cause::Refused,
+        Cause::RefusedCredentials,
+        Cause::NeverStarted,
         Cause::Normal,
         Cause::Requeue,
         Cause::Retry,
@@ -404,6 +434,8 @@ mod tests {
             (Assigned, Failed, System, Cause::Deadline),
             (Assigned, Failed, System, Cause::Refused),
             (Assigned, Pending, System, Cause::Refused),
+            (Assigned, Pending, System, Cause::RefusedCredentials),
+            (Assigned, Failed, System, Cause::NeverStarted),
         ];
         // Cancelling is a user's act whatever cause the caller gave.
         allowed.contains(&(from, to, actor, cause))

@@ -65,15 +65,22 @@ pub async fn recover_in(
 /// prefers another droplet), or failed for good when no retries are left. After
 /// `DISPATCH_REFUSALS_BEFORE_ERROR` refusals in a row the droplet is marked `error`, out of
 /// routing until it registers or heartbeats again, with a `droplet_health_changed` event (a
-/// delivery it accepts resets the count: `dispatch::send`).
-pub async fn refused(
-    state: &Core,
-    task_id: i32,
-    internal_id: i32,
-    droplet_id: i32,
-    why: &str,
-) -> Result<(), sqlx::Error> {
+/// delivery it accepts resets the count: `dispatch::send`). A refusal of the orchestrator's
+/// own credentials (401/403) is a configuration fault, not the task's: the task goes back to
+/// pending without a retry counted and the droplet is marked `error` at once, so a bad token
+/// costs one refused delivery per droplet per registration or heartbeat, never the tasks'
+/// retries. The droplet is sent no `cancel_task` for a task it refused.
+pub async fn refused(state: &Core, refusal: &Refusal) -> Result<(), sqlx::Error> {
     let config = state.config();
+    let Refusal {
+        task_id,
+        internal_droplet: internal_id,
+        droplet_id,
+        reason: why,
+        credentials,
+    } = refusal;
+    let (task_id, internal_id, droplet_id, credentials) =
+        (*task_id, *internal_id, *droplet_id, *credentials);
     let mut t = Transition::begin(state).await?;
     let left: Option<bool> = sqlx::query_scalar(
         "SELECT COALESCE(retry_count, 0) < COALESCE(max_retries, 3) FROM tasks
@@ -88,70 +95,165 @@ pub async fn refused(
         return t.rollback().await;
     };
     let reason = format!("droplet {droplet_id} refused the task ({why})");
-    let mut m = if retries_left {
+    let mut m = if credentials {
+        let mut m = Move::new(task_id, Status::Pending, Actor::System, "system");
+        m.reason = Some(format!(
+            "{reason}: the orchestrator's credentials, a configuration fault; requeued (not a retry)"
+        ));
+        m.cause = Cause::RefusedCredentials;
+        m
+    } else if retries_left {
         let mut m = Move::new(task_id, Status::Pending, Actor::System, "system");
         m.reason = Some(format!("{reason}; retried on another droplet"));
+        m.cause = Cause::Refused;
         m
     } else {
         let mut m = Move::new(task_id, Status::Failed, Actor::System, "system");
         m.reason = Some(format!("{reason}; no retries left"));
         m.error_message = Some(reason.clone());
+        m.cause = Cause::Refused;
         m
     };
-    m.cause = Cause::Refused;
     m.expect_droplet = Some(internal_id);
     m.expect_status = Some(Status::Assigned);
     m.event_extra = Some(serde_json::json!({ "refused_by": droplet_id, "refusal": why }));
     apply(&mut t, &[m]).await?;
 
-    // Count the refusal; the droplet that keeps refusing is put out of routing.
+    // Count the refusal; the droplet that keeps refusing (or refuses our credentials) is put
+    // out of routing.
+    let why_marked = if credentials {
+        format!(
+            "refused the orchestrator's credentials ({why}); out of routing until it registers or heartbeats again"
+        )
+    } else {
+        format!(
+            "refused {} deliveries in a row (last: {why}); out of routing until it registers or heartbeats again",
+            config.dispatch_refusals_before_error
+        )
+    };
+    let marked = count_and_mark(
+        &mut t,
+        Counter::Refusals,
+        &[(internal_id, 1)],
+        config.dispatch_refusals_before_error,
+        credentials,
+        |_| why_marked.clone(),
+    )
+    .await?;
+    t.commit().await?;
+    log_marked(&marked);
+    Ok(())
+}
+
+/// What a droplet is counted for, in a row, before it is marked `error`.
+#[derive(Clone, Copy)]
+enum Counter {
+    /// Deliveries refused (`refused_deliveries`).
+    Refusals,
+    /// Assigned tasks not started in time (`timed_out_assignments`).
+    AssignmentTimeouts,
+}
+
+impl Counter {
+    fn sql(self) -> &'static str {
+        macro_rules! marking {
+            ($column:literal) => {
+                const_format::concatcp!(
+                    "WITH c AS (SELECT * FROM unnest($1::int[], $2::int[]) AS c(cid, n)),
+                     old AS (
+                        SELECT droplets.id AS old_id, droplets.status AS old_status, c.n
+                        FROM droplets JOIN c ON c.cid = droplets.id
+                        ORDER BY droplets.id FOR NO KEY UPDATE OF droplets
+                     ),
+                     up AS (
+                        UPDATE droplets SET ",
+                    $column,
+                    " = droplets.",
+                    $column,
+                    " + old.n,
+                            status = CASE WHEN (droplets.",
+                    $column,
+                    " + old.n >= $3 OR $4)
+                                               AND NOT droplets.admin_deactivated
+                                          THEN 'error' ELSE droplets.status END,
+                            updated_at = NOW()
+                        FROM old WHERE droplets.id = old.old_id RETURNING droplets.*
+                     ) SELECT ",
+                    crate::services::droplets::DROPLET_COLUMNS,
+                    ", old.old_status AS previous_status FROM up JOIN old ON old.old_id = up.id
+                     WHERE up.status = 'error' AND old.old_status <> 'error'"
+                )
+            };
+        }
+        match self {
+            Counter::Refusals => marking!("refused_deliveries"),
+            Counter::AssignmentTimeouts => marking!("timed_out_assignments"),
+        }
+    }
+}
+
+/// A droplet just marked `error`, and why.
+struct Marked {
+    droplet_id: i32,
+    reason: String,
+}
+
+/// Adds `counts` (droplet internal id, how many) to the droplets' `counter`; a droplet whose
+/// count reaches `threshold` (or every one, with `force`) is marked `error` with a
+/// `droplet_health_changed` event saying `why(droplet_id)`, in this transition. Returns the
+/// droplets marked now, for the log line after the commit.
+async fn count_and_mark(
+    t: &mut Transition<'_>,
+    counter: Counter,
+    counts: &[(i32, i32)],
+    threshold: u32,
+    force: bool,
+    why: impl Fn(i32) -> String,
+) -> Result<Vec<Marked>, sqlx::Error> {
     #[derive(sqlx::FromRow)]
-    struct Marked {
+    struct Row {
         #[sqlx(flatten)]
         droplet: crate::services::droplets::Droplet,
         previous_status: String,
     }
-    let marked: Option<Marked> = sqlx::query_as(const_format::concatcp!(
-        "WITH old AS (SELECT id AS old_id, status AS old_status FROM droplets WHERE id = $1 FOR NO KEY UPDATE),
-         up AS (
-            UPDATE droplets SET refused_deliveries = droplets.refused_deliveries + 1,
-                status = CASE WHEN droplets.refused_deliveries + 1 >= $2 AND NOT droplets.admin_deactivated
-                              THEN 'error' ELSE droplets.status END,
-                updated_at = NOW()
-            FROM old WHERE droplets.id = old.old_id RETURNING droplets.*
-         ) SELECT ",
-        crate::services::droplets::DROPLET_COLUMNS,
-        ", old.old_status AS previous_status FROM up, old WHERE up.status = 'error' AND old.old_status <> 'error'"
-    ))
-    .bind(internal_id)
-    .bind(config.dispatch_refusals_before_error as i32)
-    .fetch_optional(t.conn())
-    .await?;
-    if let Some(m) = &marked {
-        let event = crate::services::events::Event::droplet(
+    let (ids, ns): (Vec<i32>, Vec<i32>) = counts.iter().copied().unzip();
+    let rows: Vec<Row> = sqlx::query_as(counter.sql())
+        .bind(&ids)
+        .bind(&ns)
+        .bind(i32::try_from(threshold).unwrap_or(i32::MAX))
+        .bind(force)
+        .fetch_all(t.conn())
+        .await?;
+    let mut events = Vec::with_capacity(rows.len());
+    let mut marked = Vec::with_capacity(rows.len());
+    for r in rows {
+        let reason = why(r.droplet.droplet_id);
+        events.push(crate::services::events::Event::droplet(
             crate::services::events::DropletEventKind::DropletHealthChanged,
-            serde_json::to_value(&m.droplet).unwrap_or_default(),
+            serde_json::to_value(&r.droplet).unwrap_or_default(),
             Some(serde_json::json!({
-                "previous_status": m.previous_status,
-                "reason": format!(
-                    "refused {} deliveries in a row (last: {why}); out of routing until it registers or heartbeats again",
-                    config.dispatch_refusals_before_error
-                ),
+                "previous_status": r.previous_status,
+                "reason": reason,
             })),
-        );
-        crate::services::events::notify(t.conn(), &[event]).await?;
+        ));
+        marked.push(Marked {
+            droplet_id: r.droplet.droplet_id,
+            reason,
+        });
     }
-    t.commit().await?;
-    if marked.is_some() {
+    crate::services::events::notify(t.conn(), &events).await?;
+    Ok(marked)
+}
+
+fn log_marked(marked: &[Marked]) {
+    for m in marked {
         tracing::warn!(
-            droplet_id,
-            refusals = config.dispatch_refusals_before_error,
-            last = %why,
-            "droplet marked error: it refused {} deliveries in a row (last: {why}); it rejoins when it registers or heartbeats",
-            config.dispatch_refusals_before_error
+            droplet_id = m.droplet_id,
+            reason = %m.reason,
+            "droplet marked error: it {}",
+            m.reason
         );
     }
-    Ok(())
 }
 
 /// [`apply`], returning how many moves held.
@@ -193,15 +295,9 @@ pub async fn run_refusals(core: Core, stop: tokio_util::sync::CancellationToken)
                 None => return,
             },
         };
-        let Refusal {
-            task_id,
-            internal_droplet,
-            droplet_id,
-            reason,
-        } = refusal;
-        if let Err(e) = refused(&core, task_id, internal_droplet, droplet_id, &reason).await {
+        if let Err(e) = refused(&core, &refusal).await {
             // The assignment timeout requeues the task if this could not.
-            tracing::warn!(task_id, error = %e, "could not requeue a refused task");
+            tracing::warn!(task_id = refusal.task_id, error = %e, "could not requeue a refused task");
         }
     }
 }
@@ -246,9 +342,11 @@ pub async fn maintain(state: &Core) -> Result<Maintenance, sqlx::Error> {
         moves.push(m);
     }
 
-    // Assigned but never started: back to pending for another droplet (not a retry).
-    let stale: Vec<i32> = sqlx::query_scalar(
-        "SELECT id FROM tasks WHERE status = 'assigned'
+    // Assigned but never started: back to pending for another droplet (not a retry), or
+    // failed once the task was requeued `MAX_REQUEUES` times already (the retry rules then
+    // apply). Each droplet counts the tasks it let time out in a row.
+    let stale: Vec<(i32, Option<i32>, i32)> = sqlx::query_as(
+        "SELECT id, assigned_droplet_id, assignment_timeouts FROM tasks WHERE status = 'assigned'
            AND assigned_at <= NOW() - make_interval(secs => $1::double precision)
            AND (deadline IS NULL OR deadline > NOW())
          ORDER BY assigned_at LIMIT $2 FOR UPDATE SKIP LOCKED",
@@ -258,15 +356,55 @@ pub async fn maintain(state: &Core) -> Result<Maintenance, sqlx::Error> {
     .fetch_all(t.conn())
     .await?;
     let timed_out = stale.len();
-    for id in stale {
-        let mut m = Move::new(id, Status::Pending, Actor::System, "system");
-        m.cause = Cause::Requeue;
-        m.reason = Some(format!(
-            "not started within {} s of assignment; requeued (not a retry)",
-            config.assignment_timeout_seconds
-        ));
+    let mut per_droplet: std::collections::BTreeMap<i32, i32> = Default::default();
+    for &(id, droplet, before) in &stale {
+        if let Some(droplet) = droplet {
+            *per_droplet.entry(droplet).or_insert(0) += 1;
+        }
+        let timeouts = before + 1;
+        let waited = config.assignment_timeout_seconds;
+        let m = if i64::from(before) < i64::from(config.max_requeues) {
+            let mut m = Move::new(id, Status::Pending, Actor::System, "system");
+            m.cause = Cause::Requeue;
+            m.reason = Some(format!(
+                "not started within {waited} s of assignment; requeued (not a retry; requeue {timeouts} of at most {})",
+                config.max_requeues
+            ));
+            m
+        } else {
+            let mut m = Move::new(id, Status::Failed, Actor::System, "system");
+            m.cause = Cause::NeverStarted;
+            let why = format!(
+                "not started within {waited} s of assignment {timeouts} times (MAX_REQUEUES is {})",
+                config.max_requeues
+            );
+            m.reason = Some(format!("{why}; failed"));
+            m.error_message = Some(why);
+            m
+        };
+        let mut m = m;
         m.expect_status = Some(Status::Assigned);
+        m.expect_droplet = droplet;
         moves.push(m);
+    }
+    let mut marked = Vec::new();
+    if !stale.is_empty() {
+        let ids: Vec<i32> = stale.iter().map(|s| s.0).collect();
+        sqlx::query(
+            "UPDATE tasks SET assignment_timeouts = assignment_timeouts + 1 WHERE id = ANY($1)",
+        )
+        .bind(&ids)
+        .execute(t.conn())
+        .await?;
+        let counts: Vec<(i32, i32)> = per_droplet.into_iter().collect();
+        let n = config.assignment_timeouts_before_error;
+        let waited = config.assignment_timeout_seconds;
+        marked = count_and_mark(&mut t, Counter::AssignmentTimeouts, &counts, n, false, |_| {
+            format!(
+                "let {n} assigned tasks in a row go unstarted for {waited} s; out of routing until it registers or heartbeats again (a task it starts resets the count)"
+            )
+        })
+        .await?;
     }
 
     // Failed tasks with retries left, once their backoff has passed.
@@ -294,6 +432,7 @@ pub async fn maintain(state: &Core) -> Result<Maintenance, sqlx::Error> {
 
     apply(&mut t, &moves).await?;
     t.commit().await?;
+    log_marked(&marked);
     Ok(Maintenance {
         deadlines_failed: deadlines,
         assignments_timed_out: timed_out,

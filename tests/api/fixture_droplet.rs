@@ -38,8 +38,12 @@ pub enum Mode {
     /// droplet-2: an RS256 bearer and the envelope's `signature`, both by the Registry's key
     /// (PEM) with its issuer and audience.
     Droplet2 { registry_public_key: String },
-    /// 401 to everything.
+    /// 422 to everything: the droplet will not take the task (as droplet-12 answers an
+    /// envelope with integer ids).
     Refuse,
+    /// 401 "Could not validate credentials" to everything: it refuses the orchestrator's
+    /// credentials.
+    Unauthorized,
     /// 401 to everything, echoing the bearer and the envelope it was sent (as a careless
     /// droplet's error page might).
     RefuseEchoing,
@@ -50,7 +54,7 @@ pub enum Mode {
     /// Accepts the TCP connection and never answers (only at start: see [`FixtureDroplet::silent`]).
     Silent,
     /// The n-th `execute_task` since the mode was set gets the n-th of these statuses (the
-    /// last one for every one after): `[408, 429, 200]`, `[401, 401, 200]`. Other requests
+    /// last one for every one after): `[408, 429, 200]`, `[422, 422, 200]`. Other requests
     /// (`cancel_task`) get 200.
     Statuses(Vec<u16>),
 }
@@ -232,6 +236,10 @@ async fn answer(
             registry_public_key,
         } => droplet_2(bearer.as_deref(), &body, registry_public_key),
         Mode::Refuse => detail(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            json!([{"loc": ["body", "source"], "msg": "str type expected"}]),
+        ),
+        Mode::Unauthorized => detail(
             StatusCode::UNAUTHORIZED,
             json!("Could not validate credentials"),
         ),

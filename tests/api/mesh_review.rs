@@ -120,7 +120,7 @@ async fn a_dead_endpoint_keeps_the_task_and_is_tried_until_it_comes_up() {
 #[tokio::test]
 async fn an_accepted_delivery_starts_the_count_of_refusals_in_a_row_again() {
     let app = TestApp::spawn_with(&[("TASK_ROUTER_INTERVAL", "1")]).await;
-    let d = FixtureDroplet::start(Mode::Statuses(vec![401, 401, 200])).await;
+    let d = FixtureDroplet::start(Mode::Statuses(vec![422, 422, 200])).await;
     app.register(74, &["r"], &d.endpoint).await;
 
     let a = app
@@ -128,7 +128,7 @@ async fn an_accepted_delivery_starts_the_count_of_refusals_in_a_row_again() {
         .await;
     let got = executes(&d, 3).await;
     let answered: Vec<u16> = got.iter().map(|r| r.answered).collect();
-    assert_eq!(answered, [401, 401, 200]);
+    assert_eq!(answered, [422, 422, 200]);
     assert_eq!(app.holder(a).await, ("assigned".to_string(), Some(74)));
     assert_eq!(app.retry_count(a).await, 2);
     eventually(SOON, "the count reset by the accepted delivery", || async {
@@ -170,7 +170,7 @@ async fn an_accepted_delivery_starts_the_count_of_refusals_in_a_row_again() {
     assert_eq!(changed.len(), 1, "{changed:?}");
     let reason = changed[0]["reason"].as_str().unwrap_or_default();
     assert!(
-        reason.contains("refused 3 deliveries in a row") && reason.contains("HTTP 401"),
+        reason.contains("refused 3 deliveries in a row") && reason.contains("HTTP 422"),
         "{reason}"
     );
     assert_eq!(d.commands("execute_task").len(), 6);
@@ -334,7 +334,7 @@ async fn droplet_2_joins_after_a_404_heartbeat_with_a_token_that_may_do_nothing_
 #[tokio::test]
 async fn events_carry_the_attempt_of_each_assignment() {
     let app = TestApp::spawn_with(&[("TASK_ROUTER_INTERVAL", "1")]).await;
-    let d = FixtureDroplet::start(Mode::Statuses(vec![401, 200])).await;
+    let d = FixtureDroplet::start(Mode::Statuses(vec![422, 200])).await;
     app.register(76, &["v"], &d.endpoint).await;
     let mut ws = feed(&app, "tasks", "").await;
 
@@ -371,7 +371,7 @@ async fn events_carry_the_attempt_of_each_assignment() {
         .into_iter()
         .map(|r| (r.answered, r.body["payload"]["task"]["attempt"].clone()))
         .collect();
-    assert_eq!(delivered, [(401, json!(1)), (200, json!(2))]);
+    assert_eq!(delivered, [(422, json!(1)), (200, json!(2))]);
 }
 
 /// The log line of a refusal shows what the droplet answered (its body, bounded), so the
@@ -380,7 +380,7 @@ async fn events_carry_the_attempt_of_each_assignment() {
 async fn a_refusal_is_logged_with_the_droplets_answer() {
     let log = LogCapture::start("warn");
     let app = TestApp::spawn().await;
-    let refusing = FixtureDroplet::start(Mode::Refuse).await;
+    let refusing = FixtureDroplet::start(Mode::Unauthorized).await;
     app.register(61, &["render"], &refusing.endpoint).await;
     let id = app.create_task(5, task_for("render", json!({}))).await;
     assert_eq!(execute_of(&refusing, id).await.answered, 401);

@@ -35,7 +35,13 @@ fn envelope_from(source: Value, payload: Value) -> Value {
 }
 
 /// Registers droplet `id` with its envelope's `source` in the given form.
-async fn register_from(app: &TestApp, id: i32, caps: &[&str], endpoint: &str, source: Value) {
+pub(crate) async fn register_from(
+    app: &TestApp,
+    id: i32,
+    caps: &[&str],
+    endpoint: &str,
+    source: Value,
+) {
     let (s, b) = app
         .request(
             Method::POST,
@@ -409,7 +415,7 @@ async fn a_refused_task_ends_on_another_droplet_with_one_retry_counted() {
 
     let id = app.create_task(5, task_for("render", json!({}))).await;
     let refused = execute_of(&refusing, id).await;
-    assert_eq!(refused.answered, 401);
+    assert_eq!(refused.answered, 422);
     let delivered = execute_of(&good, id).await;
     assert_eq!(delivered.answered, 200, "{:?}", delivered.body);
     assert_eq!(app.holder(id).await, ("assigned".to_string(), Some(31)));
@@ -432,7 +438,7 @@ async fn a_refused_task_ends_on_another_droplet_with_one_retry_counted() {
     );
     let reason = history[2].3.clone().unwrap_or_default();
     assert!(
-        reason.contains("refused") && reason.contains("HTTP 401"),
+        reason.contains("refused") && reason.contains("HTTP 422"),
         "{reason}"
     );
 
@@ -464,7 +470,7 @@ async fn a_droplet_refusing_three_deliveries_in_a_row_is_marked_error_until_it_h
     assert_eq!(changed["previous_status"], "active", "{changed}");
     let reason = changed["reason"].as_str().unwrap_or_default();
     assert!(
-        reason.contains("refused 3 deliveries in a row") && reason.contains("HTTP 401"),
+        reason.contains("refused 3 deliveries in a row") && reason.contains("HTTP 422"),
         "{reason}"
     );
     assert_eq!(droplet_row(&app, 33).await, ("error".to_string(), 3));
@@ -860,7 +866,7 @@ async fn delivery_failures_are_reported_without_the_transports_text() {
         (21, "unreachable"),
         (22, "unreachable"),
         (23, "HTTP 503"),
-        (24, "refused with HTTP 401"),
+        (24, "refused with HTTP 422"),
         (25, "no answer within 1 s"),
     ];
     for (id, why) in expected {

@@ -408,6 +408,7 @@ async fn send(state: &Core, waiting: Waiting, own: tokio::sync::OwnedSemaphorePe
             internal_droplet: internal,
             droplet_id: droplet,
             reason,
+            credentials: matches!(outcome, Delivery::Refused(401 | 403, _)),
         });
         return;
     }

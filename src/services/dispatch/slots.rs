@@ -37,6 +37,9 @@ pub struct Refusal {
     pub internal_droplet: i32,
     pub droplet_id: i32,
     pub reason: String,
+    /// It refused the orchestrator's credentials (HTTP 401 or 403): a configuration fault,
+    /// not the task's.
+    pub credentials: bool,
 }
 
 impl Dispatcher {
