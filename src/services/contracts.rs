@@ -91,7 +91,9 @@ impl Site {
 }
 
 pub struct Contracts {
-    compiled: Mutex<HashMap<String, Contract>>,
+    /// By schema text: its contract, or why it is refused (a schema stored before a rule that
+    /// now refuses it is not compiled again each pass).
+    compiled: Mutex<HashMap<String, Result<Contract, SchemaError>>>,
     /// Evaluations of a contract against a payload, by site.
     evaluations: IntCounterVec,
 }
@@ -120,23 +122,26 @@ impl Contracts {
             .ok()
             .and_then(|m| m.get(&text).cloned())
         {
-            return Ok(found);
+            return found;
         }
-        check_shape(schema)?;
-        let validator = jsonschema::options()
-            .with_draft(jsonschema::Draft::Draft202012)
-            .should_validate_formats(true)
-            .with_pattern_options(jsonschema::PatternOptions::regex().size_limit(MAX_REGEX_BYTES))
-            .build(schema)
-            .map_err(|e| describe(schema, &e))?;
-        let validator = Arc::new(validator);
+        let compiled = check_shape(schema).and_then(|()| {
+            jsonschema::options()
+                .with_draft(jsonschema::Draft::Draft202012)
+                .should_validate_formats(true)
+                .with_pattern_options(
+                    jsonschema::PatternOptions::regex().size_limit(MAX_REGEX_BYTES),
+                )
+                .build(schema)
+                .map(Arc::new)
+                .map_err(|e| describe(schema, &e))
+        });
         if let Ok(mut map) = self.compiled.lock() {
             if map.len() >= CACHE_LIMIT {
                 map.clear();
             }
-            map.insert(text, validator.clone());
+            map.insert(text, compiled.clone());
         }
-        Ok(validator)
+        compiled
     }
 
     /// Verdicts for one unit of work (a creation, a routing pass, an explanation), within
