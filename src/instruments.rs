@@ -14,6 +14,8 @@ pub struct Metrics {
     pub assignments: IntCounter,
     pub dispatch: IntCounterVec,
     pub job_runs: IntCounterVec,
+    /// Evaluations of a capability contract against a payload, by site.
+    pub contract_evaluations: IntCounterVec,
     pub job_duration: HistogramVec,
     pub tasks_by_status: IntGaugeVec,
     pub droplets_by_status: IntGaugeVec,
@@ -87,6 +89,12 @@ impl Metrics {
                 "job_runs_total",
                 "Background job runs by outcome",
                 &["job", "outcome"],
+            ),
+            contract_evaluations: counter_vec(
+                &r,
+                "contract_evaluations_total",
+                "Capability contracts evaluated against a payload, by site (creation, routing, explain)",
+                &["site"],
             ),
             job_duration: histogram_vec(
                 &r,

@@ -94,10 +94,11 @@ impl Core {
             .unwrap_or_default();
         let delivery = endpoints::delivery_client(&config);
         let endpoint_policy = EndpointPolicy::from_config(&config);
+        let metrics = Metrics::new();
         Core(Arc::new(Parts {
             delivery,
             endpoint_policy,
-            contracts: Contracts::new(),
+            contracts: Contracts::new(metrics.contract_evaluations.clone()),
             creates: CreateQueue::new((config.pool_max_connections() as usize / 4).clamp(1, 8)),
             growth: Growth::new(),
             heartbeats: HeartbeatQueue::new(
@@ -108,7 +109,7 @@ impl Core {
             events: EventHub::new(&config),
             router: RouterTrigger::new(),
             dispatch: Dispatcher::new(&config),
-            metrics: Metrics::new(),
+            metrics,
             registry: RegistryStatus::new(config.registry_url.is_some()),
             http,
             registry_key_http,

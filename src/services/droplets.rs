@@ -192,17 +192,31 @@ pub async fn register(
         ));
     }
     // Contracts: each names a declared capability and compiles, or nothing is registered.
-    if let Some(schemas) = &reg.capability_schemas {
+    // Compiling may take milliseconds a schema: off the async workers.
+    if let Some(schemas) = reg.capability_schemas.clone() {
+        let core = state.clone();
+        let compiled: Vec<_> = tokio::task::spawn_blocking(move || {
+            schemas
+                .into_iter()
+                .map(|(capability, schema)| {
+                    let result = core.contracts.compile(&schema).map(|_| ());
+                    (capability, result)
+                })
+                .collect()
+        })
+        .await
+        .map_err(|e| Error::Internal(format!("contract compile: {e}")))?;
         let mut errors = Vec::new();
-        for (capability, schema) in schemas {
+        for (capability, result) in compiled {
             let loc = ["body", "payload", "capability_schemas", capability.as_str()];
-            if !reg.capabilities.contains(capability) {
+            if !reg.capabilities.contains(&capability) {
                 errors.push(FieldError::new(
                     &loc,
                     format!("{capability:?} is not one of the droplet's capabilities"),
                     "value_error",
                 ));
-            } else if let Err(why) = state.contracts.compile(schema) {
+            } else if let Err(why) = result {
+                // The message names the keyword refused by its JSON pointer in the schema.
                 errors.push(FieldError::new(
                     &loc,
                     format!("The schema for capability {capability:?} does not compile: {why}"),

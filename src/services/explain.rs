@@ -156,7 +156,7 @@ async fn waiting(
     answer: &mut Explanation,
 ) -> Result<(), sqlx::Error> {
     let capability = task.required_capability.clone().filter(|c| !c.is_empty());
-    let rows: Vec<CandidateRow> = sqlx::query_as(
+    let mut rows: Vec<CandidateRow> = sqlx::query_as(
         "SELECT d.droplet_id, d.status, d.admin_deactivated, d.max_concurrent_tasks,
                 (SELECT COUNT(*) FROM tasks t WHERE t.assigned_droplet_id = d.id
                    AND t.status IN ('assigned', 'in_progress')) AS load,
@@ -169,16 +169,14 @@ async fn waiting(
     .fetch_all(&state.db)
     .await?;
 
+    let verdicts = contract_verdicts(state, &mut rows, &task.payload).await;
     let mut candidates = Vec::with_capacity(rows.len());
     let (mut active, mut with_room, mut accepting) = (0, 0, 0);
-    for c in &rows {
+    for (c, verdict) in rows.iter().zip(verdicts) {
         let full = c
             .max_concurrent_tasks
             .is_some_and(|m| c.load >= i64::from(m));
-        let refuses = c
-            .schema
-            .as_ref()
-            .is_some_and(|s| !state.contracts.accepts(s, &task.payload));
+        let refuses = verdict.as_ref().is_none_or(|v| !v.is_empty());
         let why_not = if c.status != "active" {
             Some(if c.admin_deactivated {
                 "deactivated by an admin".to_string()
@@ -205,20 +203,15 @@ async fn waiting(
                 }
             }
         }
-        let violations = c
-            .schema
-            .as_ref()
-            .filter(|_| refuses)
-            .and_then(|schema| state.contracts.compile(schema).ok())
-            .map(|contract| {
-                contracts::violations(&contract, &task.payload)
-                    .into_iter()
-                    .map(|v| Violation {
-                        path: v.path,
-                        message: v.message,
-                    })
-                    .collect()
-            });
+        let violations = verdict.filter(|_| refuses).map(|found| {
+            found
+                .into_iter()
+                .map(|v| Violation {
+                    path: v.path,
+                    message: v.message,
+                })
+                .collect()
+        });
         candidates.push(Candidate {
             droplet_id: c.droplet_id,
             status: c.status.clone(),
@@ -251,6 +244,47 @@ async fn waiting(
     };
     answer.reason = Some(reason);
     Ok(())
+}
+
+/// Per candidate (its schema taken), the rules its contract finds the payload violates (empty:
+/// it accepts; no schema: it accepts anything), or `None` when it refuses without them (the
+/// schema no longer compiles, or the budget ran out). Each distinct schema is evaluated once,
+/// off the async workers.
+async fn contract_verdicts(
+    state: &Core,
+    rows: &mut [CandidateRow],
+    payload: &Value,
+) -> Vec<Option<Vec<contracts::Violation>>> {
+    let schemas: Vec<Option<Value>> = rows.iter_mut().map(|r| r.schema.take()).collect();
+    let refused = schemas
+        .iter()
+        .map(|s| s.is_none().then(Vec::new))
+        .collect::<Vec<_>>();
+    if schemas.iter().all(Option::is_none) {
+        return refused;
+    }
+    let (core, payload) = (state.clone(), payload.clone());
+    let work = tokio::task::spawn_blocking(move || {
+        let mut memo = core.contracts.memo::<()>(contracts::Site::Explain);
+        schemas
+            .iter()
+            .map(|schema| match schema {
+                None => Some(Vec::new()),
+                Some(schema) => core
+                    .contracts
+                    .compile(schema)
+                    .ok()
+                    .and_then(|c| memo.violations(&c, (), &payload)),
+            })
+            .collect::<Vec<_>>()
+    });
+    match tokio::time::timeout(contracts::BUDGET * 2, work).await {
+        Ok(Ok(verdicts)) => verdicts,
+        _ => {
+            tracing::warn!("explain: contract evaluation over its time budget");
+            refused
+        }
+    }
 }
 
 /// How many pending tasks the router takes before this one (same capability, or any task

@@ -3,6 +3,7 @@
 //! work or room appears (coalesced, one at a time per process) and take their tasks with
 //! `FOR UPDATE SKIP LOCKED`, so replicas never assign a task twice nor wait on each other.
 
+use std::cell::RefCell;
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering;
 
@@ -10,6 +11,7 @@ use chrono::NaiveDateTime;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
+use crate::services::contracts::{Contract, Memo, Site};
 use crate::services::locks::DROPLET_FILL;
 use crate::services::state_machine::{Actor, Mode, Move, MoveError, Status};
 use crate::services::task_recovery;
@@ -97,13 +99,17 @@ struct Slot {
     load: i64,
     /// Per capability, the droplet's contract (JSON Schema) for task payloads.
     schemas: serde_json::Map<String, serde_json::Value>,
+    /// The same compiled (off the async workers, in the pass's blocking step); `None` for a
+    /// schema that no longer compiles: it accepts nothing.
+    contracts: HashMap<String, Option<Contract>>,
 }
 
-/// What decides whether a droplet's contract accepts a task: the compiled contracts and the
-/// payloads of the tasks whose capability has a contract somewhere.
+/// What decides whether a droplet's contract accepts a task: the payloads of the tasks whose
+/// capability has a contract somewhere, and the pass's verdicts (each contract evaluated once
+/// per task, droplets sharing a schema text sharing the evaluation, within the budget).
 struct Fit<'a> {
-    contracts: &'a crate::services::contracts::Contracts,
     payloads: &'a HashMap<i32, serde_json::Value>,
+    memo: RefCell<Memo<'a, i32>>,
 }
 
 impl Slot {
@@ -151,11 +157,25 @@ async fn pass(state: &Core) -> Result<Pass, sqlx::Error> {
     let (pending, more) = lock_pending(&mut t, &room).await?;
     let payloads = contracted_payloads(&mut t, &slots, &pending).await?;
     let tasks_read = started.elapsed();
-    let fit = Fit {
-        contracts: &state.contracts,
-        payloads: &payloads,
-    };
-    let moves = plan(&mut slots, &pending, &fit);
+    // Compiling and evaluating contracts is CPU work: off the async workers.
+    let core = state.clone();
+    let (slots, moves) = tokio::task::spawn_blocking(move || {
+        for slot in &mut slots {
+            slot.contracts = slot
+                .schemas
+                .iter()
+                .map(|(c, schema)| (c.clone(), core.contracts.compile(schema).ok()))
+                .collect();
+        }
+        let fit = Fit {
+            payloads: &payloads,
+            memo: RefCell::new(core.contracts.memo(Site::Routing)),
+        };
+        let moves = plan(&mut slots, &pending, &fit);
+        (slots, moves)
+    })
+    .await
+    .map_err(|e| sqlx::Error::Protocol(format!("routing plan: {e}")))?;
     let planned = started.elapsed();
     // The room left after this pass's assignments answers `estimated_assignment_seconds`.
     state.router.set_room(room_left(&slots));
@@ -257,6 +277,7 @@ async fn lock_droplets(t: &mut Transition<'_>) -> Result<(Vec<Slot>, bool), sqlx
             max: c.max_concurrent_tasks.map(i64::from),
             heartbeat: c.last_heartbeat,
             load: c.load,
+            contracts: HashMap::new(),
             schemas: match c.capability_schemas {
                 Some(serde_json::Value::Object(m)) => m,
                 _ => serde_json::Map::new(),
@@ -459,12 +480,13 @@ fn can_take(slot: &Slot, task: &PendingTask, fit: &Fit) -> bool {
 
 /// Whether the droplet's contract for the capability (if it has one) accepts the payload.
 fn accepts(slot: &Slot, capability: &str, task: i32, fit: &Fit) -> bool {
-    match slot.schemas.get(capability) {
+    match slot.contracts.get(capability) {
         None => true,
-        Some(schema) => fit
+        Some(None) => false,
+        Some(Some(contract)) => fit
             .payloads
             .get(&task)
-            .is_some_and(|p| fit.contracts.accepts(schema, p)),
+            .is_some_and(|p| fit.memo.borrow_mut().accepts(contract, task, p)),
     }
 }
 

@@ -11,6 +11,7 @@ use uuid::Uuid;
 
 use crate::identity::Principal;
 use crate::protocol;
+use crate::services::contracts;
 use crate::services::create_queue::NewRow;
 use crate::services::error::{Error, Result};
 use crate::services::events::{self, Event, TaskEventKind};
@@ -125,7 +126,8 @@ pub async fn contracts_for(
 }
 
 /// A payload at least one capable droplet's contract accepts (or a droplet without one), else
-/// 422 with one entry per violated rule, located in the payload.
+/// 422 with one entry per violated rule, located in the payload. The contracts are evaluated
+/// off the async workers, within [`contracts::BUDGET`]: over it, a 422 saying so.
 async fn check_contracts(
     state: &Core,
     capability: &str,
@@ -136,12 +138,20 @@ async fn check_contracts(
     if schemas.iter().all(Option::is_none) {
         return Ok(());
     }
-    crate::services::contracts::verdict(
-        &state.contracts,
-        schemas.iter().map(Option::as_ref),
-        payload,
-    )
-    .map_err(|violations| {
+    let (core, payload) = (state.clone(), payload.clone());
+    let check = tokio::task::spawn_blocking(move || {
+        contracts::verdict(&core.contracts, &schemas, &payload)
+    });
+    // The budget is also kept inside (between evaluations); this bounds the wait for one.
+    let verdict = match tokio::time::timeout(contracts::BUDGET * 2, check).await {
+        Ok(Ok(v)) => v,
+        Ok(Err(e)) => return Err(Error::Internal(format!("contract check: {e}"))),
+        Err(_) => {
+            tracing::warn!(capability, "contract check over its time budget");
+            Err(vec![contracts::over_budget()])
+        }
+    };
+    verdict.map_err(|violations| {
         Error::Invalid(
             violations
                 .into_iter()

@@ -9,6 +9,7 @@ mod smoke;
 mod auth;
 mod cli;
 mod configuration;
+mod contracts_cost;
 mod contracts_explain;
 mod dashboard;
 mod database_faults;
