@@ -34,6 +34,7 @@ mod public;
 mod real_mesh;
 mod recovery;
 mod registry;
+mod replay;
 mod routing;
 mod tasks;
 mod websocket;
