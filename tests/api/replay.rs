@@ -402,7 +402,9 @@ async fn ten_resumers_that_never_read_keep_the_servers_memory_bounded_and_are_dr
         }
         assert!(
             started.elapsed() < Duration::from_secs(60),
-            "the clients are still held"
+            "the clients are still held; RSS from {} MiB to {} MiB",
+            before / 1024,
+            sampled / 1024
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
