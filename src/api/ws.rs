@@ -1,6 +1,7 @@
 //! The real-time feeds `/ws/tasks` and `/ws/droplets` (token in `?token=`, filters, a limit per
 //! droplet and one in all), one task per socket, and `GET /ws/status`. A socket is closed with
-//! 4001 when its token expires: a client reconnects with a fresh token.
+//! 4001 when its token expires: a client reconnects with a fresh token. A resuming client's
+//! replay (`?after=`) is in `replay`, under the same watch as the live feed.
 
 use std::time::Duration;
 
