@@ -1,6 +1,7 @@
 //! The real-time feeds `/ws/tasks` and `/ws/droplets` (token in `?token=`, filters, a limit per
 //! droplet and one in all), one task per socket, and `GET /ws/status`. A socket is closed with
-//! 4001 when its token expires: a client reconnects with a fresh token.
+//! 4001 when its token expires: a client reconnects with a fresh token. A resuming client's
+//! replay (`?after=`) is in `replay`, under the same watch as the live feed.
 
 use std::time::Duration;
 
@@ -12,7 +13,6 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use serde_json::{json, Value};
-use tokio_util::sync::CancellationToken;
 
 use crate::auth::{Caller, Permission};
 use crate::error::{ApiError, ApiResult, FieldError};
@@ -21,6 +21,9 @@ use crate::services::events::{self, ClientFilter, ClientRegistration, Feed, Outb
 use crate::services::state_machine::Status;
 use crate::state::AppState;
 use crate::udc::{self, Udc};
+
+mod replay;
+use replay::{Close, Watch};
 
 /// How long a close frame may take to leave; a client that does not read gets its
 /// connection dropped instead.
@@ -301,29 +304,6 @@ fn refuse(detail: String) -> Response {
     response
 }
 
-/// How a send ended.
-enum Sent {
-    Done,
-    /// The client was kicked or the server is stopping; the loop sends the close frame.
-    Interrupted,
-    Broken,
-}
-
-/// Sends one frame, but gives up when the client is kicked or the server stops: a client
-/// that stopped reading must not hold its task forever in a full TCP buffer.
-async fn send(
-    socket: &mut WebSocket,
-    message: Message,
-    kicked: &CancellationToken,
-    shutdown: &CancellationToken,
-) -> Sent {
-    tokio::select! {
-        r = socket.send(message) => if r.is_ok() { Sent::Done } else { Sent::Broken },
-        _ = kicked.cancelled() => Sent::Interrupted,
-        _ = shutdown.cancelled() => Sent::Interrupted,
-    }
-}
-
 /// What the socket does about a frame from the client.
 enum Reply {
     Nothing,
@@ -347,9 +327,10 @@ fn until_expiry(expires_at: i64) -> Duration {
     )
 }
 
-/// The one task of a socket: events from the client's queue, pings, the client's frames,
-/// kicks from the hub, the token's expiry and the server's shutdown. Dropping `registration`
-/// at the end frees the client's slot however the socket ended.
+/// The one task of a socket: the replay of a resuming client, then events from the client's
+/// queue, pings, the client's frames, kicks from the hub, the token's expiry and the server's
+/// shutdown, every frame sent under the same `Watch`. Dropping `registration` at the end
+/// frees the client's slot however the socket ended.
 async fn serve_socket(
     state: AppState,
     mut socket: WebSocket,
@@ -357,36 +338,67 @@ async fn serve_socket(
     expires_at: i64,
     after: Option<i64>,
 ) {
-    let kicked = registration.kicked();
-    // Resuming: the events after the client's last one, from the log, then live ones with no
-    // gap (the client was registered before the log was read) and no duplicate (live events
-    // up to the last one sent from the log are skipped).
-    let mut last_sent: i64 = 0;
-    if let Some(after) = after {
-        match resume(&state, &mut socket, &registration, after).await {
-            Ok(last) => last_sent = last,
-            Err(()) => {
-                drop(registration);
-                return;
-            }
-        }
-    }
-    let expiry = tokio::time::sleep(until_expiry(expires_at));
-    tokio::pin!(expiry);
-    let shutdown = state.shutdown.clone();
+    let watch = Watch::new(&state, &registration, until_expiry(expires_at));
     let gauge = state
         .metrics
         .ws_connections
         .with_label_values(&[registration.feed.as_str()]);
     gauge.inc();
-    let close: Option<(u16, &'static str)> = loop {
+    let close = serve(&state, &mut socket, &mut registration, &watch, after).await;
+    if let Some((code, reason)) = close {
+        tracing::debug!(
+            code,
+            reason,
+            feed = registration.feed.as_str(),
+            "websocket closed by the server"
+        );
+        let frame = Message::Close(Some(CloseFrame {
+            code,
+            reason: Utf8Bytes::from_static(reason),
+        }));
+        if let Ok(Ok(())) = tokio::time::timeout(CLOSE_GRACE, socket.send(frame)).await {
+            // Wait briefly for the client's closing reply: closing the connection at once could
+            // make the client fail on a write before it reads our close frame.
+            drain(&mut socket).await;
+        }
+    }
+    gauge.dec();
+    drop(registration);
+}
+
+/// Reads the client's frames until its stream ends, for at most `CLOSE_GRACE`: the reply to
+/// a close frame goes out as the stream is read.
+async fn drain(socket: &mut WebSocket) {
+    let _ = tokio::time::timeout(CLOSE_GRACE, async {
+        while let Some(Ok(_)) = socket.recv().await {}
+    })
+    .await;
+}
+
+/// The socket's life until it must end; returns the close frame to send, if any.
+async fn serve(
+    state: &AppState,
+    socket: &mut WebSocket,
+    registration: &mut ClientRegistration,
+    watch: &Watch,
+    after: Option<i64>,
+) -> Close {
+    // Resuming: the events after the client's last one, from the log, then live ones with no
+    // gap (the client was registered before the log was read) and no duplicate (live events
+    // up to the last one sent from the log are skipped).
+    let last_sent = match after {
+        Some(after) => match replay::resume(state, socket, registration, after, watch).await {
+            Ok(last) => last,
+            Err(close) => return close,
+        },
+        None => 0,
+    };
+    loop {
         tokio::select! {
             biased;
-            _ = shutdown.cancelled() => break Some((1001, "server shutting down")),
-            _ = kicked.cancelled() => {
-                break Some(registration.kick_reason().map_or((1000, "closed"), |k| (k.code, k.reason)));
-            }
-            _ = &mut expiry => break Some((TOKEN_EXPIRED, "token expired")),
+            _ = watch.shutdown.cancelled() => return Some((1001, "server shutting down")),
+            _ = watch.kicked.cancelled() => return Some(Watch::kick_close(registration)),
+            _ = tokio::time::sleep_until(watch.expires) => return Some((TOKEN_EXPIRED, "token expired")),
             outbound = registration.rx.recv() => {
                 let (message, is_event) = match outbound {
                     Some(Outbound::Event(id, _)) if id > 0 && id <= last_sent => continue,
@@ -395,95 +407,36 @@ async fn serve_socket(
                         Err(_) => continue,
                     },
                     Some(Outbound::Ping) => (Message::Ping(Default::default()), false),
-                    None => break Some((1011, "event hub closed")),
+                    None => return Some((1011, "event hub closed")),
                 };
-                match send(&mut socket, message, &kicked, &shutdown).await {
-                    Sent::Done if is_event => registration.count_sent(),
-                    Sent::Done | Sent::Interrupted => {}
-                    Sent::Broken => break None,
+                if let Err(close) = watch.send(socket, message, registration).await {
+                    return close;
+                }
+                if is_event {
+                    registration.count_sent();
                 }
             }
             incoming = socket.recv() => {
-                let reply = match incoming {
-                    Some(Ok(message)) => answer(&registration, message),
-                    Some(Err(e)) => break too_long(&e).then_some((1009, "message too big")),
-                    None => break None,
+                let message = match incoming {
+                    Some(Ok(message)) => message,
+                    Some(Err(e)) => return too_long(&e).then_some((1009, "message too big")),
+                    None => return None,
                 };
-                match reply {
+                match answer(registration, message) {
                     Reply::Nothing => {}
-                    Reply::Frame(message) => {
-                        if let Sent::Broken = send(&mut socket, message, &kicked, &shutdown).await {
-                            break None;
+                    Reply::Frame(reply) => {
+                        if let Err(close) = watch.send(socket, reply, registration).await {
+                            return close;
                         }
                     }
                     Reply::Closed => {
-                        // The reply to the client's close frame goes out as the stream is read
-                        // to its end.
-                        let _ = tokio::time::timeout(CLOSE_GRACE, async {
-                            while let Some(Ok(_)) = socket.recv().await {}
-                        })
-                        .await;
-                        break None;
+                        drain(socket).await;
+                        return None;
                     }
                 }
             }
         }
-    };
-    if let Some((code, reason)) = close {
-        let frame = Message::Close(Some(CloseFrame {
-            code,
-            reason: Utf8Bytes::from_static(reason),
-        }));
-        if let Ok(Ok(())) = tokio::time::timeout(CLOSE_GRACE, socket.send(frame)).await {
-            // Wait briefly for the client's closing reply: closing the connection at once could
-            // make the client fail on a write before it reads our close frame.
-            let _ = tokio::time::timeout(CLOSE_GRACE, async {
-                while let Some(Ok(_)) = socket.recv().await {}
-            })
-            .await;
-        }
     }
-    gauge.dec();
-    drop(registration);
-}
-
-/// Sends the retained events after `after` that the client's filter takes, in order, after a
-/// `resync_required` frame when the client's id is older than what is kept. Returns the id
-/// of the newest event in the log at that moment (live events up to it are duplicates).
-async fn resume(
-    state: &AppState,
-    socket: &mut WebSocket,
-    registration: &ClientRegistration,
-    after: i64,
-) -> Result<i64, ()> {
-    let feed = registration.feed;
-    let bounds = events::log::bounds(&state.db).await.map_err(|_| ())?;
-    let mut last = after;
-    if bounds.must_resync(after) {
-        let frame = bounds.resync_frame(after);
-        socket
-            .send(Message::Text(Utf8Bytes::from(frame.to_string())))
-            .await
-            .map_err(|_| ())?;
-        last = after.min(bounds.newest_id());
-    }
-    loop {
-        let rows = events::log::after(&state.db, feed, last, 1000)
-            .await
-            .map_err(|_| ())?;
-        let Some(newest) = rows.last().map(|r| r.0) else {
-            break;
-        };
-        for (_, envelope) in rows.iter().filter(|(_, e)| registration.wants(feed, e)) {
-            socket
-                .send(Message::Text(Utf8Bytes::from(envelope.to_string())))
-                .await
-                .map_err(|_| ())?;
-            registration.count_sent();
-        }
-        last = newest;
-    }
-    Ok(last)
 }
 
 /// Whether a read failed because the client sent more than the limit. axum hides the

@@ -313,6 +313,11 @@ settings! {
         restart: true,
         parse: number(1024usize, 1, 1_000_000),
     }
+    ws_send_timeout: Duration = "WS_SEND_TIMEOUT_SECONDS" {
+        default: "10",
+        help: "how long one frame may wait for a WebSocket client to read; longer: dropped (1013)",
+        parse: seconds(10, 1, 600),
+    }
     ws_max_message_bytes: usize = "WS_MAX_MESSAGE_BYTES" {
         default: "4096",
         help: "largest message a WebSocket client may send",

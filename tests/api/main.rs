@@ -35,6 +35,7 @@ mod public;
 mod real_mesh;
 mod recovery;
 mod registry;
+mod replay;
 mod requeues;
 mod routing;
 mod tasks;

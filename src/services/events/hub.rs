@@ -123,18 +123,22 @@ impl ClientRegistration {
         }
     }
 
-    pub fn pong(&self) {
-        self.client.last_pong_ms.store(now_ms(), Ordering::Relaxed);
-    }
-
-    /// Whether the client's filter takes this event (for the events it is sent on resuming).
-    pub fn wants(&self, feed: Feed, envelope: &Value) -> bool {
-        let meta = EventMeta::of(feed, envelope);
+    /// The client's filter now (a resuming client's replay reads it per page).
+    pub fn filter(&self) -> ClientFilter {
         self.client
             .filter
             .read()
-            .map(|f| f.matches(feed, &meta))
-            .unwrap_or(true)
+            .map(|f| f.clone())
+            .unwrap_or_default()
+    }
+
+    /// A client dropped because a frame waited too long for it to read.
+    pub fn count_dropped_slow(&self) {
+        self.hub.dropped_slow.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn pong(&self) {
+        self.client.last_pong_ms.store(now_ms(), Ordering::Relaxed);
     }
 
     pub fn count_sent(&self) {

@@ -4,7 +4,7 @@
 use serde_json::{json, Value};
 use sqlx::PgPool;
 
-use super::{event_envelope, Feed};
+use super::{event_envelope, ClientFilter, Feed};
 
 /// What the log holds now: the newest id the retention deleted, and the oldest and newest
 /// ids kept.
@@ -51,20 +51,59 @@ pub async fn bounds(db: &PgPool) -> Result<LogBounds, sqlx::Error> {
     .await
 }
 
-/// At most `limit` events of a feed after `after`, in order: `(event_id, envelope)`.
-pub async fn after(
+/// How much of the log one read of a resuming client may hold: at most `events` events and,
+/// past the first, no more than `bytes` of envelope text.
+#[derive(Debug, Clone, Copy)]
+pub struct PageLimit {
+    pub events: i64,
+    pub bytes: i64,
+}
+
+/// The next page of a feed's events after `after` that `filter` takes, in order, as
+/// `(event_id, envelope as JSON text)`. The filter is applied here, by the database, as
+/// `ClientFilter::matches` applies it to live events: rows the client would not get are never
+/// read into memory. The page always holds the first matching event, however big. Sizes are
+/// the `size` column (the envelope's text, computed once as the event was written): only the
+/// events returned are rendered as text.
+pub async fn page_after(
     db: &PgPool,
     feed: Feed,
     after: i64,
-    limit: i64,
-) -> Result<Vec<(i64, Value)>, sqlx::Error> {
+    filter: &ClientFilter,
+    limit: PageLimit,
+) -> Result<Vec<(i64, String)>, sqlx::Error> {
+    // Task and status filters look at the task, and apply to the tasks feed only; the droplet
+    // filter looks at the task's assignee or at the droplet itself.
+    let (task_type, status, droplet_path) = match feed {
+        Feed::Tasks => (
+            filter.task_type.as_deref(),
+            filter.status.as_deref(),
+            ["payload", "task", "assigned_droplet_id"],
+        ),
+        Feed::Droplets => (None, None, ["payload", "droplet", "droplet_id"]),
+    };
     sqlx::query_as(
-        "SELECT event_id, envelope FROM events WHERE feed = $1 AND event_id > $2
-         ORDER BY event_id LIMIT $3",
+        "SELECT event_id, envelope::text FROM (
+             SELECT event_id, envelope, size, SUM(size) OVER (ORDER BY event_id) AS through
+             FROM events
+             WHERE feed = $1 AND event_id > $2
+               AND ($3::text IS NULL OR envelope #> '{payload,task,task_type}' = to_jsonb($3::text))
+               AND ($4::text IS NULL OR envelope #> '{payload,task,status}' = to_jsonb($4::text))
+               AND ($5::int IS NULL OR envelope #> $6::text[] = to_jsonb($5::int))
+             ORDER BY event_id
+             LIMIT $7
+         ) page
+         WHERE through - size < $8
+         ORDER BY event_id",
     )
     .bind(feed.as_str())
     .bind(after)
-    .bind(limit)
+    .bind(task_type)
+    .bind(status)
+    .bind(filter.droplet_id)
+    .bind(&droplet_path[..])
+    .bind(limit.events)
+    .bind(limit.bytes)
     .fetch_all(db)
     .await
 }
