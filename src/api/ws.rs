@@ -16,7 +16,7 @@ use serde_json::{json, Value};
 
 use crate::auth::{Caller, Permission};
 use crate::error::{ApiError, ApiResult, FieldError};
-use crate::protocol::{Envelope, ORCHESTRATOR_SOURCE};
+use crate::protocol::Envelope;
 use crate::services::events::{self, ClientFilter, ClientRegistration, Feed, Outbound};
 use crate::services::state_machine::Status;
 use crate::state::AppState;
@@ -422,7 +422,7 @@ async fn serve(
                     Some(Err(e)) => return too_long(&e).then_some((1009, "message too big")),
                     None => return None,
                 };
-                match answer(registration, message) {
+                match answer(registration, message, watch.source) {
                     Reply::Nothing => {}
                     Reply::Frame(reply) => {
                         if let Err(close) = watch.send(socket, reply, registration).await {
@@ -448,7 +448,8 @@ fn too_long(e: &axum::Error) -> bool {
 
 /// Clients may send pings, pongs, `{"subscribe": {...filters}}` and close frames; anything
 /// else gets an error frame and changes nothing.
-fn answer(registration: &ClientRegistration, message: Message) -> Reply {
+fn answer(registration: &ClientRegistration, message: Message, source: i32) -> Reply {
+    let error_frame = |detail: &str| error_frame(source, detail);
     match message {
         Message::Pong(_) => {
             registration.pong();
@@ -469,11 +470,11 @@ fn answer(registration: &ClientRegistration, message: Message) -> Reply {
                 );
             };
             match body.get("subscribe") {
-                Some(Value::Object(f)) => subscribe(registration, f),
-                Some(Value::Null) => subscribe(registration, &Default::default()),
+                Some(Value::Object(f)) => subscribe(registration, f, source),
+                Some(Value::Null) => subscribe(registration, &Default::default(), source),
                 Some(_) => error_frame("subscribe takes an object of filters"),
                 None if body.get("type").and_then(Value::as_str) == Some("ping") => {
-                    Reply::Frame(response_frame(json!({ "type": "pong" })))
+                    Reply::Frame(response_frame(source, json!({ "type": "pong" })))
                 }
                 None => error_frame(r#"unknown message; send {"subscribe": {...filters}}"#),
             }
@@ -482,7 +483,12 @@ fn answer(registration: &ClientRegistration, message: Message) -> Reply {
 }
 
 /// Replaces the client's filter (an empty object receives everything) and acknowledges it.
-fn subscribe(registration: &ClientRegistration, f: &serde_json::Map<String, Value>) -> Reply {
+fn subscribe(
+    registration: &ClientRegistration,
+    f: &serde_json::Map<String, Value>,
+    source: i32,
+) -> Reply {
+    let error_frame = |detail: &str| error_frame(source, detail);
     let text = |k: &str| f.get(k).filter(|v| !v.is_null());
     let mut problems = Vec::new();
     let task_type = match text("task_type") {
@@ -508,7 +514,7 @@ fn subscribe(registration: &ClientRegistration, f: &serde_json::Map<String, Valu
         Ok(filter) => {
             let ack = json!({ "subscribed": filter, "feed": registration.feed.as_str() });
             registration.set_filter(filter);
-            Reply::Frame(response_frame(ack))
+            Reply::Frame(response_frame(source, ack))
         }
         Err(errors) => error_frame(
             &errors
@@ -526,14 +532,14 @@ fn subscribe(registration: &ClientRegistration, f: &serde_json::Map<String, Valu
     }
 }
 
-fn error_frame(detail: &str) -> Reply {
-    Reply::Frame(response_frame(json!({ "error": detail })))
+fn error_frame(source: i32, detail: &str) -> Reply {
+    Reply::Frame(response_frame(source, json!({ "error": detail })))
 }
 
 /// Answers to a client's own messages are UDC `response` envelopes, so a dashboard tells
 /// them from events by `message_type`.
-fn response_frame(payload: Value) -> Message {
-    let envelope = Envelope::new("response", ORCHESTRATOR_SOURCE, Value::Null, payload).to_value();
+fn response_frame(source: i32, payload: Value) -> Message {
+    let envelope = Envelope::new("response", source, Value::Null, payload).to_value();
     Message::Text(Utf8Bytes::from(envelope.to_string()))
 }
 

@@ -995,4 +995,17 @@ async fn events_carry_the_configured_droplet_id_as_source() {
     for (_, e) in &events {
         assert_eq!(e["source"], 11, "{e}");
     }
+
+    // The feed's answers to the client's own messages too.
+    let mut ws = connect(&app, "tasks", "").await;
+    for ask in [r#"{"type": "ping"}"#, r#"{"subscribe": {}}"#, "not json"] {
+        ws.send(Message::Text(ask.into())).await.unwrap();
+        let reply = loop {
+            let frame = next_frame(&mut ws, WAIT).await.expect("a reply");
+            if frame["message_type"] == "response" {
+                break frame;
+            }
+        };
+        assert_eq!(reply["source"], 11, "{ask}: {reply}");
+    }
 }

@@ -38,6 +38,8 @@ pub struct Watch {
     pub expires: Instant,
     /// How long one frame may wait for the client to read.
     pub send_timeout: Duration,
+    /// The orchestrator's `DROPLET_ID`: the `source` of its replies to the client.
+    pub source: i32,
 }
 
 impl Watch {
@@ -51,6 +53,7 @@ impl Watch {
             shutdown: state.shutdown.clone(),
             expires: Instant::now() + until_expiry,
             send_timeout: state.config().ws_send_timeout,
+            source: state.keys.orchestrator_id(),
         }
     }
 
@@ -151,7 +154,7 @@ async fn read_ready(
             Some(Err(e)) => return Err(too_long(&e).then_some((1009, "message too big"))),
             None => return Err(None),
         };
-        match answer(registration, message) {
+        match answer(registration, message, watch.source) {
             Reply::Nothing => {}
             Reply::Frame(reply) => watch.send(socket, reply, registration).await?,
             Reply::Closed => {
