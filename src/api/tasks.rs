@@ -77,7 +77,7 @@ pub async fn list(
     caller: Caller,
     QueryParams(filter): QueryParams<TaskFilter>,
 ) -> ApiResult<Udc<Listing>> {
-    caller.require(Permission::Read)?;
+    caller.require_task_read(filter.assigned_droplet_id)?;
     let page = tasks::list(&state.db, &filter).await?;
     let (listed, truncated) = page.shown();
     Ok(Udc::ok(Listing {
@@ -114,10 +114,12 @@ pub async fn detail(
     caller: Caller,
     PathParam(task_id): PathParam<i32>,
 ) -> ApiResult<Udc<TaskDetail>> {
-    caller.require(Permission::Read)?;
+    // Before the task is read, a token that may read no task at all is refused.
+    caller.require_task_read(Some(caller.droplet_id))?;
     let task = tasks::load(&state.db, task_id)
         .await?
         .ok_or_else(|| ApiError::not_found(format!("Task {task_id} not found")))?;
+    caller.require_task_read(task.assigned_droplet_id)?;
     let state_history = tasks::history(&state.db, task_id).await?;
     Ok(Udc::ok(TaskDetail {
         task: TaskWithHistory {
@@ -154,7 +156,9 @@ pub async fn update(
     PathParam(task_id): PathParam<i32>,
     body: RawBody,
 ) -> ApiResult<Udc<Value>> {
-    caller.require(Permission::Write)?;
+    // The assigned droplet's own token may have no `permissions` claim (as the Registry
+    // issues them); `may_update` confines it to its own tasks. A read-only token may not.
+    caller.require_droplet_write()?;
     let body = match body.envelope::<TaskUpdate>() {
         Ok(body) => body,
         // The contract's order: an unknown task (404) or another's (403) before a bad body.

@@ -70,31 +70,33 @@ impl Deref for Core {
 }
 
 impl Core {
-    pub fn new(db: PgPool, config: Config, keys: Keys) -> Core {
-        let http = reqwest::Client::builder()
-            .timeout(std::time::Duration::from_secs(
-                config.dispatch_timeout_seconds,
-            ))
-            .connect_timeout(std::time::Duration::from_secs(
-                config.dispatch_timeout_seconds.min(5),
-            ))
-            .pool_max_idle_per_host(16)
-            .build()
-            .unwrap_or_default();
-        let registry_key_http = reqwest::Client::builder()
-            .https_only(true)
-            .redirect(reqwest::redirect::Policy::none())
-            .timeout(std::time::Duration::from_secs(
-                config.dispatch_timeout_seconds,
-            ))
-            .connect_timeout(std::time::Duration::from_secs(
-                config.dispatch_timeout_seconds.min(5),
-            ))
-            .build()
-            .unwrap_or_default();
-        let delivery = endpoints::delivery_client(&config);
+    /// Fails when an outbound HTTP client cannot be built: start-up stops with the reason
+    /// rather than going on with a default client (which would follow redirects, with no
+    /// timeouts and no address policy).
+    pub fn new(db: PgPool, config: Config, keys: Keys) -> Result<Core, ClientBuildError> {
+        let timeout = std::time::Duration::from_secs(config.dispatch_timeout_seconds);
+        let connect_timeout = timeout.min(std::time::Duration::from_secs(5));
+        // The Registry's token and directory requests carry `X-Registry-Key`: a redirect
+        // would carry it elsewhere, so none is followed.
+        let http = build_client(
+            "Registry requests",
+            reqwest::Client::builder()
+                .redirect(reqwest::redirect::Policy::none())
+                .timeout(timeout)
+                .connect_timeout(connect_timeout)
+                .pool_max_idle_per_host(16),
+        )?;
+        let registry_key_http = build_client(
+            "the Registry's public key",
+            reqwest::Client::builder()
+                .https_only(true)
+                .redirect(reqwest::redirect::Policy::none())
+                .timeout(timeout)
+                .connect_timeout(connect_timeout),
+        )?;
+        let delivery = endpoints::delivery_client(&config)?;
         let endpoint_policy = EndpointPolicy::from_config(&config);
-        Core(Arc::new(Parts {
+        Ok(Core(Arc::new(Parts {
             delivery,
             endpoint_policy,
             contracts: Contracts::new(),
@@ -116,8 +118,34 @@ impl Core {
             emergency_stop: AtomicBool::new(false),
             config_source: ConfigSource::new(),
             config: RwLock::new(Arc::new(config)),
-        }))
+        })))
     }
+}
+
+/// An outbound HTTP client that could not be built, and which one.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot build the HTTP client for {what}: {reason}")]
+pub struct ClientBuildError {
+    what: &'static str,
+    reason: String,
+}
+
+/// Builds a client, or says which one failed and why (the error's whole chain: reqwest's own
+/// text is only "builder error").
+pub fn build_client(
+    what: &'static str,
+    builder: reqwest::ClientBuilder,
+) -> Result<reqwest::Client, ClientBuildError> {
+    builder.build().map_err(|e| {
+        let mut reason = e.to_string();
+        let mut source = std::error::Error::source(&e);
+        while let Some(cause) = source {
+            reason.push_str(": ");
+            reason.push_str(&cause.to_string());
+            source = cause.source();
+        }
+        ClientBuildError { what, reason }
+    })
 }
 
 impl Parts {
@@ -143,5 +171,26 @@ impl Parts {
 
     pub fn set_emergency_stop(&self, on: bool) {
         self.emergency_stop.store(on, Ordering::SeqCst);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_client_that_cannot_be_built_is_an_error_naming_it_not_a_default_client() {
+        // No TLS version left (rustls offers 1.2 and 1.3): reqwest's builder fails.
+        let failing = reqwest::Client::builder()
+            .min_tls_version(reqwest::tls::Version::TLS_1_3)
+            .max_tls_version(reqwest::tls::Version::TLS_1_2);
+        let err = build_client("Registry requests", failing).expect_err("must fail");
+        let text = err.to_string();
+        assert!(
+            text.starts_with("cannot build the HTTP client for Registry requests: builder error"),
+            "{text}"
+        );
+        assert!(text.contains("empty supported tls versions"), "{text}");
+        assert!(build_client("deliveries", reqwest::Client::builder()).is_ok());
     }
 }
