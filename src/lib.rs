@@ -55,7 +55,7 @@ pub enum StartError {
     #[error("invalid configuration: {0}")]
     Keys(String),
     #[error("{0}")]
-    HttpClient(#[from] services::core::ClientBuildError),
+    HttpClient(#[from] services::http_client::ClientBuildError),
     #[error("cannot start the scheduler: {0}")]
     Scheduler(String),
 }

@@ -11,7 +11,7 @@ use sqlx::PgPool;
 use crate::config::Config;
 use crate::identity::Keys;
 use crate::jobs::JobBoard;
-use crate::services::core::ClientBuildError;
+use crate::services::http_client::ClientBuildError;
 use crate::services::Core;
 use crate::system::ProcessStats;
 use crate::telemetry::LogHandle;

@@ -34,7 +34,7 @@ pub const QUERIES: [&str; 3] = ["task_status", "droplet_list", "system_status"];
     request_body(content = Object, description = "A full UDC envelope; payload {\"command\":\"create_task\",\"task_data\":{...}}, {\"command\":\"cancel_task\",\"task_id\":1}, {\"query\":\"task_status\",\"task_id\":1}, {\"query\":\"droplet_list\"}, {\"query\":\"system_status\"}"),
     responses((status = 200, description = "The answer, in a response envelope echoing the trace id"),
               (status = 403, description = "No write permission (a heartbeat: as POST /droplets/{id}/heartbeat, a token without a permissions claim may send its own)"), (status = 404, description = "Unknown task or droplet"),
-              (status = 409, description = "Invalid transition"), (status = 422, description = "Bad envelope, or an unknown command or query")))]
+              (status = 409, description = "Invalid transition"), (status = 422, description = "Bad envelope, an unknown command or query, or a `target` naming another droplet (`Message target droplet-2 does not match this droplet (droplet-10)`)")))]
 pub async fn receive(
     State(state): State<AppState>,
     caller: Caller,

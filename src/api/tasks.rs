@@ -149,7 +149,7 @@ pub async fn explain(
 
 #[utoipa::path(patch, path = "/tasks/{task_id}", tag = "tasks", request_body = TaskUpdate, security(("bearer" = [])),
     params(("task_id" = i32, Path, description = "Task id")),
-    responses((status = 200, description = "Updated"), (status = 403, description = "Not the assigned droplet"), (status = 404, description = "Unknown task"), (status = 409, description = "Invalid transition, or `attempt` is not the task's current attempt: `Task 7 is on attempt 3; this update is for attempt 2` (nothing changes)")))]
+    responses((status = 200, description = "Updated"), (status = 403, description = "Not the assigned droplet, or a read-only token (a token with no `permissions` claim may PATCH its own tasks)"), (status = 404, description = "Unknown task"), (status = 409, description = "Invalid transition, or `attempt` is not the task's current attempt: `Task 7 is on attempt 3; this update is for attempt 2` (nothing changes)")))]
 pub async fn update(
     State(state): State<AppState>,
     caller: Caller,

@@ -10,7 +10,7 @@ use ipnet::IpNet;
 use url::Url;
 
 use crate::config::Config;
-use crate::services::core::{build_client, ClientBuildError};
+use crate::services::http_client::{build_client, ClientBuildError};
 
 /// Which addresses deliveries may go to.
 #[derive(Debug, Clone)]
