@@ -41,6 +41,25 @@ impl Caller {
         }
     }
 
+    /// Reading tasks: `read`, or (a token with no `permissions` claim, as the Registry issues
+    /// them) the tasks assigned to the caller's own droplet. `assigned_to` is the droplet the
+    /// read is confined to: the listing's `assigned_droplet_id` filter, or the task's holder.
+    pub fn require_task_read(&self, assigned_to: Option<i32>) -> Result<(), ApiError> {
+        if self.has(Permission::Read)
+            || (!self.permissions_claimed && assigned_to == Some(self.droplet_id))
+        {
+            return Ok(());
+        }
+        if self.permissions_claimed {
+            return self.require(Permission::Read);
+        }
+        Err(ApiError::forbidden(format!(
+            "Missing permission: read (token has: none); a token without permissions reads only \
+             the tasks assigned to its own droplet (assigned_droplet_id={})",
+            self.droplet_id
+        )))
+    }
+
     pub fn require(&self, needed: Permission) -> Result<(), ApiError> {
         if self.has(needed) {
             Ok(())

@@ -12,8 +12,9 @@ pub use crate::validation::FieldError;
 pub enum ApiError {
     #[error("Not authenticated")]
     Unauthenticated,
-    #[error("Could not validate credentials")]
-    InvalidCredentials,
+    /// A token that fails a check; the text says which (never the token or a key).
+    #[error("Could not validate credentials: {0}")]
+    InvalidCredentials(&'static str),
     #[error("{0}")]
     Forbidden(String),
     #[error("{0}")]
@@ -58,7 +59,7 @@ impl ApiError {
 
     pub fn status(&self) -> StatusCode {
         match self {
-            ApiError::Unauthenticated | ApiError::InvalidCredentials => StatusCode::UNAUTHORIZED,
+            ApiError::Unauthenticated | ApiError::InvalidCredentials(_) => StatusCode::UNAUTHORIZED,
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
@@ -132,7 +133,7 @@ impl IntoResponse for ApiError {
         let mut response = (status, axum::Json(body)).into_response();
         let headers = response.headers_mut();
         match &self {
-            ApiError::Unauthenticated | ApiError::InvalidCredentials => {
+            ApiError::Unauthenticated | ApiError::InvalidCredentials(_) => {
                 headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
             }
             ApiError::RateLimited {
@@ -149,7 +150,7 @@ impl IntoResponse for ApiError {
 impl From<crate::identity::TokenError> for ApiError {
     fn from(e: crate::identity::TokenError) -> Self {
         match e {
-            crate::identity::TokenError::Invalid => ApiError::InvalidCredentials,
+            crate::identity::TokenError::Invalid(why) => ApiError::InvalidCredentials(why),
             crate::identity::TokenError::Signing(m) => ApiError::Internal(m),
         }
     }

@@ -15,8 +15,9 @@ use crate::config::Config;
 /// A token that cannot be used, or one we could not sign.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum TokenError {
-    #[error("Could not validate credentials")]
-    Invalid,
+    /// Which check failed, in words that carry nothing of the token or the keys.
+    #[error("Could not validate credentials: {0}")]
+    Invalid(&'static str),
     #[error("signing a token: {0}")]
     Signing(String),
 }
@@ -106,6 +107,16 @@ pub fn parse_droplet_id(value: &Value) -> Option<i32> {
     i32::try_from(n).ok().filter(|n| *n > 0)
 }
 
+/// The Registry's documented `sub`, the droplet's host: `drop5.fullpotential.ai` is droplet 5.
+fn droplet_of_host(sub: &str) -> Option<i32> {
+    let (label, domain) = sub.trim().split_once('.')?;
+    let digits = label.strip_prefix("drop")?;
+    if domain.is_empty() || digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse::<i32>().ok().filter(|n| *n > 0)
+}
+
 impl TryFrom<RawClaims> for Claims {
     type Error = String;
 
@@ -114,7 +125,9 @@ impl TryFrom<RawClaims> for Claims {
             (Some(v), _) if !v.is_null() => {
                 parse_droplet_id(v).ok_or("droplet_id is not a droplet id")?
             }
-            (_, Some(v)) => parse_droplet_id(v).ok_or("sub is not a droplet id")?,
+            (_, Some(v)) => parse_droplet_id(v)
+                .or_else(|| v.as_str().and_then(droplet_of_host))
+                .ok_or("sub is not a droplet id")?,
             _ => return Err("the token names no droplet (droplet_id or sub)".into()),
         };
         if !raw.exp.is_finite() || raw.iat.is_some_and(|i| !i.is_finite()) {
@@ -401,7 +414,9 @@ impl Keys {
         if claims.token_use.as_deref() == Some(OUTBOUND)
             || claims.droplet_id == self.orchestrator_id
         {
-            return Err(TokenError::Invalid);
+            return Err(TokenError::Invalid(
+                "the token is the orchestrator's own; it is never accepted back",
+            ));
         }
         Ok(claims)
     }
@@ -412,21 +427,23 @@ impl Keys {
     }
 
     fn verify_signature(&self, token: &str) -> Result<Claims, TokenError> {
-        if let Ok(data) =
-            jsonwebtoken::decode::<Claims>(token, &self.hs_decode, &self.hs_validation)
-        {
-            return Ok(data.claims);
-        }
-        if let Ok(guard) = self.rs_decode.read() {
-            if let Some(key) = guard.as_ref() {
-                if let Ok(data) =
-                    jsonwebtoken::decode::<Claims>(token, &key.decode, &self.rs_validation)
-                {
-                    return Ok(data.claims);
+        let hs = match jsonwebtoken::decode::<Claims>(token, &self.hs_decode, &self.hs_validation) {
+            Ok(data) => return Ok(data.claims),
+            Err(e) => e,
+        };
+        let rs = match self.rs_decode.read() {
+            Ok(guard) => match guard.as_ref() {
+                Some(key) => {
+                    match jsonwebtoken::decode::<Claims>(token, &key.decode, &self.rs_validation) {
+                        Ok(data) => return Ok(data.claims),
+                        Err(e) => Some(e),
+                    }
                 }
-            }
-        }
-        Err(TokenError::Invalid)
+                None => None,
+            },
+            Err(_) => None,
+        };
+        Err(TokenError::Invalid(why_refused(&hs, rs.as_ref())))
     }
 
     /// Signs a token with our HS256 secret.
@@ -484,6 +501,53 @@ impl Keys {
     }
 }
 
+/// Which check failed, from the errors of the keys tried (HS256 with our secret, then RS256
+/// with the Registry's key when one is installed). A check after the signature's (expiry,
+/// claims) means that key verified the signature, so it is the one reported.
+fn why_refused(
+    hs: &jsonwebtoken::errors::Error,
+    rs: Option<&jsonwebtoken::errors::Error>,
+) -> &'static str {
+    use jsonwebtoken::errors::ErrorKind as K;
+    let signature_stage = |e: &jsonwebtoken::errors::Error| {
+        matches!(e.kind(), K::InvalidSignature | K::InvalidAlgorithm)
+    };
+    let decisive = [Some(hs), rs]
+        .into_iter()
+        .flatten()
+        .find(|e| !signature_stage(e));
+    match decisive.map(|e| e.kind()) {
+        Some(K::InvalidToken | K::Base64(_) | K::Utf8(_) | K::MissingAlgorithm) => {
+            "malformed token (three base64url parts of JSON expected)"
+        }
+        Some(K::ExpiredSignature) => "the token has expired",
+        Some(K::ImmatureSignature) => "the token is not valid yet (nbf)",
+        Some(K::MissingRequiredClaim(_)) => "the token has no exp claim",
+        Some(K::InvalidAudience) => "audience not accepted",
+        Some(K::InvalidIssuer) => "issuer not accepted",
+        Some(K::Json(e)) => unknown_droplet_reason(&e.to_string()),
+        Some(_) => "the token cannot be used",
+        None if rs.is_none() && matches!(hs.kind(), K::InvalidAlgorithm) => {
+            "algorithm not accepted (HS256 with the orchestrator's secret; RS256 only with a Registry public key)"
+        }
+        None => "signature does not verify",
+    }
+}
+
+/// The claims' own check that failed (fixed words of [`Claims`], never the token's values).
+fn unknown_droplet_reason(error: &str) -> &'static str {
+    const REASONS: [&str; 4] = [
+        "droplet_id is not a droplet id",
+        "sub is not a droplet id",
+        "the token names no droplet (droplet_id or sub)",
+        "exp and iat must be numbers",
+    ];
+    REASONS
+        .into_iter()
+        .find(|r| error.starts_with(r))
+        .unwrap_or("the token's claims are not usable (droplet_id or sub, and a numeric exp)")
+}
+
 fn pinned_validation(alg: Algorithm) -> Validation {
     let mut v = Validation::new(alg);
     v.algorithms = vec![alg];
@@ -536,6 +600,16 @@ mod tests {
         assert!(principal(&[Permission::Write]).has(Permission::Read));
         assert!(!principal(&[Permission::Read]).has(Permission::Write));
         assert!(!principal(&[Permission::Write]).has(Permission::Admin));
+    }
+
+    #[test]
+    fn the_registrys_host_form_of_sub_names_the_droplet() {
+        assert_eq!(droplet_of_host("drop5.fullpotential.ai"), Some(5));
+        for bad in [
+            "drop5", "drop.x", "dropx5.a", "drop0.a", "drop-5.a", "xdrop5.a", "drop5.",
+        ] {
+            assert_eq!(droplet_of_host(bad), None, "{bad}");
+        }
     }
 
     #[test]

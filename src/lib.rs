@@ -54,6 +54,8 @@ pub enum StartError {
     Database(#[from] db::DbStartError),
     #[error("invalid configuration: {0}")]
     Keys(String),
+    #[error("{0}")]
+    HttpClient(#[from] services::http_client::ClientBuildError),
     #[error("cannot start the scheduler: {0}")]
     Scheduler(String),
 }
@@ -137,7 +139,7 @@ fn cors(state: &AppState, config: &Config) -> CorsLayer {
 pub async fn build_state(config: Config, log: LogHandle) -> Result<AppState, StartError> {
     let keys = auth::Keys::from_config(&config).map_err(StartError::Keys)?;
     let pool = db::connect(&config).await?;
-    Ok(AppState::new(pool, config, keys, log))
+    Ok(AppState::new(pool, config, keys, log)?)
 }
 
 /// Starts the background work: the event relay and reader, immediate routing, the process sampler

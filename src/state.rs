@@ -11,6 +11,7 @@ use sqlx::PgPool;
 use crate::config::Config;
 use crate::identity::Keys;
 use crate::jobs::JobBoard;
+use crate::services::http_client::ClientBuildError;
 use crate::services::Core;
 use crate::system::ProcessStats;
 use crate::telemetry::LogHandle;
@@ -41,14 +42,19 @@ impl Deref for App {
 }
 
 impl AppState {
-    pub fn new(db: PgPool, config: Config, keys: Keys, log: LogHandle) -> AppState {
+    pub fn new(
+        db: PgPool,
+        config: Config,
+        keys: Keys,
+        log: LogHandle,
+    ) -> Result<AppState, ClientBuildError> {
         let jobs = JobBoard::new(&config);
-        AppState(Arc::new(App {
-            core: Core::new(db, config, keys),
+        Ok(AppState(Arc::new(App {
+            core: Core::new(db, config, keys)?,
             jobs,
             process: Arc::new(ProcessStats::new()),
             log,
             started_at: Instant::now(),
-        }))
+        })))
     }
 }

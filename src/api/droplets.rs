@@ -41,11 +41,7 @@ pub async fn register(
     let id_form = meta.as_ref().and_then(|m| id_form_of(&m.source));
     let (droplet, new) = droplets::register(&state, &caller, registration, id_form).await?;
     let interval = state.config().heartbeat_interval;
-    let deadline = droplet
-        .last_heartbeat
-        .map(|t| t.and_utc().timestamp() as f64)
-        .unwrap_or(0.0)
-        + interval as f64;
+    let deadline = next_heartbeat_deadline(&droplet, interval);
     let payload = json!({
         "registered": true,
         "droplet_id": droplet.droplet_id,
@@ -84,12 +80,24 @@ pub async fn heartbeat(
     };
     let id_form = meta.as_ref().and_then(|m| id_form_of(&m.source));
     let droplet = droplets::heartbeat(&state, &caller, droplet_id, beat, id_form).await?;
+    let interval = state.config().heartbeat_interval;
     Ok(Udc::ok(json!({
         "acknowledged": true,
         "droplet_id": droplet.droplet_id,
         "status": droplet.status,
-        "next_heartbeat_in": state.config().heartbeat_interval,
+        "next_heartbeat_in": interval,
+        "next_heartbeat_deadline": next_heartbeat_deadline(&droplet, interval),
     })))
+}
+
+/// When the droplet's next heartbeat is due (Unix seconds): its last one plus the interval,
+/// as registration and every heartbeat answer it.
+pub fn next_heartbeat_deadline(droplet: &droplets::Droplet, interval: u64) -> f64 {
+    droplet
+        .last_heartbeat
+        .map(|t| t.and_utc().timestamp() as f64)
+        .unwrap_or_else(|| chrono::Utc::now().timestamp() as f64)
+        + interval as f64
 }
 
 /// `{"status": "active", "cpu_percent": 1.0, ...}` as `{"status": "active", "metrics": {...}}`.

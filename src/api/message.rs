@@ -34,7 +34,7 @@ pub const QUERIES: [&str; 3] = ["task_status", "droplet_list", "system_status"];
     request_body(content = Object, description = "A full UDC envelope; payload {\"command\":\"create_task\",\"task_data\":{...}}, {\"command\":\"cancel_task\",\"task_id\":1}, {\"query\":\"task_status\",\"task_id\":1}, {\"query\":\"droplet_list\"}, {\"query\":\"system_status\"}"),
     responses((status = 200, description = "The answer, in a response envelope echoing the trace id"),
               (status = 403, description = "No write permission (a heartbeat: as POST /droplets/{id}/heartbeat, a token without a permissions claim may send its own)"), (status = 404, description = "Unknown task or droplet"),
-              (status = 409, description = "Invalid transition"), (status = 422, description = "Bad envelope, or an unknown command or query")))]
+              (status = 409, description = "Invalid transition"), (status = 422, description = "Bad envelope, an unknown command or query, or a `target` naming another droplet (`Message target droplet-2 does not match this droplet (droplet-10)`)")))]
 pub async fn receive(
     State(state): State<AppState>,
     caller: Caller,
@@ -45,6 +45,7 @@ pub async fn receive(
     // neither is refused before its body is read.
     caller.require_droplet_write()?;
     let Envelope { meta, payload } = body.envelope::<Value>()?;
+    ensure_for_us(&state, meta.target.as_ref())?;
     if meta.message_type != MessageType::Heartbeat {
         caller.require(Permission::Write)?;
     }
@@ -64,6 +65,21 @@ pub async fn receive(
         }),
     };
     Ok(Udc::ok(answer))
+}
+
+/// A message addressed to another droplet is not this orchestrator's to act on: 422, with the
+/// original service's words, and nothing done. (Relaying is `/send`'s job, under its checks.)
+/// A target that names no droplet id (`"orchestrator"`) is taken as this one.
+fn ensure_for_us(state: &AppState, target: Option<&Value>) -> ApiResult<()> {
+    let ours = state.keys.orchestrator_id();
+    match target.and_then(crate::auth::parse_droplet_id) {
+        Some(id) if id != ours => Err(ApiError::Validation(vec![FieldError::new(
+            &["body", "target"],
+            format!("Message target droplet-{id} does not match this droplet (droplet-{ours}); send it to that droplet, or relay it with POST /send"),
+            "target_mismatch",
+        )])),
+        _ => Ok(()),
+    }
 }
 
 /// The name a command or query payload gives under `key`, or a 422 naming the supported ones.
@@ -287,12 +303,14 @@ async fn heartbeat(
     let beat: Heartbeat = udc::deserialize_payload(Value::Object(payload), &["body", "payload"])
         .map_err(ApiError::Validation)?;
     let droplet = droplets::heartbeat(state, caller, droplet_id, beat, id_form).await?;
+    let interval = state.config().heartbeat_interval;
     Ok(json!({
         "received": true,
         "acknowledged": true,
         "droplet_id": droplet.droplet_id,
         "status": droplet.status,
-        "next_heartbeat_in": state.config().heartbeat_interval,
+        "next_heartbeat_in": interval,
+        "next_heartbeat_deadline": crate::api::droplets::next_heartbeat_deadline(&droplet, interval),
     }))
 }
 

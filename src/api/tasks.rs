@@ -78,7 +78,7 @@ pub async fn list(
     caller: Caller,
     QueryParams(filter): QueryParams<TaskFilter>,
 ) -> ApiResult<Udc<Listing>> {
-    caller.require(Permission::Read)?;
+    caller.require_task_read(filter.assigned_droplet_id)?;
     let page = task_listing::list(&state.db, &filter).await?;
     let (listed, truncated) = page.shown();
     Ok(Udc::ok(Listing {
@@ -115,10 +115,12 @@ pub async fn detail(
     caller: Caller,
     PathParam(task_id): PathParam<i32>,
 ) -> ApiResult<Udc<TaskDetail>> {
-    caller.require(Permission::Read)?;
+    // Before the task is read, a token that may read no task at all is refused.
+    caller.require_task_read(Some(caller.droplet_id))?;
     let task = tasks::load(&state.db, task_id)
         .await?
         .ok_or_else(|| ApiError::not_found(format!("Task {task_id} not found")))?;
+    caller.require_task_read(task.assigned_droplet_id)?;
     let state_history = tasks::history(&state.db, task_id).await?;
     Ok(Udc::ok(TaskDetail {
         task: TaskWithHistory {
@@ -148,14 +150,16 @@ pub async fn explain(
 
 #[utoipa::path(patch, path = "/tasks/{task_id}", tag = "tasks", request_body = TaskUpdate, security(("bearer" = [])),
     params(("task_id" = i32, Path, description = "Task id")),
-    responses((status = 200, description = "Updated"), (status = 403, description = "Not the assigned droplet"), (status = 404, description = "Unknown task"), (status = 409, description = "Invalid transition, or `attempt` is not the task's current attempt: `Task 7 is on attempt 3; this update is for attempt 2` (nothing changes)")))]
+    responses((status = 200, description = "Updated"), (status = 403, description = "Not the assigned droplet, or a read-only token (a token with no `permissions` claim may PATCH its own tasks)"), (status = 404, description = "Unknown task"), (status = 409, description = "Invalid transition, or `attempt` is not the task's current attempt: `Task 7 is on attempt 3; this update is for attempt 2` (nothing changes)")))]
 pub async fn update(
     State(state): State<AppState>,
     caller: Caller,
     PathParam(task_id): PathParam<i32>,
     body: RawBody,
 ) -> ApiResult<Udc<Value>> {
-    caller.require(Permission::Write)?;
+    // The assigned droplet's own token may have no `permissions` claim (as the Registry
+    // issues them); `may_update` confines it to its own tasks. A read-only token may not.
+    caller.require_droplet_write()?;
     let body = match body.envelope::<TaskUpdate>() {
         Ok(body) => body,
         // The contract's order: an unknown task (404) or another's (403) before a bad body.

@@ -20,6 +20,7 @@ use crate::services::dispatch::slots::Dispatcher;
 use crate::services::droplet_store::HeartbeatQueue;
 use crate::services::endpoints::{self, EndpointPolicy};
 use crate::services::events::EventHub;
+use crate::services::http_client::{build_client, ClientBuildError};
 use crate::services::registry_status::RegistryStatus;
 use crate::services::router_trigger::RouterTrigger;
 use crate::services::table_statistics::Growth;
@@ -70,32 +71,34 @@ impl Deref for Core {
 }
 
 impl Core {
-    pub fn new(db: PgPool, config: Config, keys: Keys) -> Core {
-        let http = reqwest::Client::builder()
-            .timeout(std::time::Duration::from_secs(
-                config.dispatch_timeout_seconds,
-            ))
-            .connect_timeout(std::time::Duration::from_secs(
-                config.dispatch_timeout_seconds.min(5),
-            ))
-            .pool_max_idle_per_host(16)
-            .build()
-            .unwrap_or_default();
-        let registry_key_http = reqwest::Client::builder()
-            .https_only(true)
-            .redirect(reqwest::redirect::Policy::none())
-            .timeout(std::time::Duration::from_secs(
-                config.dispatch_timeout_seconds,
-            ))
-            .connect_timeout(std::time::Duration::from_secs(
-                config.dispatch_timeout_seconds.min(5),
-            ))
-            .build()
-            .unwrap_or_default();
-        let delivery = endpoints::delivery_client(&config);
+    /// Fails when an outbound HTTP client cannot be built: start-up stops with the reason
+    /// rather than going on with a default client (which would follow redirects, with no
+    /// timeouts and no address policy).
+    pub fn new(db: PgPool, config: Config, keys: Keys) -> Result<Core, ClientBuildError> {
+        let timeout = std::time::Duration::from_secs(config.dispatch_timeout_seconds);
+        let connect_timeout = timeout.min(std::time::Duration::from_secs(5));
+        // The Registry's token and directory requests carry `X-Registry-Key`: a redirect
+        // would carry it elsewhere, so none is followed.
+        let http = build_client(
+            "Registry requests",
+            reqwest::Client::builder()
+                .redirect(reqwest::redirect::Policy::none())
+                .timeout(timeout)
+                .connect_timeout(connect_timeout)
+                .pool_max_idle_per_host(16),
+        )?;
+        let registry_key_http = build_client(
+            "the Registry's public key",
+            reqwest::Client::builder()
+                .https_only(true)
+                .redirect(reqwest::redirect::Policy::none())
+                .timeout(timeout)
+                .connect_timeout(connect_timeout),
+        )?;
+        let delivery = endpoints::delivery_client(&config)?;
         let endpoint_policy = EndpointPolicy::from_config(&config);
         let metrics = Metrics::new();
-        Core(Arc::new(Parts {
+        Ok(Core(Arc::new(Parts {
             delivery,
             endpoint_policy,
             contracts: Contracts::new(metrics.contract_evaluations.clone()),
@@ -117,7 +120,7 @@ impl Core {
             emergency_stop: AtomicBool::new(false),
             config_source: ConfigSource::new(),
             config: RwLock::new(Arc::new(config)),
-        }))
+        })))
     }
 }
 

@@ -10,6 +10,7 @@ use ipnet::IpNet;
 use url::Url;
 
 use crate::config::Config;
+use crate::services::http_client::{build_client, ClientBuildError};
 
 /// Which addresses deliveries may go to.
 #[derive(Debug, Clone)]
@@ -35,22 +36,50 @@ impl EndpointPolicy {
     /// its networks. Link-local (cloud metadata) and, in production, loopback only inside a
     /// listed network that lies wholly inside loopback or link-local (`127.0.0.1/32`, not
     /// `0.0.0.0/0`): a broad network does not re-open them.
+    ///
+    /// An IPv6 address that carries an IPv4 one (NAT64 `64:ff9b::/96`, 6to4 `2002::/16`,
+    /// IPv4-compatible `::a.b.c.d`; IPv4-mapped is that IPv4 address) is judged as both: a
+    /// gateway or the host's own stack may deliver it to the IPv4 address inside.
     pub fn allows(&self, ip: IpAddr) -> bool {
         let ip = canonical(ip);
-        if ip.is_unspecified() || ip.is_multicast() || is_broadcast(ip) {
+        if !self.allowed.is_empty() && !self.allowed.iter().any(|net| net.contains(&ip)) {
             return false;
         }
-        if !self.allowed.is_empty() && !self.allowed.iter().any(|net| net.contains(&ip)) {
+        self.allows_kind(ip, ip)
+            && embedded_v4(ip).is_none_or(|v4| self.allows_kind(ip, IpAddr::V4(v4)))
+    }
+
+    /// The kind checks on `ip` (the address itself or the IPv4 inside it); an opt-in is a
+    /// listed network holding `listed`, the address as written.
+    fn allows_kind(&self, listed: IpAddr, ip: IpAddr) -> bool {
+        if ip.is_unspecified() || ip.is_multicast() || is_broadcast(ip) {
             return false;
         }
         if is_link_local(ip) || ip.is_loopback() {
             let opted_in = self
                 .allowed
                 .iter()
-                .any(|net| net.contains(&ip) && is_loopback_or_link_local_only(net));
+                .any(|net| net.contains(&listed) && is_loopback_or_link_local_only(net));
             return opted_in || (ip.is_loopback() && self.allow_loopback);
         }
         true
+    }
+}
+
+/// The IPv4 address an IPv6 one carries: NAT64's well-known prefix (`64:ff9b::/96`, the last
+/// 32 bits), 6to4 (`2002:AABB:CCDD::/48`, bits 16 to 48) or IPv4-compatible (`::a.b.c.d`,
+/// deprecated; not `::` nor `::1`, which are IPv6's own).
+fn embedded_v4(ip: IpAddr) -> Option<Ipv4Addr> {
+    let IpAddr::V6(v6) = ip else {
+        return None;
+    };
+    let s = v6.segments();
+    let v4 = |hi: u16, lo: u16| Ipv4Addr::from((u32::from(hi) << 16) | u32::from(lo));
+    match s {
+        [0x64, 0xff9b, 0, 0, 0, 0, hi, lo] => Some(v4(hi, lo)),
+        [0x2002, hi, lo, ..] => Some(v4(hi, lo)),
+        [0, 0, 0, 0, 0, 0, hi, lo] if (hi, lo) != (0, 0) && (hi, lo) != (0, 1) => Some(v4(hi, lo)),
+        _ => None,
     }
 }
 
@@ -186,16 +215,17 @@ impl reqwest::dns::Resolve for PolicyResolver {
 
 /// The client deliveries go out with: the policy's resolver, no redirects (a redirect would
 /// carry the orchestrator's token elsewhere), the dispatch timeouts.
-pub fn delivery_client(config: &Config) -> reqwest::Client {
+pub fn delivery_client(config: &Config) -> Result<reqwest::Client, ClientBuildError> {
     let timeout = std::time::Duration::from_secs(config.dispatch_timeout_seconds);
-    reqwest::Client::builder()
-        .timeout(timeout)
-        .connect_timeout(timeout.min(std::time::Duration::from_secs(5)))
-        .pool_max_idle_per_host(16)
-        .redirect(reqwest::redirect::Policy::none())
-        .dns_resolver(PolicyResolver::new(EndpointPolicy::from_config(config)))
-        .build()
-        .unwrap_or_default()
+    build_client(
+        "deliveries to droplets",
+        reqwest::Client::builder()
+            .timeout(timeout)
+            .connect_timeout(timeout.min(std::time::Duration::from_secs(5)))
+            .pool_max_idle_per_host(16)
+            .redirect(reqwest::redirect::Policy::none())
+            .dns_resolver(PolicyResolver::new(EndpointPolicy::from_config(config))),
+    )
 }
 
 #[cfg(test)]
@@ -234,6 +264,38 @@ mod tests {
         ] {
             assert!(p.allows(ip.parse().unwrap()), "{ip}");
         }
+    }
+
+    /// Finding 5 of issue 24: the IPv4 inside NAT64, 6to4 and IPv4-compatible addresses.
+    #[test]
+    fn an_embedded_ipv4_is_judged_like_the_plain_one() {
+        for production in [true, false] {
+            let p = policy(production, &[]);
+            for ip in [
+                "64:ff9b::a9fe:a9fe",
+                "64:ff9b::6464:64c8",
+                "2002:a9fe:a9fe::1",
+                "::169.254.169.254",
+                "64:ff9b::",
+                "2002::",
+                "::224.0.0.1",
+            ] {
+                assert!(!p.allows(ip.parse().unwrap()), "{ip} ({production})");
+            }
+            for ip in ["64:ff9b::a00:5", "2002:808:808::1", "::10.0.0.5"] {
+                assert!(p.allows(ip.parse().unwrap()), "{ip} ({production})");
+            }
+        }
+        let p = policy(true, &[]);
+        for ip in ["64:ff9b::7f00:1", "2002:7f00:1::", "::127.0.0.1"] {
+            assert!(!p.allows(ip.parse().unwrap()), "{ip}");
+        }
+        // Development lets loopback through, in any spelling.
+        assert!(policy(false, &[]).allows("::127.0.0.1".parse().unwrap()));
+        // A broad network does not re-open it.
+        let p = policy(true, &["::/0"]);
+        assert!(!p.allows("64:ff9b::7f00:1".parse().unwrap()));
+        assert!(p.allows("64:ff9b::a00:5".parse().unwrap()));
     }
 
     #[test]

@@ -17,8 +17,109 @@ use crate::services::error::{Error, Result};
 use crate::services::status::DropletStatus;
 use crate::services::Core;
 
-/// Commands a droplet takes only from the orchestrator.
-pub const ORCHESTRATOR_COMMANDS: [&str; 2] = ["execute_task", "cancel_task"];
+/// The names a droplet may read as coming from the orchestrator itself: its commands and the
+/// events it publishes. None can be relayed, in any spelling.
+const ORCHESTRATOR_NAMES: [&str; 13] = [
+    "execute_task",
+    "cancel_task",
+    "task_created",
+    "task_assigned",
+    "task_started",
+    "task_completed",
+    "task_failed",
+    "task_cancelled",
+    "task_requeued",
+    "task_retrying",
+    "droplet_registered",
+    "droplet_health_changed",
+    "droplet_heartbeat_missed",
+];
+
+/// The fields a droplet may read as a command or an event name, at any depth of the payload
+/// (compared after [`normalise`]: `Command`, ` action` count).
+const NAME_FIELDS: [&str; 12] = [
+    "command",
+    "cmd",
+    "action",
+    "type",
+    "event",
+    "event_type",
+    "kind",
+    "op",
+    "operation",
+    "method",
+    "query",
+    "intent",
+];
+
+/// The longest command or event name relayed.
+const MAX_NAME_CHARS: usize = 64;
+
+/// A name as a droplet might read it: without control and invisible characters (`\u0000`,
+/// zero-width spaces, soft hyphens), trimmed, lower case.
+pub fn normalise(raw: &str) -> String {
+    raw.chars()
+        .filter(|c| !c.is_control() && !is_invisible(*c))
+        .collect::<String>()
+        .trim()
+        .to_lowercase()
+}
+
+fn is_invisible(c: char) -> bool {
+    matches!(c, '\u{00ad}' | '\u{034f}' | '\u{180e}' | '\u{200b}'..='\u{200f}'
+        | '\u{2028}'..='\u{202e}' | '\u{2060}'..='\u{206f}' | '\u{feff}')
+}
+
+/// The allow-list a relayed name must pass: none of the orchestrator's own names, compared
+/// after [`normalise`] on letters and digits alone (`Execute-Task`, `execute task`,
+/// `EXECUTE_TASK\u0000` are `execute_task`); and at the payload's top level, where droplets
+/// read their command, 1 to 64 of `a-z 0-9 _ . : / -` (the shape of every command and event
+/// name in the mesh, `/getAll` included).
+fn check_name(field: &str, raw: &str, top_level: bool) -> Result<()> {
+    let name = normalise(raw);
+    let letters: String = name.chars().filter(char::is_ascii_alphanumeric).collect();
+    if ORCHESTRATOR_NAMES
+        .iter()
+        .any(|own| own.replace('_', "") == letters)
+    {
+        return Err(Error::forbidden(format!(
+            "{field} {name:?} comes only from the orchestrator itself; it cannot be relayed"
+        )));
+    }
+    let allowed = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || "_.:/-".contains(c);
+    if !top_level {
+        return Ok(());
+    }
+    if name.is_empty() || name.chars().count() > MAX_NAME_CHARS || !name.chars().all(allowed) {
+        return Err(Error::forbidden(format!(
+            "{field} is not a name that can be relayed: 1 to {MAX_NAME_CHARS} of a-z, 0-9, _ . : / -"
+        )));
+    }
+    Ok(())
+}
+
+/// Checks every field of the payload a droplet could read as a command or event name, at
+/// every depth (the message type is one of the five UDC types, checked at the edge).
+fn check_relayable(payload: &Value) -> Result<()> {
+    let mut stack = vec![(payload, true)];
+    while let Some((value, top_level)) = stack.pop() {
+        match value {
+            Value::Object(map) => {
+                for (key, inner) in map {
+                    if NAME_FIELDS.contains(&normalise(key).as_str()) {
+                        if let Value::String(name) = inner {
+                            check_name(key.trim(), name, top_level)?;
+                        }
+                    }
+                    stack.push((inner, false));
+                }
+            }
+            Value::Array(items) => stack.extend(items.iter().map(|v| (v, false))),
+            _ => {}
+        }
+    }
+    Ok(())
+}
 
 /// An emergency stop halts everything the orchestrator sends to droplets, messages included.
 pub fn ensure_sending(core: &Core) -> Result<()> {
@@ -30,8 +131,9 @@ pub fn ensure_sending(core: &Core) -> Result<()> {
     Ok(())
 }
 
-/// A message to relay: its type and payload, marked as relayed. The orchestrator's own
-/// commands (`execute_task`, `cancel_task`) are refused: they cannot come from anyone else.
+/// A message to relay: its type and payload, marked as relayed. Every name a droplet could
+/// read as a command or event must pass the allow-list ([`check_name`]): the orchestrator's
+/// own commands and events cannot come from anyone else, in any spelling.
 #[derive(Debug, Clone)]
 pub struct Relayed {
     pub message_type: String,
@@ -40,12 +142,7 @@ pub struct Relayed {
 
 impl Relayed {
     pub fn new(core: &Core, message_type: String, mut payload: Value) -> Result<Relayed> {
-        let command = payload.get("command").and_then(Value::as_str).unwrap_or("");
-        if ORCHESTRATOR_COMMANDS.contains(&command) {
-            return Err(Error::forbidden(format!(
-                "{command} comes only from the orchestrator itself; it cannot be relayed"
-            )));
-        }
+        check_relayable(&payload)?;
         if let Value::Object(map) = &mut payload {
             map.insert("relayed_by".into(), json!(core.keys.orchestrator_id()));
         }

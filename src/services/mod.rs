@@ -16,6 +16,7 @@ pub mod error;
 pub mod events;
 pub mod explain;
 pub mod health_monitor;
+pub mod http_client;
 pub mod locks;
 pub mod messaging;
 pub mod registry_client;

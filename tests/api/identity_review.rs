@@ -190,7 +190,10 @@ async fn rs256_outbound_tokens_carry_the_registrys_claims_and_are_refused_back()
 
     let (s, b) = app.get("/tasks", &bearer).await;
     assert_eq!(s, StatusCode::UNAUTHORIZED, "{b}");
-    assert_eq!(b["detail"], "Could not validate credentials");
+    assert_eq!(
+        b["detail"],
+        "Could not validate credentials: the token is the orchestrator's own; it is never accepted back"
+    );
     // A token of the same key for another droplet is accepted: the refusal is the token's.
     let now = chrono::Utc::now().timestamp();
     let other = rs256(

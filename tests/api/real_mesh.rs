@@ -718,7 +718,11 @@ async fn tokens_the_orchestrator_sends_or_that_name_it_are_refused() {
     for (what, token) in refused {
         let (s, b) = app.get("/tasks", &token).await;
         assert_eq!(s, StatusCode::UNAUTHORIZED, "{what}: {b}");
-        assert_eq!(b["detail"], "Could not validate credentials", "{what}");
+        assert_eq!(
+            b["detail"],
+            "Could not validate credentials: the token is the orchestrator's own; it is never accepted back",
+            "{what}"
+        );
     }
     // The same kinds of token for another droplet work.
     let (s, b) = app.get("/tasks", &app.token(11, &["read"])).await;
@@ -949,6 +953,12 @@ async fn production_refuses_loopback_link_local_and_names_that_resolve_there() {
         "http://[fe80::1]:80",
         "http://0.0.0.0:8000",
         "http://224.0.0.1:80",
+        // Loopback inside IPv6 (finding 5 of issue 24): NAT64, 6to4, IPv4-compatible, mapped.
+        "http://[64:ff9b::7f00:1]:5432",
+        "http://[2002:7f00:1::]:8000",
+        "http://[::127.0.0.1]:8000",
+        "http://[::ffff:127.0.0.1]:8000",
+        "http://[64:ff9b::a9fe:a9fe]/latest/meta-data",
     ] {
         let (s, b) = app
             .post(

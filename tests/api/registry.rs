@@ -433,3 +433,70 @@ async fn a_public_key_served_over_http_is_not_installed_with_or_without_the_fetc
         "the key was not even asked for"
     );
 }
+
+/// A server that records every request it gets: method, path and whether it carried
+/// `X-Registry-Key` or a bearer.
+async fn recording_server() -> (String, Arc<Mutex<Vec<String>>>) {
+    let seen: Arc<Mutex<Vec<String>>> = Arc::new(Mutex::new(Vec::new()));
+    let log = seen.clone();
+    let app = Router::new().fallback(move |req: axum::extract::Request| {
+        let log = log.clone();
+        async move {
+            let h = req.headers();
+            log.lock().unwrap().push(format!(
+                "{} {} key={:?} bearer={}",
+                req.method(),
+                req.uri(),
+                h.get("x-registry-key"),
+                h.contains_key(header::AUTHORIZATION)
+            ));
+            axum::Json(json!({"token": "stolen", "droplets": []}))
+        }
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    (url, seen)
+}
+
+/// Finding 3 of issue 24: a Registry answering every request (the token's POST and the
+/// directory's GET) with `307 Location: http://elsewhere/steal` never gets the orchestrator to
+/// send `X-Registry-Key` (or its bearer) there: Registry requests follow no redirect.
+#[tokio::test]
+async fn a_redirecting_registry_never_gets_the_key_sent_elsewhere() {
+    let (elsewhere, seen) = recording_server().await;
+    // The Registry itself: every request answered 307 to the other server.
+    let target = format!("{elsewhere}/steal");
+    let registry = Router::new().fallback(move || {
+        let target = target.clone();
+        async move { (AxumStatus::TEMPORARY_REDIRECT, [(header::LOCATION, target)]) }
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let redirecting = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, registry).await;
+    });
+    let app = TestApp::spawn_with(&[
+        ("REGISTRY_URL", &redirecting),
+        ("REGISTRY_SYNC_INTERVAL", "3600"),
+        ("REGISTRY_KEY", "registry-key-of-10"),
+        ("DISPATCH_TIMEOUT_SECONDS", "1"),
+    ])
+    .await;
+
+    let outcome = registry_client::run_once(&app.state).await;
+    let error = outcome.expect_err("a 307 is not a directory");
+    assert!(error.contains("HTTP 307"), "{error}");
+    assert!(
+        seen.lock().unwrap().is_empty(),
+        "followed the redirect: {:?}",
+        seen.lock().unwrap()
+    );
+    assert!(
+        app.state.keys.registry_token_remaining().is_none(),
+        "no token is taken from a redirect"
+    );
+    assert_eq!(registry_dependency(&app).await["status"], "disconnected");
+}
