@@ -209,6 +209,19 @@ impl<'a> Reader<'a> {
     }
 
     /// CIDRs (`10.0.0.0/8`) or single addresses, comma-separated.
+    /// A comma-separated list of names, trimmed and in lower case, empty ones left out.
+    pub(super) fn names(&self, name: &'static str) -> Result<Vec<String>, ConfigError> {
+        Ok(self
+            .raw(name)
+            .map(|raw| {
+                raw.split(',')
+                    .map(|s| s.trim().to_lowercase())
+                    .filter(|s| !s.is_empty())
+                    .collect()
+            })
+            .unwrap_or_default())
+    }
+
     pub(super) fn networks(&self, name: &'static str) -> Result<Vec<ipnet::IpNet>, ConfigError> {
         let Some(raw) = self.raw(name) else {
             return Ok(Vec::new());

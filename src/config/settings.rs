@@ -297,6 +297,14 @@ settings! {
         parse: networks(),
     }
 
+    /// The names `/send` and `/broadcast` relay (empty: any of the allowed shape); the
+    /// orchestrator's own are refused whatever is listed, see `services::messaging`.
+    relay_allowed_names: Vec<String> = "RELAY_ALLOWED_NAMES" {
+        default: "unset (any name of a-z 0-9 _ . : / - but the orchestrator's own)",
+        help: "comma-separated command and event names /send and /broadcast may relay at a payload's top level (compared trimmed and in lower case); the orchestrator's own names stay refused whatever is listed",
+        parse: names(),
+    }
+
     ws_heartbeat_interval: u64 = "WS_HEARTBEAT_INTERVAL" {
         default: "30",
         help: "seconds between WebSocket pings; no answer in two: dropped",

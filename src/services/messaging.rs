@@ -75,7 +75,7 @@ fn is_invisible(c: char) -> bool {
 /// `EXECUTE_TASK\u0000` are `execute_task`); and at the payload's top level, where droplets
 /// read their command, 1 to 64 of `a-z 0-9 _ . : / -` (the shape of every command and event
 /// name in the mesh, `/getAll` included).
-fn check_name(field: &str, raw: &str, top_level: bool) -> Result<()> {
+fn check_name(field: &str, raw: &str, top_level: bool, allowed_names: &[String]) -> Result<()> {
     let name = normalise(raw);
     let letters: String = name.chars().filter(char::is_ascii_alphanumeric).collect();
     if ORCHESTRATOR_NAMES
@@ -95,12 +95,17 @@ fn check_name(field: &str, raw: &str, top_level: bool) -> Result<()> {
             "{field} is not a name that can be relayed: 1 to {MAX_NAME_CHARS} of a-z, 0-9, _ . : / -"
         )));
     }
+    if !allowed_names.is_empty() && !allowed_names.contains(&name) {
+        return Err(Error::forbidden(format!(
+            "{field} {name:?} is not one of the names this orchestrator relays (RELAY_ALLOWED_NAMES)"
+        )));
+    }
     Ok(())
 }
 
 /// Checks every field of the payload a droplet could read as a command or event name, at
 /// every depth (the message type is one of the five UDC types, checked at the edge).
-fn check_relayable(payload: &Value) -> Result<()> {
+fn check_relayable(payload: &Value, allowed_names: &[String]) -> Result<()> {
     let mut stack = vec![(payload, true)];
     while let Some((value, top_level)) = stack.pop() {
         match value {
@@ -108,7 +113,7 @@ fn check_relayable(payload: &Value) -> Result<()> {
                 for (key, inner) in map {
                     if NAME_FIELDS.contains(&normalise(key).as_str()) {
                         if let Value::String(name) = inner {
-                            check_name(key.trim(), name, top_level)?;
+                            check_name(key.trim(), name, top_level, allowed_names)?;
                         }
                     }
                     stack.push((inner, false));
@@ -142,7 +147,7 @@ pub struct Relayed {
 
 impl Relayed {
     pub fn new(core: &Core, message_type: String, mut payload: Value) -> Result<Relayed> {
-        check_relayable(&payload)?;
+        check_relayable(&payload, &core.config().relay_allowed_names)?;
         if let Value::Object(map) = &mut payload {
             map.insert("relayed_by".into(), json!(core.keys.orchestrator_id()));
         }

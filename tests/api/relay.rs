@@ -102,3 +102,48 @@ async fn every_spelling_of_an_orchestrator_command_or_event_is_refused() {
 fn urlencoding(raw: &str) -> String {
     url::form_urlencoded::byte_serialize(raw.as_bytes()).collect()
 }
+
+/// With `RELAY_ALLOWED_NAMES`, only the listed names are relayed (compared after normalising);
+/// the orchestrator's own names stay refused even when an operator lists them.
+#[tokio::test]
+async fn an_operators_allow_list_relays_only_the_names_it_lists() {
+    let app =
+        TestApp::spawn_with(&[("RELAY_ALLOWED_NAMES", " Report_Ready,/getall, execute_task")])
+            .await;
+    let d = FixtureDroplet::start(Mode::Accept).await;
+    app.register(16, &["x"], &d.endpoint).await;
+    let writer = app.token(7, &["read", "write"]);
+    let send = |payload: Value| {
+        app.request(
+            Method::POST,
+            "/send?target_droplet_id=16",
+            Some(&writer),
+            Some(payload),
+        )
+    };
+    for listed in [
+        json!({"event": "report_ready"}),
+        json!({"query": "/getAll"}),
+    ] {
+        let (s, b) = send(listed.clone()).await;
+        assert_eq!(s, StatusCode::OK, "{listed}: {b}");
+    }
+    let (s, b) = send(json!({"event": "report_done"})).await;
+    assert_eq!(s, StatusCode::FORBIDDEN, "{b}");
+    assert!(
+        b["detail"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("RELAY_ALLOWED_NAMES"),
+        "{b}"
+    );
+    let (s, b) = send(json!({"command": "execute_task"})).await;
+    assert_eq!(
+        s,
+        StatusCode::FORBIDDEN,
+        "listed or not, the orchestrator's own: {b}"
+    );
+    // A payload without any name field is data, not a command: it passes.
+    let (s, b) = send(json!({"report_id": 7})).await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+}
