@@ -131,7 +131,6 @@ async fn reading(db: &PgPool) -> Result<Transaction<'static, Postgres>, sqlx::Er
 // ---------------------------------------------------------------------------
 // GET /metrics/summary
 
-#[derive(sqlx::FromRow)]
 struct Windows {
     created_1h: i64,
     created_24h: i64,
@@ -198,48 +197,60 @@ pub struct Summary {
 pub async fn summary(db: &PgPool) -> Result<Summary, sqlx::Error> {
     let mut tx = reading(db).await?;
     // Kept as changes happen (task_counts): a handful of rows, not a million.
-    let task_rows: Vec<(String, i64)> =
-        sqlx::query_as("SELECT status, SUM(n)::bigint FROM task_counts GROUP BY status")
-            .fetch_all(&mut *tx)
-            .await?;
-    let droplet_rows: Vec<(String, i64)> =
-        sqlx::query_as("SELECT status, COUNT(*) FROM droplets GROUP BY status")
-            .fetch_all(&mut *tx)
-            .await?;
+    let task_rows: Vec<(String, i64)> = sqlx::query!(
+        r#"SELECT status AS "status!", SUM(n)::bigint AS "n!" FROM task_counts GROUP BY status"#
+    )
+    .fetch_all(&mut *tx)
+    .await?
+    .into_iter()
+    .map(|r| (r.status, r.n))
+    .collect();
+    let droplet_rows: Vec<(String, i64)> = sqlx::query!(
+        r#"SELECT status AS "status!", COUNT(*) AS "n!" FROM droplets GROUP BY status"#
+    )
+    .fetch_all(&mut *tx)
+    .await?
+    .into_iter()
+    .map(|r| (r.status, r.n))
+    .collect();
     // created_at and completed_at are indexed: each window reads only its own rows.
-    let w: Windows = sqlx::query_as(
-        "SELECT
-            (SELECT COUNT(*) FROM tasks WHERE created_at >= NOW() - interval '1 hour') AS created_1h,
-            (SELECT COUNT(*) FROM tasks WHERE created_at >= NOW() - interval '24 hours') AS created_24h,
-            c.completed_1h, c.completed_24h, c.failed_1h, c.failed_24h
+    let w = sqlx::query_as!(
+        Windows,
+        r#"SELECT
+            (SELECT COUNT(*) FROM tasks WHERE created_at >= NOW() - interval '1 hour') AS "created_1h!",
+            (SELECT COUNT(*) FROM tasks WHERE created_at >= NOW() - interval '24 hours') AS "created_24h!",
+            c.completed_1h AS "completed_1h!", c.completed_24h AS "completed_24h!",
+            c.failed_1h AS "failed_1h!", c.failed_24h AS "failed_24h!"
          FROM (
             SELECT COUNT(*) FILTER (WHERE status = 'completed' AND completed_at >= NOW() - interval '1 hour') AS completed_1h,
                    COUNT(*) FILTER (WHERE status = 'completed') AS completed_24h,
                    COUNT(*) FILTER (WHERE status = 'failed' AND completed_at >= NOW() - interval '1 hour') AS failed_1h,
                    COUNT(*) FILTER (WHERE status = 'failed') AS failed_24h
             FROM tasks WHERE completed_at >= NOW() - interval '24 hours'
-         ) c",
+         ) c"#
     )
     .fetch_one(&mut *tx)
     .await?;
-    let assignment: Durations = sqlx::query_as(
-        "SELECT COUNT(d) AS count, AVG(d) AS mean_seconds,
+    let assignment = sqlx::query_as!(
+        Durations,
+        r#"SELECT COUNT(d) AS "count!", AVG(d) AS mean_seconds,
                 (percentile_cont(ARRAY[0.5, 0.95]) WITHIN GROUP (ORDER BY d))[1] AS p50_seconds,
                 (percentile_cont(ARRAY[0.5, 0.95]) WITHIN GROUP (ORDER BY d))[2] AS p95_seconds,
                 MAX(d) AS max_seconds
          FROM (SELECT date_part('epoch', assigned_at - created_at) AS d
-               FROM tasks WHERE created_at >= NOW() - interval '24 hours' AND assigned_at IS NOT NULL) s",
+               FROM tasks WHERE created_at >= NOW() - interval '24 hours' AND assigned_at IS NOT NULL) s"#
     )
     .fetch_one(&mut *tx)
     .await?;
-    let execution: Durations = sqlx::query_as(
-        "SELECT COUNT(d) AS count, AVG(d) AS mean_seconds,
+    let execution = sqlx::query_as!(
+        Durations,
+        r#"SELECT COUNT(d) AS "count!", AVG(d) AS mean_seconds,
                 (percentile_cont(ARRAY[0.5, 0.95]) WITHIN GROUP (ORDER BY d))[1] AS p50_seconds,
                 (percentile_cont(ARRAY[0.5, 0.95]) WITHIN GROUP (ORDER BY d))[2] AS p95_seconds,
                 MAX(d) AS max_seconds
          FROM (SELECT date_part('epoch', completed_at - started_at) AS d
                FROM tasks WHERE completed_at >= NOW() - interval '24 hours'
-                 AND status = 'completed' AND started_at IS NOT NULL) s",
+                 AND status = 'completed' AND started_at IS NOT NULL) s"#
     )
     .fetch_one(&mut *tx)
     .await?;
@@ -267,7 +278,7 @@ pub async fn summary(db: &PgPool) -> Result<Summary, sqlx::Error> {
 // ---------------------------------------------------------------------------
 // GET /metrics/tasks/performance
 
-#[derive(Debug, Clone, Default, Serialize, sqlx::FromRow)]
+#[derive(Debug, Clone, Default, Serialize)]
 pub struct Performance {
     pub total: i64,
     pub pending: i64,
@@ -280,27 +291,55 @@ pub struct Performance {
     pub retries: i64,
     /// Tasks retried at least once.
     pub tasks_retried: i64,
-    #[sqlx(flatten)]
     pub duration: Durations,
 }
 
-const PERFORMANCE: &str = "SELECT COUNT(*) AS total,
-        COUNT(*) FILTER (WHERE status = 'pending') AS pending,
-        COUNT(*) FILTER (WHERE status = 'assigned') AS assigned,
-        COUNT(*) FILTER (WHERE status = 'in_progress') AS in_progress,
-        COUNT(*) FILTER (WHERE status = 'completed') AS completed,
-        COUNT(*) FILTER (WHERE status = 'failed') AS failed,
-        COUNT(*) FILTER (WHERE status = 'cancelled') AS cancelled,
-        COALESCE(SUM(retry_count), 0)::bigint AS retries,
-        COUNT(*) FILTER (WHERE retry_count > 0) AS tasks_retried,
-        COUNT(d) AS count, AVG(d) AS mean_seconds,
+/// [`Performance`] over the tasks `$filter` keeps (the end of the inner `FROM tasks`, closing
+/// it): one literal, so that each statement is checked at compile time.
+macro_rules! performance {
+    ($tx:expr, $filter:literal, $($arg:expr),+) => {
+        sqlx::query!(
+            r#"SELECT COUNT(*) AS "total!",
+        COUNT(*) FILTER (WHERE status = 'pending') AS "pending!",
+        COUNT(*) FILTER (WHERE status = 'assigned') AS "assigned!",
+        COUNT(*) FILTER (WHERE status = 'in_progress') AS "in_progress!",
+        COUNT(*) FILTER (WHERE status = 'completed') AS "completed!",
+        COUNT(*) FILTER (WHERE status = 'failed') AS "failed!",
+        COUNT(*) FILTER (WHERE status = 'cancelled') AS "cancelled!",
+        COALESCE(SUM(retry_count), 0)::bigint AS "retries!",
+        COUNT(*) FILTER (WHERE retry_count > 0) AS "tasks_retried!",
+        COUNT(d) AS "count!", AVG(d) AS mean_seconds,
         (percentile_cont(ARRAY[0.5, 0.95]) WITHIN GROUP (ORDER BY d))[1] AS p50_seconds,
         (percentile_cont(ARRAY[0.5, 0.95]) WITHIN GROUP (ORDER BY d))[2] AS p95_seconds,
         MAX(d) AS max_seconds
     FROM (SELECT status, COALESCE(retry_count, 0) AS retry_count,
                  CASE WHEN status = 'completed'
                       THEN date_part('epoch', completed_at - started_at) END AS d
-          FROM tasks";
+          FROM tasks"# + $filter,
+            $($arg),+
+        )
+        .fetch_one($tx)
+        .await
+        .map(|r| Performance {
+            total: r.total,
+            pending: r.pending,
+            assigned: r.assigned,
+            in_progress: r.in_progress,
+            completed: r.completed,
+            failed: r.failed,
+            cancelled: r.cancelled,
+            retries: r.retries,
+            tasks_retried: r.tasks_retried,
+            duration: Durations {
+                count: r.count,
+                mean_seconds: r.mean_seconds,
+                p50_seconds: r.p50_seconds,
+                p95_seconds: r.p95_seconds,
+                max_seconds: r.max_seconds,
+            },
+        })
+    };
+}
 
 /// Tasks by where they ended up (or are now).
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
@@ -373,25 +412,17 @@ pub async fn performance(
     // Two statements, so each has a plan that uses its index: (created_at) for every type,
     // (task_type, created_at) for one.
     let p: Performance = match task_type {
-        None => {
-            sqlx::query_as(const_format::concatcp!(
-                PERFORMANCE,
-                " WHERE created_at >= NOW() - make_interval(secs => $1)) s"
-            ))
-            .bind(range.seconds())
-            .fetch_one(&mut *tx)
-            .await?
-        }
-        Some(t) => {
-            sqlx::query_as(const_format::concatcp!(
-                PERFORMANCE,
-                " WHERE task_type = $2 AND created_at >= NOW() - make_interval(secs => $1)) s"
-            ))
-            .bind(range.seconds())
-            .bind(t)
-            .fetch_one(&mut *tx)
-            .await?
-        }
+        None => performance!(
+            &mut *tx,
+            " WHERE created_at >= NOW() - make_interval(secs => $1)) s",
+            range.seconds()
+        )?,
+        Some(t) => performance!(
+            &mut *tx,
+            " WHERE task_type = $2 AND created_at >= NOW() - make_interval(secs => $1)) s",
+            range.seconds(),
+            t
+        )?,
     };
     tx.commit().await?;
     Ok(TaskPerformance {
@@ -439,30 +470,30 @@ pub struct TypeRow {
     pub share: f64,
 }
 
-const BY_TYPE: &str = "SELECT task_type, COUNT(*) AS total,
-        COUNT(*) FILTER (WHERE status = 'pending') AS pending,
-        COUNT(*) FILTER (WHERE status = 'assigned') AS assigned,
-        COUNT(*) FILTER (WHERE status = 'in_progress') AS in_progress,
-        COUNT(*) FILTER (WHERE status = 'completed') AS completed,
-        COUNT(*) FILTER (WHERE status = 'failed') AS failed,
-        COUNT(*) FILTER (WHERE status = 'cancelled') AS cancelled,
-        COALESCE(SUM(retry_count), 0)::bigint AS retries,
-        AVG(date_part('epoch', completed_at - started_at))
-            FILTER (WHERE status = 'completed') AS mean_duration_seconds
-    FROM tasks";
-/// [`BY_TYPE`] over every task, from `task_counts` (kept by triggers on `tasks`).
-const BY_TYPE_KEPT: &str = "SELECT task_type, SUM(n)::bigint AS total,
-        COALESCE(SUM(n) FILTER (WHERE status = 'pending'), 0)::bigint AS pending,
-        COALESCE(SUM(n) FILTER (WHERE status = 'assigned'), 0)::bigint AS assigned,
-        COALESCE(SUM(n) FILTER (WHERE status = 'in_progress'), 0)::bigint AS in_progress,
-        COALESCE(SUM(n) FILTER (WHERE status = 'completed'), 0)::bigint AS completed,
-        COALESCE(SUM(n) FILTER (WHERE status = 'failed'), 0)::bigint AS failed,
-        COALESCE(SUM(n) FILTER (WHERE status = 'cancelled'), 0)::bigint AS cancelled,
-        SUM(retries)::bigint AS retries,
-        (SUM(run_seconds) FILTER (WHERE status = 'completed')
-          / NULLIF(SUM(runs) FILTER (WHERE status = 'completed'), 0))::float8 AS mean_duration_seconds
-    FROM task_counts GROUP BY task_type HAVING SUM(n) > 0";
-const BY_TYPE_ORDER: &str = " ORDER BY total DESC, task_type";
+/// [`TypeRow`]s from a query naming its columns (the rates are filled in afterwards).
+macro_rules! type_rows {
+    ($query:expr, $db:expr) => {
+        $query
+            .fetch_all($db)
+            .await?
+            .into_iter()
+            .map(|r| TypeRow {
+                task_type: r.task_type,
+                total: r.total,
+                pending: r.pending,
+                assigned: r.assigned,
+                in_progress: r.in_progress,
+                completed: r.completed,
+                failed: r.failed,
+                cancelled: r.cancelled,
+                retries: r.retries,
+                mean_duration_seconds: r.mean_duration_seconds,
+                success_rate: None,
+                share: 0.0,
+            })
+            .collect::<Vec<TypeRow>>()
+    };
+}
 
 /// Tasks per type (all of them, or those created in the range): counts by status, success
 /// rate, share of all tasks, and the mean run time of the completed ones. One hash aggregate
@@ -486,22 +517,44 @@ pub async fn by_type(
     retention: RetentionNote,
 ) -> Result<ByType, sqlx::Error> {
     let mut rows: Vec<TypeRow> = match range {
-        // All time: from the counts kept as changes happen, a few rows per type.
-        None => {
-            sqlx::query_as(const_format::concatcp!(BY_TYPE_KEPT, BY_TYPE_ORDER))
-                .fetch_all(db)
-                .await?
-        }
-        Some(r) => {
-            sqlx::query_as(const_format::concatcp!(
-                BY_TYPE,
-                " WHERE created_at >= NOW() - make_interval(secs => $1) GROUP BY task_type",
-                BY_TYPE_ORDER
-            ))
-            .bind(r.seconds())
-            .fetch_all(db)
-            .await?
-        }
+        // All time: from the counts kept as changes happen (task_counts, kept by triggers on
+        // tasks), a few rows per type.
+        None => type_rows!(
+            sqlx::query!(
+                r#"SELECT task_type, SUM(n)::bigint AS "total!",
+        COALESCE(SUM(n) FILTER (WHERE status = 'pending'), 0)::bigint AS "pending!",
+        COALESCE(SUM(n) FILTER (WHERE status = 'assigned'), 0)::bigint AS "assigned!",
+        COALESCE(SUM(n) FILTER (WHERE status = 'in_progress'), 0)::bigint AS "in_progress!",
+        COALESCE(SUM(n) FILTER (WHERE status = 'completed'), 0)::bigint AS "completed!",
+        COALESCE(SUM(n) FILTER (WHERE status = 'failed'), 0)::bigint AS "failed!",
+        COALESCE(SUM(n) FILTER (WHERE status = 'cancelled'), 0)::bigint AS "cancelled!",
+        SUM(retries)::bigint AS "retries!",
+        (SUM(run_seconds) FILTER (WHERE status = 'completed')
+          / NULLIF(SUM(runs) FILTER (WHERE status = 'completed'), 0))::float8 AS mean_duration_seconds
+    FROM task_counts GROUP BY task_type HAVING SUM(n) > 0
+    ORDER BY "total!" DESC, task_type"#
+            ),
+            db
+        ),
+        Some(r) => type_rows!(
+            sqlx::query!(
+                r#"SELECT task_type, COUNT(*) AS "total!",
+        COUNT(*) FILTER (WHERE status = 'pending') AS "pending!",
+        COUNT(*) FILTER (WHERE status = 'assigned') AS "assigned!",
+        COUNT(*) FILTER (WHERE status = 'in_progress') AS "in_progress!",
+        COUNT(*) FILTER (WHERE status = 'completed') AS "completed!",
+        COUNT(*) FILTER (WHERE status = 'failed') AS "failed!",
+        COUNT(*) FILTER (WHERE status = 'cancelled') AS "cancelled!",
+        COALESCE(SUM(retry_count), 0)::bigint AS "retries!",
+        AVG(date_part('epoch', completed_at - started_at))
+            FILTER (WHERE status = 'completed') AS mean_duration_seconds
+    FROM tasks
+    WHERE created_at >= NOW() - make_interval(secs => $1) GROUP BY task_type
+    ORDER BY "total!" DESC, task_type"#,
+                r.seconds()
+            ),
+            db
+        ),
     };
     let all: i64 = rows.iter().map(|r| r.total).sum();
     for r in &mut rows {
@@ -520,7 +573,6 @@ pub async fn by_type(
 // ---------------------------------------------------------------------------
 // GET /metrics/droplets/{droplet_id}/performance
 
-#[derive(sqlx::FromRow)]
 struct DropletWork {
     completed: i64,
     failed: i64,
@@ -528,7 +580,6 @@ struct DropletWork {
     p95_duration_seconds: Option<f64>,
 }
 
-#[derive(sqlx::FromRow)]
 struct Uptime {
     heartbeats: i64,
     covered_seconds: Option<f64>,
@@ -566,23 +617,25 @@ pub async fn droplet_performance(
     heartbeat_timeout: u64,
 ) -> Result<DropletWorkReport, sqlx::Error> {
     let mut tx = reading(db).await?;
-    let work: DropletWork = sqlx::query_as(
-        "SELECT COUNT(*) FILTER (WHERE status = 'completed') AS completed,
-                COUNT(*) FILTER (WHERE status = 'failed') AS failed,
+    let work = sqlx::query_as!(
+        DropletWork,
+        r#"SELECT COUNT(*) FILTER (WHERE status = 'completed') AS "completed!",
+                COUNT(*) FILTER (WHERE status = 'failed') AS "failed!",
                 AVG(d) AS mean_duration_seconds,
                 percentile_cont(0.95) WITHIN GROUP (ORDER BY d) AS p95_duration_seconds
          FROM (SELECT status,
                       CASE WHEN status = 'completed' THEN date_part('epoch', completed_at - started_at) END AS d
                FROM tasks
                WHERE assigned_droplet_id = $1 AND status IN ('completed', 'failed')
-                 AND completed_at >= NOW() - make_interval(secs => $2)) s",
+                 AND completed_at >= NOW() - make_interval(secs => $2)) s"#,
+        internal_id,
+        range.seconds()
     )
-    .bind(internal_id)
-    .bind(range.seconds())
     .fetch_one(&mut *tx)
     .await?;
-    let uptime: Uptime = sqlx::query_as(
-        "WITH since AS (
+    let uptime = sqlx::query_as!(
+        Uptime,
+        r#"WITH since AS (
             SELECT GREATEST(NOW()::timestamp - make_interval(secs => $2),
                             COALESCE(registered_at, NOW()::timestamp - make_interval(secs => $2))) AS t
             FROM droplets WHERE id = $1
@@ -592,17 +645,17 @@ pub async fn droplet_performance(
             FROM heartbeats
             WHERE droplet_id = $1 AND received_at >= (SELECT t FROM since)
          )
-         SELECT COUNT(*) AS heartbeats,
+         SELECT COUNT(*) AS "heartbeats!",
                 COALESCE(SUM(date_part('epoch',
                     LEAST(COALESCE(next_at, NOW()::timestamp), NOW()::timestamp,
                           received_at + make_interval(secs => $3)) - received_at))
                     FILTER (WHERE healthy), 0) AS covered_seconds,
                 date_part('epoch', NOW()::timestamp - (SELECT t FROM since)) AS observed_seconds
-         FROM beats",
+         FROM beats"#,
+        internal_id,
+        range.seconds(),
+        heartbeat_timeout as f64
     )
-    .bind(internal_id)
-    .bind(range.seconds())
-    .bind(heartbeat_timeout as f64)
     .fetch_one(&mut *tx)
     .await?;
     let covered = uptime.covered_seconds.unwrap_or(0.0).max(0.0);
@@ -654,36 +707,38 @@ pub struct RoutingReport {
 
 pub async fn routing(db: &PgPool, range: TimeRange) -> Result<RoutingReport, sqlx::Error> {
     let mut tx = reading(db).await?;
-    let assignments: i64 = sqlx::query_scalar(
-        "SELECT COUNT(*) FROM task_state_history
-         WHERE changed_at >= NOW() - make_interval(secs => $1) AND to_status = 'assigned'",
+    let assignments = sqlx::query_scalar!(
+        r#"SELECT COUNT(*) AS "n!" FROM task_state_history
+         WHERE changed_at >= NOW() - make_interval(secs => $1) AND to_status = 'assigned'"#,
+        range.seconds()
     )
-    .bind(range.seconds())
     .fetch_one(&mut *tx)
     .await?;
-    let latency: Durations = sqlx::query_as(
-        "SELECT COUNT(d) AS count, AVG(d) AS mean_seconds,
+    let latency = sqlx::query_as!(
+        Durations,
+        r#"SELECT COUNT(d) AS "count!", AVG(d) AS mean_seconds,
                 (percentile_cont(ARRAY[0.5, 0.95]) WITHIN GROUP (ORDER BY d))[1] AS p50_seconds,
                 (percentile_cont(ARRAY[0.5, 0.95]) WITHIN GROUP (ORDER BY d))[2] AS p95_seconds,
                 MAX(d) AS max_seconds
          FROM (SELECT date_part('epoch', assigned_at - created_at) AS d
                FROM tasks WHERE created_at >= NOW() - make_interval(secs => $1)
-                 AND assigned_at IS NOT NULL) s",
+                 AND assigned_at IS NOT NULL) s"#,
+        range.seconds()
     )
-    .bind(range.seconds())
     .fetch_one(&mut *tx)
     .await?;
     // The partial index on pending tasks makes this read only the queue.
-    let pending: Vec<PendingByCapability> = sqlx::query_as(
-        "WITH p AS (
+    let pending = sqlx::query_as!(
+        PendingByCapability,
+        r#"WITH p AS (
             SELECT required_capability AS capability, COUNT(*) AS pending,
                    date_part('epoch', NOW()::timestamp - MIN(created_at)) AS oldest_pending_seconds
             FROM tasks WHERE status = 'pending' GROUP BY required_capability
          )
-         SELECT p.capability, p.pending, p.oldest_pending_seconds,
+         SELECT p.capability AS "capability?", p.pending AS "pending!", p.oldest_pending_seconds,
                 EXISTS (SELECT 1 FROM droplets d WHERE d.status = 'active'
-                          AND (p.capability IS NULL OR d.capabilities @> jsonb_build_array(p.capability))) AS routable
-         FROM p ORDER BY p.pending DESC, p.capability NULLS FIRST",
+                          AND (p.capability IS NULL OR d.capabilities @> jsonb_build_array(p.capability))) AS "routable!"
+         FROM p ORDER BY p.pending DESC, p.capability NULLS FIRST"#
     )
     .fetch_all(&mut *tx)
     .await?;

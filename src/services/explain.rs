@@ -15,7 +15,6 @@ use crate::services::status::Status;
 use crate::services::tasks::{self, HistoryRow, Task};
 use crate::services::Core;
 
-#[derive(sqlx::FromRow)]
 struct CandidateRow {
     droplet_id: i32,
     status: String,
@@ -156,16 +155,17 @@ async fn waiting(
     answer: &mut Explanation,
 ) -> Result<(), sqlx::Error> {
     let capability = task.required_capability.clone().filter(|c| !c.is_empty());
-    let mut rows: Vec<CandidateRow> = sqlx::query_as(
-        "SELECT d.droplet_id, d.status, d.admin_deactivated, d.max_concurrent_tasks,
+    let mut rows = sqlx::query_as!(
+        CandidateRow,
+        r#"SELECT d.droplet_id, d.status, d.admin_deactivated, d.max_concurrent_tasks,
                 (SELECT COUNT(*) FROM tasks t WHERE t.assigned_droplet_id = d.id
-                   AND t.status IN ('assigned', 'in_progress')) AS load,
-                CASE WHEN $1::text IS NULL THEN NULL ELSE d.capability_schemas -> $1 END AS schema
+                   AND t.status IN ('assigned', 'in_progress')) AS "load!",
+                CASE WHEN $1::text IS NULL THEN NULL ELSE d.capability_schemas -> $1 END AS "schema?"
          FROM droplets d
          WHERE d.registered AND ($1::text IS NULL OR COALESCE(d.capabilities, '[]'::jsonb) ? $1)
-         ORDER BY d.droplet_id",
+         ORDER BY d.droplet_id"#,
+        capability
     )
-    .bind(&capability)
     .fetch_all(&state.db)
     .await?;
 
@@ -290,17 +290,17 @@ async fn contract_verdicts(
 /// How many pending tasks the router takes before this one (same capability, or any task
 /// without one for a task without one), in its order: priority, then age.
 async fn position(state: &Core, task: &Task) -> Result<i64, sqlx::Error> {
-    sqlx::query_scalar(
-        "SELECT COUNT(*) FROM tasks
+    sqlx::query_scalar!(
+        r#"SELECT COUNT(*) AS "n!" FROM tasks
          WHERE status = 'pending' AND id <> $1
            AND required_capability IS NOT DISTINCT FROM $2
            AND (deadline IS NULL OR deadline > NOW())
-           AND (COALESCE(priority, 5), COALESCE(created_at, NOW()::timestamp), id) < ($3, $4, $1)",
+           AND (COALESCE(priority, 5), COALESCE(created_at, NOW()::timestamp), id) < ($3, $4, $1)"#,
+        task.id,
+        task.required_capability.as_deref(),
+        task.priority,
+        task.created_at
     )
-    .bind(task.id)
-    .bind(&task.required_capability)
-    .bind(task.priority)
-    .bind(task.created_at)
     .fetch_one(&state.db)
     .await
 }

@@ -176,7 +176,6 @@ pub enum Mode {
     SkipInvalid,
 }
 
-#[derive(sqlx::FromRow)]
 struct Locked {
     id: i32,
     status: String,
@@ -199,11 +198,13 @@ pub async fn apply(
     let mut ids: Vec<i32> = moves.iter().map(|m| m.task_id).collect();
     ids.sort_unstable();
     ids.dedup();
-    let locked: Vec<Locked> =
-        sqlx::query_as("SELECT id, status, assigned_droplet_id, attempt FROM tasks WHERE id = ANY($1) ORDER BY id FOR UPDATE")
-            .bind(&ids)
-            .fetch_all(&mut *conn)
-            .await?;
+    let locked = sqlx::query_as!(
+        Locked,
+        "SELECT id, status, assigned_droplet_id, attempt FROM tasks WHERE id = ANY($1) ORDER BY id FOR UPDATE",
+        &ids
+    )
+    .fetch_all(&mut *conn)
+    .await?;
     let rows: HashMap<i32, &Locked> = locked.iter().map(|l| (l.id, l)).collect();
 
     let mut accepted: Vec<(&Move, Status, Option<i32>)> = Vec::with_capacity(moves.len());
@@ -291,17 +292,19 @@ pub async fn apply(
         .iter()
         .map(|id| attempts.get(id).copied().unwrap_or(0))
         .collect();
-    sqlx::query(
+    sqlx::query!(
         "INSERT INTO task_state_history (task_id, from_status, to_status, changed_by, reason, metadata, attempt)
          SELECT * FROM unnest($1::int[], $2::text[], $3::text[], $4::text[], $5::text[], $6::jsonb[], $7::int[])",
+        &a_ids,
+        // Checked as text[] and jsonb[] by PostgreSQL; the macros' element check knows neither
+        // &str nor Option in an array, so these are bound as they are.
+        &h_from as _,
+        &a_to as _,
+        &h_by as _,
+        &h_reason as _,
+        &h_meta as _,
+        &h_attempt
     )
-    .bind(&a_ids)
-    .bind(&h_from)
-    .bind(&a_to)
-    .bind(&h_by)
-    .bind(&h_reason)
-    .bind(&h_meta)
-    .bind(&h_attempt)
     .execute(&mut *conn)
     .await?;
 

@@ -137,12 +137,13 @@ pub async fn load_by_trace(db: &PgPool, trace_id: Uuid) -> Result<Option<Task>, 
 }
 
 pub async fn history(db: &PgPool, id: i32) -> Result<Vec<HistoryRow>, sqlx::Error> {
-    sqlx::query_as(
-        "SELECT from_status, to_status, changed_by, reason, metadata, attempt,
-                COALESCE(changed_at, NOW()::timestamp) AS changed_at
-         FROM task_state_history WHERE task_id = $1 ORDER BY id",
+    sqlx::query_as!(
+        HistoryRow,
+        r#"SELECT from_status, to_status, changed_by, reason, metadata, attempt,
+                COALESCE(changed_at, NOW()::timestamp) AS "changed_at!"
+         FROM task_state_history WHERE task_id = $1 ORDER BY id"#,
+        id
     )
-    .bind(id)
     .fetch_all(db)
     .await
 }

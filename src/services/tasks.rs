@@ -116,11 +116,11 @@ pub async fn contracts_for(
     db: &PgPool,
     capability: &str,
 ) -> Result<Vec<Option<Value>>, sqlx::Error> {
-    sqlx::query_scalar(
-        "SELECT capability_schemas -> $1 FROM droplets
-         WHERE registered AND COALESCE(capabilities, '[]'::jsonb) ? $1",
+    sqlx::query_scalar!(
+        r#"SELECT capability_schemas -> $1 AS "schema?" FROM droplets
+         WHERE registered AND COALESCE(capabilities, '[]'::jsonb) ? $1"#,
+        capability
     )
-    .bind(capability)
     .fetch_all(db)
     .await
 }
