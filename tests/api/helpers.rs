@@ -561,6 +561,12 @@ pub struct DropletServer {
 
 impl DropletServer {
     pub async fn start(behaviour: Behaviour) -> DropletServer {
+        DropletServer::start_at("http://127.0.0.1:0", behaviour).await
+    }
+
+    /// A droplet server on the host and port of `endpoint` (e.g. one from
+    /// [`dead_endpoint`], to bring an endpoint that refused connections up).
+    pub async fn start_at(endpoint: &str, behaviour: Behaviour) -> DropletServer {
         let received = Arc::new(Mutex::new(Vec::new()));
         let behaviour = Arc::new(Mutex::new(behaviour));
         let shared = (received.clone(), behaviour.clone());
@@ -587,7 +593,7 @@ impl DropletServer {
                 ),
             )
             .with_state(shared);
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        let listener = tokio::net::TcpListener::bind(endpoint.trim_start_matches("http://"))
             .await
             .expect("bind droplet");
         let addr = listener.local_addr().expect("addr");

@@ -38,4 +38,5 @@ mod registry;
 mod requeues;
 mod routing;
 mod tasks;
+mod unreachable;
 mod websocket;
