@@ -297,6 +297,10 @@ pub fn base_env(database_url: &str) -> HashMap<String, String> {
         ("PORT", "0"),
         // Tests that exercise the limiter set their own quota; the rest must never hit it.
         ("RATE_LIMIT_PER_MINUTE", "1000000"),
+        // Tests of unreachable droplets (`unreachable.rs`) set their own threshold; the rest
+        // register `dead_endpoint()`s as droplets nobody needs to reach, whose tasks must
+        // stay where the test put them.
+        ("DISPATCH_FAILURES_BEFORE_UNREACHABLE", "1000"),
     ] {
         env.insert(k.to_string(), v.to_string());
     }

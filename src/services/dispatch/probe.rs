@@ -17,7 +17,7 @@ use crate::services::events::{self, DropletEventKind, Event};
 use crate::services::Core;
 
 /// How often the list of unreachable droplets is read.
-const TICK: Duration = Duration::from_millis(500);
+const TICK: Duration = Duration::from_secs(1);
 /// The wait before a droplet's first probe, doubled after each that fails.
 const FIRST_PROBE: Duration = Duration::from_secs(1);
 /// The longest wait between two probes of one droplet.
