@@ -158,6 +158,10 @@ pub async fn start_background(state: &AppState) -> Result<(), StartError> {
         state.core.clone(),
         stop.clone(),
     ));
+    tokio::spawn(services::dispatch::probe::run(
+        state.core.clone(),
+        stop.clone(),
+    ));
     tokio::spawn(services::dispatch::run_workers(
         state.core.clone(),
         stop.clone(),

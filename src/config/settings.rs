@@ -289,6 +289,11 @@ settings! {
         help: "deliveries a droplet refuses in a row (4xx) before it is marked error",
         parse: number(3u32, 1, 1000),
     }
+    dispatch_failures_before_unreachable: u32 = "DISPATCH_FAILURES_BEFORE_UNREACHABLE" {
+        default: "5",
+        help: "deliveries to a droplet that cannot connect or time out, in a row, before it is marked unreachable (error) and probed",
+        parse: number(5u32, 1, 1000),
+    }
     /// Networks registered endpoints may resolve to (empty: any but the refused kinds); a list
     /// narrows the checks and never lifts them, see `services::endpoints::EndpointPolicy`.
     endpoint_allowed_networks: Vec<ipnet::IpNet> = "ENDPOINT_ALLOWED_NETWORKS" {

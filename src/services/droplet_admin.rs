@@ -38,7 +38,8 @@ pub async fn set_active(
         t.wake_router();
     } else if core.config().enable_auto_recovery {
         recovered =
-            task_recovery::recover_in(&mut t, droplet.internal_id, droplet.droplet_id).await?;
+            task_recovery::recover_in(&mut t, droplet.internal_id, droplet.droplet_id, false)
+                .await?;
     }
     t.commit().await?;
     Ok(AdminChange {

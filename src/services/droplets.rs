@@ -244,7 +244,7 @@ pub async fn register(
                 name = EXCLUDED.name, steward = EXCLUDED.steward, endpoint = EXCLUDED.endpoint,
                 capabilities = EXCLUDED.capabilities, max_concurrent_tasks = EXCLUDED.max_concurrent_tasks,
                 id_form = COALESCE(EXCLUDED.id_form, droplets.id_form), refused_deliveries = 0,
-                timed_out_assignments = 0,
+                timed_out_assignments = 0, failed_deliveries = 0, unreachable_since = NULL,
                 capability_schemas = EXCLUDED.capability_schemas,
                 status = CASE WHEN droplets.admin_deactivated THEN droplets.status ELSE 'active' END,
                 last_heartbeat = NOW(), updated_at = NOW(), registered = TRUE
@@ -351,7 +351,10 @@ pub const HEARTBEATS_SQL: &str = const_format::concatcp!(
      up AS (
         UPDATE droplets SET last_heartbeat = NOW(), updated_at = NOW(), refused_deliveries = 0,
             id_form = COALESCE(old.beat_id_form, droplets.id_form),
-            status = CASE WHEN droplets.admin_deactivated THEN droplets.status ELSE old.new_status END
+            -- An unreachable droplet stays as it is: its heartbeat shows it reaches us, not
+            -- that we reach it (a successful probe or a registration brings it back).
+            status = CASE WHEN droplets.admin_deactivated OR droplets.unreachable_since IS NOT NULL
+                          THEN droplets.status ELSE old.new_status END
         FROM old WHERE droplets.id = old.old_id
         RETURNING droplets.*
      ),

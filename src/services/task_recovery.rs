@@ -1,7 +1,7 @@
 //! Recovery: work of a lost droplet goes back to pending (assigned) or fails to be retried
 //! (in progress); failed tasks retry after their backoff; deadlines and assignment timeouts.
 
-use crate::services::dispatch::Refusal;
+use crate::services::dispatch::{Refusal, Report, Unreachable};
 use crate::services::locks::Singleton;
 use crate::services::state_machine::{Actor, Cause, Mode, Move, MoveError, Status};
 use crate::services::transition::Transition;
@@ -16,24 +16,28 @@ pub async fn recover_droplet(
     droplet_id: i32,
 ) -> Result<usize, sqlx::Error> {
     let mut t = Transition::begin(state).await?;
-    let n = recover_in(&mut t, internal_id, droplet_id).await?;
+    let n = recover_in(&mut t, internal_id, droplet_id, false).await?;
     t.commit().await?;
     Ok(n)
 }
 
 /// Takes a lost droplet's tasks away within a transition: assigned ones to pending (not a
 /// retry), running ones to failed (`droplet N lost`), to be retried elsewhere after their
-/// backoff. Returns how many moved.
+/// backoff. With `assigned_only` (a droplet we cannot reach, which may still finish what it
+/// started), only the assigned ones. Returns how many moved.
 pub async fn recover_in(
     t: &mut Transition<'_>,
     internal_id: i32,
     droplet_id: i32,
+    assigned_only: bool,
 ) -> Result<usize, sqlx::Error> {
     let live: Vec<(i32, String)> = sqlx::query_as(
-        "SELECT id, status FROM tasks WHERE assigned_droplet_id = $1 AND status IN ('assigned', 'in_progress')
+        "SELECT id, status FROM tasks WHERE assigned_droplet_id = $1
+           AND (status = 'assigned' OR (status = 'in_progress' AND NOT $2))
          ORDER BY id FOR UPDATE",
     )
     .bind(internal_id)
+    .bind(assigned_only)
     .fetch_all(t.conn())
     .await?;
     let moves: Vec<Move> = live
@@ -42,9 +46,13 @@ pub async fn recover_in(
             if status == "assigned" {
                 let mut m = Move::new(id, Status::Pending, Actor::System, "system");
                 m.cause = Cause::Requeue;
-                m.reason = Some(format!(
-                    "droplet {droplet_id} lost before starting the task; requeued (not a retry)"
-                ));
+                m.reason = Some(if assigned_only {
+                    format!("droplet {droplet_id} unreachable; requeued (not a retry)")
+                } else {
+                    format!(
+                        "droplet {droplet_id} lost before starting the task; requeued (not a retry)"
+                    )
+                });
                 m.expect_droplet = Some(internal_id);
                 m
             } else {
@@ -152,6 +160,10 @@ enum Counter {
     Refusals,
     /// Assigned tasks not started in time (`timed_out_assignments`).
     AssignmentTimeouts,
+    /// Deliveries that could not connect or timed out (`failed_deliveries`); reaching the
+    /// threshold also marks the droplet unreachable (`unreachable_since`), and the droplets
+    /// returned are those newly unreachable (whatever their status was).
+    ConnectionFailures,
 }
 
 impl Counter {
@@ -188,12 +200,41 @@ impl Counter {
         match self {
             Counter::Refusals => marking!("refused_deliveries"),
             Counter::AssignmentTimeouts => marking!("timed_out_assignments"),
+            Counter::ConnectionFailures => UNREACHABLE_SQL,
         }
     }
 }
 
+/// [`Counter::ConnectionFailures`]: as `marking!`, and `unreachable_since` set at the
+/// threshold; the rows returned are the droplets that became unreachable now.
+const UNREACHABLE_SQL: &str = const_format::concatcp!(
+    "WITH c AS (SELECT * FROM unnest($1::int[], $2::int[]) AS c(cid, n)),
+     old AS (
+        SELECT droplets.id AS old_id, droplets.status AS old_status,
+               droplets.unreachable_since AS old_unreachable, c.n
+        FROM droplets JOIN c ON c.cid = droplets.id
+        ORDER BY droplets.id FOR NO KEY UPDATE OF droplets
+     ),
+     up AS (
+        UPDATE droplets SET failed_deliveries = droplets.failed_deliveries + old.n,
+            unreachable_since = CASE WHEN droplets.failed_deliveries + old.n >= $3 OR $4
+                                     THEN COALESCE(droplets.unreachable_since, NOW())
+                                     ELSE droplets.unreachable_since END,
+            status = CASE WHEN (droplets.failed_deliveries + old.n >= $3 OR $4)
+                               AND NOT droplets.admin_deactivated
+                          THEN 'error' ELSE droplets.status END,
+            updated_at = NOW()
+        FROM old WHERE droplets.id = old.old_id RETURNING droplets.*
+     ) SELECT ",
+    crate::services::droplets::DROPLET_COLUMNS,
+    ", old.old_status AS previous_status FROM up JOIN old ON old.old_id = up.id
+     WHERE up.unreachable_since IS NOT NULL AND old.old_unreachable IS NULL"
+);
+
 /// A droplet just marked `error`, and why.
 struct Marked {
+    /// Internal id.
+    id: i32,
     droplet_id: i32,
     reason: String,
 }
@@ -237,6 +278,7 @@ async fn count_and_mark(
             })),
         ));
         marked.push(Marked {
+            id: r.droplet.internal_id,
             droplet_id: r.droplet.droplet_id,
             reason,
         });
@@ -295,11 +337,83 @@ pub async fn run_refusals(core: Core, stop: tokio_util::sync::CancellationToken)
                 None => return,
             },
         };
-        if let Err(e) = refused(&core, &refusal).await {
-            // The assignment timeout requeues the task if this could not.
-            tracing::warn!(task_id = refusal.task_id, error = %e, "could not requeue a refused task");
+        let failure = match refusal {
+            Report::Refused(refusal) => {
+                if let Err(e) = refused(&core, &refusal).await {
+                    // The assignment timeout requeues the task if this could not.
+                    tracing::warn!(task_id = refusal.task_id, error = %e, "could not requeue a refused task");
+                }
+                continue;
+            }
+            Report::Unreachable(failure) => failure,
+        };
+        // Failures come in bursts (every delivery in flight to a droplet that went away):
+        // those waiting now are counted in one statement; refusals among them wait their turn.
+        let mut failures = vec![failure];
+        let mut refusals_after = Vec::new();
+        while let Ok(next) = refusals.try_recv() {
+            match next {
+                Report::Unreachable(f) => failures.push(f),
+                Report::Refused(r) => refusals_after.push(r),
+            }
+            if failures.len() + refusals_after.len() >= LIMIT as usize {
+                break;
+            }
+        }
+        if let Err(e) = unreachable(&core, &failures).await {
+            // The next failures count again; the assignment timeout requeues meanwhile.
+            tracing::warn!(error = %e, "could not count failed deliveries");
+        }
+        for refusal in refusals_after {
+            if let Err(e) = refused(&core, &refusal).await {
+                tracing::warn!(task_id = refusal.task_id, error = %e, "could not requeue a refused task");
+            }
         }
     }
+}
+
+/// Counts deliveries that could not connect or timed out. A droplet that reaches
+/// `DISPATCH_FAILURES_BEFORE_UNREACHABLE` in a row is marked unreachable: status `error`
+/// with a `droplet_health_changed` event and a log line, out of routing, its assigned tasks
+/// back to pending (not a retry; the router prefers another droplet), in one transaction.
+/// A heartbeat does not bring it back; a successful probe (`dispatch::probe`), an accepted
+/// delivery's reset or a registration does.
+pub async fn unreachable(state: &Core, failures: &[Unreachable]) -> Result<(), sqlx::Error> {
+    let n = state.config().dispatch_failures_before_unreachable;
+    let mut per_droplet: std::collections::BTreeMap<i32, i32> = Default::default();
+    for f in failures {
+        *per_droplet.entry(f.internal_droplet).or_insert(0) += 1;
+    }
+    let counts: Vec<(i32, i32)> = per_droplet.into_iter().collect();
+    let last: std::collections::HashMap<i32, &str> = failures
+        .iter()
+        .map(|f| (f.droplet_id, f.reason.as_str()))
+        .collect();
+    let mut t = Transition::begin(state).await?;
+    let marked = count_and_mark(
+        &mut t,
+        Counter::ConnectionFailures,
+        &counts,
+        n,
+        false,
+        |droplet| {
+            format!(
+                "could not be reached: {n} deliveries in a row failed to connect or had no answer (last: {}); unreachable, its assigned tasks back to pending, probed until it answers or registers again",
+                last.get(&droplet).copied().unwrap_or("unreachable")
+            )
+        },
+    )
+    .await?;
+    let mut requeued = 0;
+    for m in &marked {
+        requeued += recover_in(&mut t, m.id, m.droplet_id, true).await?;
+    }
+    t.commit().await?;
+    log_marked(&marked);
+    if requeued > 0 {
+        state.router.trigger();
+    }
+    Ok(())
 }
 
 /// What one maintenance round did.

@@ -25,7 +25,7 @@ pub(crate) const COLUMNS_MID: &str = ", \
     t.required_capability, d.droplet_id AS assigned_droplet_id, d.name AS assigned_droplet_name, \
     d.endpoint AS assigned_droplet_endpoint, t.assigned_droplet_id AS assigned_droplet_internal, \
     d.id_form AS assigned_droplet_id_form, \
-    COALESCE(d.refused_deliveries > 0, FALSE) AS assigned_droplet_refusing, \
+    COALESCE(d.refused_deliveries > 0 OR d.failed_deliveries > 0, FALSE) AS assigned_droplet_refusing, \
     t.last_droplet_id, t.status, COALESCE(t.priority, 5) AS priority, \
     COALESCE(t.created_at, NOW()::timestamp) AS created_at, t.assigned_at, t.started_at, t.completed_at, \
     t.deadline, ";

@@ -297,6 +297,10 @@ pub fn base_env(database_url: &str) -> HashMap<String, String> {
         ("PORT", "0"),
         // Tests that exercise the limiter set their own quota; the rest must never hit it.
         ("RATE_LIMIT_PER_MINUTE", "1000000"),
+        // Tests of unreachable droplets (`unreachable.rs`) set their own threshold; the rest
+        // register `dead_endpoint()`s as droplets nobody needs to reach, whose tasks must
+        // stay where the test put them.
+        ("DISPATCH_FAILURES_BEFORE_UNREACHABLE", "1000"),
     ] {
         env.insert(k.to_string(), v.to_string());
     }
@@ -561,6 +565,12 @@ pub struct DropletServer {
 
 impl DropletServer {
     pub async fn start(behaviour: Behaviour) -> DropletServer {
+        DropletServer::start_at("http://127.0.0.1:0", behaviour).await
+    }
+
+    /// A droplet server on the host and port of `endpoint` (e.g. one from
+    /// [`dead_endpoint`], to bring an endpoint that refused connections up).
+    pub async fn start_at(endpoint: &str, behaviour: Behaviour) -> DropletServer {
         let received = Arc::new(Mutex::new(Vec::new()));
         let behaviour = Arc::new(Mutex::new(behaviour));
         let shared = (received.clone(), behaviour.clone());
@@ -587,7 +597,7 @@ impl DropletServer {
                 ),
             )
             .with_state(shared);
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        let listener = tokio::net::TcpListener::bind(endpoint.trim_start_matches("http://"))
             .await
             .expect("bind droplet");
         let addr = listener.local_addr().expect("addr");

@@ -42,4 +42,5 @@ mod replay;
 mod requeues;
 mod routing;
 mod tasks;
+mod unreachable;
 mod websocket;

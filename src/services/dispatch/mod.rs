@@ -3,7 +3,9 @@
 //! path, with bounded concurrency (in all, and per droplet, so a silent droplet cannot hold
 //! every slot), retried with backoff while the task stays assigned. A droplet that refuses a
 //! delivery (a 4xx other than 408/429) is not asked again: the task goes back to the router;
-//! a delivery it accepts ends its run of refusals.
+//! a delivery it accepts ends its run of refusals. Deliveries that cannot connect or time
+//! out are counted in a row too: at `DISPATCH_FAILURES_BEFORE_UNREACHABLE` the droplet is
+//! marked unreachable (`task_recovery::unreachable`) and probed (`probe`).
 
 use std::time::Duration;
 
@@ -16,10 +18,14 @@ use crate::services::endpoints::{self, NoAllowedAddress};
 use crate::services::task_store::Task;
 use crate::services::Core;
 
+pub mod probe;
 pub mod queue;
 pub mod slots;
 use queue::{Tries, Waiting};
-pub use slots::{Dispatcher, Refusal};
+pub use slots::{Dispatcher, Refusal, Report, Unreachable};
+
+/// `Delivery::Failed`'s reason when the droplet could not be connected to.
+const UNREACHABLE: &str = "unreachable";
 
 /// The outcome of one delivery.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -51,6 +57,16 @@ impl Delivery {
     /// Whether trying again later may help.
     pub fn is_transient(&self) -> bool {
         matches!(self, Delivery::Timeout | Delivery::Failed(_))
+    }
+
+    /// Whether the droplet could not be reached: no connection, or no answer in time (an
+    /// HTTP answer of any kind, a 5xx included, shows it is there).
+    pub fn is_unreachable(&self) -> bool {
+        match self {
+            Delivery::Timeout => true,
+            Delivery::Failed(reason) => reason == UNREACHABLE,
+            _ => false,
+        }
     }
 
     /// The outcome in words, for a caller or a log line.
@@ -167,7 +183,7 @@ pub async fn post_message(
         }
         Err(e) if e.is_timeout() => Delivery::Timeout,
         Err(e) if blocked_by_policy(&e) => Delivery::Blocked,
-        Err(_) => Delivery::Failed("unreachable".into()),
+        Err(_) => Delivery::Failed(UNREACHABLE.into()),
     }
 }
 
@@ -386,9 +402,9 @@ async fn send(state: &Core, waiting: Waiting, own: tokio::sync::OwnedSemaphorePe
         .with_label_values(&[outcome.label()])
         .inc();
     if outcome == Delivery::Delivered {
-        // Refusals count "in a row": an accepted delivery resets them. Only for a droplet
-        // known to have some (refused here lately, or counted when its task was read), so
-        // the deliveries of droplets that never refuse write nothing.
+        // Refusals and connection failures count "in a row": an accepted delivery resets
+        // them. Only for a droplet known to have some (counted here lately, or when its task
+        // was read), so the deliveries of droplets that always answer write nothing.
         if state.dispatch.take_refused_lately(internal) || counted_refusals {
             reset_refusals(state, internal).await;
         }
@@ -413,6 +429,15 @@ async fn send(state: &Core, waiting: Waiting, own: tokio::sync::OwnedSemaphorePe
         return;
     }
     tracing::debug!(task_id, droplet, outcome = ?outcome, "dispatch failed; will retry");
+    if outcome.is_unreachable() {
+        // Counted by recovery; at `DISPATCH_FAILURES_BEFORE_UNREACHABLE` in a row the
+        // droplet's assigned tasks are taken back, and this retry finds nothing to send.
+        state.dispatch.report_unreachable(Unreachable {
+            internal_droplet: internal,
+            droplet_id: droplet,
+            reason: outcome.reason(timeout),
+        });
+    }
     if tokio::time::Instant::now() + tries.backoff > tries.give_up
         || state.shutdown.is_cancelled()
         || state.emergency_stopped()
@@ -434,10 +459,12 @@ async fn send(state: &Core, waiting: Waiting, own: tokio::sync::OwnedSemaphorePe
     later(state, vec![retry], tries.backoff);
 }
 
-/// Resets a droplet's (internal id) count of refusals in a row after it accepted a delivery.
+/// Resets a droplet's (internal id) counts of refusals and connection failures in a row
+/// after it accepted a delivery.
 async fn reset_refusals(state: &Core, internal: i32) {
     let reset = sqlx::query(
-        "UPDATE droplets SET refused_deliveries = 0 WHERE id = $1 AND refused_deliveries > 0",
+        "UPDATE droplets SET refused_deliveries = 0, failed_deliveries = 0
+         WHERE id = $1 AND (refused_deliveries > 0 OR failed_deliveries > 0)",
     )
     .bind(internal)
     .execute(&state.db)

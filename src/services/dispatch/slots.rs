@@ -1,5 +1,6 @@
 //! The dispatcher's shared parts: delivery slots (in all, and per droplet, so a silent
-//! droplet cannot hold every slot) and the queue of refusals that recovery acts on.
+//! droplet cannot hold every slot) and the queue of refusals and connection failures that
+//! recovery acts on.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -19,11 +20,11 @@ pub struct Dispatcher {
     permits: Arc<Semaphore>,
     per_droplet: Mutex<HashMap<i32, Arc<Semaphore>>>,
     per_droplet_limit: usize,
-    refusals: UnboundedSender<Refusal>,
-    refusals_out: Mutex<Option<UnboundedReceiver<Refusal>>>,
-    /// Droplets (internal ids) that refused a delivery here since their last accepted one:
-    /// only their next accepted delivery resets the count in the database, so the hot path
-    /// of droplets that never refuse issues no write.
+    refusals: UnboundedSender<Report>,
+    refusals_out: Mutex<Option<UnboundedReceiver<Report>>>,
+    /// Droplets (internal ids) that refused a delivery, or could not be reached, here since
+    /// their last accepted one: only their next accepted delivery resets the counts in the
+    /// database, so the hot path of droplets that always answer issues no write.
     refused_lately: Mutex<HashSet<i32>>,
     /// Whether `refused_lately` may hold any droplet: accepted deliveries skip its lock
     /// while no droplet refuses.
@@ -40,6 +41,23 @@ pub struct Refusal {
     /// It refused the orchestrator's credentials (HTTP 401 or 403): a configuration fault,
     /// not the task's.
     pub credentials: bool,
+}
+
+/// A delivery that could not connect to its droplet or had no answer in time (the task
+/// stays assigned and is retried; the droplet's count of such failures in a row grows).
+#[derive(Debug, Clone)]
+pub struct Unreachable {
+    pub internal_droplet: i32,
+    pub droplet_id: i32,
+    /// What happened, in words (`unreachable`, `no answer within 5 s`).
+    pub reason: String,
+}
+
+/// What dispatch reports to recovery.
+#[derive(Debug, Clone)]
+pub enum Report {
+    Refused(Refusal),
+    Unreachable(Unreachable),
 }
 
 impl Dispatcher {
@@ -89,7 +107,14 @@ impl Dispatcher {
     /// Hands a refusal to recovery, and remembers that its droplet has refusals counted.
     pub fn report_refusal(&self, refusal: Refusal) {
         self.note_refused(refusal.internal_droplet);
-        let _ = self.refusals.send(refusal);
+        let _ = self.refusals.send(Report::Refused(refusal));
+    }
+
+    /// Hands a connection failure or timeout to recovery (it counts them in a row), and
+    /// remembers that its droplet has failures counted.
+    pub fn report_unreachable(&self, failure: Unreachable) {
+        self.note_refused(failure.internal_droplet);
+        let _ = self.refusals.send(Report::Unreachable(failure));
     }
 
     /// Whether this droplet refused a delivery here since its last accepted one; forgets it
@@ -107,7 +132,7 @@ impl Dispatcher {
         was
     }
 
-    /// Remembers that this droplet has refusals counted.
+    /// Remembers that this droplet has refusals or connection failures counted.
     pub fn note_refused(&self, droplet: i32) {
         if let Ok(mut lately) = self.refused_lately.lock() {
             lately.insert(droplet);
@@ -115,8 +140,9 @@ impl Dispatcher {
         }
     }
 
-    /// The refusals reported, for the one loop that acts on them (`None` once taken).
-    pub fn take_refusals(&self) -> Option<UnboundedReceiver<Refusal>> {
+    /// The refusals and failures reported, for the one loop that acts on them (`None` once
+    /// taken).
+    pub fn take_refusals(&self) -> Option<UnboundedReceiver<Report>> {
         self.refusals_out.lock().ok()?.take()
     }
 }
