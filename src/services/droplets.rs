@@ -271,7 +271,7 @@ pub async fn register(
         row.droplet.to_json(),
         Some(json!({ "previous_status": row.previous_status, "new": row.was_new })),
     );
-    events::notify(&mut tx, &[event]).await?;
+    events::record(&mut tx, &[event]).await?;
     tx.commit().await?;
     state.router.trigger();
     Ok((row.droplet, row.was_new))
@@ -610,7 +610,7 @@ pub async fn set_admin_status(
                 "reason": if activate { format!("activated by {}", caller.actor_name()) } else { format!("deactivated by {}", caller.actor_name()) },
             })),
         );
-        events::notify(conn, &[event]).await?;
+        events::record(conn, &[event]).await?;
     }
     Ok((row.droplet, row.previous_status))
 }

@@ -56,7 +56,7 @@ pub async fn run_once(state: &Core) -> Result<HealthRound, sqlx::Error> {
             Some(silence),
         ));
     }
-    events::notify(&mut tx, &evs).await?;
+    events::record(&mut tx, &evs).await?;
     tx.commit().await?;
     let mut round = HealthRound {
         marked_inactive: lost.iter().map(|d| d.droplet_id).collect(),

@@ -345,7 +345,7 @@ pub async fn apply(
             previous_droplet,
         });
     }
-    events::notify(conn, &to_notify).await?;
+    events::record(conn, &to_notify).await?;
     Ok(applied)
 }
 

@@ -283,7 +283,7 @@ async fn count_and_mark(
             reason,
         });
     }
-    crate::services::events::notify(t.conn(), &events).await?;
+    crate::services::events::record(t.conn(), &events).await?;
     Ok(marked)
 }
 

@@ -378,7 +378,7 @@ async fn insert_rows(
             )
         })
         .collect();
-    events::notify(t.conn(), &events).await?;
+    events::record(t.conn(), &events).await?;
     for task in &tasks {
         t.created(task);
     }

@@ -127,7 +127,7 @@ async fn reachable_again(state: &Core, id: i32) -> Result<(), sqlx::Error> {
         serde_json::to_value(&row.droplet).unwrap_or_default(),
         Some(json!({ "previous_status": row.previous_status, "reason": reason })),
     );
-    events::notify(&mut tx, &[event]).await?;
+    events::record(&mut tx, &[event]).await?;
     tx.commit().await?;
     tracing::info!(
         droplet_id = row.droplet.droplet_id,

@@ -335,7 +335,7 @@ impl EventHub {
     pub fn ping_all(&self, interval_seconds: u64) -> usize {
         let deadline = now_ms() - (2 * interval_seconds as i64 * 1000);
         let mut pinged = 0;
-        for feed in [Feed::Tasks, Feed::Droplets] {
+        for feed in Feed::ALL {
             let Ok(clients) = self.inner.feed(feed).read() else {
                 continue;
             };
@@ -363,7 +363,7 @@ impl EventHub {
 
     /// Closes every socket (shutdown: close code 1001).
     pub fn close_all(&self, code: u16, reason: &'static str) {
-        for feed in [Feed::Tasks, Feed::Droplets] {
+        for feed in Feed::ALL {
             if let Ok(clients) = self.inner.feed(feed).read() {
                 for client in clients.values() {
                     client.kick(Kick { code, reason });
@@ -382,7 +382,7 @@ impl EventHub {
     }
 
     pub fn connection_count(&self) -> usize {
-        [Feed::Tasks, Feed::Droplets]
+        Feed::ALL
             .iter()
             .map(|f| self.inner.feed(*f).read().map(|m| m.len()).unwrap_or(0))
             .sum()
@@ -396,7 +396,7 @@ impl EventHub {
 
     pub fn stats(&self) -> WsStats {
         let mut connections = HashMap::new();
-        for feed in [Feed::Tasks, Feed::Droplets] {
+        for feed in Feed::ALL {
             connections.insert(
                 feed.as_str(),
                 self.inner.feed(feed).read().map(|m| m.len()).unwrap_or(0),

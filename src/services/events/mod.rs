@@ -26,6 +26,8 @@ pub enum Feed {
 }
 
 impl Feed {
+    pub const ALL: [Feed; 2] = [Feed::Tasks, Feed::Droplets];
+
     pub fn parse(name: &str) -> Option<Feed> {
         match name {
             "tasks" => Some(Feed::Tasks),
@@ -176,7 +178,7 @@ pub const HEARTBEAT_HEALTH_EVENT_CTE: &str = "health_event AS (
 /// Adds the events to the outbox in the caller's transaction: they are published once it
 /// commits, in order, to every replica, and never if it rolls back. A plain insert: no
 /// NOTIFY, so concurrent writers still share PostgreSQL's group commit.
-pub async fn notify(conn: &mut PgConnection, events: &[Event]) -> Result<(), sqlx::Error> {
+pub async fn record(conn: &mut PgConnection, events: &[Event]) -> Result<(), sqlx::Error> {
     if events.is_empty() {
         return Ok(());
     }
