@@ -1236,7 +1236,7 @@ async fn permission_is_checked_before_the_body_and_existence_before_ownership() 
     let reader = app.token(5, &["read"]);
     let writer = app.token(5, &["read", "write"]);
     // With the permission, a bad body is a 422 once the resource exists and the caller may
-    // act on it; the task is assigned to no droplet, so its PATCH is 403 (edge_review.rs).
+    // act on it; the task is assigned to no droplet, so its PATCH is 403 (contract_order.rs).
     for (method, path, with_write) in [
         (
             Method::POST,

@@ -1,4 +1,4 @@
-//! The review of the real mesh's dispatch and intake (issues 13 and 17): transient deliveries
+//! The real mesh's dispatch and intake: transient deliveries
 //! keep the task where it is, refusals count in a row, an `error` droplet rejoins by
 //! registering, droplet-2's join sequence, and the attempt in events.
 

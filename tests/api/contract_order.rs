@@ -1,4 +1,4 @@
-//! The review of issue 14's edge: a request whose body cannot be read still answers in the
+//! A request whose body cannot be read still answers in the
 //! contract's order (401, 403 permission, 404 exists, 403 may act on it, then 422) on tasks,
 //! heartbeats and the management endpoints, and the compose file publishes no open
 //! development `/token`.

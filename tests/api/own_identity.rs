@@ -1,4 +1,4 @@
-//! The review of the orchestrator's own identity (issue 14): no one registers it or gets a
+//! The orchestrator's own identity: no one registers it or gets a
 //! token for it, `check-config` names settings that do nothing or let one droplet take all
 //! of dispatch, and the RS256 token it sends carries the Registry's issuer and audience and
 //! is refused when sent back.
