@@ -11,7 +11,11 @@ use crate::auth::{Caller, Permission};
 use crate::error::ApiResult;
 use crate::services::dispatch::id_form_of;
 use crate::services::droplet_admin;
-use crate::services::droplets::{self, DropletFilter, Heartbeat, Registration};
+use crate::services::droplet_admin::AdminChange;
+use crate::services::droplets::{
+    self, Droplet, DropletFilter, Heartbeat, HeartbeatRow, Load, Registration,
+};
+use crate::services::status::DropletStatus;
 use crate::state::AppState;
 use crate::udc::{PathParam, QueryParams, RawBody, Udc};
 
@@ -26,13 +30,62 @@ pub fn router() -> Router<AppState> {
         .route("/droplets/{droplet_id}/capabilities", get(capabilities))
 }
 
+/// What registration answers (201 new, 200 again).
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Registered {
+    pub registered: bool,
+    pub droplet_id: i32,
+    pub name: String,
+    pub status: DropletStatus,
+    #[schema(format = DateTime)]
+    pub registered_at: Option<String>,
+    pub heartbeat_interval_seconds: u64,
+    /// When the next heartbeat is due (Unix seconds).
+    pub next_heartbeat_deadline: f64,
+    pub message: &'static str,
+}
+
+/// What a heartbeat answers.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct HeartbeatAck {
+    pub acknowledged: bool,
+    pub droplet_id: i32,
+    pub status: DropletStatus,
+    /// Seconds until the next heartbeat is due.
+    pub next_heartbeat_in: u64,
+    /// When it is due (Unix seconds).
+    pub next_heartbeat_deadline: f64,
+}
+
+/// `GET /droplets`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct DropletList {
+    pub droplets: Vec<Droplet>,
+    pub total: usize,
+}
+
+/// `GET /droplets/{droplet_id}`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct DropletDetail {
+    pub droplet: DropletView,
+}
+
+/// A droplet with the tasks it holds now and its last heartbeats.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct DropletView {
+    #[serde(flatten)]
+    pub droplet: Droplet,
+    pub current_load: Load,
+    pub recent_heartbeats: Vec<HeartbeatRow>,
+}
+
 #[utoipa::path(post, path = "/droplets/register", tag = "droplets", request_body = Registration, security(("bearer" = [])),
-    responses((status = 201, description = "Registered"), (status = 200, description = "Re-registered"), (status = 403, description = "Another droplet's id"), (status = 422, description = "Validation")))]
+    responses((status = 201, description = "Registered", body = Registered), (status = 200, description = "Re-registered", body = Registered), (status = 403, description = "Another droplet's id"), (status = 422, description = "Validation")))]
 pub async fn register(
     State(state): State<AppState>,
     caller: Caller,
     body: RawBody,
-) -> ApiResult<Udc<Value>> {
+) -> ApiResult<Udc<Registered>> {
     caller.require_droplet_write()?;
     let (meta, registration) = body.envelope_or_bare::<Registration>(|object| object)?;
     if meta.is_none() && registration.external_id() != Some(caller.droplet_id) {
@@ -42,16 +95,16 @@ pub async fn register(
     let (droplet, new) = droplets::register(&state, &caller, registration, id_form).await?;
     let interval = state.config().heartbeat_interval;
     let deadline = next_heartbeat_deadline(&droplet, interval);
-    let payload = json!({
-        "registered": true,
-        "droplet_id": droplet.droplet_id,
-        "name": droplet.name,
-        "status": droplet.status,
-        "registered_at": droplet.registered_at.map(|t| crate::udc::iso(&t)),
-        "heartbeat_interval_seconds": interval,
-        "next_heartbeat_deadline": deadline,
-        "message": "Droplet registered successfully",
-    });
+    let payload = Registered {
+        registered: true,
+        droplet_id: droplet.droplet_id,
+        registered_at: droplet.registered_at.map(|t| crate::udc::iso(&t)),
+        name: droplet.name,
+        status: droplet.status,
+        heartbeat_interval_seconds: interval,
+        next_heartbeat_deadline: deadline,
+        message: "Droplet registered successfully",
+    };
     Ok(if new {
         Udc::created(payload)
     } else {
@@ -61,13 +114,13 @@ pub async fn register(
 
 #[utoipa::path(post, path = "/droplets/{droplet_id}/heartbeat", tag = "droplets", request_body = Heartbeat, security(("bearer" = [])),
     params(("droplet_id" = i32, Path, description = "External droplet id")),
-    responses((status = 200, description = "Acknowledged"), (status = 403, description = "Another droplet"), (status = 404, description = "Unknown droplet")))]
+    responses((status = 200, description = "Acknowledged", body = HeartbeatAck), (status = 403, description = "Another droplet"), (status = 404, description = "Unknown droplet")))]
 pub async fn heartbeat(
     State(state): State<AppState>,
     caller: Caller,
     PathParam(droplet_id): PathParam<i32>,
     body: RawBody,
-) -> ApiResult<Udc<Value>> {
+) -> ApiResult<Udc<HeartbeatAck>> {
     caller.require_droplet_write()?;
     // A bare heartbeat (droplet-2's) carries its metrics beside its status.
     let (meta, beat) = match body.envelope_or_bare::<Heartbeat>(bare_heartbeat) {
@@ -81,13 +134,13 @@ pub async fn heartbeat(
     let id_form = meta.as_ref().and_then(|m| id_form_of(&m.source));
     let droplet = droplets::heartbeat(&state, &caller, droplet_id, beat, id_form).await?;
     let interval = state.config().heartbeat_interval;
-    Ok(Udc::ok(json!({
-        "acknowledged": true,
-        "droplet_id": droplet.droplet_id,
-        "status": droplet.status,
-        "next_heartbeat_in": interval,
-        "next_heartbeat_deadline": next_heartbeat_deadline(&droplet, interval),
-    })))
+    Ok(Udc::ok(HeartbeatAck {
+        acknowledged: true,
+        droplet_id: droplet.droplet_id,
+        status: droplet.status,
+        next_heartbeat_in: interval,
+        next_heartbeat_deadline: next_heartbeat_deadline(&droplet, interval),
+    }))
 }
 
 /// When the droplet's next heartbeat is due (Unix seconds): its last one plus the interval,
@@ -119,33 +172,39 @@ fn bare_heartbeat(mut object: Map<String, Value>) -> Map<String, Value> {
 }
 
 #[utoipa::path(get, path = "/droplets", tag = "droplets", params(DropletFilter), security(("bearer" = [])),
-    responses((status = 200, description = "Droplets")))]
+    responses((status = 200, description = "Droplets", body = DropletList)))]
 pub async fn list(
     State(state): State<AppState>,
     caller: Caller,
     QueryParams(filter): QueryParams<DropletFilter>,
-) -> ApiResult<Udc<Value>> {
+) -> ApiResult<Udc<DropletList>> {
     caller.require(Permission::Read)?;
-    let list = droplets::list(&state.db, &filter).await?;
-    Ok(Udc::ok(json!({ "droplets": list, "total": list.len() })))
+    let droplets = droplets::list(&state.db, &filter).await?;
+    Ok(Udc::ok(DropletList {
+        total: droplets.len(),
+        droplets,
+    }))
 }
 
 #[utoipa::path(get, path = "/droplets/{droplet_id}", tag = "droplets", security(("bearer" = [])),
     params(("droplet_id" = i32, Path, description = "External droplet id")),
-    responses((status = 200, description = "The droplet with its load and recent heartbeats"), (status = 404, description = "Unknown droplet")))]
+    responses((status = 200, description = "The droplet with its load and recent heartbeats", body = DropletDetail), (status = 404, description = "Unknown droplet")))]
 pub async fn detail(
     State(state): State<AppState>,
     caller: Caller,
     PathParam(droplet_id): PathParam<i32>,
-) -> ApiResult<Udc<Value>> {
+) -> ApiResult<Udc<DropletDetail>> {
     caller.require(Permission::Read)?;
     let droplet = droplets::require(&state.db, droplet_id).await?;
     let load = droplets::load_of(&state.db, droplet.internal_id).await?;
-    let beats = droplets::recent_heartbeats(&state.db, droplet.internal_id, 10).await?;
-    let mut body = serde_json::to_value(&droplet).unwrap_or_default();
-    body["current_load"] = json!(load);
-    body["recent_heartbeats"] = json!(beats);
-    Ok(Udc::ok(json!({ "droplet": body })))
+    let recent_heartbeats = droplets::recent_heartbeats(&state.db, droplet.internal_id, 10).await?;
+    Ok(Udc::ok(DropletDetail {
+        droplet: DropletView {
+            droplet,
+            current_load: load,
+            recent_heartbeats,
+        },
+    }))
 }
 
 async fn set_active(
@@ -153,31 +212,32 @@ async fn set_active(
     caller: &Caller,
     droplet_id: i32,
     activate: bool,
-) -> ApiResult<Udc<Value>> {
+) -> ApiResult<Udc<AdminChange>> {
     caller.require(Permission::Admin)?;
-    let change = droplet_admin::set_active(state, caller, droplet_id, activate).await?;
-    Ok(Udc::ok(serde_json::to_value(change).unwrap_or_default()))
+    Ok(Udc::ok(
+        droplet_admin::set_active(state, caller, droplet_id, activate).await?,
+    ))
 }
 
 #[utoipa::path(post, path = "/droplets/{droplet_id}/activate", tag = "droplets", security(("bearer" = [])),
     params(("droplet_id" = i32, Path, description = "External droplet id")),
-    responses((status = 200, description = "Active"), (status = 403, description = "Admin only"), (status = 404, description = "Unknown droplet")))]
+    responses((status = 200, description = "Active", body = AdminChange), (status = 403, description = "Admin only"), (status = 404, description = "Unknown droplet")))]
 pub async fn activate(
     State(state): State<AppState>,
     caller: Caller,
     PathParam(droplet_id): PathParam<i32>,
-) -> ApiResult<Udc<Value>> {
+) -> ApiResult<Udc<AdminChange>> {
     set_active(&state, &caller, droplet_id, true).await
 }
 
 #[utoipa::path(post, path = "/droplets/{droplet_id}/deactivate", tag = "droplets", security(("bearer" = [])),
     params(("droplet_id" = i32, Path, description = "External droplet id")),
-    responses((status = 200, description = "Inactive until activated"), (status = 403, description = "Admin only"), (status = 404, description = "Unknown droplet")))]
+    responses((status = 200, description = "Inactive until activated", body = AdminChange), (status = 403, description = "Admin only"), (status = 404, description = "Unknown droplet")))]
 pub async fn deactivate(
     State(state): State<AppState>,
     caller: Caller,
     PathParam(droplet_id): PathParam<i32>,
-) -> ApiResult<Udc<Value>> {
+) -> ApiResult<Udc<AdminChange>> {
     set_active(&state, &caller, droplet_id, false).await
 }
 

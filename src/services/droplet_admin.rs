@@ -12,7 +12,7 @@ use crate::services::transition::Transition;
 use crate::services::Core;
 
 /// What an activation or deactivation did.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct AdminChange {
     pub droplet_id: i32,
     pub status: DropletStatus,

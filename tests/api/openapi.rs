@@ -786,3 +786,73 @@ async fn the_metrics_answers_match_their_schemas() {
     let (_, b) = app.get("/metrics/routing", &reader).await;
     assert_eq!(b["payload"]["pending_unroutable"], 1, "{b}");
 }
+
+/// The droplet answers are typed: registration (201, then 200), heartbeat, the list, one
+/// droplet with its load and heartbeats, and an admin's deactivation and activation.
+#[tokio::test]
+async fn the_droplet_answers_match_their_schemas() {
+    let app = TestApp::spawn().await;
+    let spec = spec_of(&app).await;
+    let me = app.token(63, &["read", "write"]);
+    let admin = app.admin();
+    let registration = serde_json::json!({
+        "droplet_id": 63, "name": "droplet-63", "endpoint": dead_endpoint(), "capabilities": ["x"],
+    });
+    for code in ["201", "200"] {
+        let (s, b) = app
+            .post("/droplets/register", &me, registration.clone())
+            .await;
+        assert_eq!(s.as_str(), code, "{b}");
+        assert_conforms(&spec, "post", "/droplets/register", code, &b);
+    }
+    let (s, b) = app
+        .post(
+            "/droplets/63/heartbeat",
+            &me,
+            serde_json::json!({"status": "active"}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    assert_conforms(&spec, "post", "/droplets/{droplet_id}/heartbeat", "200", &b);
+    let calls: [(&str, &str, &str, &str); 4] = [
+        ("get", "/droplets", "/droplets", "DropletList"),
+        (
+            "get",
+            "/droplets/{droplet_id}",
+            "/droplets/63",
+            "DropletDetail",
+        ),
+        (
+            "post",
+            "/droplets/{droplet_id}/deactivate",
+            "/droplets/63/deactivate",
+            "AdminChange",
+        ),
+        (
+            "post",
+            "/droplets/{droplet_id}/activate",
+            "/droplets/63/activate",
+            "AdminChange",
+        ),
+    ];
+    for (method, path, url, schema) in calls {
+        assert_eq!(
+            payload_ref(&spec, method, path),
+            format!("#/components/schemas/{schema}"),
+            "{method} {path}"
+        );
+        let (s, b) = if method == "get" {
+            app.get(url, &admin).await
+        } else {
+            app.post(url, &admin, serde_json::json!({})).await
+        };
+        assert_eq!(s, StatusCode::OK, "{url}: {b}");
+        assert_conforms(&spec, method, path, "200", &b);
+    }
+    let (_, b) = app.get("/droplets/63", &admin).await;
+    assert_eq!(
+        b["payload"]["droplet"]["recent_heartbeats"][0]["status"], "active",
+        "{b}"
+    );
+    assert_eq!(b["payload"]["droplet"]["current_load"]["total"], 0, "{b}");
+}
