@@ -4,7 +4,7 @@ use axum::extract::State;
 use axum::routing::{get, post};
 use axum::Router;
 use serde::Serialize;
-use serde_json::{json, Value};
+use serde_json::Value;
 use utoipa::openapi::schema::{ArrayBuilder, Schema};
 use utoipa::openapi::{Ref, RefOr};
 use utoipa::ToSchema;
@@ -12,6 +12,7 @@ use utoipa::ToSchema;
 use crate::auth::{Caller, Permission};
 use crate::error::{ApiError, ApiResult};
 use crate::services::explain::Explanation;
+use crate::services::status::Status;
 use crate::services::task_listing::{self, TaskFilter};
 use crate::services::tasks::{self, HistoryRow, NewTask, Task, TaskUpdate};
 use crate::state::AppState;
@@ -148,15 +149,41 @@ pub async fn explain(
     Ok(Udc::ok(answer))
 }
 
+/// What `PATCH /tasks/{task_id}` answers: the task's state after the update.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Updated {
+    pub task_id: i32,
+    pub status: Status,
+    pub attempt: i32,
+    #[schema(format = DateTime)]
+    pub started_at: Option<String>,
+    #[schema(format = DateTime)]
+    pub completed_at: Option<String>,
+    #[schema(value_type = Option<Object>)]
+    pub result: Option<Value>,
+    pub error_message: Option<String>,
+    #[schema(format = DateTime)]
+    pub updated_at: String,
+}
+
+/// What `DELETE /tasks/{task_id}` answers.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Cancelled {
+    pub task_id: i32,
+    pub status: Status,
+    #[schema(format = DateTime)]
+    pub cancelled_at: Option<String>,
+}
+
 #[utoipa::path(patch, path = "/tasks/{task_id}", tag = "tasks", request_body = TaskUpdate, security(("bearer" = [])),
     params(("task_id" = i32, Path, description = "Task id")),
-    responses((status = 200, description = "Updated"), (status = 403, description = "Not the assigned droplet, or a read-only token (a token with no `permissions` claim may PATCH its own tasks)"), (status = 404, description = "Unknown task"), (status = 409, description = "Invalid transition, or `attempt` is not the task's current attempt: `Task 7 is on attempt 3; this update is for attempt 2` (nothing changes)")))]
+    responses((status = 200, description = "Updated", body = Updated), (status = 403, description = "Not the assigned droplet, or a read-only token (a token with no `permissions` claim may PATCH its own tasks)"), (status = 404, description = "Unknown task"), (status = 409, description = "Invalid transition, or `attempt` is not the task's current attempt: `Task 7 is on attempt 3; this update is for attempt 2` (nothing changes)")))]
 pub async fn update(
     State(state): State<AppState>,
     caller: Caller,
     PathParam(task_id): PathParam<i32>,
     body: RawBody,
-) -> ApiResult<Udc<Value>> {
+) -> ApiResult<Udc<Updated>> {
     // The assigned droplet's own token may have no `permissions` claim (as the Registry
     // issues them); `may_update` confines it to its own tasks. A read-only token may not.
     caller.require_droplet_write()?;
@@ -169,27 +196,27 @@ pub async fn update(
         }
     };
     let task = tasks::update(&state, &caller, task_id, body.payload).await?;
-    Ok(Udc::ok(json!({
-        "task_id": task.id,
-        "status": task.status,
-        "attempt": task.attempt,
-        "started_at": task.started_at.map(|t| crate::udc::iso(&t)),
-        "completed_at": task.completed_at.map(|t| crate::udc::iso(&t)),
-        "result": task.result,
-        "error_message": task.error_message,
-        "updated_at": crate::udc::iso(&task.updated_at),
-    })))
+    Ok(Udc::ok(Updated {
+        task_id: task.id,
+        status: task.status,
+        attempt: task.attempt,
+        started_at: task.started_at.map(|t| crate::udc::iso(&t)),
+        completed_at: task.completed_at.map(|t| crate::udc::iso(&t)),
+        updated_at: crate::udc::iso(&task.updated_at),
+        result: task.result,
+        error_message: task.error_message,
+    }))
 }
 
 #[utoipa::path(delete, path = "/tasks/{task_id}", tag = "tasks", security(("bearer" = [])),
     params(("task_id" = i32, Path, description = "Task id")),
-    responses((status = 200, description = "Cancelled"), (status = 403, description = "Not the creator"), (status = 404, description = "Unknown task"), (status = 409, description = "Already finished or running")))]
+    responses((status = 200, description = "Cancelled", body = Cancelled), (status = 403, description = "Not the creator"), (status = 404, description = "Unknown task"), (status = 409, description = "Already finished or running")))]
 pub async fn cancel(
     State(state): State<AppState>,
     caller: Caller,
     PathParam(task_id): PathParam<i32>,
     body: RawBody,
-) -> ApiResult<Udc<Value>> {
+) -> ApiResult<Udc<Cancelled>> {
     caller.require(Permission::Write)?;
     let body = match body.optional_envelope() {
         Ok(body) => body,
@@ -206,9 +233,9 @@ pub async fn cancel(
             .map(str::to_string)
     });
     let task = tasks::cancel(&state, &caller, task_id, reason).await?;
-    Ok(Udc::ok(json!({
-        "task_id": task.id,
-        "status": task.status,
-        "cancelled_at": task.completed_at.map(|t| crate::udc::iso(&t)),
-    })))
+    Ok(Udc::ok(Cancelled {
+        task_id: task.id,
+        status: task.status,
+        cancelled_at: task.completed_at.map(|t| crate::udc::iso(&t)),
+    }))
 }

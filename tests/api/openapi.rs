@@ -613,9 +613,14 @@ async fn the_answers_of_tasks_explain_and_capabilities_match_their_schemas() {
     assert_eq!(b["payload"]["reason"], "no_capable_droplet", "{b}");
     assert_conforms(&spec, "get", explain, "200", &b);
 
+    assert_eq!(
+        payload_ref(&spec, "patch", "/tasks/{task_id}"),
+        "#/components/schemas/Updated"
+    );
     for status in ["in_progress", "completed"] {
         let (s, b) = app.move_task(61, done, status).await;
         assert_eq!(s, StatusCode::OK, "{b}");
+        assert_conforms(&spec, "patch", "/tasks/{task_id}", "200", &b);
     }
     let (s, b) = app.get(&format!("/tasks/{done}/explain"), &admin).await;
     assert_eq!(s, StatusCode::OK, "{b}");
@@ -636,6 +641,15 @@ async fn the_answers_of_tasks_explain_and_capabilities_match_their_schemas() {
         );
         assert_conforms(&spec, "get", "/tasks", "200", &b);
     }
+    assert_eq!(
+        payload_ref(&spec, "delete", "/tasks/{task_id}"),
+        "#/components/schemas/Cancelled"
+    );
+    let (s, b) = app.delete(&format!("/tasks/{nobody}"), &admin).await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    assert_eq!(b["payload"]["status"], "cancelled", "{b}");
+    assert_conforms(&spec, "delete", "/tasks/{task_id}", "200", &b);
+
     let (s, b) = app.get("/droplets/61/capabilities", &admin).await;
     assert_eq!(s, StatusCode::OK, "{b}");
     assert_eq!(
