@@ -145,7 +145,7 @@ impl Modify for BearerScheme {
         api::tasks::cancel,
         api::ws::tasks_feed,
         api::ws::droplets_feed,
-        api::ws::status,
+        api::ws::status::status,
         api::message::receive,
         api::message::send,
         api::message::broadcast,

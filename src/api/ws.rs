@@ -17,12 +17,13 @@ use serde_json::{json, Value};
 use crate::auth::{Caller, Permission};
 use crate::error::{ApiError, ApiResult, FieldError};
 use crate::protocol::Envelope;
-use crate::services::events::{self, ClientFilter, ClientRegistration, Feed, Outbound};
+use crate::services::events::{ClientFilter, ClientRegistration, Feed, Outbound};
 use crate::services::state_machine::Status;
 use crate::state::AppState;
-use crate::udc::{self, Udc};
+use crate::udc;
 
 mod replay;
+pub mod status;
 use replay::{Close, Watch};
 
 /// How long a close frame may take to leave; a client that does not read gets its
@@ -33,7 +34,7 @@ pub fn router() -> Router<AppState> {
     Router::new()
         .route("/ws/tasks", get(tasks_feed))
         .route("/ws/droplets", get(droplets_feed))
-        .route("/ws/status", get(status))
+        .route("/ws/status", get(status::status))
 }
 
 /// Task events (`task_created` ... `task_retrying`) as UDC event envelopes, one per text frame.
@@ -74,24 +75,6 @@ pub async fn droplets_feed(
     ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
     open(state, Feed::Droplets, query, &headers, ws)
-}
-
-/// Connections per feed and per droplet, events published and sent, clients dropped for
-/// slowness or silence, and the NOTIFY listener's state.
-#[utoipa::path(get, path = "/ws/status", tag = "websocket", security(("bearer" = [])),
-    responses((status = 200, description = "WebSocket statistics"), (status = 401, description = "Missing or invalid token")))]
-pub async fn status(State(state): State<AppState>, caller: Caller) -> ApiResult<Udc<Value>> {
-    caller.require(Permission::Read)?;
-    let mut stats = state.events.stats_json();
-    stats["heartbeat_interval_seconds"] = json!(state.config().ws_heartbeat_interval);
-    let bounds = events::log::bounds(&state.db).await?;
-    stats["retained_events"] = json!({
-        "oldest_event_id": bounds.oldest,
-        "newest_event_id": bounds.newest,
-        "trimmed_through": bounds.trimmed_through,
-        "retention_seconds": state.config().event_retention_seconds,
-    });
-    Ok(Udc::ok(stats))
 }
 
 /// The query of a feed: `token` and the filters. Unknown parameters are ignored.

@@ -759,7 +759,8 @@ async fn the_metrics_answers_match_their_schemas() {
     app.create_task(5, serde_json::json!({"task_type": "other", "title": "waits", "required_capability": "nobody"}))
         .await;
     let reader = app.token(5, &["read"]);
-    let calls: [(&str, &str, &str); 6] = [
+    let calls: [(&str, &str, &str); 7] = [
+        ("/ws/status", "/ws/status", "WsStatus"),
         ("/metrics/summary", "/metrics/summary", "Summary"),
         (
             "/metrics/tasks/performance",

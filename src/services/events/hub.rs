@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use serde::Serialize;
-use serde_json::{json, Value};
+use serde_json::Value;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -194,7 +194,7 @@ impl Inner {
     }
 }
 
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, utoipa::ToSchema)]
 pub struct ListenerState {
     pub connected: bool,
     pub reconnects: u64,
@@ -203,8 +203,10 @@ pub struct ListenerState {
 }
 
 /// Figures for `GET /ws/status` and `/metrics`.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct WsStats {
+    /// Per feed (`tasks`, `droplets`).
+    #[schema(value_type = HashMap<String, usize>)]
     pub connections: HashMap<&'static str, usize>,
     pub connections_per_droplet: HashMap<String, usize>,
     pub total_connections: usize,
@@ -426,9 +428,5 @@ impl EventHub {
                 .map(|l| l.clone())
                 .unwrap_or_default(),
         }
-    }
-
-    pub fn stats_json(&self) -> Value {
-        serde_json::to_value(self.stats()).unwrap_or_else(|_| json!({}))
     }
 }
