@@ -421,13 +421,14 @@ async fn contracted_payloads(
     Ok(if need_payload.is_empty() {
         HashMap::new()
     } else {
-        sqlx::query_as::<_, (i32, serde_json::Value)>(
-            "SELECT id, COALESCE(payload, '{}'::jsonb) FROM tasks WHERE id = ANY($1)",
+        sqlx::query!(
+            r#"SELECT id, COALESCE(payload, '{}'::jsonb) AS "payload!" FROM tasks WHERE id = ANY($1)"#,
+            &need_payload,
         )
-        .bind(&need_payload)
         .fetch_all(t.conn())
         .await?
         .into_iter()
+        .map(|r| (r.id, r.payload))
         .collect()
     })
 }
