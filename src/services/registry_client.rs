@@ -263,7 +263,7 @@ async fn fetch_public_key(state: &Core, base: &str) {
 }
 
 async fn cached_count(state: &Core) -> Option<usize> {
-    sqlx::query_scalar::<_, i64>("SELECT COUNT(*) FROM registry_directory")
+    sqlx::query_scalar!(r#"SELECT COUNT(*) AS "n!" FROM registry_directory"#)
         .fetch_one(&state.db)
         .await
         .ok()
