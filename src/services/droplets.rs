@@ -535,13 +535,14 @@ pub struct Load {
 }
 
 pub async fn load_of(db: &PgPool, internal_id: i32) -> Result<Load, sqlx::Error> {
-    let (assigned, in_progress): (i64, i64) = sqlx::query_as(
-        "SELECT COUNT(*) FILTER (WHERE status = 'assigned'), COUNT(*) FILTER (WHERE status = 'in_progress')
-         FROM tasks WHERE assigned_droplet_id = $1 AND status IN ('assigned', 'in_progress')",
+    let row = sqlx::query!(
+        r#"SELECT COUNT(*) FILTER (WHERE status = 'assigned') AS "assigned!", COUNT(*) FILTER (WHERE status = 'in_progress') AS "in_progress!"
+         FROM tasks WHERE assigned_droplet_id = $1 AND status IN ('assigned', 'in_progress')"#,
+        internal_id,
     )
-    .bind(internal_id)
     .fetch_one(db)
     .await?;
+    let (assigned, in_progress) = (row.assigned, row.in_progress);
     Ok(Load {
         assigned,
         in_progress,
@@ -564,11 +565,12 @@ pub async fn recent_heartbeats(
     internal_id: i32,
     limit: i64,
 ) -> Result<Vec<HeartbeatRow>, sqlx::Error> {
-    sqlx::query_as(
-        "SELECT status, metrics, received_at FROM heartbeats WHERE droplet_id = $1 ORDER BY received_at DESC, id DESC LIMIT $2",
+    sqlx::query_as!(
+        HeartbeatRow,
+        r#"SELECT status AS "status!", metrics AS "metrics?", received_at AS "received_at?" FROM heartbeats WHERE droplet_id = $1 ORDER BY received_at DESC, id DESC LIMIT $2"#,
+        internal_id,
+        limit,
     )
-    .bind(internal_id)
-    .bind(limit)
     .fetch_all(db)
     .await
 }

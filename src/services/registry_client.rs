@@ -263,7 +263,7 @@ async fn fetch_public_key(state: &Core, base: &str) {
 }
 
 async fn cached_count(state: &Core) -> Option<usize> {
-    sqlx::query_scalar::<_, i64>("SELECT COUNT(*) FROM registry_directory")
+    sqlx::query_scalar!(r#"SELECT COUNT(*) AS "n!" FROM registry_directory"#)
         .fetch_one(&state.db)
         .await
         .ok()
@@ -295,7 +295,7 @@ pub async fn apply_directory(
     let me = state.config().droplet_id;
 
     let mut tx = state.db.begin().await?;
-    sqlx::query(
+    sqlx::query!(
         "INSERT INTO registry_directory (droplet_id, name, steward, endpoint, capabilities, raw, fetched_at)
          SELECT e.id, e.name, e.steward, e.endpoint, COALESCE(e.caps, '[]'::jsonb), e.raw, NOW()
          FROM unnest($1::int[], $2::text[], $3::text[], $4::text[], $5::jsonb[], $6::jsonb[])
@@ -303,24 +303,26 @@ pub async fn apply_directory(
          ON CONFLICT (droplet_id) DO UPDATE SET
              name = EXCLUDED.name, steward = EXCLUDED.steward, endpoint = EXCLUDED.endpoint,
              capabilities = EXCLUDED.capabilities, raw = EXCLUDED.raw, fetched_at = NOW()",
+        &ids,
+        &names as &[Option<String>],
+        &stewards as &[Option<String>],
+        &endpoints as &[Option<String>],
+        &caps as &[Option<Value>],
+        &raws,
     )
-    .bind(&ids)
-    .bind(&names)
-    .bind(&stewards)
-    .bind(&endpoints)
-    .bind(&caps)
-    .bind(&raws)
     .execute(&mut *tx)
     .await?;
-    sqlx::query("DELETE FROM registry_directory WHERE NOT (droplet_id = ANY($1))")
-        .bind(&ids)
-        .execute(&mut *tx)
-        .await?;
+    sqlx::query!(
+        "DELETE FROM registry_directory WHERE NOT (droplet_id = ANY($1))",
+        &ids
+    )
+    .execute(&mut *tx)
+    .await?;
 
     // Present fields refresh the droplet; an empty capability list never wipes a non-empty
     // one (a directory that does not track capabilities must not stop routing). The
     // orchestrator's own entry is cached but never becomes a droplet to route to.
-    let updated = sqlx::query(
+    let updated = sqlx::query!(
         "WITH e AS (
             SELECT * FROM unnest($1::int[], $2::text[], $3::text[], $4::text[], $5::jsonb[])
                 AS e(id, name, steward, endpoint, caps)
@@ -339,20 +341,20 @@ pub async fn apply_directory(
          WHERE d.id = n.id
            AND (d.name, d.steward, d.endpoint, d.capabilities)
                IS DISTINCT FROM (n.name, n.steward, n.endpoint, n.capabilities)",
+        &ids,
+        &names as &[Option<String>],
+        &stewards as &[Option<String>],
+        &endpoints as &[Option<String>],
+        &caps as &[Option<Value>],
+        me,
     )
-    .bind(&ids)
-    .bind(&names)
-    .bind(&stewards)
-    .bind(&endpoints)
-    .bind(&caps)
-    .bind(me)
     .execute(&mut *tx)
     .await?
     .rows_affected();
 
     // Known only from the Registry: inactive and unregistered until it registers or
     // heartbeats itself. Without an endpoint there is nothing to list.
-    let inserted = sqlx::query(
+    let inserted = sqlx::query!(
         "INSERT INTO droplets (droplet_id, name, steward, endpoint, capabilities, status,
                                last_heartbeat, registered)
          SELECT e.id, COALESCE(e.name, 'droplet-' || e.id), e.steward, e.endpoint,
@@ -361,13 +363,13 @@ pub async fn apply_directory(
               AS e(id, name, steward, endpoint, caps)
          WHERE e.endpoint IS NOT NULL AND e.id <> $6
          ON CONFLICT (droplet_id) DO NOTHING",
+        &ids,
+        &names as &[Option<String>],
+        &stewards as &[Option<String>],
+        &endpoints as &[Option<String>],
+        &caps as &[Option<Value>],
+        me,
     )
-    .bind(&ids)
-    .bind(&names)
-    .bind(&stewards)
-    .bind(&endpoints)
-    .bind(&caps)
-    .bind(me)
     .execute(&mut *tx)
     .await?
     .rows_affected();
@@ -506,7 +508,7 @@ pub async fn run_at_startup(state: Core) {
 
 /// Empties the cached directory (`/management/cache/clear`); droplets stay as they are.
 pub async fn clear_cache(state: &Core) -> Result<u64, sqlx::Error> {
-    let n = sqlx::query("DELETE FROM registry_directory")
+    let n = sqlx::query!("DELETE FROM registry_directory")
         .execute(&state.db)
         .await?
         .rows_affected();

@@ -31,15 +31,18 @@ pub async fn recover_in(
     droplet_id: i32,
     assigned_only: bool,
 ) -> Result<usize, sqlx::Error> {
-    let live: Vec<(i32, String)> = sqlx::query_as(
-        "SELECT id, status FROM tasks WHERE assigned_droplet_id = $1
+    let live: Vec<(i32, String)> = sqlx::query!(
+        r#"SELECT id, status AS "status!" FROM tasks WHERE assigned_droplet_id = $1
            AND (status = 'assigned' OR (status = 'in_progress' AND NOT $2))
-         ORDER BY id FOR UPDATE",
+         ORDER BY id FOR UPDATE"#,
+        internal_id,
+        assigned_only,
     )
-    .bind(internal_id)
-    .bind(assigned_only)
     .fetch_all(t.conn())
-    .await?;
+    .await?
+    .into_iter()
+    .map(|r| (r.id, r.status))
+    .collect();
     let moves: Vec<Move> = live
         .into_iter()
         .map(|(id, status)| {
@@ -90,12 +93,12 @@ pub async fn refused(state: &Core, refusal: &Refusal) -> Result<(), sqlx::Error>
     let (task_id, internal_id, droplet_id, credentials) =
         (*task_id, *internal_id, *droplet_id, *credentials);
     let mut t = Transition::begin(state).await?;
-    let left: Option<bool> = sqlx::query_scalar(
-        "SELECT COALESCE(retry_count, 0) < COALESCE(max_retries, 3) FROM tasks
-         WHERE id = $1 AND status = 'assigned' AND assigned_droplet_id = $2 FOR UPDATE",
+    let left: Option<bool> = sqlx::query_scalar!(
+        r#"SELECT COALESCE(retry_count, 0) < COALESCE(max_retries, 3) AS "left!" FROM tasks
+         WHERE id = $1 AND status = 'assigned' AND assigned_droplet_id = $2 FOR UPDATE"#,
+        task_id,
+        internal_id,
     )
-    .bind(task_id)
-    .bind(internal_id)
     .fetch_optional(t.conn())
     .await?;
     let Some(retries_left) = left else {
@@ -439,12 +442,12 @@ pub async fn maintain(state: &Core) -> Result<Maintenance, sqlx::Error> {
     let mut moves = Vec::new();
 
     // A task whose deadline passed fails for good, whatever its state.
-    let overdue: Vec<i32> = sqlx::query_scalar(
+    let overdue: Vec<i32> = sqlx::query_scalar!(
         "SELECT id FROM tasks WHERE deadline IS NOT NULL AND deadline <= NOW()
            AND status IN ('pending', 'assigned', 'in_progress')
          ORDER BY deadline LIMIT $1 FOR UPDATE SKIP LOCKED",
+        LIMIT,
     )
-    .bind(LIMIT)
     .fetch_all(t.conn())
     .await?;
     let deadlines = overdue.len();
@@ -459,16 +462,19 @@ pub async fn maintain(state: &Core) -> Result<Maintenance, sqlx::Error> {
     // Assigned but never started: back to pending for another droplet (not a retry), or
     // failed once the task was requeued `MAX_REQUEUES` times already (the retry rules then
     // apply). Each droplet counts the tasks it let time out in a row.
-    let stale: Vec<(i32, Option<i32>, i32)> = sqlx::query_as(
+    let stale: Vec<(i32, Option<i32>, i32)> = sqlx::query!(
         "SELECT id, assigned_droplet_id, assignment_timeouts FROM tasks WHERE status = 'assigned'
            AND assigned_at <= NOW() - make_interval(secs => $1::double precision)
            AND (deadline IS NULL OR deadline > NOW())
          ORDER BY assigned_at LIMIT $2 FOR UPDATE SKIP LOCKED",
+        config.assignment_timeout_seconds as f64,
+        LIMIT,
     )
-    .bind(config.assignment_timeout_seconds as f64)
-    .bind(LIMIT)
     .fetch_all(t.conn())
-    .await?;
+    .await?
+    .into_iter()
+    .map(|r| (r.id, r.assigned_droplet_id, r.assignment_timeouts))
+    .collect();
     let timed_out = stale.len();
     let mut per_droplet: std::collections::BTreeMap<i32, i32> = Default::default();
     for &(id, droplet, before) in &stale {
@@ -504,10 +510,10 @@ pub async fn maintain(state: &Core) -> Result<Maintenance, sqlx::Error> {
     let mut marked = Vec::new();
     if !stale.is_empty() {
         let ids: Vec<i32> = stale.iter().map(|s| s.0).collect();
-        sqlx::query(
+        sqlx::query!(
             "UPDATE tasks SET assignment_timeouts = assignment_timeouts + 1 WHERE id = ANY($1)",
+            &ids,
         )
-        .bind(&ids)
         .execute(t.conn())
         .await?;
         let counts: Vec<(i32, i32)> = per_droplet.into_iter().collect();
@@ -522,19 +528,22 @@ pub async fn maintain(state: &Core) -> Result<Maintenance, sqlx::Error> {
     }
 
     // Failed tasks with retries left, once their backoff has passed.
-    let due: Vec<(i32, i32)> = sqlx::query_as(
-        "SELECT id, COALESCE(retry_count, 0) FROM tasks
+    let due: Vec<(i32, i32)> = sqlx::query!(
+        r#"SELECT id, COALESCE(retry_count, 0) AS "retry_count!" FROM tasks
          WHERE status = 'failed' AND COALESCE(retry_count, 0) < COALESCE(max_retries, 3)
            AND (deadline IS NULL OR deadline > NOW())
            AND COALESCE(completed_at, updated_at) + make_interval(secs =>
                  LEAST($1::double precision * power(2, COALESCE(retry_count, 0)), $2::double precision)) <= NOW()
-         ORDER BY completed_at LIMIT $3 FOR UPDATE SKIP LOCKED",
+         ORDER BY completed_at LIMIT $3 FOR UPDATE SKIP LOCKED"#,
+        config.retry_backoff_seconds as f64,
+        config.retry_backoff_max_seconds as f64,
+        LIMIT,
     )
-    .bind(config.retry_backoff_seconds as f64)
-    .bind(config.retry_backoff_max_seconds as f64)
-    .bind(LIMIT)
     .fetch_all(t.conn())
-    .await?;
+    .await?
+    .into_iter()
+    .map(|r| (r.id, r.retry_count))
+    .collect();
     let retried = due.len();
     for (id, count) in due {
         let mut m = Move::new(id, Status::Pending, Actor::System, "system");

@@ -230,35 +230,41 @@ async fn lock_droplets(t: &mut Transition<'_>) -> Result<(Vec<Slot>, bool), sqlx
     // another replica is filling right now is skipped, never waited for. The locks are
     // advisory (per droplet, until this transaction ends), not row locks: a heartbeat, a
     // registration or an admin's change of the droplet's row never waits for a pass.
-    let mut candidates: Vec<Candidate> = sqlx::query_as(
-        "SELECT d.id, d.droplet_id, COALESCE(d.capabilities, '[]'::jsonb) AS capabilities,
-                d.max_concurrent_tasks, d.last_heartbeat, d.capability_schemas, 0::bigint AS load
+    let mut candidates: Vec<Candidate> = sqlx::query_as!(
+        Candidate,
+        r#"SELECT d.id AS "id!", d.droplet_id AS "droplet_id!",
+                COALESCE(d.capabilities, '[]'::jsonb) AS "capabilities!",
+                d.max_concurrent_tasks AS "max_concurrent_tasks?",
+                d.last_heartbeat AS "last_heartbeat?",
+                d.capability_schemas AS "capability_schemas?", 0::bigint AS "load!"
          FROM (SELECT * FROM droplets WHERE status = 'active' ORDER BY id) d
-         WHERE pg_try_advisory_xact_lock($1, d.id)",
+         WHERE pg_try_advisory_xact_lock($1, d.id)"#,
+        DROPLET_FILL,
     )
-    .bind(DROPLET_FILL)
     .fetch_all(t.conn())
     .await?;
     // Their loads in one grouped read of the live tasks (a count per droplet was one scan
     // per droplet per pass: 1,200 scans a second at 300 tasks/s with 50 droplets, each of
     // the whole table while its statistics were young).
     let ids: Vec<i32> = candidates.iter().map(|c| c.id).collect();
-    let loads: HashMap<i32, i64> = sqlx::query_as::<_, (i32, i64)>(
-        "SELECT assigned_droplet_id, COUNT(*) FROM tasks
+    let loads: HashMap<i32, i64> = sqlx::query!(
+        r#"SELECT assigned_droplet_id AS "droplet!", COUNT(*) AS "load!" FROM tasks
          WHERE status IN ('assigned', 'in_progress') AND assigned_droplet_id = ANY($1)
-         GROUP BY assigned_droplet_id",
+         GROUP BY assigned_droplet_id"#,
+        &ids,
     )
-    .bind(&ids)
     .fetch_all(t.conn())
     .await?
     .into_iter()
+    .map(|r| (r.droplet, r.load))
     .collect();
     for c in &mut candidates {
         c.load = loads.get(&c.id).copied().unwrap_or(0);
     }
-    let active: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM droplets WHERE status = 'active'")
-        .fetch_one(t.conn())
-        .await?;
+    let active: i64 =
+        sqlx::query_scalar!(r#"SELECT COUNT(*) AS "n!" FROM droplets WHERE status = 'active'"#)
+            .fetch_one(t.conn())
+            .await?;
     let contended = active > candidates.len() as i64;
     let slots: Vec<Slot> = candidates
         .into_iter()
@@ -331,8 +337,11 @@ async fn lock_pending(
     // Read the best candidates per capability without locking, keep the pass's best BATCH
     // across capabilities, then lock only those: locking is a write per row, so locking
     // every capability's candidates would cost up to ten times the rows a pass assigns.
-    let mut pending: Vec<PendingTask> = sqlx::query_as(
-        "SELECT p.id, p.required_capability, p.last_droplet_id, p.priority, p.created_at
+    let mut pending: Vec<PendingTask> = sqlx::query_as!(
+        PendingTask,
+        r#"SELECT p.id AS "id!", p.required_capability AS "required_capability?",
+                p.last_droplet_id AS "last_droplet_id?", p.priority AS "priority!",
+                p.created_at AS "created_at!"
          FROM unnest($1::text[], $2::bigint[]) AS c(cap, lim)
          CROSS JOIN LATERAL (
             SELECT id, required_capability, last_droplet_id, COALESCE(priority, 5) AS priority,
@@ -342,22 +351,23 @@ async fn lock_pending(
               AND (deadline IS NULL OR deadline > NOW())
             ORDER BY priority, created_at, id
             LIMIT c.lim
-         ) p",
+         ) p"#,
+        &caps,
+        &limits,
     )
-    .bind(&caps)
-    .bind(&limits)
     .fetch_all(t.conn())
     .await?;
-    let anywhere: Vec<PendingTask> = sqlx::query_as(
-        "SELECT id, required_capability, last_droplet_id, COALESCE(priority, 5) AS priority,
-                COALESCE(created_at, NOW()::timestamp) AS created_at
+    let anywhere: Vec<PendingTask> = sqlx::query_as!(
+        PendingTask,
+        r#"SELECT id, required_capability, last_droplet_id, COALESCE(priority, 5) AS "priority!",
+                COALESCE(created_at, NOW()::timestamp) AS "created_at!"
          FROM tasks
          WHERE status = 'pending' AND required_capability IS NULL
            AND (deadline IS NULL OR deadline > NOW())
          ORDER BY priority, created_at, id
-         LIMIT $1",
+         LIMIT $1"#,
+        room.total.min(BATCH),
     )
-    .bind(room.total.min(BATCH))
     .fetch_all(t.conn())
     .await?;
     // A capability (or the tasks needing none) read up to its limit, or a pass cut to
@@ -377,10 +387,10 @@ async fn lock_pending(
     pending.truncate(BATCH as usize);
     // Another replica may be assigning some of them right now: skip those, never wait.
     let wanted: Vec<i32> = pending.iter().map(|t| t.id).collect();
-    let locked: std::collections::HashSet<i32> = sqlx::query_scalar(
+    let locked: std::collections::HashSet<i32> = sqlx::query_scalar!(
         "SELECT id FROM tasks WHERE id = ANY($1) AND status = 'pending' ORDER BY id FOR UPDATE SKIP LOCKED",
+        &wanted,
     )
-    .bind(&wanted)
     .fetch_all(t.conn())
     .await?
     .into_iter()
@@ -411,13 +421,14 @@ async fn contracted_payloads(
     Ok(if need_payload.is_empty() {
         HashMap::new()
     } else {
-        sqlx::query_as::<_, (i32, serde_json::Value)>(
-            "SELECT id, COALESCE(payload, '{}'::jsonb) FROM tasks WHERE id = ANY($1)",
+        sqlx::query!(
+            r#"SELECT id, COALESCE(payload, '{}'::jsonb) AS "payload!" FROM tasks WHERE id = ANY($1)"#,
+            &need_payload,
         )
-        .bind(&need_payload)
         .fetch_all(t.conn())
         .await?
         .into_iter()
+        .map(|r| (r.id, r.payload))
         .collect()
     })
 }

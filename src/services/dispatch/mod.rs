@@ -462,11 +462,11 @@ async fn send(state: &Core, waiting: Waiting, own: tokio::sync::OwnedSemaphorePe
 /// Resets a droplet's (internal id) counts of refusals and connection failures in a row
 /// after it accepted a delivery.
 async fn reset_refusals(state: &Core, internal: i32) {
-    let reset = sqlx::query(
+    let reset = sqlx::query!(
         "UPDATE droplets SET refused_deliveries = 0, failed_deliveries = 0
          WHERE id = $1 AND (refused_deliveries > 0 OR failed_deliveries > 0)",
+        internal,
     )
-    .bind(internal)
     .execute(&state.db)
     .await;
     if let Err(e) = reset {

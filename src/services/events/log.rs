@@ -42,10 +42,11 @@ impl LogBounds {
 }
 
 pub async fn bounds(db: &PgPool) -> Result<LogBounds, sqlx::Error> {
-    sqlx::query_as(
-        "SELECT (SELECT trimmed_through FROM event_log_state) AS trimmed_through,
-                (SELECT MIN(event_id) FROM events) AS oldest,
-                (SELECT MAX(event_id) FROM events) AS newest",
+    sqlx::query_as!(
+        LogBounds,
+        r#"SELECT (SELECT trimmed_through FROM event_log_state) AS "trimmed_through!",
+                (SELECT MIN(event_id) FROM events) AS "oldest?",
+                (SELECT MAX(event_id) FROM events) AS "newest?""#,
     )
     .fetch_one(db)
     .await
@@ -82,8 +83,8 @@ pub async fn page_after(
         ),
         Feed::Droplets => (None, None, ["payload", "droplet", "droplet_id"]),
     };
-    sqlx::query_as(
-        "SELECT event_id, envelope::text FROM (
+    let rows = sqlx::query!(
+        r#"SELECT event_id AS "event_id!", envelope::text AS "envelope!" FROM (
              SELECT event_id, envelope, size, SUM(size) OVER (ORDER BY event_id) AS through
              FROM events
              WHERE feed = $1 AND event_id > $2
@@ -94,16 +95,17 @@ pub async fn page_after(
              LIMIT $7
          ) page
          WHERE through - size < $8
-         ORDER BY event_id",
+         ORDER BY event_id"#,
+        feed.as_str(),
+        after,
+        task_type,
+        status,
+        filter.droplet_id,
+        &droplet_path[..] as &[&str],
+        limit.events,
+        limit.bytes,
     )
-    .bind(feed.as_str())
-    .bind(after)
-    .bind(task_type)
-    .bind(status)
-    .bind(filter.droplet_id)
-    .bind(&droplet_path[..])
-    .bind(limit.events)
-    .bind(limit.bytes)
     .fetch_all(db)
-    .await
+    .await?;
+    Ok(rows.into_iter().map(|r| (r.event_id, r.envelope)).collect())
 }

@@ -184,12 +184,12 @@ pub async fn record(conn: &mut PgConnection, events: &[Event]) -> Result<(), sql
     }
     let feeds: Vec<&str> = events.iter().map(|e| e.feed.as_str()).collect();
     let envelopes: Vec<&Value> = events.iter().map(|e| &e.envelope).collect();
-    sqlx::query(
+    sqlx::query!(
         "INSERT INTO event_outbox (feed, envelope)
          SELECT f, e FROM unnest($1::text[], $2::jsonb[]) WITH ORDINALITY AS x(f, e, n) ORDER BY n",
+        &feeds as &[&str],
+        &envelopes as &[&Value],
     )
-    .bind(&feeds)
-    .bind(&envelopes)
     .execute(conn)
     .await?;
     relay::wake();

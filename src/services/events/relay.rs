@@ -69,8 +69,7 @@ pub async fn publish_round(state: &Core) -> Result<Option<u64>, sqlx::Error> {
     tx.commit().await?;
     if published > 0 {
         // The wake-up, in its own statement after the commit.
-        let _ = sqlx::query("SELECT pg_notify($1, '')")
-            .bind(EVENTS_CHANNEL)
+        let _ = sqlx::query!("SELECT pg_notify($1, '')", EVENTS_CHANNEL)
             .execute(&state.db)
             .await;
     }
