@@ -665,6 +665,29 @@ async fn the_answers_of_tasks_explain_and_capabilities_match_their_schemas() {
     );
 }
 
+/// Calls `method url` (a POST with an empty body) and asserts that the operation at `path`
+/// declares `schema` as its payload and that the 200 answer holds to it; returns the answer.
+async fn typed_answer(
+    app: &TestApp,
+    spec: &Value,
+    token: &str,
+    (method, path, url, schema): (&str, &str, &str, &str),
+) -> Value {
+    assert_eq!(
+        payload_ref(spec, method, path),
+        format!("#/components/schemas/{schema}"),
+        "{method} {path}"
+    );
+    let (s, b) = if method == "get" {
+        app.get(url, token).await
+    } else {
+        app.post(url, token, serde_json::json!({})).await
+    };
+    assert_eq!(s, StatusCode::OK, "{url}: {b}");
+    assert_conforms(spec, method, path, "200", &b);
+    b
+}
+
 /// The management answers are typed: each declares its payload's schema, and what the
 /// service answers holds to it (pause, resume ending an emergency stop, reload, cache clear,
 /// shutdown last).
@@ -722,18 +745,7 @@ async fn the_management_answers_match_their_schemas() {
         ),
     ];
     for (method, path, url, schema) in calls {
-        assert_eq!(
-            payload_ref(&spec, method, path),
-            format!("#/components/schemas/{schema}"),
-            "{method} {path}"
-        );
-        let (s, b) = if method == "get" {
-            app.get(&url, &admin).await
-        } else {
-            app.post(&url, &admin, serde_json::json!({})).await
-        };
-        assert_eq!(s, StatusCode::OK, "{url}: {b}");
-        assert_conforms(&spec, method, path, "200", &b);
+        let b = typed_answer(&app, &spec, &admin, (method, path, &url, schema)).await;
         if url.ends_with("task_router/resume") {
             assert_eq!(b["payload"]["emergency_stop_ended"], true, "{b}");
         }
@@ -781,14 +793,7 @@ async fn the_metrics_answers_match_their_schemas() {
         ("/metrics/routing", "/metrics/routing", "Routing"),
     ];
     for (path, url, schema) in calls {
-        assert_eq!(
-            payload_ref(&spec, "get", path),
-            format!("#/components/schemas/{schema}"),
-            "{path}"
-        );
-        let (s, b) = app.get(url, &reader).await;
-        assert_eq!(s, StatusCode::OK, "{url}: {b}");
-        assert_conforms(&spec, "get", path, "200", &b);
+        typed_answer(&app, &spec, &reader, ("get", path, url, schema)).await;
     }
     let (_, b) = app
         .get("/metrics/tasks/performance?time_range=7d", &reader)
@@ -850,19 +855,8 @@ async fn the_droplet_answers_match_their_schemas() {
             "AdminChange",
         ),
     ];
-    for (method, path, url, schema) in calls {
-        assert_eq!(
-            payload_ref(&spec, method, path),
-            format!("#/components/schemas/{schema}"),
-            "{method} {path}"
-        );
-        let (s, b) = if method == "get" {
-            app.get(url, &admin).await
-        } else {
-            app.post(url, &admin, serde_json::json!({})).await
-        };
-        assert_eq!(s, StatusCode::OK, "{url}: {b}");
-        assert_conforms(&spec, method, path, "200", &b);
+    for call in calls {
+        typed_answer(&app, &spec, &admin, call).await;
     }
     let (_, b) = app.get("/droplets/63", &admin).await;
     assert_eq!(
