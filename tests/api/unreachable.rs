@@ -146,3 +146,40 @@ async fn an_accepted_delivery_resets_the_count_of_failed_deliveries() {
     })
     .await;
 }
+
+/// An emergency stop halts the probes as it halts every other message to droplets: an
+/// unreachable droplet whose endpoint answers again stays out until the stop ends.
+#[tokio::test]
+async fn no_probe_is_sent_during_an_emergency_stop() {
+    let app = TestApp::spawn().await;
+    let up = DropletServer::start(Behaviour::Ok).await;
+    app.register(64, &["reach"], &up.endpoint).await;
+    sqlx::query(
+        "UPDATE droplets SET status = 'error', unreachable_since = NOW(), failed_deliveries = 5
+         WHERE droplet_id = 64",
+    )
+    .execute(&app.db)
+    .await
+    .unwrap();
+    let admin = app.admin();
+    let (s, b) = app
+        .post("/management/emergency-stop", &admin, json!({}))
+        .await;
+    assert_eq!(s, reqwest::StatusCode::OK, "{b}");
+    // The first probe would go 1 s after the droplet is seen; give it several rounds.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(reach_of(&app, 64).await, ("error".to_string(), 5, true));
+
+    let (s, b) = app
+        .post(
+            "/management/scheduler/jobs/task_router/resume",
+            &admin,
+            json!({}),
+        )
+        .await;
+    assert_eq!(s, reqwest::StatusCode::OK, "{b}");
+    eventually(SOON, "droplet 64 back after a probe", || async {
+        (reach_of(&app, 64).await == ("active".to_string(), 0, false)).then_some(())
+    })
+    .await;
+}

@@ -34,6 +34,10 @@ pub async fn run(state: Core, stop: CancellationToken) {
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(TICK) => {}
         }
+        // An emergency stop halts everything the orchestrator sends to droplets, probes too.
+        if state.emergency_stopped() {
+            continue;
+        }
         let rows: Vec<(i32, i32, String)> = match sqlx::query_as(
             "SELECT id, droplet_id, endpoint FROM droplets WHERE unreachable_since IS NOT NULL
              ORDER BY id LIMIT $1",
