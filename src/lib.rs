@@ -147,7 +147,8 @@ pub async fn build_state(config: Config, log: LogHandle) -> Result<AppState, Sta
 pub async fn start_background(state: &AppState) -> Result<(), StartError> {
     let stop = state.shutdown.clone();
     tokio::spawn(services::events::run_listener(
-        state.core.clone(),
+        state.db.clone(),
+        state.events.clone(),
         stop.clone(),
     ));
     tokio::spawn(services::events::run_relay(

@@ -199,13 +199,18 @@ pub async fn reload_config(
     caller.require(Permission::Admin)?;
     // The body is read after the permission check: 403 before any 422.
     body.optional_envelope()?;
-    let report =
-        config_reload::reload(&state, |level| state.log.set_level(level)).map_err(|e| match e {
-            ReloadError::Invalid(e) => {
-                ApiError::invalid(&["env", e.variable], e.message, "value_error")
-            }
-            ReloadError::Apply(e) => ApiError::internal(format!("reload-config: {e}")),
-        })?;
+    let report = config_reload::reload(
+        &state.settings,
+        &state.config_source,
+        &state.events,
+        |level| state.log.set_level(level),
+    )
+    .map_err(|e| match e {
+        ReloadError::Invalid(e) => {
+            ApiError::invalid(&["env", e.variable], e.message, "value_error")
+        }
+        ReloadError::Apply(e) => ApiError::internal(format!("reload-config: {e}")),
+    })?;
     // New intervals take effect: each job whose interval changed is rescheduled.
     let rescheduled_jobs = jobs::reschedule(&state)
         .await
@@ -296,7 +301,9 @@ pub async fn clear_cache(
     let router_snapshot = state.router.clear_room();
     // A pass rebuilds the snapshot at once (when routing runs).
     state.router.trigger();
-    let registry_entries = registry_client::clear_cache(&state).await?;
+    let registry_entries = registry_client::Registry::from(&state.core)
+        .clear_cache()
+        .await?;
     tracing::info!(by = %caller.actor_name(), registry_entries, "caches cleared");
     Ok(Udc::ok(CacheCleared {
         cleared: Cleared {

@@ -36,12 +36,13 @@ pub async fn run_once(state: &AppState, id: JobId) -> Result<String, String> {
                 )
             })
             .map_err(text),
-        JobId::RegistrySync => registry_client::run_once(state)
+        JobId::RegistrySync => registry_client::Registry::from(&state.core)
+            .run_once()
             .await
             .map(|n| format!("{n} droplets synced")),
         JobId::HeartbeatCleanup => async {
-            let beats = health_monitor::cleanup_old_heartbeats(state).await?;
-            let tasks = health_monitor::cleanup_old_tasks(state).await?;
+            let beats = health_monitor::cleanup_old_heartbeats(&state.db, &state.config()).await?;
+            let tasks = health_monitor::cleanup_old_tasks(&state.db, &state.config()).await?;
             Ok::<_, sqlx::Error>(format!(
                 "{beats} heartbeats deleted, {tasks} finished tasks past their retention deleted"
             ))

@@ -6,7 +6,8 @@ use std::collections::BTreeMap;
 use serde::Serialize;
 
 use crate::config::{self, Config, ConfigError};
-use crate::services::Core;
+use crate::services::core::Settings;
+use crate::services::events::EventHub;
 
 pub use crate::services::config_source::ConfigSource;
 
@@ -44,11 +45,13 @@ pub enum ReloadError {
 /// caller reschedules the jobs (the reload-config handler). An invalid configuration changes
 /// nothing.
 pub fn reload(
-    state: &Core,
+    settings: &Settings,
+    source: &ConfigSource,
+    events: &EventHub,
     set_log_level: impl FnOnce(&str) -> Result<(), String>,
 ) -> Result<Reload, ReloadError> {
-    let mut next = state.config_source.load()?;
-    let current = state.config();
+    let mut next = source.load()?;
+    let current = settings.current();
     let changed = diff(&current, &next);
     next.keep_restart_required(&current);
     if next.cors_allow_credentials && next.cors_origins.iter().any(|o| o == "*") {
@@ -62,11 +65,9 @@ pub fn reload(
         set_log_level(&next.log_level).map_err(ReloadError::Apply)?;
     }
     if next.ws_max_connections_per_droplet != current.ws_max_connections_per_droplet {
-        state
-            .events
-            .set_max_per_droplet(next.ws_max_connections_per_droplet);
+        events.set_max_per_droplet(next.ws_max_connections_per_droplet);
     }
-    state.replace_config(next);
+    settings.replace(next);
     let applied = changed
         .iter()
         .filter(|c| c.applied)
@@ -78,7 +79,7 @@ pub fn reload(
         .map(|c| c.setting)
         .collect();
     Ok(Reload {
-        source: state.config_source.describe(),
+        source: source.describe(),
         changed,
         applied,
         restart_required,

@@ -31,7 +31,8 @@ pub struct Core(Arc<Parts>);
 
 pub struct Parts {
     pub db: PgPool,
-    config: RwLock<Arc<Config>>,
+    /// The settings in force (reload-config may replace them).
+    pub settings: Settings,
     /// Verifies tokens and signs the orchestrator's own.
     pub keys: Keys,
     pub events: EventHub,
@@ -61,6 +62,32 @@ pub struct Parts {
     emergency_stop: AtomicBool,
     /// Where a reload reads the settings (tests fix it to a map).
     pub config_source: ConfigSource,
+}
+
+/// The settings in force: read often, replaced by a reload. Services that need only the
+/// settings borrow this, not the whole [`Core`].
+pub struct Settings(RwLock<Arc<Config>>);
+
+impl Settings {
+    pub fn new(config: Config) -> Settings {
+        Settings(RwLock::new(Arc::new(config)))
+    }
+
+    /// The settings in force now.
+    pub fn current(&self) -> Arc<Config> {
+        match self.0.read() {
+            Ok(c) => c.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    pub fn replace(&self, config: Config) {
+        let mut slot = match self.0.write() {
+            Ok(c) => c,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        *slot = Arc::new(config);
+    }
 }
 
 impl Deref for Core {
@@ -119,7 +146,7 @@ impl Core {
             shutdown: CancellationToken::new(),
             emergency_stop: AtomicBool::new(false),
             config_source: ConfigSource::new(),
-            config: RwLock::new(Arc::new(config)),
+            settings: Settings::new(config),
         })))
     }
 }
@@ -127,18 +154,11 @@ impl Core {
 impl Parts {
     /// The settings in force now (reload-config may replace them).
     pub fn config(&self) -> Arc<Config> {
-        match self.config.read() {
-            Ok(c) => c.clone(),
-            Err(poisoned) => poisoned.into_inner().clone(),
-        }
+        self.settings.current()
     }
 
     pub fn replace_config(&self, config: Config) {
-        let mut slot = match self.config.write() {
-            Ok(c) => c,
-            Err(poisoned) => poisoned.into_inner(),
-        };
-        *slot = Arc::new(config);
+        self.settings.replace(config);
     }
 
     pub fn emergency_stopped(&self) -> bool {

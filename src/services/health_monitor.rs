@@ -3,6 +3,9 @@
 
 use serde_json::json;
 
+use sqlx::PgPool;
+
+use crate::config::Config;
 use crate::services::droplets::{Droplet, DROPLET_COLUMNS};
 use crate::services::events::{self, DropletEventKind, Event};
 use crate::services::locks::Singleton;
@@ -102,8 +105,8 @@ const RETENTION_BATCHES: usize = 200;
 /// rows are taken with `SKIP LOCKED`: a task the router or a PATCH holds is left for the next
 /// round, and nothing live (pending, assigned, running, or failed with a retry due) is ever
 /// touched. Returns how many tasks were deleted.
-pub async fn cleanup_old_tasks(state: &Core) -> Result<u64, sqlx::Error> {
-    let days = state.config().task_retention_days;
+pub async fn cleanup_old_tasks(db: &PgPool, config: &Config) -> Result<u64, sqlx::Error> {
+    let days = config.task_retention_days;
     if days == 0 {
         return Ok(0);
     }
@@ -124,7 +127,7 @@ pub async fn cleanup_old_tasks(state: &Core) -> Result<u64, sqlx::Error> {
             days as i32,
             RETENTION_BATCH
         )
-        .execute(&state.db)
+        .execute(db)
         .await?
         .rows_affected();
         deleted += n;
@@ -143,9 +146,9 @@ pub async fn cleanup_old_tasks(state: &Core) -> Result<u64, sqlx::Error> {
 }
 
 /// One round of the `heartbeat_cleanup` job: heartbeats older than the retention go.
-pub async fn cleanup_old_heartbeats(state: &Core) -> Result<u64, sqlx::Error> {
-    let days = state.config().heartbeat_retention_days;
-    let mut tx = state.db.begin().await?;
+pub async fn cleanup_old_heartbeats(db: &PgPool, config: &Config) -> Result<u64, sqlx::Error> {
+    let days = config.heartbeat_retention_days;
+    let mut tx = db.begin().await?;
     if !Singleton::HeartbeatCleanup
         .try_for_transaction(&mut tx)
         .await?

@@ -220,7 +220,7 @@ async fn the_relay_publishes_while_a_cleanup_runs_and_the_cleanup_runs_while_the
         .execute(&mut *relay)
         .await
         .unwrap();
-    let deleted = health_monitor::cleanup_old_heartbeats(&app.state)
+    let deleted = health_monitor::cleanup_old_heartbeats(&app.state.db, &app.state.config())
         .await
         .unwrap();
     relay.rollback().await.unwrap();

@@ -204,7 +204,9 @@ async fn retention_deletes_finished_tasks_and_their_history_and_nothing_live() {
         .unwrap();
         made.push((id, goes));
     }
-    let deleted = health_monitor::cleanup_old_tasks(&app.state).await.unwrap();
+    let deleted = health_monitor::cleanup_old_tasks(&app.state.db, &app.state.config())
+        .await
+        .unwrap();
     assert_eq!(deleted, 3);
     for (id, goes) in made {
         let task: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM tasks WHERE id = $1")
@@ -226,7 +228,9 @@ async fn retention_deletes_finished_tasks_and_their_history_and_nothing_live() {
     }
     // Nothing left to delete: a second round deletes nothing.
     assert_eq!(
-        health_monitor::cleanup_old_tasks(&app.state).await.unwrap(),
+        health_monitor::cleanup_old_tasks(&app.state.db, &app.state.config())
+            .await
+            .unwrap(),
         0
     );
 
@@ -253,7 +257,9 @@ async fn without_a_retention_nothing_is_deleted() {
         .await
         .unwrap();
     assert_eq!(
-        health_monitor::cleanup_old_tasks(&app.state).await.unwrap(),
+        health_monitor::cleanup_old_tasks(&app.state.db, &app.state.config())
+            .await
+            .unwrap(),
         0
     );
     let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM tasks")

@@ -592,9 +592,12 @@ async fn status_counts_kept_as_changes_happen_equal_a_count_of_the_table() {
         .map(|f| f.2)
         .sum();
     assert_eq!(cancelled, 5, "{counted:?}");
-    orchestrator::services::health_monitor::cleanup_old_heartbeats(&app.state)
-        .await
-        .unwrap();
+    orchestrator::services::health_monitor::cleanup_old_heartbeats(
+        &app.state.db,
+        &app.state.config(),
+    )
+    .await
+    .unwrap();
     let (counted, kept) = counted_and_kept(&app).await;
     assert_eq!(kept, counted);
     // And /metrics shows them.

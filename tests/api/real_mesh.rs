@@ -366,7 +366,12 @@ async fn droplet_2_takes_deliveries_carrying_a_token_fetched_from_the_registry()
         ("REGISTRY_PUBLIC_KEY", &public),
     ])
     .await;
-    assert_eq!(registry_client::run_once(&app.state).await, Ok(0));
+    assert_eq!(
+        registry_client::Registry::from(&app.state.core)
+            .run_once()
+            .await,
+        Ok(0)
+    );
     let requests = registry.token_requests.lock().unwrap().clone();
     assert!(!requests.is_empty(), "no token was asked for");
     for r in &requests {

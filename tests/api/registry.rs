@@ -205,7 +205,9 @@ async fn every_directory_shape_fills_in_droplets_without_touching_their_status()
             body,
             delay: Duration::ZERO,
         });
-        let synced = registry_client::run_once(&app.state).await;
+        let synced = registry_client::Registry::from(&app.state.core)
+            .run_once()
+            .await;
         assert_eq!(synced, Ok(3), "{shape}");
         let rows = droplet_rows(&app).await;
         assert_eq!(
@@ -253,7 +255,10 @@ async fn every_directory_shape_fills_in_droplets_without_touching_their_status()
         ("active", true)
     );
     // A later sync refreshes its details but never its status.
-    registry_client::run_once(&app.state).await.unwrap();
+    registry_client::Registry::from(&app.state.core)
+        .run_once()
+        .await
+        .unwrap();
     let rows = droplet_rows(&app).await;
     assert_eq!(rows[1].status, "active");
     assert_eq!(rows[1].endpoint, "http://127.0.0.1:9/twenty-one");
@@ -263,11 +268,18 @@ async fn every_directory_shape_fills_in_droplets_without_touching_their_status()
 async fn the_cached_directory_survives_a_restart_with_the_registry_down() {
     let mut registry = RegistryServer::start(Answer::json(json!({"droplets": directory()}))).await;
     let app = app_with(&registry).await;
-    assert_eq!(registry_client::run_once(&app.state).await, Ok(3));
+    assert_eq!(
+        registry_client::Registry::from(&app.state.core)
+            .run_once()
+            .await,
+        Ok(3)
+    );
     let before = droplet_rows(&app).await;
     registry.stop().await;
 
-    let failed = registry_client::run_once(&app.state).await;
+    let failed = registry_client::Registry::from(&app.state.core)
+        .run_once()
+        .await;
     assert!(failed.is_err(), "{failed:?}");
     let dep = registry_dependency(&app).await;
     assert_eq!(dep["status"], "disconnected");
@@ -318,7 +330,12 @@ async fn the_cached_directory_survives_a_restart_with_the_registry_down() {
 async fn a_garbage_failing_or_slow_registry_changes_nothing_and_is_reported() {
     let registry = RegistryServer::start(Answer::json(directory())).await;
     let app = app_with(&registry).await;
-    assert_eq!(registry_client::run_once(&app.state).await, Ok(3));
+    assert_eq!(
+        registry_client::Registry::from(&app.state.core)
+            .run_once()
+            .await,
+        Ok(3)
+    );
     let before = droplet_rows(&app).await;
     let answers = [
         (
@@ -356,7 +373,9 @@ async fn a_garbage_failing_or_slow_registry_changes_nothing_and_is_reported() {
     ];
     for (what, answer, says) in answers {
         registry.answer(answer);
-        let outcome = registry_client::run_once(&app.state).await;
+        let outcome = registry_client::Registry::from(&app.state.core)
+            .run_once()
+            .await;
         let error = outcome.expect_err(what);
         assert!(error.contains(says), "{what}: {error}");
         let snapshot = app.state.registry.snapshot();
@@ -371,14 +390,24 @@ async fn a_garbage_failing_or_slow_registry_changes_nothing_and_is_reported() {
     assert_eq!(s, StatusCode::OK);
     // Back to a good answer: connected again.
     registry.answer(Answer::json(directory()));
-    assert_eq!(registry_client::run_once(&app.state).await, Ok(3));
+    assert_eq!(
+        registry_client::Registry::from(&app.state.core)
+            .run_once()
+            .await,
+        Ok(3)
+    );
     assert_eq!(registry_dependency(&app).await["status"], "connected");
 }
 
 #[tokio::test]
 async fn without_a_registry_url_the_registry_is_unconfigured() {
     let app = TestApp::spawn().await;
-    assert_eq!(registry_client::run_once(&app.state).await, Ok(0));
+    assert_eq!(
+        registry_client::Registry::from(&app.state.core)
+            .run_once()
+            .await,
+        Ok(0)
+    );
     let dep = registry_dependency(&app).await;
     assert_eq!(dep["status"], "unconfigured");
 }
@@ -418,7 +447,12 @@ async fn a_public_key_served_over_http_is_not_installed_with_or_without_the_fetc
             env.push(("REGISTRY_FETCH_PUBLIC_KEY", flag));
         }
         let app = TestApp::spawn_with(&env).await;
-        assert_eq!(registry_client::run_once(&app.state).await, Ok(0));
+        assert_eq!(
+            registry_client::Registry::from(&app.state.core)
+                .run_once()
+                .await,
+            Ok(0)
+        );
         let snapshot = app.state.registry.snapshot();
         assert_eq!(snapshot.status, "connected", "{flag:?}");
         assert_eq!(snapshot.public_key, "none", "{flag:?}");
@@ -486,7 +520,9 @@ async fn a_redirecting_registry_never_gets_the_key_sent_elsewhere() {
     ])
     .await;
 
-    let outcome = registry_client::run_once(&app.state).await;
+    let outcome = registry_client::Registry::from(&app.state.core)
+        .run_once()
+        .await;
     let error = outcome.expect_err("a 307 is not a directory");
     assert!(error.contains("HTTP 307"), "{error}");
     assert!(

@@ -9,25 +9,28 @@ use sqlx::postgres::PgListener;
 use tokio_util::sync::CancellationToken;
 
 use super::{Feed, EVENTS_CHANNEL};
-use crate::services::Core;
+use sqlx::PgPool;
+
+use super::hub::EventHub;
 
 /// How often the reader looks without a wake-up.
 const POLL: Duration = Duration::from_millis(250);
 const BATCH: i64 = 2000;
 
 /// The newest event id in the log (0 when empty).
-pub async fn newest_event_id(state: &Core) -> Result<i64, sqlx::Error> {
+pub async fn newest_event_id(db: &PgPool) -> Result<i64, sqlx::Error> {
     sqlx::query_scalar!(r#"SELECT COALESCE(MAX(event_id), 0) AS "newest!" FROM events"#)
-        .fetch_one(&state.db)
+        .fetch_one(db)
         .await
 }
 
-pub async fn run_listener(state: Core, stop: CancellationToken) {
+/// This replica's reader of the event log: it needs only the pool and the hub it feeds.
+pub async fn run_listener(db: PgPool, events: EventHub, stop: CancellationToken) {
     let mut last = loop {
-        match newest_event_id(&state).await {
+        match newest_event_id(&db).await {
             Ok(id) => break id,
             Err(e) => {
-                note_lost(&state, &mut None, &e.to_string());
+                note_lost(&db, &events, &mut None, &e.to_string());
                 if sleep_or_stop(&stop, Duration::from_secs(1)).await {
                     return;
                 }
@@ -39,10 +42,10 @@ pub async fn run_listener(state: Core, stop: CancellationToken) {
         if stop.is_cancelled() {
             return;
         }
-        let mut listener = match PgListener::connect_with(&state.db).await {
+        let mut listener = match PgListener::connect_with(&db).await {
             Ok(l) => l,
             Err(e) => {
-                note_lost(&state, &mut lost_at, &e.to_string());
+                note_lost(&db, &events, &mut lost_at, &e.to_string());
                 if sleep_or_stop(&stop, Duration::from_secs(1)).await {
                     return;
                 }
@@ -50,7 +53,7 @@ pub async fn run_listener(state: Core, stop: CancellationToken) {
             }
         };
         if let Err(e) = listener.listen(EVENTS_CHANNEL).await {
-            note_lost(&state, &mut lost_at, &e.to_string());
+            note_lost(&db, &events, &mut lost_at, &e.to_string());
             if sleep_or_stop(&stop, Duration::from_secs(1)).await {
                 return;
             }
@@ -61,22 +64,22 @@ pub async fn run_listener(state: Core, stop: CancellationToken) {
                 gap_ms = since.elapsed().as_millis() as u64,
                 "event reader reconnected; it goes on from event {last}"
             );
-            state.events.set_listener(|l| l.reconnects += 1);
+            events.set_listener(|l| l.reconnects += 1);
         }
-        state.events.set_listener(|l| {
+        events.set_listener(|l| {
             l.connected = true;
             l.last_error = None;
         });
         loop {
             // Read everything there is, then wait for a wake-up or the poll.
-            match read_after(&state, last).await {
+            match read_after(&db, &events, last).await {
                 Ok(Some(newest)) => {
                     last = newest;
                     continue;
                 }
                 Ok(None) => {}
                 Err(e) => {
-                    note_lost(&state, &mut lost_at, &e.to_string());
+                    note_lost(&db, &events, &mut lost_at, &e.to_string());
                     break;
                 }
             }
@@ -86,11 +89,11 @@ pub async fn run_listener(state: Core, stop: CancellationToken) {
                 received = listener.try_recv() => match received {
                     Ok(Some(_)) => {}
                     Ok(None) => {
-                        note_lost(&state, &mut lost_at, "connection closed");
+                        note_lost(&db, &events, &mut lost_at, "connection closed");
                         break;
                     }
                     Err(e) => {
-                        note_lost(&state, &mut lost_at, &e.to_string());
+                        note_lost(&db, &events, &mut lost_at, &e.to_string());
                         break;
                     }
                 }
@@ -104,13 +107,13 @@ pub async fn run_listener(state: Core, stop: CancellationToken) {
 
 /// Publishes the events after `last` to the local hub; the newest id read, or None when
 /// there was nothing new.
-async fn read_after(state: &Core, last: i64) -> Result<Option<i64>, sqlx::Error> {
+async fn read_after(db: &PgPool, events: &EventHub, last: i64) -> Result<Option<i64>, sqlx::Error> {
     let rows: Vec<(i64, String, Value)> = sqlx::query!(
         "SELECT event_id, feed, envelope FROM events WHERE event_id > $1 ORDER BY event_id LIMIT $2",
         last,
         BATCH
     )
-    .fetch_all(&state.db)
+    .fetch_all(db)
     .await?
     .into_iter()
     .map(|r| (r.event_id, r.feed, r.envelope))
@@ -118,27 +121,25 @@ async fn read_after(state: &Core, last: i64) -> Result<Option<i64>, sqlx::Error>
     let Some(newest) = rows.last().map(|r| r.0) else {
         return Ok(None);
     };
-    state
-        .events
-        .set_listener(|l| l.last_event_at = Some(crate::protocol::now_iso()));
+    events.set_listener(|l| l.last_event_at = Some(crate::protocol::now_iso()));
     for (id, feed, envelope) in rows {
         if let Some(feed) = Feed::parse(&feed) {
-            state.events.publish_event(feed, id, &envelope);
+            events.publish_event(feed, id, &envelope);
         }
     }
     Ok(Some(newest))
 }
 
-fn note_lost(state: &Core, lost_at: &mut Option<Instant>, error: &str) {
+fn note_lost(db: &PgPool, events: &EventHub, lost_at: &mut Option<Instant>, error: &str) {
     // A pool closed for shutdown is not a lost database: the reader is about to stop.
-    if lost_at.is_none() && !state.db.is_closed() {
+    if lost_at.is_none() && !db.is_closed() {
         tracing::warn!(
             error,
             "event reader lost its database connection; reconnecting"
         );
         *lost_at = Some(Instant::now());
     }
-    state.events.set_listener(|l| {
+    events.set_listener(|l| {
         l.connected = false;
         l.last_error = Some(error.to_string());
     });

@@ -15,6 +15,7 @@
 use std::sync::LazyLock;
 use std::time::{Duration, Instant};
 
+use sqlx::PgPool;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
@@ -39,9 +40,10 @@ pub fn wake() {
     WAKE.notify_one();
 }
 
-/// One round: how many events were published (None: another replica holds the relay).
-pub async fn publish_round(state: &Core) -> Result<Option<u64>, sqlx::Error> {
-    let mut tx = state.db.begin().await?;
+/// One round: how many events were published (None: another replica holds the relay), each
+/// stamped with `source`, the orchestrator's configured id.
+pub async fn publish_round(db: &PgPool, source: i32) -> Result<Option<u64>, sqlx::Error> {
+    let mut tx = db.begin().await?;
     if !Singleton::EventRelay.try_for_transaction(&mut tx).await? {
         tx.rollback().await?;
         return Ok(None);
@@ -61,7 +63,7 @@ pub async fn publish_round(state: &Core) -> Result<Option<u64>, sqlx::Error> {
                           '{source}', to_jsonb($2::int))
          FROM numbered",
         BATCH,
-        state.keys.orchestrator_id()
+        source
     )
     .execute(&mut *tx)
     .await?
@@ -70,7 +72,7 @@ pub async fn publish_round(state: &Core) -> Result<Option<u64>, sqlx::Error> {
     if published > 0 {
         // The wake-up, in its own statement after the commit.
         let _ = sqlx::query!("SELECT pg_notify($1, '')", EVENTS_CHANNEL)
-            .execute(&state.db)
+            .execute(db)
             .await;
     }
     Ok(Some(published))
@@ -78,8 +80,8 @@ pub async fn publish_round(state: &Core) -> Result<Option<u64>, sqlx::Error> {
 
 /// Deletes the events older than the retention (in batches), and records the newest id
 /// deleted in the same statement.
-pub async fn trim(state: &Core) -> Result<u64, sqlx::Error> {
-    let keep = state.config().event_retention_seconds as f64;
+pub async fn trim(db: &PgPool, retention_seconds: u64) -> Result<u64, sqlx::Error> {
+    let keep = retention_seconds as f64;
     let mut deleted = 0;
     loop {
         let n: i64 = sqlx::query_scalar!(
@@ -98,7 +100,7 @@ pub async fn trim(state: &Core) -> Result<u64, sqlx::Error> {
              SELECT COUNT(*) AS "n!" FROM gone"#,
             keep
         )
-        .fetch_one(&state.db)
+        .fetch_one(db)
         .await?;
         let n = n as u64;
         deleted += n;
@@ -117,7 +119,7 @@ pub async fn run_relay(state: Core, stop: CancellationToken) {
         if stop.is_cancelled() {
             return;
         }
-        let round = publish_round(&state).await;
+        let round = publish_round(&state.db, state.keys.orchestrator_id()).await;
         let more = match round {
             Ok(Some(n)) => {
                 failing = false;
@@ -134,7 +136,7 @@ pub async fn run_relay(state: Core, stop: CancellationToken) {
         };
         if last_trim.elapsed() > Duration::from_secs(10) {
             last_trim = Instant::now();
-            if let Err(e) = trim(&state).await {
+            if let Err(e) = trim(&state.db, state.config().event_retention_seconds).await {
                 tracing::debug!(error = %e, "event log trim failed");
             }
         }
