@@ -900,9 +900,106 @@ async fn route(s: &Sizes, rows: &mut Vec<Row>, rss: &mut Vec<(String, f64)>) {
     ));
 }
 
+/// PostgreSQL's work so far: for one database, its transactions, rows written and WAL; for
+/// the whole server, the CPU of every `postgres` process (and of the exited ones, through the
+/// postmaster's children's times). Differences of two readings, divided by the tasks run,
+/// give a task's database cost over its whole life. CPU counts the whole server: read it on a
+/// quiet machine.
+#[derive(Debug, Clone, Copy, Default)]
+struct PgWork {
+    xacts: i64,
+    inserted: i64,
+    updated: i64,
+    deleted: i64,
+    wal_bytes: i64,
+    cpu_seconds: f64,
+}
+
+impl PgWork {
+    async fn read(db_url: &str) -> PgWork {
+        let name = db_url.rsplit('/').next().unwrap_or_default().to_string();
+        let pool = PgPoolOptions::new()
+            .max_connections(1)
+            .connect(&format!("{}/postgres", server_url()))
+            .await
+            .expect("postgres");
+        // Pending statistics are flushed by backends at most once a second.
+        let _ = sqlx::query("SELECT pg_stat_force_next_flush()")
+            .execute(&pool)
+            .await;
+        let (xacts, inserted, updated, deleted, wal_bytes): (i64, i64, i64, i64, i64) =
+            sqlx::query_as(
+                "SELECT (xact_commit + xact_rollback)::bigint, tup_inserted::bigint,
+                        tup_updated::bigint, tup_deleted::bigint,
+                        pg_wal_lsn_diff(pg_current_wal_lsn(), '0/0')::bigint
+                 FROM pg_stat_database WHERE datname = $1",
+            )
+            .bind(&name)
+            .fetch_one(&pool)
+            .await
+            .expect("pg_stat_database");
+        pool.close().await;
+        PgWork {
+            xacts,
+            inserted,
+            updated,
+            deleted,
+            wal_bytes,
+            cpu_seconds: postgres_cpu_seconds(),
+        }
+    }
+
+    fn per_task(&self, before: &PgWork, tasks: u64) -> String {
+        let n = tasks.max(1) as f64;
+        format!(
+            "per task: {:.1} transactions, {:.1} rows inserted, {:.1} updated, {:.1} deleted, {:.0} WAL bytes, {:.2} ms PostgreSQL CPU",
+            (self.xacts - before.xacts) as f64 / n,
+            (self.inserted - before.inserted) as f64 / n,
+            (self.updated - before.updated) as f64 / n,
+            (self.deleted - before.deleted) as f64 / n,
+            (self.wal_bytes - before.wal_bytes) as f64 / n,
+            (self.cpu_seconds - before.cpu_seconds) * 1000.0 / n,
+        )
+    }
+}
+
+/// CPU seconds of every running `postgres` process, plus the exited children the postmaster
+/// has waited for (its `cutime` and `cstime`).
+fn postgres_cpu_seconds() -> f64 {
+    let tick = Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|t| t.trim().parse::<f64>().ok())
+        .unwrap_or(100.0);
+    let mut ticks = 0u64;
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return 0.0;
+    };
+    for entry in dir.flatten() {
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        // pid (comm) state ppid ...: the fields after the command's closing parenthesis.
+        let Some((head, rest)) = stat.rsplit_once(") ") else {
+            continue;
+        };
+        if !head.ends_with("(postgres") {
+            continue;
+        }
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let field = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+        // utime, stime, cutime, cstime are fields 14-17 of stat: 11-14 after the state.
+        ticks += field(11) + field(12) + field(13) + field(14);
+    }
+    ticks as f64 / tick
+}
+
 async fn end_to_end(s: &Sizes, rows: &mut Vec<Row>) {
     let db = fresh_db_url();
     let server = Server::start(&db, 8, &[]).await;
+    let before = PgWork::read(&db).await;
     std::env::set_var("JWT_SECRET_KEY", SECRET);
     let summary = simulate::run(SimulateArgs {
         url: server.base.clone(),
@@ -921,7 +1018,14 @@ async fn end_to_end(s: &Sizes, rows: &mut Vec<Row>) {
     .await
     .expect("simulation");
     server.stop();
+    let after = PgWork::read(&db).await;
     drop_db(&db).await;
+    rows.push(row(
+        "end_to_end",
+        "PostgreSQL's work per task, create -> assigned -> delivered -> in_progress -> completed, with registrations and heartbeats of the run",
+        after.per_task(&before, summary.completed),
+        "issue 26: a third of today's",
+    ));
     let a = summary.create_to_assigned_ms;
     let d = summary.create_to_dispatched_ms;
     let c = summary.create_to_completed_ms;
