@@ -494,6 +494,7 @@ pub async fn require(db: &PgPool, droplet_id: i32) -> Result<Droplet> {
 
 /// Filters of `GET /droplets`.
 #[derive(Debug, Clone, Default, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct DropletFilter {
     pub status: Option<String>,
     pub capability: Option<String>,
