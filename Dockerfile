@@ -15,12 +15,16 @@ ENV CARGO_TERM_COLOR=never \
 
 # The dependencies first, in their own layer: rebuilt only when Cargo.toml or Cargo.lock
 # change, not on every source edit.
+# The workspace's other member, the simulator, is not in the image: only its manifest, for
+# the workspace to resolve, with empty sources (`-p orchestrator` never builds it).
 COPY Cargo.toml Cargo.lock ./
-RUN mkdir -p src benches \
+COPY simulator/Cargo.toml simulator/
+RUN mkdir -p src benches simulator/src \
     && echo 'fn main() {}' > src/main.rs \
-    && touch src/lib.rs \
+    && touch src/lib.rs simulator/src/lib.rs \
+    && echo 'fn main() {}' > simulator/src/main.rs \
     && echo 'fn main() {}' > benches/load.rs \
-    && cargo build --release \
+    && cargo build --release -p orchestrator \
     && rm -rf src benches
 
 COPY src src
@@ -31,9 +35,9 @@ COPY assets assets
 COPY benches benches
 ARG ORCHESTRATOR_GIT_COMMIT=unknown
 ENV ORCHESTRATOR_GIT_COMMIT=${ORCHESTRATOR_GIT_COMMIT}
-# The README's build command. The touch makes cargo rebuild our crate over the placeholder.
+# The service's release build. The touch makes cargo rebuild our crate over the placeholder.
 RUN touch src/main.rs src/lib.rs \
-    && cargo build --release
+    && cargo build --release -p orchestrator
 
 FROM debian:bookworm-slim
 RUN apt-get update \

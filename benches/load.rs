@@ -10,9 +10,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use orchestrator::simulate::{self, SimulateArgs};
-use orchestrator::simulator::fleet::register;
-use orchestrator::simulator::{
+use orchestrator_simulator::fleet::register;
+use orchestrator_simulator::simulate::{self, SimulateArgs};
+use orchestrator_simulator::{
     Api, Behaviour, Fleet, FleetConfig, Heartbeats, Latency, Patience, Wire,
 };
 use serde_json::{json, Value};
@@ -1000,7 +1000,6 @@ async fn end_to_end(s: &Sizes, rows: &mut Vec<Row>) {
     let db = fresh_db_url();
     let server = Server::start(&db, 8, &[]).await;
     let before = PgWork::read(&db).await;
-    std::env::set_var("JWT_SECRET_KEY", SECRET);
     let summary = simulate::run(SimulateArgs {
         url: server.base.clone(),
         droplets: s.e2e_droplets,
@@ -1014,6 +1013,7 @@ async fn end_to_end(s: &Sizes, rows: &mut Vec<Row>) {
         drain_seconds: 10.0,
         concurrency: 256,
         quiet: true,
+        jwt_secret: Some(SECRET.into()),
     })
     .await
     .expect("simulation");

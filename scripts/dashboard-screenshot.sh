@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Takes docs/dashboard.png (the README's screenshot): the live dashboard while
-# `orchestrator simulate` pushes tasks through a fresh server, shot by headless Chromium over
+# `orchestrator-simulator` pushes tasks through a fresh server, shot by headless Chromium over
 # chromedriver's WebDriver API. Needs PostgreSQL on 127.0.0.1:5432, chromium, chromium-driver.
 # Usage: scripts/dashboard-screenshot.sh [out.png]
 #   VIEWPORT (1440x1440: tall enough for the counters, the chart, 12 droplets and the first
@@ -10,6 +10,8 @@ cd "$(dirname "$0")/.."
 
 out=${1:-docs/dashboard.png}
 bin=target/debug/orchestrator
+sim_bin=target/debug/orchestrator-simulator
+# Both binaries (the workspace's default members: the service and the simulator).
 cargo build --quiet
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 port=$(free_port)
@@ -43,7 +45,7 @@ sleep $(((95 - 10#$(date +%S)) % 60))
 sim_start=$(date +%s)
 # 10 tasks a second of 500 ms keep about a dozen in progress (newest first), so finished
 # tasks show among the rows in the shot too.
-"$bin" simulate --url "$url" --droplets 12 --capabilities render,verify,deploy \
+"$sim_bin" --url "$url" --droplets 12 --capabilities render,verify,deploy \
   --tasks-per-second 10 --duration 60 --work-ms 500 --fail-rate 0.1 --quiet >/dev/null 2>&1 &
 sim=$!
 admin=$("$bin" token --droplet-id 1 --steward operator --permissions read,write,admin)

@@ -15,7 +15,7 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Run the service (the default): HTTP API, WebSockets and the five background jobs.
+    /// Run the service (the default): HTTP API, WebSockets and the scheduled jobs.
     Serve,
     /// Create the database if it is missing, apply the migrations, and exit.
     Migrate,
@@ -43,7 +43,4 @@ pub enum Command {
         #[arg(long)]
         url: Option<String>,
     },
-    /// Simulate droplets and a task producer against a running orchestrator, with live
-    /// progress and a latency summary.
-    Simulate(crate::simulate::SimulateArgs),
 }

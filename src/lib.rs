@@ -12,8 +12,6 @@ pub mod instruments;
 pub mod jobs;
 pub mod protocol;
 pub mod services;
-pub mod simulate;
-pub mod simulator;
 pub mod state;
 pub mod system;
 pub mod telemetry;
@@ -143,7 +141,7 @@ pub async fn build_state(config: Config, log: LogHandle) -> Result<AppState, Sta
 }
 
 /// Starts the background work: the event relay and reader, immediate routing, the process sampler
-/// and the five scheduled jobs.
+/// and the scheduled jobs (`jobs::JobId::ALL`).
 pub async fn start_background(state: &AppState) -> Result<(), StartError> {
     let stop = state.shutdown.clone();
     tokio::spawn(services::events::run_listener(

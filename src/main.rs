@@ -132,16 +132,6 @@ async fn run(command: Command, config: Config) -> ExitCode {
         }
         Command::Serve => serve(config).await,
         Command::Healthcheck { url } => healthcheck(&config, url).await,
-        Command::Simulate(args) => match orchestrator::simulate::run(args).await {
-            Ok(summary) => {
-                println!("{summary}");
-                ExitCode::SUCCESS
-            }
-            Err(e) => {
-                eprintln!("orchestrator simulate: {e}");
-                ExitCode::FAILURE
-            }
-        },
     }
 }
 

@@ -171,7 +171,7 @@ fn bare_heartbeat(mut object: Map<String, Value>) -> Map<String, Value> {
     reshaped
 }
 
-#[utoipa::path(get, path = "/droplets", tag = "droplets", params(DropletFilter), security(("bearer" = [])),
+#[utoipa::path(get, path = "/droplets", tag = "droplets", operation_id = "droplets_list", params(DropletFilter), security(("bearer" = [])),
     responses((status = 200, description = "Droplets", body = DropletList)))]
 pub async fn list(
     State(state): State<AppState>,
@@ -186,7 +186,7 @@ pub async fn list(
     }))
 }
 
-#[utoipa::path(get, path = "/droplets/{droplet_id}", tag = "droplets", security(("bearer" = [])),
+#[utoipa::path(get, path = "/droplets/{droplet_id}", tag = "droplets", operation_id = "droplets_detail", security(("bearer" = [])),
     params(("droplet_id" = i32, Path, description = "External droplet id")),
     responses((status = 200, description = "The droplet with its load and recent heartbeats", body = DropletDetail), (status = 404, description = "Unknown droplet")))]
 pub async fn detail(
@@ -255,7 +255,7 @@ pub struct Capabilities {
     pub capability_schemas: Value,
 }
 
-#[utoipa::path(get, path = "/droplets/{droplet_id}/capabilities", tag = "droplets", security(("bearer" = [])),
+#[utoipa::path(get, path = "/droplets/{droplet_id}/capabilities", tag = "droplets", operation_id = "droplets_capabilities", security(("bearer" = [])),
     params(("droplet_id" = i32, Path, description = "External droplet id")),
     responses((status = 200, description = "Its capabilities and their contracts", body = Capabilities), (status = 404, description = "Unknown droplet")))]
 pub async fn capabilities(

@@ -55,7 +55,7 @@ pub async fn health(State(state): State<AppState>) -> Json<Value> {
     }))
 }
 
-#[utoipa::path(get, path = "/capabilities", tag = "public", responses((status = 200, description = "Features")))]
+#[utoipa::path(get, path = "/capabilities", tag = "public", operation_id = "public_capabilities", responses((status = 200, description = "Features")))]
 pub async fn capabilities() -> Json<Value> {
     Json(json!({
         "version": env!("CARGO_PKG_VERSION"),

@@ -101,9 +101,9 @@ fn job_or_404(job_id: &str) -> ApiResult<JobId> {
     })
 }
 
-/// The five jobs: interval, paused, last run, its duration and outcome, next run.
+/// The scheduled jobs: interval, paused, last run, its duration and outcome, next run.
 #[utoipa::path(get, path = "/management/scheduler/jobs", tag = "management", security(("bearer" = [])),
-    responses((status = 200, description = "The five scheduled jobs", body = Jobs), (status = 403, description = "Admin only")))]
+    responses((status = 200, description = "The scheduled jobs", body = Jobs), (status = 403, description = "Admin only")))]
 pub async fn list_jobs(State(state): State<AppState>, caller: Caller) -> ApiResult<Udc<Jobs>> {
     caller.require(Permission::Admin)?;
     Ok(Udc::ok(Jobs {

@@ -11,13 +11,14 @@ use utoipa::ToSchema;
 
 use crate::auth::{Caller, Permission};
 use crate::error::{ApiError, ApiResult};
+use crate::jobs::JobInfo;
 use crate::services::analytics::{
     self as queries, ByType, DropletWorkReport, RangeParams, RetentionNote, RoutingReport, Summary,
     TaskPerformance, TimeRange,
 };
 use crate::services::droplets::{self, Load};
 use crate::services::status::DropletStatus;
-use crate::services::system_status;
+use crate::services::system_status::{self, HealthReport};
 use crate::state::AppState;
 use crate::udc::{self, PathParam, QueryParams, Udc};
 
@@ -203,14 +204,22 @@ pub async fn routing(
     }))
 }
 
+/// `/metrics/system/health`: the services' report and, beside it, the scheduler's jobs.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct SystemHealth {
+    #[serde(flatten)]
+    pub report: HealthReport,
+    pub jobs: Vec<JobInfo>,
+}
+
 #[utoipa::path(get, path = "/metrics/system/health", tag = "metrics", security(("bearer" = [])),
-    responses((status = 200, description = "Database round trip and pool usage, job states, WebSocket connections, Registry status"),
+    responses((status = 200, description = "Database round trip and pool usage, job states, WebSocket connections, Registry status", body = SystemHealth),
               (status = 404, description = "ENABLE_METRICS=false")))]
 pub async fn system_health(
     _on: MetricsEnabled,
     State(state): State<AppState>,
     caller: Caller,
-) -> ApiResult<Udc<Value>> {
+) -> ApiResult<Udc<SystemHealth>> {
     caller.require(Permission::Read)?;
     let jobs = state.jobs.list();
     let outside = system_status::Outside {
@@ -219,9 +228,11 @@ pub async fn system_health(
             .filter(|j| j.last_error.is_some())
             .map(|j| j.id.to_string())
             .collect(),
-        jobs: serde_json::to_value(&jobs).unwrap_or_default(),
         process: state.process.latest(),
         uptime_seconds: state.started_at.elapsed().as_secs(),
     };
-    Ok(Udc::ok(system_status::health_report(&state, outside).await))
+    Ok(Udc::ok(SystemHealth {
+        report: system_status::health_report(&state, outside).await,
+        jobs,
+    }))
 }

@@ -231,29 +231,21 @@ fn is_enveloped(op: &Value) -> bool {
         .is_some_and(|reqs| reqs.iter().any(|r| r.get("bearer").is_some()))
 }
 
-/// Fills in what the per-handler annotations leave implicit: enveloped request bodies,
-/// response envelopes, the error bodies (with `Retry-After` on 429 and `WWW-Authenticate`
-/// on 401), the common errors of every operation, and any path parameter a handler forgot
-/// to declare (so the description stays valid OpenAPI).
+/// The envelope, which the handlers' typed answers leave to the edge: enveloped request
+/// bodies and response envelopes (the typed payload inside), the error bodies (with
+/// `Retry-After` on 429 and `WWW-Authenticate` on 401) and the common errors of every
+/// operation. Everything else (answers, parameters, operation ids) is the handlers' own.
 fn complete(doc: &mut Value) {
-    add_listed_task(doc);
     let Some(paths) = doc.get_mut("paths").and_then(Value::as_object_mut) else {
         return;
     };
-    unique_operation_ids(paths);
     for (path, item) in paths.iter_mut() {
-        let template_params: Vec<String> = path
-            .split('/')
-            .filter_map(|seg| seg.strip_prefix('{').and_then(|s| s.strip_suffix('}')))
-            .map(str::to_string)
-            .collect();
         let public = crate::api::ratelimit::is_exempt(path);
         for method in METHODS {
             let Some(op) = item.get_mut(method).and_then(Value::as_object_mut) else {
                 continue;
             };
             let enveloped = is_enveloped(&Value::Object(op.clone()));
-            declare_path_params(op, &template_params);
             if enveloped {
                 wrap_request_body(op);
             }
@@ -278,72 +270,6 @@ fn complete(doc: &mut Value) {
                 fill_response(code, response, enveloped);
             }
         }
-    }
-}
-
-/// Operation ids come from handler names, and two modules may both have a `list`: those
-/// are prefixed with their tag (`droplets_list`, `tasks_list`), since ids must be unique.
-fn unique_operation_ids(paths: &mut Map<String, Value>) {
-    let mut seen = std::collections::HashMap::<String, usize>::new();
-    for item in paths.values() {
-        for method in METHODS {
-            if let Some(id) = item.get(method).and_then(|op| op["operationId"].as_str()) {
-                *seen.entry(id.to_string()).or_default() += 1;
-            }
-        }
-    }
-    for (path, item) in paths.iter_mut() {
-        for method in METHODS {
-            let Some(op) = item.get_mut(method) else {
-                continue;
-            };
-            let id = op["operationId"].as_str().unwrap_or_default().to_string();
-            if seen.get(&id).copied().unwrap_or(0) > 1 {
-                let tag = op["tags"][0].as_str().unwrap_or(method);
-                op["operationId"] = json!(format!("{tag}_{id}"));
-            } else if id.is_empty() {
-                let slug: String = path
-                    .chars()
-                    .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
-                    .collect();
-                op["operationId"] = json!(format!("{method}{slug}"));
-            }
-        }
-    }
-}
-
-fn declare_path_params(op: &mut Map<String, Value>, names: &[String]) {
-    let params = op.entry("parameters").or_insert_with(|| json!([]));
-    let Some(params) = params.as_array_mut() else {
-        return;
-    };
-    // A filter struct derived with `IntoParams` and read by our own `QueryParams` extractor
-    // comes out as path parameters (utoipa cannot see the extractor); whatever is not in
-    // the path template is a query parameter.
-    for p in params.iter_mut() {
-        let name = p["name"].as_str().unwrap_or_default();
-        if p["in"] == "path" && !names.iter().any(|n| n == name) {
-            p["in"] = json!("query");
-            if let Some(p) = p.as_object_mut() {
-                p.remove("required");
-            }
-        }
-    }
-    for name in names {
-        let declared = params
-            .iter()
-            .any(|p| p["in"] == "path" && p["name"] == name.as_str());
-        if !declared {
-            params.push(json!({
-                "name": name,
-                "in": "path",
-                "required": true,
-                "schema": { "type": "integer", "format": "int32" },
-            }));
-        }
-    }
-    if params.is_empty() {
-        op.remove("parameters");
     }
 }
 
@@ -382,36 +308,6 @@ fn wrap_response_body(response: &mut Map<String, Value>) {
         return;
     };
     in_envelope(content, "ResponseEnvelope");
-}
-
-/// `ListedTask`, a task as `GET /tasks` lists it: the `Task` schema with `payload` and
-/// `result` optional, and `payload_truncated` when they were left out for the answer's size.
-fn add_listed_task(doc: &mut Value) {
-    let Some(schemas) = doc
-        .pointer_mut("/components/schemas")
-        .and_then(Value::as_object_mut)
-    else {
-        return;
-    };
-    let Some(mut listed) = schemas.get("Task").cloned() else {
-        return;
-    };
-    if let Some(required) = listed.get_mut("required").and_then(Value::as_array_mut) {
-        required.retain(|r| r != "payload" && r != "result");
-    }
-    if let Some(properties) = listed.get_mut("properties").and_then(Value::as_object_mut) {
-        properties.insert(
-            "payload_truncated".into(),
-            json!({
-                "type": "boolean",
-                "description": "Present (true) when `include=payload` was asked for and this task's payload and result were left out for the answer's size"
-            }),
-        );
-    }
-    listed["description"] = json!(
-        "A task as `GET /tasks` lists it: `payload` and `result` only with `include=payload`."
-    );
-    schemas.insert("ListedTask".into(), listed);
 }
 
 fn add_missing(responses: &mut Map<String, Value>, code: &str, description: &str) {

@@ -5,9 +5,9 @@ use axum::routing::{get, post};
 use axum::Router;
 use serde::Serialize;
 use serde_json::Value;
-use utoipa::openapi::schema::{ArrayBuilder, Schema};
-use utoipa::openapi::{Ref, RefOr};
-use utoipa::ToSchema;
+use utoipa::openapi::schema::{ObjectBuilder, Schema, Type};
+use utoipa::openapi::RefOr;
+use utoipa::{PartialSchema, ToSchema};
 
 use crate::auth::{Caller, Permission};
 use crate::error::{ApiError, ApiResult};
@@ -50,7 +50,7 @@ pub struct Listing {
     /// Newest first, each a `Task` without `payload` and `result` unless asked for
     /// (`include=payload`), and then without them past the answer's budget
     /// (`payload_truncated: true` on the task).
-    #[schema(schema_with = listed_tasks)]
+    #[schema(value_type = Vec<ListedTask>)]
     pub tasks: Vec<Value>,
     pub payload_truncated: bool,
     /// Exact, or a lower bound when `total_exact` is false.
@@ -63,16 +63,41 @@ pub struct Listing {
     pub has_more: bool,
 }
 
-/// An array of `ListedTask`: the `Task` schema with `payload` and `result` optional, which
-/// the OpenAPI description derives from `Task` (`api/openapi.rs`).
-fn listed_tasks() -> Schema {
-    ArrayBuilder::new()
-        .items(RefOr::Ref(Ref::from_schema_name("ListedTask")))
-        .build()
-        .into()
+/// A task as `GET /tasks` lists it: the `Task` schema, derived from it (so a field added to
+/// `Task` is listed too), with `payload` and `result` optional and `payload_truncated`.
+pub struct ListedTask;
+
+impl PartialSchema for ListedTask {
+    fn schema() -> RefOr<Schema> {
+        let mut schema = Task::schema();
+        if let RefOr::T(Schema::Object(task)) = &mut schema {
+            task.required.retain(|r| r != "payload" && r != "result");
+            task.properties.insert(
+                "payload_truncated".into(),
+                ObjectBuilder::new()
+                    .schema_type(Type::Boolean)
+                    .description(Some(
+                        "Present (true) when `include=payload` was asked for and this task's \
+                         payload and result were left out for the answer's size",
+                    ))
+                    .into(),
+            );
+            task.description = Some(
+                "A task as `GET /tasks` lists it: `payload` and `result` only with `include=payload`."
+                    .into(),
+            );
+        }
+        schema
+    }
 }
 
-#[utoipa::path(get, path = "/tasks", tag = "tasks", params(TaskFilter), security(("bearer" = [])),
+impl ToSchema for ListedTask {
+    fn schemas(schemas: &mut Vec<(String, RefOr<Schema>)>) {
+        <Task as ToSchema>::schemas(schemas);
+    }
+}
+
+#[utoipa::path(get, path = "/tasks", tag = "tasks", operation_id = "tasks_list", params(TaskFilter), security(("bearer" = [])),
     responses((status = 200, description = "Tasks, newest first", body = Listing), (status = 422, description = "Bad filter")))]
 pub async fn list(
     State(state): State<AppState>,
@@ -108,7 +133,7 @@ pub struct TaskWithHistory {
     pub state_history: Vec<HistoryRow>,
 }
 
-#[utoipa::path(get, path = "/tasks/{task_id}", tag = "tasks", security(("bearer" = [])),
+#[utoipa::path(get, path = "/tasks/{task_id}", tag = "tasks", operation_id = "tasks_detail", security(("bearer" = [])),
     params(("task_id" = i32, Path, description = "Task id")),
     responses((status = 200, description = "The task with its state history", body = TaskDetail), (status = 404, description = "Unknown task")))]
 pub async fn detail(

@@ -1,4 +1,4 @@
-//! The job board: the five jobs' ids, their state (interval, paused, runs, last outcome)
+//! The job board: the jobs' ids, their state (interval, paused, runs, last outcome)
 //! and the switches an operator or an emergency stop flips. Below the scheduler (`jobs`),
 //! which runs them.
 
@@ -39,7 +39,8 @@ pub enum JobId {
 }
 
 impl JobId {
-    /// The five jobs in their documented order.
+    /// Every scheduled job, in its documented order: the one list the scheduler, the board
+    /// and the API take them from.
     pub const ALL: [JobId; 5] = [
         JobId::HealthMonitor,
         JobId::TaskRouter,
@@ -145,7 +146,7 @@ impl JobBoard {
         f(&mut guard)
     }
 
-    /// The five jobs in their documented order.
+    /// Every job ([`JobId::ALL`]) in its documented order.
     pub fn list(&self) -> Vec<JobInfo> {
         self.with(|m| {
             JobId::ALL

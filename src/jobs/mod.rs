@@ -1,4 +1,4 @@
-//! The five scheduled jobs on tokio-cron-scheduler. Each run is a thin call to a service's
+//! The scheduled jobs ([`JobId::ALL`]) on tokio-cron-scheduler. Each run is a thin call to a service's
 //! `run_once`; the board records every run and lets operators pause and resume.
 
 use std::time::{Duration, Instant};
@@ -116,7 +116,7 @@ async fn add_job(
     Ok(())
 }
 
-/// Starts the scheduler with the five jobs.
+/// Starts the scheduler with every job of [`JobId::ALL`].
 pub async fn start(state: &AppState) -> Result<(), String> {
     let scheduler = JobScheduler::new().await.map_err(|e| e.to_string())?;
     let config = state.config();

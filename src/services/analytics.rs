@@ -65,6 +65,7 @@ impl TimeRange {
 
 /// `time_range` (and for task metrics `task_type`) of a metrics request.
 #[derive(Debug, Clone, Default, serde::Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct RangeParams {
     /// 1h, 24h, 7d or 30d.
     pub time_range: Option<String>,

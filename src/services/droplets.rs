@@ -15,7 +15,8 @@ use crate::services::Core;
 use crate::validation::FieldError;
 use crate::validation::Validate;
 
-pub use crate::services::droplet_store::{Beat, BeatRow, Beaten, Droplet, DROPLET_COLUMNS};
+pub use crate::services::droplet_row::{Droplet, DROPLET_COLUMNS};
+pub use crate::services::heartbeat_queue::{Beat, BeatRow, Beaten};
 use crate::services::shared_commit;
 
 fn id_from_any<'de, D: Deserializer<'de>>(d: D) -> Result<Option<i64>, D::Error> {
@@ -493,6 +494,7 @@ pub async fn require(db: &PgPool, droplet_id: i32) -> Result<Droplet> {
 
 /// Filters of `GET /droplets`.
 #[derive(Debug, Clone, Default, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct DropletFilter {
     pub status: Option<String>,
     pub capability: Option<String>,

@@ -6,15 +6,16 @@
 use std::time::Instant;
 
 use serde::Serialize;
-use serde_json::{json, Value};
 use sqlx::PgPool;
 
 use crate::protocol::now_iso;
+use crate::services::events::WsStats;
+use crate::services::registry_status::RegistrySnapshot;
 use crate::services::Core;
 use crate::system::ProcessSample;
 
 /// Live tasks and droplets.
-#[derive(Debug, Clone, Copy, Serialize)]
+#[derive(Debug, Clone, Copy, Serialize, utoipa::ToSchema)]
 pub struct LiveCounts {
     pub tasks_pending: i64,
     pub tasks_assigned: i64,
@@ -58,18 +59,69 @@ pub async fn by_status(db: &PgPool) -> Result<Vec<(String, String, i64)>, sqlx::
     Ok(rows.into_iter().map(|r| (r.kind, r.status, r.n)).collect())
 }
 
-/// What the report needs from above the services: the scheduler's jobs (as shown, and the
-/// ids of those whose last run failed) and the process's figures.
+/// What the report needs from above the services: the ids of the scheduler's jobs whose
+/// last run failed (the jobs themselves are shown beside the report, by the edge) and the
+/// process's figures.
 pub struct Outside {
-    pub jobs: Value,
     pub failed_jobs: Vec<String>,
     pub process: ProcessSample,
     pub uptime_seconds: u64,
 }
 
+/// `/metrics/system/health` (the edge adds the jobs beside it).
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct HealthReport {
+    /// `healthy`, `degraded` (see `problems`) or `maintenance` (an emergency stop).
+    #[schema(example = "healthy")]
+    pub status: &'static str,
+    pub problems: Vec<String>,
+    pub database: DatabaseHealth,
+    pub router_paused: bool,
+    pub emergency_stopped: bool,
+    pub websocket: WsStats,
+    pub registry: RegistrySnapshot,
+    pub process: ProcessHealth,
+    #[schema(format = DateTime)]
+    pub generated_at: String,
+}
+
+/// The database as this process reaches it.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct DatabaseHealth {
+    /// `ok` or `unreachable`.
+    #[schema(example = "ok")]
+    pub status: &'static str,
+    /// Of a `SELECT 1`.
+    pub round_trip_ms: f64,
+    pub pool: PoolUsage,
+    /// Why it is unreachable.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// This process's connection pool.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct PoolUsage {
+    pub size: u32,
+    pub idle: u32,
+    pub in_use: u32,
+    pub max: u32,
+    /// `in_use / max`.
+    pub usage: f64,
+}
+
+/// This process's figures.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct ProcessHealth {
+    pub cpu_percent: f32,
+    pub memory_mb: f64,
+    pub num_threads: usize,
+    pub uptime_seconds: u64,
+}
+
 /// `/metrics/system/health`: `maintenance` during an emergency stop, `healthy` with no
 /// problem, else `degraded` with the problems named.
-pub async fn health_report(core: &Core, outside: Outside) -> Value {
+pub async fn health_report(core: &Core, outside: Outside) -> HealthReport {
     let config = core.config();
     let mut problems: Vec<String> = Vec::new();
 
@@ -82,17 +134,25 @@ pub async fn health_report(core: &Core, outside: Outside) -> Value {
     let idle = core.db.num_idle() as u32;
     let max = config.pool_max_connections();
     let in_use = size.saturating_sub(idle);
-    let mut database = json!({
-        "status": "ok",
-        "round_trip_ms": (round_trip_ms * 1000.0).round() / 1000.0,
-        "pool": {
-            "size": size, "idle": idle, "in_use": in_use, "max": max,
-            "usage": if max > 0 { f64::from(in_use) / f64::from(max) } else { 0.0 },
+    let mut database = DatabaseHealth {
+        status: "ok",
+        round_trip_ms: (round_trip_ms * 1000.0).round() / 1000.0,
+        pool: PoolUsage {
+            size,
+            idle,
+            in_use,
+            max,
+            usage: if max > 0 {
+                f64::from(in_use) / f64::from(max)
+            } else {
+                0.0
+            },
         },
-    });
+        error: None,
+    };
     if let Err(e) = ping {
-        database["status"] = json!("unreachable");
-        database["error"] = json!(e.to_string());
+        database.status = "unreachable";
+        database.error = Some(e.to_string());
         problems.push("database unreachable".into());
     }
     for id in &outside.failed_jobs {
@@ -114,21 +174,20 @@ pub async fn health_report(core: &Core, outside: Outside) -> Value {
         "degraded"
     };
     let sample = outside.process;
-    json!({
-        "status": status,
-        "problems": problems,
-        "database": database,
-        "jobs": outside.jobs,
-        "router_paused": core.router.is_paused(),
-        "emergency_stopped": core.emergency_stopped(),
-        "websocket": websocket,
-        "registry": registry,
-        "process": {
-            "cpu_percent": (sample.cpu_percent * 10.0).round() / 10.0,
-            "memory_mb": (sample.memory_mb * 10.0).round() / 10.0,
-            "num_threads": sample.num_threads,
-            "uptime_seconds": outside.uptime_seconds,
+    HealthReport {
+        status,
+        problems,
+        database,
+        router_paused: core.router.is_paused(),
+        emergency_stopped: core.emergency_stopped(),
+        websocket,
+        registry,
+        process: ProcessHealth {
+            cpu_percent: (sample.cpu_percent * 10.0).round() / 10.0,
+            memory_mb: (sample.memory_mb * 10.0).round() / 10.0,
+            num_threads: sample.num_threads,
+            uptime_seconds: outside.uptime_seconds,
         },
-        "generated_at": now_iso(),
-    })
+        generated_at: now_iso(),
+    }
 }

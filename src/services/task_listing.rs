@@ -11,6 +11,7 @@ use crate::validation::{range, FieldError, Validate};
 
 /// Filters of `GET /tasks`.
 #[derive(Debug, Clone, Default, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct TaskFilter {
     pub status: Option<String>,
     pub task_type: Option<String>,

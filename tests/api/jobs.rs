@@ -1,4 +1,4 @@
-//! The five scheduled jobs: their records, pause and resume through the API, failures that
+//! The scheduled jobs: their records, pause and resume through the API, failures that
 //! do not stop them, and the advisory locks that keep replicas from doubling a round.
 
 use std::time::Duration;

@@ -76,7 +76,7 @@ fn layer(first: &str) -> Option<u8> {
         "config" | "protocol" | "validation" | "identity" | "instruments" | "system"
         | "telemetry" | "db" => 0,
         "services" => 1,
-        "state" | "jobs" | "cli" | "simulate" | "simulator" => 2,
+        "state" | "jobs" | "cli" => 2,
         "error" | "auth" | "udc" | "api" => 3,
         _ => return None,
     })
@@ -162,4 +162,46 @@ fn no_two_files_import_each_other_in_a_circle() {
             }
         }
     }
+}
+
+/// The simulator is its own crate (`simulator/`), outside the service: it uses the service's
+/// wire (`protocol`) and token signing (`identity`, with the `config` that loads its keys)
+/// and nothing else, and the service's library never names it.
+#[test]
+fn the_simulator_uses_only_the_wire_and_identity_and_the_service_never_names_it() {
+    let simulator = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("simulator/src");
+    let mut files = BTreeMap::new();
+    fn walk(dir: &Path, out: &mut BTreeMap<PathBuf, String>) {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                walk(&path, out);
+            } else if path.extension().is_some_and(|e| e == "rs") {
+                let text = std::fs::read_to_string(&path).unwrap();
+                out.insert(path, text);
+            }
+        }
+    }
+    walk(&simulator, &mut files);
+    assert!(files.len() > 5, "the simulator's sources: {files:?}");
+    let mut offences = Vec::new();
+    for (path, text) in &files {
+        let code = code(text);
+        for (i, _) in code.match_indices("orchestrator::") {
+            let rest = &code[i + "orchestrator::".len()..];
+            let module = rest
+                .split(|c: char| !(c.is_alphanumeric() || c == '_'))
+                .next()
+                .unwrap_or("");
+            if !["protocol", "identity", "config"].contains(&module) {
+                offences.push(format!("{} uses orchestrator::{module}", path.display()));
+            }
+        }
+    }
+    for (rel, text) in sources() {
+        if text.contains("orchestrator_simulator") || text.contains("simulator::") {
+            offences.push(format!("src/{rel} names the simulator"));
+        }
+    }
+    assert!(offences.is_empty(), "{}", offences.join("\n"));
 }

@@ -41,6 +41,7 @@ mod relay;
 mod replay;
 mod requeues;
 mod routing;
+mod simulator;
 mod tasks;
 mod unreachable;
 mod websocket;

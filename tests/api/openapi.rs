@@ -865,3 +865,90 @@ async fn the_droplet_answers_match_their_schemas() {
     );
     assert_eq!(b["payload"]["droplet"]["current_load"]["total"], 0, "{b}");
 }
+
+/// `/message` and `/metrics/system/health` answer typed payloads too: each declares its
+/// schema, and every answer `/message` gives (each command, each query, a heartbeat, an
+/// event) and the health report hold to it, each fitting exactly one shape of the `oneOf`.
+#[tokio::test]
+async fn the_message_and_system_health_answers_match_their_schemas() {
+    let app = TestApp::spawn().await;
+    let spec = spec_of(&app).await;
+    assert_eq!(
+        payload_ref(&spec, "post", "/message"),
+        "#/components/schemas/MessageAnswer"
+    );
+    let me = app.token(64, &["read", "write"]);
+    let (s, b) = app
+        .post(
+            "/droplets/register",
+            &me,
+            serde_json::json!({"droplet_id": 64, "name": "droplet-64", "endpoint": dead_endpoint(), "capabilities": ["x"]}),
+        )
+        .await;
+    assert!(s.is_success(), "{b}");
+    let message = |message_type: &str, payload: Value| {
+        let mut e = envelope(payload);
+        e["message_type"] = serde_json::json!(message_type);
+        e
+    };
+    let (s, created) = app
+        .request(
+            reqwest::Method::POST,
+            "/message",
+            Some(&me),
+            Some(message(
+                "command",
+                serde_json::json!({"command": "create_task", "task_data": {"task_type": "t", "title": "typed", "required_capability": "nobody"}}),
+            )),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{created}");
+    assert_conforms(&spec, "post", "/message", "200", &created);
+    let id = created["payload"]["task_id"].clone();
+    let messages = [
+        (
+            "query",
+            serde_json::json!({"query": "task_status", "task_id": id}),
+        ),
+        ("query", serde_json::json!({"query": "droplet_list"})),
+        ("query", serde_json::json!({"query": "system_status"})),
+        ("heartbeat", serde_json::json!({"status": "active"})),
+        ("event", serde_json::json!({"anything": 1})),
+        (
+            "command",
+            serde_json::json!({"command": "cancel_task", "task_id": id}),
+        ),
+    ];
+    for (message_type, payload) in messages {
+        let (s, b) = app
+            .request(
+                reqwest::Method::POST,
+                "/message",
+                Some(&me),
+                Some(message(message_type, payload.clone())),
+            )
+            .await;
+        assert_eq!(s, StatusCode::OK, "{payload}: {b}");
+        assert_conforms(&spec, "post", "/message", "200", &b);
+    }
+    let reader = app.token(5, &["read"]);
+    let b = typed_answer(
+        &app,
+        &spec,
+        &reader,
+        (
+            "get",
+            "/metrics/system/health",
+            "/metrics/system/health",
+            "SystemHealth",
+        ),
+    )
+    .await;
+    assert!(
+        b["payload"]["jobs"]
+            .as_array()
+            .is_some_and(|j| !j.is_empty()),
+        "{b}"
+    );
+    assert_eq!(b["payload"]["database"]["status"], "ok", "{b}");
+}

@@ -4,8 +4,8 @@
 //! same trace id, so a lost answer never loses or duplicates a task. Every answer is counted
 //! so a scenario can report its 5xx and its latencies.
 //!
-//! The simulator itself is the service's own (`orchestrator::simulator`, shared with
-//! `orchestrator simulate` and the load bench); this file sets it up as the scenarios use
+//! The simulator itself is its own crate (`orchestrator_simulator`, shared with the
+//! `orchestrator-simulator` command and the load bench); this file sets it up as the scenarios use
 //! it: the tests' envelopes and tokens, careful clients, dashboards that keep every event.
 //! [`ResumingDashboard`] (the chaos run's) is a client only the scenarios need: a dashboard
 //! that reconnects with `?after=<event_id>`.
@@ -22,11 +22,13 @@ use futures::StreamExt;
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
-use orchestrator::simulator::{self, FleetConfig, Heartbeats, Patience, Pick, Watch, Wire};
+use orchestrator_simulator::{
+    self as simulator, FleetConfig, Heartbeats, Patience, Pick, Watch, Wire,
+};
 
 // What the scenarios name (some only now and then).
 #[allow(unused_imports)]
-pub use orchestrator::simulator::{Accepted, Api, Behaviour, Droplet, Exchange, Produced};
+pub use orchestrator_simulator::{Accepted, Api, Behaviour, Droplet, Exchange, Produced};
 
 use crate::helpers::token;
 

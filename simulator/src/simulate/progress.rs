@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 
-use crate::simulator::{Dashboard, Fleet, Produced};
+use crate::{Dashboard, Fleet, Produced};
 
 /// Prints the progress line every second from `started` until `stop`.
 pub(super) fn spawn(

@@ -6,7 +6,7 @@
 use serde_json::{json, Value};
 use uuid::Uuid;
 
-use crate::protocol::{now_iso, Envelope};
+use orchestrator::protocol::{now_iso, Envelope};
 
 /// The id every envelope names as its `target`: the orchestrator, droplet #10.
 pub const ORCHESTRATOR: i32 = 10;
@@ -23,7 +23,7 @@ pub enum Source {
 /// How an envelope's `timestamp` is written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Stamp {
-    /// As the service writes its own: microseconds and `Z` ([`crate::protocol::now_iso`]).
+    /// As the service writes its own: microseconds and `Z` ([`orchestrator::protocol::now_iso`]).
     Micros,
     /// chrono's `to_rfc3339`: nanoseconds and `+00:00`.
     Rfc3339,
@@ -45,7 +45,7 @@ pub struct Wire {
 }
 
 impl Wire {
-    /// `orchestrator simulate`.
+    /// `orchestrator-simulator`.
     pub const SIMULATE: Wire = Wire {
         source: Source::Sender,
         timestamp: Stamp::Micros,
@@ -151,7 +151,7 @@ mod tests {
 
     #[test]
     fn each_caller_keeps_its_envelope() {
-        // `orchestrator simulate`: the sender as source, heartbeats typed as such.
+        // `orchestrator-simulator`: the sender as source, heartbeats typed as such.
         let v = Wire::SIMULATE.registration(1000, "http://h/d/1000", &["a".into()]);
         assert_eq!(
             fixed(v),

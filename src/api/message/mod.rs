@@ -8,6 +8,7 @@ use serde::Deserialize;
 use serde_json::{json, Map, Value};
 use uuid::Uuid;
 
+use crate::api::droplets::{next_heartbeat_deadline, HeartbeatAck};
 use crate::auth::{Caller, Permission};
 use crate::error::{ApiError, ApiResult, FieldError};
 use crate::services::dispatch::id_form_of;
@@ -17,6 +18,9 @@ use crate::services::system_status;
 use crate::services::tasks::{self, NewTask};
 use crate::state::AppState;
 use crate::udc::{self, Envelope, MessageType, QueryParams, RawBody, Udc, Validate};
+
+mod answers;
+pub use answers::*;
 
 pub fn router() -> Router<AppState> {
     Router::new()
@@ -32,14 +36,14 @@ pub const QUERIES: [&str; 3] = ["task_status", "droplet_list", "system_status"];
 /// acknowledged (a heartbeat also counts as the sender's heartbeat).
 #[utoipa::path(post, path = "/message", tag = "messages", security(("bearer" = [])),
     request_body(content = Object, description = "A full UDC envelope; payload {\"command\":\"create_task\",\"task_data\":{...}}, {\"command\":\"cancel_task\",\"task_id\":1}, {\"query\":\"task_status\",\"task_id\":1}, {\"query\":\"droplet_list\"}, {\"query\":\"system_status\"}"),
-    responses((status = 200, description = "The answer, in a response envelope echoing the trace id"),
+    responses((status = 200, description = "The answer, in a response envelope echoing the trace id: one shape per command, query and message type", body = MessageAnswer),
               (status = 403, description = "No write permission (a heartbeat: as POST /droplets/{id}/heartbeat, a token without a permissions claim may send its own)"), (status = 404, description = "Unknown task or droplet"),
               (status = 409, description = "Invalid transition"), (status = 422, description = "Bad envelope, an unknown command or query, or a `target` naming another droplet (`Message target droplet-2 does not match this droplet (droplet-10)`)")))]
 pub async fn receive(
     State(state): State<AppState>,
     caller: Caller,
     body: RawBody,
-) -> ApiResult<Udc<Value>> {
+) -> ApiResult<Udc<MessageAnswer>> {
     // A heartbeat follows the rule of `POST /droplets/{id}/heartbeat` (a token with no
     // `permissions` claim may send its own); everything else needs `write`. A token allowed
     // neither is refused before its body is read.
@@ -59,9 +63,9 @@ pub async fn receive(
         MessageType::Heartbeat => {
             heartbeat(&state, &caller, payload, id_form_of(&meta.source)).await?
         }
-        MessageType::Event | MessageType::Response => json!({
-            "received": true,
-            "message_type": meta.message_type,
+        MessageType::Event | MessageType::Response => MessageAnswer::Received(Received {
+            received: true,
+            message_type: meta.message_type,
         }),
     };
     Ok(Udc::ok(answer))
@@ -145,7 +149,7 @@ async fn command(
     caller: &Caller,
     trace_id: &str,
     payload: &Map<String, Value>,
-) -> ApiResult<Value> {
+) -> ApiResult<MessageAnswer> {
     match name_of(payload, "command", &COMMANDS)? {
         "create_task" => {
             let data = match payload.get("task_data") {
@@ -175,13 +179,13 @@ async fn command(
                 &["body", "payload", "task_data", "payload"],
             )
             .await?;
-            Ok(json!({
-                "command": "create_task",
-                "created": created,
-                "task_id": task.id,
-                "trace_id": task.trace_id,
-                "status": task.status,
-                "created_at": udc::iso(&task.created_at),
+            Ok(MessageAnswer::TaskCreated(TaskCreated {
+                command: CreateTaskName::Name,
+                created,
+                task_id: task.id,
+                trace_id: task.trace_id,
+                status: task.status,
+                created_at: udc::iso(&task.created_at),
             }))
         }
         _ => {
@@ -193,17 +197,17 @@ async fn command(
                 .and_then(Value::as_str)
                 .map(str::to_string);
             let task = tasks::cancel(state, caller, id, reason).await?;
-            Ok(json!({
-                "command": "cancel_task",
-                "task_id": task.id,
-                "status": task.status,
-                "cancelled_at": task.completed_at.map(|t| udc::iso(&t)),
+            Ok(MessageAnswer::TaskCancelled(TaskCancelled {
+                command: CancelTaskName::Name,
+                task_id: task.id,
+                status: task.status,
+                cancelled_at: task.completed_at.map(|t| udc::iso(&t)),
             }))
         }
     }
 }
 
-async fn query(state: &AppState, payload: &Map<String, Value>) -> ApiResult<Value> {
+async fn query(state: &AppState, payload: &Map<String, Value>) -> ApiResult<MessageAnswer> {
     match name_of(payload, "query", &QUERIES)? {
         "task_status" => {
             let task = if let Some(id) = task_id_of(payload)? {
@@ -234,12 +238,12 @@ async fn query(state: &AppState, payload: &Map<String, Value>) -> ApiResult<Valu
                         ApiError::not_found(format!("Task with trace id {trace} not found"))
                     })?
             };
-            Ok(json!({
-                "query": "task_status",
-                "task_id": task.id,
-                "trace_id": task.trace_id,
-                "status": task.status,
-                "task": task,
+            Ok(MessageAnswer::TaskStatus(TaskStatusAnswer {
+                query: TaskStatusName::Name,
+                task_id: task.id,
+                trace_id: task.trace_id,
+                status: task.status,
+                task,
             }))
         }
         "droplet_list" => {
@@ -253,30 +257,34 @@ async fn query(state: &AppState, payload: &Map<String, Value>) -> ApiResult<Valu
                 return Err(ApiError::Validation(vec![e]));
             }
             let list = droplets::list(&state.db, &filter).await?;
-            Ok(json!({
-                "query": "droplet_list",
-                "droplets": list,
-                "total": list.len(),
+            Ok(MessageAnswer::DropletList(DropletListAnswer {
+                query: DropletListName::Name,
+                total: list.len(),
+                droplets: list,
             }))
         }
         _ => {
             let sample = state.process.latest();
-            let mut counts =
-                serde_json::to_value(system_status::counts(&state.db).await?).unwrap_or_default();
-            counts["websocket_connections"] = json!(state.events.connection_count());
-            Ok(json!({
-                "query": "system_status",
-                "status": if state.emergency_stopped() { "maintenance" } else { "active" },
-                "cpu_percent": (sample.cpu_percent * 10.0).round() / 10.0,
-                "memory_mb": (sample.memory_mb * 10.0).round() / 10.0,
-                "uptime_seconds": state.started_at.elapsed().as_secs(),
-                "custom_metrics": counts,
-                "scheduler": {
-                    "running": !state.shutdown.is_cancelled(),
-                    "emergency_stopped": state.emergency_stopped(),
-                    "jobs": state.jobs.list(),
+            Ok(MessageAnswer::SystemStatus(SystemStatusAnswer {
+                query: SystemStatusName::Name,
+                status: if state.emergency_stopped() {
+                    "maintenance"
+                } else {
+                    "active"
                 },
-                "registry": state.registry.snapshot(),
+                cpu_percent: (sample.cpu_percent * 10.0).round() / 10.0,
+                memory_mb: (sample.memory_mb * 10.0).round() / 10.0,
+                uptime_seconds: state.started_at.elapsed().as_secs(),
+                custom_metrics: CustomMetrics {
+                    counts: system_status::counts(&state.db).await?,
+                    websocket_connections: state.events.connection_count(),
+                },
+                scheduler: SchedulerState {
+                    running: !state.shutdown.is_cancelled(),
+                    emergency_stopped: state.emergency_stopped(),
+                    jobs: state.jobs.list(),
+                },
+                registry: state.registry.snapshot(),
             }))
         }
     }
@@ -289,7 +297,7 @@ async fn heartbeat(
     caller: &Caller,
     payload: Map<String, Value>,
     id_form: Option<&str>,
-) -> ApiResult<Value> {
+) -> ApiResult<MessageAnswer> {
     let named = payload
         .get("droplet_id")
         .or_else(|| payload.get("id"))
@@ -304,18 +312,21 @@ async fn heartbeat(
         .map_err(ApiError::Validation)?;
     let droplet = droplets::heartbeat(state, caller, droplet_id, beat, id_form).await?;
     let interval = state.config().heartbeat_interval;
-    Ok(json!({
-        "received": true,
-        "acknowledged": true,
-        "droplet_id": droplet.droplet_id,
-        "status": droplet.status,
-        "next_heartbeat_in": interval,
-        "next_heartbeat_deadline": crate::api::droplets::next_heartbeat_deadline(&droplet, interval),
+    Ok(MessageAnswer::Heartbeat(HeartbeatReceived {
+        received: true,
+        ack: HeartbeatAck {
+            acknowledged: true,
+            droplet_id: droplet.droplet_id,
+            status: droplet.status,
+            next_heartbeat_in: interval,
+            next_heartbeat_deadline: next_heartbeat_deadline(&droplet, interval),
+        },
     }))
 }
 
 /// Query parameters of `/send` and `/broadcast`.
 #[derive(Debug, Clone, Default, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct SendParams {
     /// `/send`: the droplet to deliver to.
     pub target_droplet_id: Option<i32>,

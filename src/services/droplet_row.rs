@@ -1,12 +1,11 @@
-//! Droplet rows as every answer and event shows them, and what concurrent heartbeats wait
-//! with to share a statement (`droplets::heartbeat`). Reads and writes are in `droplets.rs`.
+//! The droplet row as every answer and event shows it, and the columns that read it. Reads
+//! and writes are in `droplets.rs`.
 
 use chrono::NaiveDateTime;
 use serde::Serialize;
 use serde_json::Value;
 
 use crate::protocol;
-use crate::services::shared_commit::SharedCommit;
 use crate::services::status::DropletStatus;
 
 /// A droplet as the API shows it: `id` and `droplet_id` are both the external id.
@@ -42,6 +41,7 @@ pub struct Droplet {
     pub capability_schemas: Option<Value>,
 }
 
+/// The columns that read a [`Droplet`] (`SELECT {DROPLET_COLUMNS} FROM droplets`).
 pub const DROPLET_COLUMNS: &str = "id AS internal_id, droplet_id AS id, droplet_id, name, steward, endpoint, \
     COALESCE(capabilities, '[]'::jsonb) AS capabilities, status, last_heartbeat, registered_at, updated_at, \
     max_concurrent_tasks, admin_deactivated, registered, id_form, capability_schemas";
@@ -62,29 +62,3 @@ impl Droplet {
         serde_json::to_value(self).unwrap_or(Value::Null)
     }
 }
-
-/// A heartbeat waiting to share a statement with others (one per droplet in a batch).
-#[derive(Debug, Clone)]
-pub struct BeatRow {
-    pub droplet_id: i32,
-    /// The droplet's status after it (unless an admin holds it).
-    pub new_status: String,
-    /// The status the droplet reported, for its `heartbeats` row.
-    pub reported: String,
-    pub metrics: Option<Value>,
-    /// The id form its envelope showed, if any.
-    pub id_form: Option<String>,
-}
-
-/// The droplet after its heartbeat, and its status before.
-#[derive(Debug, sqlx::FromRow)]
-pub struct Beat {
-    #[sqlx(flatten)]
-    pub droplet: Droplet,
-    pub previous_status: DropletStatus,
-}
-
-/// The heartbeat's answer: the droplet after it, or `None` when there is no such droplet.
-pub type Beaten = Result<Option<Beat>, sqlx::Error>;
-/// Heartbeats waiting to share a statement.
-pub type HeartbeatQueue = SharedCommit<BeatRow, Beaten>;

@@ -1,6 +1,6 @@
 //! What a simulation measured, and how it is printed.
 
-use crate::simulator::report::Latency;
+use crate::report::Latency;
 
 /// What a simulation measured.
 #[derive(Debug, Clone, Default, serde::Serialize)]

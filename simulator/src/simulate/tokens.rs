@@ -6,8 +6,8 @@ use std::collections::HashMap;
 use serde_json::{json, Value};
 
 use super::SimulateArgs;
-use crate::config::Config;
-use crate::identity::{Keys, Permission};
+use orchestrator::config::Config;
+use orchestrator::identity::{Keys, Permission};
 
 /// The admin's token and each droplet's.
 pub(super) async fn tokens(
@@ -15,8 +15,8 @@ pub(super) async fn tokens(
     http: &reqwest::Client,
     ids: &[i32],
 ) -> Result<(String, HashMap<i32, String>), String> {
-    let secret_keys = match std::env::var("JWT_SECRET_KEY") {
-        Ok(s) if !s.is_empty() => Config::from_lookup(&|k| match k {
+    let secret_keys = match &args.jwt_secret {
+        Some(s) if !s.is_empty() => Config::from_lookup(&|k| match k {
             "JWT_SECRET_KEY" => Some(s.clone()),
             _ => None,
         })

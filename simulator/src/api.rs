@@ -16,7 +16,7 @@ use super::lock;
 /// How a simulated client treats a request that found no server, a 5xx or a 429.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Patience {
-    /// Sends it once and takes what comes (`orchestrator simulate`, the bench).
+    /// Sends it once and takes what comes (`orchestrator-simulator`, the bench).
     Once,
     /// Sends it again, to another replica when there is one, until a real answer comes or
     /// its time is up; a task is created again with the same trace id, and a 409 to a PATCH

@@ -1,8 +1,9 @@
-//! `orchestrator simulate`: simulated droplets (register, heartbeat, receive dispatched tasks,
-//! run and finish them), a task producer at a fixed rate and a dashboard client on
-//! `/ws/tasks`, against a running orchestrator; a live progress line and a latency summary.
-//! The droplets, producer and dashboard are [`crate::simulator`]'s; this module wires them
-//! for the command line.
+//! `orchestrator-simulator`, the command: simulated droplets (register, heartbeat, receive
+//! dispatched tasks, run and finish them), a task producer at a fixed rate and a dashboard
+//! client on `/ws/tasks`, against a running orchestrator; a live progress line and a latency
+//! summary.
+//! The droplets, producer and dashboard are this crate's; this module wires them for the
+//! command line (`main.rs` only parses the flags and prints the summary).
 //!
 //! - `args.rs`: the flags.
 //! - `tokens.rs`: the admin's and droplets' tokens.
@@ -20,12 +21,12 @@ use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 
-use crate::simulator::{
+use crate::{
     Api, ApiOptions, Dashboard, Fleet, FleetConfig, Heartbeats, Patience, Pick, Producer,
     ProducerConfig, Timeline, Watch, Wire,
 };
 
-pub use crate::simulator::report::Latency;
+pub use crate::report::Latency;
 pub use args::SimulateArgs;
 pub use summary::Summary;
 

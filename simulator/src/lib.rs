@@ -1,6 +1,9 @@
 //! Simulated droplets and the clients around them, over real HTTP and WebSocket, against a
-//! running orchestrator. One implementation serves `orchestrator simulate` (`crate::simulate`),
-//! the fault scenarios (`tests/faults/fleet.rs`) and the load bench (`benches/load.rs`); each
+//! running orchestrator. Its own crate, outside the service: the service's library knows
+//! nothing of it; it uses the service's `protocol` (the wire's envelope and times) and
+//! `identity` (local token signing). One implementation serves the `orchestrator-simulator`
+//! command ([`simulate`]), the fault scenarios (`tests/faults/fleet.rs`) and the load bench
+//! (`benches/load.rs`), which dev-depend on this crate; each
 //! picks its [`Wire`] (the envelopes it has always sent), its [`Patience`] (one attempt, or
 //! retries as a careful client makes them) and its droplets' [`Behaviour`].
 //!
@@ -13,6 +16,7 @@
 //! - [`producer`]: tasks created at a steady rate.
 //! - [`dashboard`]: a client on a `/ws/...` feed.
 //! - [`report`]: per-task timelines and latency percentiles.
+//! - [`simulate`]: the command: all of the above wired for a run, its flags and summary.
 
 pub mod api;
 pub mod dashboard;
@@ -20,6 +24,7 @@ pub mod droplet;
 pub mod fleet;
 pub mod producer;
 pub mod report;
+pub mod simulate;
 pub mod wire;
 
 use std::sync::{Mutex, MutexGuard};

@@ -1,4 +1,4 @@
-//! `orchestrator simulate`'s flags.
+//! `orchestrator-simulator`'s flags.
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct SimulateArgs {
@@ -39,4 +39,8 @@ pub struct SimulateArgs {
     /// No live progress line.
     #[arg(long)]
     pub quiet: bool,
+    /// The orchestrator's JWT_SECRET_KEY, to sign the tokens locally: read from the
+    /// environment by the command (never a flag: a command line is visible to every user).
+    #[arg(skip)]
+    pub jwt_secret: Option<String>,
 }
