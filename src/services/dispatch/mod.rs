@@ -5,7 +5,10 @@
 //! delivery (a 4xx other than 408/429) is not asked again: the task goes back to the router;
 //! a delivery it accepts ends its run of refusals. Deliveries that cannot connect or time
 //! out are counted in a row too: at `DISPATCH_FAILURES_BEFORE_UNREACHABLE` the droplet is
-//! marked unreachable (`task_recovery::unreachable`) and probed (`probe`).
+//! marked unreachable (`task_recovery::unreachable`) and probed (`probe`). A droplet that
+//! answers 429 (or 503) with `Retry-After` pushes back (`pushback`): the task stays assigned
+//! and is delivered again once that time has passed, nothing else goes to that droplet
+//! meanwhile, and its in-flight allowance halves.
 
 use std::time::Duration;
 
@@ -18,7 +21,9 @@ use crate::services::endpoints::{self, NoAllowedAddress};
 use crate::services::task_store::Task;
 use crate::services::Core;
 
+pub mod holds;
 pub mod probe;
+pub mod pushback;
 pub mod queue;
 pub mod slots;
 use queue::{Tries, Waiting};
@@ -41,6 +46,9 @@ pub enum Delivery {
     Refused(u16, String),
     /// The endpoint is not one the orchestrator delivers to (its shape or its address).
     Blocked,
+    /// The droplet answered 429 or 503 with `Retry-After`: try again after this long (capped
+    /// at `pushback::MAX_RETRY_AFTER`). Not a failure.
+    Deferred(Duration),
 }
 
 impl Delivery {
@@ -51,6 +59,7 @@ impl Delivery {
             Delivery::Failed(_) => "failed",
             Delivery::Refused(..) => "refused",
             Delivery::Blocked => "blocked",
+            Delivery::Deferred(_) => "deferred",
         }
     }
 
@@ -77,6 +86,10 @@ impl Delivery {
             Delivery::Failed(reason) => reason.clone(),
             Delivery::Refused(code, _) => format!("refused with HTTP {code}"),
             Delivery::Blocked => "endpoint not allowed".into(),
+            Delivery::Deferred(wait) => format!(
+                "the droplet asked to retry after {} s (Retry-After)",
+                wait.as_secs()
+            ),
         }
     }
 }
@@ -171,7 +184,13 @@ pub async fn post_message(
         Ok(r) if r.status().is_success() => Delivery::Delivered,
         Ok(r) => {
             let code = r.status().as_u16();
-            if code == 408 || code == 429 || r.status().is_server_error() {
+            let pushes_back = code == 429 || code == 503;
+            if let Some(wait) = pushes_back
+                .then(|| pushback::retry_after(r.headers()))
+                .flatten()
+            {
+                Delivery::Deferred(wait)
+            } else if code == 408 || code == 429 || r.status().is_server_error() {
                 Delivery::Failed(format!("HTTP {code}"))
             } else {
                 let sent = [
@@ -408,6 +427,20 @@ async fn send(state: &Core, waiting: Waiting, own: tokio::sync::OwnedSemaphorePe
         if state.dispatch.take_refused_lately(internal) || counted_refusals {
             reset_refusals(state, internal).await;
         }
+        if state.dispatch.holds.is_throttled(internal) {
+            grow_allowance(state, internal).await;
+        }
+        return;
+    }
+    if let Delivery::Deferred(wait) = outcome {
+        let again = Waiting {
+            task_id,
+            attempt,
+            droplet: internal,
+            body: None,
+            tries,
+        };
+        deferred(state, again, droplet, wait).await;
         return;
     }
     if !outcome.is_transient() {
@@ -473,6 +506,54 @@ async fn reset_refusals(state: &Core, internal: i32) {
         // Tried again at its next accepted delivery.
         tracing::warn!(droplet = internal, error = %e, "could not reset a droplet's refusal count");
         state.dispatch.note_refused(internal);
+    }
+}
+
+/// The droplet (`again.droplet`, internal; `droplet` external) pushed back: nothing goes to
+/// it before `wait` has passed (here at once; on other replicas through its row), its
+/// allowance halves, and this delivery is tried again then, the task still assigned on the
+/// same attempt (no retry counted). Its give-up time moves past the wait, as the assignment
+/// timeout does (`task_recovery::maintain`).
+async fn deferred(state: &Core, mut again: Waiting, droplet: i32, wait: Duration) {
+    let internal = again.droplet;
+    let now = tokio::time::Instant::now();
+    state.dispatch.holds.defer(internal, now + wait);
+    match pushback::defer(state, internal, wait).await {
+        Ok(d) => {
+            state.dispatch.holds.throttle(internal);
+            tracing::info!(task_id = again.task_id, droplet, wait_s = wait.as_secs_f64(), allowance = ?d.allowance,
+                "droplet pushed back (Retry-After); the task stays assigned and is delivered again after the wait");
+        }
+        // This replica still holds off; the droplet's next push-back records it.
+        Err(e) => {
+            tracing::warn!(droplet, error = %e, "could not record a droplet's push-back")
+        }
+    }
+    if state.shutdown.is_cancelled() || state.emergency_stopped() {
+        return;
+    }
+    let timeout = Duration::from_secs(state.config().assignment_timeout_seconds);
+    again.tries.give_up = again.tries.give_up.max(now + wait + timeout);
+    later(state, vec![again], wait);
+    // Pending work the droplet could take is routed as soon as the wait is over.
+    let core = state.clone();
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = core.shutdown.cancelled() => {}
+            _ = tokio::time::sleep(wait) => core.router.trigger(),
+        }
+    });
+}
+
+/// A delivery a droplet with a reduced allowance accepted grows it by one.
+async fn grow_allowance(state: &Core, internal: i32) {
+    match pushback::grow(state, internal).await {
+        Ok(true) => {}
+        Ok(false) => state.dispatch.holds.unthrottle(internal),
+        // The next accepted delivery grows it.
+        Err(e) => {
+            tracing::warn!(droplet = internal, error = %e, "could not grow a droplet's allowance")
+        }
     }
 }
 
