@@ -198,3 +198,38 @@ async fn at_the_drain_deadline_what_the_droplet_still_holds_goes_back_to_pending
     let (status, _) = app.move_task(83, running, "completed").await;
     assert!(status.is_client_error(), "{status}");
 }
+
+/// The deadline is a column and the job's round on any replica enforces it: the replica that
+/// took the drain may be gone by then.
+#[tokio::test]
+async fn a_drain_deadline_holds_when_the_replica_that_took_it_is_gone() {
+    let a = TestApp::spawn_with(&[("TASK_ROUTER_INTERVAL", "3600")]).await;
+    let b = TestApp::spawn_on(&a.database_url, &[("TASK_ROUTER_INTERVAL", "1")]).await;
+    let fixture = FixtureDroplet::start(Mode::Accept).await;
+    a.register(85, &["gone"], &fixture.endpoint).await;
+    let task = a.create_task(5, task_for("gone", json!({}))).await;
+    a.wait_assigned(task, 85, SOON).await;
+
+    let (status, body) = drain(&a, 85, "?deadline_seconds=2").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    a.state.shutdown.cancel();
+
+    eventually(SOON, "the task back to pending", || async {
+        (b.holder(task).await == ("pending".to_string(), None)).then_some(())
+    })
+    .await;
+    let history = b.history(task).await;
+    assert!(
+        history.iter().any(|(_, to, _, reason)| to == "pending"
+            && reason
+                .as_deref()
+                .unwrap_or("")
+                .contains("droplet 85 drained")),
+        "{history:?}"
+    );
+    eventually(SOON, "the droplet_drained event", || async {
+        (drained_events(&b, 85).await.len() == 1).then_some(())
+    })
+    .await;
+    assert_eq!(b.retry_count(task).await, 0);
+}

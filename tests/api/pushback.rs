@@ -156,3 +156,29 @@ async fn a_pushed_back_droplet_gets_no_new_work_until_its_wait_is_over_and_expla
         (Some(1), Some(0))
     );
 }
+
+/// The push-back is in the droplet's row: a replica that did not get the 429 routes nothing
+/// to the droplet either until the wait is over.
+#[tokio::test]
+async fn another_replica_routes_nothing_to_a_droplet_that_pushed_back() {
+    let a = TestApp::spawn().await;
+    let b = TestApp::spawn_on(&a.database_url, &[]).await;
+    let fixture = FixtureDroplet::start(push_back_once("5")).await;
+    a.register_max(73, &["push"], &fixture.endpoint, 10).await;
+    a.create_task(5, task_for("push", json!({}))).await;
+    wait_allowance(&a, 73, 5).await;
+
+    let second = b.create_task(5, task_for("push", json!({}))).await;
+    let (_, body) = b.get(&format!("/tasks/{second}/explain"), &b.admin()).await;
+    assert_eq!(body["payload"]["reason"], "droplet_deferred", "{body}");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(b.holder(second).await.0, "pending");
+    b.wait_assigned(second, 73, SOON).await;
+    let executes = fixture.commands("execute_task");
+    assert!(
+        executes[1..]
+            .iter()
+            .all(|e| e.at - executes[0].at >= Duration::from_secs(5)),
+        "{executes:?}"
+    );
+}
