@@ -946,9 +946,11 @@
     setText(name.firstChild, d.name || 'droplet-' + id);
     name.title = d.endpoint ? 'endpoint: ' + d.endpoint : '';
     const flagged = d.status !== 'active';
-    const note = flagged ? S.dropletNotes.get(id) || (d.admin_deactivated ? 'held by an admin until activated' : '') : '';
+    const held = flagged ? '' : holdNote(d);
+    const note = flagged ? S.dropletNotes.get(id) || (d.admin_deactivated ? 'held by an admin until activated' : '') : held;
     setText(name.lastChild, note);
     row.classList.toggle('flagged', flagged);
+    row.classList.toggle('held', Boolean(held));
     setText(idCell, id);
     if (row.dataset.status !== d.status) {
       if (row.dataset.status) flash(row);
@@ -961,15 +963,33 @@
       const list = Array.isArray(d.capabilities) ? d.capabilities : [];
       caps.replaceChildren(...(list.length ? list.map((c) => el('span', { class: 'chip', text: c })) : [el('span', { class: 'muted', text: 'any' })]));
     }
-    const max = d.max_concurrent_tasks;
+    const max = known(d.in_flight_allowance) ? d.in_flight_allowance : d.max_concurrent_tasks;
     setText(loadCell, load + ' / ' + (max === null || max === undefined ? '–' : max));
-    loadCell.title = max === null || max === undefined ? 'no limit set' : '';
+    loadCell.title = max === null || max === undefined ? 'no limit set' : max !== d.max_concurrent_tasks ? 'allowance after a push-back; max ' + (known(d.max_concurrent_tasks) ? d.max_concurrent_tasks : 'none') : '';
     if (beat.dataset.since !== (d.last_heartbeat || '')) beat.dataset.since = d.last_heartbeat || '';
     paintBeat(beat);
     const b = row.refs.action;
     const wanted = d.status === 'active' ? 'Deactivate' : 'Activate';
     setText(b, wanted);
     b.className = 'small' + (wanted === 'Deactivate' ? ' danger' : '');
+  }
+
+  function known(v) {
+    return v !== null && v !== undefined;
+  }
+
+  /** Why an active droplet takes no new work, or less: an admin's drain, or its push-back
+   *  (a 429/503 with Retry-After: deferred, its in-flight allowance halved). */
+  function holdNote(d) {
+    if (d.draining) {
+      if (d.drained_at) return 'drained: no new work until it registers again';
+      return 'draining: no new work' + (d.drain_deadline ? '; the rest requeued at ' + fmtWhen(d.drain_deadline) : '');
+    }
+    if (d.deferred_until && ms(d.deferred_until) > serverNow()) return 'pushed back: no new work until ' + fmtWhen(d.deferred_until);
+    if (known(d.in_flight_allowance) && d.in_flight_allowance !== d.max_concurrent_tasks) {
+      return 'pushed back lately: allowance ' + d.in_flight_allowance;
+    }
+    return '';
   }
 
   function paintBeat(cell) {

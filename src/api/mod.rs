@@ -1,6 +1,7 @@
 //! The HTTP surface: one module per resource, each exporting `router()`.
 
 pub mod dashboard;
+pub mod drain;
 pub mod droplets;
 pub mod health;
 pub mod management;

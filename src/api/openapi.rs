@@ -162,6 +162,7 @@ impl Modify for BearerScheme {
         api::management::shutdown,
         api::management::emergency_stop,
         api::management::clear_cache,
+        api::drain::drain,
         api::dashboard::page,
         api::dashboard::stylesheet,
         api::dashboard::script,

@@ -58,7 +58,7 @@ pub async fn tasks_feed(
     open(state, Feed::Tasks, query, &headers, ws)
 }
 
-/// Droplet events (`droplet_registered`, `droplet_health_changed`, `droplet_heartbeat_missed`).
+/// Droplet events (`droplet_registered`, `droplet_health_changed`, `droplet_heartbeat_missed`, `droplet_drained`).
 #[utoipa::path(get, path = "/ws/droplets", tag = "websocket",
     params(
         ("token" = String, Query, description = "JWT with the read permission (an `Authorization: Bearer` header also works)"),

@@ -39,12 +39,34 @@ pub struct Droplet {
     /// Per capability, the JSON Schema of the payloads the droplet accepts.
     #[schema(value_type = Option<Object>)]
     pub capability_schemas: Option<Value>,
+    /// The most tasks the router lets it hold now: its `max_concurrent_tasks`, or less after
+    /// it pushed back (halved at each push-back, growing back by one per accepted delivery).
+    /// Absent: no limit.
+    pub in_flight_allowance: Option<i32>,
+    /// While it pushed back (a 429 or 503 with `Retry-After`): nothing is routed or delivered
+    /// to it before this time.
+    #[serde(serialize_with = "protocol::ts_opt")]
+    #[schema(value_type = Option<String>, format = DateTime)]
+    pub deferred_until: Option<NaiveDateTime>,
+    /// Being drained by an admin: no new work until it registers again.
+    pub draining: bool,
+    /// When what it still holds goes back to pending (a drain with `deadline_seconds`).
+    #[serde(serialize_with = "protocol::ts_opt")]
+    #[schema(value_type = Option<String>, format = DateTime)]
+    pub drain_deadline: Option<NaiveDateTime>,
+    /// When its drain ended: it held no more tasks (the `droplet_drained` event).
+    #[serde(serialize_with = "protocol::ts_opt")]
+    #[schema(value_type = Option<String>, format = DateTime)]
+    pub drained_at: Option<NaiveDateTime>,
 }
 
 /// The columns that read a [`Droplet`] (`SELECT {DROPLET_COLUMNS} FROM droplets`).
 pub const DROPLET_COLUMNS: &str = "id AS internal_id, droplet_id AS id, droplet_id, name, steward, endpoint, \
     COALESCE(capabilities, '[]'::jsonb) AS capabilities, status, last_heartbeat, registered_at, updated_at, \
-    max_concurrent_tasks, admin_deactivated, registered, id_form, capability_schemas";
+    max_concurrent_tasks, admin_deactivated, registered, id_form, capability_schemas, \
+    LEAST(in_flight_allowance, max_concurrent_tasks) AS in_flight_allowance, \
+    CASE WHEN deferred_until > NOW() THEN deferred_until END AS deferred_until, \
+    drain_requested_at IS NOT NULL AS draining, drain_deadline, drained_at";
 
 impl Droplet {
     pub fn capability_list(&self) -> Vec<String> {

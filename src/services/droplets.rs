@@ -247,6 +247,9 @@ pub async fn register(
                 id_form = COALESCE(EXCLUDED.id_form, droplets.id_form), refused_deliveries = 0,
                 timed_out_assignments = 0, failed_deliveries = 0, unreachable_since = NULL,
                 capability_schemas = EXCLUDED.capability_schemas,
+                -- A new process: its push-back and an admin's drain of the old one are over.
+                deferred_until = NULL, in_flight_allowance = NULL, in_flight_allowance_ceiling = NULL,
+                drain_requested_at = NULL, drain_deadline = NULL, drained_at = NULL,
                 status = CASE WHEN droplets.admin_deactivated THEN droplets.status ELSE 'active' END,
                 last_heartbeat = NOW(), updated_at = NOW(), registered = TRUE
             RETURNING *
@@ -274,6 +277,7 @@ pub async fn register(
     );
     events::record(&mut tx, &[event]).await?;
     tx.commit().await?;
+    state.dispatch.holds.forget(row.droplet.internal_id);
     state.router.trigger();
     Ok((row.droplet, row.was_new))
 }

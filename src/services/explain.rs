@@ -22,6 +22,9 @@ struct CandidateRow {
     max_concurrent_tasks: Option<i32>,
     load: i64,
     schema: Option<Value>,
+    /// Pushed back (`Retry-After`) until then.
+    deferred_until: Option<NaiveDateTime>,
+    draining: bool,
 }
 
 /// Why a waiting task is not assigned now.
@@ -36,6 +39,11 @@ pub enum Reason {
     RoutingPaused,
     EmergencyStop,
     QueuedBehind,
+    /// Every capable droplet that could take it pushed back (`Retry-After`) or is drained,
+    /// some pushed back; for an assigned task, its droplet pushed back and the delivery waits.
+    DropletDeferred,
+    /// Every capable droplet that could take it is being drained.
+    DropletDraining,
 }
 
 /// What `GET /tasks/{id}/explain` answers. `reason` and `candidates` (with `retry_at` for
@@ -59,6 +67,13 @@ pub struct Explanation {
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<String>, format = DateTime)]
     pub retry_at: Option<String>,
+    /// With `droplet_deferred`: when the (first) droplet that pushed back takes work again.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>, format = DateTime)]
+    pub deferred_until: Option<String>,
+    /// With `droplet_deferred`: the seconds left of its `Retry-After`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub retry_after_seconds: Option<f64>,
     /// Every registered droplet with the capability.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub candidates: Option<Vec<Candidate>>,
@@ -120,6 +135,8 @@ pub async fn explain(state: &Core, id: i32) -> Result<Option<Explanation>, sqlx:
         reason: None,
         position: None,
         retry_at: None,
+        deferred_until: None,
+        retry_after_seconds: None,
         candidates: None,
     };
     let config = state.config();
@@ -130,6 +147,8 @@ pub async fn explain(state: &Core, id: i32) -> Result<Option<Explanation>, sqlx:
     );
     if task.status == Status::Pending || retry_at.is_some() {
         waiting(state, &task, retry_at, &mut answer).await?;
+    } else if task.status == Status::Assigned {
+        delivery_deferred(state, &task, &mut answer).await?;
     }
     Ok(Some(answer))
 }
@@ -147,6 +166,35 @@ fn retry_at(task: &Task, backoff: u64, max: u64) -> Option<NaiveDateTime> {
     Some(failed + chrono::Duration::milliseconds((delay * 1000.0) as i64))
 }
 
+/// An assigned task whose droplet pushed back: its delivery waits for the `Retry-After`.
+async fn delivery_deferred(
+    state: &Core,
+    task: &Task,
+    answer: &mut Explanation,
+) -> Result<(), sqlx::Error> {
+    let Some(internal) = task.assigned_droplet_internal else {
+        return Ok(());
+    };
+    let until: Option<NaiveDateTime> = sqlx::query_scalar!(
+        r#"SELECT deferred_until AS "until!" FROM droplets WHERE id = $1 AND deferred_until > NOW()"#,
+        internal
+    )
+    .fetch_optional(&state.db)
+    .await?;
+    if let Some(until) = until {
+        set_deferred(answer, until);
+    }
+    Ok(())
+}
+
+/// `droplet_deferred` with when the wait ends and the seconds left.
+fn set_deferred(answer: &mut Explanation, until: NaiveDateTime) {
+    let left = (until - Utc::now().naive_utc()).num_milliseconds().max(0) as f64 / 1000.0;
+    answer.reason = Some(Reason::DropletDeferred);
+    answer.deferred_until = Some(iso(&until));
+    answer.retry_after_seconds = Some(left);
+}
+
 /// The reason a waiting task is not assigned now, and every capable droplet with its state.
 async fn waiting(
     state: &Core,
@@ -157,10 +205,13 @@ async fn waiting(
     let capability = task.required_capability.clone().filter(|c| !c.is_empty());
     let mut rows = sqlx::query_as!(
         CandidateRow,
-        r#"SELECT d.droplet_id, d.status, d.admin_deactivated, d.max_concurrent_tasks,
+        r#"SELECT d.droplet_id, d.status, d.admin_deactivated,
+                LEAST(d.max_concurrent_tasks, d.in_flight_allowance) AS max_concurrent_tasks,
                 (SELECT COUNT(*) FROM tasks t WHERE t.assigned_droplet_id = d.id
                    AND t.status IN ('assigned', 'in_progress')) AS "load!",
-                CASE WHEN $1::text IS NULL THEN NULL ELSE d.capability_schemas -> $1 END AS "schema?"
+                CASE WHEN $1::text IS NULL THEN NULL ELSE d.capability_schemas -> $1 END AS "schema?",
+                CASE WHEN d.deferred_until > NOW() THEN d.deferred_until END AS deferred_until,
+                d.drain_requested_at IS NOT NULL AS "draining!"
          FROM droplets d
          WHERE d.registered AND ($1::text IS NULL OR COALESCE(d.capabilities, '[]'::jsonb) ? $1)
          ORDER BY d.droplet_id"#,
@@ -172,6 +223,8 @@ async fn waiting(
     let verdicts = contract_verdicts(state, &mut rows, &task.payload).await;
     let mut candidates = Vec::with_capacity(rows.len());
     let (mut active, mut with_room, mut accepting) = (0, 0, 0);
+    // Active droplets held back (pushed back or drained), and the first to take work again.
+    let (mut held, mut draining, mut first_back) = (0, 0, None::<NaiveDateTime>);
     for (c, verdict) in rows.iter().zip(verdicts) {
         let full = c
             .max_concurrent_tasks
@@ -183,6 +236,13 @@ async fn waiting(
             } else {
                 format!("droplet is {}", c.status)
             })
+        } else if c.draining {
+            Some("being drained: no new work until it registers again".to_string())
+        } else if let Some(until) = c.deferred_until {
+            Some(format!(
+                "pushed back (Retry-After): no new work until {}",
+                iso(&until)
+            ))
         } else if full {
             Some(format!(
                 "full: {} of {} tasks",
@@ -194,7 +254,14 @@ async fn waiting(
         } else {
             None
         };
-        if c.status == "active" {
+        if c.status == "active" && (c.draining || c.deferred_until.is_some()) {
+            held += 1;
+            if c.draining {
+                draining += 1;
+            } else {
+                first_back = first_back.min(c.deferred_until).or(c.deferred_until);
+            }
+        } else if c.status == "active" {
             active += 1;
             if !full {
                 with_room += 1;
@@ -232,6 +299,13 @@ async fn waiting(
         Reason::RoutingPaused
     } else if rows.is_empty() {
         Reason::NoCapableDroplet
+    } else if active == 0 && held > draining {
+        if let Some(until) = first_back {
+            set_deferred(answer, until);
+        }
+        Reason::DropletDeferred
+    } else if active == 0 && held > 0 {
+        Reason::DropletDraining
     } else if active == 0 {
         Reason::CapableDropletsInactive
     } else if with_room == 0 {

@@ -19,7 +19,7 @@ use crate::services::Core;
 
 /// The names a droplet may read as coming from the orchestrator itself: its commands and the
 /// events it publishes. None can be relayed, in any spelling.
-const ORCHESTRATOR_NAMES: [&str; 13] = [
+const ORCHESTRATOR_NAMES: [&str; 14] = [
     "execute_task",
     "cancel_task",
     "task_created",
@@ -33,6 +33,7 @@ const ORCHESTRATOR_NAMES: [&str; 13] = [
     "droplet_registered",
     "droplet_health_changed",
     "droplet_heartbeat_missed",
+    "droplet_drained",
 ];
 
 /// The fields a droplet may read as a command or an event name, at any depth of the payload

@@ -47,6 +47,9 @@ pub enum Cause {
     /// assigned -> failed: not started in time once more than `MAX_REQUEUES` allow (the
     /// retry rules then apply as for any failure).
     NeverStarted,
+    /// assigned or in_progress -> pending (not a retry): the droplet's drain reached its
+    /// deadline, and what it still held goes to another droplet on a new attempt.
+    Drained,
 }
 
 /// The contract's table: may `actor` move a task from `from` to `to` (for `cause`)?
@@ -68,9 +71,10 @@ pub fn allowed(from: Status, to: Status, actor: Actor, cause: Cause) -> bool {
             actor == System
                 && matches!(
                     cause,
-                    Cause::Requeue | Cause::Refused | Cause::RefusedCredentials
+                    Cause::Requeue | Cause::Refused | Cause::RefusedCredentials | Cause::Drained
                 )
         }
+        (InProgress, Pending) => actor == System && cause == Cause::Drained,
         (Failed, Pending) => actor == System && cause == Cause::Retry,
         (Pending, Failed) => actor == System && cause == Cause::Deadline,
         (Assigned, Failed) => {
@@ -88,7 +92,9 @@ pub fn allowed(from: Status, to: Status, actor: Actor, cause: Cause) -> bool {
 pub fn event_for(from: Option<Status>, to: Status) -> TaskEventKind {
     match (from, to) {
         (None, _) => TaskEventKind::TaskCreated,
-        (Some(Status::Assigned), Status::Pending) => TaskEventKind::TaskRequeued,
+        (Some(Status::Assigned | Status::InProgress), Status::Pending) => {
+            TaskEventKind::TaskRequeued
+        }
         (Some(_), Status::Pending) => TaskEventKind::TaskRetrying,
         (_, Status::Assigned) => TaskEventKind::TaskAssigned,
         (_, Status::InProgress) => TaskEventKind::TaskStarted,
@@ -153,6 +159,8 @@ pub struct Applied {
     pub to: Status,
     /// The droplet (internal id) that held the task before, when the move took it away.
     pub previous_droplet: Option<i32>,
+    /// The droplet (internal id) the task was assigned to before the move, whatever the move.
+    pub held_droplet: Option<i32>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -343,6 +351,7 @@ pub async fn apply(
             from,
             to: m.to,
             previous_droplet,
+            held_droplet: held,
         });
     }
     events::record(conn, &to_notify).await?;
@@ -404,7 +413,8 @@ mod tests {
     use Status::*;
 
     const ACTORS: [Actor; 5] = [System, AssignedDroplet, Creator, Admin, Other];
-    const CAUSES: [Cause; 8] = [
+    const CAUSES: [Cause; 9] = [
+        Cause::Drained,
         Cause::Refused,
         Cause::RefusedCredentials,
         Cause::NeverStarted,
@@ -439,6 +449,8 @@ mod tests {
             (Assigned, Pending, System, Cause::Refused),
             (Assigned, Pending, System, Cause::RefusedCredentials),
             (Assigned, Failed, System, Cause::NeverStarted),
+            (Assigned, Pending, System, Cause::Drained),
+            (InProgress, Pending, System, Cause::Drained),
         ];
         // Cancelling is a user's act whatever cause the caller gave.
         allowed.contains(&(from, to, actor, cause))
@@ -490,6 +502,10 @@ mod tests {
     fn events_are_named_as_the_contract_says() {
         assert_eq!(event_for(None, Pending).as_str(), "task_created");
         assert_eq!(event_for(Some(Assigned), Pending).as_str(), "task_requeued");
+        assert_eq!(
+            event_for(Some(InProgress), Pending).as_str(),
+            "task_requeued"
+        );
         assert_eq!(event_for(Some(Failed), Pending).as_str(), "task_retrying");
         assert_eq!(event_for(Some(Pending), Assigned).as_str(), "task_assigned");
         assert_eq!(
@@ -553,7 +569,7 @@ mod tests {
                         Completed => prop_assert_eq!(current, InProgress),
                         Assigned => prop_assert_eq!(current, Pending),
                         Cancelled => prop_assert!(matches!(current, Pending | Assigned)),
-                        Pending => prop_assert!(matches!(current, Assigned | Failed)),
+                        Pending => prop_assert!(matches!(current, Assigned | InProgress | Failed)),
                         Failed => prop_assert!(matches!(current, Pending | Assigned | InProgress)),
                     }
                     // Only the system assigns, requeues, retries; a droplet's own moves are

@@ -6,6 +6,7 @@ use crate::services::locks::Singleton;
 use crate::services::state_machine::{Actor, Cause, Mode, Move, MoveError, Status};
 use crate::services::transition::Transition;
 use crate::services::Core;
+use crate::services::{drain_state, droplet_drain};
 
 const LIMIT: i64 = 1000;
 
@@ -425,6 +426,10 @@ pub struct Maintenance {
     pub deadlines_failed: usize,
     pub assignments_timed_out: usize,
     pub retried: usize,
+    /// Tasks sent back to pending because their droplet's drain deadline passed.
+    pub drains_requeued: usize,
+    /// Droplets whose drain ended (they hold nothing more) in this round.
+    pub drains_finished: usize,
     pub skipped: bool,
 }
 
@@ -461,14 +466,22 @@ pub async fn maintain(state: &Core) -> Result<Maintenance, sqlx::Error> {
 
     // Assigned but never started: back to pending for another droplet (not a retry), or
     // failed once the task was requeued `MAX_REQUEUES` times already (the retry rules then
-    // apply). Each droplet counts the tasks it let time out in a row.
+    // apply). Each droplet counts the tasks it let time out in a row. A droplet that pushed
+    // back (`Retry-After`) has the timeout counted from the end of its wait, by at most
+    // `MAX_RETRY_AFTER` in all: one that keeps pushing back loses its tasks in the end.
     let stale: Vec<(i32, Option<i32>, i32)> = sqlx::query!(
         "SELECT id, assigned_droplet_id, assignment_timeouts FROM tasks WHERE status = 'assigned'
            AND assigned_at <= NOW() - make_interval(secs => $1::double precision)
            AND (deadline IS NULL OR deadline > NOW())
-         ORDER BY assigned_at LIMIT $2 FOR UPDATE SKIP LOCKED",
+           AND NOT EXISTS (
+              SELECT 1 FROM droplets d WHERE d.id = tasks.assigned_droplet_id
+                AND d.deferred_until IS NOT NULL
+                AND LEAST(d.deferred_until, tasks.assigned_at + make_interval(secs => $3::double precision))
+                    > NOW() - make_interval(secs => $1::double precision))
+         ORDER BY assigned_at LIMIT $2 FOR UPDATE OF tasks SKIP LOCKED",
         config.assignment_timeout_seconds as f64,
         LIMIT,
+        crate::services::dispatch::pushback::MAX_RETRY_AFTER.as_secs_f64(),
     )
     .fetch_all(t.conn())
     .await?
@@ -553,13 +566,22 @@ pub async fn maintain(state: &Core) -> Result<Maintenance, sqlx::Error> {
         moves.push(m);
     }
 
+    // What droplets past their drain deadline still hold goes back to pending (a new attempt
+    // elsewhere); then every drain whose droplet holds nothing more ends, with its event.
+    let drained = droplet_drain::past_deadline_moves(t.conn(), None, LIMIT).await?;
+    let drains_requeued = drained.len();
+    moves.extend(drained);
+
     apply(&mut t, &moves).await?;
+    let drains_finished = drain_state::finish_drains(t.conn(), None).await?;
     t.commit().await?;
     log_marked(&marked);
     Ok(Maintenance {
         deadlines_failed: deadlines,
         assignments_timed_out: timed_out,
         retried,
+        drains_requeued,
+        drains_finished,
         skipped: false,
     })
 }

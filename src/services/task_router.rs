@@ -230,14 +230,19 @@ async fn lock_droplets(t: &mut Transition<'_>) -> Result<(Vec<Slot>, bool), sqlx
     // another replica is filling right now is skipped, never waited for. The locks are
     // advisory (per droplet, until this transaction ends), not row locks: a heartbeat, a
     // registration or an admin's change of the droplet's row never waits for a pass.
+    // A droplet that pushed back (until its `Retry-After` has passed) or is being drained
+    // takes no new work; one whose allowance was halved has that as its room.
     let mut candidates: Vec<Candidate> = sqlx::query_as!(
         Candidate,
         r#"SELECT d.id AS "id!", d.droplet_id AS "droplet_id!",
                 COALESCE(d.capabilities, '[]'::jsonb) AS "capabilities!",
-                d.max_concurrent_tasks AS "max_concurrent_tasks?",
+                LEAST(d.max_concurrent_tasks, d.in_flight_allowance) AS "max_concurrent_tasks?",
                 d.last_heartbeat AS "last_heartbeat?",
                 d.capability_schemas AS "capability_schemas?", 0::bigint AS "load!"
-         FROM (SELECT * FROM droplets WHERE status = 'active' ORDER BY id) d
+         FROM (SELECT * FROM droplets WHERE status = 'active'
+                 AND (deferred_until IS NULL OR deferred_until <= NOW())
+                 AND drain_requested_at IS NULL
+               ORDER BY id) d
          WHERE pg_try_advisory_xact_lock($1, d.id)"#,
         DROPLET_FILL,
     )
@@ -261,10 +266,13 @@ async fn lock_droplets(t: &mut Transition<'_>) -> Result<(Vec<Slot>, bool), sqlx
     for c in &mut candidates {
         c.load = loads.get(&c.id).copied().unwrap_or(0);
     }
-    let active: i64 =
-        sqlx::query_scalar!(r#"SELECT COUNT(*) AS "n!" FROM droplets WHERE status = 'active'"#)
-            .fetch_one(t.conn())
-            .await?;
+    let active: i64 = sqlx::query_scalar!(
+        r#"SELECT COUNT(*) AS "n!" FROM droplets WHERE status = 'active'
+             AND (deferred_until IS NULL OR deferred_until <= NOW())
+             AND drain_requested_at IS NULL"#
+    )
+    .fetch_one(t.conn())
+    .await?;
     let contended = active > candidates.len() as i64;
     let slots: Vec<Slot> = candidates
         .into_iter()
@@ -526,6 +534,8 @@ pub struct RouterRound {
 /// first (so what they free is routed in the same round), then a pass unless routing is
 /// paused or stopped.
 pub async fn run_once(state: &Core) -> Result<RouterRound, sqlx::Error> {
+    // What other replicas learned of droplets pushing back or drained holds here too.
+    crate::services::dispatch::pushback::refresh(state).await?;
     let maintenance = task_recovery::maintain(state).await?;
     let assigned = if is_active(state) {
         route_pass(state).await?

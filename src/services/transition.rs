@@ -7,6 +7,7 @@
 use sqlx::{PgConnection, Postgres, Transaction};
 
 use crate::services::dispatch;
+use crate::services::drain_state;
 use crate::services::state_machine::{self, Applied, Mode, Move, MoveError, Status};
 use crate::services::table_statistics;
 use crate::services::task_store::Task;
@@ -67,11 +68,14 @@ impl<'a> Transition<'a> {
     pub async fn commit(self) -> Result<Vec<Applied>, sqlx::Error> {
         let Transition {
             core,
-            tx,
+            mut tx,
             applied,
             created,
             wake_router,
         } = self;
+        if core.dispatch.holds.any_draining() {
+            finish_drains(&mut tx, &applied).await?;
+        }
         tx.commit().await?;
         after_commit(core, &applied, created);
         if wake_router {
@@ -86,6 +90,28 @@ pub async fn run(core: &Core, moves: &[Move], mode: Mode) -> Result<Vec<Applied>
     let mut t = Transition::begin(core).await?;
     t.apply(moves, mode).await?;
     Ok(t.commit().await?)
+}
+
+/// A droplet being drained whose last task these moves ended is drained, in this
+/// transaction (the event with it). Only while this replica knows of a drain; the
+/// `task_router` job's round finishes any other.
+async fn finish_drains(
+    tx: &mut Transaction<'static, Postgres>,
+    applied: &[Applied],
+) -> Result<(), sqlx::Error> {
+    let in_flight = |s: Status| matches!(s, Status::Assigned | Status::InProgress);
+    let mut ended: Vec<i32> = applied
+        .iter()
+        .filter(|a| in_flight(a.from) && !in_flight(a.to))
+        .filter_map(|a| a.held_droplet)
+        .collect();
+    if ended.is_empty() {
+        return Ok(());
+    }
+    ended.sort_unstable();
+    ended.dedup();
+    drain_state::finish_drains(tx, Some(&ended)).await?;
+    Ok(())
 }
 
 /// What follows committed moves: dispatch new assignments, tell droplets about work taken

@@ -57,6 +57,9 @@ pub enum Mode {
     /// last one for every one after): `[408, 429, 200]`, `[422, 422, 200]`. Other requests
     /// (`cancel_task`) get 200.
     Statuses(Vec<u16>),
+    /// As `Statuses`, each answer with its `Retry-After` header when it has one: `[(429,
+    /// Some("2")), (200, None)]` pushes back once.
+    Answers(Vec<(u16, Option<String>)>),
 }
 
 /// One request the fixture got, and what it answered.
@@ -68,6 +71,8 @@ pub struct Received {
     /// The body as JSON (a string when it was not JSON).
     pub body: Value,
     pub answered: u16,
+    /// When it arrived.
+    pub at: std::time::Instant,
 }
 
 impl Received {
@@ -228,6 +233,7 @@ async fn answer(
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::to_string);
     let mut location = None;
+    let mut retry_after: Option<String> = None;
     let mut received = shared.received.lock().unwrap();
     let (status, reply) = match &mode {
         Mode::Accept | Mode::Silent => (StatusCode::OK, json!({"received": true})),
@@ -252,17 +258,27 @@ async fn answer(
             location = Some(to.clone());
             (StatusCode::TEMPORARY_REDIRECT, json!({}))
         }
-        Mode::Statuses(codes) => {
+        Mode::Statuses(_) | Mode::Answers(_) => {
+            let answers: Vec<(u16, Option<String>)> = match &mode {
+                Mode::Statuses(codes) => codes.iter().map(|c| (*c, None)).collect(),
+                Mode::Answers(answers) => answers.clone(),
+                _ => Vec::new(),
+            };
             let executes = |b: &Value| b["payload"]["command"] == "execute_task";
             let n = received[shared.since.load(Ordering::SeqCst)..]
                 .iter()
                 .filter(|r| executes(&r.body))
                 .count();
-            let code = if executes(&body) {
-                codes.get(n).or(codes.last()).copied().unwrap_or(200)
+            let (code, after) = if executes(&body) {
+                answers
+                    .get(n)
+                    .or(answers.last())
+                    .cloned()
+                    .unwrap_or((200, None))
             } else {
-                200
+                (200, None)
             };
+            retry_after = after;
             let status = StatusCode::from_u16(code).expect("an HTTP status");
             if status.is_success() {
                 (status, json!({"received": true}))
@@ -285,9 +301,15 @@ async fn answer(
             .collect(),
         body,
         answered: status.as_u16(),
+        at: std::time::Instant::now(),
     });
     drop(received);
     let mut response = (status, Json(reply)).into_response();
+    if let Some(after) = retry_after {
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, after.parse().expect("a header value"));
+    }
     if let Some(to) = location {
         response
             .headers_mut()

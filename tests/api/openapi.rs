@@ -492,6 +492,8 @@ async fn the_spec_documents_attempts_contracts_and_explain() {
             "routing_paused",
             "emergency_stop",
             "queued_behind",
+            "droplet_deferred",
+            "droplet_draining",
         ])
     );
     has_all(

@@ -5,7 +5,10 @@
 //! delivery (a 4xx other than 408/429) is not asked again: the task goes back to the router;
 //! a delivery it accepts ends its run of refusals. Deliveries that cannot connect or time
 //! out are counted in a row too: at `DISPATCH_FAILURES_BEFORE_UNREACHABLE` the droplet is
-//! marked unreachable (`task_recovery::unreachable`) and probed (`probe`).
+//! marked unreachable (`task_recovery::unreachable`) and probed (`probe`). A droplet that
+//! answers 429 (or 503) with `Retry-After` pushes back (`pushback`): the task stays assigned
+//! and is delivered again once that time has passed, nothing else goes to that droplet
+//! meanwhile, and its in-flight allowance halves.
 
 use std::time::Duration;
 
@@ -18,9 +21,13 @@ use crate::services::endpoints::{self, NoAllowedAddress};
 use crate::services::task_store::Task;
 use crate::services::Core;
 
+mod excerpt;
+pub mod holds;
 pub mod probe;
+pub mod pushback;
 pub mod queue;
 pub mod slots;
+use excerpt::answer_excerpt;
 use queue::{Tries, Waiting};
 pub use slots::{Dispatcher, Refusal, Report, Unreachable};
 
@@ -41,6 +48,9 @@ pub enum Delivery {
     Refused(u16, String),
     /// The endpoint is not one the orchestrator delivers to (its shape or its address).
     Blocked,
+    /// The droplet answered 429 or 503 with `Retry-After`: try again after this long (capped
+    /// at `pushback::MAX_RETRY_AFTER`). Not a failure.
+    Deferred(Duration),
 }
 
 impl Delivery {
@@ -51,6 +61,7 @@ impl Delivery {
             Delivery::Failed(_) => "failed",
             Delivery::Refused(..) => "refused",
             Delivery::Blocked => "blocked",
+            Delivery::Deferred(_) => "deferred",
         }
     }
 
@@ -77,6 +88,10 @@ impl Delivery {
             Delivery::Failed(reason) => reason.clone(),
             Delivery::Refused(code, _) => format!("refused with HTTP {code}"),
             Delivery::Blocked => "endpoint not allowed".into(),
+            Delivery::Deferred(wait) => format!(
+                "the droplet asked to retry after {} s (Retry-After)",
+                wait.as_secs()
+            ),
         }
     }
 }
@@ -171,7 +186,13 @@ pub async fn post_message(
         Ok(r) if r.status().is_success() => Delivery::Delivered,
         Ok(r) => {
             let code = r.status().as_u16();
-            if code == 408 || code == 429 || r.status().is_server_error() {
+            let pushes_back = code == 429 || code == 503;
+            if let Some(wait) = pushes_back
+                .then(|| pushback::retry_after(r.headers()))
+                .flatten()
+            {
+                Delivery::Deferred(wait)
+            } else if code == 408 || code == 429 || r.status().is_server_error() {
                 Delivery::Failed(format!("HTTP {code}"))
             } else {
                 let sent = [
@@ -185,64 +206,6 @@ pub async fn post_message(
         Err(e) if blocked_by_policy(&e) => Delivery::Blocked,
         Err(_) => Delivery::Failed(UNREACHABLE.into()),
     }
-}
-
-/// Most of a refusing droplet's answer the log line shows.
-const ANSWER_EXCERPT_BYTES: usize = 300;
-
-/// The start of a refusal's body (what the droplet says it will not take), read for at most
-/// a second and shown as printable text with any token in it blanked (a droplet may echo the
-/// bearer it was sent): the operator sees why without the droplet's log.
-async fn answer_excerpt(mut r: reqwest::Response, sent: &[&str]) -> String {
-    let mut bytes = Vec::new();
-    let read = async {
-        while bytes.len() < ANSWER_EXCERPT_BYTES {
-            match r.chunk().await {
-                Ok(Some(chunk)) => bytes.extend_from_slice(&chunk),
-                _ => break,
-            }
-        }
-    };
-    let _ = tokio::time::timeout(Duration::from_secs(1), read).await;
-    bytes.truncate(ANSWER_EXCERPT_BYTES);
-    let text: String = String::from_utf8_lossy(&bytes)
-        .chars()
-        .map(|c| if c.is_control() { ' ' } else { c })
-        .collect();
-    without_tokens(&text, sent)
-}
-
-/// `text` with the credentials sent (`sent`) and anything shaped like a JWT (a run of
-/// base64url characters and dots that starts `eyJ`, even cut short) written `[token]`.
-fn without_tokens(text: &str, sent: &[&str]) -> String {
-    let mut text = text.to_string();
-    for secret in sent.iter().filter(|s| !s.is_empty()) {
-        text = text.replace(secret, "[token]");
-    }
-    let is_token_char = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.');
-    let mut out = String::with_capacity(text.len());
-    let mut rest = text.as_str();
-    while let Some(start) = rest.find("eyJ") {
-        let run_start = rest[..start]
-            .char_indices()
-            .rev()
-            .take_while(|(_, c)| is_token_char(*c))
-            .last()
-            .map_or(start, |(i, _)| i);
-        let end = rest[start..]
-            .find(|c: char| !is_token_char(c))
-            .map_or(rest.len(), |e| start + e);
-        if run_start == start {
-            out.push_str(&rest[..start]);
-            out.push_str("[token]");
-        } else {
-            // `eyJ` inside a longer word (`abceyJ...`) is not the start of a token.
-            out.push_str(&rest[..end]);
-        }
-        rest = &rest[end..];
-    }
-    out.push_str(rest);
-    out
 }
 
 /// Queues `execute_task` to the task's droplet; a worker sends it, retrying with backoff
@@ -408,6 +371,20 @@ async fn send(state: &Core, waiting: Waiting, own: tokio::sync::OwnedSemaphorePe
         if state.dispatch.take_refused_lately(internal) || counted_refusals {
             reset_refusals(state, internal).await;
         }
+        if state.dispatch.holds.is_throttled(internal) {
+            grow_allowance(state, internal).await;
+        }
+        return;
+    }
+    if let Delivery::Deferred(wait) = outcome {
+        let again = Waiting {
+            task_id,
+            attempt,
+            droplet: internal,
+            body: None,
+            tries,
+        };
+        deferred(state, again, droplet, wait).await;
         return;
     }
     if !outcome.is_transient() {
@@ -476,6 +453,54 @@ async fn reset_refusals(state: &Core, internal: i32) {
     }
 }
 
+/// The droplet (`again.droplet`, internal; `droplet` external) pushed back: nothing goes to
+/// it before `wait` has passed (here at once; on other replicas through its row), its
+/// allowance halves, and this delivery is tried again then, the task still assigned on the
+/// same attempt (no retry counted). Its give-up time moves past the wait, as the assignment
+/// timeout does (`task_recovery::maintain`).
+async fn deferred(state: &Core, mut again: Waiting, droplet: i32, wait: Duration) {
+    let internal = again.droplet;
+    let now = tokio::time::Instant::now();
+    state.dispatch.holds.defer(internal, now + wait);
+    match pushback::defer(state, internal, wait).await {
+        Ok(d) => {
+            state.dispatch.holds.throttle(internal);
+            tracing::info!(task_id = again.task_id, droplet, wait_s = wait.as_secs_f64(), allowance = ?d.allowance,
+                "droplet pushed back (Retry-After); the task stays assigned and is delivered again after the wait");
+        }
+        // This replica still holds off; the droplet's next push-back records it.
+        Err(e) => {
+            tracing::warn!(droplet, error = %e, "could not record a droplet's push-back")
+        }
+    }
+    if state.shutdown.is_cancelled() || state.emergency_stopped() {
+        return;
+    }
+    let timeout = Duration::from_secs(state.config().assignment_timeout_seconds);
+    again.tries.give_up = again.tries.give_up.max(now + wait + timeout);
+    later(state, vec![again], wait);
+    // Pending work the droplet could take is routed as soon as the wait is over.
+    let core = state.clone();
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = core.shutdown.cancelled() => {}
+            _ = tokio::time::sleep(wait) => core.router.trigger(),
+        }
+    });
+}
+
+/// A delivery a droplet with a reduced allowance accepted grows it by one.
+async fn grow_allowance(state: &Core, internal: i32) {
+    match pushback::grow(state, internal).await {
+        Ok(true) => {}
+        Ok(false) => state.dispatch.holds.unthrottle(internal),
+        // The next accepted delivery grows it.
+        Err(e) => {
+            tracing::warn!(droplet = internal, error = %e, "could not grow a droplet's allowance")
+        }
+    }
+}
+
 /// How long deliveries that could not be read back wait before the next try.
 const READ_BACK_PAUSE: Duration = Duration::from_secs(1);
 
@@ -533,33 +558,4 @@ pub fn cancel(state: &Core, internal_droplet: i32, task: &Task) {
 /// A trace id for a message that has none of its own.
 pub fn new_trace_id() -> String {
     Uuid::new_v4().to_string()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::without_tokens;
-
-    #[test]
-    fn tokens_in_a_refusal_are_blanked() {
-        let jwt = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJkcm9wbGV0LTEwIn0.c2lnbmF0dXJl";
-        assert_eq!(
-            without_tokens(&format!(r#"{{"detail":"bad token {jwt}"}}"#), &[]),
-            r#"{"detail":"bad token [token]"}"#
-        );
-        // Cut short at the excerpt's end, a token is still blanked.
-        assert_eq!(
-            without_tokens("Bearer eyJhbGciOiJIUzI1NiJ9.eyJzdW", &[]),
-            "Bearer [token]"
-        );
-        // What was sent is blanked whatever its shape; other words stay.
-        assert_eq!(
-            without_tokens(
-                "got opaque-registry-token, keyJar",
-                &["opaque-registry-token"]
-            ),
-            "got [token], keyJar"
-        );
-        assert_eq!(without_tokens("no tokens here", &[""]), "no tokens here");
-        assert_eq!(without_tokens("monkeyJump", &[]), "monkeyJump");
-    }
 }

@@ -10,6 +10,7 @@ use tokio::sync::mpsc::{self, UnboundedReceiver, UnboundedSender};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::config::Config;
+use crate::services::dispatch::holds::Holds;
 use crate::services::dispatch::queue::DeliveryQueue;
 
 pub struct Dispatcher {
@@ -17,6 +18,9 @@ pub struct Dispatcher {
     pub queue: DeliveryQueue,
     /// How many workers send them (`DISPATCH_CONCURRENCY`).
     pub workers: usize,
+    /// Droplets that pushed back, have a reduced allowance, or are drained (this replica's
+    /// view of their rows).
+    pub holds: Holds,
     permits: Arc<Semaphore>,
     per_droplet: Mutex<HashMap<i32, Arc<Semaphore>>>,
     per_droplet_limit: usize,
@@ -66,6 +70,7 @@ impl Dispatcher {
         Dispatcher {
             queue: DeliveryQueue::new(config.dispatch_queue_bodies),
             workers: config.dispatch_concurrency,
+            holds: Holds::default(),
             permits: Arc::new(Semaphore::new(config.dispatch_concurrency)),
             per_droplet: Mutex::new(HashMap::new()),
             per_droplet_limit: config.dispatch_per_droplet_concurrency.max(1),
@@ -85,8 +90,12 @@ impl Dispatcher {
         )
     }
 
-    /// One of this droplet's own delivery slots if one is free now.
+    /// One of this droplet's own delivery slots if one is free now and the droplet has not
+    /// asked to wait (`Retry-After`).
     pub fn try_own(&self, droplet: i32) -> Option<OwnedSemaphorePermit> {
+        if self.holds.is_deferred(droplet) {
+            return None;
+        }
         self.own(droplet)?.try_acquire_owned().ok()
     }
 

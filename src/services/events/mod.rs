@@ -80,6 +80,8 @@ pub enum DropletEventKind {
     DropletRegistered,
     DropletHealthChanged,
     DropletHeartbeatMissed,
+    /// A drained droplet holds no more tasks (issue 27: a deploy may proceed).
+    DropletDrained,
 }
 
 impl DropletEventKind {
@@ -88,6 +90,7 @@ impl DropletEventKind {
             DropletEventKind::DropletRegistered => "droplet_registered",
             DropletEventKind::DropletHealthChanged => "droplet_health_changed",
             DropletEventKind::DropletHeartbeatMissed => "droplet_heartbeat_missed",
+            DropletEventKind::DropletDrained => "droplet_drained",
         }
     }
 }
