@@ -10,8 +10,13 @@ use serde::Serialize;
 use serde_json::{json, Value};
 use uuid::Uuid;
 
-use crate::identity::Principal;
-use crate::services::dispatch::{self, Delivery};
+use sqlx::PgPool;
+
+use crate::identity::{Keys, Principal};
+use crate::instruments::Metrics;
+use crate::services::core::Settings;
+use crate::services::dispatch::slots::Dispatcher;
+use crate::services::dispatch::{self, Delivery, Outbound};
 use crate::services::droplets::{self, Droplet, DropletFilter};
 use crate::services::error::{Error, Result};
 use crate::services::status::DropletStatus;
@@ -127,9 +132,38 @@ fn check_relayable(payload: &Value, allowed_names: &[String]) -> Result<()> {
     Ok(())
 }
 
+/// What relaying messages uses of the services' shared parts: the pool (the targets), the
+/// settings (timeouts, the allow-list), the keys (`relayed_by`), the delivery slots, the
+/// outbound sender and the counter of outcomes; whether an emergency stop is in effect is
+/// read when the handle is made (once per request).
+#[derive(Clone, Copy)]
+pub struct Messenger<'a> {
+    db: &'a PgPool,
+    settings: &'a Settings,
+    keys: &'a Keys,
+    slots: &'a Dispatcher,
+    outbound: Outbound<'a>,
+    metrics: &'a Metrics,
+    stopped: bool,
+}
+
+impl<'a> From<&'a Core> for Messenger<'a> {
+    fn from(core: &'a Core) -> Messenger<'a> {
+        Messenger {
+            db: &core.db,
+            settings: &core.settings,
+            keys: &core.keys,
+            slots: &core.dispatch,
+            outbound: core.into(),
+            metrics: &core.metrics,
+            stopped: core.emergency_stopped(),
+        }
+    }
+}
+
 /// An emergency stop halts everything the orchestrator sends to droplets, messages included.
-pub fn ensure_sending(core: &Core) -> Result<()> {
-    if core.emergency_stopped() {
+pub fn ensure_sending(m: Messenger<'_>) -> Result<()> {
+    if m.stopped {
         return Err(Error::Unavailable(
             "Emergency stop: messages to droplets are halted until the jobs are resumed".into(),
         ));
@@ -147,10 +181,10 @@ pub struct Relayed {
 }
 
 impl Relayed {
-    pub fn new(core: &Core, message_type: String, mut payload: Value) -> Result<Relayed> {
-        check_relayable(&payload, &core.config().relay_allowed_names)?;
+    pub fn new(m: Messenger<'_>, message_type: String, mut payload: Value) -> Result<Relayed> {
+        check_relayable(&payload, &m.settings.current().relay_allowed_names)?;
         if let Value::Object(map) = &mut payload {
-            map.insert("relayed_by".into(), json!(core.keys.orchestrator_id()));
+            map.insert("relayed_by".into(), json!(m.keys.orchestrator_id()));
         }
         Ok(Relayed {
             message_type,
@@ -171,17 +205,22 @@ pub struct Sent {
 
 /// Sends a message to one active droplet; a failed delivery is an upstream error with the
 /// reason in a word (never the transport's own text).
-pub async fn send(core: &Core, sender: &Principal, target: i32, message: Relayed) -> Result<Sent> {
-    let droplet = droplets::require(&core.db, target).await?;
+pub async fn send(
+    m: Messenger<'_>,
+    sender: &Principal,
+    target: i32,
+    message: Relayed,
+) -> Result<Sent> {
+    let droplet = droplets::require(m.db, target).await?;
     if droplet.status != DropletStatus::Active {
         return Err(Error::conflict(format!(
             "Droplet {target} is {}; messages are sent only to active droplets",
             droplet.status
         )));
     }
-    let timeout = Duration::from_secs(core.config().dispatch_timeout_seconds);
+    let timeout = Duration::from_secs(m.settings.current().dispatch_timeout_seconds);
     let trace_id = Uuid::new_v4().to_string();
-    match deliver(core, sender, &droplet, &trace_id, &message, timeout).await {
+    match deliver(m, sender, &droplet, &trace_id, &message, timeout).await {
         Delivery::Delivered => Ok(Sent {
             delivered: true,
             status: "delivered",
@@ -211,27 +250,27 @@ pub struct Broadcast {
 
 /// Sends a message to every active droplet (or those with a capability), in parallel.
 pub async fn broadcast(
-    core: &Core,
+    m: Messenger<'_>,
     sender: &Principal,
     capability_filter: Option<String>,
     message: Relayed,
 ) -> Result<Broadcast> {
     let targets = droplets::list(
-        &core.db,
+        m.db,
         &DropletFilter {
             status: Some("active".into()),
             capability: capability_filter.clone(),
         },
     )
     .await?;
-    let config = core.config();
+    let config = m.settings.current();
     let timeout = Duration::from_secs(config.dispatch_timeout_seconds);
     let trace_id = Uuid::new_v4().to_string();
     let mut results: Vec<(i32, Value)> = futures::stream::iter(targets)
         .map(|droplet| {
             let (trace_id, message) = (&trace_id, &message);
             async move {
-                let outcome = deliver(core, sender, &droplet, trace_id, message, timeout).await;
+                let outcome = deliver(m, sender, &droplet, trace_id, message, timeout).await;
                 (
                     droplet.droplet_id,
                     outcome_json(&droplet, &outcome, timeout),
@@ -271,7 +310,7 @@ fn outcome_json(droplet: &Droplet, outcome: &Delivery, timeout: Duration) -> Val
 
 /// Delivers a relayed message: from the sender (`source`), in the target's id form.
 async fn deliver(
-    core: &Core,
+    m: Messenger<'_>,
     sender: &Principal,
     droplet: &Droplet,
     trace_id: &str,
@@ -287,12 +326,12 @@ async fn deliver(
         payload: message.payload.clone(),
     };
     let outcome = {
-        let Some(_slot) = core.dispatch.slot(droplet.internal_id).await else {
+        let Some(_slot) = m.slots.slot(droplet.internal_id).await else {
             return Delivery::Failed("shutting down".into());
         };
-        dispatch::post_message(core, &droplet.endpoint, &outgoing, timeout).await
+        dispatch::post_message(m.outbound, &droplet.endpoint, &outgoing, timeout).await
     };
-    core.metrics
+    m.metrics
         .dispatch
         .with_label_values(&[outcome.label()])
         .inc();

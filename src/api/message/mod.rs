@@ -400,7 +400,7 @@ fn message_of(state: &AppState, params: &SendParams, body: RawBody) -> ApiResult
             ))
         }
     };
-    Ok(Relayed::new(state, message_type, payload)?)
+    Ok(Relayed::new((&state.core).into(), message_type, payload)?)
 }
 
 /// Sends a message to one active droplet's `/message`, in a new envelope from the orchestrator.
@@ -417,13 +417,13 @@ pub async fn send(
     body: RawBody,
 ) -> ApiResult<Udc<messaging::Sent>> {
     caller.require(Permission::Write)?;
-    messaging::ensure_sending(&state)?;
+    messaging::ensure_sending((&state.core).into())?;
     let target = params.target_droplet_id.ok_or_else(|| {
         ApiError::Validation(vec![FieldError::missing(&["query", "target_droplet_id"])])
     })?;
     let message = message_of(&state, &params, body)?;
     Ok(Udc::ok(
-        messaging::send(&state, &caller, target, message).await?,
+        messaging::send((&state.core).into(), &caller, target, message).await?,
     ))
 }
 
@@ -440,9 +440,15 @@ pub async fn broadcast(
     body: RawBody,
 ) -> ApiResult<Udc<messaging::Broadcast>> {
     caller.require(Permission::Admin)?;
-    messaging::ensure_sending(&state)?;
+    messaging::ensure_sending((&state.core).into())?;
     let message = message_of(&state, &params, body)?;
     Ok(Udc::ok(
-        messaging::broadcast(&state, &caller, params.capability_filter.clone(), message).await?,
+        messaging::broadcast(
+            (&state.core).into(),
+            &caller,
+            params.capability_filter.clone(),
+            message,
+        )
+        .await?,
     ))
 }

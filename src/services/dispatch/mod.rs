@@ -16,8 +16,9 @@ use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
+use crate::identity::Keys;
 use crate::protocol::Envelope;
-use crate::services::endpoints::{self, NoAllowedAddress};
+use crate::services::endpoints::{self, EndpointPolicy, NoAllowedAddress};
 use crate::services::task_store::Task;
 use crate::services::Core;
 
@@ -154,18 +155,37 @@ fn blocked_by_policy(error: &reqwest::Error) -> bool {
     false
 }
 
+/// What sending one message to a droplet uses of the shared parts: the endpoint policy, the
+/// keys that sign it and the delivery client (no redirects, the policy at each resolution).
+#[derive(Clone, Copy)]
+pub struct Outbound<'a> {
+    policy: &'a EndpointPolicy,
+    keys: &'a Keys,
+    client: &'a reqwest::Client,
+}
+
+impl<'a> From<&'a Core> for Outbound<'a> {
+    fn from(core: &'a Core) -> Outbound<'a> {
+        Outbound {
+            policy: &core.endpoint_policy,
+            keys: &core.keys,
+            client: &core.delivery,
+        }
+    }
+}
+
 /// POSTs a message to `{endpoint}/message` with the orchestrator's credentials, after
 /// checking the endpoint (its shape, and every address it resolves to).
 pub async fn post_message(
-    state: &Core,
+    out: Outbound<'_>,
     endpoint: &str,
     message: &Outgoing,
     timeout: Duration,
 ) -> Delivery {
-    if endpoints::check_delivery(endpoint, &state.endpoint_policy).is_err() {
+    if endpoints::check_delivery(endpoint, out.policy).is_err() {
         return Delivery::Blocked;
     }
-    let credentials = match state.keys.outbound() {
+    let credentials = match out.keys.outbound() {
         Ok(c) => c,
         Err(e) => {
             tracing::error!(error = %e, "cannot sign the orchestrator's token");
@@ -174,8 +194,8 @@ pub async fn post_message(
     };
     let body = message.envelope(credentials.signature.as_deref());
     let url = format!("{}/message", endpoint.trim_end_matches('/'));
-    let sent = state
-        .delivery
+    let sent = out
+        .client
         .post(&url)
         .bearer_auth(&credentials.bearer)
         .timeout(timeout)
@@ -355,7 +375,7 @@ async fn send(state: &Core, waiting: Waiting, own: tokio::sync::OwnedSemaphorePe
         let Some(_shared) = state.dispatch.shared().await else {
             return;
         };
-        let outcome = post_message(state, &endpoint, &message, timeout).await;
+        let outcome = post_message(state.into(), &endpoint, &message, timeout).await;
         drop(own);
         outcome
     };
@@ -546,7 +566,7 @@ pub fn cancel(state: &Core, internal_droplet: i32, task: &Task) {
         let Some(_slot) = state.dispatch.slot(internal_droplet).await else {
             return;
         };
-        let outcome = post_message(&state, &droplet.endpoint, &message, timeout).await;
+        let outcome = post_message((&state).into(), &droplet.endpoint, &message, timeout).await;
         state
             .metrics
             .dispatch
