@@ -40,6 +40,7 @@ mod registry;
 mod relay;
 mod replay;
 mod requeues;
+mod rollups;
 mod routing;
 mod tasks;
 mod unreachable;
