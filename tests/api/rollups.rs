@@ -1,6 +1,7 @@
-//! The per-minute rollups behind `/metrics/summary` (issue 26, item 4): after creations and
+//! The per-minute rollups behind the metrics' windows (issue 26, item 4): after creations and
 //! transitions across many minutes and hours, folded or not yet, they equal a count of the
-//! table, and the summary gives what the full scans of the table gave.
+//! tables, and `/metrics/summary` and the other windowed answers give what the full scans of
+//! the tables gave.
 
 use reqwest::StatusCode;
 use serde_json::{json, Value};
@@ -8,7 +9,7 @@ use serde_json::{json, Value};
 use crate::helpers::*;
 
 /// 700 tasks over the last 22 hours, one every 113 s, in every status, written straight into
-/// the table with past times. None near an hour ago: the rollups' windows are to the minute,
+/// the table with past times, with a history row for each assignment. None near an hour ago: the rollups' windows are to the minute,
 /// the scans' to the microsecond.
 async fn history(app: &TestApp, droplet: i32) {
     sqlx::query(
@@ -30,27 +31,57 @@ async fn history(app: &TestApp, droplet: i32) {
     .execute(&app.db)
     .await
     .unwrap();
+    sqlx::query(
+        "INSERT INTO task_state_history (task_id, from_status, to_status, changed_by, changed_at)
+         SELECT id, 'pending', 'assigned', 'task_router', assigned_at FROM tasks WHERE assigned_at IS NOT NULL",
+    )
+    .execute(&app.db)
+    .await
+    .unwrap();
 }
 
-type Figure = (String, String, i64, String);
+type Figure = (String, String, String, i64, String);
 
-/// Per minute (or hour) and metric, the count and seconds of the tasks as they are, counted
-/// straight from the table.
+/// Per key, minute (or hour, day) and metric, the count and seconds of the tasks and history
+/// rows as they are, counted straight from the tables.
 async fn counted(app: &TestApp, unit: &str) -> Vec<Figure> {
     sqlx::query_as(
-        "SELECT at::text, metric, n, trim_scale(secs)::text FROM (
-            SELECT date_trunc($1, created_at) AS at, 'created' AS metric, COUNT(*) AS n, 0::numeric AS secs
-            FROM tasks GROUP BY 1
+        "SELECT dim, at::text, metric, n, trim_scale(secs)::text FROM (
+            SELECT 's' AS dim, date_trunc($1, created_at) AS at, 'created' AS metric, COUNT(*) AS n,
+                   0::numeric AS secs
+            FROM tasks GROUP BY 2
             UNION ALL
-            SELECT date_trunc($1, completed_at), status, COUNT(*), 0 FROM tasks
-            WHERE status IN ('completed', 'failed', 'cancelled') AND completed_at IS NOT NULL GROUP BY 1, 2
+            SELECT 's', date_trunc($1, completed_at), status, COUNT(*), 0 FROM tasks
+            WHERE status IN ('completed', 'failed', 'cancelled') AND completed_at IS NOT NULL GROUP BY 2, 3
             UNION ALL
-            SELECT date_trunc($1, created_at), 'assign', COUNT(*), SUM(extract(epoch FROM assigned_at - created_at))
-            FROM tasks WHERE assigned_at IS NOT NULL GROUP BY 1
+            SELECT 's', date_trunc($1, created_at), 'assign', COUNT(*), SUM(extract(epoch FROM assigned_at - created_at))
+            FROM tasks WHERE assigned_at IS NOT NULL GROUP BY 2
             UNION ALL
-            SELECT date_trunc($1, completed_at), 'run', COUNT(*), SUM(extract(epoch FROM completed_at - started_at))
-            FROM tasks WHERE status = 'completed' AND started_at IS NOT NULL AND completed_at IS NOT NULL GROUP BY 1
-         ) x ORDER BY 1, 2",
+            SELECT 's', date_trunc($1, completed_at), 'run', COUNT(*), SUM(extract(epoch FROM completed_at - started_at))
+            FROM tasks WHERE status = 'completed' AND started_at IS NOT NULL AND completed_at IS NOT NULL GROUP BY 2
+            UNION ALL
+            SELECT 's', date_trunc($1, changed_at), 'assignments', COUNT(*), 0 FROM task_state_history
+            WHERE to_status = 'assigned' GROUP BY 2
+            UNION ALL
+            SELECT k, date_trunc($1, created_at), 'now:' || status, COUNT(*), 0
+            FROM tasks, LATERAL (VALUES ('c'), ('t:' || task_type)) v(k) GROUP BY 1, 2, 3
+            UNION ALL
+            SELECT k, date_trunc($1, created_at), 'retries', COUNT(*), SUM(retry_count)
+            FROM tasks, LATERAL (VALUES ('c'), ('t:' || task_type)) v(k) WHERE retry_count > 0 GROUP BY 1, 2
+            UNION ALL
+            SELECT k, date_trunc($1, created_at), 'runc', COUNT(*), SUM(extract(epoch FROM completed_at - started_at))
+            FROM tasks, LATERAL (VALUES ('c'), ('t:' || task_type)) v(k)
+            WHERE status = 'completed' AND started_at IS NOT NULL AND completed_at IS NOT NULL GROUP BY 1, 2
+            UNION ALL
+            SELECT 'd:' || assigned_droplet_id, date_trunc($1, completed_at), status, COUNT(*), 0 FROM tasks
+            WHERE assigned_droplet_id IS NOT NULL AND status IN ('completed', 'failed') AND completed_at IS NOT NULL
+            GROUP BY 1, 2, 3
+            UNION ALL
+            SELECT 'd:' || assigned_droplet_id, date_trunc($1, completed_at), 'run', COUNT(*),
+                   SUM(extract(epoch FROM completed_at - started_at))
+            FROM tasks WHERE assigned_droplet_id IS NOT NULL AND status = 'completed' AND started_at IS NOT NULL
+              AND completed_at IS NOT NULL GROUP BY 1, 2
+         ) x ORDER BY 1, 2, 3",
     )
     .bind(unit)
     .fetch_all(&app.db)
@@ -61,11 +92,11 @@ async fn counted(app: &TestApp, unit: &str) -> Vec<Figure> {
 /// The same, as kept: the folded rollups of `grain` and (for minutes) the changes not folded.
 async fn kept(app: &TestApp, grain: &str) -> Vec<Figure> {
     sqlx::query_as(
-        "SELECT at::text, metric::text, SUM(n)::bigint, trim_scale(SUM(seconds))::text FROM (
-            SELECT at, metric, n, seconds FROM task_rollups WHERE grain = $1
+        "SELECT dim::text, at::text, metric::text, SUM(n)::bigint, trim_scale(SUM(seconds))::text FROM (
+            SELECT dim, at, metric, n, seconds FROM task_rollups WHERE grain = $1
             UNION ALL
-            SELECT at, metric, n, seconds FROM task_rollup_changes WHERE $1 = 'm'
-         ) x GROUP BY 1, 2 HAVING SUM(n) <> 0 OR SUM(seconds) <> 0 ORDER BY 1, 2",
+            SELECT dim, at, metric, n, seconds FROM task_rollup_changes WHERE $1 = 'm'
+         ) x GROUP BY 1, 2, 3 HAVING SUM(n) <> 0 OR SUM(seconds) <> 0 ORDER BY 1, 2, 3",
     )
     .bind(grain)
     .fetch_all(&app.db)
@@ -154,6 +185,100 @@ async fn summary_matches_the_scans(app: &TestApp) {
     }
 }
 
+/// The other windowed answers against the scans they replace: counts equal.
+async fn windowed_answers_match_the_scans(app: &TestApp, droplet: i32) {
+    let read = app.token(5, &["read"]);
+    let get = |path: &'static str| {
+        let read = read.clone();
+        async move {
+            let (status, body) = app.get(path, &read).await;
+            assert_eq!(status, StatusCode::OK, "{path}: {body}");
+            body["payload"].clone()
+        }
+    };
+    let p = get("/metrics/tasks/performance?time_range=24h").await;
+    let (total, completed, failed, pending, retries, retried): (i64, i64, i64, i64, i64, i64) =
+        sqlx::query_as(
+            "SELECT COUNT(*), COUNT(*) FILTER (WHERE status = 'completed'),
+                    COUNT(*) FILTER (WHERE status = 'failed'), COUNT(*) FILTER (WHERE status = 'pending'),
+                    COALESCE(SUM(retry_count), 0)::bigint, COUNT(*) FILTER (WHERE retry_count > 0)
+             FROM tasks WHERE created_at >= NOW() - interval '24 hours'",
+        )
+        .fetch_one(&app.db)
+        .await
+        .unwrap();
+    assert!(total >= 500, "the histogram's side: {total}");
+    assert_eq!(
+        (
+            &p["total"],
+            &p["by_outcome"]["completed"],
+            &p["by_outcome"]["failed"],
+            &p["by_outcome"]["pending"],
+            &p["retries"]["total"],
+            &p["retries"]["tasks_retried"]
+        ),
+        (
+            &json!(total),
+            &json!(completed),
+            &json!(failed),
+            &json!(pending),
+            &json!(retries),
+            &json!(retried)
+        ),
+        "{p}"
+    );
+    let by_type = get("/metrics/tasks/by-type?time_range=7d").await;
+    let types: Vec<(String, i64, i64)> = sqlx::query_as(
+        "SELECT task_type::text, COUNT(*), COUNT(*) FILTER (WHERE status = 'cancelled') FROM tasks
+         WHERE created_at >= NOW() - interval '7 days' GROUP BY 1 ORDER BY 2 DESC, 1",
+    )
+    .fetch_all(&app.db)
+    .await
+    .unwrap();
+    let kept: Vec<(String, i64, i64)> = by_type["types"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| {
+            (
+                t["task_type"].as_str().unwrap().to_string(),
+                t["total"].as_i64().unwrap(),
+                t["cancelled"].as_i64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(kept, types);
+    let routing = get("/metrics/routing?time_range=24h").await;
+    let assignments: i64 = sqlx::query_scalar(
+        "SELECT COUNT(*) FROM task_state_history
+         WHERE to_status = 'assigned' AND changed_at >= NOW() - interval '24 hours'",
+    )
+    .fetch_one(&app.db)
+    .await
+    .unwrap();
+    assert_eq!(routing["assignments"], assignments);
+    let work = get("/metrics/droplets/8/performance?time_range=30d").await;
+    let (done, failed, mean): (i64, i64, f64) = sqlx::query_as(
+        "SELECT COUNT(*) FILTER (WHERE status = 'completed'), COUNT(*) FILTER (WHERE status = 'failed'),
+                AVG(date_part('epoch', completed_at - started_at)) FILTER (WHERE status = 'completed')
+         FROM tasks WHERE assigned_droplet_id = $1 AND completed_at >= NOW() - interval '30 days'",
+    )
+    .bind(droplet)
+    .fetch_one(&app.db)
+    .await
+    .unwrap();
+    assert_eq!(
+        (&work["tasks_completed"], &work["tasks_failed"]),
+        (&json!(done), &json!(failed))
+    );
+    within(
+        &work["mean_duration_seconds"],
+        &json!(mean),
+        1e-9,
+        "droplet mean",
+    );
+}
+
 #[tokio::test]
 async fn rollups_equal_a_count_of_the_table_and_the_summary_the_full_scan() {
     let app = TestApp::spawn().await;
@@ -231,6 +356,7 @@ async fn rollups_equal_a_count_of_the_table_and_the_summary_the_full_scan() {
     assert!(unfolded(&app).await > 0);
     assert_eq!(kept(&app, "m").await, counted(&app, "minute").await);
     summary_matches_the_scans(&app).await;
+    windowed_answers_match_the_scans(&app, d8).await;
     // The health monitor's round folds the rest: minutes and hours equal the table.
     orchestrator::jobs::run_once(&app.state, JobId::HealthMonitor)
         .await
@@ -238,5 +364,7 @@ async fn rollups_equal_a_count_of_the_table_and_the_summary_the_full_scan() {
     assert_eq!(unfolded(&app).await, 0);
     assert_eq!(kept(&app, "m").await, counted(&app, "minute").await);
     assert_eq!(kept(&app, "h").await, counted(&app, "hour").await);
+    assert_eq!(kept(&app, "d").await, counted(&app, "day").await);
     summary_matches_the_scans(&app).await;
+    windowed_answers_match_the_scans(&app, d8).await;
 }

@@ -1,8 +1,9 @@
 //! `GET /metrics/droplets/{droplet_id}/performance`: a droplet's finished work and uptime.
 
 use serde::Serialize;
-use sqlx::PgPool;
+use sqlx::{PgConnection, PgPool};
 
+use super::rollups;
 use super::{rate, reading, TimeRange};
 
 struct DropletWork {
@@ -49,22 +50,23 @@ pub async fn droplet_performance(
     heartbeat_timeout: u64,
 ) -> Result<DropletWorkReport, sqlx::Error> {
     let mut tx = reading(db).await?;
-    let work = sqlx::query_as!(
-        DropletWork,
-        r#"SELECT COUNT(*) FILTER (WHERE status = 'completed') AS "completed!",
-                COUNT(*) FILTER (WHERE status = 'failed') AS "failed!",
-                AVG(d) AS mean_duration_seconds,
-                percentile_cont(0.95) WITHIN GROUP (ORDER BY d) AS p95_duration_seconds
-         FROM (SELECT status,
-                      CASE WHEN status = 'completed' THEN date_part('epoch', completed_at - started_at) END AS d
-               FROM tasks
-               WHERE assigned_droplet_id = $1 AND status IN ('completed', 'failed')
-                 AND completed_at >= NOW() - make_interval(secs => $2)) s"#,
-        internal_id,
-        range.seconds()
-    )
-    .fetch_one(&mut *tx)
-    .await?;
+    // The finished work from the droplet's kept rollups; the p95 from its tasks while the
+    // window holds few.
+    let kept = rollups::window(&mut tx, range.seconds(), &rollups::of_droplet(internal_id)).await?;
+    let (completed, failed) = (kept.count("completed"), kept.count("failed"));
+    let p95_duration_seconds = if completed + failed < rollups::EXACT_BELOW {
+        exact_work(&mut tx, internal_id, range)
+            .await?
+            .p95_duration_seconds
+    } else {
+        kept.durations("run").p95_seconds
+    };
+    let work = DropletWork {
+        completed,
+        failed,
+        mean_duration_seconds: kept.mean("run"),
+        p95_duration_seconds,
+    };
     let uptime = sqlx::query_as!(
         Uptime,
         r#"WITH since AS (
@@ -108,4 +110,28 @@ pub async fn droplet_performance(
             observed_seconds: observed,
         },
     })
+}
+
+/// The droplet's finished work in the range, from its tasks (through `assigned_droplet_id`).
+async fn exact_work(
+    conn: &mut PgConnection,
+    internal_id: i32,
+    range: TimeRange,
+) -> Result<DropletWork, sqlx::Error> {
+    sqlx::query_as!(
+        DropletWork,
+        r#"SELECT COUNT(*) FILTER (WHERE status = 'completed') AS "completed!",
+                COUNT(*) FILTER (WHERE status = 'failed') AS "failed!",
+                AVG(d) AS mean_duration_seconds,
+                percentile_cont(0.95) WITHIN GROUP (ORDER BY d) AS p95_duration_seconds
+         FROM (SELECT status,
+                      CASE WHEN status = 'completed' THEN date_part('epoch', completed_at - started_at) END AS d
+               FROM tasks
+               WHERE assigned_droplet_id = $1 AND status IN ('completed', 'failed')
+                 AND completed_at >= NOW() - make_interval(secs => $2)) s"#,
+        internal_id,
+        range.seconds()
+    )
+    .fetch_one(conn)
+    .await
 }

@@ -1,8 +1,8 @@
 //! The SQL behind `/metrics/*`, one file per endpoint family. Counts, rates and duration
 //! percentiles are computed in PostgreSQL over indexed columns (`created_at`, `completed_at`,
 //! `status`, the partial pending index, `heartbeats (droplet_id, received_at)`), and the
-//! summary's windows from the kept per-minute rollups (`rollups.rs`), so they stay fast at a
-//! million tasks. This file holds what they share: the windows, their parameters, durations.
+//! windows from the kept per-minute rollups (`rollups.rs`), so they cost the same at any
+//! history size. This file holds what they share: the windows, their parameters, durations.
 
 use std::collections::BTreeMap;
 

@@ -1,16 +1,35 @@
-//! Per-minute rollups of tasks (`migrations/20261207000200_task_rollups.sql`): counts of
-//! created, completed, failed and cancelled tasks, and histograms of assignment latency and
-//! run time, kept by the `tasks` triggers as changes happen and folded here by the health
-//! monitor's job. A window reads its whole hours and the minutes at its ends (a few hundred
-//! rows at any history size) instead of every task in it.
+//! Per-minute rollups of tasks (`migrations/20261207000200_task_rollups.sql`): counts by
+//! status and histograms of durations, for every task, per type and per droplet, kept by the
+//! triggers on `tasks` and `task_state_history` as changes happen and folded here by the
+//! health monitor's job. A window reads its whole days, and the hours and minutes at its ends
+//! (a bounded number of rows at any history size) instead of every task in it.
 
 use sqlx::{PgConnection, PgPool};
 
 use super::Durations;
 use crate::services::locks::Singleton;
 
-/// How long folded rollups are kept: the longest window is 30 days, plus one for its edges.
-pub const KEPT_DAYS: i32 = 31;
+/// How long minutes are kept (hours: a window longer than a day starts on the hour).
+pub const MINUTES_KEPT_HOURS: i32 = 25;
+/// How long hours and days are kept: the longest window is 30 days, plus its edges.
+pub const HOURS_KEPT_DAYS: i32 = 31;
+pub const DAYS_KEPT_DAYS: i32 = 32;
+
+/// The key of every task's figures for the summary and routing (created, ended, assignment
+/// latency and run time by when they happened; assignments from the history).
+pub const SUMMARY: &str = "s";
+/// The key of every task's figures by creation (status now, retries, run time).
+pub const CREATED: &str = "c";
+
+/// The key of one task type's figures by creation.
+pub fn of_type(task_type: &str) -> String {
+    format!("t:{task_type}")
+}
+
+/// The key of one droplet's finished work (by its internal id).
+pub fn of_droplet(internal_id: i32) -> String {
+    format!("d:{internal_id}")
+}
 
 /// Below this many tasks in a window, its percentiles are computed from the tasks themselves
 /// (exact, and as cheap as the histogram at that size); above, from the kept histogram.
@@ -21,15 +40,16 @@ pub const EXACT_BELOW: i64 = 500;
 pub struct Folded {
     /// Change rows moved into the rollups.
     pub changes: u64,
-    /// Rollup rows older than [`KEPT_DAYS`] deleted.
+    /// Rollup rows past their grain's keeping deleted.
     pub expired: u64,
     /// Another replica held the fold's lock; nothing was done.
     pub skipped: bool,
 }
 
-/// Moves the changes the triggers appended into the minute and hour rollups, and deletes
-/// rollups past [`KEPT_DAYS`]. One replica at a time (an advisory lock; another skips).
-/// Changes committed while it runs are not in its snapshot and wait for the next fold.
+/// Moves the changes the triggers appended into the minute, hour and day rollups (each
+/// within its keeping), and deletes rollups past it. One replica at a time (an advisory lock;
+/// another skips). Changes committed while it runs are not in its snapshot and wait for the
+/// next fold.
 pub async fn fold(db: &PgPool) -> Result<Folded, sqlx::Error> {
     let mut tx = db.begin().await?;
     if !Singleton::RollupFold.try_for_transaction(&mut tx).await? {
@@ -41,34 +61,37 @@ pub async fn fold(db: &PgPool) -> Result<Folded, sqlx::Error> {
     }
     let changes = sqlx::query_scalar!(
         r#"WITH moved AS (
-            DELETE FROM task_rollup_changes RETURNING at, metric, bucket, n, seconds, top
-         ), minutes AS (
-            SELECT at, metric, bucket, SUM(n) AS n, SUM(seconds) AS seconds, MAX(top) AS top
-            FROM moved GROUP BY at, metric, bucket
-         ), m AS (
-            INSERT INTO task_rollups AS r (grain, at, metric, bucket, n, seconds, top)
-            SELECT 'm', at, metric, bucket, n, seconds, top FROM minutes
-            ORDER BY at, metric, bucket
-            ON CONFLICT (grain, at, metric, bucket) DO UPDATE
-               SET n = r.n + EXCLUDED.n, seconds = r.seconds + EXCLUDED.seconds,
-                   top = GREATEST(r.top, EXCLUDED.top)
-         ), h AS (
-            INSERT INTO task_rollups AS r (grain, at, metric, bucket, n, seconds, top)
-            SELECT 'h', date_trunc('hour', at), metric, bucket, SUM(n), SUM(seconds), MAX(top)
-            FROM minutes GROUP BY date_trunc('hour', at), metric, bucket
-            ORDER BY 2, 3, 4
-            ON CONFLICT (grain, at, metric, bucket) DO UPDATE
+            DELETE FROM task_rollup_changes RETURNING dim, at, metric, bucket, n, seconds, top
+         ), grains AS (
+            SELECT * FROM (VALUES
+                ('m', 'minute', make_interval(hours => $1)),
+                ('h', 'hour', make_interval(days => $2)),
+                ('d', 'day', make_interval(days => $3))) g(grain, unit, kept)
+         ), folded AS (
+            INSERT INTO task_rollups AS r (grain, dim, at, metric, bucket, n, seconds, top)
+            SELECT g.grain, m.dim, date_trunc(g.unit, m.at), m.metric, m.bucket,
+                   SUM(m.n), SUM(m.seconds), MAX(m.top)
+            FROM moved m JOIN grains g ON m.at >= NOW()::timestamp - g.kept
+            GROUP BY 1, 2, 3, 4, 5 ORDER BY 1, 2, 3, 4, 5
+            ON CONFLICT (grain, dim, at, metric, bucket) DO UPDATE
                SET n = r.n + EXCLUDED.n, seconds = r.seconds + EXCLUDED.seconds,
                    top = GREATEST(r.top, EXCLUDED.top)
          )
-         SELECT COUNT(*) AS "n!" FROM moved"#
+         SELECT COUNT(*) AS "n!" FROM moved"#,
+        MINUTES_KEPT_HOURS,
+        HOURS_KEPT_DAYS,
+        DAYS_KEPT_DAYS
     )
     .fetch_one(&mut *tx)
     .await?;
     let expired = sqlx::query!(
-        "DELETE FROM task_rollups WHERE grain IN ('m', 'h')
-           AND at < NOW()::timestamp - make_interval(days => $1)",
-        KEPT_DAYS
+        "DELETE FROM task_rollups
+         WHERE (grain = 'm' AND at < NOW()::timestamp - make_interval(hours => $1))
+            OR (grain = 'h' AND at < NOW()::timestamp - make_interval(days => $2))
+            OR (grain = 'd' AND at < NOW()::timestamp - make_interval(days => $3))",
+        MINUTES_KEPT_HOURS,
+        HOURS_KEPT_DAYS,
+        DAYS_KEPT_DAYS
     )
     .execute(&mut *tx)
     .await?
@@ -91,21 +114,27 @@ pub struct Cell {
     pub top: Option<f64>,
 }
 
-/// The rollups of the window of `seconds` ending now, to the minute (it starts at the
-/// beginning of the minute `seconds` ago).
+/// The rollups under one key of the window of `seconds` ending now. It starts at the
+/// beginning of the minute `seconds` ago (of the hour, for windows longer than a day).
 #[derive(Debug, Clone, Default)]
 pub struct Rollup {
     cells: Vec<Cell>,
 }
 
-/// Reads the window of `seconds` ending now: its hours, its edge minutes and the changes not
-/// folded yet, in one statement.
-pub async fn window(conn: &mut PgConnection, seconds: f64) -> Result<Rollup, sqlx::Error> {
+/// Reads the window of `seconds` ending now under `key` ([`SUMMARY`], [`CREATED`],
+/// [`of_type`], [`of_droplet`]): its days, the hours and minutes at its ends and the changes
+/// not folded yet, in one statement.
+pub async fn window(
+    conn: &mut PgConnection,
+    seconds: f64,
+    key: &str,
+) -> Result<Rollup, sqlx::Error> {
     let cells = sqlx::query!(
         r#"SELECT metric AS "metric!", bucket AS "bucket!", SUM(n)::bigint AS "n!",
                   COALESCE(SUM(seconds), 0)::float8 AS "seconds!", MAX(top) AS top
-           FROM task_rollup_window($1) GROUP BY metric, bucket ORDER BY metric, bucket"#,
-        seconds
+           FROM task_rollup_window($1, $2) GROUP BY metric, bucket ORDER BY metric, bucket"#,
+        seconds,
+        key
     )
     .fetch_all(conn)
     .await?
@@ -126,13 +155,43 @@ impl Rollup {
         Rollup { cells }
     }
 
-    /// How many of `metric` (created, completed, failed, cancelled, assign, run).
+    /// How many of `metric` (created, completed, failed, cancelled, assign, run, now:<status>,
+    /// retries, runc, assignments).
     pub fn count(&self, metric: &str) -> i64 {
         self.cells
             .iter()
             .filter(|c| c.metric == metric)
             .map(|c| c.n)
             .sum()
+    }
+
+    /// The seconds (for `retries`, the retries) summed over `metric`.
+    pub fn sum(&self, metric: &str) -> f64 {
+        self.cells
+            .iter()
+            .filter(|c| c.metric == metric)
+            .map(|c| c.seconds)
+            .sum()
+    }
+
+    /// The tasks in `status` now (of those the window's key counts by creation).
+    pub fn now_in(&self, status: &str) -> i64 {
+        self.count(&format!("now:{status}"))
+    }
+
+    /// The tasks in any status now (of those the window's key counts by creation).
+    pub fn now_total(&self) -> i64 {
+        self.cells
+            .iter()
+            .filter(|c| c.metric.starts_with("now:"))
+            .map(|c| c.n)
+            .sum()
+    }
+
+    /// The mean of a duration metric, exact; none when there is none.
+    pub fn mean(&self, metric: &str) -> Option<f64> {
+        let n = self.count(metric);
+        (n > 0).then(|| self.sum(metric) / n as f64)
     }
 
     /// Count, mean, percentiles and maximum of a duration metric (`assign`, `run`). Count

@@ -1,8 +1,9 @@
 //! `GET /metrics/routing`: assignments, assignment latency and the pending queue.
 
 use serde::Serialize;
-use sqlx::PgPool;
+use sqlx::{PgConnection, PgPool};
 
+use super::rollups;
 use super::{reading, Durations, TimeRange};
 
 #[derive(Debug, Clone, Serialize, sqlx::FromRow, utoipa::ToSchema)]
@@ -15,8 +16,9 @@ pub struct PendingByCapability {
     pub routable: bool,
 }
 
-/// Assignments in the range (from the history), assignment latency of the tasks created in
-/// it, and the pending queue per capability, with what no active droplet can take.
+/// Assignments in the range (history rows, counted as they are written), assignment latency
+/// of the tasks created in it, and the pending queue per capability, with what no active
+/// droplet can take.
 /// The routing figures the database holds (`GET /metrics/routing` adds the process's own).
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct RoutingReport {
@@ -31,26 +33,15 @@ pub struct RoutingReport {
 
 pub async fn routing(db: &PgPool, range: TimeRange) -> Result<RoutingReport, sqlx::Error> {
     let mut tx = reading(db).await?;
-    let assignments = sqlx::query_scalar!(
-        r#"SELECT COUNT(*) AS "n!" FROM task_state_history
-         WHERE changed_at >= NOW() - make_interval(secs => $1) AND to_status = 'assigned'"#,
-        range.seconds()
-    )
-    .fetch_one(&mut *tx)
-    .await?;
-    let latency = sqlx::query_as!(
-        Durations,
-        r#"SELECT COUNT(d) AS "count!", AVG(d) AS mean_seconds,
-                (percentile_cont(ARRAY[0.5, 0.95]) WITHIN GROUP (ORDER BY d))[1] AS p50_seconds,
-                (percentile_cont(ARRAY[0.5, 0.95]) WITHIN GROUP (ORDER BY d))[2] AS p95_seconds,
-                MAX(d) AS max_seconds
-         FROM (SELECT date_part('epoch', assigned_at - created_at) AS d
-               FROM tasks WHERE created_at >= NOW() - make_interval(secs => $1)
-                 AND assigned_at IS NOT NULL) s"#,
-        range.seconds()
-    )
-    .fetch_one(&mut *tx)
-    .await?;
+    // Assignments and latency from the kept rollups; the latency's percentiles from the
+    // tasks themselves while the window holds few.
+    let kept = rollups::window(&mut tx, range.seconds(), rollups::SUMMARY).await?;
+    let assignments = kept.count("assignments");
+    let latency = if kept.count("created") < rollups::EXACT_BELOW {
+        exact_latency(&mut tx, range).await?
+    } else {
+        kept.durations("assign")
+    };
     // The partial index on pending tasks makes this read only the queue.
     let pending = sqlx::query_as!(
         PendingByCapability,
@@ -83,4 +74,25 @@ pub async fn routing(db: &PgPool, range: TimeRange) -> Result<RoutingReport, sql
         pending_by_capability: pending,
         pending_unroutable: unroutable,
     })
+}
+
+/// Assignment latency of the tasks created in the range, from the tasks (through the
+/// `created_at` index).
+async fn exact_latency(
+    conn: &mut PgConnection,
+    range: TimeRange,
+) -> Result<Durations, sqlx::Error> {
+    sqlx::query_as!(
+        Durations,
+        r#"SELECT COUNT(d) AS "count!", AVG(d) AS mean_seconds,
+                (percentile_cont(ARRAY[0.5, 0.95]) WITHIN GROUP (ORDER BY d))[1] AS p50_seconds,
+                (percentile_cont(ARRAY[0.5, 0.95]) WITHIN GROUP (ORDER BY d))[2] AS p95_seconds,
+                MAX(d) AS max_seconds
+         FROM (SELECT date_part('epoch', assigned_at - created_at) AS d
+               FROM tasks WHERE created_at >= NOW() - make_interval(secs => $1)
+                 AND assigned_at IS NOT NULL) s"#,
+        range.seconds()
+    )
+    .fetch_one(conn)
+    .await
 }

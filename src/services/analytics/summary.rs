@@ -89,8 +89,8 @@ pub async fn summary(db: &PgPool) -> Result<Summary, sqlx::Error> {
     .map(|r| (r.status, r.n))
     .collect();
     // The windows from the kept rollups (a few hundred rows at any history size).
-    let hour = rollups::window(&mut tx, 3600.0).await?;
-    let day = rollups::window(&mut tx, 86_400.0).await?;
+    let hour = rollups::window(&mut tx, 3600.0, rollups::SUMMARY).await?;
+    let day = rollups::window(&mut tx, 86_400.0, rollups::SUMMARY).await?;
     // Few tasks in the day: their percentiles exactly, from the tasks themselves.
     let assignment = if day.count("created") < rollups::EXACT_BELOW {
         exact_assignment(&mut tx).await?

@@ -1,9 +1,12 @@
 //! `GET /metrics/tasks/performance` and `GET /metrics/tasks/by-type`: tasks created in a
 //! window, by outcome and by type.
 
-use serde::Serialize;
-use sqlx::PgPool;
+use std::collections::BTreeMap;
 
+use serde::Serialize;
+use sqlx::{PgConnection, PgPool};
+
+use super::rollups;
 use super::{rate, reading, Durations, TimeRange};
 use crate::protocol;
 
@@ -138,20 +141,26 @@ pub async fn performance(
     retention: RetentionNote,
 ) -> Result<TaskPerformance, sqlx::Error> {
     let mut tx = reading(db).await?;
-    // Two statements, so each has a plan that uses its index: (created_at) for every type,
-    // (task_type, created_at) for one.
-    let p: Performance = match task_type {
-        None => performance!(
-            &mut *tx,
-            " WHERE created_at >= NOW() - make_interval(secs => $1)) s",
-            range.seconds()
-        )?,
-        Some(t) => performance!(
-            &mut *tx,
-            " WHERE task_type = $2 AND created_at >= NOW() - make_interval(secs => $1)) s",
-            range.seconds(),
-            t
-        )?,
+    // Counts from the kept rollups of the tasks created in the window (of the type); the
+    // run time's percentiles from the tasks themselves while the window holds few.
+    let key = task_type.map_or_else(|| rollups::CREATED.to_string(), rollups::of_type);
+    let kept = rollups::window(&mut tx, range.seconds(), &key).await?;
+    let duration = if kept.now_total() < rollups::EXACT_BELOW {
+        exact(&mut tx, range, task_type).await?.duration
+    } else {
+        kept.durations("runc")
+    };
+    let p = Performance {
+        total: kept.now_total(),
+        pending: kept.now_in("pending"),
+        assigned: kept.now_in("assigned"),
+        in_progress: kept.now_in("in_progress"),
+        completed: kept.now_in("completed"),
+        failed: kept.now_in("failed"),
+        cancelled: kept.now_in("cancelled"),
+        retries: kept.sum("retries").round() as i64,
+        tasks_retried: kept.count("retries"),
+        duration,
     };
     tx.commit().await?;
     Ok(TaskPerformance {
@@ -176,6 +185,29 @@ pub async fn performance(
         generated_at: protocol::now_iso(),
         retention,
     })
+}
+
+/// [`Performance`] over the tasks created in the range (of one type), from the tasks: two
+/// statements, so each has a plan that uses its index, (created_at) for every type,
+/// (task_type, created_at) for one.
+async fn exact(
+    conn: &mut PgConnection,
+    range: TimeRange,
+    task_type: Option<&str>,
+) -> Result<Performance, sqlx::Error> {
+    match task_type {
+        None => performance!(
+            &mut *conn,
+            " WHERE created_at >= NOW() - make_interval(secs => $1)) s",
+            range.seconds()
+        ),
+        Some(t) => performance!(
+            &mut *conn,
+            " WHERE task_type = $2 AND created_at >= NOW() - make_interval(secs => $1)) s",
+            range.seconds(),
+            t
+        ),
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -224,10 +256,9 @@ macro_rules! type_rows {
     };
 }
 
-/// Tasks per type (all of them, or those created in the range): counts by status, success
-/// rate, share of all tasks, and the mean run time of the completed ones. One hash aggregate
-/// over the rows; per-type percentiles would sort every row by type as well, ten times the
-/// cost at a million tasks, so they are left to `/metrics/tasks/performance?task_type=`.
+/// Tasks per type (all of them, from `task_counts`, or those created in the range, from the
+/// rollups): counts by status, success rate, share of all tasks, and the mean run time of the
+/// completed ones. Per-type percentiles are left to `/metrics/tasks/performance?task_type=`.
 /// `GET /metrics/tasks/by-type`.
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct ByType {
@@ -265,25 +296,7 @@ pub async fn by_type(
             ),
             db
         ),
-        Some(r) => type_rows!(
-            sqlx::query!(
-                r#"SELECT task_type, COUNT(*) AS "total!",
-        COUNT(*) FILTER (WHERE status = 'pending') AS "pending!",
-        COUNT(*) FILTER (WHERE status = 'assigned') AS "assigned!",
-        COUNT(*) FILTER (WHERE status = 'in_progress') AS "in_progress!",
-        COUNT(*) FILTER (WHERE status = 'completed') AS "completed!",
-        COUNT(*) FILTER (WHERE status = 'failed') AS "failed!",
-        COUNT(*) FILTER (WHERE status = 'cancelled') AS "cancelled!",
-        COALESCE(SUM(retry_count), 0)::bigint AS "retries!",
-        AVG(date_part('epoch', completed_at - started_at))
-            FILTER (WHERE status = 'completed') AS mean_duration_seconds
-    FROM tasks
-    WHERE created_at >= NOW() - make_interval(secs => $1) GROUP BY task_type
-    ORDER BY "total!" DESC, task_type"#,
-                r.seconds()
-            ),
-            db
-        ),
+        Some(r) => types_in(db, r).await?,
     };
     let all: i64 = rows.iter().map(|r| r.total).sum();
     for r in &mut rows {
@@ -297,4 +310,56 @@ pub async fn by_type(
         generated_at: protocol::now_iso(),
         retention,
     })
+}
+
+/// Per type, the tasks created in the range, from each type's kept rollups (one index range
+/// per type listed in `task_counts`; `'t:' || task_type` is `rollups::of_type`).
+async fn types_in(db: &PgPool, range: TimeRange) -> Result<Vec<TypeRow>, sqlx::Error> {
+    let rows = sqlx::query!(
+        r#"SELECT t.task_type AS "task_type!", w.metric AS "metric!", SUM(w.n)::bigint AS "n!",
+                  COALESCE(SUM(w.seconds), 0)::float8 AS "seconds!"
+           FROM (SELECT task_type FROM task_counts GROUP BY task_type HAVING SUM(n) > 0) t
+           CROSS JOIN LATERAL task_rollup_window($1, 't:' || t.task_type) w
+           GROUP BY t.task_type, w.metric ORDER BY t.task_type"#,
+        range.seconds()
+    )
+    .fetch_all(db)
+    .await?;
+    let mut by_type: BTreeMap<String, Vec<rollups::Cell>> = BTreeMap::new();
+    for r in rows {
+        by_type.entry(r.task_type).or_default().push(rollups::Cell {
+            metric: r.metric,
+            bucket: 0,
+            n: r.n,
+            seconds: r.seconds,
+            top: None,
+        });
+    }
+    let mut types: Vec<TypeRow> = by_type
+        .into_iter()
+        .map(|(task_type, cells)| {
+            let kept = rollups::Rollup::of(cells);
+            TypeRow {
+                task_type,
+                total: kept.now_total(),
+                pending: kept.now_in("pending"),
+                assigned: kept.now_in("assigned"),
+                in_progress: kept.now_in("in_progress"),
+                completed: kept.now_in("completed"),
+                failed: kept.now_in("failed"),
+                cancelled: kept.now_in("cancelled"),
+                retries: kept.sum("retries").round() as i64,
+                mean_duration_seconds: kept.mean("runc"),
+                success_rate: None,
+                share: 0.0,
+            }
+        })
+        .filter(|t| t.total > 0)
+        .collect();
+    types.sort_by(|a, b| {
+        b.total
+            .cmp(&a.total)
+            .then_with(|| a.task_type.cmp(&b.task_type))
+    });
+    Ok(types)
 }
