@@ -1197,10 +1197,15 @@ async fn read(s: &Sizes, rows: &mut Vec<Row>, rss: &mut Vec<(String, f64)>) {
     .execute(&pool)
     .await
     .expect("insert tasks");
-    sqlx::query("ANALYZE")
+    // The rollups of the bulk insert folded (the health monitor's job does it every
+    // HEARTBEAT_CHECK_INTERVAL, an hour here), and the changes' dead rows vacuumed.
+    orchestrator::services::analytics::rollups::fold(&pool)
+        .await
+        .expect("fold");
+    sqlx::query("VACUUM ANALYZE")
         .execute(&pool)
         .await
-        .expect("analyze");
+        .expect("vacuum");
     let load_secs = started.elapsed().as_secs_f64();
     let client = http_client(4);
     let admin = token(1, &["read", "write", "admin"]);
@@ -1271,6 +1276,93 @@ async fn read(s: &Sizes, rows: &mut Vec<Row>, rss: &mut Vec<(String, f64)>) {
     pool.close().await;
     server.stop();
     drop_db(&db).await;
+}
+
+/// `/metrics/summary` as a quiet dashboard sees it (issue 26, item 4): at 1,000 tasks and at
+/// `read_tasks`, each spread over 30 days of history, the rollups folded, every job paused,
+/// 8 readers in a closed loop. Not in the default run: `--only summary`.
+async fn summary(s: &Sizes, rows: &mut Vec<Row>) {
+    for n in [1_000, s.read_tasks] {
+        let db = fresh_db_url();
+        let server = Server::start(&db, 8, &[]).await;
+        let pool = PgPoolOptions::new()
+            .max_connections(2)
+            .connect(&db)
+            .await
+            .expect("pool");
+        let admin = token(1, &["read", "write", "admin"]);
+        let client = http_client(8);
+        for job in [
+            "health_monitor",
+            "task_router",
+            "registry_sync",
+            "heartbeat_cleanup",
+            "websocket_ping",
+        ] {
+            let url = format!("{}/management/scheduler/jobs/{job}/pause", server.base);
+            let r = client
+                .post(&url)
+                .bearer_auth(&admin)
+                .send()
+                .await
+                .expect("pause");
+            assert!(r.status().is_success(), "pause {job}: {}", r.status());
+        }
+        let started = Instant::now();
+        sqlx::query(
+            "INSERT INTO tasks (task_type, title, payload, priority, status, created_at,
+                                assigned_at, started_at, completed_at, retry_count)
+             SELECT 'type' || (g % 20), 'task ' || g, jsonb_build_object('n', g), 1 + (g % 10),
+                    (ARRAY['completed','completed','completed','failed','cancelled','in_progress','completed','completed'])[1 + g % 8],
+                    c, c + make_interval(secs => 0.05 + (g % 13) * 0.01), c + make_interval(secs => 0.1),
+                    CASE WHEN g % 8 = 5 THEN NULL ELSE c + make_interval(secs => 1.1 + (g % 29) * 0.1) END,
+                    g % 3
+             FROM generate_series(1, $1::int) g,
+                  LATERAL (SELECT NOW()::timestamp - make_interval(secs => g * (2592000.0 / $1)) AS c) t",
+        )
+        .bind(n as i32)
+        .execute(&pool)
+        .await
+        .expect("insert tasks");
+        let folded = orchestrator::services::analytics::rollups::fold(&pool)
+            .await
+            .expect("fold");
+        // The fold leaves the changes' rows dead: readers would scan them until autovacuum.
+        sqlx::query("VACUUM ANALYZE")
+            .execute(&pool)
+            .await
+            .expect("vacuum");
+        let load_secs = started.elapsed().as_secs_f64();
+        let url = format!("{}/metrics/summary", server.base);
+        let r = closed_loop(8, s.warmup, s.measure, move |_| {
+            let (client, url, admin) = (client.clone(), url.clone(), admin.clone());
+            async move {
+                match client.get(&url).bearer_auth(&admin).send().await {
+                    Ok(r) => r.status() == 200 && r.bytes().await.is_ok(),
+                    Err(_) => false,
+                }
+            }
+        })
+        .await;
+        rows.push(row(
+            "summary",
+            &format!("GET /metrics/summary, {n} tasks over 30 days, jobs paused, 8 readers"),
+            format!(
+                "p50 {:.2} ms, p99 {:.2} ms, {:.0} req/s, {} errors",
+                r.latency.p50,
+                r.latency.p99,
+                r.rate(),
+                r.errors
+            ),
+            format!(
+                "loaded and folded in {load_secs:.1} s ({} change rows)",
+                folded.changes
+            ),
+        ));
+        pool.close().await;
+        server.stop();
+        drop_db(&db).await;
+    }
 }
 
 async fn health(s: &Sizes, rows: &mut Vec<Row>, rss: &mut Vec<(String, f64)>) {
@@ -1478,6 +1570,14 @@ fn main() {
         if wanted("read") {
             step("read");
             read(&s, &mut rows, &mut rss).await;
+        }
+        // Not in the default run: `--only summary`.
+        if only
+            .as_deref()
+            .is_some_and(|o| o.split(',').any(|w| w == "summary"))
+        {
+            step("summary");
+            summary(&s, &mut rows).await;
         }
         let table = render(&s, &rows, &rss, &pg);
         println!("\n{table}");

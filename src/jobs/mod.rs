@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 use chrono::Utc;
 use tokio_cron_scheduler::{Job, JobScheduler};
 
+use crate::services::analytics::rollups;
 use crate::services::{health_monitor, registry_client, task_router};
 use crate::state::AppState;
 
@@ -16,16 +17,19 @@ pub use board::{JobBoard, JobId, JobInfo};
 pub async fn run_once(state: &AppState, id: JobId) -> Result<String, String> {
     let text = |e: sqlx::Error| e.to_string();
     match id {
-        JobId::HealthMonitor => health_monitor::run_once(state)
-            .await
-            .map(|r| {
-                format!(
-                    "{} marked inactive, {} tasks recovered",
-                    r.marked_inactive.len(),
-                    r.tasks_recovered
-                )
-            })
-            .map_err(text),
+        // The round also folds the tasks' rollup changes (the summary's windows read them).
+        JobId::HealthMonitor => async {
+            let r = health_monitor::run_once(state).await?;
+            let folded = rollups::fold(&state.db).await?;
+            Ok::<_, sqlx::Error>(format!(
+                "{} marked inactive, {} tasks recovered, {} rollup changes folded",
+                r.marked_inactive.len(),
+                r.tasks_recovered,
+                folded.changes
+            ))
+        }
+        .await
+        .map_err(text),
         JobId::TaskRouter => task_router::run_once(state)
             .await
             .map(|r| {

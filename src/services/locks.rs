@@ -17,14 +17,17 @@ pub enum Singleton {
     HeartbeatCleanup,
     /// A round of the event relay (`events::relay::publish_round`).
     EventRelay,
+    /// Folding the tasks' rollup changes (`analytics::rollups::fold`).
+    RollupFold,
 }
 
 impl Singleton {
-    pub const ALL: [Singleton; 4] = [
+    pub const ALL: [Singleton; 5] = [
         Singleton::Maintenance,
         Singleton::HealthRound,
         Singleton::HeartbeatCleanup,
         Singleton::EventRelay,
+        Singleton::RollupFold,
     ];
 
     /// The lock's key in the single-`bigint` space.
@@ -37,6 +40,7 @@ impl Singleton {
             // rounds, while two cleanups at once only delete the same old rows.
             Singleton::EventRelay => 0x0A5C_0012,
             Singleton::HeartbeatCleanup => 0x0A5C_0013,
+            Singleton::RollupFold => 0x0A5C_0014,
         }
     }
 
@@ -80,9 +84,10 @@ mod tests {
                 Singleton::Maintenance
                 | Singleton::HealthRound
                 | Singleton::HeartbeatCleanup
-                | Singleton::EventRelay => {}
+                | Singleton::EventRelay
+                | Singleton::RollupFold => {}
             }
         }
-        assert_eq!(Singleton::ALL.len(), 4);
+        assert_eq!(Singleton::ALL.len(), 5);
     }
 }

@@ -42,6 +42,7 @@ mod registry;
 mod relay;
 mod replay;
 mod requeues;
+mod rollups;
 mod routing;
 mod simulator;
 mod tasks;
