@@ -9,6 +9,7 @@ use serde::Serialize;
 use serde_json::{json, Map, Value};
 
 use crate::protocol::now_iso;
+use crate::services::contract_directory::ContractDirectory;
 use crate::services::droplets::{MAX_CAPABILITIES, MAX_CAPABILITY_CHARS};
 use crate::services::Core;
 
@@ -374,6 +375,12 @@ pub async fn apply_directory(
     .await?
     .rows_affected();
     tx.commit().await?;
+    // The Registry may change a registered droplet's capabilities, with no event: every
+    // replica runs this sync and reloads its contract directory after it (the first to
+    // sync changed the rows; the others find nothing to change but read what it wrote).
+    if state.directory.is_known() {
+        ContractDirectory::reload(&state.directory, &state.db, &state.contracts).await?;
+    }
     Ok(SyncChanges { inserted, updated })
 }
 

@@ -1,6 +1,10 @@
 //! The reader of each replica: follows the `events` log from where it stands and hands each
 //! event, with its `event_id`, to the local hub. The relay's NOTIFY wakes it; a short poll is
 //! the safety net. A lost connection loses nothing: the reader goes on from its last id.
+//!
+//! It also keeps the contract directory (`contract_directory.rs`) current: loaded whole once
+//! the reader stands at the log's end (at start, and again after a lost connection, when it
+//! was forgotten), then changed by each `droplet_registered` event it reads.
 
 use std::time::{Duration, Instant};
 
@@ -8,7 +12,8 @@ use serde_json::Value;
 use sqlx::postgres::PgListener;
 use tokio_util::sync::CancellationToken;
 
-use super::{Feed, EVENTS_CHANNEL};
+use super::{DropletEventKind, Feed, EVENTS_CHANNEL};
+use crate::services::contract_directory::{ContractDirectory, Listed};
 use crate::services::Core;
 
 /// How often the reader looks without a wake-up.
@@ -62,6 +67,18 @@ pub async fn run_listener(state: Core, stop: CancellationToken) {
                 "event reader reconnected; it goes on from event {last}"
             );
             state.events.set_listener(|l| l.reconnects += 1);
+        }
+        // Events from `last` on are read next: a directory loaded now misses none of them.
+        if !state.directory.is_known() {
+            if let Err(e) =
+                ContractDirectory::reload(&state.directory, &state.db, &state.contracts).await
+            {
+                note_lost(&state, &mut lost_at, &e.to_string());
+                if sleep_or_stop(&stop, Duration::from_secs(1)).await {
+                    return;
+                }
+                continue;
+            }
         }
         state.events.set_listener(|l| {
             l.connected = true;
@@ -121,15 +138,34 @@ async fn read_after(state: &Core, last: i64) -> Result<Option<i64>, sqlx::Error>
     state
         .events
         .set_listener(|l| l.last_event_at = Some(crate::protocol::now_iso()));
+    let mut registered = Vec::new();
     for (id, feed, envelope) in rows {
         if let Some(feed) = Feed::parse(&feed) {
+            if let Some(droplet) = registered_droplet(feed, &envelope) {
+                registered.push(droplet);
+            }
             state.events.publish_event(feed, id, &envelope);
         }
     }
+    ContractDirectory::apply_off_workers(&state.directory, registered, &state.contracts).await;
     Ok(Some(newest))
 }
 
+/// The droplet a `droplet_registered` event shows (its capabilities and contracts).
+fn registered_droplet(feed: Feed, envelope: &Value) -> Option<Listed> {
+    let payload = &envelope["payload"];
+    if feed != Feed::Droplets
+        || payload["event"].as_str() != Some(DropletEventKind::DropletRegistered.as_str())
+    {
+        return None;
+    }
+    Listed::from_event(&payload["droplet"])
+}
+
+/// The reader lost the log: until it reads it again, the contract directory may miss a
+/// registration, so creations read the database instead.
 fn note_lost(state: &Core, lost_at: &mut Option<Instant>, error: &str) {
+    state.directory.forget();
     // A pool closed for shutdown is not a lost database: the reader is about to stop.
     if lost_at.is_none() && !state.db.is_closed() {
         tracing::warn!(
