@@ -183,7 +183,8 @@ impl ContractDirectory {
     }
 
     /// Applies droplets as events or this replica's own registrations show them, in order;
-    /// one older than the directory's changes nothing. Nothing while the directory is not
+    /// one not newer than the directory's (by `updated_at`) changes nothing: the event of a
+    /// registration applied already, or one a reload read a later row than. Nothing while the directory is not
     /// known (the next load reads them). Compiles: off the async workers.
     pub fn apply(&self, changed: Vec<Listed>, contracts: &Contracts) {
         if changed.is_empty() {
@@ -198,7 +199,7 @@ impl ContractDirectory {
         for d in changed {
             let newer = droplets
                 .get(&d.droplet_id)
-                .is_none_or(|kept| kept.updated_at <= d.updated_at || d.updated_at.is_none());
+                .is_none_or(|kept| kept.updated_at < d.updated_at || d.updated_at.is_none());
             if newer && droplets.get(&d.droplet_id) != Some(&d) {
                 droplets.insert(d.droplet_id, d);
                 any = true;

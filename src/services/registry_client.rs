@@ -379,7 +379,13 @@ pub async fn apply_directory(
     // replica runs this sync and reloads its contract directory after it (the first to
     // sync changed the rows; the others find nothing to change but read what it wrote).
     if state.directory.is_known() {
-        ContractDirectory::reload(&state.directory, &state.db, &state.contracts).await?;
+        if let Err(e) =
+            ContractDirectory::reload(&state.directory, &state.db, &state.contracts).await
+        {
+            // The event reader loads it again; creations read the database meanwhile.
+            tracing::warn!(error = %e, "contract directory not reloaded after the sync");
+            state.directory.forget();
+        }
     }
     Ok(SyncChanges { inserted, updated })
 }

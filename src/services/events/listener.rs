@@ -68,23 +68,21 @@ pub async fn run_listener(state: Core, stop: CancellationToken) {
             );
             state.events.set_listener(|l| l.reconnects += 1);
         }
-        // Events from `last` on are read next: a directory loaded now misses none of them.
-        if !state.directory.is_known() {
-            if let Err(e) =
-                ContractDirectory::reload(&state.directory, &state.db, &state.contracts).await
-            {
-                note_lost(&state, &mut lost_at, &e.to_string());
-                if sleep_or_stop(&stop, Duration::from_secs(1)).await {
-                    return;
-                }
-                continue;
-            }
-        }
         state.events.set_listener(|l| {
             l.connected = true;
             l.last_error = None;
         });
         loop {
+            // The contract directory, when forgotten (at start, after a lost connection or a
+            // failed reload): the events from `last` on are read next, so it misses none.
+            if !state.directory.is_known() {
+                if let Err(e) =
+                    ContractDirectory::reload(&state.directory, &state.db, &state.contracts).await
+                {
+                    note_lost(&state, &mut lost_at, &e.to_string());
+                    break;
+                }
+            }
             // Read everything there is, then wait for a wake-up or the poll.
             match read_after(&state, last).await {
                 Ok(Some(newest)) => {
