@@ -146,8 +146,7 @@ pub async fn build_state(config: Config, log: LogHandle) -> Result<AppState, Sta
 pub async fn start_background(state: &AppState) -> Result<(), StartError> {
     let stop = state.shutdown.clone();
     tokio::spawn(services::events::run_listener(
-        state.db.clone(),
-        state.events.clone(),
+        (&state.core).into(),
         stop.clone(),
     ));
     tokio::spawn(services::events::run_relay(

@@ -381,10 +381,25 @@ pub fn verdict(
     if schemas.is_empty() || schemas.iter().any(Option::is_none) {
         return Ok(());
     }
+    verdict_of(
+        contracts,
+        schemas.iter().flatten().map(|s| contracts.compile(s)),
+        payload,
+    )
+}
+
+/// [`verdict`] over contracts compiled already (the contract directory's), at least one,
+/// every capable droplet having one: accepted when one of them accepts the payload, else the
+/// violations of the one that comes closest. Run it off the async workers.
+pub fn verdict_of(
+    contracts: &Contracts,
+    compiled: impl IntoIterator<Item = Result<Contract, SchemaError>>,
+    payload: &Value,
+) -> Result<(), Vec<Violation>> {
     let mut memo = contracts.memo::<()>(Site::Creation);
     let mut best: Option<Vec<Violation>> = None;
-    for schema in schemas.iter().flatten() {
-        let found = match contracts.compile(schema) {
+    for contract in compiled {
+        let found = match contract {
             Ok(c) => match memo.violations(&c, (), payload) {
                 Some(found) => found,
                 None => continue,
@@ -403,6 +418,7 @@ pub fn verdict(
     }
     match best {
         Some(v) if !memo.over_budget() => Err(v),
+        None if !memo.over_budget() => Ok(()),
         _ => Err(vec![over_budget()]),
     }
 }

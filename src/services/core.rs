@@ -14,6 +14,7 @@ use crate::config::Config;
 use crate::identity::Keys;
 use crate::instruments::Metrics;
 use crate::services::config_source::ConfigSource;
+use crate::services::contract_directory::ContractDirectory;
 use crate::services::contracts::Contracts;
 use crate::services::create_queue::CreateQueue;
 use crate::services::dispatch::slots::Dispatcher;
@@ -49,7 +50,10 @@ pub struct Parts {
     pub delivery: reqwest::Client,
     pub endpoint_policy: EndpointPolicy,
     /// Compiled capability contracts (JSON Schemas), shared by creation and routing.
-    pub contracts: Contracts,
+    pub contracts: Arc<Contracts>,
+    /// The registered droplets' contracts by capability, kept from the droplet events: what
+    /// a creation checks its payload against without a query.
+    pub directory: Arc<ContractDirectory>,
     /// Creations waiting to share an insert and a commit.
     pub creates: CreateQueue,
     /// Heartbeats waiting to share a statement and a commit.
@@ -128,7 +132,8 @@ impl Core {
         Ok(Core(Arc::new(Parts {
             delivery,
             endpoint_policy,
-            contracts: Contracts::new(metrics.contract_evaluations.clone()),
+            contracts: Arc::new(Contracts::new(metrics.contract_evaluations.clone())),
+            directory: Arc::new(ContractDirectory::new()),
             creates: CreateQueue::new((config.pool_max_connections() as usize / 4).clamp(1, 8)),
             growth: Growth::new(),
             heartbeats: HeartbeatQueue::new(

@@ -25,8 +25,17 @@ pub struct NewRow {
     pub changed_by: String,
 }
 
-/// The task inserted, or `None` when the trace id was taken (a retry, or another creator's).
-pub type Inserted = Result<Option<Task>, sqlx::Error>;
+/// The task of a creation's trace id: inserted by it, or found (a retry, or another
+/// creator's trace id).
+#[derive(Debug, Clone)]
+pub struct Stored {
+    pub task: Task,
+    /// Whether this creation inserted it.
+    pub new: bool,
+}
+
+/// The task of the trace id (`None` only if it could be neither inserted nor found).
+pub type Inserted = Result<Option<Stored>, sqlx::Error>;
 
 /// Creations waiting to share an insert.
 pub type CreateQueue = SharedCommit<NewRow, Inserted>;

@@ -8,6 +8,7 @@ use sqlx::PgPool;
 
 use crate::identity::Principal;
 use crate::protocol;
+use crate::services::contract_directory::{ContractDirectory, Listed};
 use crate::services::error::{Error, Result};
 use crate::services::events::{self, DropletEventKind, Event};
 use crate::services::status::DropletStatus;
@@ -278,6 +279,14 @@ pub async fn register(
     events::record(&mut tx, &[event]).await?;
     tx.commit().await?;
     state.dispatch.holds.forget(row.droplet.internal_id);
+    // In force here at once; the other replicas apply the event as they read it.
+    let listed = Listed::from_event(&row.droplet.to_json());
+    ContractDirectory::apply_off_workers(
+        &state.directory,
+        listed.into_iter().collect(),
+        &state.contracts,
+    )
+    .await;
     state.router.trigger();
     Ok((row.droplet, row.was_new))
 }

@@ -4,6 +4,7 @@
 pub mod analytics;
 pub mod config_reload;
 pub mod config_source;
+pub mod contract_directory;
 pub mod contracts;
 pub mod core;
 pub mod create_queue;

@@ -1,7 +1,7 @@
 //! Tasks: creation (idempotent by trace id), reading, and the moves callers ask
 //! for (PATCH, cancel), all through the state machine.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 
 use chrono::NaiveDateTime;
 use serde::{Deserialize, Serialize};
@@ -12,13 +12,13 @@ use uuid::Uuid;
 use crate::identity::Principal;
 use crate::protocol;
 use crate::services::contracts;
-use crate::services::create_queue::NewRow;
+use crate::services::create_queue::{NewRow, Stored};
 use crate::services::error::{Error, Result};
 use crate::services::events::{self, Event, TaskEventKind};
 use crate::services::shared_commit;
 use crate::services::state_machine::{Actor, Mode, Move, Status};
-use crate::services::task_store::TASK_COLUMNS_CTE;
 pub use crate::services::task_store::{history, load, load_by_trace, HistoryRow, Task};
+use crate::services::task_store::{SELECT_TASK, TASK_COLUMNS_CTE};
 use crate::services::transition::{self, Transition};
 use crate::services::Core;
 use crate::validation::FieldError;
@@ -126,22 +126,34 @@ pub async fn contracts_for(
 }
 
 /// A payload at least one capable droplet's contract accepts (or a droplet without one), else
-/// 422 with one entry per violated rule, located in the payload. The contracts are evaluated
-/// off the async workers, within [`contracts::BUDGET`]: over it, a 422 saying so.
+/// 422 with one entry per violated rule, located in the payload. The contracts come from the
+/// directory kept in memory (no query), or from the database while it is not known. They are
+/// evaluated off the async workers, within [`contracts::BUDGET`]: over it, a 422 saying so.
 async fn check_contracts(
     state: &Core,
     capability: &str,
     payload: &Value,
     payload_loc: &[&str],
 ) -> Result<()> {
-    let schemas = contracts_for(&state.db, capability).await?;
-    if schemas.iter().all(Option::is_none) {
-        return Ok(());
-    }
-    let (core, payload) = (state.clone(), payload.clone());
-    let check = tokio::task::spawn_blocking(move || {
-        contracts::verdict(&core.contracts, &schemas, &payload)
-    });
+    let check = match state.directory.capable(capability) {
+        Some(capable) if capable.accepts_any() => return Ok(()),
+        Some(capable) => {
+            let (core, payload) = (state.clone(), payload.clone());
+            tokio::task::spawn_blocking(move || {
+                contracts::verdict_of(&core.contracts, capable.contracts.iter().cloned(), &payload)
+            })
+        }
+        None => {
+            let schemas = contracts_for(&state.db, capability).await?;
+            if schemas.iter().all(Option::is_none) {
+                return Ok(());
+            }
+            let (core, payload) = (state.clone(), payload.clone());
+            tokio::task::spawn_blocking(move || {
+                contracts::verdict(&core.contracts, &schemas, &payload)
+            })
+        }
+    };
     // The budget is also kept inside (between evaluations); this bounds the wait for one.
     let verdict = match tokio::time::timeout(contracts::BUDGET * 2, check).await {
         Ok(Ok(v)) => v,
@@ -209,14 +221,18 @@ pub async fn create_at(
         Some(Value::Object(m)) => Value::Object(m),
         _ => Value::Object(Default::default()),
     };
-    // A retry of a creation (same trace id) gets its task back whatever the contracts say
-    // now; only a task that would be new is checked.
-    if let Some(capability) = new.required_capability.as_deref().filter(|c| !c.is_empty()) {
-        if load_by_trace(&state.db, trace).await?.is_none() {
-            check_contracts(state, capability, &payload, payload_loc).await?;
+    let capability = new.required_capability.filter(|c| !c.is_empty());
+    if let Some(c) = capability.as_deref() {
+        if let Err(refused) = check_contracts(state, c, &payload, payload_loc).await {
+            // A retry of a creation (same trace id) gets its task back whatever the contracts
+            // say now: only a refused payload costs this look-up.
+            return match load_by_trace(&state.db, trace).await? {
+                Some(existing) => repeat_of(existing, &created_by, trace),
+                None => Err(refused),
+            };
         }
     }
-    let inserted = insert(
+    let stored = insert(
         state,
         NewRow {
             trace_id: trace,
@@ -224,7 +240,7 @@ pub async fn create_at(
             title: new.title,
             description: new.description,
             payload,
-            required_capability: new.required_capability.filter(|c| !c.is_empty()),
+            required_capability: capability,
             priority: new.priority.unwrap_or(5) as i32,
             max_retries: new.max_retries.unwrap_or(3) as i32,
             deadline,
@@ -232,53 +248,78 @@ pub async fn create_at(
             changed_by: caller.actor_name(),
         },
     )
-    .await?;
-    let Some(task) = inserted else {
-        let existing = load_by_trace(&state.db, trace)
-            .await?
-            .ok_or_else(|| Error::conflict(format!("Trace id {trace} is in use")))?;
-        if existing.created_by.as_deref() == Some(created_by.as_str()) {
-            return Ok((existing, false));
-        }
-        return Err(Error::conflict(format!(
-            "Trace id {trace} was already used by another creator"
-        )));
-    };
-    Ok((task, true))
+    .await?
+    .ok_or_else(|| Error::conflict(format!("Trace id {trace} is in use")))?;
+    if stored.new {
+        return Ok((stored.task, true));
+    }
+    repeat_of(stored.task, &created_by, trace)
 }
 
-/// Inserts many tasks in one statement, each with its first history row (public for the
-/// benchmark). Rows are given as arrays, one element per task; a taken trace id is skipped.
+/// The answer to a creation whose trace id has a task already: that task for its creator
+/// (a retry), 409 for anyone else.
+fn repeat_of(existing: Task, created_by: &str, trace: Uuid) -> Result<(Task, bool)> {
+    if existing.created_by.as_deref() == Some(created_by) {
+        return Ok((existing, false));
+    }
+    Err(Error::conflict(format!(
+        "Trace id {trace} was already used by another creator"
+    )))
+}
+
+/// Inserts many tasks in one statement, each with its first history row, and answers every
+/// trace id given with its task: `fresh` when inserted now, else the task that holds it
+/// (public for the benchmark). Rows are given as arrays, one element per task. The repeat of
+/// a trace id is found by the insert itself (`ON CONFLICT`), with no look-up before it.
+///
+/// Rows go in by trace id, not in their order of arrival: two shared inserts running at
+/// once with the same trace ids then wait for each other in one order, never in a circle
+/// (a deadlock, which PostgreSQL breaks after `deadlock_timeout`, 1 s, stalled repeats). A
+/// trace id another transaction inserted while this statement ran is neither inserted nor
+/// seen by it (its snapshot is older): [`insert_rows`] reads those afterwards.
 pub const INSERT_TASKS: &str = const_format::concatcp!(
     "WITH input AS (
         SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::jsonb[],
                              $6::text[], $7::int[], $8::int[], $9::timestamp[], $10::text[],
                              $11::text[])
-            WITH ORDINALITY AS i(trace_id, task_type, title, description, payload,
-                                 required_capability, priority, max_retries, deadline,
-                                 created_by, changed_by, n)
+            AS i(trace_id, task_type, title, description, payload,
+                 required_capability, priority, max_retries, deadline, created_by, changed_by)
      ), t AS (
         INSERT INTO tasks (trace_id, task_type, title, description, payload, required_capability,
                            priority, max_retries, deadline, created_by, status)
         SELECT trace_id, task_type, title, description, payload, required_capability,
                priority, max_retries, deadline, created_by, 'pending'
-        FROM input ORDER BY n
+        FROM input ORDER BY trace_id
         ON CONFLICT (trace_id) DO NOTHING
         RETURNING *
      ), h AS (
         INSERT INTO task_state_history (task_id, from_status, to_status, changed_by, reason)
         SELECT t.id, NULL, 'pending', input.changed_by, 'created'
         FROM t JOIN input ON input.trace_id = t.trace_id ORDER BY t.id
+     ), taken AS (
+        SELECT trace_id FROM input EXCEPT SELECT trace_id FROM t
+     ), found AS (
+        SELECT TRUE AS fresh, t.* FROM t
+        UNION ALL
+        SELECT FALSE, e.* FROM taken JOIN tasks e ON e.trace_id = taken.trace_id
      )
-     SELECT ",
+     SELECT t.fresh, ",
     TASK_COLUMNS_CTE,
-    " FROM t LEFT JOIN droplets d ON d.id = t.assigned_droplet_id ORDER BY t.id"
+    " FROM found t LEFT JOIN droplets d ON d.id = t.assigned_droplet_id ORDER BY t.id"
 );
+
+/// A row of [`INSERT_TASKS`].
+#[derive(sqlx::FromRow)]
+struct Found {
+    fresh: bool,
+    #[sqlx(flatten)]
+    task: Task,
+}
 
 /// Inserts a task with its first history row and its `task_created` event, sharing one
 /// transaction and one commit with the creations waiting at the same moment. Answers once
-/// the row is committed: the task, or `None` when its trace id was taken.
-async fn insert(core: &Core, row: NewRow) -> Result<Option<Task>> {
+/// the row is committed: the task inserted, or the one that had the trace id already.
+async fn insert(core: &Core, row: NewRow) -> Result<Option<Stored>> {
     let answer = core.creates.push(row);
     lead(core);
     match answer.await {
@@ -288,8 +329,9 @@ async fn insert(core: &Core, row: NewRow) -> Result<Option<Task>> {
 }
 
 /// Inserts rows as if their creations came at the same moment: they share one insert and
-/// one commit, unless one of them fails it, when each is tried alone. In the order given.
-pub async fn insert_all(core: &Core, rows: Vec<NewRow>) -> Vec<Result<Option<Task>>> {
+/// one commit, unless one of them fails it, when each is tried alone. A trace id given twice
+/// waits for the next shared insert, which finds the first one's task.
+pub async fn insert_all(core: &Core, rows: Vec<NewRow>) -> Vec<Result<Option<Stored>>> {
     let answers: Vec<_> = rows.into_iter().map(|row| core.creates.push(row)).collect();
     lead(core);
     let mut out = Vec::with_capacity(answers.len());
@@ -302,12 +344,13 @@ pub async fn insert_all(core: &Core, rows: Vec<NewRow>) -> Vec<Result<Option<Tas
     out
 }
 
-/// Becomes a leader of the creations when a place is free (`shared_commit::lead`).
+/// Becomes a leader of the creations when a place is free (`shared_commit::lead`). A batch
+/// holds one creation per trace id; a repeat waits for the next one.
 fn lead(core: &Core) {
     shared_commit::lead(
         core,
         |c: &Core| &c.creates,
-        |q| q.take(),
+        |q| q.take_distinct(|r| r.trace_id),
         |core, batch| async move {
             shared_commit::write_each(
                 &core,
@@ -320,20 +363,14 @@ fn lead(core: &Core) {
     );
 }
 
-/// Inserts the rows (the first of each trace id) with their history rows and events, in
-/// one transaction through the transition path. Returns the tasks inserted by trace id.
+/// Inserts the rows (one per trace id) with their history rows and the events of the new
+/// tasks, in one transaction through the transition path. Returns every trace id's task.
 async fn insert_rows(
     core: &Core,
     rows: &[&NewRow],
-) -> std::result::Result<HashMap<Uuid, Task>, sqlx::Error> {
-    let mut seen = HashSet::with_capacity(rows.len());
-    let rows: Vec<&NewRow> = rows
-        .iter()
-        .copied()
-        .filter(|r| seen.insert(r.trace_id))
-        .collect();
+) -> std::result::Result<HashMap<Uuid, Stored>, sqlx::Error> {
     let mut t = Transition::begin(core).await?;
-    let tasks: Vec<Task> = sqlx::query_as(INSERT_TASKS)
+    let found: Vec<Found> = sqlx::query_as(INSERT_TASKS)
         .bind(rows.iter().map(|r| r.trace_id).collect::<Vec<_>>())
         .bind(
             rows.iter()
@@ -367,7 +404,34 @@ async fn insert_rows(
         )
         .fetch_all(t.conn())
         .await?;
-    let events: Vec<Event> = tasks
+    let mut stored: HashMap<Uuid, Stored> = found
+        .into_iter()
+        .map(|f| {
+            let new = f.fresh;
+            (f.task.trace_id, Stored { task: f.task, new })
+        })
+        .collect();
+    // Trace ids a concurrent creation committed while the insert ran: this statement sees them.
+    let unseen: Vec<Uuid> = rows
+        .iter()
+        .map(|r| r.trace_id)
+        .filter(|id| !stored.contains_key(id))
+        .collect();
+    if !unseen.is_empty() {
+        let tasks: Vec<Task> = sqlx::query_as(const_format::concatcp!(
+            SELECT_TASK,
+            " WHERE t.trace_id = ANY($1)"
+        ))
+        .bind(&unseen)
+        .fetch_all(t.conn())
+        .await?;
+        for task in tasks {
+            stored.insert(task.trace_id, Stored { task, new: false });
+        }
+    }
+    let mut new: Vec<&Task> = stored.values().filter(|s| s.new).map(|s| &s.task).collect();
+    new.sort_by_key(|task| task.id);
+    let events: Vec<Event> = new
         .iter()
         .map(|task| {
             Event::task(
@@ -379,14 +443,11 @@ async fn insert_rows(
         })
         .collect();
     events::record(t.conn(), &events).await?;
-    for task in &tasks {
+    for task in new {
         t.created(task);
     }
     t.commit().await?;
-    Ok(tasks
-        .into_iter()
-        .map(|task| (task.trace_id, task))
-        .collect())
+    Ok(stored)
 }
 
 /// The payload of `PATCH /tasks/{id}`.

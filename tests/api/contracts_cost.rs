@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use orchestrator::services::contract_directory::ContractDirectory;
 use orchestrator::services::task_router::route_pass;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
@@ -193,6 +194,10 @@ async fn stored_hostile_patterns_stall_neither_health_nor_explain() {
             .await
             .unwrap();
     }
+    // Written behind the service's back: loaded as a start (or a reconnect) would load them.
+    ContractDirectory::reload(&app.state.directory, &app.state.db, &app.state.contracts)
+        .await
+        .expect("directory loaded");
     // `/health` timed from a thread of its own: a client on the app's runtime would only
     // start its clock once a stalled worker let it run.
     let stop = Arc::new(AtomicBool::new(false));

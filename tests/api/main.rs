@@ -12,6 +12,7 @@ mod configuration;
 mod contract_order;
 mod contracts_cost;
 mod contracts_explain;
+mod create_cost;
 mod dashboard;
 mod database_faults;
 mod dispatch;

@@ -1008,12 +1008,15 @@ async fn creations_at_one_moment_share_one_commit_and_a_bad_one_fails_alone() {
         .unwrap();
     assert_eq!(bad, 0);
 
-    // A trace id given twice in one batch: one task, the second is told it was taken.
+    // A trace id given twice at once: one task, the second is answered with it, not new.
     let row = new_row("twice");
     let answers =
         orchestrator::services::tasks::insert_all(&app.state, vec![row.clone(), row]).await;
-    assert!(matches!(answers[0], Ok(Some(_))), "{:?}", answers[0]);
-    assert!(matches!(answers[1], Ok(None)), "{:?}", answers[1]);
+    let (Ok(Some(first)), Ok(Some(second))) = (&answers[0], &answers[1]) else {
+        panic!("{answers:?}");
+    };
+    assert!(first.new && !second.new, "{answers:?}");
+    assert_eq!(first.task.id, second.task.id);
     assert_eq!(counts(&app).await, (40, 40));
 }
 

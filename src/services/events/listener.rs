@@ -1,6 +1,10 @@
 //! The reader of each replica: follows the `events` log from where it stands and hands each
 //! event, with its `event_id`, to the local hub. The relay's NOTIFY wakes it; a short poll is
 //! the safety net. A lost connection loses nothing: the reader goes on from its last id.
+//!
+//! It also keeps the contract directory (`contract_directory.rs`) current: loaded whole once
+//! the reader stands at the log's end (at start, and again after a lost connection, when it
+//! was forgotten), then changed by each `droplet_registered` event it reads.
 
 use std::time::{Duration, Instant};
 
@@ -8,10 +12,36 @@ use serde_json::Value;
 use sqlx::postgres::PgListener;
 use tokio_util::sync::CancellationToken;
 
-use super::{Feed, EVENTS_CHANNEL};
+use std::sync::Arc;
+
 use sqlx::PgPool;
 
 use super::hub::EventHub;
+use super::{DropletEventKind, Feed, EVENTS_CHANNEL};
+use crate::services::contract_directory::{ContractDirectory, Listed};
+use crate::services::contracts::Contracts;
+use crate::services::Core;
+
+/// What the reader uses of the services' shared parts: the pool, the hub it feeds, and the
+/// contract directory it keeps (with the compiled contracts).
+#[derive(Clone)]
+pub struct Reader {
+    db: PgPool,
+    events: EventHub,
+    directory: Arc<ContractDirectory>,
+    contracts: Arc<Contracts>,
+}
+
+impl From<&Core> for Reader {
+    fn from(core: &Core) -> Reader {
+        Reader {
+            db: core.db.clone(),
+            events: core.events.clone(),
+            directory: core.directory.clone(),
+            contracts: core.contracts.clone(),
+        }
+    }
+}
 
 /// How often the reader looks without a wake-up.
 const POLL: Duration = Duration::from_millis(250);
@@ -24,13 +54,12 @@ pub async fn newest_event_id(db: &PgPool) -> Result<i64, sqlx::Error> {
         .await
 }
 
-/// This replica's reader of the event log: it needs only the pool and the hub it feeds.
-pub async fn run_listener(db: PgPool, events: EventHub, stop: CancellationToken) {
+pub async fn run_listener(state: Reader, stop: CancellationToken) {
     let mut last = loop {
-        match newest_event_id(&db).await {
+        match newest_event_id(&state.db).await {
             Ok(id) => break id,
             Err(e) => {
-                note_lost(&db, &events, &mut None, &e.to_string());
+                note_lost(&state, &mut None, &e.to_string());
                 if sleep_or_stop(&stop, Duration::from_secs(1)).await {
                     return;
                 }
@@ -42,10 +71,10 @@ pub async fn run_listener(db: PgPool, events: EventHub, stop: CancellationToken)
         if stop.is_cancelled() {
             return;
         }
-        let mut listener = match PgListener::connect_with(&db).await {
+        let mut listener = match PgListener::connect_with(&state.db).await {
             Ok(l) => l,
             Err(e) => {
-                note_lost(&db, &events, &mut lost_at, &e.to_string());
+                note_lost(&state, &mut lost_at, &e.to_string());
                 if sleep_or_stop(&stop, Duration::from_secs(1)).await {
                     return;
                 }
@@ -53,7 +82,7 @@ pub async fn run_listener(db: PgPool, events: EventHub, stop: CancellationToken)
             }
         };
         if let Err(e) = listener.listen(EVENTS_CHANNEL).await {
-            note_lost(&db, &events, &mut lost_at, &e.to_string());
+            note_lost(&state, &mut lost_at, &e.to_string());
             if sleep_or_stop(&stop, Duration::from_secs(1)).await {
                 return;
             }
@@ -64,22 +93,32 @@ pub async fn run_listener(db: PgPool, events: EventHub, stop: CancellationToken)
                 gap_ms = since.elapsed().as_millis() as u64,
                 "event reader reconnected; it goes on from event {last}"
             );
-            events.set_listener(|l| l.reconnects += 1);
+            state.events.set_listener(|l| l.reconnects += 1);
         }
-        events.set_listener(|l| {
+        state.events.set_listener(|l| {
             l.connected = true;
             l.last_error = None;
         });
         loop {
+            // The contract directory, when forgotten (at start, after a lost connection or a
+            // failed reload): the events from `last` on are read next, so it misses none.
+            if !state.directory.is_known() {
+                if let Err(e) =
+                    ContractDirectory::reload(&state.directory, &state.db, &state.contracts).await
+                {
+                    note_lost(&state, &mut lost_at, &e.to_string());
+                    break;
+                }
+            }
             // Read everything there is, then wait for a wake-up or the poll.
-            match read_after(&db, &events, last).await {
+            match read_after(&state, last).await {
                 Ok(Some(newest)) => {
                     last = newest;
                     continue;
                 }
                 Ok(None) => {}
                 Err(e) => {
-                    note_lost(&db, &events, &mut lost_at, &e.to_string());
+                    note_lost(&state, &mut lost_at, &e.to_string());
                     break;
                 }
             }
@@ -89,11 +128,11 @@ pub async fn run_listener(db: PgPool, events: EventHub, stop: CancellationToken)
                 received = listener.try_recv() => match received {
                     Ok(Some(_)) => {}
                     Ok(None) => {
-                        note_lost(&db, &events, &mut lost_at, "connection closed");
+                        note_lost(&state, &mut lost_at, "connection closed");
                         break;
                     }
                     Err(e) => {
-                        note_lost(&db, &events, &mut lost_at, &e.to_string());
+                        note_lost(&state, &mut lost_at, &e.to_string());
                         break;
                     }
                 }
@@ -107,13 +146,13 @@ pub async fn run_listener(db: PgPool, events: EventHub, stop: CancellationToken)
 
 /// Publishes the events after `last` to the local hub; the newest id read, or None when
 /// there was nothing new.
-async fn read_after(db: &PgPool, events: &EventHub, last: i64) -> Result<Option<i64>, sqlx::Error> {
+async fn read_after(state: &Reader, last: i64) -> Result<Option<i64>, sqlx::Error> {
     let rows: Vec<(i64, String, Value)> = sqlx::query!(
         "SELECT event_id, feed, envelope FROM events WHERE event_id > $1 ORDER BY event_id LIMIT $2",
         last,
         BATCH
     )
-    .fetch_all(db)
+    .fetch_all(&state.db)
     .await?
     .into_iter()
     .map(|r| (r.event_id, r.feed, r.envelope))
@@ -121,25 +160,46 @@ async fn read_after(db: &PgPool, events: &EventHub, last: i64) -> Result<Option<
     let Some(newest) = rows.last().map(|r| r.0) else {
         return Ok(None);
     };
-    events.set_listener(|l| l.last_event_at = Some(crate::protocol::now_iso()));
+    state
+        .events
+        .set_listener(|l| l.last_event_at = Some(crate::protocol::now_iso()));
+    let mut registered = Vec::new();
     for (id, feed, envelope) in rows {
         if let Some(feed) = Feed::parse(&feed) {
-            events.publish_event(feed, id, &envelope);
+            if let Some(droplet) = registered_droplet(feed, &envelope) {
+                registered.push(droplet);
+            }
+            state.events.publish_event(feed, id, &envelope);
         }
     }
+    ContractDirectory::apply_off_workers(&state.directory, registered, &state.contracts).await;
     Ok(Some(newest))
 }
 
-fn note_lost(db: &PgPool, events: &EventHub, lost_at: &mut Option<Instant>, error: &str) {
+/// The droplet a `droplet_registered` event shows (its capabilities and contracts).
+fn registered_droplet(feed: Feed, envelope: &Value) -> Option<Listed> {
+    let payload = &envelope["payload"];
+    if feed != Feed::Droplets
+        || payload["event"].as_str() != Some(DropletEventKind::DropletRegistered.as_str())
+    {
+        return None;
+    }
+    Listed::from_event(&payload["droplet"])
+}
+
+/// The reader lost the log: until it reads it again, the contract directory may miss a
+/// registration, so creations read the database instead.
+fn note_lost(state: &Reader, lost_at: &mut Option<Instant>, error: &str) {
+    state.directory.forget();
     // A pool closed for shutdown is not a lost database: the reader is about to stop.
-    if lost_at.is_none() && !db.is_closed() {
+    if lost_at.is_none() && !state.db.is_closed() {
         tracing::warn!(
             error,
             "event reader lost its database connection; reconnecting"
         );
         *lost_at = Some(Instant::now());
     }
-    events.set_listener(|l| {
+    state.events.set_listener(|l| {
         l.connected = false;
         l.last_error = Some(error.to_string());
     });

@@ -4,6 +4,7 @@
 
 mod directory;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Serialize;
@@ -12,6 +13,8 @@ use sqlx::PgPool;
 
 use crate::identity::Keys;
 use crate::protocol::now_iso;
+use crate::services::contract_directory::ContractDirectory;
+use crate::services::contracts::Contracts;
 use crate::services::core::Settings;
 use crate::services::router_trigger::RouterTrigger;
 use crate::services::Core;
@@ -26,7 +29,8 @@ pub use crate::services::registry_status::{RegistrySnapshot, RegistryStatus};
 /// What the Registry client uses of the services' shared parts, and nothing else: the pool
 /// (the cached directory, `droplets`), the settings, the keys (its bearer, the Registry's
 /// public key), the status `/dependencies` reports, its two HTTP clients and the router's
-/// trigger (new endpoints may let pending work go somewhere).
+/// trigger (new endpoints may let pending work go somewhere), and the contract directory it
+/// reloads after a sync.
 #[derive(Clone, Copy)]
 pub struct Registry<'a> {
     db: &'a PgPool,
@@ -36,6 +40,8 @@ pub struct Registry<'a> {
     http: &'a reqwest::Client,
     key_http: &'a reqwest::Client,
     router: &'a RouterTrigger,
+    directory: &'a Arc<ContractDirectory>,
+    contracts: &'a Arc<Contracts>,
 }
 
 impl<'a> From<&'a Core> for Registry<'a> {
@@ -48,6 +54,8 @@ impl<'a> From<&'a Core> for Registry<'a> {
             http: &core.http,
             key_http: &core.registry_key_http,
             router: &core.router,
+            directory: &core.directory,
+            contracts: &core.contracts,
         }
     }
 }
@@ -284,6 +292,17 @@ impl Registry<'_> {
         .await?
         .rows_affected();
         tx.commit().await?;
+        // The Registry may change a registered droplet's capabilities, with no event: every
+        // replica runs this sync and reloads its contract directory after it (the first to
+        // sync changed the rows; the others find nothing to change but read what it wrote).
+        if self.directory.is_known() {
+            if let Err(e) = ContractDirectory::reload(self.directory, self.db, self.contracts).await
+            {
+                // The event reader loads it again; creations read the database meanwhile.
+                tracing::warn!(error = %e, "contract directory not reloaded after the sync");
+                self.directory.forget();
+            }
+        }
         Ok(SyncChanges { inserted, updated })
     }
 
