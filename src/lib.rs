@@ -75,6 +75,7 @@ pub fn app(state: AppState) -> Router {
         .merge(api::prometheus::router())
         .merge(api::ws::router())
         .merge(api::management::router())
+        .merge(api::limits::router())
         .fallback(|| async { ApiError::not_found("Not found") });
     let limits = Arc::new(api::ratelimit::RateLimits::new(
         config.rate_limit_per_minute,
