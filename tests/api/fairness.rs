@@ -138,7 +138,7 @@ async fn two_replicas_never_exceed_a_keys_max_in_flight_over_500_tasks() {
         app.pause_routing().await;
     }
     set_limits(&a, "shared", json!({ "max_in_flight": 5 })).await;
-    for id in 50..52 {
+    for id in 50..60 {
         a.register_max(id, &["lim"], &server.endpoint, 100).await;
     }
     sqlx::query(
@@ -164,12 +164,9 @@ async fn two_replicas_never_exceed_a_keys_max_in_flight_over_500_tasks() {
         for p in passes {
             p.await.unwrap().expect("a pass");
         }
-        let now = in_flight(&a, "shared").await;
-        most = most.max(now);
-        assert!(
-            now <= 5,
-            "{now} tasks of the key in flight, over its max_in_flight of 5"
-        );
+        // Both replicas' loops route too (completions wake them): the count is checked
+        // after the passes above and before each completion below.
+        most = most.max(checked_in_flight(&a).await);
         let running: Vec<(i32, i32)> = sqlx::query_as(
             "SELECT t.id, d.droplet_id FROM tasks t JOIN droplets d ON d.id = t.assigned_droplet_id
              WHERE t.status = 'assigned' ORDER BY t.id",
@@ -178,6 +175,7 @@ async fn two_replicas_never_exceed_a_keys_max_in_flight_over_500_tasks() {
         .await
         .unwrap();
         for (i, (id, droplet)) in running.into_iter().enumerate() {
+            most = most.max(checked_in_flight(&a).await);
             // Completions arrive at either replica, each waking its own router.
             finish(if i % 2 == 0 { &a } else { &b }, droplet, id).await;
             done += 1;
@@ -189,6 +187,58 @@ async fn two_replicas_never_exceed_a_keys_max_in_flight_over_500_tasks() {
         .await
         .unwrap();
     assert_eq!(left, 0);
+}
+
+/// The key's tasks in flight, never above its max_in_flight of 5.
+async fn checked_in_flight(app: &TestApp) -> i64 {
+    let now = in_flight(app, "shared").await;
+    assert!(
+        now <= 5,
+        "{now} tasks of the key in flight, over its max_in_flight of 5"
+    );
+    now
+}
+
+/// What makes the run above hold whatever the timing: a pass leaves a limited key alone
+/// while another replica's pass holds it (here: this test's transaction, which locks the
+/// key's row and assigns up to the limit as a pass does, uncommitted while this pass runs).
+#[tokio::test]
+async fn a_pass_leaves_a_key_alone_while_another_replicas_pass_holds_it() {
+    let app = TestApp::spawn().await;
+    let server = DropletServer::start(Behaviour::Ok).await;
+    app.pause_routing().await;
+    set_limits(&app, "shared", json!({ "max_in_flight": 5 })).await;
+    app.register_max(60, &["lim"], &server.endpoint, 100).await;
+    sqlx::query(
+        "INSERT INTO tasks (task_type, title, payload, required_capability, priority, status, created_by, concurrency_key)
+         SELECT 'bulk', 'bulk ' || g, '{}'::jsonb, 'lim', 5, 'pending', '5', 'shared' FROM generate_series(1, 20) g",
+    )
+    .execute(&app.db)
+    .await
+    .unwrap();
+    let droplet: i32 = sqlx::query_scalar("SELECT id FROM droplets WHERE droplet_id = 60")
+        .fetch_one(&app.db)
+        .await
+        .unwrap();
+    let mut other = app.db.begin().await.unwrap();
+    sqlx::query("SELECT key FROM key_limits WHERE key = 'shared' FOR UPDATE")
+        .execute(&mut *other)
+        .await
+        .unwrap();
+    sqlx::query(
+        "UPDATE tasks SET status = 'assigned', assigned_droplet_id = $1, attempt = 1, assigned_at = NOW()
+         WHERE id IN (SELECT id FROM tasks WHERE fairness_key = 'shared' ORDER BY id DESC LIMIT 5)",
+    )
+    .bind(droplet)
+    .execute(&mut *other)
+    .await
+    .unwrap();
+    let assigned = route_pass(&app.state).await.unwrap();
+    other.commit().await.unwrap();
+    assert_eq!(assigned, 0, "the key was routed under another pass");
+    assert_eq!(in_flight(&app, "shared").await, 5);
+    // Once that pass has committed, the key is full: still nothing.
+    assert_eq!(route_pass(&app.state).await.unwrap(), 0);
 }
 
 #[tokio::test]
