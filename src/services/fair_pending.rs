@@ -78,7 +78,7 @@ pub async fn lock_pending(
             CROSS JOIN LATERAL (
                 SELECT fairness_key AS key, priority AS prio FROM tasks
                 WHERE status = 'pending' AND COALESCE(required_capability, '') = c.cap
-                ORDER BY fairness_key, priority LIMIT 1
+                ORDER BY COALESCE(required_capability, ''), fairness_key, priority LIMIT 1
             ) f
             UNION ALL
             SELECT g.cap, n.key, n.prio
@@ -86,7 +86,7 @@ pub async fn lock_pending(
                 SELECT fairness_key AS key, priority AS prio FROM tasks
                 WHERE status = 'pending' AND COALESCE(required_capability, '') = g.cap
                   AND (fairness_key, priority) > (g.key, g.prio)
-                ORDER BY fairness_key, priority LIMIT 1
+                ORDER BY COALESCE(required_capability, ''), fairness_key, priority LIMIT 1
             ) n
          )
          SELECT cap AS "cap!", key AS "key!", prio AS "prio!" FROM g LIMIT $2"#,
@@ -121,20 +121,22 @@ pub async fn lock_pending(
             )
         })
         .collect();
+    // Ordered by the whole index key (the group's columns are fixed only per outer row, and
+    // the planner sorts every pending task of the group otherwise: 8 ms a group at 1,000).
     let rows = sqlx::query!(
         r#"SELECT p.id AS "id!", g.key AS "key!", p.required_capability AS "required_capability?",
                 p.last_droplet_id AS "last_droplet_id?", g.prio AS "priority!",
-                p.created_at AS "created_at!", p.waited AS "waited!"
+                p.created AS "created_at!", p.waited AS "waited!"
          FROM unnest($1::text[], $2::text[], $3::int[], $4::bigint[]) AS g(cap, key, prio, lim)
          CROSS JOIN LATERAL (
             SELECT id, required_capability, last_droplet_id,
-                   COALESCE(created_at, NOW()::timestamp) AS created_at,
+                   COALESCE(created_at, NOW()::timestamp) AS created,
                    EXTRACT(EPOCH FROM NOW()::timestamp - COALESCE(created_at, NOW()::timestamp))::float8 AS waited
             FROM tasks
             WHERE status = 'pending' AND COALESCE(required_capability, '') = g.cap
               AND fairness_key = g.key AND priority = g.prio
               AND (deadline IS NULL OR deadline > NOW())
-            ORDER BY created_at, id
+            ORDER BY COALESCE(required_capability, ''), fairness_key, priority, created_at, id
             LIMIT g.lim
          ) p"#,
         &groups.iter().map(|g| g.cap.clone()).collect::<Vec<_>>(),
