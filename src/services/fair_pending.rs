@@ -111,6 +111,10 @@ pub async fn lock_pending(
         .iter()
         .map(|(c, ks)| (*c, ks.values().map(|w| i64::from(*w)).sum()))
         .collect();
+    let mut per_cap: HashMap<&str, i64> = HashMap::new();
+    for g in &groups {
+        *per_cap.entry(g.cap.as_str()).or_insert(0) += 1;
+    }
     let lims: Vec<i64> = groups
         .iter()
         .map(|g| {
@@ -118,6 +122,7 @@ pub async fn lock_pending(
                 room.get(g.cap.as_str()).copied().unwrap_or(0),
                 weight(&g.key),
                 total.get(g.cap.as_str()).copied().unwrap_or(1),
+                per_cap.get(g.cap.as_str()).copied().unwrap_or(1),
             )
         })
         .collect();

@@ -151,13 +151,15 @@ pub fn fair_order<T: Queued>(tasks: &mut Vec<T>, weight: impl Fn(&str) -> i32) {
     tasks.extend(keyed.into_iter().map(|(_, t)| t));
 }
 
-/// How many tasks a pass reads of one key (per priority) in a capability with `room`:
-/// its weight's share of the room among the keys waiting there, at least [`MIN_READ`],
-/// at most the room.
-pub fn read_limit(room: i64, weight: i32, total_weight: i64) -> i64 {
+/// How many tasks a pass reads of one key (per priority) in a capability with `room` and
+/// `groups` (key, priority) groups waiting: its weight's share of the room among the keys
+/// waiting there, at least [`MIN_READ`] (less when so many groups wait that the floor
+/// alone would read over four times the room), at most the room.
+pub fn read_limit(room: i64, weight: i32, total_weight: i64, groups: i64) -> i64 {
     let total = total_weight.max(1);
     let share = (room * i64::from(weight.max(1)) + total - 1) / total;
-    share.max(MIN_READ).min(room.max(0))
+    let floor = (4 * room / groups.max(1)).clamp(1, MIN_READ);
+    share.max(floor).min(room.max(0))
 }
 
 /// The token bucket of `max_per_second`, kept as the time it is spent up to: one task per
@@ -250,10 +252,11 @@ mod tests {
 
     #[test]
     fn read_limits_share_the_room_by_weight() {
-        assert_eq!(read_limit(10, 1, 2), 10);
-        assert_eq!(read_limit(5000, 1, 100), 50);
-        assert_eq!(read_limit(5000, 3, 100), 150);
-        assert_eq!(read_limit(5000, 1, 10_000), MIN_READ);
+        assert_eq!(read_limit(10, 1, 2, 2), 10);
+        assert_eq!(read_limit(5000, 1, 100, 100), 50);
+        assert_eq!(read_limit(5000, 3, 100, 100), 150);
+        assert_eq!(read_limit(5000, 1, 10_000, 10_000), 2);
+        assert_eq!(read_limit(500, 1, 5_000, 5_000), 1);
     }
 
     #[test]
