@@ -33,6 +33,11 @@ struct Sizes {
     heartbeat_droplets: i32,
     route_tasks: i64,
     route_droplets: i32,
+    /// Fairness keys the route scenario's tasks spread over (`--route-keys`; 0: one key).
+    route_keys: i32,
+    /// Of those, keys given limits that do not bind (`--route-limited`): the cost of
+    /// locking, counting and spending their buckets in every pass.
+    route_limited: i32,
     e2e_rate: f64,
     e2e_seconds: f64,
     e2e_droplets: usize,
@@ -55,6 +60,8 @@ impl Sizes {
                 heartbeat_droplets: 50,
                 route_tasks: 5_000,
                 route_droplets: 20,
+                route_keys: 0,
+                route_limited: 0,
                 e2e_rate: 100.0,
                 e2e_seconds: 3.0,
                 e2e_droplets: 10,
@@ -74,6 +81,8 @@ impl Sizes {
                 heartbeat_droplets: 1000,
                 route_tasks: 100_000,
                 route_droplets: 100,
+                route_keys: 0,
+                route_limited: 0,
                 e2e_rate: 500.0,
                 e2e_seconds: 30.0,
                 e2e_droplets: 50,
@@ -821,15 +830,25 @@ async fn route(s: &Sizes, rows: &mut Vec<Row>, rss: &mut Vec<(String, f64)>) {
         .await
         .expect("pool");
     sqlx::query(
-        "INSERT INTO tasks (task_type, title, payload, required_capability, priority, status, created_at)
+        "INSERT INTO tasks (task_type, title, payload, required_capability, priority, status, created_at, created_by)
          SELECT 'bench', 'task ' || g, '{}'::jsonb, 'cap' || (g % 10), 1 + (g % 10), 'pending',
-                NOW() - make_interval(secs => ($1 - g) / 1000.0)
+                NOW() - make_interval(secs => ($1 - g) / 1000.0),
+                CASE WHEN $2 > 0 THEN ((g / 10) % $2)::text END
          FROM generate_series(1, $1::int) g",
     )
     .bind(s.route_tasks as i32)
+    .bind(s.route_keys)
     .execute(&pool)
     .await
     .expect("insert pending tasks");
+    sqlx::query(
+        "INSERT INTO key_limits (key, max_in_flight, max_per_second, weight)
+         SELECT 'creator:' || k, 1000000, 1000000, 1 + k % 3 FROM generate_series(0, $1 - 1) k",
+    )
+    .bind(s.route_limited)
+    .execute(&pool)
+    .await
+    .expect("insert key limits");
     sqlx::query("ANALYZE tasks")
         .execute(&pool)
         .await
@@ -878,8 +897,11 @@ async fn route(s: &Sizes, rows: &mut Vec<Row>, rss: &mut Vec<(String, f64)>) {
     rows.push(row(
         "route",
         &format!(
-            "{} pending tasks, 10 capabilities, {} droplets",
-            s.route_tasks, s.route_droplets
+            "{} pending tasks, 10 capabilities, {} droplets, {} keys ({} with limits)",
+            s.route_tasks,
+            s.route_droplets,
+            s.route_keys.max(1),
+            s.route_limited
         ),
         format!(
             "{:.0} tasks/s assigned ({history} history rows, {} dispatched so far)",
@@ -1486,6 +1508,21 @@ fn main() {
             .and_then(|n| n.parse().ok())
         {
             s.read_tasks = n;
+        }
+        // `--route-keys 100 --route-limited 10`: the route scenario's tasks over 100 creators,
+        // 10 of them with limits that do not bind.
+        for (flag, field) in [
+            ("--route-keys", &mut s.route_keys),
+            ("--route-limited", &mut s.route_limited),
+        ] {
+            if let Some(n) = args
+                .iter()
+                .position(|a| a == flag)
+                .and_then(|i| args.get(i + 1))
+                .and_then(|n| n.parse().ok())
+            {
+                *field = n;
+            }
         }
         // `--e2e-rate 200`: the end_to_end scenario at another rate (the highest rate that
         // keeps create->assigned p99 under 50 ms).

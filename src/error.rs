@@ -27,6 +27,12 @@ pub enum ApiError {
     Validation(Vec<FieldError>),
     #[error("Rate limit exceeded")]
     RateLimited { retry_after_seconds: u64 },
+    /// Pushed back (a key past its `max_queued`): 429 with this detail and `Retry-After`.
+    #[error("{detail}")]
+    Backpressure {
+        detail: String,
+        retry_after_seconds: u64,
+    },
     #[error("Service unavailable")]
     Unavailable,
     #[error("{0}")]
@@ -65,7 +71,9 @@ impl ApiError {
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Validation(_) => StatusCode::UNPROCESSABLE_ENTITY,
-            ApiError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::RateLimited { .. } | ApiError::Backpressure { .. } => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
             ApiError::Unavailable | ApiError::ServiceUnavailable(_) => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
@@ -138,6 +146,10 @@ impl IntoResponse for ApiError {
             }
             ApiError::RateLimited {
                 retry_after_seconds,
+            }
+            | ApiError::Backpressure {
+                retry_after_seconds,
+                ..
             } => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from(*retry_after_seconds));
             }
@@ -166,6 +178,13 @@ impl From<crate::services::error::Error> for ApiError {
             Error::Invalid(errors) => ApiError::Validation(errors),
             Error::Unavailable(m) => ApiError::ServiceUnavailable(m),
             Error::Upstream(m) => ApiError::BadGateway(m),
+            Error::Backpressure {
+                detail,
+                retry_after_seconds,
+            } => ApiError::Backpressure {
+                detail,
+                retry_after_seconds,
+            },
             Error::Database(e) => ApiError::from(e),
             Error::Internal(m) => ApiError::Internal(m),
         }

@@ -21,6 +21,8 @@ pub struct Metrics {
     pub droplets_by_status: IntGaugeVec,
     pub ws_connections: IntGaugeVec,
     pub pool: IntGaugeVec,
+    /// Pending tasks per limited key, the rest as `other` (a bounded label set).
+    pub queue_depth: IntGaugeVec,
 }
 
 fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -115,6 +117,12 @@ impl Metrics {
                 "db_pool_connections",
                 "Database pool connections",
                 &["state"],
+            ),
+            queue_depth: gauge_vec(
+                &r,
+                "queue_depth",
+                "Pending tasks per key with limits; every other key summed as key=\"other\"",
+                &["key"],
             ),
             registry: r,
         }

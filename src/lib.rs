@@ -74,6 +74,7 @@ pub fn app(state: AppState) -> Router {
         .merge(api::ws::router())
         .merge(api::management::router())
         .merge(api::drain::router())
+        .merge(api::limits::router())
         .fallback(|| async { ApiError::not_found("Not found") });
     let limits = Arc::new(api::ratelimit::RateLimits::new(
         config.rate_limit_per_minute,

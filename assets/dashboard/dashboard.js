@@ -437,7 +437,9 @@
     S.timers.push(setInterval(() => !document.hidden && refreshDroplets(), refresh));
     S.timers.push(setInterval(() => !document.hidden && reconcileCounts(), 15000));
     S.timers.push(setInterval(() => !document.hidden && isAdmin() && loadJobs(), 20000));
+    S.timers.push(setInterval(() => !document.hidden && isAdmin() && loadKeyLimits(), 10000));
     loadJobs();
+    loadKeyLimits();
     render();
   }
 
@@ -1499,6 +1501,39 @@
     } else {
       showSignin('');
     }
+  }
+
+  // ---------------------------------------------------------------- keys at their limit
+
+  /** The keys an admin's limits hold now (GET /management/limits): at max_in_flight, at
+   * max_queued (creations answered 429), or waiting for their rate's next slot. */
+  async function loadKeyLimits() {
+    const note = $('#key-limits-note');
+    const table = $('#key-limits');
+    if (!note || !table || !isAdmin()) return;
+    const gen = S.gen;
+    const r = await api('GET', '/management/limits');
+    if (gen !== S.gen) return;
+    if (!r.ok) {
+      show(table, false);
+      setText(note, r.status === 404 ? 'This server has no limits per key.' : 'Could not load the limits: ' + r.detail);
+      show(note, true);
+      return;
+    }
+    const now = serverNow();
+    const held = ((r.payload && r.payload.limits) || []).filter((k) =>
+      k.at_in_flight_limit || k.at_queued_limit || (k.next_slot && ms(k.next_slot) > now));
+    const body = table.querySelector('tbody');
+    body.replaceChildren(...held.map((k) => el('tr', {},
+      el('td', {}, String(k.key)),
+      el('td', {}, [k.at_in_flight_limit && 'max_in_flight', k.at_queued_limit && 'max_queued',
+        k.next_slot && ms(k.next_slot) > now && 'max_per_second'].filter(Boolean).join(', ')),
+      el('td', { class: 'num' }, fmtInt(k.in_flight) + (k.max_in_flight != null ? ' / ' + fmtInt(k.max_in_flight) : '')),
+      el('td', { class: 'num' }, fmtInt(k.queued) + (k.max_queued != null ? ' / ' + fmtInt(k.max_queued) : '')),
+      el('td', {}, k.next_slot ? fmtTime(ms(k.next_slot)) : ''))));
+    show(table, held.length > 0);
+    setText(note, held.length ? '' : 'No key is at a limit.');
+    show(note, held.length === 0);
   }
 
   init();

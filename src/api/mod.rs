@@ -4,6 +4,7 @@ pub mod dashboard;
 pub mod drain;
 pub mod droplets;
 pub mod health;
+pub mod limits;
 pub mod management;
 pub mod message;
 pub mod metrics;

@@ -8,7 +8,7 @@ use axum::Router;
 use prometheus::{Encoder, TextEncoder};
 
 use crate::error::{ApiError, ApiResult};
-use crate::services::system_status;
+use crate::services::{key_limits, system_status};
 use crate::state::AppState;
 
 pub fn router() -> Router<AppState> {
@@ -74,6 +74,16 @@ async fn refresh_gauges(state: &AppState) {
             }
         }
         Err(e) => tracing::warn!(error = %e, "metrics: cannot count tasks and droplets"),
+    }
+    match key_limits::queue_depths(state).await {
+        Ok(depths) => {
+            // Keys whose limits were removed leave the label set.
+            m.queue_depth.reset();
+            for (key, n) in depths {
+                m.queue_depth.with_label_values(&[key.as_str()]).set(n);
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "metrics: cannot read the queue depth per key"),
     }
     let ws = state.events.stats();
     for (feed, n) in &ws.connections {

@@ -241,6 +241,11 @@ settings! {
         help: "assigned but not started for this long: back to pending",
         parse: interval(300),
     }
+    priority_aging_seconds: u64 = "PRIORITY_AGING_SECONDS" {
+        default: "300",
+        help: "a pending task counts one priority more urgent per this many seconds waited, up to the most urgent (0: no aging)",
+        parse: number(300u64, 0, 86_400 * 365),
+    }
     max_requeues: u32 = "MAX_REQUEUES" {
         default: "3",
         help: "times one task may be requeued for not starting in time; the next timeout fails it (then the retry rules apply)",

@@ -21,6 +21,7 @@ use crate::services::dispatch::slots::Dispatcher;
 use crate::services::endpoints::{self, EndpointPolicy};
 use crate::services::events::EventHub;
 use crate::services::heartbeat_queue::HeartbeatQueue;
+use crate::services::fair_share::LimitCache;
 use crate::services::http_client::{build_client, ClientBuildError};
 use crate::services::registry_status::RegistryStatus;
 use crate::services::router_trigger::RouterTrigger;
@@ -56,6 +57,8 @@ pub struct Parts {
     pub directory: Arc<ContractDirectory>,
     /// Creations waiting to share an insert and a commit.
     pub creates: CreateQueue,
+    /// The limits per key in force, as this replica last read them.
+    pub limits: LimitCache,
     /// Heartbeats waiting to share a statement and a commit.
     pub heartbeats: HeartbeatQueue,
     /// Creations counted, for fresh statistics of the young task tables.
@@ -136,6 +139,7 @@ impl Core {
             directory: Arc::new(ContractDirectory::new()),
             creates: CreateQueue::new((config.pool_max_connections() as usize / 4).clamp(1, 8)),
             growth: Growth::new(),
+            limits: LimitCache::new(),
             heartbeats: HeartbeatQueue::new(
                 (config.pool_max_connections() as usize / 4).clamp(1, 8),
             ),

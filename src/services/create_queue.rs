@@ -21,6 +21,8 @@ pub struct NewRow {
     pub max_retries: i32,
     pub deadline: Option<NaiveDateTime>,
     pub created_by: String,
+    /// The key for fair share and limits, when the creator gave one.
+    pub concurrency_key: Option<String>,
     /// `changed_by` of the first history row.
     pub changed_by: String,
 }

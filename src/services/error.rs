@@ -23,6 +23,12 @@ pub enum Error {
     /// A droplet could not be reached or refused what was relayed to it.
     #[error("{0}")]
     Upstream(String),
+    /// Too much of something is waiting (a key past its `max_queued`): retry later.
+    #[error("{detail}")]
+    Backpressure {
+        detail: String,
+        retry_after_seconds: u64,
+    },
     #[error("database: {0}")]
     Database(#[from] sqlx::Error),
     #[error("{0}")]

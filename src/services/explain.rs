@@ -11,6 +11,7 @@ use serde_json::Value;
 
 use crate::protocol::iso;
 use crate::services::contracts;
+use crate::services::key_limits::{self, KeyState};
 use crate::services::status::Status;
 use crate::services::tasks::{self, HistoryRow, Task};
 use crate::services::Core;
@@ -44,6 +45,10 @@ pub enum Reason {
     DropletDeferred,
     /// Every capable droplet that could take it is being drained.
     DropletDraining,
+    /// Its key has `max_in_flight` tasks assigned or running (see `key`).
+    KeyAtLimit,
+    /// Its key's `max_per_second` has no slot free until `key.next_slot`.
+    KeyRateLimited,
 }
 
 /// What `GET /tasks/{id}/explain` answers. `reason` and `candidates` (with `retry_at` for
@@ -77,6 +82,10 @@ pub struct Explanation {
     /// Every registered droplet with the capability.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub candidates: Option<Vec<Candidate>>,
+    /// For a pending task: its fairness key, its place in that key's queue, and the key's
+    /// limits and tasks in flight.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key: Option<KeyState>,
 }
 
 /// A droplet with the capability a waiting task needs, and why it does not take it now.
@@ -138,6 +147,7 @@ pub async fn explain(state: &Core, id: i32) -> Result<Option<Explanation>, sqlx:
         deferred_until: None,
         retry_after_seconds: None,
         candidates: None,
+        key: None,
     };
     let config = state.config();
     let retry_at = retry_at(
@@ -290,6 +300,19 @@ async fn waiting(
     }
 
     answer.candidates = Some(candidates);
+    if task.status == Status::Pending {
+        answer.key = Some(
+            key_limits::key_state(
+                state,
+                task.id,
+                &task.fairness_key,
+                task.priority,
+                task.created_at,
+            )
+            .await?,
+        );
+    }
+    let key = answer.key.as_ref();
     let reason = if let Some(at) = retry_at {
         answer.retry_at = Some(iso(&at));
         Reason::WaitingForRetry
@@ -308,6 +331,10 @@ async fn waiting(
         Reason::DropletDraining
     } else if active == 0 {
         Reason::CapableDropletsInactive
+    } else if key.is_some_and(|k| k.at_limit) {
+        Reason::KeyAtLimit
+    } else if key.is_some_and(|k| k.rate_limited) {
+        Reason::KeyRateLimited
     } else if with_room == 0 {
         Reason::CapableDropletsFull
     } else if accepting == 0 {
@@ -361,13 +388,14 @@ async fn contract_verdicts(
     }
 }
 
-/// How many pending tasks the router takes before this one (same capability, or any task
-/// without one for a task without one), in its order: priority, then age.
+/// How many pending tasks of the same capability (or none) come before this one by
+/// priority, then age (the router also takes keys in turn: `key.position_in_key` is its
+/// place within its own key).
 async fn position(state: &Core, task: &Task) -> Result<i64, sqlx::Error> {
     sqlx::query_scalar!(
         r#"SELECT COUNT(*) AS "n!" FROM tasks
          WHERE status = 'pending' AND id <> $1
-           AND required_capability IS NOT DISTINCT FROM $2
+           AND COALESCE(required_capability, '') = COALESCE($2, '')
            AND (deadline IS NULL OR deadline > NOW())
            AND (COALESCE(priority, 5), COALESCE(created_at, NOW()::timestamp), id) < ($3, $4, $1)"#,
         task.id,

@@ -12,6 +12,8 @@ use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 use crate::services::contracts::{Contract, Memo, Site};
+use crate::services::fair_pending::{self, PendingTask};
+use crate::services::key_limits;
 use crate::services::locks::DROPLET_FILL;
 use crate::services::state_machine::{Actor, Mode, Move, MoveError, Status};
 use crate::services::task_recovery;
@@ -81,15 +83,6 @@ struct Candidate {
     capability_schemas: Option<serde_json::Value>,
 }
 
-#[derive(sqlx::FromRow)]
-struct PendingTask {
-    id: i32,
-    required_capability: Option<String>,
-    last_droplet_id: Option<i32>,
-    priority: i32,
-    created_at: NaiveDateTime,
-}
-
 struct Slot {
     id: i32,
     droplet_id: i32,
@@ -139,6 +132,8 @@ pub async fn route_pass(state: &Core) -> Result<usize, sqlx::Error> {
 async fn pass(state: &Core) -> Result<Pass, sqlx::Error> {
     let started = std::time::Instant::now();
     let mut t = Transition::begin(state).await?;
+    // The limits per key, read each pass: in force on every replica without a restart.
+    let limits = key_limits::refresh(&mut t, state).await?;
     let (mut slots, contended) = lock_droplets(&mut t).await?;
     let droplets_read = started.elapsed();
     let room = PassRoom::of(&slots);
@@ -154,12 +149,21 @@ async fn pass(state: &Core) -> Result<Pass, sqlx::Error> {
             contended,
         });
     }
-    let (pending, more) = lock_pending(&mut t, &room).await?;
+    let mut read = fair_pending::lock_pending(
+        &mut t,
+        &room.wanted(),
+        &limits,
+        state.config().priority_aging_seconds,
+        BATCH,
+    )
+    .await?;
+    let (more, contended) = (read.more, contended || read.contended);
+    let pending = std::mem::take(&mut read.tasks);
     let payloads = contracted_payloads(&mut t, &slots, &pending).await?;
     let tasks_read = started.elapsed();
     // Compiling and evaluating contracts is CPU work: off the async workers.
     let core = state.clone();
-    let (slots, moves) = tokio::task::spawn_blocking(move || {
+    let (slots, moves, per_key) = tokio::task::spawn_blocking(move || {
         for slot in &mut slots {
             slot.contracts = slot
                 .schemas
@@ -172,13 +176,18 @@ async fn pass(state: &Core) -> Result<Pass, sqlx::Error> {
             memo: RefCell::new(core.contracts.memo(Site::Routing)),
         };
         let moves = plan(&mut slots, &pending, &fit);
-        (slots, moves)
+        let per_key = assigned_per_key(&moves, &pending);
+        (slots, moves, per_key)
     })
     .await
     .map_err(|e| sqlx::Error::Protocol(format!("routing plan: {e}")))?;
     let planned = started.elapsed();
     // The room left after this pass's assignments answers `estimated_assignment_seconds`.
     state.router.set_room(room_left(&slots));
+    // A key left waiting for its rate gets a pass when its next slot comes.
+    if let Some(at) = fair_pending::due(&read, &per_key) {
+        fair_pending::wake_at(state, at);
+    }
     // An emergency stop that came while this pass was reading wins: nothing it chose is
     // assigned.
     if moves.is_empty() || state.emergency_stopped() {
@@ -203,6 +212,7 @@ async fn pass(state: &Core) -> Result<Pass, sqlx::Error> {
             });
         }
     }
+    fair_pending::spend(&mut t, &read, &per_key).await?;
     let written = started.elapsed();
     let applied = t.commit().await?;
     let more = more && !applied.is_empty();
@@ -308,6 +318,20 @@ struct PassRoom {
 }
 
 impl PassRoom {
+    /// What the pass reads: per capability with room its share of a pass ('' for the tasks
+    /// needing none, which any droplet with room takes), so the rows read are about the
+    /// rows assigned.
+    fn wanted(&self) -> Vec<(String, i64)> {
+        let per_capability = (BATCH / self.per_capability.len().max(1) as i64).max(200);
+        let mut wanted: Vec<(String, i64)> = self
+            .per_capability
+            .iter()
+            .map(|(c, room)| (c.clone(), (*room).min(per_capability)))
+            .collect();
+        wanted.push((String::new(), self.total.min(BATCH)));
+        wanted
+    }
+
     /// Only capabilities with room are read, so piles nobody can run cost nothing.
     fn of(slots: &[Slot]) -> PassRoom {
         let mut room_per_capability: HashMap<String, i64> = HashMap::new();
@@ -329,82 +353,16 @@ impl PassRoom {
     }
 }
 
-/// The most urgent pending tasks the room can take (per capability, and those needing
-/// none), at most [`BATCH`], locked for the pass; those another replica holds are skipped.
-async fn lock_pending(
-    t: &mut Transition<'_>,
-    room: &PassRoom,
-) -> Result<(Vec<PendingTask>, bool), sqlx::Error> {
-    let caps: Vec<String> = room.per_capability.keys().cloned().collect();
-    // Each capability's share of a pass, so the rows read are about the rows assigned.
-    let per_capability = (BATCH / caps.len().max(1) as i64).max(200);
-    let limits: Vec<i64> = caps
-        .iter()
-        .map(|c| room.per_capability[c].min(per_capability))
-        .collect();
-    // Read the best candidates per capability without locking, keep the pass's best BATCH
-    // across capabilities, then lock only those: locking is a write per row, so locking
-    // every capability's candidates would cost up to ten times the rows a pass assigns.
-    let mut pending: Vec<PendingTask> = sqlx::query_as!(
-        PendingTask,
-        r#"SELECT p.id AS "id!", p.required_capability AS "required_capability?",
-                p.last_droplet_id AS "last_droplet_id?", p.priority AS "priority!",
-                p.created_at AS "created_at!"
-         FROM unnest($1::text[], $2::bigint[]) AS c(cap, lim)
-         CROSS JOIN LATERAL (
-            SELECT id, required_capability, last_droplet_id, COALESCE(priority, 5) AS priority,
-                   COALESCE(created_at, NOW()::timestamp) AS created_at
-            FROM tasks
-            WHERE status = 'pending' AND required_capability = c.cap
-              AND (deadline IS NULL OR deadline > NOW())
-            ORDER BY priority, created_at, id
-            LIMIT c.lim
-         ) p"#,
-        &caps,
-        &limits,
-    )
-    .fetch_all(t.conn())
-    .await?;
-    let anywhere: Vec<PendingTask> = sqlx::query_as!(
-        PendingTask,
-        r#"SELECT id, required_capability, last_droplet_id, COALESCE(priority, 5) AS "priority!",
-                COALESCE(created_at, NOW()::timestamp) AS "created_at!"
-         FROM tasks
-         WHERE status = 'pending' AND required_capability IS NULL
-           AND (deadline IS NULL OR deadline > NOW())
-         ORDER BY priority, created_at, id
-         LIMIT $1"#,
-        room.total.min(BATCH),
-    )
-    .fetch_all(t.conn())
-    .await?;
-    // A capability (or the tasks needing none) read up to its limit, or a pass cut to
-    // BATCH, may have more waiting: the loop passes again at once.
-    let mut read: HashMap<Option<&str>, i64> = HashMap::new();
-    for p in pending.iter().chain(&anywhere) {
-        *read.entry(p.required_capability.as_deref()).or_insert(0) += 1;
+/// How many tasks each key was assigned in this pass.
+fn assigned_per_key(moves: &[Move], pending: &[PendingTask]) -> HashMap<String, i64> {
+    let keys: HashMap<i32, &str> = pending.iter().map(|p| (p.id, p.key.as_str())).collect();
+    let mut n: HashMap<String, i64> = HashMap::new();
+    for m in moves {
+        if let Some(k) = keys.get(&m.task_id) {
+            *n.entry((*k).to_string()).or_insert(0) += 1;
+        }
     }
-    let more = caps
-        .iter()
-        .zip(&limits)
-        .any(|(c, lim)| read.get(&Some(c.as_str())).copied().unwrap_or(0) >= *lim)
-        || read.get(&None).copied().unwrap_or(0) >= room.total.min(BATCH)
-        || (pending.len() + anywhere.len()) as i64 > BATCH;
-    pending.extend(anywhere);
-    pending.sort_by_key(|a| (a.priority, a.created_at, a.id));
-    pending.truncate(BATCH as usize);
-    // Another replica may be assigning some of them right now: skip those, never wait.
-    let wanted: Vec<i32> = pending.iter().map(|t| t.id).collect();
-    let locked: std::collections::HashSet<i32> = sqlx::query_scalar!(
-        "SELECT id FROM tasks WHERE id = ANY($1) AND status = 'pending' ORDER BY id FOR UPDATE SKIP LOCKED",
-        &wanted,
-    )
-    .fetch_all(t.conn())
-    .await?
-    .into_iter()
-    .collect();
-    pending.retain(|t| locked.contains(&t.id));
-    Ok((pending, more))
+    n
 }
 
 /// Payloads only of the tasks whose capability some droplet here has a contract for.

@@ -31,7 +31,8 @@ pub(crate) const COLUMNS_MID: &str = ", \
     t.deadline, ";
 pub(crate) const COLUMNS_TAIL: &str =
     ", t.error_message, COALESCE(t.retry_count, 0) AS retry_count, \
-    COALESCE(t.max_retries, 3) AS max_retries, t.created_by, t.attempt, \
+    COALESCE(t.max_retries, 3) AS max_retries, t.created_by, t.concurrency_key, t.fairness_key, \
+    t.attempt, \
     COALESCE(t.updated_at, t.created_at, NOW()::timestamp) AS updated_at";
 
 pub const SELECT_TASK: &str = const_format::concatcp!(
@@ -90,6 +91,10 @@ pub struct Task {
     pub retry_count: i32,
     pub max_retries: i32,
     pub created_by: Option<String>,
+    /// The key its creator gave for fair share and limits (`POST /tasks`), if any.
+    pub concurrency_key: Option<String>,
+    /// The key the router shares by: `concurrency_key`, else `creator:<created_by>`.
+    pub fairness_key: String,
     /// Which assignment the task is on: 0 while never assigned, then 1, 2, ...
     pub attempt: i32,
     #[serde(serialize_with = "protocol::ts")]

@@ -21,6 +21,7 @@ pub use crate::services::task_store::{history, load, load_by_trace, HistoryRow, 
 use crate::services::task_store::{SELECT_TASK, TASK_COLUMNS_CTE};
 use crate::services::transition::{self, Transition};
 use crate::services::Core;
+use crate::services::{fair_share, key_limits};
 use crate::validation::FieldError;
 use crate::validation::{length, range, Validate};
 
@@ -42,6 +43,10 @@ pub struct NewTask {
     #[serde(default)]
     #[schema(value_type = Option<Object>)]
     pub payload: Option<Value>,
+    /// The key the router shares fairly by and an admin's limits apply to (1 to 100
+    /// characters, not starting `creator:`); the creator's own key when absent.
+    #[serde(default)]
+    pub concurrency_key: Option<String>,
 }
 
 impl Validate for NewTask {
@@ -51,6 +56,16 @@ impl Validate for NewTask {
         length("title", &self.title, 1, 255, &mut errors);
         if let Some(c) = &self.required_capability {
             length("required_capability", c, 0, 100, &mut errors);
+        }
+        if let Some(k) = &self.concurrency_key {
+            length("concurrency_key", k, 1, 100, &mut errors);
+            if k.starts_with(fair_share::CREATOR_PREFIX) {
+                errors.push(FieldError::new(
+                    &["concurrency_key"],
+                    "A concurrency_key must not start with 'creator:' (creators' own keys)",
+                    "value_error",
+                ));
+            }
         }
         range("priority", self.priority, 1, 10, &mut errors);
         range("max_retries", self.max_retries, 0, 100, &mut errors);
@@ -221,6 +236,9 @@ pub async fn create_at(
         Some(Value::Object(m)) => Value::Object(m),
         _ => Value::Object(Default::default()),
     };
+    // A key at its max_queued pushes back (429) before anything is checked or written.
+    let key = fair_share::fairness_key(new.concurrency_key.as_deref(), &created_by);
+    key_limits::admit(state, &key, trace).await?;
     let capability = new.required_capability.filter(|c| !c.is_empty());
     if let Some(c) = capability.as_deref() {
         if let Err(refused) = check_contracts(state, c, &payload, payload_loc).await {
@@ -245,6 +263,7 @@ pub async fn create_at(
             max_retries: new.max_retries.unwrap_or(3) as i32,
             deadline,
             created_by: created_by.clone(),
+            concurrency_key: new.concurrency_key,
             changed_by: caller.actor_name(),
         },
     )
@@ -281,14 +300,15 @@ pub const INSERT_TASKS: &str = const_format::concatcp!(
     "WITH input AS (
         SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::jsonb[],
                              $6::text[], $7::int[], $8::int[], $9::timestamp[], $10::text[],
-                             $11::text[])
+                             $11::text[], $12::text[])
             AS i(trace_id, task_type, title, description, payload,
-                 required_capability, priority, max_retries, deadline, created_by, changed_by)
+                 required_capability, priority, max_retries, deadline, created_by, changed_by,
+                 concurrency_key)
      ), t AS (
         INSERT INTO tasks (trace_id, task_type, title, description, payload, required_capability,
-                           priority, max_retries, deadline, created_by, status)
+                           priority, max_retries, deadline, created_by, status, concurrency_key)
         SELECT trace_id, task_type, title, description, payload, required_capability,
-               priority, max_retries, deadline, created_by, 'pending'
+               priority, max_retries, deadline, created_by, 'pending', concurrency_key
         FROM input ORDER BY trace_id
         ON CONFLICT (trace_id) DO NOTHING
         RETURNING *
@@ -400,6 +420,11 @@ async fn insert_rows(
         .bind(
             rows.iter()
                 .map(|r| r.changed_by.as_str())
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            rows.iter()
+                .map(|r| r.concurrency_key.as_deref())
                 .collect::<Vec<_>>(),
         )
         .fetch_all(t.conn())

@@ -21,6 +21,7 @@ mod droplets;
 mod edge_security;
 mod envelope;
 mod event_log;
+mod fairness;
 mod fixture_droplet;
 mod jobs;
 mod layers;

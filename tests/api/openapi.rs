@@ -494,6 +494,8 @@ async fn the_spec_documents_attempts_contracts_and_explain() {
             "queued_behind",
             "droplet_deferred",
             "droplet_draining",
+            "key_at_limit",
+            "key_rate_limited",
         ])
     );
     has_all(
@@ -752,6 +754,48 @@ async fn the_management_answers_match_their_schemas() {
             assert_eq!(b["payload"]["emergency_stop_ended"], true, "{b}");
         }
     }
+}
+
+/// The limits per key answer typed payloads (PUT, GET with live counts, DELETE), as the
+/// spec declares them.
+#[tokio::test]
+async fn the_limits_answers_match_their_schemas() {
+    let app = TestApp::spawn().await;
+    let spec = spec_of(&app).await;
+    let admin = app.admin();
+    let one = "/management/limits/{key}";
+    for (method, schema) in [("put", "KeyLimits"), ("delete", "LimitsRemoved")] {
+        assert_eq!(
+            payload_ref(&spec, method, one),
+            format!("#/components/schemas/{schema}")
+        );
+    }
+    let (s, b) = app
+        .request(
+            reqwest::Method::PUT,
+            "/management/limits/tenant-a",
+            Some(&admin),
+            Some(envelope(serde_json::json!({ "max_in_flight": 2, "max_per_second": 1.5, "max_queued": 10, "weight": 3 }))),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    assert_conforms(&spec, "put", one, "200", &b);
+    let b = typed_answer(
+        &app,
+        &spec,
+        &admin,
+        (
+            "get",
+            "/management/limits",
+            "/management/limits",
+            "LimitsList",
+        ),
+    )
+    .await;
+    assert_eq!(b["payload"]["limits"][0]["weight"], 3, "{b}");
+    let (s, b) = app.delete("/management/limits/tenant-a", &admin).await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    assert_conforms(&spec, "delete", one, "200", &b);
 }
 
 /// The metrics answers are typed: each declares its payload's schema, and what the service

@@ -956,6 +956,7 @@ fn new_row(title: &str) -> orchestrator::services::create_queue::NewRow {
         max_retries: 3,
         deadline: None,
         created_by: "5".into(),
+        concurrency_key: None,
         changed_by: "droplet-5".into(),
     }
 }

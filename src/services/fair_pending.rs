@@ -1,0 +1,331 @@
+//! The router's read of pending work: per capability with room, the keys with pending work
+//! (a skip over the pending index, one probe per key and priority, never a scan of the
+//! pending set), each key's oldest tasks per priority up to its share of the room, put in
+//! the fair order (`fair_share.rs`: aged urgency, keys in turn by weight), cut to what the
+//! limits of each key allow now, and locked for the pass.
+//!
+//! The limits hold across replicas: the `key_limits` row of each limited key in the read is
+//! locked for the pass (`FOR UPDATE SKIP LOCKED`: a key another replica is routing is left
+//! out of this pass, never waited for) before its tasks in flight are counted, and the
+//! token bucket of `max_per_second` is the row's `spent_until`, moved in the same transaction.
+
+use std::collections::{HashMap, HashSet};
+
+use chrono::{DateTime, NaiveDateTime, Utc};
+
+use crate::services::fair_share::{self, Bucket, Limit, Queued};
+use crate::services::transition::Transition;
+use crate::services::Core;
+
+/// Most (capability, key, priority) groups one pass reads; keys past them wait a pass.
+const MAX_GROUPS: i64 = 20_000;
+
+/// A pending task as the router plans it.
+#[derive(Debug, Clone)]
+pub struct PendingTask {
+    pub id: i32,
+    pub key: String,
+    pub required_capability: Option<String>,
+    pub last_droplet_id: Option<i32>,
+    pub urgency: i32,
+    pub created_at: NaiveDateTime,
+}
+
+impl Queued for PendingTask {
+    fn key(&self) -> &str {
+        &self.key
+    }
+    fn urgency(&self) -> i32 {
+        self.urgency
+    }
+    fn created_at(&self) -> NaiveDateTime {
+        self.created_at
+    }
+    fn id(&self) -> i32 {
+        self.id
+    }
+}
+
+/// What the read found.
+#[derive(Debug, Default)]
+pub struct Read {
+    /// In the order the pass takes them, locked.
+    pub tasks: Vec<PendingTask>,
+    /// Some key read as many as its share allowed: more may be waiting.
+    pub more: bool,
+    /// A limited key's row was locked by another replica: its tasks wait for the next pass.
+    pub contended: bool,
+    /// The buckets of the rate-limited keys in this pass (spent after the plan).
+    pub buckets: HashMap<String, Bucket>,
+    /// Keys with tasks left out for their rate: a pass is due when their next slot comes.
+    pub rate_held: HashSet<String>,
+}
+
+/// Reads the pending work for `wanted`: (capability, or '' for tasks needing none; how
+/// many the room takes), in the fair order and within the limits, locked for the pass.
+pub async fn lock_pending(
+    t: &mut Transition<'_>,
+    wanted: &[(String, i64)],
+    limits: &HashMap<String, Limit>,
+    aging_seconds: u64,
+    batch: i64,
+) -> Result<Read, sqlx::Error> {
+    let caps: Vec<String> = wanted.iter().map(|(c, _)| c.clone()).collect();
+    let groups = sqlx::query!(
+        r#"WITH RECURSIVE g AS (
+            SELECT c.cap, f.key, f.prio
+            FROM unnest($1::text[]) AS c(cap)
+            CROSS JOIN LATERAL (
+                SELECT fairness_key AS key, priority AS prio FROM tasks
+                WHERE status = 'pending' AND COALESCE(required_capability, '') = c.cap
+                ORDER BY COALESCE(required_capability, ''), fairness_key, priority LIMIT 1
+            ) f
+            UNION ALL
+            SELECT g.cap, n.key, n.prio
+            FROM g CROSS JOIN LATERAL (
+                SELECT fairness_key AS key, priority AS prio FROM tasks
+                WHERE status = 'pending' AND COALESCE(required_capability, '') = g.cap
+                  AND (fairness_key, priority) > (g.key, g.prio)
+                ORDER BY COALESCE(required_capability, ''), fairness_key, priority LIMIT 1
+            ) n
+         )
+         SELECT cap AS "cap!", key AS "key!", prio AS "prio!" FROM g LIMIT $2"#,
+        &caps,
+        MAX_GROUPS,
+    )
+    .fetch_all(t.conn())
+    .await?;
+    if groups.is_empty() {
+        return Ok(Read::default());
+    }
+    let weight = |k: &str| limits.get(k).map_or(1, |l| l.weight.max(1));
+    let room: HashMap<&str, i64> = wanted.iter().map(|(c, n)| (c.as_str(), *n)).collect();
+    let mut weights: HashMap<&str, HashMap<&str, i32>> = HashMap::new();
+    for g in &groups {
+        weights
+            .entry(g.cap.as_str())
+            .or_default()
+            .insert(g.key.as_str(), weight(&g.key));
+    }
+    let total: HashMap<&str, i64> = weights
+        .iter()
+        .map(|(c, ks)| (*c, ks.values().map(|w| i64::from(*w)).sum()))
+        .collect();
+    let mut per_cap: HashMap<&str, i64> = HashMap::new();
+    for g in &groups {
+        *per_cap.entry(g.cap.as_str()).or_insert(0) += 1;
+    }
+    let lims: Vec<i64> = groups
+        .iter()
+        .map(|g| {
+            fair_share::read_limit(
+                room.get(g.cap.as_str()).copied().unwrap_or(0),
+                weight(&g.key),
+                total.get(g.cap.as_str()).copied().unwrap_or(1),
+                per_cap.get(g.cap.as_str()).copied().unwrap_or(1),
+            )
+        })
+        .collect();
+    // Ordered by the whole index key (the group's columns are fixed only per outer row, and
+    // the planner sorts every pending task of the group otherwise: 8 ms a group at 1,000).
+    let rows = sqlx::query!(
+        r#"SELECT p.id AS "id!", g.key AS "key!", p.required_capability AS "required_capability?",
+                p.last_droplet_id AS "last_droplet_id?", g.prio AS "priority!",
+                p.created AS "created_at!", p.waited AS "waited!"
+         FROM unnest($1::text[], $2::text[], $3::int[], $4::bigint[]) AS g(cap, key, prio, lim)
+         CROSS JOIN LATERAL (
+            SELECT id, required_capability, last_droplet_id,
+                   COALESCE(created_at, NOW()::timestamp) AS created,
+                   EXTRACT(EPOCH FROM NOW()::timestamp - COALESCE(created_at, NOW()::timestamp))::float8 AS waited
+            FROM tasks
+            WHERE status = 'pending' AND COALESCE(required_capability, '') = g.cap
+              AND fairness_key = g.key AND priority = g.prio
+              AND (deadline IS NULL OR deadline > NOW())
+            ORDER BY COALESCE(required_capability, ''), fairness_key, priority, created_at, id
+            LIMIT g.lim
+         ) p"#,
+        &groups.iter().map(|g| g.cap.clone()).collect::<Vec<_>>(),
+        &groups.iter().map(|g| g.key.clone()).collect::<Vec<_>>(),
+        &groups.iter().map(|g| g.prio).collect::<Vec<_>>(),
+        &lims,
+    )
+    .fetch_all(t.conn())
+    .await?;
+    // A group read up to its limit may have more waiting.
+    let mut read: HashMap<(&str, &str, i32), i64> = HashMap::new();
+    for r in &rows {
+        let cap = r.required_capability.as_deref().unwrap_or("");
+        *read.entry((cap, r.key.as_str(), r.priority)).or_insert(0) += 1;
+    }
+    let full_keys: HashSet<String> = groups
+        .iter()
+        .zip(&lims)
+        .filter(|(g, lim)| {
+            read.get(&(g.cap.as_str(), g.key.as_str(), g.prio))
+                .copied()
+                .unwrap_or(0)
+                >= **lim
+        })
+        .map(|(g, _)| g.key.clone())
+        .collect();
+    let mut tasks: Vec<PendingTask> = rows
+        .into_iter()
+        .map(|r| PendingTask {
+            id: r.id,
+            urgency: fair_share::urgency(r.priority, r.waited, aging_seconds),
+            key: r.key,
+            required_capability: r.required_capability,
+            last_droplet_id: r.last_droplet_id,
+            created_at: r.created_at,
+        })
+        .collect();
+    fair_share::fair_order(&mut tasks, weight);
+
+    let mut out = Read::default();
+    let allowed = allowances(t, &tasks, limits, &mut out).await?;
+    let mut taken: HashMap<&str, i64> = HashMap::new();
+    let mut capped: HashSet<String> = HashSet::new();
+    let mut kept: Vec<PendingTask> = Vec::with_capacity(tasks.len().min(batch as usize));
+    for task in &tasks {
+        if let Some(limit) = allowed.get(&task.key) {
+            let n = taken.entry(task.key.as_str()).or_insert(0);
+            if *n >= *limit {
+                capped.insert(task.key.clone());
+                if out.buckets.contains_key(&task.key) {
+                    out.rate_held.insert(task.key.clone());
+                }
+                continue;
+            }
+            *n += 1;
+        }
+        kept.push(task.clone());
+    }
+    out.more = full_keys.iter().any(|k| !capped.contains(k)) || kept.len() as i64 > batch;
+    kept.truncate(batch as usize);
+    // Another replica may be assigning some of them right now: skip those, never wait.
+    let wanted_ids: Vec<i32> = kept.iter().map(|t| t.id).collect();
+    let locked: HashSet<i32> = sqlx::query_scalar!(
+        "SELECT id FROM tasks WHERE id = ANY($1) AND status = 'pending' ORDER BY id FOR UPDATE SKIP LOCKED",
+        &wanted_ids,
+    )
+    .fetch_all(t.conn())
+    .await?
+    .into_iter()
+    .collect();
+    kept.retain(|t| locked.contains(&t.id));
+    out.tasks = kept;
+    Ok(out)
+}
+
+/// How many tasks each limited key in the read may have assigned in this pass (keys
+/// without limits are absent): its limits' rows locked for the pass, its tasks in flight
+/// counted after the lock (so what another replica committed under it is seen), its bucket
+/// read. A key whose row another pass holds gets 0 and marks the read contended.
+async fn allowances(
+    t: &mut Transition<'_>,
+    tasks: &[PendingTask],
+    limits: &HashMap<String, Limit>,
+    out: &mut Read,
+) -> Result<HashMap<String, i64>, sqlx::Error> {
+    let limited: Vec<String> = tasks
+        .iter()
+        .map(|t| t.key.as_str())
+        .collect::<HashSet<_>>()
+        .into_iter()
+        .filter(|k| limits.get(*k).is_some_and(Limit::holds_routing))
+        .map(str::to_string)
+        .collect();
+    if limited.is_empty() {
+        return Ok(HashMap::new());
+    }
+    let rows = sqlx::query_as!(
+        Limit,
+        r#"SELECT key, max_in_flight, max_per_second, max_queued, weight, spent_until
+         FROM key_limits WHERE key = ANY($1) ORDER BY key FOR UPDATE SKIP LOCKED"#,
+        &limited,
+    )
+    .fetch_all(t.conn())
+    .await?;
+    let in_flight: HashMap<String, i64> = sqlx::query!(
+        r#"SELECT fairness_key AS "key!", COUNT(*) AS "n!" FROM tasks
+         WHERE fairness_key = ANY($1) AND status IN ('assigned', 'in_progress')
+         GROUP BY fairness_key"#,
+        &limited,
+    )
+    .fetch_all(t.conn())
+    .await?
+    .into_iter()
+    .map(|r| (r.key, r.n))
+    .collect();
+    let now = Utc::now();
+    let mut allowed: HashMap<String, i64> = limited.iter().map(|k| (k.clone(), 0)).collect();
+    out.contended = rows.len() < limited.len();
+    for row in rows {
+        let mut n = i64::MAX;
+        if let Some(max) = row.max_in_flight {
+            n = n.min((i64::from(max) - in_flight.get(&row.key).copied().unwrap_or(0)).max(0));
+        }
+        if let Some(rate) = row.max_per_second {
+            let bucket = Bucket::at(rate, row.spent_until, now);
+            n = n.min(bucket.tokens);
+            out.buckets.insert(row.key.clone(), bucket);
+        }
+        allowed.insert(row.key, n);
+    }
+    Ok(allowed)
+}
+
+/// Moves the buckets of the rate-limited keys past the tasks this pass assigned them, in
+/// the pass's transaction (whose lock on their rows keeps other replicas out meanwhile).
+pub async fn spend(
+    t: &mut Transition<'_>,
+    read: &Read,
+    assigned: &HashMap<String, i64>,
+) -> Result<(), sqlx::Error> {
+    let (keys, slots): (Vec<String>, Vec<DateTime<Utc>>) = read
+        .buckets
+        .iter()
+        .filter_map(|(key, bucket)| {
+            let used = assigned.get(key).copied().unwrap_or(0);
+            (used > 0).then(|| (key.clone(), bucket.after(used)))
+        })
+        .unzip();
+    if !keys.is_empty() {
+        sqlx::query!(
+            "UPDATE key_limits SET spent_until = v.slot
+             FROM unnest($1::text[], $2::timestamptz[]) AS v(key, slot)
+             WHERE key_limits.key = v.key",
+            &keys,
+            &slots,
+        )
+        .execute(t.conn())
+        .await?;
+    }
+    Ok(())
+}
+
+/// When the earliest key left waiting for its rate may have its next task.
+pub fn due(read: &Read, assigned: &HashMap<String, i64>) -> Option<DateTime<Utc>> {
+    read.rate_held
+        .iter()
+        .filter_map(|key| {
+            let used = assigned.get(key).copied().unwrap_or(0).max(0);
+            read.buckets.get(key).map(|b| b.after(used + 1))
+        })
+        .min()
+}
+
+/// A pass when a rate-limited key's next slot comes (unless one as early is scheduled).
+pub fn wake_at(core: &Core, at: DateTime<Utc>) {
+    if !core.limits.claim_wake(at) {
+        return;
+    }
+    let core = core.clone();
+    tokio::spawn(async move {
+        let wait = (at - Utc::now()).to_std().unwrap_or_default();
+        tokio::select! {
+            _ = core.shutdown.cancelled() => {}
+            _ = tokio::time::sleep(wait) => core.router.trigger(),
+        }
+    });
+}
