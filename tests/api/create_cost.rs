@@ -152,6 +152,7 @@ fn row(trace_id: Uuid, creator: &str) -> NewRow {
         deadline: None,
         created_by: creator.into(),
         changed_by: format!("droplet-{creator}"),
+        concurrency_key: None,
     }
 }
 

@@ -24,9 +24,9 @@ use crate::udc::MessageType;
 pub enum MessageAnswer {
     TaskCreated(TaskCreated),
     TaskCancelled(TaskCancelled),
-    TaskStatus(TaskStatusAnswer),
+    TaskStatus(Box<TaskStatusAnswer>),
     DropletList(DropletListAnswer),
-    SystemStatus(SystemStatusAnswer),
+    SystemStatus(Box<SystemStatusAnswer>),
     Heartbeat(HeartbeatReceived),
     Received(Received),
 }

@@ -238,13 +238,13 @@ async fn query(state: &AppState, payload: &Map<String, Value>) -> ApiResult<Mess
                         ApiError::not_found(format!("Task with trace id {trace} not found"))
                     })?
             };
-            Ok(MessageAnswer::TaskStatus(TaskStatusAnswer {
+            Ok(MessageAnswer::TaskStatus(Box::new(TaskStatusAnswer {
                 query: TaskStatusName::Name,
                 task_id: task.id,
                 trace_id: task.trace_id,
                 status: task.status,
                 task,
-            }))
+            })))
         }
         "droplet_list" => {
             let text = |key: &str| payload.get(key).and_then(Value::as_str).map(str::to_string);
@@ -265,7 +265,7 @@ async fn query(state: &AppState, payload: &Map<String, Value>) -> ApiResult<Mess
         }
         _ => {
             let sample = state.process.latest();
-            Ok(MessageAnswer::SystemStatus(SystemStatusAnswer {
+            Ok(MessageAnswer::SystemStatus(Box::new(SystemStatusAnswer {
                 query: SystemStatusName::Name,
                 status: if state.emergency_stopped() {
                     "maintenance"
@@ -285,7 +285,7 @@ async fn query(state: &AppState, payload: &Map<String, Value>) -> ApiResult<Mess
                     jobs: state.jobs.list(),
                 },
                 registry: state.registry.snapshot(),
-            }))
+            })))
         }
     }
 }
