@@ -24,6 +24,7 @@ pub const MAX_DEADLINE_SECONDS: u64 = 7 * 24 * 3600;
 
 /// The query of a drain.
 #[derive(Debug, Clone, Default, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct DrainParams {
     /// Seconds from now after which what the droplet still holds goes back to pending (0: at
     /// once). Absent: its tasks finish however long they take.
