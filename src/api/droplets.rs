@@ -12,9 +12,8 @@ use crate::error::ApiResult;
 use crate::services::dispatch::id_form_of;
 use crate::services::droplet_admin;
 use crate::services::droplet_admin::AdminChange;
-use crate::services::droplets::{
-    self, Droplet, DropletFilter, Heartbeat, HeartbeatRow, Load, Registration,
-};
+use crate::services::droplets::{self, Droplet, DropletFilter, Load, Registration};
+use crate::services::heartbeats::{self, Heartbeat, HeartbeatRow};
 use crate::services::status::DropletStatus;
 use crate::state::AppState;
 use crate::udc::{PathParam, QueryParams, RawBody, Udc};
@@ -132,7 +131,7 @@ pub async fn heartbeat(
         }
     };
     let id_form = meta.as_ref().and_then(|m| id_form_of(&m.source));
-    let droplet = droplets::heartbeat(&state, &caller, droplet_id, beat, id_form).await?;
+    let droplet = heartbeats::heartbeat(&state, &caller, droplet_id, beat, id_form).await?;
     let interval = state.config().heartbeat_interval;
     Ok(Udc::ok(HeartbeatAck {
         acknowledged: true,
@@ -197,7 +196,8 @@ pub async fn detail(
     caller.require(Permission::Read)?;
     let droplet = droplets::require(&state.db, droplet_id).await?;
     let load = droplets::load_of(&state.db, droplet.internal_id).await?;
-    let recent_heartbeats = droplets::recent_heartbeats(&state.db, droplet.internal_id, 10).await?;
+    let recent_heartbeats =
+        heartbeats::recent_heartbeats(&state.db, droplet.internal_id, 10).await?;
     Ok(Udc::ok(DropletDetail {
         droplet: DropletView {
             droplet,

@@ -17,6 +17,7 @@ use crate::services::analytics::{
     TaskPerformance, TimeRange,
 };
 use crate::services::droplets::{self, Load};
+use crate::services::heartbeats;
 use crate::services::status::DropletStatus;
 use crate::services::system_status::{self, HealthReport};
 use crate::state::AppState;
@@ -155,7 +156,7 @@ pub async fn droplet_performance(
     )
     .await?;
     let load = droplets::load_of(&state.db, droplet.internal_id).await?;
-    let last = droplets::recent_heartbeats(&state.db, droplet.internal_id, 1)
+    let last = heartbeats::recent_heartbeats(&state.db, droplet.internal_id, 1)
         .await?
         .into_iter()
         .next();

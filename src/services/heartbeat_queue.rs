@@ -1,5 +1,5 @@
 //! What concurrent heartbeats wait with to share one statement and one commit
-//! (`droplets::heartbeat`, over [`SharedCommit`]), as `create_queue.rs` is for creations.
+//! (`heartbeats::heartbeat`, over [`SharedCommit`]), as `create_queue.rs` is for creations.
 
 use serde_json::Value;
 

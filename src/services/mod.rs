@@ -22,6 +22,7 @@ pub mod fair_pending;
 pub mod fair_share;
 pub mod health_monitor;
 pub mod heartbeat_queue;
+pub mod heartbeats;
 pub mod http_client;
 pub mod key_limits;
 pub mod locks;

@@ -1,7 +1,7 @@
 //! Concurrent writes share a transaction: a write waits here with its item, and one of a few
 //! leaders takes every item waiting and writes them in one statement and one commit. Each
 //! write still answers only after its own item is committed. Creations (`tasks::insert`) and
-//! heartbeats (`droplets::heartbeat`) go this way.
+//! heartbeats (`heartbeats::heartbeat`) go this way.
 
 use std::collections::HashMap;
 use std::future::Future;

@@ -12,7 +12,8 @@ use crate::api::droplets::{next_heartbeat_deadline, HeartbeatAck};
 use crate::auth::{Caller, Permission};
 use crate::error::{ApiError, ApiResult, FieldError};
 use crate::services::dispatch::id_form_of;
-use crate::services::droplets::{self, DropletFilter, Heartbeat};
+use crate::services::droplets::{self, DropletFilter};
+use crate::services::heartbeats::{self, Heartbeat};
 use crate::services::messaging::{self, Relayed};
 use crate::services::system_status;
 use crate::services::tasks::{self, NewTask};
@@ -310,7 +311,7 @@ async fn heartbeat(
     let droplet_id = named.unwrap_or(caller.droplet_id);
     let beat: Heartbeat = udc::deserialize_payload(Value::Object(payload), &["body", "payload"])
         .map_err(ApiError::Validation)?;
-    let droplet = droplets::heartbeat(state, caller, droplet_id, beat, id_form).await?;
+    let droplet = heartbeats::heartbeat(state, caller, droplet_id, beat, id_form).await?;
     let interval = state.config().heartbeat_interval;
     Ok(MessageAnswer::Heartbeat(HeartbeatReceived {
         received: true,

@@ -1,0 +1,220 @@
+//! Heartbeats: the payload a droplet sends, concurrent heartbeats sharing one statement and
+//! one commit (`heartbeat_queue.rs`, `shared_commit.rs`), and the recent ones a droplet's
+//! details show.
+
+use chrono::NaiveDateTime;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use sqlx::PgPool;
+
+use crate::identity::Principal;
+use crate::protocol;
+use crate::services::droplets::{require, Droplet, DROPLET_COLUMNS, MAX_METRICS_BYTES};
+use crate::services::error::{Error, Result};
+use crate::services::events;
+use crate::services::heartbeat_queue::{Beat, BeatRow};
+use crate::services::shared_commit;
+use crate::services::status::DropletStatus;
+use crate::services::Core;
+use crate::validation::FieldError;
+use crate::validation::Validate;
+
+/// The payload of a heartbeat.
+#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
+pub struct Heartbeat {
+    #[serde(default = "active")]
+    pub status: String,
+    #[serde(default)]
+    #[schema(value_type = Option<Object>)]
+    pub metrics: Option<Value>,
+}
+
+fn active() -> String {
+    "active".to_string()
+}
+
+impl Validate for Heartbeat {
+    fn validate(&self) -> Vec<FieldError> {
+        let mut errors = Vec::new();
+        let n = self.status.chars().count();
+        if n == 0 || n > 20 {
+            errors.push(FieldError::new(
+                &["status"],
+                "String should have 1 to 20 characters",
+                "string_too_long",
+            ));
+        }
+        if let Some(metrics) = &self.metrics {
+            if metrics.to_string().len() > MAX_METRICS_BYTES {
+                errors.push(FieldError::new(
+                    &["metrics"],
+                    format!("Metrics should be at most {MAX_METRICS_BYTES} bytes of JSON"),
+                    "too_long",
+                ));
+            }
+        }
+        errors
+    }
+}
+
+impl Default for Heartbeat {
+    fn default() -> Self {
+        Heartbeat {
+            status: active(),
+            metrics: None,
+        }
+    }
+}
+
+/// The droplet status a reported heartbeat status leads to: only `active` takes tasks.
+fn droplet_status_for(reported: &str) -> &'static str {
+    match reported.to_ascii_lowercase().as_str() {
+        "active" | "healthy" | "ok" => "active",
+        "error" => "error",
+        _ => "inactive",
+    }
+}
+
+/// Heartbeats in one round trip, many droplets at once (one heartbeat each): each droplet's
+/// row (status unless an admin holds it) and its `heartbeats` row, rows locked in id order.
+/// `$1` droplet ids, `$2` new droplet statuses, `$3` reported statuses, `$4` metrics, `$5` the
+/// id forms the envelopes showed (or NULL).
+pub const HEARTBEATS_SQL: &str = const_format::concatcp!(
+    "WITH b AS (
+        SELECT * FROM unnest($1::int[], $2::text[], $3::text[], $4::jsonb[], $5::text[])
+            AS b(beat_droplet, new_status, reported, metrics, beat_id_form)
+     ),
+     old AS (
+        SELECT d.id AS old_id, d.status AS old_status, b.*
+        FROM droplets d JOIN b ON b.beat_droplet = d.droplet_id
+        WHERE d.droplet_id = ANY($1::int[])
+        ORDER BY d.id FOR NO KEY UPDATE OF d
+     ),
+     up AS (
+        UPDATE droplets SET last_heartbeat = NOW(), updated_at = NOW(), refused_deliveries = 0,
+            id_form = COALESCE(old.beat_id_form, droplets.id_form),
+            -- An unreachable droplet stays as it is: its heartbeat shows it reaches us, not
+            -- that we reach it (a successful probe or a registration brings it back).
+            status = CASE WHEN droplets.admin_deactivated OR droplets.unreachable_since IS NOT NULL
+                          THEN droplets.status ELSE old.new_status END
+        FROM old WHERE droplets.id = old.old_id
+        RETURNING droplets.*
+     ),
+     hb AS (
+        INSERT INTO heartbeats (droplet_id, status, metrics)
+        SELECT up.id, old.reported, old.metrics FROM up JOIN old ON old.old_id = up.id ORDER BY up.id
+     ),
+     ",
+    events::HEARTBEAT_HEALTH_EVENT_CTE,
+    "
+     SELECT ",
+    DROPLET_COLUMNS,
+    ", old.old_status AS previous_status FROM up JOIN old ON old.old_id = up.id"
+);
+
+/// Records a heartbeat: the droplet's row and one `heartbeats` row, in one statement shared
+/// with the heartbeats of other droplets arriving at the same moment (`shared_commit`).
+/// An admin's deactivation holds: the heartbeat is recorded but the status stays.
+pub async fn heartbeat(
+    state: &Core,
+    caller: &Principal,
+    droplet_id: i32,
+    beat: Heartbeat,
+    id_form: Option<&str>,
+) -> Result<Droplet> {
+    // The contract's order: the droplet exists (404) before the caller may act on it (403).
+    if !caller.may_act_as(droplet_id) {
+        require(&state.db, droplet_id).await?;
+        return Err(Error::Forbidden(caller.not_as(droplet_id)));
+    }
+    let answer = state.heartbeats.push(BeatRow {
+        droplet_id,
+        new_status: droplet_status_for(&beat.status).to_string(),
+        reported: beat.status.clone(),
+        metrics: beat.metrics.clone(),
+        id_form: id_form.map(str::to_string),
+    });
+    shared_commit::lead(
+        state,
+        |c: &Core| &c.heartbeats,
+        |q| q.take_distinct(|b| b.droplet_id),
+        // Should the shared statement fail (a deadlock with another writer of several
+        // droplets, say), each heartbeat is tried alone.
+        |core, batch| async move {
+            shared_commit::write_each(
+                &core,
+                batch,
+                |b| b.droplet_id,
+                |core, rows| Box::pin(beat_rows(core, rows)),
+            )
+            .await
+        },
+    );
+    let row = match answer.await {
+        Ok(beaten) => beaten?,
+        Err(_) => {
+            return Err(Error::internal(
+                "a shared heartbeat ended without an answer",
+            ))
+        }
+    };
+    let row = row.ok_or_else(|| Error::not_found(format!("Droplet {droplet_id} not found")))?;
+    // The statement itself sent the health event (in its own transaction, so in commit order
+    // with every other change of this droplet).
+    if row.previous_status != row.droplet.status && row.droplet.status == DropletStatus::Active {
+        state.router.trigger();
+    }
+    Ok(row.droplet)
+}
+
+/// The heartbeats of distinct droplets in one statement; the droplets after them by id.
+async fn beat_rows(
+    core: &Core,
+    rows: &[&BeatRow],
+) -> std::result::Result<std::collections::HashMap<i32, Beat>, sqlx::Error> {
+    let beats: Vec<Beat> = sqlx::query_as(HEARTBEATS_SQL)
+        .bind(rows.iter().map(|r| r.droplet_id).collect::<Vec<_>>())
+        .bind(
+            rows.iter()
+                .map(|r| r.new_status.as_str())
+                .collect::<Vec<_>>(),
+        )
+        .bind(rows.iter().map(|r| r.reported.as_str()).collect::<Vec<_>>())
+        .bind(rows.iter().map(|r| &r.metrics).collect::<Vec<_>>())
+        .bind(
+            rows.iter()
+                .map(|r| r.id_form.as_deref())
+                .collect::<Vec<_>>(),
+        )
+        .fetch_all(&core.db)
+        .await?;
+    Ok(beats
+        .into_iter()
+        .map(|b| (b.droplet.droplet_id, b))
+        .collect())
+}
+
+#[derive(Debug, Clone, Serialize, sqlx::FromRow, utoipa::ToSchema)]
+pub struct HeartbeatRow {
+    pub status: String,
+    #[schema(value_type = Option<Object>)]
+    pub metrics: Option<Value>,
+    #[serde(serialize_with = "protocol::ts_opt")]
+    #[schema(value_type = Option<String>, format = DateTime)]
+    pub received_at: Option<NaiveDateTime>,
+}
+
+pub async fn recent_heartbeats(
+    db: &PgPool,
+    internal_id: i32,
+    limit: i64,
+) -> Result<Vec<HeartbeatRow>, sqlx::Error> {
+    sqlx::query_as!(
+        HeartbeatRow,
+        r#"SELECT status AS "status!", metrics AS "metrics?", received_at AS "received_at?" FROM heartbeats WHERE droplet_id = $1 ORDER BY received_at DESC, id DESC LIMIT $2"#,
+        internal_id,
+        limit,
+    )
+    .fetch_all(db)
+    .await
+}
