@@ -71,7 +71,12 @@ async fn a_frozen_droplet_loses_its_tasks_and_its_late_patches_are_refused() {
     .await
     .expect("tasks of the frozen droplet");
     let held_ids: Vec<i32> = held.iter().map(|(id, _)| *id).collect();
-    let running = held.iter().filter(|(_, s)| s == "in_progress").count();
+    let running_ids: Vec<i32> = held
+        .iter()
+        .filter(|(_, s)| s == "in_progress")
+        .map(|(id, _)| *id)
+        .collect();
+    let running = running_ids.len();
     assert!(
         running > 0,
         "the droplet was not mid-task when it froze: {held:?}"
@@ -115,9 +120,13 @@ async fn a_frozen_droplet_loses_its_tasks_and_its_late_patches_are_refused() {
     let late = wait_for(Duration::from_secs(30), || async {
         let late = frozen.late.lock().map(|l| l.clone()).unwrap_or_default();
         let answered: std::collections::HashSet<i32> = late.iter().map(|(t, _, _)| *t).collect();
-        // Every task it had in hand when it froze has been PATCHed late.
-        let in_hand = frozen.working.lock().map(|w| w.len()).unwrap_or(0);
-        (in_hand == 0 && answered.len() >= running).then_some(late)
+        // Every task it had in hand when it froze has been PATCHed late. (Not "nothing in
+        // hand": once thawed it heartbeats, is active again and takes new work, so its hands
+        // may never be empty at the moment this looks.)
+        running_ids
+            .iter()
+            .all(|t| answered.contains(t))
+            .then_some(late)
     })
     .await
     .expect("the thawed droplet PATCHed its old tasks");
