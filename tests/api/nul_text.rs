@@ -43,6 +43,16 @@ async fn nul_characters_are_a_422_everywhere_and_change_nothing() {
         ),
         (
             Method::POST,
+            "/tasks".to_string(),
+            json!({"task_type": "t", "title": "a", "concurrency_key": "k\u{0}"}),
+        ),
+        (
+            Method::PUT,
+            "/management/limits/k%00".to_string(),
+            json!({"max_in_flight": 1}),
+        ),
+        (
+            Method::POST,
             "/droplets/register".to_string(),
             json!({"droplet_id": 7, "name": "n\u{0}", "endpoint": "http://x", "capabilities": ["a"]}),
         ),
