@@ -87,6 +87,11 @@ async fn nul_characters_are_a_422_everywhere_and_change_nothing() {
         .await
         .expect("count");
     assert_eq!(tasks, 1, "a refused creation left a row");
+    let limits: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM key_limits")
+        .fetch_one(&app.db)
+        .await
+        .expect("count");
+    assert_eq!(limits, 0, "a refused limit left a row");
     let name: String = sqlx::query_scalar("SELECT name FROM droplets WHERE droplet_id = 7")
         .fetch_one(&app.db)
         .await
