@@ -8,7 +8,7 @@
 use serde_json::json;
 use sqlx::PgConnection;
 
-use crate::services::droplet_row::{Droplet, DROPLET_COLUMNS};
+use crate::services::droplet_row::{droplet_query, Droplet};
 use crate::services::events::{self, DropletEventKind, Event};
 
 /// Marks drained the droplets (internal ids; `None`: every droplet being drained) that hold
@@ -17,7 +17,7 @@ pub async fn finish_drains(
     conn: &mut PgConnection,
     droplets: Option<&[i32]>,
 ) -> Result<usize, sqlx::Error> {
-    let drained: Vec<Droplet> = sqlx::query_as(const_format::concatcp!(
+    let drained: Vec<Droplet> = droplet_query!(
         // A droplet row locked elsewhere (a heartbeat, a registration) is skipped, never
         // waited for: the job's round finishes its drain.
         "WITH c AS (
@@ -32,10 +32,9 @@ pub async fn finish_drains(
                                 AND t.status IN ('assigned', 'in_progress'))
             RETURNING droplets.*
          ) SELECT ",
-        DROPLET_COLUMNS,
-        " FROM up ORDER BY droplet_id"
-    ))
-    .bind(droplets)
+        " FROM up ORDER BY droplet_id",
+        droplets
+    )
     .fetch_all(&mut *conn)
     .await?;
     let events: Vec<Event> = drained

@@ -6,6 +6,7 @@ use serde::Serialize;
 use serde_json::Value;
 
 use crate::protocol;
+use crate::services::sql_columns::{concat_plus, plain_columns};
 use crate::services::status::DropletStatus;
 
 /// A droplet as the API shows it: `id` and `droplet_id` are both the external id.
@@ -60,13 +61,81 @@ pub struct Droplet {
     pub drained_at: Option<NaiveDateTime>,
 }
 
-/// The columns that read a [`Droplet`] (`SELECT {DROPLET_COLUMNS} FROM droplets`).
-pub const DROPLET_COLUMNS: &str = "id AS internal_id, droplet_id AS id, droplet_id, name, steward, endpoint, \
-    COALESCE(capabilities, '[]'::jsonb) AS capabilities, status, last_heartbeat, registered_at, updated_at, \
-    max_concurrent_tasks, admin_deactivated, registered, id_form, capability_schemas, \
-    LEAST(in_flight_allowance, max_concurrent_tasks) AS in_flight_allowance, \
-    CASE WHEN deferred_until > NOW() THEN deferred_until END AS deferred_until, \
-    drain_requested_at IS NOT NULL AS draining, drain_deadline, drained_at";
+/// The columns that read a [`Droplet`] from the `droplets` row (unqualified), declared once
+/// (see `sql_columns.rs`): calls `$m!` (a path: `sqlx::query_as`) with `$before`, the columns
+/// as one literal carrying the query macros' overrides, then `$after`. See [`droplet_query!`]
+/// for a statement that reads droplets alone and [`droplet_record!`] for one that reads more.
+macro_rules! droplet_columns {
+    ($($m:ident)::+ { $($before:tt)* } { $($after:tt)* }) => {
+        $($m)::+!($($before)*
+            "id AS \"internal_id!\", droplet_id AS \"id!\", droplet_id AS \"droplet_id!\", \
+             name AS \"name!\", steward, endpoint AS \"endpoint!\", \
+             COALESCE(capabilities, '[]'::jsonb) AS \"capabilities!\", \
+             status AS \"status!: crate::services::status::DropletStatus\", last_heartbeat, \
+             registered_at, updated_at, max_concurrent_tasks, \
+             admin_deactivated AS \"admin_deactivated!\", registered AS \"registered!\", \
+             id_form, capability_schemas, \
+             LEAST(in_flight_allowance, max_concurrent_tasks) AS in_flight_allowance, \
+             CASE WHEN deferred_until > NOW() THEN deferred_until END AS deferred_until, \
+             drain_requested_at IS NOT NULL AS \"draining!\", drain_deadline, drained_at"
+            $($after)*)
+    };
+}
+pub(crate) use droplet_columns;
+
+/// `sqlx::query_as!(Droplet, $head + "<droplet columns>" + $tail, args...)`.
+macro_rules! droplet_query {
+    ($head:literal, $tail:literal $(, $arg:expr)* $(,)?) => {
+        $crate::services::droplet_row::droplet_columns!(sqlx::query_as {
+            crate::services::droplet_row::Droplet, $head +
+        } { + $tail $(, $arg)* })
+    };
+}
+pub(crate) use droplet_query;
+
+/// `sqlx::query!($head + "<droplet columns>" + $tail, args...)`, for a statement that reads
+/// more than the droplet (`$tail` adds columns): [`droplet_of!`] takes the droplet out of
+/// each record, and its other fields stay.
+macro_rules! droplet_record {
+    ($head:literal, $tail:literal $(, $arg:expr)* $(,)?) => {
+        $crate::services::droplet_row::droplet_columns!(sqlx::query { $head + } { + $tail $(, $arg)* })
+    };
+}
+pub(crate) use droplet_record;
+
+/// The [`Droplet`] of a record read by [`droplet_record!`] (its fields moved out).
+macro_rules! droplet_of {
+    ($r:ident) => {
+        $crate::services::droplet_row::Droplet {
+            internal_id: $r.internal_id,
+            id: $r.id,
+            droplet_id: $r.droplet_id,
+            name: $r.name,
+            steward: $r.steward,
+            endpoint: $r.endpoint,
+            capabilities: $r.capabilities,
+            status: $r.status,
+            last_heartbeat: $r.last_heartbeat,
+            registered_at: $r.registered_at,
+            updated_at: $r.updated_at,
+            max_concurrent_tasks: $r.max_concurrent_tasks,
+            admin_deactivated: $r.admin_deactivated,
+            registered: $r.registered,
+            id_form: $r.id_form,
+            capability_schemas: $r.capability_schemas,
+            in_flight_allowance: $r.in_flight_allowance,
+            deferred_until: $r.deferred_until,
+            draining: $r.draining,
+            drain_deadline: $r.drain_deadline,
+            drained_at: $r.drained_at,
+        }
+    };
+}
+pub(crate) use droplet_of;
+
+/// [`droplet_columns!`] for statements still built at run time and read with `FromRow`
+/// (without the overrides): `SELECT {DROPLET_COLUMNS} FROM droplets`.
+pub const DROPLET_COLUMNS: &str = plain_columns!(droplet_columns!(concat_plus {} {}));
 
 impl Droplet {
     pub fn capability_list(&self) -> Vec<String> {

@@ -7,6 +7,7 @@ use sqlx::PgPool;
 
 use crate::identity::Principal;
 use crate::services::contract_directory::{ContractDirectory, Listed};
+use crate::services::droplet_row::{droplet_of, droplet_query, droplet_record};
 use crate::services::error::{Error, Result};
 use crate::services::events::{self, DropletEventKind, Event};
 use crate::services::status::DropletStatus;
@@ -145,9 +146,7 @@ impl Validate for Registration {
     }
 }
 
-#[derive(sqlx::FromRow)]
 struct Upserted {
-    #[sqlx(flatten)]
     droplet: Droplet,
     was_new: bool,
     previous_status: Option<String>,
@@ -233,7 +232,7 @@ pub async fn register(
     let mut capabilities = reg.capabilities.clone();
     capabilities.retain(|c| seen.insert(c.clone()));
     let mut tx = state.db.begin().await?;
-    let row: Upserted = sqlx::query_as(const_format::concatcp!(
+    let r = droplet_record!(
         "WITH old AS (SELECT status, registered FROM droplets WHERE droplet_id = $1),
          up AS (
             INSERT INTO droplets (droplet_id, name, steward, endpoint, capabilities, status, last_heartbeat,
@@ -253,21 +252,25 @@ pub async fn register(
             RETURNING *
          )
          SELECT ",
-        DROPLET_COLUMNS,
-        ", (NOT EXISTS (SELECT 1 FROM old WHERE registered)) AS was_new,
-            (SELECT status FROM old) AS previous_status
-         FROM up"
-    ))
-    .bind(id)
-    .bind(&reg.name)
-    .bind(&reg.steward)
-    .bind(&reg.endpoint)
-    .bind(json!(capabilities))
-    .bind(reg.max_concurrent_tasks.map(|m| m as i32))
-    .bind(id_form)
-    .bind(reg.capability_schemas.clone().map(Value::Object))
+        r#", (NOT EXISTS (SELECT 1 FROM old WHERE registered)) AS "was_new!",
+            (SELECT status FROM old) AS "previous_status?"
+         FROM up"#,
+        id,
+        &reg.name,
+        reg.steward.as_deref(),
+        &reg.endpoint,
+        json!(capabilities),
+        reg.max_concurrent_tasks.map(|m| m as i32),
+        id_form,
+        reg.capability_schemas.clone().map(Value::Object),
+    )
     .fetch_one(&mut *tx)
     .await?;
+    let row = Upserted {
+        was_new: r.was_new,
+        previous_status: r.previous_status,
+        droplet: droplet_of!(r),
+    };
     let event = Event::droplet(
         DropletEventKind::DropletRegistered,
         row.droplet.to_json(),
@@ -289,25 +292,19 @@ pub async fn register(
 }
 
 pub async fn load(db: &PgPool, droplet_id: i32) -> Result<Option<Droplet>, sqlx::Error> {
-    sqlx::query_as(const_format::concatcp!(
+    droplet_query!(
         "SELECT ",
-        DROPLET_COLUMNS,
-        " FROM droplets WHERE droplet_id = $1"
-    ))
-    .bind(droplet_id)
+        " FROM droplets WHERE droplet_id = $1",
+        droplet_id
+    )
     .fetch_optional(db)
     .await
 }
 
 pub async fn load_internal(db: &PgPool, internal_id: i32) -> Result<Option<Droplet>, sqlx::Error> {
-    sqlx::query_as(const_format::concatcp!(
-        "SELECT ",
-        DROPLET_COLUMNS,
-        " FROM droplets WHERE id = $1"
-    ))
-    .bind(internal_id)
-    .fetch_optional(db)
-    .await
+    droplet_query!("SELECT ", " FROM droplets WHERE id = $1", internal_id)
+        .fetch_optional(db)
+        .await
 }
 
 /// Whether `caller` may heartbeat droplet `droplet_id`, in the contract's order: the droplet
@@ -349,16 +346,15 @@ impl Validate for DropletFilter {
 }
 
 pub async fn list(db: &PgPool, f: &DropletFilter) -> Result<Vec<Droplet>, sqlx::Error> {
-    sqlx::query_as(const_format::concatcp!(
+    droplet_query!(
         "SELECT ",
-        DROPLET_COLUMNS,
         " FROM droplets
           WHERE ($1::text IS NULL OR status = $1)
             AND ($2::text IS NULL OR capabilities @> jsonb_build_array($2::text))
-          ORDER BY droplet_id"
-    ))
-    .bind(&f.status)
-    .bind(&f.capability)
+          ORDER BY droplet_id",
+        f.status.as_deref(),
+        f.capability.as_deref()
+    )
     .fetch_all(db)
     .await
 }
@@ -395,7 +391,7 @@ pub async fn set_admin_status(
     droplet_id: i32,
     activate: bool,
 ) -> Result<(Droplet, DropletStatus)> {
-    let row: Option<Beat> = sqlx::query_as(const_format::concatcp!(
+    let row = droplet_record!(
         "WITH old AS (SELECT id, status FROM droplets WHERE droplet_id = $1 FOR NO KEY UPDATE),
          up AS (
             UPDATE droplets SET
@@ -407,13 +403,16 @@ pub async fn set_admin_status(
             RETURNING droplets.*
          )
          SELECT ",
-        DROPLET_COLUMNS,
-        ", (SELECT status FROM old) AS previous_status FROM up"
-    ))
-    .bind(droplet_id)
-    .bind(activate)
+        r#", (SELECT status FROM old) AS "previous_status!: crate::services::status::DropletStatus" FROM up"#,
+        droplet_id,
+        activate
+    )
     .fetch_optional(&mut *conn)
-    .await?;
+    .await?
+    .map(|r| Beat {
+        previous_status: r.previous_status,
+        droplet: droplet_of!(r),
+    });
     let row = row.ok_or_else(|| Error::not_found(format!("Droplet {droplet_id} not found")))?;
     if row.previous_status != row.droplet.status {
         let event = Event::droplet(

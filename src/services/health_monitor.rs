@@ -6,7 +6,8 @@ use serde_json::json;
 use sqlx::PgPool;
 
 use crate::config::Config;
-use crate::services::droplets::{Droplet, DROPLET_COLUMNS};
+use crate::services::droplet_row::droplet_query;
+use crate::services::droplets::Droplet;
 use crate::services::events::{self, DropletEventKind, Event};
 use crate::services::locks::Singleton;
 use crate::services::task_recovery;
@@ -30,14 +31,14 @@ pub async fn run_once(state: &Core) -> Result<HealthRound, sqlx::Error> {
             ..Default::default()
         });
     }
-    let lost: Vec<Droplet> = sqlx::query_as(const_format::concatcp!(
+    let lost: Vec<Droplet> = droplet_query!(
         "UPDATE droplets SET status = 'inactive', updated_at = NOW()
          WHERE status = 'active'
            AND (last_heartbeat IS NULL OR last_heartbeat < NOW() - make_interval(secs => $1::double precision))
          RETURNING ",
-        DROPLET_COLUMNS
-    ))
-    .bind(config.heartbeat_timeout as f64)
+        "",
+        config.heartbeat_timeout as f64
+    )
     .fetch_all(&mut *tx)
     .await?;
     let mut evs = Vec::with_capacity(lost.len() * 2);

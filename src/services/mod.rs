@@ -31,6 +31,7 @@ pub mod registry_client;
 pub mod registry_status;
 pub mod router_trigger;
 pub mod shared_commit;
+pub mod sql_columns;
 pub mod state_machine;
 pub mod status;
 pub mod system_status;

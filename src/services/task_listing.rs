@@ -5,6 +5,7 @@ use serde::Deserialize;
 use serde_json::Value;
 use sqlx::{PgPool, Postgres, QueryBuilder};
 
+use crate::services::sql_columns::{concat_plus, plain_columns};
 use crate::services::state_machine::Status;
 use crate::services::task_store::{self, Task};
 use crate::validation::{range, FieldError, Validate};
@@ -193,13 +194,8 @@ pub const LIST_PAYLOAD_BYTES: usize = 2 * 1024 * 1024;
 /// The task columns for listings, without `payload` and `result`: a page of large payloads
 /// costs neither the database's network nor this process their size. When they are asked
 /// for, [`list`] reads their sizes and then only the ones that fit [`LIST_PAYLOAD_BYTES`].
-const LIST_COLUMNS: &str = const_format::concatcp!(
-    task_store::COLUMNS_HEAD,
-    "'null'::jsonb AS payload",
-    task_store::COLUMNS_MID,
-    "NULL::jsonb AS result",
-    task_store::COLUMNS_TAIL
-);
+const LIST_COLUMNS: &str = plain_columns!(task_store::task_columns!(concat_plus {}
+    ("'null'::jsonb AS payload", "NULL::jsonb AS result") {}));
 
 impl Page {
     /// The tasks as a listing shows them: without `payload` and `result` unless asked for,
@@ -240,15 +236,16 @@ impl Page {
     /// tried): first their sizes as the database writes them, then only the chosen ones.
     async fn read_payloads(&mut self, db: &PgPool) -> Result<(), sqlx::Error> {
         let ids: Vec<i32> = self.tasks.iter().map(|t| t.id).collect();
-        let sizes: Vec<(i32, i64)> = sqlx::query_as(
-            "SELECT id, (octet_length(payload::text)
-                         + COALESCE(octet_length(result::text), 0))::bigint
-               FROM tasks WHERE id = ANY($1)",
+        let sizes = sqlx::query!(
+            r#"SELECT id, (octet_length(payload::text)
+                         + COALESCE(octet_length(result::text), 0))::bigint AS "size!"
+               FROM tasks WHERE id = ANY($1)"#,
+            &ids
         )
-        .bind(&ids)
         .fetch_all(db)
         .await?;
-        let size_of: std::collections::HashMap<i32, i64> = sizes.into_iter().collect();
+        let size_of: std::collections::HashMap<i32, i64> =
+            sizes.into_iter().map(|r| (r.id, r.size)).collect();
         let mut budget = LIST_PAYLOAD_BYTES as i64;
         let mut chosen = Vec::new();
         for id in &ids {
@@ -260,14 +257,15 @@ impl Page {
                 _ => {}
             }
         }
-        let bodies: Vec<(i32, Value, Option<Value>)> =
-            sqlx::query_as("SELECT id, payload, result FROM tasks WHERE id = ANY($1)")
-                .bind(&chosen)
-                .fetch_all(db)
-                .await?;
+        let bodies = sqlx::query!(
+            "SELECT id, payload, result FROM tasks WHERE id = ANY($1)",
+            &chosen
+        )
+        .fetch_all(db)
+        .await?;
         let mut body_of: std::collections::HashMap<i32, (Value, Option<Value>)> = bodies
             .into_iter()
-            .map(|(id, payload, result)| (id, (payload, result)))
+            .map(|r| (r.id, (r.payload, r.result)))
             .collect();
         self.payload_read = self
             .tasks

@@ -2,6 +2,7 @@
 //! (in progress); failed tasks retry after their backoff; deadlines and assignment timeouts.
 
 use crate::services::dispatch::{Refusal, Report, Unreachable};
+use crate::services::droplet_row::{droplet_columns, droplet_of, droplet_record};
 use crate::services::locks::Singleton;
 use crate::services::state_machine::{Actor, Cause, Mode, Move, MoveError, Status};
 use crate::services::transition::Transition;
@@ -170,70 +171,63 @@ enum Counter {
     ConnectionFailures,
 }
 
-impl Counter {
-    fn sql(self) -> &'static str {
-        macro_rules! marking {
-            ($column:literal) => {
-                const_format::concatcp!(
-                    "WITH c AS (SELECT * FROM unnest($1::int[], $2::int[]) AS c(cid, n)),
-                     old AS (
-                        SELECT droplets.id AS old_id, droplets.status AS old_status, c.n
-                        FROM droplets JOIN c ON c.cid = droplets.id
-                        ORDER BY droplets.id FOR NO KEY UPDATE OF droplets
-                     ),
-                     up AS (
-                        UPDATE droplets SET ",
-                    $column,
-                    " = droplets.",
-                    $column,
-                    " + old.n,
-                            status = CASE WHEN (droplets.",
-                    $column,
-                    " + old.n >= $3 OR $4)
-                                               AND NOT droplets.admin_deactivated
-                                          THEN 'error' ELSE droplets.status END,
-                            updated_at = NOW()
-                        FROM old WHERE droplets.id = old.old_id RETURNING droplets.*
-                     ) SELECT ",
-                    crate::services::droplets::DROPLET_COLUMNS,
-                    ", old.old_status AS previous_status FROM up JOIN old ON old.old_id = up.id
-                     WHERE up.status = 'error' AND old.old_status <> 'error'"
-                )
-            };
-        }
-        match self {
-            Counter::Refusals => marking!("refused_deliveries"),
-            Counter::AssignmentTimeouts => marking!("timed_out_assignments"),
-            Counter::ConnectionFailures => UNREACHABLE_SQL,
-        }
-    }
+/// The statement of [`count_and_mark`] for a counter column: adds `$2` to the column of the
+/// droplets `$1` (internal ids), marks `error` those reaching `$3` (all, with `$4`) unless an
+/// admin holds them, and reads the droplets marked now with their status before.
+macro_rules! marking {
+    ($column:literal, $($arg:expr),+) => {
+        droplet_columns!(sqlx::query {
+            "WITH c AS (SELECT * FROM unnest($1::int[], $2::int[]) AS c(cid, n)),
+             old AS (
+                SELECT droplets.id AS old_id, droplets.status AS old_status, c.n
+                FROM droplets JOIN c ON c.cid = droplets.id
+                ORDER BY droplets.id FOR NO KEY UPDATE OF droplets
+             ),
+             up AS (
+                UPDATE droplets SET " + $column + " = droplets." + $column + " + old.n,
+                    status = CASE WHEN (droplets." + $column + " + old.n >= $3 OR $4)
+                                       AND NOT droplets.admin_deactivated
+                                  THEN 'error' ELSE droplets.status END,
+                    updated_at = NOW()
+                FROM old WHERE droplets.id = old.old_id RETURNING droplets.*
+             ) SELECT " +
+        } {
+            + r#", old.old_status AS "previous_status!" FROM up JOIN old ON old.old_id = up.id
+             WHERE up.status = 'error' AND old.old_status <> 'error'"#,
+            $($arg),+
+        })
+    };
 }
 
 /// [`Counter::ConnectionFailures`]: as `marking!`, and `unreachable_since` set at the
 /// threshold; the rows returned are the droplets that became unreachable now.
-const UNREACHABLE_SQL: &str = const_format::concatcp!(
-    "WITH c AS (SELECT * FROM unnest($1::int[], $2::int[]) AS c(cid, n)),
-     old AS (
-        SELECT droplets.id AS old_id, droplets.status AS old_status,
-               droplets.unreachable_since AS old_unreachable, c.n
-        FROM droplets JOIN c ON c.cid = droplets.id
-        ORDER BY droplets.id FOR NO KEY UPDATE OF droplets
-     ),
-     up AS (
-        UPDATE droplets SET failed_deliveries = droplets.failed_deliveries + old.n,
-            unreachable_since = CASE WHEN droplets.failed_deliveries + old.n >= $3 OR $4
-                                     THEN COALESCE(droplets.unreachable_since, NOW())
-                                     ELSE droplets.unreachable_since END,
-            status = CASE WHEN (droplets.failed_deliveries + old.n >= $3 OR $4)
-                               AND NOT droplets.admin_deactivated
-                          THEN 'error' ELSE droplets.status END,
-            updated_at = NOW()
-        FROM old WHERE droplets.id = old.old_id RETURNING droplets.*
-     ) SELECT ",
-    crate::services::droplets::DROPLET_COLUMNS,
-    ", old.old_status AS previous_status FROM up JOIN old ON old.old_id = up.id
-     WHERE up.unreachable_since IS NOT NULL AND old.old_unreachable IS NULL"
-);
+macro_rules! marking_unreachable {
+    ($($arg:expr),+) => {
+        droplet_record!(
+            "WITH c AS (SELECT * FROM unnest($1::int[], $2::int[]) AS c(cid, n)),
+             old AS (
+                SELECT droplets.id AS old_id, droplets.status AS old_status,
+                       droplets.unreachable_since AS old_unreachable, c.n
+                FROM droplets JOIN c ON c.cid = droplets.id
+                ORDER BY droplets.id FOR NO KEY UPDATE OF droplets
+             ),
+             up AS (
+                UPDATE droplets SET failed_deliveries = droplets.failed_deliveries + old.n,
+                    unreachable_since = CASE WHEN droplets.failed_deliveries + old.n >= $3 OR $4
+                                             THEN COALESCE(droplets.unreachable_since, NOW())
+                                             ELSE droplets.unreachable_since END,
+                    status = CASE WHEN (droplets.failed_deliveries + old.n >= $3 OR $4)
+                                       AND NOT droplets.admin_deactivated
+                                  THEN 'error' ELSE droplets.status END,
+                    updated_at = NOW()
+                FROM old WHERE droplets.id = old.old_id RETURNING droplets.*
+             ) SELECT ",
+            r#", old.old_status AS "previous_status!" FROM up JOIN old ON old.old_id = up.id
+             WHERE up.unreachable_since IS NOT NULL AND old.old_unreachable IS NULL"#,
+            $($arg),+
+        )
+    };
+}
 
 /// A droplet just marked `error`, and why.
 struct Marked {
@@ -255,20 +249,37 @@ async fn count_and_mark(
     force: bool,
     why: impl Fn(i32) -> String,
 ) -> Result<Vec<Marked>, sqlx::Error> {
-    #[derive(sqlx::FromRow)]
     struct Row {
-        #[sqlx(flatten)]
         droplet: crate::services::droplets::Droplet,
         previous_status: String,
     }
     let (ids, ns): (Vec<i32>, Vec<i32>) = counts.iter().copied().unzip();
-    let rows: Vec<Row> = sqlx::query_as(counter.sql())
-        .bind(&ids)
-        .bind(&ns)
-        .bind(i32::try_from(threshold).unwrap_or(i32::MAX))
-        .bind(force)
-        .fetch_all(t.conn())
-        .await?;
+    let threshold = i32::try_from(threshold).unwrap_or(i32::MAX);
+    // Each statement reads its own record type: each is mapped to `Row` in its arm.
+    macro_rules! rows {
+        ($query:expr) => {
+            $query
+                .map(|r| Row {
+                    previous_status: r.previous_status,
+                    droplet: droplet_of!(r),
+                })
+                .fetch_all(t.conn())
+                .await?
+        };
+    }
+    let rows: Vec<Row> = match counter {
+        Counter::Refusals => rows!(marking!("refused_deliveries", &ids, &ns, threshold, force)),
+        Counter::AssignmentTimeouts => {
+            rows!(marking!(
+                "timed_out_assignments",
+                &ids,
+                &ns,
+                threshold,
+                force
+            ))
+        }
+        Counter::ConnectionFailures => rows!(marking_unreachable!(&ids, &ns, threshold, force)),
+    };
     let mut events = Vec::with_capacity(rows.len());
     let mut marked = Vec::with_capacity(rows.len());
     for r in rows {

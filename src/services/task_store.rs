@@ -9,31 +9,64 @@ use sqlx::PgPool;
 use uuid::Uuid;
 
 use crate::protocol;
+use crate::services::sql_columns::{concat_plus, plain_columns};
 use crate::services::status::Status;
 
-/// The task columns as the API shows them, from a row aliased `t` joined with droplets `d`.
-pub const TASK_COLUMNS_CTE: &str = const_format::concatcp!(
-    COLUMNS_HEAD,
-    "t.payload",
-    COLUMNS_MID,
-    "t.result",
-    COLUMNS_TAIL
-);
+/// The task columns as the API shows them, from a row aliased `t` joined with droplets `d`,
+/// declared once (see `sql_columns.rs`): calls `$m!` (a path: `sqlx::query_as`) with
+/// `$before`, the columns as `+`-joined literals carrying the query macros' overrides, then
+/// `$after`. `payload` and `result` are the task's unless given as `("<sql> AS payload",
+/// "<sql> AS result")` (the listing reads them apart). For a plain `SELECT` see
+/// [`select_task!`]; a statement of its own (a CTE aliased `t`) writes, for example,
+/// `task_columns!(sqlx::query_as { Task, "WITH t AS (...) SELECT " + } { + " FROM t LEFT JOIN
+/// droplets d ON d.id = t.assigned_droplet_id", args })`.
+macro_rules! task_columns {
+    ($($m:ident)::+ { $($before:tt)* } { $($after:tt)* }) => {
+        $crate::services::task_store::task_columns!($($m)::+ { $($before)* }
+            ("t.payload AS \"payload!\"", "t.result") { $($after)* })
+    };
+    ($($m:ident)::+ { $($before:tt)* } ($payload:literal, $result:literal) { $($after:tt)* }) => {
+        $($m)::+!($($before)*
+            "t.id AS \"id!\", t.trace_id AS \"trace_id!\", t.task_type AS \"task_type!\", \
+             t.title AS \"title!\", t.description, "
+            + $payload
+            + ", t.required_capability, d.droplet_id AS \"assigned_droplet_id?\", \
+             d.name AS \"assigned_droplet_name?\", d.endpoint AS \"assigned_droplet_endpoint?\", \
+             t.assigned_droplet_id AS assigned_droplet_internal, \
+             d.id_form AS \"assigned_droplet_id_form?\", \
+             COALESCE(d.refused_deliveries > 0 OR d.failed_deliveries > 0, FALSE) \
+                 AS \"assigned_droplet_refusing!\", \
+             t.last_droplet_id, t.status AS \"status!: crate::services::status::Status\", \
+             COALESCE(t.priority, 5) AS \"priority!\", \
+             COALESCE(t.created_at, NOW()::timestamp) AS \"created_at!\", t.assigned_at, \
+             t.started_at, t.completed_at, t.deadline, "
+            + $result
+            + ", t.error_message, COALESCE(t.retry_count, 0) AS \"retry_count!\", \
+             COALESCE(t.max_retries, 3) AS \"max_retries!\", t.created_by, t.concurrency_key, \
+             t.fairness_key AS \"fairness_key!\", t.attempt AS \"attempt!\", \
+             COALESCE(t.updated_at, t.created_at, NOW()::timestamp) AS \"updated_at!\""
+            $($after)*)
+    };
+}
+pub(crate) use task_columns;
 
-pub(crate) const COLUMNS_HEAD: &str = "t.id, t.trace_id, t.task_type, t.title, t.description, ";
-pub(crate) const COLUMNS_MID: &str = ", \
-    t.required_capability, d.droplet_id AS assigned_droplet_id, d.name AS assigned_droplet_name, \
-    d.endpoint AS assigned_droplet_endpoint, t.assigned_droplet_id AS assigned_droplet_internal, \
-    d.id_form AS assigned_droplet_id_form, \
-    COALESCE(d.refused_deliveries > 0 OR d.failed_deliveries > 0, FALSE) AS assigned_droplet_refusing, \
-    t.last_droplet_id, t.status, COALESCE(t.priority, 5) AS priority, \
-    COALESCE(t.created_at, NOW()::timestamp) AS created_at, t.assigned_at, t.started_at, t.completed_at, \
-    t.deadline, ";
-pub(crate) const COLUMNS_TAIL: &str =
-    ", t.error_message, COALESCE(t.retry_count, 0) AS retry_count, \
-    COALESCE(t.max_retries, 3) AS max_retries, t.created_by, t.concurrency_key, t.fairness_key, \
-    t.attempt, \
-    COALESCE(t.updated_at, t.created_at, NOW()::timestamp) AS updated_at";
+/// `sqlx::query_as!(Task, "SELECT <task columns> FROM tasks t LEFT JOIN droplets d ON
+/// d.id = t.assigned_droplet_id" + $tail, args...)`: a task read by a condition on `t`.
+macro_rules! select_task {
+    ($tail:literal $(, $arg:expr)* $(,)?) => {
+        $crate::services::task_store::task_columns!(sqlx::query_as {
+            crate::services::task_store::Task, "SELECT " +
+        } {
+            + " FROM tasks t LEFT JOIN droplets d ON d.id = t.assigned_droplet_id" + $tail
+            $(, $arg)*
+        })
+    };
+}
+pub(crate) use select_task;
+
+/// [`task_columns!`] for statements still built at run time and read with `FromRow`
+/// (without the overrides).
+pub const TASK_COLUMNS_CTE: &str = plain_columns!(task_columns!(concat_plus {} {}));
 
 pub const SELECT_TASK: &str = const_format::concatcp!(
     "SELECT ",
@@ -125,20 +158,15 @@ pub struct HistoryRow {
 }
 
 pub async fn load(db: &PgPool, id: i32) -> Result<Option<Task>, sqlx::Error> {
-    sqlx::query_as(const_format::concatcp!(SELECT_TASK, " WHERE t.id = $1"))
-        .bind(id)
+    select_task!(" WHERE t.id = $1", id)
         .fetch_optional(db)
         .await
 }
 
 pub async fn load_by_trace(db: &PgPool, trace_id: Uuid) -> Result<Option<Task>, sqlx::Error> {
-    sqlx::query_as(const_format::concatcp!(
-        SELECT_TASK,
-        " WHERE t.trace_id = $1"
-    ))
-    .bind(trace_id)
-    .fetch_optional(db)
-    .await
+    select_task!(" WHERE t.trace_id = $1", trace_id)
+        .fetch_optional(db)
+        .await
 }
 
 pub async fn history(db: &PgPool, id: i32) -> Result<Vec<HistoryRow>, sqlx::Error> {

@@ -299,12 +299,11 @@ async fn with_body(state: &Core, waiting: Waiting) -> Option<Waiting> {
             .take_bodiless(batch[0].droplet, queue::READ_BACK - 1),
     );
     let ids: Vec<i32> = batch.iter().map(|w| w.task_id).collect();
-    let rows: Vec<Task> = match sqlx::query_as(const_format::concatcp!(
-        crate::services::task_store::SELECT_TASK,
-        " WHERE t.id = ANY($1) AND t.status = 'assigned' AND t.assigned_droplet_id = $2"
-    ))
-    .bind(&ids)
-    .bind(batch[0].droplet)
+    let rows: Vec<Task> = match crate::services::task_store::select_task!(
+        " WHERE t.id = ANY($1) AND t.status = 'assigned' AND t.assigned_droplet_id = $2",
+        &ids,
+        batch[0].droplet
+    )
     .fetch_all(&state.db)
     .await
     {

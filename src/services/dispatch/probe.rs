@@ -11,7 +11,7 @@ use serde_json::json;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::services::droplets::{Droplet, DROPLET_COLUMNS};
+use crate::services::droplet_row::{droplet_of, droplet_record, Droplet};
 use crate::services::endpoints;
 use crate::services::events::{self, DropletEventKind, Event};
 use crate::services::Core;
@@ -38,11 +38,12 @@ pub async fn run(state: Core, stop: CancellationToken) {
         if state.emergency_stopped() {
             continue;
         }
-        let rows: Vec<(i32, i32, String)> = match sqlx::query_as(
+        let rows: Vec<(i32, i32, String)> = match sqlx::query!(
             "SELECT id, droplet_id, endpoint FROM droplets WHERE unreachable_since IS NOT NULL
              ORDER BY id LIMIT $1",
+            ROUND_LIMIT
         )
-        .bind(ROUND_LIMIT)
+        .map(|r| (r.id, r.droplet_id, r.endpoint))
         .fetch_all(&state.db)
         .await
         {
@@ -98,14 +99,12 @@ async fn answers(state: &Core, endpoint: &str) -> bool {
 /// Ends a droplet's (internal id) unreachable mark: `active` again (unless an admin holds
 /// it), its counts reset, with a `droplet_health_changed` event and a log line.
 async fn reachable_again(state: &Core, id: i32) -> Result<(), sqlx::Error> {
-    #[derive(sqlx::FromRow)]
     struct Row {
-        #[sqlx(flatten)]
         droplet: Droplet,
         previous_status: String,
     }
     let mut tx = state.db.begin().await?;
-    let row: Option<Row> = sqlx::query_as(const_format::concatcp!(
+    let row: Option<Row> = droplet_record!(
         "WITH old AS (SELECT id AS old_id, status AS old_status FROM droplets WHERE id = $1 FOR NO KEY UPDATE),
          up AS (
             UPDATE droplets SET unreachable_since = NULL, failed_deliveries = 0,
@@ -115,12 +114,15 @@ async fn reachable_again(state: &Core, id: i32) -> Result<(), sqlx::Error> {
             FROM old WHERE droplets.id = old.old_id AND droplets.unreachable_since IS NOT NULL
             RETURNING droplets.*
          ) SELECT ",
-        DROPLET_COLUMNS,
-        ", old.old_status AS previous_status FROM up JOIN old ON old.old_id = up.id"
-    ))
-    .bind(id)
+        r#", old.old_status AS "previous_status!" FROM up JOIN old ON old.old_id = up.id"#,
+        id
+    )
     .fetch_optional(&mut *tx)
-    .await?;
+    .await?
+    .map(|r| Row {
+        previous_status: r.previous_status,
+        droplet: droplet_of!(r),
+    });
     let Some(row) = row else {
         // Brought back meanwhile (another replica's probe, a registration).
         return tx.rollback().await;
