@@ -998,3 +998,30 @@ async fn the_message_and_system_health_answers_match_their_schemas() {
     );
     assert_eq!(b["payload"]["database"]["status"], "ok", "{b}");
 }
+
+/// The public answers are typed too: each declares its schema (bare JSON, no envelope), and
+/// what the service answers holds to it.
+#[tokio::test]
+async fn the_public_answers_match_their_schemas() {
+    let app = TestApp::spawn().await;
+    let spec = spec_of(&app).await;
+    let calls: [(&str, &str); 5] = [
+        ("/health", "HealthAnswer"),
+        ("/capabilities", "CapabilitiesAnswer"),
+        ("/state", "StateAnswer"),
+        ("/dependencies", "DependenciesAnswer"),
+        ("/management/version", "VersionAnswer"),
+    ];
+    for (path, schema) in calls {
+        let declared = &spec["paths"][path]["get"]["responses"]["200"]["content"]
+            ["application/json"]["schema"]["$ref"];
+        assert_eq!(
+            declared.as_str(),
+            Some(format!("#/components/schemas/{schema}").as_str()),
+            "GET {path}"
+        );
+        let (status, body) = app.request(reqwest::Method::GET, path, None, None).await;
+        assert_eq!(status, StatusCode::OK, "{path}: {body}");
+        assert_conforms(&spec, "get", path, "200", &body);
+    }
+}
