@@ -155,15 +155,15 @@ pub async fn start_background(state: &AppState) -> Result<(), StartError> {
         stop.clone(),
     ));
     tokio::spawn(services::task_recovery::run_refusals(
-        state.core.clone(),
+        state.changes(),
         stop.clone(),
     ));
     tokio::spawn(services::dispatch::probe::run(
-        state.core.clone(),
+        state.courier(),
         stop.clone(),
     ));
     tokio::spawn(services::dispatch::run_workers(
-        state.core.clone(),
+        state.courier(),
         stop.clone(),
     ));
     tokio::spawn(services::task_router::run_loop(

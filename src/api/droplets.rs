@@ -215,7 +215,7 @@ async fn set_active(
 ) -> ApiResult<Udc<AdminChange>> {
     caller.require(Permission::Admin)?;
     Ok(Udc::ok(
-        droplet_admin::set_active(state, caller, droplet_id, activate).await?,
+        droplet_admin::set_active(&state.changes(), caller, droplet_id, activate).await?,
     ))
 }
 

@@ -136,7 +136,7 @@ pub async fn heartbeat(
     });
     shared_commit::lead(
         state,
-        |c: &Core| &c.heartbeats,
+        |c: &Core| &*c.heartbeats,
         |q| q.take_distinct(|b| b.droplet_id),
         // Should the shared statement fail (a deadlock with another writer of several
         // droplets, say), each heartbeat is tried alone.

@@ -131,7 +131,8 @@ pub async fn route_pass(state: &Core) -> Result<usize, sqlx::Error> {
 
 async fn pass(state: &Core) -> Result<Pass, sqlx::Error> {
     let started = std::time::Instant::now();
-    let mut t = Transition::begin(state).await?;
+    let changes = state.changes();
+    let mut t = Transition::begin(&changes).await?;
     // The limits per key, read each pass: in force on every replica without a restart.
     let limits = key_limits::refresh(&mut t, state).await?;
     let (mut slots, contended) = lock_droplets(&mut t).await?;
@@ -493,8 +494,8 @@ pub struct RouterRound {
 /// paused or stopped.
 pub async fn run_once(state: &Core) -> Result<RouterRound, sqlx::Error> {
     // What other replicas learned of droplets pushing back or drained holds here too.
-    crate::services::dispatch::pushback::refresh(state).await?;
-    let maintenance = task_recovery::maintain(state).await?;
+    crate::services::dispatch::pushback::refresh(&state.db, &state.dispatch.holds).await?;
+    let maintenance = task_recovery::maintain(&state.changes()).await?;
     let assigned = if is_active(state) {
         route_pass(state).await?
     } else {

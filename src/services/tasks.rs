@@ -369,7 +369,7 @@ pub async fn insert_all(core: &Core, rows: Vec<NewRow>) -> Vec<Result<Option<Sto
 fn lead(core: &Core) {
     shared_commit::lead(
         core,
-        |c: &Core| &c.creates,
+        |c: &Core| &*c.creates,
         |q| q.take_distinct(|r| r.trace_id),
         |core, batch| async move {
             shared_commit::write_each(
@@ -389,7 +389,8 @@ async fn insert_rows(
     core: &Core,
     rows: &[&NewRow],
 ) -> std::result::Result<HashMap<Uuid, Stored>, sqlx::Error> {
-    let mut t = Transition::begin(core).await?;
+    let changes = core.changes();
+    let mut t = Transition::begin(&changes).await?;
     let found: Vec<Found> = sqlx::query_as(INSERT_TASKS)
         .bind(rows.iter().map(|r| r.trace_id).collect::<Vec<_>>())
         .bind(
@@ -543,7 +544,7 @@ pub async fn update(state: &Core, caller: &Principal, id: i32, update: TaskUpdat
     m.expect_attempt = update
         .attempt
         .map(|a| a.clamp(-1, i64::from(i32::MAX)) as i32);
-    let applied = transition::run(state, &[m], Mode::Strict).await?;
+    let applied = transition::run(&state.changes(), &[m], Mode::Strict).await?;
     applied
         .into_iter()
         .next()
@@ -578,7 +579,7 @@ pub async fn cancel(
     let actor = may_cancel(state, caller, id).await?;
     let mut m = Move::new(id, Status::Cancelled, actor, caller.actor_name());
     m.reason = Some(reason.unwrap_or_else(|| format!("cancelled by {}", caller.actor_name())));
-    let applied = transition::run(state, &[m], Mode::Strict).await?;
+    let applied = transition::run(&state.changes(), &[m], Mode::Strict).await?;
     applied
         .into_iter()
         .next()

@@ -573,7 +573,7 @@ async fn a_droplet_that_comes_back_gets_the_waiting_work_at_once() {
         .execute(&app.db)
         .await
         .unwrap();
-    let round = orchestrator::services::health_monitor::run_once(&app.state)
+    let round = orchestrator::services::health_monitor::run_once(&app.state.changes())
         .await
         .unwrap();
     assert_eq!(round.marked_inactive, [48]);

@@ -34,7 +34,7 @@ async fn assign(app: &TestApp, task: i32, droplet_id: i32) {
     let mut m = Move::new(task, Status::Assigned, Actor::System, "task_router");
     m.assign_to = Some(internal_id(app, droplet_id).await);
     m.reason = Some("assigned by the test".into());
-    let applied = run_moves(&app.state, &[m], Mode::Strict)
+    let applied = run_moves(&app.state.changes(), &[m], Mode::Strict)
         .await
         .expect("assigned");
     assert_eq!(applied.len(), 1);
@@ -42,7 +42,7 @@ async fn assign(app: &TestApp, task: i32, droplet_id: i32) {
 
 async fn admin_move(app: &TestApp, task: i32, to: Status) {
     let m = Move::new(task, to, Actor::Admin, "admin-1");
-    run_moves(&app.state, &[m], Mode::Strict)
+    run_moves(&app.state.changes(), &[m], Mode::Strict)
         .await
         .unwrap_or_else(|e| panic!("move {task} to {to:?}: {e:?}"));
 }
@@ -588,7 +588,7 @@ async fn a_late_patch_after_the_task_moved_away_is_403() {
     // Requeued and given to droplet 9.
     let mut m = Move::new(id, Status::Pending, Actor::System, "system");
     m.cause = orchestrator::services::state_machine::Cause::Requeue;
-    run_moves(&app.state, &[m], Mode::Strict)
+    run_moves(&app.state.changes(), &[m], Mode::Strict)
         .await
         .expect("requeued");
     assign(&app, id, 9).await;
