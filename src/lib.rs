@@ -151,7 +151,9 @@ pub async fn start_background(state: &AppState) -> Result<(), StartError> {
         stop.clone(),
     ));
     tokio::spawn(services::events::run_relay(
-        state.core.clone(),
+        state.db.clone(),
+        state.keys.orchestrator_id(),
+        state.settings.clone(),
         stop.clone(),
     ));
     tokio::spawn(services::task_recovery::run_refusals(
@@ -171,9 +173,10 @@ pub async fn start_background(state: &AppState) -> Result<(), StartError> {
         stop.clone(),
     ));
     tokio::spawn(system::run_sampler(state.process.clone(), stop));
-    tokio::spawn(services::registry_client::run_at_startup(
-        state.core.clone(),
-    ));
+    let core = state.core.clone();
+    tokio::spawn(async move {
+        services::registry_client::run_at_startup((&core).into()).await;
+    });
     jobs::start(state).await.map_err(StartError::Scheduler)
 }
 

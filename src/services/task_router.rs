@@ -134,7 +134,7 @@ async fn pass(state: &Core) -> Result<Pass, sqlx::Error> {
     let changes = state.changes();
     let mut t = Transition::begin(&changes).await?;
     // The limits per key, read each pass: in force on every replica without a restart.
-    let limits = key_limits::refresh(&mut t, state).await?;
+    let limits = key_limits::refresh(&mut t, &state.limits).await?;
     let (mut slots, contended) = lock_droplets(&mut t).await?;
     let droplets_read = started.elapsed();
     let room = PassRoom::of(&slots);
