@@ -169,7 +169,7 @@ pub async fn start_background(state: &AppState) -> Result<(), StartError> {
         stop.clone(),
     ));
     tokio::spawn(services::task_router::run_loop(
-        state.core.clone(),
+        state.routing(),
         stop.clone(),
     ));
     tokio::spawn(system::run_sampler(state.process.clone(), stop));

@@ -30,7 +30,7 @@ pub async fn run_once(state: &AppState, id: JobId) -> Result<String, String> {
         }
         .await
         .map_err(text),
-        JobId::TaskRouter => task_router::run_once(state)
+        JobId::TaskRouter => task_router::run_once(&state.routing())
             .await
             .map(|r| {
                 let m = r.maintenance;
