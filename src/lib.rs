@@ -151,29 +151,32 @@ pub async fn start_background(state: &AppState) -> Result<(), StartError> {
         stop.clone(),
     ));
     tokio::spawn(services::events::run_relay(
-        state.core.clone(),
+        state.db.clone(),
+        state.keys.orchestrator_id(),
+        state.settings.clone(),
         stop.clone(),
     ));
     tokio::spawn(services::task_recovery::run_refusals(
-        state.core.clone(),
+        state.changes(),
         stop.clone(),
     ));
     tokio::spawn(services::dispatch::probe::run(
-        state.core.clone(),
+        state.courier(),
         stop.clone(),
     ));
     tokio::spawn(services::dispatch::run_workers(
-        state.core.clone(),
+        state.courier(),
         stop.clone(),
     ));
     tokio::spawn(services::task_router::run_loop(
-        state.core.clone(),
+        state.routing(),
         stop.clone(),
     ));
     tokio::spawn(system::run_sampler(state.process.clone(), stop));
-    tokio::spawn(services::registry_client::run_at_startup(
-        state.core.clone(),
-    ));
+    let core = state.core.clone();
+    tokio::spawn(async move {
+        services::registry_client::run_at_startup((&core).into()).await;
+    });
     jobs::start(state).await.map_err(StartError::Scheduler)
 }
 

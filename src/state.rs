@@ -1,6 +1,7 @@
 //! The composition root: builds the services' [`Core`] and adds what only the HTTP edge and
 //! the scheduler use (the job board, process figures, the log handle). Handlers and jobs
-//! take `AppState`; services take the `Core` (an `&AppState` derefs to it).
+//! take `AppState` and hand each service the parts it uses, built from the `Core` (an
+//! `&AppState` derefs to it): `state.changes()`, `state.tasks()`, `state.routing()`...
 
 use std::ops::Deref;
 use std::sync::Arc;

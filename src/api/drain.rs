@@ -37,6 +37,6 @@ pub async fn drain(
     let QueryParams(params) = params?;
     body.optional_envelope()?;
     Ok(Udc::ok(
-        droplet_drain::drain(&state, &caller, droplet_id, &params).await?,
+        droplet_drain::drain(&state.changes(), &caller, droplet_id, &params).await?,
     ))
 }

@@ -91,7 +91,8 @@ pub async fn register(
         caller.require_self_or_admin(registration.external_id().unwrap_or(0))?;
     }
     let id_form = meta.as_ref().and_then(|m| id_form_of(&m.source));
-    let (droplet, new) = droplets::register(&state, &caller, registration, id_form).await?;
+    let (droplet, new) =
+        droplets::register(&state.droplets(), &caller, registration, id_form).await?;
     let interval = state.config().heartbeat_interval;
     let deadline = next_heartbeat_deadline(&droplet, interval);
     let payload = Registered {
@@ -126,12 +127,12 @@ pub async fn heartbeat(
         Ok(parsed) => parsed,
         // The contract's order: an unknown droplet (404) or another's (403) before a bad body.
         Err(invalid) => {
-            droplets::may_heartbeat(&state, &caller, droplet_id).await?;
+            droplets::may_heartbeat(&state.db, &caller, droplet_id).await?;
             return Err(invalid);
         }
     };
     let id_form = meta.as_ref().and_then(|m| id_form_of(&m.source));
-    let droplet = heartbeats::heartbeat(&state, &caller, droplet_id, beat, id_form).await?;
+    let droplet = heartbeats::heartbeat(&state.beats(), &caller, droplet_id, beat, id_form).await?;
     let interval = state.config().heartbeat_interval;
     Ok(Udc::ok(HeartbeatAck {
         acknowledged: true,
@@ -215,7 +216,7 @@ async fn set_active(
 ) -> ApiResult<Udc<AdminChange>> {
     caller.require(Permission::Admin)?;
     Ok(Udc::ok(
-        droplet_admin::set_active(state, caller, droplet_id, activate).await?,
+        droplet_admin::set_active(&state.changes(), caller, droplet_id, activate).await?,
     ))
 }
 

@@ -33,7 +33,7 @@ pub struct LimitsRemoved {
 pub async fn list(State(state): State<AppState>, caller: Caller) -> ApiResult<Udc<LimitsList>> {
     caller.require(Permission::Admin)?;
     Ok(Udc::ok(LimitsList {
-        limits: key_limits::list(&state).await?,
+        limits: key_limits::list(&state.db).await?,
     }))
 }
 
@@ -54,7 +54,7 @@ pub async fn set(
 ) -> ApiResult<Udc<KeyLimits>> {
     caller.require(Permission::Admin)?;
     let body = body.envelope::<LimitsUpdate>()?;
-    let limits = key_limits::put(&state, &key, &body.payload).await?;
+    let limits = key_limits::put(&state.key_limits(), &key, &body.payload).await?;
     tracing::info!(key = %key, by = %caller.actor_name(), "key limits set");
     Ok(Udc::ok(limits))
 }
@@ -72,7 +72,7 @@ pub async fn remove(
 ) -> ApiResult<Udc<LimitsRemoved>> {
     caller.require(Permission::Admin)?;
     body.optional_envelope()?;
-    key_limits::delete(&state, &key).await?;
+    key_limits::delete(&state.key_limits(), &key).await?;
     tracing::info!(key = %key, by = %caller.actor_name(), "key limits removed");
     Ok(Udc::ok(LimitsRemoved { key, deleted: true }))
 }

@@ -233,7 +233,7 @@ pub async fn system_health(
         uptime_seconds: state.started_at.elapsed().as_secs(),
     };
     Ok(Udc::ok(SystemHealth {
-        report: system_status::health_report(&state, outside).await,
+        report: system_status::health_report(state.health(), outside).await,
         jobs,
     }))
 }

@@ -75,7 +75,7 @@ async fn refresh_gauges(state: &AppState) {
         }
         Err(e) => tracing::warn!(error = %e, "metrics: cannot count tasks and droplets"),
     }
-    match key_limits::queue_depths(state).await {
+    match key_limits::queue_depths(&state.db).await {
         Ok(depths) => {
             // Keys whose limits were removed leave the label set.
             m.queue_depth.reset();

@@ -35,8 +35,9 @@ pub async fn create(
 ) -> ApiResult<Udc<tasks::Created>> {
     caller.require(Permission::Write)?;
     let body = body.envelope::<NewTask>()?;
-    let (task, new) = tasks::create(&state, &caller, &body.meta.trace_id, body.payload).await?;
-    let payload = tasks::Created::of(&state, &task);
+    let parts = state.tasks();
+    let (task, new) = tasks::create(&parts, &caller, &body.meta.trace_id, body.payload).await?;
+    let payload = tasks::Created::of(&parts, &task);
     Ok(if new {
         Udc::created(payload)
     } else {
@@ -168,7 +169,7 @@ pub async fn explain(
     PathParam(task_id): PathParam<i32>,
 ) -> ApiResult<Udc<Explanation>> {
     caller.require(Permission::Read)?;
-    let answer = crate::services::explain::explain(&state, task_id)
+    let answer = crate::services::explain::explain(state.explainer(), task_id)
         .await?
         .ok_or_else(|| ApiError::not_found(format!("Task {task_id} not found")))?;
     Ok(Udc::ok(answer))
@@ -216,11 +217,11 @@ pub async fn update(
         Ok(body) => body,
         // The contract's order: an unknown task (404) or another's (403) before a bad body.
         Err(invalid) => {
-            tasks::may_update(&state, &caller, task_id).await?;
+            tasks::may_update(&state.db, &caller, task_id).await?;
             return Err(invalid);
         }
     };
-    let task = tasks::update(&state, &caller, task_id, body.payload).await?;
+    let task = tasks::update(&state.tasks(), &caller, task_id, body.payload).await?;
     Ok(Udc::ok(Updated {
         task_id: task.id,
         status: task.status,
@@ -247,7 +248,7 @@ pub async fn cancel(
         Ok(body) => body,
         // The contract's order: an unknown task (404) or another's (403) before a bad body.
         Err(invalid) => {
-            tasks::may_cancel(&state, &caller, task_id).await?;
+            tasks::may_cancel(&state.db, &caller, task_id).await?;
             return Err(invalid);
         }
     };
@@ -257,7 +258,7 @@ pub async fn cancel(
             .and_then(|r| r.as_str())
             .map(str::to_string)
     });
-    let task = tasks::cancel(&state, &caller, task_id, reason).await?;
+    let task = tasks::cancel(&state.tasks(), &caller, task_id, reason).await?;
     Ok(Udc::ok(Cancelled {
         task_id: task.id,
         status: task.status,

@@ -19,7 +19,7 @@ pub async fn run_once(state: &AppState, id: JobId) -> Result<String, String> {
     match id {
         // The round also folds the tasks' rollup changes (the summary's windows read them).
         JobId::HealthMonitor => async {
-            let r = health_monitor::run_once(state).await?;
+            let r = health_monitor::run_once(&state.changes()).await?;
             let folded = rollups::fold(&state.db).await?;
             Ok::<_, sqlx::Error>(format!(
                 "{} marked inactive, {} tasks recovered, {} rollup changes folded",
@@ -30,7 +30,7 @@ pub async fn run_once(state: &AppState, id: JobId) -> Result<String, String> {
         }
         .await
         .map_err(text),
-        JobId::TaskRouter => task_router::run_once(state)
+        JobId::TaskRouter => task_router::run_once(&state.routing())
             .await
             .map(|r| {
                 let m = r.maintenance;

@@ -27,7 +27,10 @@ use crate::services::registry_status::RegistryStatus;
 use crate::services::router_trigger::RouterTrigger;
 use crate::services::table_statistics::Growth;
 
-/// The services' shared parts, cheap to clone (one `Arc`).
+/// The services' shared parts, cheap to clone (one `Arc`). No service takes it whole: each
+/// takes a handle to the parts it uses, built here by a method of its own file
+/// (`core.changes()`, `core.routing()`...). Parts a handle may own are shared (`Arc`s,
+/// pools, clients), so a handle that goes with a spawned task clones only those.
 #[derive(Clone)]
 pub struct Core(Arc<Parts>);
 
@@ -36,11 +39,11 @@ pub struct Parts {
     /// The settings in force (reload-config may replace them).
     pub settings: Settings,
     /// Verifies tokens and signs the orchestrator's own.
-    pub keys: Keys,
+    pub keys: Arc<Keys>,
     pub events: EventHub,
-    pub router: RouterTrigger,
-    pub dispatch: Dispatcher,
-    pub metrics: Metrics,
+    pub router: Arc<RouterTrigger>,
+    pub dispatch: Arc<Dispatcher>,
+    pub metrics: Arc<Metrics>,
     pub registry: RegistryStatus,
     /// Requests to the Registry.
     pub http: reqwest::Client,
@@ -49,35 +52,35 @@ pub struct Parts {
     pub registry_key_http: reqwest::Client,
     /// Deliveries to droplets: endpoint policy at each resolution, no redirects.
     pub delivery: reqwest::Client,
-    pub endpoint_policy: EndpointPolicy,
+    pub endpoint_policy: Arc<EndpointPolicy>,
     /// Compiled capability contracts (JSON Schemas), shared by creation and routing.
     pub contracts: Arc<Contracts>,
     /// The registered droplets' contracts by capability, kept from the droplet events: what
     /// a creation checks its payload against without a query.
     pub directory: Arc<ContractDirectory>,
     /// Creations waiting to share an insert and a commit.
-    pub creates: CreateQueue,
+    pub creates: Arc<CreateQueue>,
     /// The limits per key in force, as this replica last read them.
-    pub limits: LimitCache,
+    pub limits: Arc<LimitCache>,
     /// Heartbeats waiting to share a statement and a commit.
-    pub heartbeats: HeartbeatQueue,
+    pub heartbeats: Arc<HeartbeatQueue>,
     /// Creations counted, for fresh statistics of the young task tables.
-    pub growth: Growth,
+    pub growth: Arc<Growth>,
     /// Cancelled when the process shuts down (SIGTERM, /management/shutdown).
     pub shutdown: CancellationToken,
-    /// Set by /management/emergency-stop until the jobs are resumed.
-    emergency_stop: AtomicBool,
+    pub emergency_stop: EmergencyStop,
     /// Where a reload reads the settings (tests fix it to a map).
     pub config_source: ConfigSource,
 }
 
 /// The settings in force: read often, replaced by a reload. Services that need only the
-/// settings borrow this, not the whole [`Core`].
-pub struct Settings(RwLock<Arc<Config>>);
+/// settings take this, not the whole [`Core`]; a clone reads the same settings.
+#[derive(Clone)]
+pub struct Settings(Arc<RwLock<Arc<Config>>>);
 
 impl Settings {
     pub fn new(config: Config) -> Settings {
-        Settings(RwLock::new(Arc::new(config)))
+        Settings(Arc::new(RwLock::new(Arc::new(config))))
     }
 
     /// The settings in force now.
@@ -94,6 +97,20 @@ impl Settings {
             Err(poisoned) => poisoned.into_inner(),
         };
         *slot = Arc::new(config);
+    }
+}
+
+/// Set by /management/emergency-stop until the jobs are resumed; a clone reads the same flag.
+#[derive(Clone, Default)]
+pub struct EmergencyStop(Arc<AtomicBool>);
+
+impl EmergencyStop {
+    pub fn is_on(&self) -> bool {
+        self.0.load(Ordering::SeqCst)
+    }
+
+    pub fn set(&self, on: bool) {
+        self.0.store(on, Ordering::SeqCst);
     }
 }
 
@@ -134,26 +151,28 @@ impl Core {
         let metrics = Metrics::new();
         Ok(Core(Arc::new(Parts {
             delivery,
-            endpoint_policy,
+            endpoint_policy: Arc::new(endpoint_policy),
             contracts: Arc::new(Contracts::new(metrics.contract_evaluations.clone())),
             directory: Arc::new(ContractDirectory::new()),
-            creates: CreateQueue::new((config.pool_max_connections() as usize / 4).clamp(1, 8)),
-            growth: Growth::new(),
-            limits: LimitCache::new(),
-            heartbeats: HeartbeatQueue::new(
+            creates: Arc::new(CreateQueue::new(
                 (config.pool_max_connections() as usize / 4).clamp(1, 8),
-            ),
+            )),
+            growth: Arc::new(Growth::new()),
+            limits: Arc::new(LimitCache::new()),
+            heartbeats: Arc::new(HeartbeatQueue::new(
+                (config.pool_max_connections() as usize / 4).clamp(1, 8),
+            )),
             db,
-            keys,
+            keys: Arc::new(keys),
             events: EventHub::new(&config),
-            router: RouterTrigger::new(),
-            dispatch: Dispatcher::new(&config),
-            metrics,
+            router: Arc::new(RouterTrigger::new()),
+            dispatch: Arc::new(Dispatcher::new(&config)),
+            metrics: Arc::new(metrics),
             registry: RegistryStatus::new(config.registry_url.is_some()),
             http,
             registry_key_http,
             shutdown: CancellationToken::new(),
-            emergency_stop: AtomicBool::new(false),
+            emergency_stop: EmergencyStop::default(),
             config_source: ConfigSource::new(),
             settings: Settings::new(config),
         })))
@@ -171,10 +190,10 @@ impl Parts {
     }
 
     pub fn emergency_stopped(&self) -> bool {
-        self.emergency_stop.load(Ordering::SeqCst)
+        self.emergency_stop.is_on()
     }
 
     pub fn set_emergency_stop(&self, on: bool) {
-        self.emergency_stop.store(on, Ordering::SeqCst);
+        self.emergency_stop.set(on);
     }
 }

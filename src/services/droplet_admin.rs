@@ -8,8 +8,7 @@ use crate::services::droplets::{self, Droplet};
 use crate::services::error::Result;
 use crate::services::status::DropletStatus;
 use crate::services::task_recovery;
-use crate::services::transition::Transition;
-use crate::services::Core;
+use crate::services::transition::{Changes, Transition};
 
 /// What an activation or deactivation did.
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
@@ -25,7 +24,7 @@ pub struct AdminChange {
 /// `ENABLE_AUTO_RECOVERY`) in the same transaction as the status change, so no pass can
 /// find the droplet inactive with work still assigned to it; activating wakes the router.
 pub async fn set_active(
-    core: &Core,
+    core: &Changes,
     caller: &Principal,
     droplet_id: i32,
     activate: bool,
@@ -36,7 +35,7 @@ pub async fn set_active(
     let mut recovered = 0;
     if activate {
         t.wake_router();
-    } else if core.config().enable_auto_recovery {
+    } else if core.settings.current().enable_auto_recovery {
         recovered =
             task_recovery::recover_in(&mut t, droplet.internal_id, droplet.droplet_id, false)
                 .await?;

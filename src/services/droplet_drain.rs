@@ -15,8 +15,7 @@ use crate::protocol;
 use crate::services::drain_state;
 use crate::services::error::{Error, Result};
 use crate::services::state_machine::{Actor, Cause, Mode, Move, MoveError, Status};
-use crate::services::transition::Transition;
-use crate::services::Core;
+use crate::services::transition::{Changes, Transition};
 use crate::validation::{FieldError, Validate};
 
 /// The longest deadline a drain may be given (a week).
@@ -63,7 +62,7 @@ pub struct Drain {
 
 /// Starts (or restarts, with the deadline given now) the drain of a droplet (external id).
 pub async fn drain(
-    core: &Core,
+    core: &Changes,
     caller: &Principal,
     droplet_id: i32,
     params: &DrainParams,

@@ -1,15 +1,21 @@
 //! Droplets: registration (an upsert), listing, details with load, and an admin's
 //! activation and deactivation. Heartbeats are in `heartbeats.rs`.
 
+use std::sync::Arc;
+
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::{json, Value};
 use sqlx::PgPool;
 
-use crate::identity::Principal;
+use crate::identity::{Keys, Principal};
 use crate::services::contract_directory::{ContractDirectory, Listed};
+use crate::services::contracts::Contracts;
+use crate::services::dispatch::Dispatcher;
 use crate::services::droplet_row::{droplet_of, droplet_query, droplet_record};
+use crate::services::endpoints::EndpointPolicy;
 use crate::services::error::{Error, Result};
 use crate::services::events::{self, DropletEventKind, Event};
+use crate::services::router_trigger::RouterTrigger;
 use crate::services::status::DropletStatus;
 use crate::services::Core;
 use crate::validation::FieldError;
@@ -152,11 +158,40 @@ struct Upserted {
     previous_status: Option<String>,
 }
 
+/// What a registration uses of the shared parts: the pool, the keys (the orchestrator's own
+/// id is not a droplet's), the endpoint policy, the delivery holds (a registration ends a
+/// push-back), the contract directory and the compiled contracts, and the router's trigger.
+#[derive(Clone)]
+pub struct Droplets {
+    pub db: PgPool,
+    pub keys: Arc<Keys>,
+    pub policy: Arc<EndpointPolicy>,
+    pub dispatch: Arc<Dispatcher>,
+    pub directory: Arc<ContractDirectory>,
+    pub contracts: Arc<Contracts>,
+    pub router: Arc<RouterTrigger>,
+}
+
+impl Core {
+    /// The parts a registration uses ([`register`]).
+    pub fn droplets(&self) -> Droplets {
+        Droplets {
+            db: self.db.clone(),
+            keys: self.keys.clone(),
+            policy: self.endpoint_policy.clone(),
+            dispatch: self.dispatch.clone(),
+            directory: self.directory.clone(),
+            contracts: self.contracts.clone(),
+            router: self.router.clone(),
+        }
+    }
+}
+
 /// Registers or re-registers a droplet; returns it and whether it is new to the mesh.
 /// `id_form` is how the droplet wrote its envelope's `source` (None for a bare body: the
 /// form it showed before is kept).
 pub async fn register(
-    state: &Core,
+    state: &Droplets,
     caller: &Principal,
     reg: Registration,
     id_form: Option<&str>,
@@ -180,9 +215,7 @@ pub async fn register(
             "value_error",
         ));
     }
-    if let Err(why) =
-        crate::services::endpoints::check_registration(&reg.endpoint, &state.endpoint_policy)
-    {
+    if let Err(why) = crate::services::endpoints::check_registration(&reg.endpoint, &state.policy) {
         return Err(Error::invalid(
             &["body", "payload", "endpoint"],
             why,
@@ -192,12 +225,12 @@ pub async fn register(
     // Contracts: each names a declared capability and compiles, or nothing is registered.
     // Compiling may take milliseconds a schema: off the async workers.
     if let Some(schemas) = reg.capability_schemas.clone() {
-        let core = state.clone();
+        let contracts = state.contracts.clone();
         let compiled: Vec<_> = tokio::task::spawn_blocking(move || {
             schemas
                 .into_iter()
                 .map(|(capability, schema)| {
-                    let result = core.contracts.compile(&schema).map(|_| ());
+                    let result = contracts.compile(&schema).map(|_| ());
                     (capability, result)
                 })
                 .collect()
@@ -310,8 +343,8 @@ pub async fn load_internal(db: &PgPool, internal_id: i32) -> Result<Option<Dropl
 /// Whether `caller` may heartbeat droplet `droplet_id`, in the contract's order: the droplet
 /// exists (404), then the caller may act as it (403). The handler asks this of a heartbeat
 /// whose body it could not read, so that its 422 comes only after both.
-pub async fn may_heartbeat(state: &Core, caller: &Principal, droplet_id: i32) -> Result<Droplet> {
-    let droplet = require(&state.db, droplet_id).await?;
+pub async fn may_heartbeat(db: &PgPool, caller: &Principal, droplet_id: i32) -> Result<Droplet> {
+    let droplet = require(db, droplet_id).await?;
     if !caller.may_act_as(droplet_id) {
         return Err(Error::Forbidden(caller.not_as(droplet_id)));
     }

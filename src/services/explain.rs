@@ -4,14 +4,18 @@
 //! attempt (as the router recorded them in the history) and the time spent in each state.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use chrono::{NaiveDateTime, Utc};
 use serde::Serialize;
 use serde_json::Value;
+use sqlx::PgPool;
 
 use crate::protocol::iso;
-use crate::services::contracts;
+use crate::services::contracts::{self, Contracts};
+use crate::services::core::{EmergencyStop, Settings};
 use crate::services::key_limits::{self, KeyState};
+use crate::services::router_trigger::RouterTrigger;
 use crate::services::status::Status;
 use crate::services::tasks::{self, HistoryRow, Task};
 use crate::services::Core;
@@ -129,12 +133,36 @@ pub struct AttemptDecision {
     pub ended_because: Option<String>,
 }
 
+/// What an explanation reads of the shared parts: the pool, the settings, the emergency
+/// stop and the router's trigger (whether routing runs), and the compiled contracts.
+#[derive(Clone, Copy)]
+pub struct Explainer<'a> {
+    db: &'a PgPool,
+    settings: &'a Settings,
+    stop: &'a EmergencyStop,
+    router: &'a RouterTrigger,
+    contracts: &'a Arc<Contracts>,
+}
+
+impl Core {
+    /// The parts an explanation reads ([`explain`]).
+    pub fn explainer(&self) -> Explainer<'_> {
+        Explainer {
+            db: &self.db,
+            settings: &self.settings,
+            stop: &self.emergency_stop,
+            router: &self.router,
+            contracts: &self.contracts,
+        }
+    }
+}
+
 /// The explanation of one task, or None when there is no such task.
-pub async fn explain(state: &Core, id: i32) -> Result<Option<Explanation>, sqlx::Error> {
-    let Some(task) = tasks::load(&state.db, id).await? else {
+pub async fn explain(state: Explainer<'_>, id: i32) -> Result<Option<Explanation>, sqlx::Error> {
+    let Some(task) = tasks::load(state.db, id).await? else {
         return Ok(None);
     };
-    let history = tasks::history(&state.db, id).await?;
+    let history = tasks::history(state.db, id).await?;
     let mut answer = Explanation {
         task_id: task.id,
         status: task.status,
@@ -149,7 +177,7 @@ pub async fn explain(state: &Core, id: i32) -> Result<Option<Explanation>, sqlx:
         candidates: None,
         key: None,
     };
-    let config = state.config();
+    let config = state.settings.current();
     let retry_at = retry_at(
         &task,
         config.retry_backoff_seconds,
@@ -178,7 +206,7 @@ fn retry_at(task: &Task, backoff: u64, max: u64) -> Option<NaiveDateTime> {
 
 /// An assigned task whose droplet pushed back: its delivery waits for the `Retry-After`.
 async fn delivery_deferred(
-    state: &Core,
+    state: Explainer<'_>,
     task: &Task,
     answer: &mut Explanation,
 ) -> Result<(), sqlx::Error> {
@@ -189,7 +217,7 @@ async fn delivery_deferred(
         r#"SELECT deferred_until AS "until!" FROM droplets WHERE id = $1 AND deferred_until > NOW()"#,
         internal
     )
-    .fetch_optional(&state.db)
+    .fetch_optional(state.db)
     .await?;
     if let Some(until) = until {
         set_deferred(answer, until);
@@ -207,7 +235,7 @@ fn set_deferred(answer: &mut Explanation, until: NaiveDateTime) {
 
 /// The reason a waiting task is not assigned now, and every capable droplet with its state.
 async fn waiting(
-    state: &Core,
+    state: Explainer<'_>,
     task: &Task,
     retry_at: Option<NaiveDateTime>,
     answer: &mut Explanation,
@@ -227,7 +255,7 @@ async fn waiting(
          ORDER BY d.droplet_id"#,
         capability
     )
-    .fetch_all(&state.db)
+    .fetch_all(state.db)
     .await?;
 
     let verdicts = contract_verdicts(state, &mut rows, &task.payload).await;
@@ -303,7 +331,7 @@ async fn waiting(
     if task.status == Status::Pending {
         answer.key = Some(
             key_limits::key_state(
-                state,
+                state.db,
                 task.id,
                 &task.fairness_key,
                 task.priority,
@@ -316,7 +344,7 @@ async fn waiting(
     let reason = if let Some(at) = retry_at {
         answer.retry_at = Some(iso(&at));
         Reason::WaitingForRetry
-    } else if state.emergency_stopped() {
+    } else if state.stop.is_on() {
         Reason::EmergencyStop
     } else if state.router.is_paused() {
         Reason::RoutingPaused
@@ -352,7 +380,7 @@ async fn waiting(
 /// schema no longer compiles, or the budget ran out). Each distinct schema is evaluated once,
 /// off the async workers.
 async fn contract_verdicts(
-    state: &Core,
+    state: Explainer<'_>,
     rows: &mut [CandidateRow],
     payload: &Value,
 ) -> Vec<Option<Vec<contracts::Violation>>> {
@@ -364,15 +392,14 @@ async fn contract_verdicts(
     if schemas.iter().all(Option::is_none) {
         return refused;
     }
-    let (core, payload) = (state.clone(), payload.clone());
+    let (compiled, payload) = (state.contracts.clone(), payload.clone());
     let work = tokio::task::spawn_blocking(move || {
-        let mut memo = core.contracts.memo::<()>(contracts::Site::Explain);
+        let mut memo = compiled.memo::<()>(contracts::Site::Explain);
         schemas
             .iter()
             .map(|schema| match schema {
                 None => Some(Vec::new()),
-                Some(schema) => core
-                    .contracts
+                Some(schema) => compiled
                     .compile(schema)
                     .ok()
                     .and_then(|c| memo.violations(&c, (), &payload)),
@@ -391,7 +418,7 @@ async fn contract_verdicts(
 /// How many pending tasks of the same capability (or none) come before this one by
 /// priority, then age (the router also takes keys in turn: `key.position_in_key` is its
 /// place within its own key).
-async fn position(state: &Core, task: &Task) -> Result<i64, sqlx::Error> {
+async fn position(state: Explainer<'_>, task: &Task) -> Result<i64, sqlx::Error> {
     sqlx::query_scalar!(
         r#"SELECT COUNT(*) AS "n!" FROM tasks
          WHERE status = 'pending' AND id <> $1
@@ -403,7 +430,7 @@ async fn position(state: &Core, task: &Task) -> Result<i64, sqlx::Error> {
         task.priority,
         task.created_at
     )
-    .fetch_one(&state.db)
+    .fetch_one(state.db)
     .await
 }
 

@@ -10,12 +10,14 @@
 //! token bucket of `max_per_second` is the row's `spent_until`, moved in the same transaction.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 
 use chrono::{DateTime, NaiveDateTime, Utc};
+use tokio_util::sync::CancellationToken;
 
-use crate::services::fair_share::{self, Bucket, Limit, Queued};
+use crate::services::fair_share::{self, Bucket, Limit, LimitCache, Queued};
+use crate::services::router_trigger::RouterTrigger;
 use crate::services::transition::Transition;
-use crate::services::Core;
 
 /// Most (capability, key, priority) groups one pass reads; keys past them wait a pass.
 const MAX_GROUPS: i64 = 20_000;
@@ -316,16 +318,21 @@ pub fn due(read: &Read, assigned: &HashMap<String, i64>) -> Option<DateTime<Utc>
 }
 
 /// A pass when a rate-limited key's next slot comes (unless one as early is scheduled).
-pub fn wake_at(core: &Core, at: DateTime<Utc>) {
-    if !core.limits.claim_wake(at) {
+pub fn wake_at(
+    limits: &LimitCache,
+    router: &Arc<RouterTrigger>,
+    shutdown: &CancellationToken,
+    at: DateTime<Utc>,
+) {
+    if !limits.claim_wake(at) {
         return;
     }
-    let core = core.clone();
+    let (router, shutdown) = (router.clone(), shutdown.clone());
     tokio::spawn(async move {
         let wait = (at - Utc::now()).to_std().unwrap_or_default();
         tokio::select! {
-            _ = core.shutdown.cancelled() => {}
-            _ = tokio::time::sleep(wait) => core.router.trigger(),
+            _ = shutdown.cancelled() => {}
+            _ = tokio::time::sleep(wait) => router.trigger(),
         }
     });
 }

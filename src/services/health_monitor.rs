@@ -11,7 +11,7 @@ use crate::services::droplets::Droplet;
 use crate::services::events::{self, DropletEventKind, Event};
 use crate::services::locks::Singleton;
 use crate::services::task_recovery;
-use crate::services::Core;
+use crate::services::transition::Changes;
 
 #[derive(Debug, Default, Clone, serde::Serialize)]
 pub struct HealthRound {
@@ -21,8 +21,8 @@ pub struct HealthRound {
 }
 
 /// One round of the `health_monitor` job.
-pub async fn run_once(state: &Core) -> Result<HealthRound, sqlx::Error> {
-    let config = state.config();
+pub async fn run_once(state: &Changes) -> Result<HealthRound, sqlx::Error> {
+    let config = state.settings.current();
     let mut tx = state.db.begin().await?;
     if !Singleton::HealthRound.try_for_transaction(&mut tx).await? {
         tx.rollback().await?;

@@ -2,6 +2,8 @@
 //! one commit (`heartbeat_queue.rs`, `shared_commit.rs`), and the recent ones a droplet's
 //! details show.
 
+use std::sync::Arc;
+
 use chrono::NaiveDateTime;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -12,7 +14,9 @@ use crate::protocol;
 use crate::services::droplets::{require, Droplet, DROPLET_COLUMNS, MAX_METRICS_BYTES};
 use crate::services::error::{Error, Result};
 use crate::services::events;
+use crate::services::heartbeat_queue::HeartbeatQueue;
 use crate::services::heartbeat_queue::{Beat, BeatRow};
+use crate::services::router_trigger::RouterTrigger;
 use crate::services::shared_commit;
 use crate::services::status::DropletStatus;
 use crate::services::Core;
@@ -112,11 +116,32 @@ pub const HEARTBEATS_SQL: &str = const_format::concatcp!(
     ", old.old_status AS previous_status FROM up JOIN old ON old.old_id = up.id"
 );
 
+/// What a heartbeat uses of the shared parts: the pool, the heartbeats' queue (they share a
+/// statement), and the router's trigger (a droplet back to `active` takes work). Each part
+/// is shared, so a clone is cheap: a heartbeats' leader takes one.
+#[derive(Clone)]
+pub struct Beats {
+    pub db: PgPool,
+    pub queue: Arc<HeartbeatQueue>,
+    pub router: Arc<RouterTrigger>,
+}
+
+impl Core {
+    /// The parts a heartbeat uses ([`heartbeat`]).
+    pub fn beats(&self) -> Beats {
+        Beats {
+            db: self.db.clone(),
+            queue: self.heartbeats.clone(),
+            router: self.router.clone(),
+        }
+    }
+}
+
 /// Records a heartbeat: the droplet's row and one `heartbeats` row, in one statement shared
 /// with the heartbeats of other droplets arriving at the same moment (`shared_commit`).
 /// An admin's deactivation holds: the heartbeat is recorded but the status stays.
 pub async fn heartbeat(
-    state: &Core,
+    state: &Beats,
     caller: &Principal,
     droplet_id: i32,
     beat: Heartbeat,
@@ -127,7 +152,7 @@ pub async fn heartbeat(
         require(&state.db, droplet_id).await?;
         return Err(Error::Forbidden(caller.not_as(droplet_id)));
     }
-    let answer = state.heartbeats.push(BeatRow {
+    let answer = state.queue.push(BeatRow {
         droplet_id,
         new_status: droplet_status_for(&beat.status).to_string(),
         reported: beat.status.clone(),
@@ -136,7 +161,7 @@ pub async fn heartbeat(
     });
     shared_commit::lead(
         state,
-        |c: &Core| &c.heartbeats,
+        |c: &Beats| &*c.queue,
         |q| q.take_distinct(|b| b.droplet_id),
         // Should the shared statement fail (a deadlock with another writer of several
         // droplets, say), each heartbeat is tried alone.
@@ -169,7 +194,7 @@ pub async fn heartbeat(
 
 /// The heartbeats of distinct droplets in one statement; the droplets after them by id.
 async fn beat_rows(
-    core: &Core,
+    core: &Beats,
     rows: &[&BeatRow],
 ) -> std::result::Result<std::collections::HashMap<i32, Beat>, sqlx::Error> {
     let beats: Vec<Beat> = sqlx::query_as(HEARTBEATS_SQL)

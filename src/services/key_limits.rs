@@ -8,13 +8,35 @@ use std::sync::Arc;
 
 use chrono::{DateTime, NaiveDateTime, Utc};
 use serde::{Deserialize, Serialize};
+use sqlx::PgPool;
 use uuid::Uuid;
 
 use crate::services::error::{Error, Result};
-use crate::services::fair_share::{Bucket, Limit};
+use crate::services::fair_share::{Bucket, Limit, LimitCache};
+use crate::services::router_trigger::RouterTrigger;
 use crate::services::task_store;
 use crate::services::transition::Transition;
 use crate::services::Core;
+
+/// What setting limits and admitting a creation use: the pool, this replica's limits in
+/// force, and the router's trigger (a change of limits may free work).
+#[derive(Clone)]
+pub struct Limits {
+    pub db: PgPool,
+    pub cache: Arc<LimitCache>,
+    pub router: Arc<RouterTrigger>,
+}
+
+impl Core {
+    /// The parts the limits per key use ([`put`], [`delete`], [`admit`]).
+    pub fn key_limits(&self) -> Limits {
+        Limits {
+            db: self.db.clone(),
+            cache: self.limits.clone(),
+            router: self.router.clone(),
+        }
+    }
+}
 use crate::validation::{length, FieldError, Validate};
 
 /// The body of `PUT /management/limits/{key}`: every limit optional (absent: none), the
@@ -108,7 +130,7 @@ pub fn check_key(key: &str) -> Result<()> {
 /// limits in force.
 pub async fn refresh(
     t: &mut Transition<'_>,
-    core: &Core,
+    cache: &LimitCache,
 ) -> Result<Arc<HashMap<String, Limit>>, sqlx::Error> {
     let rows = sqlx::query_as!(
         Limit,
@@ -116,23 +138,23 @@ pub async fn refresh(
     )
     .fetch_all(t.conn())
     .await?;
-    core.limits.set(rows);
-    Ok(core.limits.all())
+    cache.set(rows);
+    Ok(cache.all())
 }
 
-async fn reload(core: &Core) -> Result<()> {
+async fn reload(limits: &Limits) -> Result<()> {
     let rows = sqlx::query_as!(
         Limit,
         "SELECT key, max_in_flight, max_per_second, max_queued, weight, spent_until FROM key_limits"
     )
-    .fetch_all(&core.db)
+    .fetch_all(&limits.db)
     .await?;
-    core.limits.set(rows);
+    limits.cache.set(rows);
     Ok(())
 }
 
 /// Every key's limits with its live counts, by key.
-pub async fn list(core: &Core) -> Result<Vec<KeyLimits>> {
+pub async fn list(db: &PgPool) -> Result<Vec<KeyLimits>> {
     let rows = sqlx::query!(
         r#"SELECT l.key, l.max_in_flight, l.max_per_second, l.max_queued, l.weight, l.spent_until,
                 (SELECT COUNT(*) FROM tasks t WHERE t.fairness_key = l.key
@@ -141,7 +163,7 @@ pub async fn list(core: &Core) -> Result<Vec<KeyLimits>> {
                    AND t.status = 'pending') AS "queued!"
          FROM key_limits l ORDER BY l.key"#
     )
-    .fetch_all(&core.db)
+    .fetch_all(db)
     .await?;
     let now = Utc::now();
     Ok(rows
@@ -179,7 +201,7 @@ pub fn next_slot(
 
 /// Sets a key's limits (replacing what it had), in force on this replica at once and on
 /// the others at their next pass; routing is woken so a raised limit takes effect.
-pub async fn put(core: &Core, key: &str, update: &LimitsUpdate) -> Result<KeyLimits> {
+pub async fn put(limits: &Limits, key: &str, update: &LimitsUpdate) -> Result<KeyLimits> {
     check_key(key)?;
     sqlx::query!(
         "INSERT INTO key_limits (key, max_in_flight, max_per_second, max_queued, weight)
@@ -192,11 +214,11 @@ pub async fn put(core: &Core, key: &str, update: &LimitsUpdate) -> Result<KeyLim
         update.max_queued.map(|v| v as i32),
         update.weight.unwrap_or(1) as i32,
     )
-    .execute(&core.db)
+    .execute(&limits.db)
     .await?;
-    reload(core).await?;
-    core.router.trigger();
-    list(core)
+    reload(limits).await?;
+    limits.router.trigger();
+    list(&limits.db)
         .await?
         .into_iter()
         .find(|l| l.key == key)
@@ -204,14 +226,14 @@ pub async fn put(core: &Core, key: &str, update: &LimitsUpdate) -> Result<KeyLim
 }
 
 /// Removes a key's limits; 404 when it had none.
-pub async fn delete(core: &Core, key: &str) -> Result<()> {
+pub async fn delete(limits: &Limits, key: &str) -> Result<()> {
     check_key(key)?;
     let n = sqlx::query!("DELETE FROM key_limits WHERE key = $1", key)
-        .execute(&core.db)
+        .execute(&limits.db)
         .await?
         .rows_affected();
-    reload(core).await?;
-    core.router.trigger();
+    reload(limits).await?;
+    limits.router.trigger();
     if n == 0 {
         return Err(Error::not_found(format!("No limits set for key {key}")));
     }
@@ -221,9 +243,9 @@ pub async fn delete(core: &Core, key: &str) -> Result<()> {
 /// The push-back of `max_queued`: a creation for a key at it is refused (429) unless it
 /// is a retry of a task already made (same trace id). A key without `max_queued` costs no
 /// query here (the limits in force are this replica's cache).
-pub async fn admit(core: &Core, key: &str, trace: Uuid) -> Result<()> {
-    let limits = core.limits.all();
-    let Some(limit) = limits.get(key) else {
+pub async fn admit(limits: &Limits, key: &str, trace: Uuid) -> Result<()> {
+    let in_force = limits.cache.all();
+    let Some(limit) = in_force.get(key) else {
         return Ok(());
     };
     let Some(max) = limit.max_queued else {
@@ -233,9 +255,13 @@ pub async fn admit(core: &Core, key: &str, trace: Uuid) -> Result<()> {
         r#"SELECT COUNT(*) AS "n!" FROM tasks WHERE fairness_key = $1 AND status = 'pending'"#,
         key
     )
-    .fetch_one(&core.db)
+    .fetch_one(&limits.db)
     .await?;
-    if depth < i64::from(max) || task_store::load_by_trace(&core.db, trace).await?.is_some() {
+    if depth < i64::from(max)
+        || task_store::load_by_trace(&limits.db, trace)
+            .await?
+            .is_some()
+    {
         return Ok(());
     }
     // At its rate the excess drains in about this long; without a rate, a second.
@@ -254,18 +280,18 @@ pub async fn admit(core: &Core, key: &str, trace: Uuid) -> Result<()> {
 
 /// The pending tasks of each limited key, and of all other keys together (`other`), for
 /// the `orchestrator_queue_depth{key}` gauge (a label per limited key, never per creator).
-pub async fn queue_depths(core: &Core) -> Result<Vec<(String, i64)>> {
+pub async fn queue_depths(db: &PgPool) -> Result<Vec<(String, i64)>> {
     let rows = sqlx::query!(
         r#"SELECT l.key AS "key!", (SELECT COUNT(*) FROM tasks t WHERE t.fairness_key = l.key
                    AND t.status = 'pending') AS "queued!"
          FROM key_limits l ORDER BY l.key"#
     )
-    .fetch_all(&core.db)
+    .fetch_all(db)
     .await?;
     let pending: i64 = sqlx::query_scalar!(
         r#"SELECT COALESCE(SUM(n), 0)::bigint AS "n!" FROM task_counts WHERE status = 'pending'"#
     )
-    .fetch_one(&core.db)
+    .fetch_one(db)
     .await?;
     let limited: i64 = rows.iter().map(|r| r.queued).sum();
     let mut out: Vec<(String, i64)> = rows.into_iter().map(|r| (r.key, r.queued)).collect();
@@ -298,7 +324,7 @@ pub struct KeyState {
 
 /// The state of a pending task's key, read live.
 pub async fn key_state(
-    core: &Core,
+    db: &PgPool,
     task_id: i32,
     key: &str,
     priority: i32,
@@ -310,7 +336,7 @@ pub async fn key_state(
          FROM key_limits WHERE key = $1",
         key
     )
-    .fetch_optional(&core.db)
+    .fetch_optional(db)
     .await?;
     let counts = sqlx::query!(
         r#"SELECT COUNT(*) FILTER (WHERE status IN ('assigned', 'in_progress')) AS "in_flight!",
@@ -323,7 +349,7 @@ pub async fn key_state(
         priority,
         created_at
     )
-    .fetch_one(&core.db)
+    .fetch_one(db)
     .await?;
     let now = Utc::now();
     let slot = limit

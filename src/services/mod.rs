@@ -1,5 +1,6 @@
 //! The spec's services: business rules over the database. No HTTP types and no import of
-//! the layers above (`api`, `auth`, `udc`, `error`, `state`, `jobs`); they share one [`Core`].
+//! the layers above (`api`, `auth`, `udc`, `error`, `state`, `jobs`). Their parts are kept
+//! in one [`Core`]; each service takes a handle to the parts it uses, built from it.
 
 pub mod analytics;
 pub mod config_reload;
@@ -37,6 +38,7 @@ pub mod status;
 pub mod system_status;
 pub mod table_statistics;
 pub mod task_listing;
+pub mod task_parts;
 pub mod task_recovery;
 pub mod task_router;
 pub mod task_store;

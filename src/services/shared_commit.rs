@@ -85,7 +85,8 @@ impl<T, R> SharedCommit<T, R> {
 /// Becomes a leader of `queue` when a place is free: writes what waits (`take` a batch,
 /// `write` it), batch after batch, until nothing does. A leader runs on its own task, so a
 /// client that goes away cancels nobody else's write.
-/// `C` is what the writes need (the services' `Core`), holding the queue.
+/// `C` is what the writes need (the service's handle, e.g. `task_parts::Tasks`), holding the
+/// queue.
 pub fn lead<C, T, R, Q, B, W, Fut>(core: &C, queue: Q, take: B, write: W)
 where
     C: Clone + Send + Sync + 'static,

@@ -9,8 +9,10 @@ use serde::Serialize;
 use sqlx::PgPool;
 
 use crate::protocol::now_iso;
-use crate::services::events::WsStats;
-use crate::services::registry_status::RegistrySnapshot;
+use crate::services::core::{EmergencyStop, Settings};
+use crate::services::events::{EventHub, WsStats};
+use crate::services::registry_status::{RegistrySnapshot, RegistryStatus};
+use crate::services::router_trigger::RouterTrigger;
 use crate::services::Core;
 use crate::system::ProcessSample;
 
@@ -119,15 +121,42 @@ pub struct ProcessHealth {
     pub uptime_seconds: u64,
 }
 
+/// What the health report reads of the shared parts: the pool (and its figures), the
+/// settings, the event hub's figures, the Registry's status, the router's trigger and the
+/// emergency stop.
+#[derive(Clone, Copy)]
+pub struct Health<'a> {
+    db: &'a PgPool,
+    settings: &'a Settings,
+    events: &'a EventHub,
+    registry: &'a RegistryStatus,
+    router: &'a RouterTrigger,
+    stop: &'a EmergencyStop,
+}
+
+impl Core {
+    /// The parts the health report reads ([`health_report`]).
+    pub fn health(&self) -> Health<'_> {
+        Health {
+            db: &self.db,
+            settings: &self.settings,
+            events: &self.events,
+            registry: &self.registry,
+            router: &self.router,
+            stop: &self.emergency_stop,
+        }
+    }
+}
+
 /// `/metrics/system/health`: `maintenance` during an emergency stop, `healthy` with no
 /// problem, else `degraded` with the problems named.
-pub async fn health_report(core: &Core, outside: Outside) -> HealthReport {
-    let config = core.config();
+pub async fn health_report(core: Health<'_>, outside: Outside) -> HealthReport {
+    let config = core.settings.current();
     let mut problems: Vec<String> = Vec::new();
 
     let started = Instant::now();
     let ping = sqlx::query_scalar!(r#"SELECT 1 AS "one!""#)
-        .fetch_one(&core.db)
+        .fetch_one(core.db)
         .await;
     let round_trip_ms = started.elapsed().as_secs_f64() * 1000.0;
     let size = core.db.size();
@@ -166,7 +195,7 @@ pub async fn health_report(core: &Core, outside: Outside) -> HealthReport {
     if registry.status == "disconnected" {
         problems.push("registry disconnected".into());
     }
-    let status = if core.emergency_stopped() {
+    let status = if core.stop.is_on() {
         "maintenance"
     } else if problems.is_empty() {
         "healthy"
@@ -179,7 +208,7 @@ pub async fn health_report(core: &Core, outside: Outside) -> HealthReport {
         problems,
         database,
         router_paused: core.router.is_paused(),
-        emergency_stopped: core.emergency_stopped(),
+        emergency_stopped: core.stop.is_on(),
         websocket,
         registry,
         process: ProcessHealth {

@@ -5,15 +5,14 @@ use crate::services::dispatch::{Refusal, Report, Unreachable};
 use crate::services::droplet_row::{droplet_columns, droplet_of, droplet_record};
 use crate::services::locks::Singleton;
 use crate::services::state_machine::{Actor, Cause, Mode, Move, MoveError, Status};
-use crate::services::transition::Transition;
-use crate::services::Core;
+use crate::services::transition::{Changes, Transition};
 use crate::services::{drain_state, droplet_drain};
 
 const LIMIT: i64 = 1000;
 
 /// Takes a lost droplet's tasks away, in a transaction of its own.
 pub async fn recover_droplet(
-    state: &Core,
+    state: &Changes,
     internal_id: i32,
     droplet_id: i32,
 ) -> Result<usize, sqlx::Error> {
@@ -83,8 +82,8 @@ pub async fn recover_in(
 /// pending without a retry counted and the droplet is marked `error` at once, so a bad token
 /// costs one refused delivery per droplet per registration or heartbeat, never the tasks'
 /// retries. The droplet is sent no `cancel_task` for a task it refused.
-pub async fn refused(state: &Core, refusal: &Refusal) -> Result<(), sqlx::Error> {
-    let config = state.config();
+pub async fn refused(state: &Changes, refusal: &Refusal) -> Result<(), sqlx::Error> {
+    let config = state.settings.current();
     let Refusal {
         task_id,
         internal_droplet: internal_id,
@@ -340,7 +339,7 @@ fn unreachable_in_skip_mode(e: MoveError) -> Result<(), sqlx::Error> {
 }
 
 /// Acts on the refusals dispatch reports, one at a time, until shutdown.
-pub async fn run_refusals(core: Core, stop: tokio_util::sync::CancellationToken) {
+pub async fn run_refusals(core: Changes, stop: tokio_util::sync::CancellationToken) {
     let Some(mut refusals) = core.dispatch.take_refusals() else {
         return;
     };
@@ -393,8 +392,11 @@ pub async fn run_refusals(core: Core, stop: tokio_util::sync::CancellationToken)
 /// back to pending (not a retry; the router prefers another droplet), in one transaction.
 /// A heartbeat does not bring it back; a successful probe (`dispatch::probe`), an accepted
 /// delivery's reset or a registration does.
-pub async fn unreachable(state: &Core, failures: &[Unreachable]) -> Result<(), sqlx::Error> {
-    let n = state.config().dispatch_failures_before_unreachable;
+pub async fn unreachable(state: &Changes, failures: &[Unreachable]) -> Result<(), sqlx::Error> {
+    let n = state
+        .settings
+        .current()
+        .dispatch_failures_before_unreachable;
     let mut per_droplet: std::collections::BTreeMap<i32, i32> = Default::default();
     for f in failures {
         *per_droplet.entry(f.internal_droplet).or_insert(0) += 1;
@@ -445,8 +447,8 @@ pub struct Maintenance {
 }
 
 /// Deadlines, assignment timeouts and due retries, once across replicas.
-pub async fn maintain(state: &Core) -> Result<Maintenance, sqlx::Error> {
-    let config = state.config();
+pub async fn maintain(state: &Changes) -> Result<Maintenance, sqlx::Error> {
+    let config = state.settings.current();
     let mut t = Transition::begin(state).await?;
     if !Singleton::Maintenance.try_for_transaction(t.conn()).await? {
         t.rollback().await?;

@@ -5,19 +5,22 @@
 
 use std::cell::RefCell;
 use std::collections::{HashMap, HashSet};
+use std::ops::Deref;
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 
 use chrono::NaiveDateTime;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
-use crate::services::contracts::{Contract, Memo, Site};
+use crate::services::contracts::{Contract, Contracts, Memo, Site};
 use crate::services::fair_pending::{self, PendingTask};
+use crate::services::fair_share::LimitCache;
 use crate::services::key_limits;
 use crate::services::locks::DROPLET_FILL;
 use crate::services::state_machine::{Actor, Mode, Move, MoveError, Status};
 use crate::services::task_recovery;
-use crate::services::transition::Transition;
+use crate::services::transition::{Changes, Transition};
 use crate::services::Core;
 
 /// Most tasks one pass assigns; a full pass runs again at once.
@@ -31,8 +34,40 @@ const CONTENDED_RETRIES: u32 = 40;
 use crate::services::router_trigger::Room;
 pub use crate::services::router_trigger::RouterTrigger;
 
+/// What routing uses of the shared parts: those of a change of tasks (it assigns through
+/// [`Transition`]; the router's trigger, the emergency stop and the settings are among
+/// them), the compiled contracts, this replica's limits per key, and the shutdown (a
+/// rate-limited key's wake-up ends with it).
+#[derive(Clone)]
+pub struct Routing {
+    pub changes: Changes,
+    pub contracts: Arc<Contracts>,
+    pub limits: Arc<LimitCache>,
+    pub shutdown: CancellationToken,
+}
+
+impl Core {
+    /// The parts routing uses ([`run_loop`], [`run_once`], [`route_pass`]).
+    pub fn routing(&self) -> Routing {
+        Routing {
+            changes: self.changes(),
+            contracts: self.contracts.clone(),
+            limits: self.limits.clone(),
+            shutdown: self.shutdown.clone(),
+        }
+    }
+}
+
+/// A pass is a change of tasks: the transition's parts are routing's own.
+impl Deref for Routing {
+    type Target = Changes;
+    fn deref(&self) -> &Changes {
+        &self.changes
+    }
+}
+
 /// The loop behind immediate routing: one pass per wake-up, again while passes are full.
-pub async fn run_loop(state: Core, stop: CancellationToken) {
+pub async fn run_loop(state: Routing, stop: CancellationToken) {
     // The first pass picks up whatever is pending at start-up.
     state.router.trigger();
     loop {
@@ -43,7 +78,7 @@ pub async fn run_loop(state: Core, stop: CancellationToken) {
         let mut contended_rounds = 0u32;
         loop {
             state.router.passing.store(true, Ordering::SeqCst);
-            if state.router.is_paused() || state.emergency_stopped() || stop.is_cancelled() {
+            if state.router.is_paused() || state.stop.is_on() || stop.is_cancelled() {
                 state.router.passing.store(false, Ordering::SeqCst);
                 break;
             }
@@ -125,15 +160,15 @@ struct Pass {
 }
 
 /// One routing pass; returns how many tasks it assigned.
-pub async fn route_pass(state: &Core) -> Result<usize, sqlx::Error> {
+pub async fn route_pass(state: &Routing) -> Result<usize, sqlx::Error> {
     pass(state).await.map(|p| p.assigned)
 }
 
-async fn pass(state: &Core) -> Result<Pass, sqlx::Error> {
+async fn pass(state: &Routing) -> Result<Pass, sqlx::Error> {
     let started = std::time::Instant::now();
     let mut t = Transition::begin(state).await?;
     // The limits per key, read each pass: in force on every replica without a restart.
-    let limits = key_limits::refresh(&mut t, state).await?;
+    let limits = key_limits::refresh(&mut t, &state.limits).await?;
     let (mut slots, contended) = lock_droplets(&mut t).await?;
     let droplets_read = started.elapsed();
     let room = PassRoom::of(&slots);
@@ -153,7 +188,7 @@ async fn pass(state: &Core) -> Result<Pass, sqlx::Error> {
         &mut t,
         &room.wanted(),
         &limits,
-        state.config().priority_aging_seconds,
+        state.settings.current().priority_aging_seconds,
         BATCH,
     )
     .await?;
@@ -186,11 +221,11 @@ async fn pass(state: &Core) -> Result<Pass, sqlx::Error> {
     state.router.set_room(room_left(&slots));
     // A key left waiting for its rate gets a pass when its next slot comes.
     if let Some(at) = fair_pending::due(&read, &per_key) {
-        fair_pending::wake_at(state, at);
+        fair_pending::wake_at(&state.limits, &state.router, &state.shutdown, at);
     }
     // An emergency stop that came while this pass was reading wins: nothing it chose is
     // assigned.
-    if moves.is_empty() || state.emergency_stopped() {
+    if moves.is_empty() || state.stop.is_on() {
         t.rollback().await?;
         return Ok(Pass {
             assigned: 0,
@@ -491,9 +526,9 @@ pub struct RouterRound {
 /// One round of the `task_router` job: due retries, deadlines and assignment timeouts
 /// first (so what they free is routed in the same round), then a pass unless routing is
 /// paused or stopped.
-pub async fn run_once(state: &Core) -> Result<RouterRound, sqlx::Error> {
+pub async fn run_once(state: &Routing) -> Result<RouterRound, sqlx::Error> {
     // What other replicas learned of droplets pushing back or drained holds here too.
-    crate::services::dispatch::pushback::refresh(state).await?;
+    crate::services::dispatch::pushback::refresh(&state.db, &state.dispatch.holds).await?;
     let maintenance = task_recovery::maintain(state).await?;
     let assigned = if is_active(state) {
         route_pass(state).await?
@@ -507,6 +542,6 @@ pub async fn run_once(state: &Core) -> Result<RouterRound, sqlx::Error> {
 }
 
 /// Whether routing is running: not paused and not stopped.
-pub fn is_active(state: &Core) -> bool {
-    !state.router.is_paused() && !state.emergency_stopped()
+pub fn is_active(state: &Routing) -> bool {
+    !state.router.is_paused() && !state.stop.is_on()
 }

@@ -17,10 +17,10 @@ use crate::services::error::{Error, Result};
 use crate::services::events::{self, Event, TaskEventKind};
 use crate::services::shared_commit;
 use crate::services::state_machine::{Actor, Mode, Move, Status};
+use crate::services::task_parts::Tasks;
 pub use crate::services::task_store::{history, load, load_by_trace, HistoryRow, Task};
 use crate::services::task_store::{SELECT_TASK, TASK_COLUMNS_CTE};
 use crate::services::transition::{self, Transition};
-use crate::services::Core;
 use crate::services::{fair_share, key_limits};
 use crate::validation::FieldError;
 use crate::validation::{length, range, Validate};
@@ -106,14 +106,14 @@ pub struct Created {
 impl Created {
     /// The answer to a creation: the task, and when it should be assigned: at once when a
     /// capable droplet had room at the last routing pass, else by the next `task_router` run.
-    pub fn of(core: &Core, task: &Task) -> Created {
+    pub fn of(core: &Tasks, task: &Task) -> Created {
         let estimate = if core
             .router
             .has_room_for(task.required_capability.as_deref())
         {
             0
         } else {
-            core.config().task_router_interval
+            core.settings.current().task_router_interval
         };
         Created {
             task_id: task.id,
@@ -145,7 +145,7 @@ pub async fn contracts_for(
 /// directory kept in memory (no query), or from the database while it is not known. They are
 /// evaluated off the async workers, within [`contracts::BUDGET`]: over it, a 422 saying so.
 async fn check_contracts(
-    state: &Core,
+    state: &Tasks,
     capability: &str,
     payload: &Value,
     payload_loc: &[&str],
@@ -195,7 +195,7 @@ async fn check_contracts(
 /// Creates a task, or finds the one this creator already made with this trace id.
 /// Returns the task and whether it is new.
 pub async fn create(
-    state: &Core,
+    state: &Tasks,
     caller: &Principal,
     trace_id: &str,
     new: NewTask,
@@ -213,7 +213,7 @@ pub async fn create(
 /// [`create`], with the location of the task's payload in the request for 422 entries
 /// (`/message`'s `create_task` carries it under `task_data`).
 pub async fn create_at(
-    state: &Core,
+    state: &Tasks,
     caller: &Principal,
     trace_id: &str,
     new: NewTask,
@@ -238,7 +238,7 @@ pub async fn create_at(
     };
     // A key at its max_queued pushes back (429) before anything is checked or written.
     let key = fair_share::fairness_key(new.concurrency_key.as_deref(), &created_by);
-    key_limits::admit(state, &key, trace).await?;
+    key_limits::admit(&state.limits, &key, trace).await?;
     let capability = new.required_capability.filter(|c| !c.is_empty());
     if let Some(c) = capability.as_deref() {
         if let Err(refused) = check_contracts(state, c, &payload, payload_loc).await {
@@ -339,7 +339,7 @@ struct Found {
 /// Inserts a task with its first history row and its `task_created` event, sharing one
 /// transaction and one commit with the creations waiting at the same moment. Answers once
 /// the row is committed: the task inserted, or the one that had the trace id already.
-async fn insert(core: &Core, row: NewRow) -> Result<Option<Stored>> {
+async fn insert(core: &Tasks, row: NewRow) -> Result<Option<Stored>> {
     let answer = core.creates.push(row);
     lead(core);
     match answer.await {
@@ -351,7 +351,7 @@ async fn insert(core: &Core, row: NewRow) -> Result<Option<Stored>> {
 /// Inserts rows as if their creations came at the same moment: they share one insert and
 /// one commit, unless one of them fails it, when each is tried alone. A trace id given twice
 /// waits for the next shared insert, which finds the first one's task.
-pub async fn insert_all(core: &Core, rows: Vec<NewRow>) -> Vec<Result<Option<Stored>>> {
+pub async fn insert_all(core: &Tasks, rows: Vec<NewRow>) -> Vec<Result<Option<Stored>>> {
     let answers: Vec<_> = rows.into_iter().map(|row| core.creates.push(row)).collect();
     lead(core);
     let mut out = Vec::with_capacity(answers.len());
@@ -366,10 +366,10 @@ pub async fn insert_all(core: &Core, rows: Vec<NewRow>) -> Vec<Result<Option<Sto
 
 /// Becomes a leader of the creations when a place is free (`shared_commit::lead`). A batch
 /// holds one creation per trace id; a repeat waits for the next one.
-fn lead(core: &Core) {
+fn lead(core: &Tasks) {
     shared_commit::lead(
         core,
-        |c: &Core| &c.creates,
+        |c: &Tasks| &*c.creates,
         |q| q.take_distinct(|r| r.trace_id),
         |core, batch| async move {
             shared_commit::write_each(
@@ -386,7 +386,7 @@ fn lead(core: &Core) {
 /// Inserts the rows (one per trace id) with their history rows and the events of the new
 /// tasks, in one transaction through the transition path. Returns every trace id's task.
 async fn insert_rows(
-    core: &Core,
+    core: &Tasks,
     rows: &[&NewRow],
 ) -> std::result::Result<HashMap<Uuid, Stored>, sqlx::Error> {
     let mut t = Transition::begin(core).await?;
@@ -506,8 +506,8 @@ impl Validate for TaskUpdate {
 /// Whether `caller` may PATCH task `id`, in the contract's order: the task exists (404),
 /// then, for a non-admin, it is assigned to the caller's droplet (403). The handler asks this
 /// of a request whose body it could not read, so that its 422 comes only after both.
-pub async fn may_update(state: &Core, caller: &Principal, id: i32) -> Result<Task> {
-    let task = load(&state.db, id)
+pub async fn may_update(db: &PgPool, caller: &Principal, id: i32) -> Result<Task> {
+    let task = load(db, id)
         .await?
         .ok_or_else(|| Error::not_found(format!("Task {id} not found")))?;
     if !caller.is_admin() && task.assigned_droplet_id != Some(caller.droplet_id) {
@@ -520,8 +520,13 @@ pub async fn may_update(state: &Core, caller: &Principal, id: i32) -> Result<Tas
 }
 
 /// `PATCH /tasks/{id}`: the assigned droplet (or an admin) moves its task.
-pub async fn update(state: &Core, caller: &Principal, id: i32, update: TaskUpdate) -> Result<Task> {
-    let task = may_update(state, caller, id).await?;
+pub async fn update(
+    state: &Tasks,
+    caller: &Principal,
+    id: i32,
+    update: TaskUpdate,
+) -> Result<Task> {
+    let task = may_update(&state.db, caller, id).await?;
     let to = Status::parse(&update.status)
         .ok_or_else(|| Error::invalid(&["body", "payload", "status"], "unknown status", "enum"))?;
     let mut m = Move::new(id, to, Actor::Admin, caller.actor_name());
@@ -553,8 +558,8 @@ pub async fn update(state: &Core, caller: &Principal, id: i32, update: TaskUpdat
 
 /// Whether `caller` may cancel task `id`, in the contract's order: the task exists (404),
 /// then the caller is its creator or an admin (403); the actor it cancels as.
-pub async fn may_cancel(state: &Core, caller: &Principal, id: i32) -> Result<Actor> {
-    let task = load(&state.db, id)
+pub async fn may_cancel(db: &PgPool, caller: &Principal, id: i32) -> Result<Actor> {
+    let task = load(db, id)
         .await?
         .ok_or_else(|| Error::not_found(format!("Task {id} not found")))?;
     if caller.is_admin() {
@@ -570,12 +575,12 @@ pub async fn may_cancel(state: &Core, caller: &Principal, id: i32) -> Result<Act
 
 /// `DELETE /tasks/{id}`: the creator (or an admin) cancels a task that has not started.
 pub async fn cancel(
-    state: &Core,
+    state: &Tasks,
     caller: &Principal,
     id: i32,
     reason: Option<String>,
 ) -> Result<Task> {
-    let actor = may_cancel(state, caller, id).await?;
+    let actor = may_cancel(&state.db, caller, id).await?;
     let mut m = Move::new(id, Status::Cancelled, actor, caller.actor_name());
     m.reason = Some(reason.unwrap_or_else(|| format!("cancelled by {}", caller.actor_name())));
     let applied = transition::run(state, &[m], Mode::Strict).await?;

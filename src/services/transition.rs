@@ -4,19 +4,54 @@
 //! them, count outcomes, and wake the router when room or work appeared. Creation, PATCH,
 //! cancel, routing, recovery, refusals, retries, deadlines and timeouts all go through it.
 
-use sqlx::{PgConnection, Postgres, Transaction};
+use std::sync::Arc;
 
-use crate::services::dispatch;
+use sqlx::{PgConnection, PgPool, Postgres, Transaction};
+
+use crate::instruments::Metrics;
+use crate::services::core::{EmergencyStop, Settings};
+use crate::services::dispatch::{self, Dispatcher};
 use crate::services::drain_state;
+use crate::services::router_trigger::RouterTrigger;
 use crate::services::state_machine::{self, Applied, Mode, Move, MoveError, Status};
-use crate::services::table_statistics;
+use crate::services::table_statistics::{self, Growth};
 use crate::services::task_store::Task;
 use crate::services::Core;
+
+/// What a change of tasks uses of the shared parts: the pool it begins in, and what follows
+/// its commit (the delivery queue and its holds, with the emergency stop and the settings'
+/// assignment timeout; the router's trigger; the counters; the young tables' growth). Each
+/// part is shared, so a clone is cheap and may go where a spawned task needs it.
+#[derive(Clone)]
+pub struct Changes {
+    pub db: PgPool,
+    pub settings: Settings,
+    pub dispatch: Arc<Dispatcher>,
+    pub router: Arc<RouterTrigger>,
+    pub metrics: Arc<Metrics>,
+    pub growth: Arc<Growth>,
+    pub stop: EmergencyStop,
+}
+
+impl Core {
+    /// The parts a change of tasks uses ([`Transition::begin`]).
+    pub fn changes(&self) -> Changes {
+        Changes {
+            db: self.db.clone(),
+            settings: self.settings.clone(),
+            dispatch: self.dispatch.clone(),
+            router: self.router.clone(),
+            metrics: self.metrics.clone(),
+            growth: self.growth.clone(),
+            stop: self.emergency_stop.clone(),
+        }
+    }
+}
 
 /// A change of tasks in progress: one transaction. The caller may read and lock rows in it
 /// (`conn`) before it decides the moves; nothing follows until `commit`.
 pub struct Transition<'a> {
-    core: &'a Core,
+    core: &'a Changes,
     tx: Transaction<'static, Postgres>,
     applied: Vec<Applied>,
     created: usize,
@@ -24,7 +59,7 @@ pub struct Transition<'a> {
 }
 
 impl<'a> Transition<'a> {
-    pub async fn begin(core: &'a Core) -> Result<Transition<'a>, sqlx::Error> {
+    pub async fn begin(core: &'a Changes) -> Result<Transition<'a>, sqlx::Error> {
         Ok(Transition {
             core,
             tx: core.db.begin().await?,
@@ -86,7 +121,7 @@ impl<'a> Transition<'a> {
 }
 
 /// Applies moves in a transaction of their own and commits them.
-pub async fn run(core: &Core, moves: &[Move], mode: Mode) -> Result<Vec<Applied>, MoveError> {
+pub async fn run(core: &Changes, moves: &[Move], mode: Mode) -> Result<Vec<Applied>, MoveError> {
     let mut t = Transition::begin(core).await?;
     t.apply(moves, mode).await?;
     Ok(t.commit().await?)
@@ -116,7 +151,7 @@ async fn finish_drains(
 
 /// What follows committed moves: dispatch new assignments, tell droplets about work taken
 /// from them, route again when room or work appeared, count outcomes.
-fn after_commit(core: &Core, applied: &[Applied], created: usize) {
+fn after_commit(core: &Changes, applied: &[Applied], created: usize) {
     let mut route_again = created > 0;
     if created > 0 {
         core.metrics.tasks_created.inc_by(created as u64);
@@ -129,7 +164,7 @@ fn after_commit(core: &Core, applied: &[Applied], created: usize) {
         match a.to {
             Status::Assigned => {
                 assigned += 1;
-                dispatch::execute(core, &a.task);
+                dispatch::execute(&core.dispatch, &core.stop, &core.settings, &a.task);
             }
             Status::Pending => route_again = true,
             Status::InProgress => {}
@@ -142,7 +177,7 @@ fn after_commit(core: &Core, applied: &[Applied], created: usize) {
             }
         }
         if let Some(droplet) = a.previous_droplet {
-            dispatch::cancel(core, droplet, &a.task);
+            dispatch::cancel(&core.dispatch, droplet, &a.task);
         }
     }
     if assigned > 0 {

@@ -258,7 +258,7 @@ async fn stored_hostile_patterns_stall_neither_health_nor_explain() {
         "{:?}",
         started.elapsed()
     );
-    assert_eq!(route_pass(&app.state).await.unwrap(), 0);
+    assert_eq!(route_pass(&app.state.routing()).await.unwrap(), 0);
 }
 
 #[tokio::test]
@@ -298,7 +298,7 @@ async fn each_contract_is_evaluated_once_per_task_droplets_sharing_its_text_incl
     // One pass: two tasks, each against the two texts once, though four droplets are
     // considered for each task, twice (the choice and the record of the candidates).
     assert_eq!(evaluations(&app, "routing").await, 0);
-    assert_eq!(route_pass(&app.state).await.unwrap(), 2);
+    assert_eq!(route_pass(&app.state.routing()).await.unwrap(), 2);
     assert_eq!(evaluations(&app, "routing").await, 4);
     for task in tasks {
         let (status, droplet) = app.holder(task as i32).await;

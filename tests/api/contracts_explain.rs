@@ -625,7 +625,7 @@ async fn explain_capable_droplets_inactive() {
     let (s, b) = admin_post(&app, "/droplets/42/deactivate").await;
     assert_eq!(s, StatusCode::OK, "{b}");
     let id = app.create_task(5, task(Some("ocr"), 5, json!({}))).await;
-    assert_eq!(route_pass(&app.state).await.unwrap(), 0);
+    assert_eq!(route_pass(&app.state.routing()).await.unwrap(), 0);
     let e = explain(&app, id).await;
     assert_eq!(e["reason"], "capable_droplets_inactive", "{e}");
     let c = &e["candidates"];
@@ -648,7 +648,7 @@ async fn explain_capable_droplets_full() {
     let first = app.create_task(5, task(Some("ocr"), 5, json!({}))).await;
     app.wait_assigned(first, 43, SOON).await;
     let second = app.create_task(5, task(Some("ocr"), 5, json!({}))).await;
-    assert_eq!(route_pass(&app.state).await.unwrap(), 0);
+    assert_eq!(route_pass(&app.state.routing()).await.unwrap(), 0);
     let e = explain(&app, second).await;
     assert_eq!(e["reason"], "capable_droplets_full", "{e}");
     let c = &e["candidates"][0];
@@ -682,7 +682,7 @@ async fn explain_payload_rejected_by_contracts() {
         None,
     )
     .await;
-    assert_eq!(route_pass(&app.state).await.unwrap(), 0);
+    assert_eq!(route_pass(&app.state.routing()).await.unwrap(), 0);
     assert_eq!(app.holder(id).await, ("pending".to_string(), None));
     let e = explain(&app, id).await;
     assert_eq!(e["reason"], "payload_rejected_by_contracts", "{e}");
@@ -843,7 +843,7 @@ async fn explain_queued_behind_counts_the_tasks_the_router_takes_first() {
     // Routing order: priority, then age.
     let order = [ids[1], ids[4], ids[0], ids[2], ids[3]];
     assert_eq!(
-        route_pass(&app.state).await.unwrap(),
+        route_pass(&app.state.routing()).await.unwrap(),
         0,
         "the droplet is held"
     );

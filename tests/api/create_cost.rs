@@ -169,10 +169,8 @@ async fn two_shared_inserts_of_the_same_trace_ids_in_opposite_orders_never_deadl
         let ids: Vec<Uuid> = (0..200).map(|_| Uuid::new_v4()).collect();
         let forward: Vec<NewRow> = ids.iter().map(|id| row(*id, "5")).collect();
         let backward: Vec<NewRow> = ids.iter().rev().map(|id| row(*id, "5")).collect();
-        let (x, y) = tokio::join!(
-            insert_all(&a.state, forward),
-            insert_all(&b.state, backward)
-        );
+        let (at_a, at_b) = (a.state.tasks(), b.state.tasks());
+        let (x, y) = tokio::join!(insert_all(&at_a, forward), insert_all(&at_b, backward));
         let mut y = y;
         y.reverse();
         for (i, (p, q)) in x.iter().zip(&y).enumerate() {

@@ -90,7 +90,7 @@ async fn a_key_at_its_limit_waits_without_holding_up_another_key() {
         .jobs
         .set_paused(&app.state, JobId::TaskRouter, false);
     app.wait_assigned(b, 31, Duration::from_secs(5)).await;
-    assert_eq!(route_pass(&app.state).await.unwrap(), 0);
+    assert_eq!(route_pass(&app.state.routing()).await.unwrap(), 0);
     assert_eq!(in_flight(&app, "tenant-a").await, 1);
     assert_eq!(app.holder(a[0]).await.0, "assigned", "oldest first");
 
@@ -158,8 +158,8 @@ async fn two_replicas_never_exceed_a_keys_max_in_flight_over_500_tasks() {
     while done < 500 {
         let mut passes = Vec::new();
         for app in [&a, &b, &a, &b] {
-            let state = app.state.clone();
-            passes.push(tokio::spawn(async move { route_pass(&state).await }));
+            let routing = app.state.routing();
+            passes.push(tokio::spawn(async move { route_pass(&routing).await }));
         }
         for p in passes {
             p.await.unwrap().expect("a pass");
@@ -233,12 +233,12 @@ async fn a_pass_leaves_a_key_alone_while_another_replicas_pass_holds_it() {
     .execute(&mut *other)
     .await
     .unwrap();
-    let assigned = route_pass(&app.state).await.unwrap();
+    let assigned = route_pass(&app.state.routing()).await.unwrap();
     other.commit().await.unwrap();
     assert_eq!(assigned, 0, "the key was routed under another pass");
     assert_eq!(in_flight(&app, "shared").await, 5);
     // Once that pass has committed, the key is full: still nothing.
-    assert_eq!(route_pass(&app.state).await.unwrap(), 0);
+    assert_eq!(route_pass(&app.state.routing()).await.unwrap(), 0);
 }
 
 #[tokio::test]
@@ -254,7 +254,7 @@ async fn a_rate_limited_key_is_assigned_at_its_rate_and_explained() {
         app.create_task(5, task("ocr", 5, Some("slow"))).await,
     ];
     app.register_max(32, &["ocr"], &server.endpoint, 10).await;
-    assert_eq!(route_pass(&app.state).await.unwrap(), 1);
+    assert_eq!(route_pass(&app.state.routing()).await.unwrap(), 1);
     // The rest follow at the rate without waiting for the 10 s safety-net job.
     app.state
         .jobs

@@ -172,11 +172,31 @@ async fn a_round_another_replica_holds_is_skipped() {
             .await
             .unwrap();
     }
-    assert!(health_monitor::run_once(&app.state).await.unwrap().skipped);
-    assert!(task_recovery::maintain(&app.state).await.unwrap().skipped);
+    assert!(
+        health_monitor::run_once(&app.state.changes())
+            .await
+            .unwrap()
+            .skipped
+    );
+    assert!(
+        task_recovery::maintain(&app.state.changes())
+            .await
+            .unwrap()
+            .skipped
+    );
     other.rollback().await.unwrap();
-    assert!(!health_monitor::run_once(&app.state).await.unwrap().skipped);
-    assert!(!task_recovery::maintain(&app.state).await.unwrap().skipped);
+    assert!(
+        !health_monitor::run_once(&app.state.changes())
+            .await
+            .unwrap()
+            .skipped
+    );
+    assert!(
+        !task_recovery::maintain(&app.state.changes())
+            .await
+            .unwrap()
+            .skipped
+    );
 }
 
 /// The relay and the heartbeat cleanup once shared a lock id: while one held it, the other

@@ -205,3 +205,44 @@ fn the_simulator_uses_only_the_wire_and_identity_and_the_service_never_names_it(
     }
     assert!(offences.is_empty(), "{}", offences.join("\n"));
 }
+
+/// Whether a line of code names the type `Core` (not `CoreX` or `score`).
+fn names_core(line: &str) -> bool {
+    line.match_indices("Core").any(|(i, _)| {
+        let before = line[..i].chars().next_back();
+        let after = line[i + "Core".len()..].chars().next();
+        let ident = |c: Option<char>| c.is_some_and(|c| c.is_alphanumeric() || c == '_');
+        !ident(before) && !ident(after)
+    })
+}
+
+/// A service asks for the parts it uses (a handle such as `transition::Changes` or
+/// `registry_client::Registry`, or the parts themselves), never the whole `Core`: its
+/// signatures say what it can touch. A service file names `Core` only to build its handle
+/// from it (`impl Core { fn changes(&self) }`, `impl From<&Core> for Registry`); no
+/// function, closure or field of a service takes or keeps one.
+#[test]
+fn services_take_their_parts_not_the_whole_core() {
+    let mut offences = Vec::new();
+    for (rel, text) in sources() {
+        if !rel.starts_with("services/") || rel == "services/core.rs" || rel == "services/mod.rs" {
+            continue;
+        }
+        for line in code(&text).lines() {
+            let l = line.trim();
+            let builds_a_handle = l.starts_with("use ")
+                || l.starts_with("impl Core ")
+                || (l.starts_with("impl")
+                    && (l.contains("From<&'a Core>") || l.contains("From<&Core>")))
+                || l.starts_with("fn from(");
+            if names_core(l) && !builds_a_handle {
+                offences.push(format!("services/{}: {l}", &rel["services/".len()..]));
+            }
+        }
+    }
+    assert!(
+        offences.is_empty(),
+        "services that take or keep the whole Core:\n{}",
+        offences.join("\n")
+    );
+}

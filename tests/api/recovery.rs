@@ -226,10 +226,10 @@ async fn a_retry_waits_for_its_backoff_which_doubles_up_to_the_cap() {
         let (s, b) = app.move_task(73, id, "failed").await;
         assert_eq!(s, StatusCode::OK, "{b}");
 
-        let m = task_recovery::maintain(&app.state).await.unwrap();
+        let m = task_recovery::maintain(&app.state.changes()).await.unwrap();
         assert_eq!((m.retried, app.holder(id).await.0.as_str()), (0, "failed"));
         failed_ago(early).await;
-        let m = task_recovery::maintain(&app.state).await.unwrap();
+        let m = task_recovery::maintain(&app.state.changes()).await.unwrap();
         assert_eq!(
             m.retried,
             0,
@@ -237,7 +237,7 @@ async fn a_retry_waits_for_its_backoff_which_doubles_up_to_the_cap() {
             attempt + 1
         );
         failed_ago(due).await;
-        let m = task_recovery::maintain(&app.state).await.unwrap();
+        let m = task_recovery::maintain(&app.state.changes()).await.unwrap();
         assert_eq!(
             m.retried,
             1,
@@ -275,7 +275,7 @@ async fn a_task_past_its_deadline_fails_for_good_whatever_its_state() {
         .execute(&app.db)
         .await
         .unwrap();
-    let m = task_recovery::maintain(&app.state).await.unwrap();
+    let m = task_recovery::maintain(&app.state.changes()).await.unwrap();
     assert_eq!(m.deadlines_failed, 3);
     for id in [pending, assigned, running] {
         let task = app.task(id).await;
@@ -286,7 +286,7 @@ async fn a_task_past_its_deadline_fails_for_good_whatever_its_state() {
         assert_eq!(last.3.as_deref(), Some("deadline passed; not retried"));
     }
     // No retry, however often the job runs; the droplet is told and cannot finish it.
-    let m = task_recovery::maintain(&app.state).await.unwrap();
+    let m = task_recovery::maintain(&app.state.changes()).await.unwrap();
     assert_eq!((m.retried, m.deadlines_failed), (0, 0));
     assert_eq!(app.holder(running).await.0, "failed");
     eventually(
@@ -400,7 +400,9 @@ async fn a_heartbeat_brings_a_silent_droplet_back_unless_an_admin_deactivated_it
         .await
         .unwrap();
 
-    let mut round = health_monitor::run_once(&app.state).await.unwrap();
+    let mut round = health_monitor::run_once(&app.state.changes())
+        .await
+        .unwrap();
     round.marked_inactive.sort_unstable();
     assert_eq!(round.marked_inactive, [78, 79]);
     let mut events: Vec<(String, i64)> =
@@ -477,7 +479,9 @@ async fn a_droplet_that_went_quiet_after_reporting_maintenance_loses_its_running
         .await;
     assert_eq!(s, StatusCode::OK, "{b}");
     assert_eq!(droplet_status(&app, 80).await, "inactive");
-    let round = health_monitor::run_once(&app.state).await.unwrap();
+    let round = health_monitor::run_once(&app.state.changes())
+        .await
+        .unwrap();
     assert_eq!(round.tasks_recovered, 0, "it was still heartbeating");
     assert_eq!(app.holder(id).await.0, "in_progress");
 
@@ -485,7 +489,9 @@ async fn a_droplet_that_went_quiet_after_reporting_maintenance_loses_its_running
         .execute(&app.db)
         .await
         .unwrap();
-    let round = health_monitor::run_once(&app.state).await.unwrap();
+    let round = health_monitor::run_once(&app.state.changes())
+        .await
+        .unwrap();
     assert_eq!(round.tasks_recovered, 1);
     assert_eq!(app.holder(id).await.0, "failed");
     assert_eq!(

@@ -65,7 +65,7 @@ async fn a_task_waits_for_a_capable_active_droplet() {
 
     let id = app.create_task(5, task_for(Some("ocr"), 5, "scan")).await;
     // Neither the droplet without the capability nor the inactive one gets it.
-    assert_eq!(route_pass(&app.state).await.unwrap(), 0);
+    assert_eq!(route_pass(&app.state.routing()).await.unwrap(), 0);
     assert_eq!(app.holder(id).await, ("pending".to_string(), None));
 
     app.register(22, &["translate", "ocr"], &server.endpoint)
@@ -168,7 +168,7 @@ async fn a_full_droplet_gets_no_more_tasks() {
     }
     app.wait_assigned(ids[1], 29, SOON).await;
     app.wait_assigned(ids[0], 29, SOON).await;
-    assert_eq!(route_pass(&app.state).await.unwrap(), 0);
+    assert_eq!(route_pass(&app.state.routing()).await.unwrap(), 0);
     for id in &ids[2..] {
         assert_eq!(app.holder(*id).await.0, "pending");
     }
@@ -376,8 +376,8 @@ async fn two_routers_on_one_database_assign_each_task_exactly_once() {
     let mut passes = Vec::new();
     for _ in 0..4 {
         for app in [&a, &b] {
-            let state = app.state.clone();
-            passes.push(tokio::spawn(async move { route_pass(&state).await }));
+            let routing = app.state.routing();
+            passes.push(tokio::spawn(async move { route_pass(&routing).await }));
         }
     }
     for p in passes {
@@ -392,8 +392,8 @@ async fn two_routers_on_one_database_assign_each_task_exactly_once() {
     })
     .await;
     // Settled: neither replica finds anything more to do.
-    assert_eq!(route_pass(&a.state).await.unwrap(), 0);
-    assert_eq!(route_pass(&b.state).await.unwrap(), 0);
+    assert_eq!(route_pass(&a.state.routing()).await.unwrap(), 0);
+    assert_eq!(route_pass(&b.state.routing()).await.unwrap(), 0);
 
     let twice: Vec<(i32, i64)> = sqlx::query_as(
         "SELECT task_id, COUNT(*) FROM task_state_history WHERE to_status = 'assigned'
@@ -447,7 +447,7 @@ async fn a_pass_skips_what_another_replica_holds_instead_of_waiting() {
         .execute(&mut *other)
         .await
         .unwrap();
-    let assigned = tokio::time::timeout(SOON, route_pass(&app.state))
+    let assigned = tokio::time::timeout(SOON, route_pass(&app.state.routing()))
         .await
         .expect("the pass waited for the held tasks")
         .unwrap();
@@ -461,14 +461,14 @@ async fn a_pass_skips_what_another_replica_holds_instead_of_waiting() {
     // Now it is filling the droplet: nothing to fill, and still no waiting.
     let mut other = app.db.begin().await.unwrap();
     hold_droplets(&mut other).await;
-    let assigned = tokio::time::timeout(SOON, route_pass(&app.state))
+    let assigned = tokio::time::timeout(SOON, route_pass(&app.state.routing()))
         .await
         .expect("the pass waited for the held droplet")
         .unwrap();
     assert_eq!(assigned, 0);
     other.rollback().await.unwrap();
 
-    assert_eq!(route_pass(&app.state).await.unwrap(), 5);
+    assert_eq!(route_pass(&app.state.routing()).await.unwrap(), 5);
 }
 /// How many of these tasks are assigned.
 async fn assigned_among(app: &TestApp, ids: &[i32]) -> i64 {
@@ -508,7 +508,7 @@ async fn heartbeats_and_routing_passes_never_wait_for_each_other() {
         SOON,
         "the tasks assigned while a heartbeat holds the row",
         || async {
-            tokio::time::timeout(SOON, route_pass(&app.state))
+            tokio::time::timeout(SOON, route_pass(&app.state.routing()))
                 .await
                 .expect("the pass waited for the heartbeat")
                 .unwrap();
@@ -573,12 +573,12 @@ async fn a_droplet_that_comes_back_gets_the_waiting_work_at_once() {
         .execute(&app.db)
         .await
         .unwrap();
-    let round = orchestrator::services::health_monitor::run_once(&app.state)
+    let round = orchestrator::services::health_monitor::run_once(&app.state.changes())
         .await
         .unwrap();
     assert_eq!(round.marked_inactive, [48]);
     let id = app.create_task(5, task_for(Some("back"), 5, "wait")).await;
-    assert_eq!(route_pass(&app.state).await.unwrap(), 0);
+    assert_eq!(route_pass(&app.state.routing()).await.unwrap(), 0);
 
     let (s, b) = app
         .post(

@@ -34,7 +34,7 @@ async fn assign(app: &TestApp, task: i32, droplet_id: i32) {
     let mut m = Move::new(task, Status::Assigned, Actor::System, "task_router");
     m.assign_to = Some(internal_id(app, droplet_id).await);
     m.reason = Some("assigned by the test".into());
-    let applied = run_moves(&app.state, &[m], Mode::Strict)
+    let applied = run_moves(&app.state.changes(), &[m], Mode::Strict)
         .await
         .expect("assigned");
     assert_eq!(applied.len(), 1);
@@ -42,7 +42,7 @@ async fn assign(app: &TestApp, task: i32, droplet_id: i32) {
 
 async fn admin_move(app: &TestApp, task: i32, to: Status) {
     let m = Move::new(task, to, Actor::Admin, "admin-1");
-    run_moves(&app.state, &[m], Mode::Strict)
+    run_moves(&app.state.changes(), &[m], Mode::Strict)
         .await
         .unwrap_or_else(|e| panic!("move {task} to {to:?}: {e:?}"));
 }
@@ -588,7 +588,7 @@ async fn a_late_patch_after_the_task_moved_away_is_403() {
     // Requeued and given to droplet 9.
     let mut m = Move::new(id, Status::Pending, Actor::System, "system");
     m.cause = orchestrator::services::state_machine::Cause::Requeue;
-    run_moves(&app.state, &[m], Mode::Strict)
+    run_moves(&app.state.changes(), &[m], Mode::Strict)
         .await
         .expect("requeued");
     assign(&app, id, 9).await;
@@ -975,7 +975,7 @@ async fn creations_at_one_moment_share_one_commit_and_a_bad_one_fails_alone() {
     app.pause_routing().await;
     // Twenty at once: one insert, one commit, each with its history row and its event.
     let rows: Vec<_> = (0..20).map(|i| new_row(&format!("t{i}"))).collect();
-    let answers = orchestrator::services::tasks::insert_all(&app.state, rows).await;
+    let answers = orchestrator::services::tasks::insert_all(&app.state.tasks(), rows).await;
     assert!(answers.iter().all(|a| matches!(a, Ok(Some(_)))));
     assert_eq!(counts(&app).await, (20, 20));
     assert_eq!(writing_transactions(&app).await, 1);
@@ -993,7 +993,7 @@ async fn creations_at_one_moment_share_one_commit_and_a_bad_one_fails_alone() {
     let mut rows: Vec<_> = (0..20).map(|i| new_row(&format!("u{i}"))).collect();
     rows[7].title = "bad\u{0}".into();
     let bad_trace = rows[7].trace_id;
-    let answers = orchestrator::services::tasks::insert_all(&app.state, rows).await;
+    let answers = orchestrator::services::tasks::insert_all(&app.state.tasks(), rows).await;
     for (i, a) in answers.iter().enumerate() {
         if i == 7 {
             assert!(a.is_err(), "the NUL row: {a:?}");
@@ -1012,7 +1012,7 @@ async fn creations_at_one_moment_share_one_commit_and_a_bad_one_fails_alone() {
     // A trace id given twice at once: one task, the second is answered with it, not new.
     let row = new_row("twice");
     let answers =
-        orchestrator::services::tasks::insert_all(&app.state, vec![row.clone(), row]).await;
+        orchestrator::services::tasks::insert_all(&app.state.tasks(), vec![row.clone(), row]).await;
     let (Ok(Some(first)), Ok(Some(second))) = (&answers[0], &answers[1]) else {
         panic!("{answers:?}");
     };
@@ -1036,12 +1036,13 @@ async fn the_young_task_tables_are_analyzed_after_the_500th_creation() {
     let app = TestApp::spawn().await;
     app.pause_routing().await;
     let rows: Vec<_> = (0..499).map(|i| new_row(&format!("a{i}"))).collect();
-    let answers = orchestrator::services::tasks::insert_all(&app.state, rows).await;
+    let answers = orchestrator::services::tasks::insert_all(&app.state.tasks(), rows).await;
     assert!(answers.iter().all(|a| matches!(a, Ok(Some(_)))));
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(last_analyze(&app).await, None, "not before the 500th");
     let answers =
-        orchestrator::services::tasks::insert_all(&app.state, vec![new_row("the 500th")]).await;
+        orchestrator::services::tasks::insert_all(&app.state.tasks(), vec![new_row("the 500th")])
+            .await;
     assert!(matches!(answers[0], Ok(Some(_))));
     eventually(Duration::from_secs(10), "tasks analyzed", || async {
         last_analyze(&app).await

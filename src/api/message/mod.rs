@@ -173,7 +173,7 @@ async fn command(
             let new: NewTask = udc::deserialize_payload(data, &["body", "payload", "task_data"])
                 .map_err(ApiError::Validation)?;
             let (task, created) = tasks::create_at(
-                state,
+                &state.tasks(),
                 caller,
                 trace_id,
                 new,
@@ -197,7 +197,7 @@ async fn command(
                 .get("reason")
                 .and_then(Value::as_str)
                 .map(str::to_string);
-            let task = tasks::cancel(state, caller, id, reason).await?;
+            let task = tasks::cancel(&state.tasks(), caller, id, reason).await?;
             Ok(MessageAnswer::TaskCancelled(TaskCancelled {
                 command: CancelTaskName::Name,
                 task_id: task.id,
@@ -311,7 +311,7 @@ async fn heartbeat(
     let droplet_id = named.unwrap_or(caller.droplet_id);
     let beat: Heartbeat = udc::deserialize_payload(Value::Object(payload), &["body", "payload"])
         .map_err(ApiError::Validation)?;
-    let droplet = heartbeats::heartbeat(state, caller, droplet_id, beat, id_form).await?;
+    let droplet = heartbeats::heartbeat(&state.beats(), caller, droplet_id, beat, id_form).await?;
     let interval = state.config().heartbeat_interval;
     Ok(MessageAnswer::Heartbeat(HeartbeatReceived {
         received: true,

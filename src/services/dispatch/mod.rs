@@ -18,19 +18,25 @@ use uuid::Uuid;
 
 use crate::identity::Keys;
 use crate::protocol::Envelope;
+use crate::services::core::{EmergencyStop, Settings};
 use crate::services::endpoints::{self, EndpointPolicy, NoAllowedAddress};
 use crate::services::task_store::Task;
 use crate::services::Core;
 
+mod cancels;
+mod courier;
 mod excerpt;
 pub mod holds;
 pub mod probe;
 pub mod pushback;
 pub mod queue;
 pub mod slots;
+pub use cancels::cancel;
+use cancels::send_cancels;
+pub use courier::Courier;
 use excerpt::answer_excerpt;
 use queue::{Tries, Waiting};
-pub use slots::{Dispatcher, Refusal, Report, Unreachable};
+pub use slots::{Cancel, Dispatcher, Refusal, Report, Unreachable};
 
 /// `Delivery::Failed`'s reason when the droplet could not be connected to.
 const UNREACHABLE: &str = "unreachable";
@@ -231,15 +237,15 @@ pub async fn post_message(
 /// Queues `execute_task` to the task's droplet; a worker sends it, retrying with backoff
 /// while the task is still assigned to it (the assignment timeout ends the attempts). A
 /// refusal ends them at once and hands the task back to the router.
-pub fn execute(state: &Core, task: &Task) {
-    if state.emergency_stopped() {
+pub fn execute(dispatch: &Dispatcher, stop: &EmergencyStop, settings: &Settings, task: &Task) {
+    if stop.is_on() {
         return;
     }
     let Some(droplet) = task.assigned_droplet_internal else {
         return;
     };
-    let config = state.config();
-    state.dispatch.queue.push(Waiting {
+    let config = settings.current();
+    dispatch.queue.push(Waiting {
         task_id: task.id,
         attempt: task.attempt,
         droplet,
@@ -252,16 +258,18 @@ pub fn execute(state: &Core, task: &Task) {
     });
 }
 
-/// The workers that send queued deliveries (`DISPATCH_CONCURRENCY` of them), until shutdown.
-pub async fn run_workers(state: Core, stop: CancellationToken) {
+/// The workers that send queued deliveries (`DISPATCH_CONCURRENCY` of them), and the loop
+/// that sends the cancellations, until shutdown.
+pub async fn run_workers(state: Courier, stop: CancellationToken) {
     let mut workers = tokio::task::JoinSet::new();
     for _ in 0..state.dispatch.workers.max(1) {
         workers.spawn(work(state.clone(), stop.clone()));
     }
+    workers.spawn(send_cancels(state, stop));
     while workers.join_next().await.is_some() {}
 }
 
-async fn work(state: Core, stop: CancellationToken) {
+async fn work(state: Courier, stop: CancellationToken) {
     loop {
         let taken = state.dispatch.queue.take(|d| state.dispatch.try_own(d));
         let Some((waiting, own)) = taken else {
@@ -287,7 +295,7 @@ async fn work(state: Core, stop: CancellationToken) {
 /// for the same droplet (those go back to the head of the lane). None when its task is no
 /// longer assigned to that droplet on that attempt (nothing to send), or it cannot be read
 /// now (the assignment timeout requeues the task).
-async fn with_body(state: &Core, waiting: Waiting) -> Option<Waiting> {
+async fn with_body(state: &Courier, waiting: Waiting) -> Option<Waiting> {
     if waiting.body.is_some() {
         return Some(waiting);
     }
@@ -339,7 +347,7 @@ async fn with_body(state: &Core, waiting: Waiting) -> Option<Waiting> {
 }
 
 /// Sends one delivery holding its droplet's own slot, then acts on the outcome.
-async fn send(state: &Core, waiting: Waiting, own: tokio::sync::OwnedSemaphorePermit) {
+async fn send(state: &Courier, waiting: Waiting, own: tokio::sync::OwnedSemaphorePermit) {
     let Waiting {
         task_id,
         attempt,
@@ -350,7 +358,7 @@ async fn send(state: &Core, waiting: Waiting, own: tokio::sync::OwnedSemaphorePe
     let Some(task) = body else { return };
     // An emergency stop halts dispatch at once; the assignment timeout requeues the task
     // once the stop is over.
-    if state.emergency_stopped() {
+    if state.stop.is_on() {
         return;
     }
     let (Some(endpoint), Some(droplet)) = (
@@ -369,12 +377,12 @@ async fn send(state: &Core, waiting: Waiting, own: tokio::sync::OwnedSemaphorePe
     };
     let counted_refusals = task.assigned_droplet_refusing;
     drop(task);
-    let timeout = Duration::from_secs(state.config().dispatch_timeout_seconds);
+    let timeout = Duration::from_secs(state.settings.current().dispatch_timeout_seconds);
     let outcome = {
         let Some(_shared) = state.dispatch.shared().await else {
             return;
         };
-        let outcome = post_message(state.into(), &endpoint, &message, timeout).await;
+        let outcome = post_message(state.outbound(), &endpoint, &message, timeout).await;
         drop(own);
         outcome
     };
@@ -436,7 +444,7 @@ async fn send(state: &Core, waiting: Waiting, own: tokio::sync::OwnedSemaphorePe
     }
     if tokio::time::Instant::now() + tries.backoff > tries.give_up
         || state.shutdown.is_cancelled()
-        || state.emergency_stopped()
+        || state.stop.is_on()
     {
         return;
     }
@@ -457,7 +465,7 @@ async fn send(state: &Core, waiting: Waiting, own: tokio::sync::OwnedSemaphorePe
 
 /// Resets a droplet's (internal id) counts of refusals and connection failures in a row
 /// after it accepted a delivery.
-async fn reset_refusals(state: &Core, internal: i32) {
+async fn reset_refusals(state: &Courier, internal: i32) {
     let reset = sqlx::query!(
         "UPDATE droplets SET refused_deliveries = 0, failed_deliveries = 0
          WHERE id = $1 AND (refused_deliveries > 0 OR failed_deliveries > 0)",
@@ -477,11 +485,11 @@ async fn reset_refusals(state: &Core, internal: i32) {
 /// allowance halves, and this delivery is tried again then, the task still assigned on the
 /// same attempt (no retry counted). Its give-up time moves past the wait, as the assignment
 /// timeout does (`task_recovery::maintain`).
-async fn deferred(state: &Core, mut again: Waiting, droplet: i32, wait: Duration) {
+async fn deferred(state: &Courier, mut again: Waiting, droplet: i32, wait: Duration) {
     let internal = again.droplet;
     let now = tokio::time::Instant::now();
     state.dispatch.holds.defer(internal, now + wait);
-    match pushback::defer(state, internal, wait).await {
+    match pushback::defer(&state.db, internal, wait).await {
         Ok(d) => {
             state.dispatch.holds.throttle(internal);
             tracing::info!(task_id = again.task_id, droplet, wait_s = wait.as_secs_f64(), allowance = ?d.allowance,
@@ -492,25 +500,25 @@ async fn deferred(state: &Core, mut again: Waiting, droplet: i32, wait: Duration
             tracing::warn!(droplet, error = %e, "could not record a droplet's push-back")
         }
     }
-    if state.shutdown.is_cancelled() || state.emergency_stopped() {
+    if state.shutdown.is_cancelled() || state.stop.is_on() {
         return;
     }
-    let timeout = Duration::from_secs(state.config().assignment_timeout_seconds);
+    let timeout = Duration::from_secs(state.settings.current().assignment_timeout_seconds);
     again.tries.give_up = again.tries.give_up.max(now + wait + timeout);
     later(state, vec![again], wait);
     // Pending work the droplet could take is routed as soon as the wait is over.
-    let core = state.clone();
+    let (shutdown, router) = (state.shutdown.clone(), state.router.clone());
     tokio::spawn(async move {
         tokio::select! {
-            _ = core.shutdown.cancelled() => {}
-            _ = tokio::time::sleep(wait) => core.router.trigger(),
+            _ = shutdown.cancelled() => {}
+            _ = tokio::time::sleep(wait) => router.trigger(),
         }
     });
 }
 
 /// A delivery a droplet with a reduced allowance accepted grows it by one.
-async fn grow_allowance(state: &Core, internal: i32) {
-    match pushback::grow(state, internal).await {
+async fn grow_allowance(state: &Courier, internal: i32) {
+    match pushback::grow(&state.db, internal).await {
         Ok(true) => {}
         Ok(false) => state.dispatch.holds.unthrottle(internal),
         // The next accepted delivery grows it.
@@ -524,53 +532,21 @@ async fn grow_allowance(state: &Core, internal: i32) {
 const READ_BACK_PAUSE: Duration = Duration::from_secs(1);
 
 /// Puts deliveries back in the queue after a pause (none at shutdown), holding only ids.
-fn later(state: &Core, waiting: Vec<Waiting>, pause: Duration) {
+fn later(state: &Courier, waiting: Vec<Waiting>, pause: Duration) {
     if waiting.is_empty() {
         return;
     }
-    let state = state.clone();
+    let (shutdown, dispatch) = (state.shutdown.clone(), state.dispatch.clone());
     tokio::spawn(async move {
         tokio::select! {
-            _ = state.shutdown.cancelled() => {}
+            _ = shutdown.cancelled() => {}
             _ = tokio::time::sleep(pause) => {
                 for mut w in waiting {
                     w.body = None;
-                    state.dispatch.queue.push(w);
+                    dispatch.queue.push(w);
                 }
             }
         }
-    });
-}
-
-/// Tells a droplet (internal id) that a task was taken from it or cancelled.
-/// Sent during an emergency stop too: it only ever takes work away from a droplet.
-pub fn cancel(state: &Core, internal_droplet: i32, task: &Task) {
-    let state = state.clone();
-    let (task_id, trace_id, attempt) = (task.id, task.trace_id, task.attempt);
-    tokio::spawn(async move {
-        let Ok(Some(droplet)) =
-            crate::services::droplets::load_internal(&state.db, internal_droplet).await
-        else {
-            return;
-        };
-        let message = Outgoing {
-            trace_id: trace_id.to_string(),
-            source: state.keys.orchestrator_id(),
-            target: droplet.droplet_id,
-            id_form: droplet.id_form.clone(),
-            message_type: "command".into(),
-            payload: json!({ "command": "cancel_task", "task_id": task_id, "attempt": attempt }),
-        };
-        let timeout = Duration::from_secs(state.config().dispatch_timeout_seconds);
-        let Some(_slot) = state.dispatch.slot(internal_droplet).await else {
-            return;
-        };
-        let outcome = post_message((&state).into(), &droplet.endpoint, &message, timeout).await;
-        state
-            .metrics
-            .dispatch
-            .with_label_values(&[outcome.label()])
-            .inc();
     });
 }
 

@@ -11,10 +11,10 @@ use serde_json::json;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::services::dispatch::Courier;
 use crate::services::droplet_row::{droplet_of, droplet_record, Droplet};
 use crate::services::endpoints;
 use crate::services::events::{self, DropletEventKind, Event};
-use crate::services::Core;
 
 /// How often the list of unreachable droplets is read.
 const TICK: Duration = Duration::from_secs(1);
@@ -26,7 +26,7 @@ const MAX_PROBE_GAP: Duration = Duration::from_secs(60);
 const ROUND_LIMIT: i64 = 1000;
 
 /// Probes unreachable droplets until shutdown.
-pub async fn run(state: Core, stop: CancellationToken) {
+pub async fn run(state: Courier, stop: CancellationToken) {
     // Per droplet (internal id): when it is probed next, and the gap after that.
     let mut due: HashMap<i32, (Instant, Duration)> = HashMap::new();
     loop {
@@ -35,7 +35,7 @@ pub async fn run(state: Core, stop: CancellationToken) {
             _ = tokio::time::sleep(TICK) => {}
         }
         // An emergency stop halts everything the orchestrator sends to droplets, probes too.
-        if state.emergency_stopped() {
+        if state.stop.is_on() {
             continue;
         }
         let rows: Vec<(i32, i32, String)> = match sqlx::query!(
@@ -81,12 +81,12 @@ pub async fn run(state: Core, stop: CancellationToken) {
 
 /// Whether the endpoint gives any HTTP answer to `GET /health` within the dispatch timeout
 /// (only to endpoints the orchestrator delivers to: their shape and every address).
-async fn answers(state: &Core, endpoint: &str) -> bool {
-    if endpoints::check_delivery(endpoint, &state.endpoint_policy).is_err() {
+async fn answers(state: &Courier, endpoint: &str) -> bool {
+    if endpoints::check_delivery(endpoint, &state.policy).is_err() {
         return false;
     }
     let url = format!("{}/health", endpoint.trim_end_matches('/'));
-    let timeout = Duration::from_secs(state.config().dispatch_timeout_seconds);
+    let timeout = Duration::from_secs(state.settings.current().dispatch_timeout_seconds);
     state
         .delivery
         .get(&url)
@@ -98,7 +98,7 @@ async fn answers(state: &Core, endpoint: &str) -> bool {
 
 /// Ends a droplet's (internal id) unreachable mark: `active` again (unless an admin holds
 /// it), its counts reset, with a `droplet_health_changed` event and a log line.
-async fn reachable_again(state: &Core, id: i32) -> Result<(), sqlx::Error> {
+async fn reachable_again(state: &Courier, id: i32) -> Result<(), sqlx::Error> {
     struct Row {
         droplet: Droplet,
         previous_status: String,

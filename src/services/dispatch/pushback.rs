@@ -9,9 +9,9 @@
 use std::time::Duration;
 
 use reqwest::header::{HeaderMap, RETRY_AFTER};
+use sqlx::PgPool;
 
-use crate::services::dispatch::holds::Snapshot;
-use crate::services::Core;
+use crate::services::dispatch::holds::{Holds, Snapshot};
 
 /// The longest deferral a droplet may ask for: a longer `Retry-After` (a misconfigured
 /// droplet's day, a date years ahead) counts as this, so one answer cannot park a droplet and
@@ -47,7 +47,7 @@ pub struct Deferral {
 /// deferred already (one halving per push-back, however many deliveries were answered 429
 /// at once). Its halving starts from the allowance in force, or from the tasks it holds for a
 /// droplet without `max_concurrent_tasks`.
-pub async fn defer(state: &Core, internal: i32, wait: Duration) -> Result<Deferral, sqlx::Error> {
+pub async fn defer(db: &PgPool, internal: i32, wait: Duration) -> Result<Deferral, sqlx::Error> {
     let row = sqlx::query!(
         r#"WITH held AS (
               SELECT COUNT(*)::int AS n FROM tasks
@@ -67,7 +67,7 @@ pub async fn defer(state: &Core, internal: i32, wait: Duration) -> Result<Deferr
         internal,
         wait.as_secs_f64(),
     )
-    .fetch_one(&state.db)
+    .fetch_one(db)
     .await?;
     Ok(Deferral {
         droplet_id: row.droplet_id,
@@ -77,7 +77,7 @@ pub async fn defer(state: &Core, internal: i32, wait: Duration) -> Result<Deferr
 
 /// A delivery the droplet (internal id) accepted grows its reduced allowance by one; at its
 /// ceiling the reduction is over (cleared). Whether it is still reduced.
-pub async fn grow(state: &Core, internal: i32) -> Result<bool, sqlx::Error> {
+pub async fn grow(db: &PgPool, internal: i32) -> Result<bool, sqlx::Error> {
     let row = sqlx::query_scalar!(
         r#"UPDATE droplets SET
               in_flight_allowance = CASE
@@ -90,13 +90,13 @@ pub async fn grow(state: &Core, internal: i32) -> Result<bool, sqlx::Error> {
            RETURNING in_flight_allowance"#,
         internal,
     )
-    .fetch_optional(&state.db)
+    .fetch_optional(db)
     .await?;
     Ok(matches!(row, Some(Some(_))))
 }
 
 /// The held droplets as the database shows them.
-pub async fn snapshot(state: &Core) -> Result<Snapshot, sqlx::Error> {
+pub async fn snapshot(db: &PgPool) -> Result<Snapshot, sqlx::Error> {
     let rows = sqlx::query!(
         r#"SELECT id,
               CASE WHEN deferred_until > NOW()
@@ -107,7 +107,7 @@ pub async fn snapshot(state: &Core) -> Result<Snapshot, sqlx::Error> {
            WHERE deferred_until > NOW() OR in_flight_allowance IS NOT NULL
               OR (drain_requested_at IS NOT NULL AND drained_at IS NULL)"#,
     )
-    .fetch_all(&state.db)
+    .fetch_all(db)
     .await?;
     let mut snapshot = Snapshot::default();
     for r in rows {
@@ -126,9 +126,9 @@ pub async fn snapshot(state: &Core) -> Result<Snapshot, sqlx::Error> {
 
 /// Refreshes this replica's view of held droplets from the database (the `task_router`
 /// job's round), so what another replica learned is honoured here too.
-pub async fn refresh(state: &Core) -> Result<(), sqlx::Error> {
-    let snapshot = snapshot(state).await?;
-    state.dispatch.holds.refresh(&snapshot);
+pub async fn refresh(db: &PgPool, holds: &Holds) -> Result<(), sqlx::Error> {
+    let snapshot = snapshot(db).await?;
+    holds.refresh(&snapshot);
     Ok(())
 }
 

@@ -1,6 +1,6 @@
 //! The dispatcher's shared parts: delivery slots (in all, and per droplet, so a silent
 //! droplet cannot hold every slot) and the queue of refusals and connection failures that
-//! recovery acts on.
+//! recovery acts on, and the cancellations to announce.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -26,6 +26,8 @@ pub struct Dispatcher {
     per_droplet_limit: usize,
     refusals: UnboundedSender<Report>,
     refusals_out: Mutex<Option<UnboundedReceiver<Report>>>,
+    cancels: UnboundedSender<Cancel>,
+    cancels_out: Mutex<Option<UnboundedReceiver<Cancel>>>,
     /// Droplets (internal ids) that refused a delivery, or could not be reached, here since
     /// their last accepted one: only their next accepted delivery resets the counts in the
     /// database, so the hot path of droplets that always answer issues no write.
@@ -57,6 +59,15 @@ pub struct Unreachable {
     pub reason: String,
 }
 
+/// Work taken from a droplet (internal id) or cancelled, to announce with `cancel_task`.
+#[derive(Debug, Clone)]
+pub struct Cancel {
+    pub internal_droplet: i32,
+    pub task_id: i32,
+    pub trace_id: uuid::Uuid,
+    pub attempt: i32,
+}
+
 /// What dispatch reports to recovery.
 #[derive(Debug, Clone)]
 pub enum Report {
@@ -67,6 +78,7 @@ pub enum Report {
 impl Dispatcher {
     pub fn new(config: &Config) -> Dispatcher {
         let (refusals, refusals_out) = mpsc::unbounded_channel();
+        let (cancels, cancels_out) = mpsc::unbounded_channel();
         Dispatcher {
             queue: DeliveryQueue::new(config.dispatch_queue_bodies),
             workers: config.dispatch_concurrency,
@@ -76,6 +88,8 @@ impl Dispatcher {
             per_droplet_limit: config.dispatch_per_droplet_concurrency.max(1),
             refusals,
             refusals_out: Mutex::new(Some(refusals_out)),
+            cancels,
+            cancels_out: Mutex::new(Some(cancels_out)),
             refused_lately: Mutex::new(HashSet::new()),
             any_refused_lately: AtomicBool::new(false),
         }
@@ -153,5 +167,15 @@ impl Dispatcher {
     /// taken).
     pub fn take_refusals(&self) -> Option<UnboundedReceiver<Report>> {
         self.refusals_out.lock().ok()?.take()
+    }
+
+    /// Queues a `cancel_task` for the dispatch workers to send (`dispatch::run_workers`).
+    pub fn announce_cancel(&self, cancel: Cancel) {
+        let _ = self.cancels.send(cancel);
+    }
+
+    /// The cancellations queued, for the one loop that sends them (`None` once taken).
+    pub fn take_cancels(&self) -> Option<UnboundedReceiver<Cancel>> {
+        self.cancels_out.lock().ok()?.take()
     }
 }

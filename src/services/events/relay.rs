@@ -19,8 +19,8 @@ use sqlx::PgPool;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
+use crate::services::core::Settings;
 use crate::services::locks::Singleton;
-use crate::services::Core;
 
 /// The NOTIFY channel that wakes the readers (its payload is empty: they read the log).
 pub const EVENTS_CHANNEL: &str = "orchestrator_events";
@@ -111,15 +111,16 @@ pub async fn trim(db: &PgPool, retention_seconds: u64) -> Result<u64, sqlx::Erro
 }
 
 /// The relay loop of this replica: a round at each local write and every `IDLE`; rounds run
-/// back to back while there is a backlog.
-pub async fn run_relay(state: Core, stop: CancellationToken) {
+/// back to back while there is a backlog. It uses the pool, the orchestrator's id (the
+/// source of what it publishes) and the settings (the retention).
+pub async fn run_relay(db: PgPool, source: i32, settings: Settings, stop: CancellationToken) {
     let mut last_trim = Instant::now();
     let mut failing = false;
     loop {
         if stop.is_cancelled() {
             return;
         }
-        let round = publish_round(&state.db, state.keys.orchestrator_id()).await;
+        let round = publish_round(&db, source).await;
         let more = match round {
             Ok(Some(n)) => {
                 failing = false;
@@ -136,7 +137,7 @@ pub async fn run_relay(state: Core, stop: CancellationToken) {
         };
         if last_trim.elapsed() > Duration::from_secs(10) {
             last_trim = Instant::now();
-            if let Err(e) = trim(&state.db, state.config().event_retention_seconds).await {
+            if let Err(e) = trim(&db, settings.current().event_retention_seconds).await {
                 tracing::debug!(error = %e, "event log trim failed");
             }
         }

@@ -437,8 +437,7 @@ impl Registry<'_> {
 
 /// At start-up: what the cache knows counts at once, then a first sync (not waiting a whole
 /// `REGISTRY_SYNC_INTERVAL`).
-pub async fn run_at_startup(core: Core) {
-    let registry = Registry::from(&core);
+pub async fn run_at_startup(registry: Registry<'_>) {
     if let Some(n) = registry.cached_count().await {
         registry.status.update(|s| s.droplets_known = n);
     }
