@@ -7,6 +7,7 @@ use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
+use super::verified::Verified;
 use super::{Claims, Permission, TokenError};
 use crate::config::Config;
 
@@ -35,6 +36,8 @@ pub struct Keys {
     outbound_aud: Option<String>,
     /// A token the Registry issued to the orchestrator, and when it expires.
     registry_token: RwLock<Option<(String, i64)>>,
+    /// Tokens accepted lately, to verify each once (`verified.rs`).
+    verified: Verified,
 }
 
 /// The Registry's public key and the fingerprint of its PEM, to tell a change of key from
@@ -113,6 +116,7 @@ impl Keys {
                     .as_ref()
                     .map(|t| (t.expose().to_string(), unverified_exp(t.expose()))),
             ),
+            verified: Verified::default(),
         })
     }
 
@@ -149,6 +153,8 @@ impl Keys {
             decode,
             fingerprint,
         });
+        // Tokens the old key verified are refused from now on.
+        self.verified.forget_all();
         Ok(change)
     }
 
@@ -193,7 +199,14 @@ impl Keys {
     /// Verifies a token: the key that verifies it decides the algorithm, never the header alone.
     /// Tokens the orchestrator sent (marked outbound) and any token naming the orchestrator's
     /// own id are refused: no one acts as the orchestrator.
+    /// A token accepted lately is not verified again while it lives (`verified.rs`).
     pub fn verify(&self, token: &str) -> Result<Claims, TokenError> {
+        let now = chrono::Utc::now().timestamp();
+        let leeway = self.hs_validation.leeway as i64;
+        if let Some(claims) = self.verified.get(token, now, leeway) {
+            return Ok(claims);
+        }
+        let generation = self.verified.generation();
         let claims = self.verify_signature(token)?;
         if claims.token_use.as_deref() == Some(OUTBOUND)
             || claims.droplet_id == self.orchestrator_id
@@ -202,6 +215,7 @@ impl Keys {
                 "the token is the orchestrator's own; it is never accepted back",
             ));
         }
+        self.verified.hold(token, &claims, now, generation);
         Ok(claims)
     }
 

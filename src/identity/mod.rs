@@ -6,10 +6,12 @@
 //! - `claims.rs`: what a token says, as the mesh's issuers write it.
 //! - `principal.rs`: who is acting and what they may do (permissions).
 //! - `keys.rs`: verifying, signing, the Registry's key and the orchestrator's own tokens.
+//! - `verified.rs`: the tokens accepted lately, verified once while they live.
 
 mod claims;
 mod keys;
 mod principal;
+mod verified;
 
 pub use claims::{parse_droplet_id, Claims};
 pub use keys::{key_fingerprint, read_pem, KeyChange, Keys, Outbound, OUTBOUND};

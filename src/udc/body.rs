@@ -41,13 +41,19 @@ where
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
         let bytes = read_body(req, state).await?;
-        let object = parse_object(&bytes)?;
-        let (meta, payload) = split_envelope(object).map_err(ApiError::Validation)?;
-        set_trace_id(&meta.trace_id);
-        let payload = deserialize_payload::<T>(payload, &["body", "payload"])
-            .map_err(ApiError::Validation)?;
-        Ok(Envelope { meta, payload })
+        envelope_of(parse_object(&bytes)?)
     }
+}
+
+/// The strict envelope of a parsed body, with its typed payload.
+fn envelope_of<T: DeserializeOwned + Validate>(
+    object: Map<String, Value>,
+) -> Result<Envelope<T>, ApiError> {
+    let (meta, payload) = split_envelope(object).map_err(ApiError::Validation)?;
+    set_trace_id(&meta.trace_id);
+    let payload =
+        deserialize_payload::<T>(payload, &["body", "payload"]).map_err(ApiError::Validation)?;
+    Ok(Envelope { meta, payload })
 }
 
 /// A bare JSON body (for the public `/token`), with the same error shapes.
@@ -98,12 +104,7 @@ impl RawBody {
 
     /// The strict envelope with its typed payload.
     pub fn envelope<T: DeserializeOwned + Validate>(&self) -> Result<Envelope<T>, ApiError> {
-        let object = parse_object(&self.0)?;
-        let (meta, payload) = split_envelope(object).map_err(ApiError::Validation)?;
-        set_trace_id(&meta.trace_id);
-        let payload = deserialize_payload::<T>(payload, &["body", "payload"])
-            .map_err(ApiError::Validation)?;
-        Ok(Envelope { meta, payload })
+        envelope_of(parse_object(&self.0)?)
     }
 
     /// Nothing, or an envelope with any object as its payload (`DELETE /tasks/{id}`'s reason).
@@ -126,7 +127,8 @@ impl RawBody {
     ) -> Result<(Option<EnvelopeMeta>, T), ApiError> {
         let object = parse_object(&self.0)?;
         if looks_enveloped(&object) {
-            let envelope = self.envelope::<T>()?;
+            // The object parsed above, not the bytes again.
+            let envelope = envelope_of::<T>(object)?;
             return Ok((Some(envelope.meta), envelope.payload));
         }
         let payload = deserialize_payload::<T>(Value::Object(bare(object)), &["body"])
@@ -193,6 +195,8 @@ fn split_envelope(mut body: Map<String, Value>) -> Result<(EnvelopeMeta, Value),
         && !body.contains_key("message_type")
         && matches!(body.get("metadata"), Some(Value::Object(_)));
     let mut errors = Vec::new();
+    // Taken out first, so that the fields are the body itself, not a copy of it (payload and all).
+    let raw_payload = body.remove("payload");
 
     let (fields, prefix): (Map<String, Value>, &str) = if legacy {
         match body.remove("metadata") {
@@ -200,7 +204,7 @@ fn split_envelope(mut body: Map<String, Value>) -> Result<(EnvelopeMeta, Value),
             _ => (Map::new(), "metadata"),
         }
     } else {
-        (body.clone(), "")
+        (body, "")
     };
     let loc = |field: &'static str| -> Vec<&'static str> {
         if prefix.is_empty() {
@@ -323,7 +327,7 @@ fn split_envelope(mut body: Map<String, Value>) -> Result<(EnvelopeMeta, Value),
         }
     };
 
-    let payload = match body.remove("payload") {
+    let payload = match raw_payload {
         Some(Value::Object(p)) => Some(Value::Object(p)),
         None | Some(Value::Null) => {
             errors.push(FieldError::missing(&["body", "payload"]));

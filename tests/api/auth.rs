@@ -439,3 +439,21 @@ async fn token_never_grants_more_than_the_caller_has() {
     .await;
     assert_eq!(status, StatusCode::FORBIDDEN);
 }
+
+#[tokio::test]
+async fn a_token_accepted_before_the_registry_key_changed_is_refused_after() {
+    let (private, public) = rsa_pair();
+    let app = TestApp::spawn_with(&[("REGISTRY_PUBLIC_KEY", &public)]).await;
+    let token = rs256(&private, &claims(8, &["read"]));
+    // Accepted, twice (the second time from the tokens verified lately).
+    for _ in 0..2 {
+        let (status, body) = get_tasks(&app, Some(&token)).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+    }
+    let (_, other_public) = rsa_pair();
+    app.state
+        .keys
+        .set_registry_key(other_public.as_bytes())
+        .expect("key installed");
+    assert_rejected(&app, &token, "signed with the Registry's old key").await;
+}
