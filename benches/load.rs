@@ -821,6 +821,28 @@ async fn mixed(s: &Sizes, rows: &mut Vec<Row>) {
     ));
 }
 
+/// `BENCH_ROUTE_SQL=file.sql` (route) or `BENCH_E2E_SQL=file.sql` (end_to_end): SQL run in
+/// the scenario's database once the server has migrated it, before the scenario starts, for
+/// A/B runs of one build (e.g. a trigger replaced: scripts/route-ab/).
+async fn bench_sql(var: &str, db: &str) {
+    let Ok(path) = std::env::var(var) else {
+        return;
+    };
+    let sql = std::fs::read_to_string(&path).expect("read the bench's SQL file");
+    let pool = PgPoolOptions::new()
+        .max_connections(1)
+        .connect(db)
+        .await
+        .expect("pool");
+    // The operator's own file, run as it is: a bench knob, never input from a client.
+    sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
+        .execute(&pool)
+        .await
+        .expect("run the bench's SQL file");
+    pool.close().await;
+    eprintln!("{var}: ran {path}");
+}
+
 async fn route(s: &Sizes, rows: &mut Vec<Row>, rss: &mut Vec<(String, f64)>) {
     let db = fresh_db_url();
     let server = Server::start(&db, 8, &[]).await;
@@ -849,6 +871,7 @@ async fn route(s: &Sizes, rows: &mut Vec<Row>, rss: &mut Vec<(String, f64)>) {
     .execute(&pool)
     .await
     .expect("insert key limits");
+    bench_sql("BENCH_ROUTE_SQL", &db).await;
     sqlx::query("ANALYZE tasks")
         .execute(&pool)
         .await
@@ -1011,6 +1034,7 @@ fn postgres_cpu_seconds() -> f64 {
 async fn end_to_end(s: &Sizes, rows: &mut Vec<Row>) {
     let db = fresh_db_url();
     let server = Server::start(&db, 8, &[]).await;
+    bench_sql("BENCH_E2E_SQL", &db).await;
     let before = PgWork::read(&db).await;
     let summary = simulate::run(SimulateArgs {
         url: server.base.clone(),

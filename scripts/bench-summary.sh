@@ -26,15 +26,7 @@ FROM generate_series(1, $n) g, LATERAL (SELECT NOW()::timestamp - make_interval(
 INSERT INTO task_state_history (task_id, from_status, to_status, changed_by, changed_at)
 SELECT id, 'pending', 'assigned', 'task_router', assigned_at FROM tasks;
 -- The fold of services/analytics/rollups.rs::fold, as the health monitor's job runs it.
-WITH moved AS (DELETE FROM task_rollup_changes RETURNING dim, at, metric, bucket, n, seconds, top),
-grains AS (SELECT * FROM (VALUES ('m', 'minute', make_interval(hours => 25)), ('h', 'hour', make_interval(days => 31)),
-                                 ('d', 'day', make_interval(days => 32))) g(grain, unit, kept)),
-folded AS (INSERT INTO task_rollups AS r (grain, dim, at, metric, bucket, n, seconds, top)
-  SELECT g.grain, m.dim, date_trunc(g.unit, m.at), m.metric, m.bucket, SUM(m.n), SUM(m.seconds), MAX(m.top)
-  FROM moved m JOIN grains g ON m.at >= NOW()::timestamp - g.kept GROUP BY 1, 2, 3, 4, 5 ORDER BY 1, 2, 3, 4, 5
-  ON CONFLICT (grain, dim, at, metric, bucket) DO UPDATE
-     SET n = r.n + EXCLUDED.n, seconds = r.seconds + EXCLUDED.seconds, top = GREATEST(r.top, EXCLUDED.top))
-SELECT COUNT(*) FROM moved;
+SELECT task_rollup_fold(25, 31, 32);
 VACUUM ANALYZE;
 SQL
   echo "== $n tasks over 30 days: loaded and folded in $(( $(date +%s) - started )) s"

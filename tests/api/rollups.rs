@@ -95,7 +95,7 @@ async fn kept(app: &TestApp, grain: &str) -> Vec<Figure> {
         "SELECT dim::text, at::text, metric::text, SUM(n)::bigint, trim_scale(SUM(seconds))::text FROM (
             SELECT dim, at, metric, n, seconds FROM task_rollups WHERE grain = $1
             UNION ALL
-            SELECT dim, at, metric, n, seconds FROM task_rollup_changes WHERE $1 = 'm'
+            SELECT dim, at, metric, n, seconds FROM task_rollup_unfolded WHERE $1 = 'm'
          ) x GROUP BY 1, 2, 3 HAVING SUM(n) <> 0 OR SUM(seconds) <> 0 ORDER BY 1, 2, 3",
     )
     .bind(grain)
@@ -105,7 +105,9 @@ async fn kept(app: &TestApp, grain: &str) -> Vec<Figure> {
 }
 
 async fn unfolded(app: &TestApp) -> i64 {
-    sqlx::query_scalar("SELECT COUNT(*) FROM task_rollup_changes")
+    sqlx::query_scalar(
+        "SELECT (SELECT COUNT(*) FROM task_rollup_changes) + (SELECT COUNT(*) FROM task_rollup_deltas)",
+    )
         .fetch_one(&app.db)
         .await
         .unwrap()
@@ -367,4 +369,69 @@ async fn rollups_equal_a_count_of_the_table_and_the_summary_the_full_scan() {
     assert_eq!(kept(&app, "d").await, counted(&app, "day").await);
     summary_matches_the_scans(&app).await;
     windowed_answers_match_the_scans(&app, d8).await;
+}
+
+/// A statement that moves tasks appends its rows to the rollups grouped by what decides
+/// their facts (issue 26, item 3): two rows for a move, one group before and one after,
+/// whether it moves 1,000 tasks of a routing pass or completes one task (which changes ten
+/// facts); the fold and the windows expand them, and the rollups equal the table.
+#[tokio::test]
+async fn a_move_appends_two_grouped_rows_whatever_its_tasks_and_facts() {
+    let app = TestApp::spawn().await;
+    app.pause_routing().await;
+    app.state
+        .jobs
+        .set_paused(&app.state, JobId::HealthMonitor, true);
+    app.register(8, &[], &dead_endpoint()).await;
+    let d8: i32 = sqlx::query_scalar("SELECT id FROM droplets WHERE droplet_id = 8")
+        .fetch_one(&app.db)
+        .await
+        .unwrap();
+    sqlx::query(
+        "INSERT INTO tasks (task_type, title, payload, status, created_at)
+         SELECT 'bulk', 'bulk ' || g, '{}', 'pending', date_trunc('minute', NOW()::timestamp) - interval '3 minutes'
+         FROM generate_series(1, 1000) g",
+    )
+    .execute(&app.db)
+    .await
+    .unwrap();
+    let before = unfolded(&app).await;
+    // As a routing pass does: one statement, every task assigned 1.5 s after its creation.
+    sqlx::query(
+        "UPDATE tasks SET status = 'assigned', assigned_droplet_id = $1,
+                          assigned_at = created_at + interval '1.5 seconds'
+         WHERE task_type = 'bulk'",
+    )
+    .bind(d8)
+    .execute(&app.db)
+    .await
+    .unwrap();
+    let assigned = unfolded(&app).await - before;
+    assert_eq!(
+        assigned, 2,
+        "rows appended for 1,000 tasks assigned at once"
+    );
+    let one: i32 = sqlx::query_scalar("SELECT MIN(id) FROM tasks WHERE task_type = 'bulk'")
+        .fetch_one(&app.db)
+        .await
+        .unwrap();
+    let before = unfolded(&app).await;
+    sqlx::query(
+        "UPDATE tasks SET status = 'completed', started_at = assigned_at + interval '2 seconds',
+                          completed_at = NOW(), retry_count = 1
+         WHERE id = $1",
+    )
+    .bind(one)
+    .execute(&app.db)
+    .await
+    .unwrap();
+    let completed = unfolded(&app).await - before;
+    assert_eq!(completed, 2, "rows appended for one task completed");
+    assert_eq!(kept(&app, "m").await, counted(&app, "minute").await);
+    orchestrator::services::analytics::rollups::fold(&app.db)
+        .await
+        .unwrap();
+    assert_eq!(unfolded(&app).await, 0);
+    assert_eq!(kept(&app, "m").await, counted(&app, "minute").await);
+    assert_eq!(kept(&app, "h").await, counted(&app, "hour").await);
 }

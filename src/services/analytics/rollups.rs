@@ -1,8 +1,9 @@
 //! Per-minute rollups of tasks (`migrations/20261207000200_task_rollups.sql`): counts by
 //! status and histograms of durations, for every task, per type and per droplet, kept by the
-//! triggers on `tasks` and `task_state_history` as changes happen and folded here by the
-//! health monitor's job. A window reads its whole days, and the hours and minutes at its ends
-//! (a bounded number of rows at any history size) instead of every task in it.
+//! triggers on `tasks` (grouped deltas since `20261207001310`) and `task_state_history` as
+//! changes happen and folded here by the health monitor's job. A window reads its whole days,
+//! and the hours and minutes at its ends (a bounded number of rows at any history size)
+//! instead of every task in it.
 
 use sqlx::{PgConnection, PgPool};
 
@@ -38,7 +39,7 @@ pub const EXACT_BELOW: i64 = 500;
 /// What one fold did.
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct Folded {
-    /// Change rows moved into the rollups.
+    /// Change and delta rows moved into the rollups.
     pub changes: u64,
     /// Rollup rows past their grain's keeping deleted.
     pub expired: u64,
@@ -46,9 +47,9 @@ pub struct Folded {
     pub skipped: bool,
 }
 
-/// Moves the changes the triggers appended into the minute, hour and day rollups (each
-/// within its keeping), and deletes rollups past it. One replica at a time (an advisory lock;
-/// another skips). Changes committed while it runs are not in its snapshot and wait for the
+/// Moves the changes and grouped deltas the triggers appended into the minute, hour and day
+/// rollups (each within its keeping), and deletes rollups past it. One replica at a time (an
+/// advisory lock; another skips). Changes committed while it runs are not in its snapshot and wait for the
 /// next fold.
 pub async fn fold(db: &PgPool) -> Result<Folded, sqlx::Error> {
     let mut tx = db.begin().await?;
@@ -59,25 +60,9 @@ pub async fn fold(db: &PgPool) -> Result<Folded, sqlx::Error> {
             ..Default::default()
         });
     }
+    // The SQL is the migration's (`task_rollup_fold`), shared with scripts/bench-summary.sh.
     let changes = sqlx::query_scalar!(
-        r#"WITH moved AS (
-            DELETE FROM task_rollup_changes RETURNING dim, at, metric, bucket, n, seconds, top
-         ), grains AS (
-            SELECT * FROM (VALUES
-                ('m', 'minute', make_interval(hours => $1)),
-                ('h', 'hour', make_interval(days => $2)),
-                ('d', 'day', make_interval(days => $3))) g(grain, unit, kept)
-         ), folded AS (
-            INSERT INTO task_rollups AS r (grain, dim, at, metric, bucket, n, seconds, top)
-            SELECT g.grain, m.dim, date_trunc(g.unit, m.at), m.metric, m.bucket,
-                   SUM(m.n), SUM(m.seconds), MAX(m.top)
-            FROM moved m JOIN grains g ON m.at >= NOW()::timestamp - g.kept
-            GROUP BY 1, 2, 3, 4, 5 ORDER BY 1, 2, 3, 4, 5
-            ON CONFLICT (grain, dim, at, metric, bucket) DO UPDATE
-               SET n = r.n + EXCLUDED.n, seconds = r.seconds + EXCLUDED.seconds,
-                   top = GREATEST(r.top, EXCLUDED.top)
-         )
-         SELECT COUNT(*) AS "n!" FROM moved"#,
+        r#"SELECT task_rollup_fold($1, $2, $3) AS "n!""#,
         MINUTES_KEPT_HOURS,
         HOURS_KEPT_DAYS,
         DAYS_KEPT_DAYS

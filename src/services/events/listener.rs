@@ -110,11 +110,16 @@ pub async fn run_listener(state: Reader, stop: CancellationToken) {
                     break;
                 }
             }
-            // Read everything there is, then wait for a wake-up or the poll.
+            // Read everything there is, then wait for a wake-up or the poll. A read short of
+            // a full batch has reached the log's end: the next round's NOTIFY (queued while
+            // this one read, if it came meanwhile) wakes the reader, so it does not read again
+            // only to find nothing (a transaction per round saved).
             match read_after(&state, last).await {
-                Ok(Some(newest)) => {
+                Ok(Some((newest, full))) => {
                     last = newest;
-                    continue;
+                    if full {
+                        continue;
+                    }
                 }
                 Ok(None) => {}
                 Err(e) => {
@@ -144,9 +149,9 @@ pub async fn run_listener(state: Reader, stop: CancellationToken) {
     }
 }
 
-/// Publishes the events after `last` to the local hub; the newest id read, or None when
-/// there was nothing new.
-async fn read_after(state: &Reader, last: i64) -> Result<Option<i64>, sqlx::Error> {
+/// Publishes the events after `last` to the local hub; the newest id read and whether the
+/// read was a full batch (more may follow at once), or None when there was nothing new.
+async fn read_after(state: &Reader, last: i64) -> Result<Option<(i64, bool)>, sqlx::Error> {
     let rows: Vec<(i64, String, Value)> = sqlx::query!(
         "SELECT event_id, feed, envelope FROM events WHERE event_id > $1 ORDER BY event_id LIMIT $2",
         last,
@@ -160,6 +165,7 @@ async fn read_after(state: &Reader, last: i64) -> Result<Option<i64>, sqlx::Erro
     let Some(newest) = rows.last().map(|r| r.0) else {
         return Ok(None);
     };
+    let full = rows.len() as i64 >= BATCH;
     state
         .events
         .set_listener(|l| l.last_event_at = Some(crate::protocol::now_iso()));
@@ -173,7 +179,7 @@ async fn read_after(state: &Reader, last: i64) -> Result<Option<i64>, sqlx::Erro
         }
     }
     ContractDirectory::apply_off_workers(&state.directory, registered, &state.contracts).await;
-    Ok(Some(newest))
+    Ok(Some((newest, full)))
 }
 
 /// The droplet a `droplet_registered` event shows (its capabilities and contracts).
