@@ -5,8 +5,8 @@ use axum::extract::{FromRequestParts, State};
 use axum::http::request::Parts;
 use axum::routing::post;
 use axum::{Json, Router};
-use serde::Deserialize;
-use serde_json::{json, Value};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
 
 use crate::auth::{Caller, Permission};
 use crate::error::{ApiError, ApiResult, FieldError};
@@ -83,13 +83,23 @@ impl FromRequestParts<AppState> for MaybeCaller {
     }
 }
 
+/// `POST /token`'s answer (bare JSON, as FastAPI's OAuth2 token answers).
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct TokenAnswer {
+    pub access_token: String,
+    /// Always `bearer`.
+    pub token_type: &'static str,
+    /// Seconds until it expires.
+    pub expires_in: u64,
+}
+
 #[utoipa::path(post, path = "/token", tag = "auth", request_body = TokenRequest,
-    responses((status = 200, description = "A bearer token"), (status = 401, description = "Admin token required outside development"), (status = 403, description = "More than the caller has"), (status = 422, description = "Validation")))]
+    responses((status = 200, description = "A bearer token", body = TokenAnswer), (status = 401, description = "Admin token required outside development"), (status = 403, description = "More than the caller has"), (status = 422, description = "Validation")))]
 pub async fn mint(
     State(state): State<AppState>,
     MaybeCaller(caller): MaybeCaller,
     JsonBody(req): JsonBody<TokenRequest>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<TokenAnswer>> {
     let wanted: Vec<Permission> = req
         .permissions
         .iter()
@@ -131,9 +141,9 @@ pub async fn mint(
         &wanted,
         expires_in,
     )?;
-    Ok(Json(json!({
-        "access_token": token,
-        "token_type": "bearer",
-        "expires_in": expires_in,
-    })))
+    Ok(Json(TokenAnswer {
+        access_token: token,
+        token_type: "bearer",
+        expires_in,
+    }))
 }

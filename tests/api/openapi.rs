@@ -1024,4 +1024,18 @@ async fn the_public_answers_match_their_schemas() {
         assert_eq!(status, StatusCode::OK, "{path}: {body}");
         assert_conforms(&spec, "get", path, "200", &body);
     }
+    // POST /token (development: no admin token needed) answers its schema too.
+    let declared = &spec["paths"]["/token"]["post"]["responses"]["200"]["content"]
+        ["application/json"]["schema"]["$ref"];
+    assert_eq!(declared, "#/components/schemas/TokenAnswer", "POST /token");
+    let (status, body) = app
+        .request(
+            reqwest::Method::POST,
+            "/token",
+            None,
+            Some(serde_json::json!({"droplet_id": 5, "permissions": ["read"]})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_conforms(&spec, "post", "/token", "200", &body);
 }
