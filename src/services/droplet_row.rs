@@ -6,7 +6,6 @@ use serde::Serialize;
 use serde_json::Value;
 
 use crate::protocol;
-use crate::services::sql_columns::{concat_plus, plain_columns};
 use crate::services::status::DropletStatus;
 
 /// A droplet as the API shows it: `id` and `droplet_id` are both the external id.
@@ -132,10 +131,6 @@ macro_rules! droplet_of {
     };
 }
 pub(crate) use droplet_of;
-
-/// [`droplet_columns!`] for statements still built at run time and read with `FromRow`
-/// (without the overrides): `SELECT {DROPLET_COLUMNS} FROM droplets`.
-pub const DROPLET_COLUMNS: &str = plain_columns!(droplet_columns!(concat_plus {} {}));
 
 impl Droplet {
     pub fn capability_list(&self) -> Vec<String> {

@@ -21,7 +21,7 @@ use crate::services::Core;
 use crate::validation::FieldError;
 use crate::validation::Validate;
 
-pub use crate::services::droplet_row::{Droplet, DROPLET_COLUMNS};
+pub use crate::services::droplet_row::Droplet;
 pub use crate::services::heartbeat_queue::{Beat, BeatRow, Beaten};
 
 fn id_from_any<'de, D: Deserializer<'de>>(d: D) -> Result<Option<i64>, D::Error> {

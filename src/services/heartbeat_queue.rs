@@ -21,9 +21,8 @@ pub struct BeatRow {
 }
 
 /// The droplet after its heartbeat, and its status before.
-#[derive(Debug, sqlx::FromRow)]
+#[derive(Debug)]
 pub struct Beat {
-    #[sqlx(flatten)]
     pub droplet: Droplet,
     pub previous_status: DropletStatus,
 }

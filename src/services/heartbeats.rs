@@ -11,9 +11,9 @@ use sqlx::PgPool;
 
 use crate::identity::Principal;
 use crate::protocol;
-use crate::services::droplets::{require, Droplet, DROPLET_COLUMNS, MAX_METRICS_BYTES};
+use crate::services::droplet_row::droplet_of;
+use crate::services::droplets::{require, Droplet, MAX_METRICS_BYTES};
 use crate::services::error::{Error, Result};
-use crate::services::events;
 use crate::services::heartbeat_queue::HeartbeatQueue;
 use crate::services::heartbeat_queue::{Beat, BeatRow};
 use crate::services::router_trigger::RouterTrigger;
@@ -80,11 +80,15 @@ fn droplet_status_for(reported: &str) -> &'static str {
 }
 
 /// Heartbeats in one round trip, many droplets at once (one heartbeat each): each droplet's
-/// row (status unless an admin holds it) and its `heartbeats` row, rows locked in id order.
-/// `$1` droplet ids, `$2` new droplet statuses, `$3` reported statuses, `$4` metrics, `$5` the
-/// id forms the envelopes showed (or NULL).
-pub const HEARTBEATS_SQL: &str = const_format::concatcp!(
-    "WITH b AS (
+/// row (status unless an admin holds it) and its `heartbeats` row, rows locked in id order,
+/// and the health event (`events::heartbeat_health_event!`). `$1` droplet ids, `$2` new droplet
+/// statuses, `$3` reported statuses, `$4` metrics, `$5` the id forms the envelopes showed (or
+/// NULL). `heartbeats_query!(args)` is `sqlx::query!` of it; the droplet columns come first
+/// (`droplet_columns!` calls back with them), then the CTE is spliced in.
+macro_rules! heartbeats_query {
+    (columns $columns:literal $($args:tt)*) => {
+        $crate::services::events::heartbeat_health_event!(sqlx::query {
+            "WITH b AS (
         SELECT * FROM unnest($1::int[], $2::text[], $3::text[], $4::jsonb[], $5::text[])
             AS b(beat_droplet, new_status, reported, metrics, beat_id_form)
      ),
@@ -108,13 +112,18 @@ pub const HEARTBEATS_SQL: &str = const_format::concatcp!(
         INSERT INTO heartbeats (droplet_id, status, metrics)
         SELECT up.id, old.reported, old.metrics FROM up JOIN old ON old.old_id = up.id ORDER BY up.id
      ),
-     ",
-    events::HEARTBEAT_HEALTH_EVENT_CTE,
-    "
-     SELECT ",
-    DROPLET_COLUMNS,
-    ", old.old_status AS previous_status FROM up JOIN old ON old.old_id = up.id"
-);
+     " +
+        } {
+            + "
+     SELECT " + $columns
+            + r#", old.old_status AS "previous_status!: crate::services::status::DropletStatus" FROM up JOIN old ON old.old_id = up.id"#
+            $($args)*
+        })
+    };
+    ($($args:tt)*) => {
+        $crate::services::droplet_row::droplet_columns!(heartbeats_query { columns } { , $($args)* })
+    };
+}
 
 /// What a heartbeat uses of the shared parts: the pool, the heartbeats' queue (they share a
 /// statement), and the router's trigger (a droplet back to `active` takes work). Each part
@@ -197,25 +206,32 @@ async fn beat_rows(
     core: &Beats,
     rows: &[&BeatRow],
 ) -> std::result::Result<std::collections::HashMap<i32, Beat>, sqlx::Error> {
-    let beats: Vec<Beat> = sqlx::query_as(HEARTBEATS_SQL)
-        .bind(rows.iter().map(|r| r.droplet_id).collect::<Vec<_>>())
-        .bind(
-            rows.iter()
-                .map(|r| r.new_status.as_str())
-                .collect::<Vec<_>>(),
-        )
-        .bind(rows.iter().map(|r| r.reported.as_str()).collect::<Vec<_>>())
-        .bind(rows.iter().map(|r| &r.metrics).collect::<Vec<_>>())
-        .bind(
-            rows.iter()
-                .map(|r| r.id_form.as_deref())
-                .collect::<Vec<_>>(),
-        )
-        .fetch_all(&core.db)
-        .await?;
+    // Checked as the arrays the statement casts them to by PostgreSQL; the macros' element
+    // check knows neither &str nor Option in an array.
+    let beats = heartbeats_query!(
+        &rows.iter().map(|r| r.droplet_id).collect::<Vec<_>>(),
+        &rows
+            .iter()
+            .map(|r| r.new_status.as_str())
+            .collect::<Vec<_>>() as _,
+        &rows.iter().map(|r| r.reported.as_str()).collect::<Vec<_>>() as _,
+        &rows.iter().map(|r| &r.metrics).collect::<Vec<_>>() as _,
+        &rows
+            .iter()
+            .map(|r| r.id_form.as_deref())
+            .collect::<Vec<_>>() as _
+    )
+    .fetch_all(&core.db)
+    .await?;
     Ok(beats
         .into_iter()
-        .map(|b| (b.droplet.droplet_id, b))
+        .map(|r| {
+            let beat = Beat {
+                previous_status: r.previous_status,
+                droplet: droplet_of!(r),
+            };
+            (beat.droplet.droplet_id, beat)
+        })
         .collect())
 }
 

@@ -6,10 +6,17 @@
 //! " FROM ..." + $tail, args)`, which the query macros accept (`+` joins literals) and check.
 //!
 //! The list names its columns with the overrides the macros need (`AS "priority!"`,
-//! `AS "status!: Status"`). Statements still built at run time (the listing's filters, and the
-//! `FromRow` readers not converted yet) take the same list through [`plain_columns!`]: a
+//! `AS "status!: Status"`). The one statement still built at run time that reads tasks (the
+//! listing's filters, `task_listing.rs`) takes the same list through [`plain_columns!`]: a
 //! `&'static str` made at compile time with the overrides taken out (`AS priority`), so that
 //! `FromRow` finds the field names.
+//!
+//! A statement that reads more than a task or a droplet calls `sqlx::query!` through the list
+//! and takes the task or the droplet out of each record with `task_of!` or `droplet_of!`
+//! (what `#[sqlx(flatten)]` does for `FromRow`, which the query macros cannot fill). Another
+//! fixed piece shared by statements is declared the same way (the heartbeat's health event
+//! CTE, `events::heartbeat_health_event!`), and two such macros compose through a local one
+//! that each calls back (`heartbeats_query!` in `heartbeats.rs`).
 
 /// `concat!` of `"a" + "b" + ...`: the form the column macros splice, as one `&'static str`.
 /// Given to a column macro as its callback: `task_columns!(concat_plus {} {})`.

@@ -9,7 +9,6 @@ use sqlx::PgPool;
 use uuid::Uuid;
 
 use crate::protocol;
-use crate::services::sql_columns::{concat_plus, plain_columns};
 use crate::services::status::Status;
 
 /// The task columns as the API shows them, from a row aliased `t` joined with droplets `d`,
@@ -19,7 +18,10 @@ use crate::services::status::Status;
 /// "<sql> AS result")` (the listing reads them apart). For a plain `SELECT` see
 /// [`select_task!`]; a statement of its own (a CTE aliased `t`) writes, for example,
 /// `task_columns!(sqlx::query_as { Task, "WITH t AS (...) SELECT " + } { + " FROM t LEFT JOIN
-/// droplets d ON d.id = t.assigned_droplet_id", args })`.
+/// droplets d ON d.id = t.assigned_droplet_id", args })` (the transition's `UPDATE`), and one
+/// that reads more than the task calls `sqlx::query` the same way and takes the task out of
+/// each record with [`task_of!`] (the shared creation insert). Arguments go through as tokens,
+/// so `&v as _` reaches the query macro as written.
 macro_rules! task_columns {
     ($($m:ident)::+ { $($before:tt)* } { $($after:tt)* }) => {
         $crate::services::task_store::task_columns!($($m)::+ { $($before)* }
@@ -64,15 +66,46 @@ macro_rules! select_task {
 }
 pub(crate) use select_task;
 
-/// [`task_columns!`] for statements still built at run time and read with `FromRow`
-/// (without the overrides).
-pub const TASK_COLUMNS_CTE: &str = plain_columns!(task_columns!(concat_plus {} {}));
-
-pub const SELECT_TASK: &str = const_format::concatcp!(
-    "SELECT ",
-    TASK_COLUMNS_CTE,
-    " FROM tasks t LEFT JOIN droplets d ON d.id = t.assigned_droplet_id"
-);
+/// The [`Task`] of a record read by `task_columns!(sqlx::query { ... } { ... })`, a statement
+/// that reads more than the task (its fields moved out; its other fields stay), as
+/// `droplet_of!` does for a droplet.
+macro_rules! task_of {
+    ($r:ident) => {
+        $crate::services::task_store::Task {
+            id: $r.id,
+            trace_id: $r.trace_id,
+            task_type: $r.task_type,
+            title: $r.title,
+            description: $r.description,
+            payload: $r.payload,
+            required_capability: $r.required_capability,
+            assigned_droplet_id: $r.assigned_droplet_id,
+            assigned_droplet_name: $r.assigned_droplet_name,
+            assigned_droplet_endpoint: $r.assigned_droplet_endpoint,
+            assigned_droplet_internal: $r.assigned_droplet_internal,
+            assigned_droplet_id_form: $r.assigned_droplet_id_form,
+            assigned_droplet_refusing: $r.assigned_droplet_refusing,
+            last_droplet_id: $r.last_droplet_id,
+            status: $r.status,
+            priority: $r.priority,
+            created_at: $r.created_at,
+            assigned_at: $r.assigned_at,
+            started_at: $r.started_at,
+            completed_at: $r.completed_at,
+            deadline: $r.deadline,
+            result: $r.result,
+            error_message: $r.error_message,
+            retry_count: $r.retry_count,
+            max_retries: $r.max_retries,
+            created_by: $r.created_by,
+            concurrency_key: $r.concurrency_key,
+            fairness_key: $r.fairness_key,
+            attempt: $r.attempt,
+            updated_at: $r.updated_at,
+        }
+    };
+}
+pub(crate) use task_of;
 
 /// A task as every API answer and event shows it; droplet ids are the external ones.
 #[derive(Debug, Clone, Serialize, sqlx::FromRow, utoipa::ToSchema)]

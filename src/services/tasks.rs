@@ -19,7 +19,7 @@ use crate::services::shared_commit;
 use crate::services::state_machine::{Actor, Mode, Move, Status};
 use crate::services::task_parts::Tasks;
 pub use crate::services::task_store::{history, load, load_by_trace, HistoryRow, Task};
-use crate::services::task_store::{SELECT_TASK, TASK_COLUMNS_CTE};
+use crate::services::task_store::{select_task, task_columns, task_of};
 use crate::services::transition::{self, Transition};
 use crate::services::{fair_share, key_limits};
 use crate::validation::FieldError;
@@ -286,56 +286,6 @@ fn repeat_of(existing: Task, created_by: &str, trace: Uuid) -> Result<(Task, boo
     )))
 }
 
-/// Inserts many tasks in one statement, each with its first history row, and answers every
-/// trace id given with its task: `fresh` when inserted now, else the task that holds it
-/// (public for the benchmark). Rows are given as arrays, one element per task. The repeat of
-/// a trace id is found by the insert itself (`ON CONFLICT`), with no look-up before it.
-///
-/// Rows go in by trace id, not in their order of arrival: two shared inserts running at
-/// once with the same trace ids then wait for each other in one order, never in a circle
-/// (a deadlock, which PostgreSQL breaks after `deadlock_timeout`, 1 s, stalled repeats). A
-/// trace id another transaction inserted while this statement ran is neither inserted nor
-/// seen by it (its snapshot is older): [`insert_rows`] reads those afterwards.
-pub const INSERT_TASKS: &str = const_format::concatcp!(
-    "WITH input AS (
-        SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::jsonb[],
-                             $6::text[], $7::int[], $8::int[], $9::timestamp[], $10::text[],
-                             $11::text[], $12::text[])
-            AS i(trace_id, task_type, title, description, payload,
-                 required_capability, priority, max_retries, deadline, created_by, changed_by,
-                 concurrency_key)
-     ), t AS (
-        INSERT INTO tasks (trace_id, task_type, title, description, payload, required_capability,
-                           priority, max_retries, deadline, created_by, status, concurrency_key)
-        SELECT trace_id, task_type, title, description, payload, required_capability,
-               priority, max_retries, deadline, created_by, 'pending', concurrency_key
-        FROM input ORDER BY trace_id
-        ON CONFLICT (trace_id) DO NOTHING
-        RETURNING *
-     ), h AS (
-        INSERT INTO task_state_history (task_id, from_status, to_status, changed_by, reason)
-        SELECT t.id, NULL, 'pending', input.changed_by, 'created'
-        FROM t JOIN input ON input.trace_id = t.trace_id ORDER BY t.id
-     ), taken AS (
-        SELECT trace_id FROM input EXCEPT SELECT trace_id FROM t
-     ), found AS (
-        SELECT TRUE AS fresh, t.* FROM t
-        UNION ALL
-        SELECT FALSE, e.* FROM taken JOIN tasks e ON e.trace_id = taken.trace_id
-     )
-     SELECT t.fresh, ",
-    TASK_COLUMNS_CTE,
-    " FROM found t LEFT JOIN droplets d ON d.id = t.assigned_droplet_id ORDER BY t.id"
-);
-
-/// A row of [`INSERT_TASKS`].
-#[derive(sqlx::FromRow)]
-struct Found {
-    fresh: bool,
-    #[sqlx(flatten)]
-    task: Task,
-}
-
 /// Inserts a task with its first history row and its `task_created` event, sharing one
 /// transaction and one commit with the creations waiting at the same moment. Answers once
 /// the row is committed: the task inserted, or the one that had the trace id already.
@@ -385,55 +335,80 @@ fn lead(core: &Tasks) {
 
 /// Inserts the rows (one per trace id) with their history rows and the events of the new
 /// tasks, in one transaction through the transition path. Returns every trace id's task.
+///
+/// One statement inserts them all, each with its first history row, and answers every trace
+/// id given with its task: `fresh` when inserted now, else the task that holds it. Rows are
+/// given as arrays, one element per task. The repeat of a trace id is found by the insert
+/// itself (`ON CONFLICT`), with no look-up before it.
+///
+/// Rows go in by trace id, not in their order of arrival: two shared inserts running at
+/// once with the same trace ids then wait for each other in one order, never in a circle
+/// (a deadlock, which PostgreSQL breaks after `deadlock_timeout`, 1 s, stalled repeats). A
+/// trace id another transaction inserted while this statement ran is neither inserted nor
+/// seen by it (its snapshot is older): it is read afterwards.
 async fn insert_rows(
     core: &Tasks,
     rows: &[&NewRow],
 ) -> std::result::Result<HashMap<Uuid, Stored>, sqlx::Error> {
     let mut t = Transition::begin(core).await?;
-    let found: Vec<Found> = sqlx::query_as(INSERT_TASKS)
-        .bind(rows.iter().map(|r| r.trace_id).collect::<Vec<_>>())
-        .bind(
-            rows.iter()
-                .map(|r| r.task_type.as_str())
-                .collect::<Vec<_>>(),
-        )
-        .bind(rows.iter().map(|r| r.title.as_str()).collect::<Vec<_>>())
-        .bind(
-            rows.iter()
-                .map(|r| r.description.as_deref())
-                .collect::<Vec<_>>(),
-        )
-        .bind(rows.iter().map(|r| &r.payload).collect::<Vec<_>>())
-        .bind(
-            rows.iter()
-                .map(|r| r.required_capability.as_deref())
-                .collect::<Vec<_>>(),
-        )
-        .bind(rows.iter().map(|r| r.priority).collect::<Vec<_>>())
-        .bind(rows.iter().map(|r| r.max_retries).collect::<Vec<_>>())
-        .bind(rows.iter().map(|r| r.deadline).collect::<Vec<_>>())
-        .bind(
-            rows.iter()
-                .map(|r| r.created_by.as_str())
-                .collect::<Vec<_>>(),
-        )
-        .bind(
-            rows.iter()
-                .map(|r| r.changed_by.as_str())
-                .collect::<Vec<_>>(),
-        )
-        .bind(
-            rows.iter()
-                .map(|r| r.concurrency_key.as_deref())
-                .collect::<Vec<_>>(),
-        )
-        .fetch_all(t.conn())
-        .await?;
+    // Checked as the arrays the statement casts them to by PostgreSQL; the macros' element
+    // check knows neither &str nor Option in an array.
+    let found = task_columns!(sqlx::query {
+        "WITH input AS (
+        SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::jsonb[],
+                             $6::text[], $7::int[], $8::int[], $9::timestamp[], $10::text[],
+                             $11::text[], $12::text[])
+            AS i(trace_id, task_type, title, description, payload,
+                 required_capability, priority, max_retries, deadline, created_by, changed_by,
+                 concurrency_key)
+     ), t AS (
+        INSERT INTO tasks (trace_id, task_type, title, description, payload, required_capability,
+                           priority, max_retries, deadline, created_by, status, concurrency_key)
+        SELECT trace_id, task_type, title, description, payload, required_capability,
+               priority, max_retries, deadline, created_by, 'pending', concurrency_key
+        FROM input ORDER BY trace_id
+        ON CONFLICT (trace_id) DO NOTHING
+        RETURNING *
+     ), h AS (
+        INSERT INTO task_state_history (task_id, from_status, to_status, changed_by, reason)
+        SELECT t.id, NULL, 'pending', input.changed_by, 'created'
+        FROM t JOIN input ON input.trace_id = t.trace_id ORDER BY t.id
+     ), taken AS (
+        SELECT trace_id FROM input EXCEPT SELECT trace_id FROM t
+     ), found AS (
+        SELECT TRUE AS fresh, t.* FROM t
+        UNION ALL
+        SELECT FALSE, e.* FROM taken JOIN tasks e ON e.trace_id = taken.trace_id
+     )
+     SELECT t.fresh AS \"fresh!\", " +
+    } {
+        + " FROM found t LEFT JOIN droplets d ON d.id = t.assigned_droplet_id ORDER BY t.id",
+        &rows.iter().map(|r| r.trace_id).collect::<Vec<_>>(),
+        &rows.iter().map(|r| r.task_type.as_str()).collect::<Vec<_>>() as _,
+        &rows.iter().map(|r| r.title.as_str()).collect::<Vec<_>>() as _,
+        &rows.iter().map(|r| r.description.as_deref()).collect::<Vec<_>>() as _,
+        &rows.iter().map(|r| &r.payload).collect::<Vec<_>>() as _,
+        &rows.iter().map(|r| r.required_capability.as_deref()).collect::<Vec<_>>() as _,
+        &rows.iter().map(|r| r.priority).collect::<Vec<_>>(),
+        &rows.iter().map(|r| r.max_retries).collect::<Vec<_>>(),
+        &rows.iter().map(|r| r.deadline).collect::<Vec<_>>() as _,
+        &rows.iter().map(|r| r.created_by.as_str()).collect::<Vec<_>>() as _,
+        &rows.iter().map(|r| r.changed_by.as_str()).collect::<Vec<_>>() as _,
+        &rows.iter().map(|r| r.concurrency_key.as_deref()).collect::<Vec<_>>() as _
+    })
+    .fetch_all(t.conn())
+    .await?;
     let mut stored: HashMap<Uuid, Stored> = found
         .into_iter()
-        .map(|f| {
-            let new = f.fresh;
-            (f.task.trace_id, Stored { task: f.task, new })
+        .map(|r| {
+            let new = r.fresh;
+            (
+                r.trace_id,
+                Stored {
+                    task: task_of!(r),
+                    new,
+                },
+            )
         })
         .collect();
     // Trace ids a concurrent creation committed while the insert ran: this statement sees them.
@@ -443,13 +418,9 @@ async fn insert_rows(
         .filter(|id| !stored.contains_key(id))
         .collect();
     if !unseen.is_empty() {
-        let tasks: Vec<Task> = sqlx::query_as(const_format::concatcp!(
-            SELECT_TASK,
-            " WHERE t.trace_id = ANY($1)"
-        ))
-        .bind(&unseen)
-        .fetch_all(t.conn())
-        .await?;
+        let tasks: Vec<Task> = select_task!(" WHERE t.trace_id = ANY($1)", &unseen)
+            .fetch_all(t.conn())
+            .await?;
         for task in tasks {
             stored.insert(task.trace_id, Stored { task, new: false });
         }

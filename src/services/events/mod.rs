@@ -154,7 +154,11 @@ fn event_envelope(trace_id: Option<String>, payload: Value) -> Value {
 /// given the changed rows as `up` and the rows before as `old` (`old_id`, `old_status`), it adds a
 /// `droplet_health_changed` event to the outbox in that same statement's transaction when the
 /// status changed (PostgreSQL runs a data-modifying CTE whether or not the query reads it).
-pub const HEARTBEAT_HEALTH_EVENT_CTE: &str = "health_event AS (
+/// Declared once, as a literal that calls `$m!` with `$before`, the CTE, then `$after` (as
+/// the column lists do, see `sql_columns.rs`), so that a checked statement can splice it.
+macro_rules! heartbeat_health_event {
+    ($($m:ident)::+ { $($before:tt)* } { $($after:tt)* }) => {
+        $($m)::+!($($before)* "health_event AS (
     INSERT INTO event_outbox (feed, envelope)
     SELECT 'droplets', jsonb_build_object(
         'udc_version', '1.0',
@@ -176,7 +180,10 @@ pub const HEARTBEAT_HEALTH_EVENT_CTE: &str = "health_event AS (
     FROM up JOIN old ON old.old_id = up.id WHERE up.status IS DISTINCT FROM old.old_status
     ORDER BY up.id
     RETURNING 1
-)";
+)" $($after)*)
+    };
+}
+pub(crate) use heartbeat_health_event;
 
 /// Adds the events to the outbox in the caller's transaction: they are published once it
 /// commits, in order, to every replica, and never if it rolls back. A plain insert: no
@@ -205,6 +212,8 @@ mod tests {
 
     #[test]
     fn the_heartbeat_event_goes_to_the_droplets_feed() {
+        const HEARTBEAT_HEALTH_EVENT_CTE: &str =
+            heartbeat_health_event!(crate::services::sql_columns::concat_plus {} {});
         assert!(HEARTBEAT_HEALTH_EVENT_CTE.contains(&format!("'{}'", Feed::Droplets.as_str())));
         assert!(
             HEARTBEAT_HEALTH_EVENT_CTE.contains(DropletEventKind::DropletHealthChanged.as_str())
