@@ -1,6 +1,6 @@
 -- A/B (benches/load.rs: BENCH_ROUTE_SQL / BENCH_E2E_SQL): the rollups' appends as
 -- 20261207000200 made them, every row expanded into its facts before grouping (before
--- 20261207001300).
+-- 20261207001310).
 CREATE OR REPLACE FUNCTION task_counts_add() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
     IF TG_OP = 'INSERT' THEN

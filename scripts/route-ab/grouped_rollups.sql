@@ -1,5 +1,42 @@
--- A/B: the rollups' appends as 20261207001300 made them, rows grouped before their facts,
--- still appended as facts to task_rollup_changes (before 20261207001310's deltas).
+-- A/B: the rollups' appends grouped before their facts are expanded, still appended as facts
+-- to task_rollup_changes: the intermediate step measured on the way to 20261207001310's deltas
+-- (it was a migration of its own on the w-lifecost branch, 9bd3094; it never shipped).
+
+-- The rollups' appends of task_counts_add (20261207000200), same rows, less work: a routing
+-- pass that assigns 5,000 tasks spent 330-350 ms of its write in this trigger (psql EXPLAIN
+-- ANALYZE of the pass's UPDATE on 100,000 pending tasks: the trigger 347 / 327 ms with the
+-- rollups, 5 ms with task_counts alone), because every old and new row was expanded into its
+-- twelve facts (120,000 rows) before being grouped. The rows are now grouped first by what
+-- decides their facts (type, droplet, status, retries, the two minutes and the two duration
+-- buckets, with the count, sum and largest of each duration), and each group is expanded
+-- once: a pass's 10,000 rows are a few dozen groups. The rollups are the same figures: a
+-- group adds its count times what one row adds, the sums of its durations, and its largest.
+CREATE OR REPLACE FUNCTION task_rollup_group_facts(sign INTEGER, cnt BIGINT, task_type TEXT, droplet INTEGER,
+                                        status TEXT, re INTEGER, c_at TIMESTAMP, e_at TIMESTAMP,
+                                        ab SMALLINT, sa NUMERIC, ma NUMERIC,
+                                        rb SMALLINT, sr NUMERIC, mr NUMERIC)
+RETURNS TABLE (dim TEXT, at TIMESTAMP, metric TEXT, bucket SMALLINT, n BIGINT, seconds NUMERIC,
+               top DOUBLE PRECISION)
+LANGUAGE sql IMMUTABLE AS $$
+    SELECT f.dim, f.at, f.metric, f.bucket, sign * cnt, sign * f.secs,
+           CASE WHEN sign > 0 THEN f.top::float8 END
+    FROM (VALUES
+        ('s', c_at, 'created', 0::smallint, NULL::numeric, NULL::numeric),
+        ('s', e_at, status, 0::smallint, NULL, NULL),
+        ('s', CASE WHEN ab IS NOT NULL THEN c_at END, 'assign', ab, sa, ma),
+        ('s', CASE WHEN rb IS NOT NULL THEN e_at END, 'run', rb, sr, mr),
+        ('c', c_at, 'now:' || status, 0::smallint, NULL, NULL),
+        ('t:' || task_type, c_at, 'now:' || status, 0::smallint, NULL, NULL),
+        ('c', CASE WHEN re IS NOT NULL THEN c_at END, 'retries', 0::smallint, (re * cnt)::numeric, re::numeric),
+        ('t:' || task_type, CASE WHEN re IS NOT NULL THEN c_at END, 'retries', 0::smallint, (re * cnt)::numeric, re::numeric),
+        ('c', CASE WHEN rb IS NOT NULL THEN c_at END, 'runc', rb, sr, mr),
+        ('t:' || task_type, CASE WHEN rb IS NOT NULL THEN c_at END, 'runc', rb, sr, mr),
+        ('d:' || droplet, CASE WHEN status IN ('completed', 'failed') THEN e_at END, status, 0::smallint, NULL, NULL),
+        ('d:' || droplet, CASE WHEN rb IS NOT NULL THEN e_at END, 'run', rb, sr, mr)
+    ) f(dim, at, metric, bucket, secs, top)
+    WHERE f.at IS NOT NULL AND f.dim IS NOT NULL
+$$;
+
 CREATE OR REPLACE FUNCTION task_counts_add() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
     IF TG_OP = 'INSERT' THEN
