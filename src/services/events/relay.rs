@@ -1,8 +1,9 @@
 //! The relay: one per database (whichever replica holds the advisory lock at each round)
-//! moves committed events from `event_outbox` into the numbered `events` log, in order, and
-//! wakes every replica's reader with one NOTIFY per round, queued in the round's own
-//! transaction (delivered when it commits; the relay is the only writer that notifies, so
-//! no other commit waits for it). It also trims the log to `EVENT_RETENTION_SECONDS`.
+//! moves committed events from `event_outbox` into the numbered `events` log, in order, then
+//! wakes every replica's reader with one NOTIFY per round, sent after the round committed
+//! (never inside a writing transaction: a notifying commit takes PostgreSQL's global notify
+//! lock, which would serialise the relay's commits with every other notifier's). It also
+//! trims the log to `EVENT_RETENTION_SECONDS`.
 //!
 //! Order: each round publishes the committed outbox rows in outbox order. Changes of one task
 //! or droplet are made under its row lock, so the later change's row is added after the
@@ -69,14 +70,14 @@ pub async fn publish_round(db: &PgPool, source: i32) -> Result<Option<u64>, sqlx
     .execute(&mut *tx)
     .await?
     .rows_affected();
-    if published > 0 {
-        // The wake-up, sent by PostgreSQL when the round commits: in the round's transaction
-        // rather than one of its own after it (one transaction a round, not two).
-        sqlx::query!("SELECT pg_notify($1, '')", EVENTS_CHANNEL)
-            .execute(&mut *tx)
-            .await?;
-    }
     tx.commit().await?;
+    if published > 0 {
+        // The wake-up, in its own statement after the commit, never in the writing
+        // transaction (see the module's comment).
+        let _ = sqlx::query!("SELECT pg_notify($1, '')", EVENTS_CHANNEL)
+            .execute(db)
+            .await;
+    }
     Ok(Some(published))
 }
 
