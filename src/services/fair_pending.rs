@@ -214,6 +214,11 @@ pub async fn lock_pending(
     .await?
     .into_iter()
     .collect();
+    // A task held elsewhere (another replica's pass, a cancel or a start in flight) is left
+    // out of this pass, never waited for; the loop tries again shortly for it.
+    if locked.len() < kept.len() {
+        out.contended = true;
+    }
     kept.retain(|t| locked.contains(&t.id));
     out.tasks = kept;
     Ok(out)

@@ -98,8 +98,19 @@ pub async fn run_loop(state: Routing, stop: CancellationToken) {
                     }
                 }
                 Ok(_) => break,
+                // A failed pass (a deadlock, a dropped connection) may have been the one this
+                // trigger announced work to: try again shortly, as for contention, rather
+                // than leave the work to the safety-net job.
+                Err(e) if contended_rounds < CONTENDED_RETRIES => {
+                    tracing::warn!(error = %e, "routing pass failed; trying again shortly");
+                    contended_rounds += 1;
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        _ = tokio::time::sleep(CONTENDED_PAUSE) => {}
+                    }
+                }
                 Err(e) => {
-                    tracing::warn!(error = %e, "routing pass failed; the next trigger or the task_router job retries");
+                    tracing::warn!(error = %e, "routing pass failed again; the next trigger or the task_router job retries");
                     break;
                 }
             }

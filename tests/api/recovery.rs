@@ -10,7 +10,7 @@ use serde_json::{json, Value};
 use crate::helpers::*;
 
 /// Loose enough for a loaded CI machine, well under the intervals that would otherwise act.
-const SOON: Duration = Duration::from_secs(3);
+const SOON: Duration = Duration::from_secs(10);
 
 fn task_for(capability: &str, extra: Value) -> Value {
     let mut t = json!({ "task_type": "work", "title": "work", "required_capability": capability, "payload": {} });
