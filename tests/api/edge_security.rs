@@ -327,7 +327,7 @@ async fn the_socket_past_ws_max_connections_is_refused_with_429() {
     // A closed socket frees its place.
     let mut first = open.remove(0);
     first.close(None).await.expect("close");
-    let _replacement = eventually(Duration::from_secs(5), "a socket is accepted", || async {
+    let _replacement = eventually(Duration::from_secs(10), "a socket is accepted", || async {
         connect_async(feed_url(&app, "tasks", &app.token(24, &["read"])))
             .await
             .ok()

@@ -64,7 +64,7 @@ async fn a_later_creator_is_among_the_first_assignments_despite_a_flood() {
     assert_eq!(app.task(b).await["fairness_key"], "creator:6");
     // A droplet with room for 10 joins.
     app.register_max(30, &["ocr"], &server.endpoint, 10).await;
-    app.wait_assigned(b, 30, Duration::from_secs(5)).await;
+    app.wait_assigned(b, 30, Duration::from_secs(10)).await;
     let assigned: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM tasks WHERE status = 'assigned'")
         .fetch_one(&app.db)
         .await
@@ -89,7 +89,7 @@ async fn a_key_at_its_limit_waits_without_holding_up_another_key() {
     app.state
         .jobs
         .set_paused(&app.state, JobId::TaskRouter, false);
-    app.wait_assigned(b, 31, Duration::from_secs(5)).await;
+    app.wait_assigned(b, 31, Duration::from_secs(10)).await;
     assert_eq!(route_pass(&app.state.routing()).await.unwrap(), 0);
     assert_eq!(in_flight(&app, "tenant-a").await, 1);
     assert_eq!(app.holder(a[0]).await.0, "assigned", "oldest first");
@@ -113,13 +113,13 @@ async fn a_key_at_its_limit_waits_without_holding_up_another_key() {
 
     // The running task ends: the next one of the key goes.
     finish(&app, 31, a[0]).await;
-    app.wait_assigned(a[1], 31, Duration::from_secs(5)).await;
+    app.wait_assigned(a[1], 31, Duration::from_secs(10)).await;
     // Removing the limit lets the rest go at once.
     let (s, b) = app
         .delete("/management/limits/tenant-a", &app.admin())
         .await;
     assert_eq!(s, StatusCode::OK, "{b}");
-    app.wait_assigned(a[2], 31, Duration::from_secs(5)).await;
+    app.wait_assigned(a[2], 31, Duration::from_secs(10)).await;
 }
 
 async fn finish(app: &TestApp, droplet: i32, task: i32) {

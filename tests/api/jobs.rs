@@ -37,7 +37,7 @@ async fn admin_post(app: &TestApp, path: &str) -> (StatusCode, Value) {
 #[tokio::test]
 async fn the_five_jobs_are_listed_with_their_last_and_next_runs() {
     let app = TestApp::spawn_with(&EVERY_SECOND).await;
-    let jobs = eventually(Duration::from_secs(4), "every job ran", || async {
+    let jobs = eventually(Duration::from_secs(10), "every job ran", || async {
         let jobs = listed(&app).await;
         jobs.iter()
             .all(|j| j["runs"].as_u64() >= Some(1))
@@ -105,7 +105,7 @@ async fn pausing_the_router_stops_assignment_and_resuming_restarts_it() {
         )
         .await;
     // Two health monitor runs: more than a router interval has passed.
-    app.wait_job_runs(JobId::HealthMonitor, 2, Duration::from_secs(4))
+    app.wait_job_runs(JobId::HealthMonitor, 2, Duration::from_secs(10))
         .await;
     assert_eq!(app.holder(id).await.0, "pending");
     assert_eq!(app.job_runs(JobId::TaskRouter), runs, "a paused job ran");
@@ -114,8 +114,8 @@ async fn pausing_the_router_stops_assignment_and_resuming_restarts_it() {
     let (s, body) = admin_post(&app, "/management/scheduler/jobs/task_router/resume").await;
     assert_eq!(s, StatusCode::OK, "{body}");
     assert_eq!(body["payload"]["job"]["paused"], false);
-    app.wait_assigned(id, 50, Duration::from_secs(3)).await;
-    app.wait_job_runs(JobId::TaskRouter, 1, Duration::from_secs(3))
+    app.wait_assigned(id, 50, Duration::from_secs(10)).await;
+    app.wait_job_runs(JobId::TaskRouter, 1, Duration::from_secs(10))
         .await;
 }
 
@@ -137,7 +137,7 @@ async fn a_failing_job_is_recorded_and_runs_again_next_time() {
         .execute(&app.db)
         .await
         .unwrap();
-    let failed = eventually(Duration::from_secs(4), "the cleanup failed", || async {
+    let failed = eventually(Duration::from_secs(10), "the cleanup failed", || async {
         let j = job(&listed(&app).await, "heartbeat_cleanup").clone();
         (j["failures"].as_u64() >= Some(1)).then_some(j)
     })
@@ -154,7 +154,7 @@ async fn a_failing_job_is_recorded_and_runs_again_next_time() {
         .execute(&app.db)
         .await
         .unwrap();
-    eventually(Duration::from_secs(4), "the cleanup ran again", || async {
+    eventually(Duration::from_secs(10), "the cleanup ran again", || async {
         let j = job(&listed(&app).await, "heartbeat_cleanup").clone();
         (j["last_outcome"].as_str().unwrap_or("").starts_with("ok")).then_some(())
     })
@@ -216,13 +216,17 @@ async fn the_relay_publishes_while_a_cleanup_runs_and_the_cleanup_runs_while_the
     let task = app
         .create_task(7, task_payload("published meanwhile"))
         .await;
-    eventually(Duration::from_secs(5), "task_created published", || async {
-        logged_events(&app.db, "tasks", 0)
-            .await
-            .iter()
-            .any(|(_, e)| e["payload"]["task"]["id"] == task)
-            .then_some(())
-    })
+    eventually(
+        Duration::from_secs(10),
+        "task_created published",
+        || async {
+            logged_events(&app.db, "tasks", 0)
+                .await
+                .iter()
+                .any(|(_, e)| e["payload"]["task"]["id"] == task)
+                .then_some(())
+        },
+    )
     .await;
     cleanup.rollback().await.unwrap();
 

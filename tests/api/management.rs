@@ -109,7 +109,7 @@ async fn reload_config_changes_the_router_interval_live() {
     assert_eq!(config.port, 0, "the port waits for a restart");
 
     // The job now runs every second.
-    app.wait_job_runs(JobId::TaskRouter, 2, Duration::from_secs(4))
+    app.wait_job_runs(JobId::TaskRouter, 2, Duration::from_secs(10))
         .await;
     let (s, body) = app.get("/management/scheduler/jobs", &app.admin()).await;
     assert_eq!(s, StatusCode::OK);
@@ -248,10 +248,12 @@ async fn an_emergency_stop_halts_routing_until_the_router_is_resumed() {
     assert_eq!(body["payload"]["emergency_stop"], false);
     assert_eq!(body["payload"]["emergency_stop_ended"], true);
     assert_eq!(health_status(&app).await["status"], "active");
-    app.wait_assigned(id, 60, Duration::from_secs(3)).await;
-    eventually(Duration::from_secs(3), "execute_task delivered", || async {
-        server.executed().contains(&(id as i64)).then_some(())
-    })
+    app.wait_assigned(id, 60, Duration::from_secs(10)).await;
+    eventually(
+        Duration::from_secs(10),
+        "execute_task delivered",
+        || async { server.executed().contains(&(id as i64)).then_some(()) },
+    )
     .await;
     for job in [
         JobId::HealthMonitor,
@@ -270,7 +272,7 @@ async fn shutdown_answers_then_stops_the_server() {
     let (s, body) = admin_post(&app, "/management/shutdown").await;
     assert_eq!(s, StatusCode::OK, "{body}");
     assert_eq!(body["payload"]["shutting_down"], true);
-    eventually(Duration::from_secs(5), "the server stopped", || async {
+    eventually(Duration::from_secs(10), "the server stopped", || async {
         let fresh = reqwest::Client::new();
         let gone = fresh.get(app.url("/health")).send().await.is_err();
         (app.state.shutdown.is_cancelled() && gone).then_some(())
@@ -283,7 +285,7 @@ async fn cache_clear_empties_the_registry_cache_and_the_router_snapshot() {
     let app = TestApp::spawn().await;
     let server = DropletServer::start(Behaviour::Ok).await;
     app.register(61, &["c"], &server.endpoint).await;
-    eventually(Duration::from_secs(3), "a room snapshot", || async {
+    eventually(Duration::from_secs(10), "a room snapshot", || async {
         app.state.router.has_room_for(Some("c")).then_some(())
     })
     .await;
@@ -305,7 +307,7 @@ async fn cache_clear_empties_the_registry_cache_and_the_router_snapshot() {
         .unwrap();
     assert_eq!(left, 0);
     // The snapshot is rebuilt by the next pass.
-    eventually(Duration::from_secs(3), "the snapshot rebuilt", || async {
+    eventually(Duration::from_secs(10), "the snapshot rebuilt", || async {
         app.state.router.has_room_for(Some("c")).then_some(())
     })
     .await;

@@ -496,7 +496,7 @@ async fn system_health_reports_database_pool_jobs_websockets_and_registry() {
         app.token(5, &["read"])
     );
     let (_socket, _) = tokio_tungstenite::connect_async(url).await.unwrap();
-    eventually(Duration::from_secs(5), "the socket is counted", || {
+    eventually(Duration::from_secs(10), "the socket is counted", || {
         let n = app.state.events.connection_count();
         async move { (n == 1).then_some(()) }
     })

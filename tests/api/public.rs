@@ -114,7 +114,7 @@ async fn state_reports_this_process_and_correctly_labelled_counts() {
         .await;
     let app_ref = &app;
     for id in [running, assigned] {
-        eventually(Duration::from_secs(5), "task assigned", || async move {
+        eventually(Duration::from_secs(10), "task assigned", || async move {
             (app_ref.task_status(id).await == "assigned").then_some(())
         })
         .await;
@@ -128,7 +128,7 @@ async fn state_reports_this_process_and_correctly_labelled_counts() {
         .await;
     assert_eq!(s, StatusCode::OK, "{b}");
 
-    let body = eventually(Duration::from_secs(5), "a process sample", || async {
+    let body = eventually(Duration::from_secs(10), "a process sample", || async {
         let (status, body) = public(&app, "/state").await;
         assert_eq!(status, StatusCode::OK, "{body}");
         (body["memory_mb"].as_f64().unwrap_or(0.0) > 0.0).then_some(body)
@@ -154,7 +154,7 @@ async fn state_uptime_grows() {
     let app = TestApp::spawn().await;
     let (_, first) = public(&app, "/state").await;
     let first = first["uptime_seconds"].as_u64().expect("uptime");
-    eventually(Duration::from_secs(3), "uptime to grow", || async {
+    eventually(Duration::from_secs(10), "uptime to grow", || async {
         let (_, b) = public(&app, "/state").await;
         (b["uptime_seconds"].as_u64() > Some(first)).then_some(())
     })

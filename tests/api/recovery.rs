@@ -81,15 +81,17 @@ async fn a_silent_droplet_loses_its_work_to_another_droplet() {
     let healthy_beats = keep_beating(&app, 71);
     dying_beats.abort();
 
-    eventually(Duration::from_secs(5), "droplet 70 inactive", || async {
+    eventually(Duration::from_secs(10), "droplet 70 inactive", || async {
         (droplet_status(&app, 70).await == "inactive").then_some(())
     })
     .await;
     // The task it had not started moves at once, without counting a retry.
-    app.wait_assigned(waiting, 71, Duration::from_secs(3)).await;
+    app.wait_assigned(waiting, 71, Duration::from_secs(10))
+        .await;
     assert_eq!(app.retry_count(waiting).await, 0);
     // The task it was running failed with it and is retried elsewhere.
-    app.wait_assigned(running, 71, Duration::from_secs(5)).await;
+    app.wait_assigned(running, 71, Duration::from_secs(10))
+        .await;
     assert_eq!(app.retry_count(running).await, 1);
     assert_eq!(droplet_status(&app, 71).await, "active");
 
@@ -166,7 +168,7 @@ async fn a_task_that_always_fails_runs_max_retries_plus_one_times_then_stays_fai
         .create_task(5, task_for("flaky", json!({"max_retries": 2})))
         .await;
     for attempt in 0..3 {
-        app.wait_assigned(id, 72, Duration::from_secs(3)).await;
+        app.wait_assigned(id, 72, Duration::from_secs(10)).await;
         assert_eq!(app.retry_count(id).await, attempt);
         let (s, b) = app.move_task(72, id, "in_progress").await;
         assert_eq!(s, StatusCode::OK, "{b}");
@@ -180,7 +182,7 @@ async fn a_task_that_always_fails_runs_max_retries_plus_one_times_then_stays_fai
         assert_eq!(s, StatusCode::OK, "{b}");
     }
     // The retry job runs twice more; the task has used its retries.
-    app.wait_job_runs(JobId::TaskRouter, 2, Duration::from_secs(4))
+    app.wait_job_runs(JobId::TaskRouter, 2, Duration::from_secs(10))
         .await;
     assert_eq!(app.holder(id).await.0, "failed");
     assert_eq!(app.retry_count(id).await, 2);
@@ -348,14 +350,14 @@ async fn an_unreachable_droplet_neither_blocks_routing_nor_keeps_its_task() {
             .with_label_values(&["failed"])
             .get()
     };
-    eventually(Duration::from_secs(2), "two failed deliveries", || async {
+    eventually(Duration::from_secs(10), "two failed deliveries", || async {
         (failed() >= 2).then_some(())
     })
     .await;
 
     // Not started within 2 s: back to pending, and to the other gpu droplet.
     app.register(77, &["gpu"], &rescuer.endpoint).await;
-    app.wait_assigned(id, 77, Duration::from_secs(5)).await;
+    app.wait_assigned(id, 77, Duration::from_secs(10)).await;
     assert_eq!(app.retry_count(id).await, 0);
     let history = app.history(id).await;
     assert_eq!(
@@ -406,7 +408,7 @@ async fn a_heartbeat_brings_a_silent_droplet_back_unless_an_admin_deactivated_it
     round.marked_inactive.sort_unstable();
     assert_eq!(round.marked_inactive, [78, 79]);
     let mut events: Vec<(String, i64)> =
-        eventually(Duration::from_secs(5), "droplet events", || async {
+        eventually(Duration::from_secs(10), "droplet events", || async {
             let logged = logged_events(&app.db, "droplets", before).await;
             (logged.len() >= 4).then(|| {
                 logged
@@ -520,6 +522,6 @@ async fn a_retry_prefers_another_droplet_even_a_busier_one() {
     let (s, b) = app.move_task(82, id, "failed").await;
     assert_eq!(s, StatusCode::OK, "{b}");
     // The retry goes to 81, although 82 is the less loaded.
-    app.wait_assigned(id, 81, Duration::from_secs(4)).await;
+    app.wait_assigned(id, 81, Duration::from_secs(10)).await;
     assert_eq!(app.retry_count(id).await, 1);
 }

@@ -312,7 +312,7 @@ async fn the_task_assigned_event_says_why_the_droplet_was_chosen() {
     let id = app
         .create_task(5, task_for(Some("why"), 5, "explain"))
         .await;
-    let event = eventually(Duration::from_secs(5), "a task_assigned event", || async {
+    let event = eventually(Duration::from_secs(10), "a task_assigned event", || async {
         logged_events(&app.db, "tasks", 0)
             .await
             .into_iter()

@@ -937,7 +937,7 @@ async fn a_task_nobody_can_run_stays_pending_and_one_for_a_capable_droplet_is_ro
     let routed = app
         .create_task(5, json!({"task_type": "verify", "title": "routed", "required_capability": "code_verification"}))
         .await;
-    eventually(Duration::from_secs(5), "routed task assigned", || async {
+    eventually(Duration::from_secs(10), "routed task assigned", || async {
         (app.task_status(routed).await == "assigned").then_some(())
     })
     .await;
