@@ -1,30 +1,24 @@
 //! What concurrent creations share a transaction with (`shared_commit`): the row a creation
 //! waits with, and its answer (`tasks::insert`).
 
-use chrono::NaiveDateTime;
-use serde_json::Value;
+use serde::Serialize;
 use uuid::Uuid;
 
+use crate::services::new_task::NewTask;
 use crate::services::shared_commit::SharedCommit;
 use crate::services::task_store::Task;
 
-/// A task to insert, as `POST /tasks` (or `/message`'s `create_task`) gave it.
-#[derive(Debug, Clone)]
+/// A task to insert, as `POST /tasks` (or `/message`'s `create_task`) gave it: the shared
+/// insert takes the rows as one JSON array, each row's fields by their column's name.
+#[derive(Debug, Clone, Serialize)]
 pub struct NewRow {
     pub trace_id: Uuid,
-    pub task_type: String,
-    pub title: String,
-    pub description: Option<String>,
-    pub payload: Value,
-    pub required_capability: Option<String>,
-    pub priority: i32,
-    pub max_retries: i32,
-    pub deadline: Option<NaiveDateTime>,
     pub created_by: String,
-    /// The key for fair share and limits, when the creator gave one.
-    pub concurrency_key: Option<String>,
     /// `changed_by` of the first history row.
     pub changed_by: String,
+    /// The creator's task, checked and [settled](NewTask::settled).
+    #[serde(flatten)]
+    pub task: NewTask,
 }
 
 /// The task of a creation's trace id: inserted by it, or found (a retry, or another

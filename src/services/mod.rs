@@ -28,6 +28,7 @@ pub mod http_client;
 pub mod key_limits;
 pub mod locks;
 pub mod messaging;
+pub mod new_task;
 pub mod registry_client;
 pub mod registry_status;
 pub mod router_trigger;

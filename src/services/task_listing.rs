@@ -29,50 +29,32 @@ pub struct TaskFilter {
     pub include: Option<String>,
 }
 
-/// One condition of a filter: a field of [`TaskFilter`] that narrows which tasks match.
+/// A filter's value, bound into the statement.
 #[derive(Debug, Clone, Copy)]
-enum Condition<'a> {
-    Status(&'a str),
-    TaskType(&'a str),
-    PriorityMin(i32),
-    PriorityMax(i32),
-    AssignedDroplet(i32),
-    RequiredCapability(&'a str),
-    CreatedBy(&'a str),
+enum Bound<'a> {
+    Text(&'a str),
+    Int(i32),
 }
 
-impl Condition<'_> {
-    /// `AND <condition>` over `tasks t`.
-    fn push(self, q: &mut QueryBuilder<Postgres>) {
-        q.push(" AND ");
-        match self {
-            Condition::Status(s) => q.push("t.status = ").push_bind(s),
-            Condition::TaskType(s) => q.push("t.task_type = ").push_bind(s),
-            Condition::PriorityMin(p) => q.push("t.priority >= ").push_bind(p),
-            Condition::PriorityMax(p) => q.push("t.priority <= ").push_bind(p),
-            Condition::AssignedDroplet(d) => q
-                .push("t.assigned_droplet_id = (SELECT id FROM droplets WHERE droplet_id = ")
-                .push_bind(d)
-                .push(")"),
-            Condition::RequiredCapability(c) => q.push("t.required_capability = ").push_bind(c),
-            Condition::CreatedBy(c) => q.push("t.created_by = ").push_bind(c),
-        };
-    }
+/// One condition a field of [`TaskFilter`] sets: its SQL over `tasks t`, and over
+/// `task_counts` when the kept counts can answer it (they are kept per status and type);
+/// `$` stands for its value.
+#[derive(Debug, Clone, Copy)]
+struct Condition<'a> {
+    value: Bound<'a>,
+    sql: &'static str,
+    kept: Option<&'static str>,
+}
 
-    /// `AND <condition>` over `task_counts`, for the conditions the kept counts can answer
-    /// (they are kept per status and type); false for the others.
-    fn push_kept(self, q: &mut QueryBuilder<Postgres>) -> bool {
-        match self {
-            Condition::Status(s) => q.push(" AND status = ").push_bind(s),
-            Condition::TaskType(s) => q.push(" AND task_type = ").push_bind(s),
-            Condition::PriorityMin(_)
-            | Condition::PriorityMax(_)
-            | Condition::AssignedDroplet(_)
-            | Condition::RequiredCapability(_)
-            | Condition::CreatedBy(_) => return false,
-        };
-        true
-    }
+/// `AND <sql>` with `$` bound to `value`.
+fn push_condition(q: &mut QueryBuilder<Postgres>, sql: &str, value: Bound<'_>) {
+    let (before, after) = sql.split_once('$').unwrap_or((sql, ""));
+    q.push(" AND ").push(before);
+    match value {
+        Bound::Text(s) => q.push_bind(s),
+        Bound::Int(i) => q.push_bind(i),
+    };
+    q.push(after);
 }
 
 impl TaskFilter {
@@ -83,9 +65,10 @@ impl TaskFilter {
         })
     }
 
-    /// The conditions this filter sets. Every field is named here (a new one fails to compile
-    /// until it is placed): a condition, or paging and presentation.
-    fn conditions(&self) -> Vec<Condition<'_>> {
+    /// The conditions this filter sets, one line each: the value, its SQL over `tasks t`, its
+    /// SQL over the kept counts if they can answer it. Every field is named here (a new one
+    /// fails to compile until it is placed): a condition, or paging and presentation.
+    fn conditions<'a>(&'a self) -> Vec<Condition<'a>> {
         let TaskFilter {
             status,
             task_type,
@@ -99,19 +82,29 @@ impl TaskFilter {
             after_id: _,
             include: _,
         } = self;
+        let text = |v: &'a Option<String>| v.as_deref().map(Bound::Text);
+        let int = |v: &Option<i32>| v.map(Bound::Int);
         [
-            status.as_deref().map(Condition::Status),
-            task_type.as_deref().map(Condition::TaskType),
-            priority_min.map(Condition::PriorityMin),
-            priority_max.map(Condition::PriorityMax),
-            assigned_droplet_id.map(Condition::AssignedDroplet),
-            required_capability
-                .as_deref()
-                .map(Condition::RequiredCapability),
-            created_by.as_deref().map(Condition::CreatedBy),
+            (text(status), "t.status = $", Some("status = $")),
+            (text(task_type), "t.task_type = $", Some("task_type = $")),
+            (int(priority_min), "t.priority >= $", None),
+            (int(priority_max), "t.priority <= $", None),
+            (
+                int(assigned_droplet_id),
+                "t.assigned_droplet_id = (SELECT id FROM droplets WHERE droplet_id = $)",
+                None,
+            ),
+            (text(required_capability), "t.required_capability = $", None),
+            (text(created_by), "t.created_by = $", None),
         ]
         .into_iter()
-        .flatten()
+        .filter_map(|(value, sql, kept)| {
+            Some(Condition {
+                value: value?,
+                sql,
+                kept,
+            })
+        })
         .collect()
     }
 
@@ -119,18 +112,19 @@ impl TaskFilter {
     fn push_where(&self, q: &mut QueryBuilder<Postgres>) {
         q.push(" WHERE TRUE");
         for c in self.conditions() {
-            c.push(q);
+            push_condition(q, c.sql, c.value);
         }
     }
 
-    /// The count of the kept totals that answers this filter exactly, when they can.
+    /// The count of the kept totals that answers this filter exactly, when they can (every
+    /// condition has its SQL over them).
     fn kept_total(&self) -> Option<QueryBuilder<Postgres>> {
         let mut q =
             QueryBuilder::new("SELECT COALESCE(SUM(n), 0)::bigint FROM task_counts WHERE TRUE");
-        self.conditions()
-            .into_iter()
-            .all(|c| c.push_kept(&mut q))
-            .then_some(q)
+        for c in self.conditions() {
+            push_condition(&mut q, c.kept?, c.value);
+        }
+        Some(q)
     }
 }
 
@@ -349,4 +343,30 @@ pub async fn list(db: &PgPool, f: &TaskFilter) -> Result<Page, sqlx::Error> {
         page.read_payloads(db).await?;
     }
     Ok(page)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every condition's SQL, over the table and over the kept counts, has one place for its
+    /// value.
+    #[test]
+    fn every_condition_binds_its_value_once() {
+        let all = TaskFilter {
+            status: Some("pending".into()),
+            task_type: Some("t".into()),
+            priority_min: Some(1),
+            priority_max: Some(9),
+            assigned_droplet_id: Some(3),
+            required_capability: Some("c".into()),
+            created_by: Some("5".into()),
+            ..TaskFilter::default()
+        };
+        for c in all.conditions() {
+            for sql in std::iter::once(c.sql).chain(c.kept) {
+                assert_eq!(sql.matches('$').count(), 1, "{sql}");
+            }
+        }
+    }
 }

@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use chrono::NaiveDateTime;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use sqlx::types::Json;
 use sqlx::PgPool;
 use uuid::Uuid;
 
@@ -15,6 +16,7 @@ use crate::services::contracts;
 use crate::services::create_queue::{NewRow, Stored};
 use crate::services::error::{Error, Result};
 use crate::services::events::{self, Event, TaskEventKind};
+pub use crate::services::new_task::NewTask;
 use crate::services::shared_commit;
 use crate::services::state_machine::{Actor, Mode, Move, Status};
 use crate::services::task_parts::Tasks;
@@ -22,74 +24,7 @@ pub use crate::services::task_store::{history, load, load_by_trace, HistoryRow, 
 use crate::services::task_store::{select_task, task_columns, task_of};
 use crate::services::transition::{self, Transition};
 use crate::services::{fair_share, key_limits};
-use crate::validation::FieldError;
-use crate::validation::{length, range, Validate};
-
-/// The payload of `POST /tasks` (and of `/message`'s `create_task`).
-#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
-pub struct NewTask {
-    pub task_type: String,
-    pub title: String,
-    #[serde(default)]
-    pub description: Option<String>,
-    #[serde(default)]
-    pub required_capability: Option<String>,
-    #[serde(default)]
-    pub priority: Option<i64>,
-    #[serde(default)]
-    pub max_retries: Option<i64>,
-    #[serde(default)]
-    pub deadline: Option<String>,
-    #[serde(default)]
-    #[schema(value_type = Option<Object>)]
-    pub payload: Option<Value>,
-    /// The key the router shares fairly by and an admin's limits apply to (1 to 100
-    /// characters, not starting `creator:`); the creator's own key when absent.
-    #[serde(default)]
-    pub concurrency_key: Option<String>,
-}
-
-impl Validate for NewTask {
-    fn validate(&self) -> Vec<FieldError> {
-        let mut errors = Vec::new();
-        length("task_type", &self.task_type, 1, 50, &mut errors);
-        length("title", &self.title, 1, 255, &mut errors);
-        if let Some(c) = &self.required_capability {
-            length("required_capability", c, 0, 100, &mut errors);
-        }
-        if let Some(k) = &self.concurrency_key {
-            length("concurrency_key", k, 1, 100, &mut errors);
-            if k.starts_with(fair_share::CREATOR_PREFIX) {
-                errors.push(FieldError::new(
-                    &["concurrency_key"],
-                    "A concurrency_key must not start with 'creator:' (creators' own keys)",
-                    "value_error",
-                ));
-            }
-        }
-        range("priority", self.priority, 1, 10, &mut errors);
-        range("max_retries", self.max_retries, 0, 100, &mut errors);
-        if let Some(d) = &self.deadline {
-            if protocol::parse_time(d).is_none() {
-                errors.push(FieldError::new(
-                    &["deadline"],
-                    "Input should be a valid datetime (ISO-8601)",
-                    "datetime_parsing",
-                ));
-            }
-        }
-        if let Some(p) = &self.payload {
-            if !p.is_object() && !p.is_null() {
-                errors.push(FieldError::new(
-                    &["payload"],
-                    "Input should be a valid dictionary",
-                    "dict_type",
-                ));
-            }
-        }
-        errors
-    }
-}
+use crate::validation::{FieldError, Validate};
 
 /// What `POST /tasks` answers.
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
@@ -227,21 +162,12 @@ pub async fn create_at(
         )
     })?;
     let created_by = caller.droplet_id.to_string();
-    let deadline = new
-        .deadline
-        .as_deref()
-        .and_then(protocol::parse_time)
-        .map(|d| d.naive_utc());
-    let payload = match new.payload {
-        Some(Value::Object(m)) => Value::Object(m),
-        _ => Value::Object(Default::default()),
-    };
+    let new = new.settled();
     // A key at its max_queued pushes back (429) before anything is checked or written.
     let key = fair_share::fairness_key(new.concurrency_key.as_deref(), &created_by);
     key_limits::admit(&state.limits, &key, trace).await?;
-    let capability = new.required_capability.filter(|c| !c.is_empty());
-    if let Some(c) = capability.as_deref() {
-        if let Err(refused) = check_contracts(state, c, &payload, payload_loc).await {
+    if let (Some(c), Some(payload)) = (new.required_capability.as_deref(), &new.payload) {
+        if let Err(refused) = check_contracts(state, c, payload, payload_loc).await {
             // A retry of a creation (same trace id) gets its task back whatever the contracts
             // say now: only a refused payload costs this look-up.
             return match load_by_trace(&state.db, trace).await? {
@@ -254,17 +180,9 @@ pub async fn create_at(
         state,
         NewRow {
             trace_id: trace,
-            task_type: new.task_type,
-            title: new.title,
-            description: new.description,
-            payload,
-            required_capability: capability,
-            priority: new.priority.unwrap_or(5) as i32,
-            max_retries: new.max_retries.unwrap_or(3) as i32,
-            deadline,
             created_by: created_by.clone(),
-            concurrency_key: new.concurrency_key,
             changed_by: caller.actor_name(),
+            task: new,
         },
     )
     .await?
@@ -338,8 +256,9 @@ fn lead(core: &Tasks) {
 ///
 /// One statement inserts them all, each with its first history row, and answers every trace
 /// id given with its task: `fresh` when inserted now, else the task that holds it. Rows are
-/// given as arrays, one element per task. The repeat of a trace id is found by the insert
-/// itself (`ON CONFLICT`), with no look-up before it.
+/// given as one JSON array, read as rows of `tasks` by their fields' names (`NewRow`): a
+/// column added to the input needs no new parameter. The repeat of a trace id is found by
+/// the insert itself (`ON CONFLICT`), with no look-up before it.
 ///
 /// Rows go in by trace id, not in their order of arrival: two shared inserts running at
 /// once with the same trace ids then wait for each other in one order, never in a circle
@@ -351,21 +270,15 @@ async fn insert_rows(
     rows: &[&NewRow],
 ) -> std::result::Result<HashMap<Uuid, Stored>, sqlx::Error> {
     let mut t = Transition::begin(core).await?;
-    // Checked as the arrays the statement casts them to by PostgreSQL; the macros' element
-    // check knows neither &str nor Option in an array.
     let found = task_columns!(sqlx::query {
         "WITH input AS (
-        SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::jsonb[],
-                             $6::text[], $7::int[], $8::int[], $9::timestamp[], $10::text[],
-                             $11::text[], $12::text[])
-            AS i(trace_id, task_type, title, description, payload,
-                 required_capability, priority, max_retries, deadline, created_by, changed_by,
-                 concurrency_key)
+        SELECT i.*, r ->> 'changed_by' AS changed_by
+        FROM jsonb_array_elements($1) r, jsonb_populate_record(NULL::tasks, r) i
      ), t AS (
         INSERT INTO tasks (trace_id, task_type, title, description, payload, required_capability,
-                           priority, max_retries, deadline, created_by, status, concurrency_key)
+                           priority, max_retries, deadline, created_by, concurrency_key, status)
         SELECT trace_id, task_type, title, description, payload, required_capability,
-               priority, max_retries, deadline, created_by, 'pending', concurrency_key
+               priority, max_retries, deadline, created_by, concurrency_key, 'pending'
         FROM input ORDER BY trace_id
         ON CONFLICT (trace_id) DO NOTHING
         RETURNING *
@@ -383,18 +296,9 @@ async fn insert_rows(
      SELECT t.fresh AS \"fresh!\", " +
     } {
         + " FROM found t LEFT JOIN droplets d ON d.id = t.assigned_droplet_id ORDER BY t.id",
-        &rows.iter().map(|r| r.trace_id).collect::<Vec<_>>(),
-        &rows.iter().map(|r| r.task_type.as_str()).collect::<Vec<_>>() as _,
-        &rows.iter().map(|r| r.title.as_str()).collect::<Vec<_>>() as _,
-        &rows.iter().map(|r| r.description.as_deref()).collect::<Vec<_>>() as _,
-        &rows.iter().map(|r| &r.payload).collect::<Vec<_>>() as _,
-        &rows.iter().map(|r| r.required_capability.as_deref()).collect::<Vec<_>>() as _,
-        &rows.iter().map(|r| r.priority).collect::<Vec<_>>(),
-        &rows.iter().map(|r| r.max_retries).collect::<Vec<_>>(),
-        &rows.iter().map(|r| r.deadline).collect::<Vec<_>>() as _,
-        &rows.iter().map(|r| r.created_by.as_str()).collect::<Vec<_>>() as _,
-        &rows.iter().map(|r| r.changed_by.as_str()).collect::<Vec<_>>() as _,
-        &rows.iter().map(|r| r.concurrency_key.as_deref()).collect::<Vec<_>>() as _
+        // Written by serde straight into the parameter (no `Value` built first), checked at
+        // run time as the `jsonb` the statement reads.
+        Json(rows) as _
     })
     .fetch_all(t.conn())
     .await?;

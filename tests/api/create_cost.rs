@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use orchestrator::services::create_queue::NewRow;
+use orchestrator::services::new_task::NewTask;
 use orchestrator::services::tasks::insert_all;
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
@@ -140,19 +141,14 @@ async fn repeats_of_trace_ids_sent_at_once_give_one_task_each_and_no_deadlock() 
 }
 
 fn row(trace_id: Uuid, creator: &str) -> NewRow {
+    let task: NewTask =
+        serde_json::from_value(json!({"task_type": "batched", "title": "same ids"}))
+            .expect("a task");
     NewRow {
         trace_id,
-        task_type: "batched".into(),
-        title: "same ids".into(),
-        description: None,
-        payload: json!({}),
-        required_capability: None,
-        priority: 5,
-        max_retries: 3,
-        deadline: None,
         created_by: creator.into(),
         changed_by: format!("droplet-{creator}"),
-        concurrency_key: None,
+        task: task.settled(),
     }
 }
 

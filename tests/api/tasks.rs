@@ -945,19 +945,13 @@ async fn a_task_nobody_can_run_stays_pending_and_one_for_a_capable_droplet_is_ro
 }
 
 fn new_row(title: &str) -> orchestrator::services::create_queue::NewRow {
+    let task: orchestrator::services::new_task::NewTask =
+        serde_json::from_value(json!({"task_type": "batched", "title": title})).expect("a task");
     orchestrator::services::create_queue::NewRow {
         trace_id: Uuid::new_v4(),
-        task_type: "batched".into(),
-        title: title.into(),
-        description: None,
-        payload: json!({}),
-        required_capability: None,
-        priority: 5,
-        max_retries: 3,
-        deadline: None,
         created_by: "5".into(),
-        concurrency_key: None,
         changed_by: "droplet-5".into(),
+        task: task.settled(),
     }
 }
 
@@ -991,7 +985,7 @@ async fn creations_at_one_moment_share_one_commit_and_a_bad_one_fails_alone() {
     // Twenty more, one of which the database refuses (a NUL in its title): the other
     // nineteen are committed all the same, the bad one alone fails, nothing of it is left.
     let mut rows: Vec<_> = (0..20).map(|i| new_row(&format!("u{i}"))).collect();
-    rows[7].title = "bad\u{0}".into();
+    rows[7].task.title = "bad\u{0}".into();
     let bad_trace = rows[7].trace_id;
     let answers = orchestrator::services::tasks::insert_all(&app.state.tasks(), rows).await;
     for (i, a) in answers.iter().enumerate() {
