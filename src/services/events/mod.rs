@@ -258,6 +258,32 @@ pub async fn record(conn: &mut PgConnection, events: &[Event]) -> Result<(), sql
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn an_events_text_has_its_kind_subject_and_extra_fields_and_no_extra_replaces_them() {
+        let event = Event::task(
+            TaskEventKind::TaskRequeued,
+            Some("t-1".into()),
+            json!({"id": 7, "status": "pending"}),
+            Some(json!({"previous_status": "assigned", "event": "other", "task": null})),
+        );
+        let e: Value = serde_json::from_str(&event.envelope).expect("JSON text");
+        assert_eq!(event.feed, Feed::Tasks);
+        assert_eq!(e["message_type"], "event");
+        assert_eq!(e["trace_id"], "t-1");
+        assert_eq!(e["payload"]["event"], "task_requeued");
+        assert_eq!(e["payload"]["task"], json!({"id": 7, "status": "pending"}));
+        assert_eq!(e["payload"]["previous_status"], "assigned");
+        let droplet = Event::droplet(
+            DropletEventKind::DropletDrained,
+            json!({"droplet_id": 3}),
+            Some(json!({"droplet": 0})),
+        );
+        let d: Value = serde_json::from_str(&droplet.envelope).expect("JSON text");
+        assert_eq!(droplet.feed, Feed::Droplets);
+        assert_eq!(d["payload"]["droplet"], json!({"droplet_id": 3}));
+    }
 
     #[test]
     fn the_heartbeat_event_goes_to_the_droplets_feed() {
