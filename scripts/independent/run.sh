@@ -4,7 +4,9 @@
 # the five capabilities, those of two of them with contracts), routing paused; POST /tasks of the
 # mix with wrk, then heartbeats with wrk; then pgbench running the spec's SQL as one statement
 # (create.sql, heartbeat.sql) on the same database, 8 and 64 clients. Prints each figure and
-# the ratios. Needs wrk, pgbench, psql, curl, python3 and `cargo build --release`.
+# the ratios, and the CPU per request of the server and of its PostgreSQL backends (from
+# /proc: run it on the database's machine). Needs wrk, pgbench, psql, curl, python3 and
+# `cargo build --release`.
 #
 #   scripts/independent/run.sh            # 10 s per run, 64 connections, 2 wrk threads
 #   SECONDS_EACH=30 CONNECTIONS=64 scripts/independent/run.sh
@@ -77,10 +79,35 @@ with ThreadPoolExecutor(16) as pool:
 EOF
 curl -fs -X POST "$base/management/scheduler/jobs/task_router/pause" -H "Authorization: Bearer $admin" >/dev/null
 
+# CPU (utime+stime, clock ticks) of the server, and of the PostgreSQL backends serving this
+# run's database (shared background processes such as the WAL writer not counted).
+ticks() { awk '{print $14 + $15}' "/proc/$1/stat" 2>/dev/null || echo 0; }
+backend_ticks() {
+  local total=0 p
+  for p in /proc/[0-9]*; do
+    if tr '\0' ' ' <"$p/cmdline" 2>/dev/null | grep -q "postgres: .* ${db} "; then
+      total=$((total + $(ticks "${p#/proc/}")))
+    fi
+  done
+  echo "$total"
+}
+# Runs wrk with $1's script into /tmp/independent-$1.txt and prints the CPU per request.
+measured() { # what, token
+  local s0 b0 s1 b1
+  s0=$(ticks "$server"); b0=$(backend_ticks)
+  TOKEN="$2" wrk -t2 -c"$conns" -d"${secs}s" --latency -s "$here/$1.lua" "$base" | tee "/tmp/independent-$1.txt"
+  s1=$(ticks "$server"); b1=$(backend_ticks)
+  python3 -c "
+import os, re
+n = int(re.search(r'(\d+) requests in', open('/tmp/independent-$1.txt').read()).group(1))
+us = 1e6 / os.sysconf('SC_CLK_TCK') / max(n, 1)
+print(f'$1 CPU per request: server {($s1 - $s0) * us:.0f} us, PostgreSQL backends {($b1 - $b0) * us:.0f} us ({n} requests)')"
+}
 echo "== POST /tasks, the mix: wrk -t2 -c${conns} -d${secs}s (uptime: $(uptime | sed 's/.*load/load/'))"
-TOKEN="$writer" wrk -t2 -c"$conns" -d"${secs}s" --latency -s "$here/create-mix.lua" "$base" | tee /tmp/independent-create.txt
+measured create-mix "$writer"
+cp /tmp/independent-create-mix.txt /tmp/independent-create.txt
 echo "== heartbeats: wrk -t2 -c${conns} -d${secs}s"
-TOKEN="$admin" wrk -t2 -c"$conns" -d"${secs}s" --latency -s "$here/heartbeat.lua" "$base" | tee /tmp/independent-heartbeat.txt
+measured heartbeat "$admin"
 kill "$server"; wait "$server" 2>/dev/null || true; server=""
 
 # The spec's SQL alone: our status-count trigger is not part of it.

@@ -42,7 +42,7 @@ pub async fn finish_drains(
         .map(|d| {
             Event::droplet(
                 DropletEventKind::DropletDrained,
-                d.to_json(),
+                d,
                 Some(json!({ "reason": "drained: it holds no task assigned or in progress; it takes no new work until it registers again" })),
             )
         })

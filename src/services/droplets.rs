@@ -306,7 +306,7 @@ pub async fn register(
     };
     let event = Event::droplet(
         DropletEventKind::DropletRegistered,
-        row.droplet.to_json(),
+        &row.droplet,
         Some(json!({ "previous_status": row.previous_status, "new": row.was_new })),
     );
     events::record(&mut tx, &[event]).await?;
@@ -450,7 +450,7 @@ pub async fn set_admin_status(
     if row.previous_status != row.droplet.status {
         let event = Event::droplet(
             DropletEventKind::DropletHealthChanged,
-            row.droplet.to_json(),
+            &row.droplet,
             Some(json!({
                 "previous_status": row.previous_status,
                 "reason": if activate { format!("activated by {}", caller.actor_name()) } else { format!("deactivated by {}", caller.actor_name()) },

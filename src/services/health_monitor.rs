@@ -43,7 +43,6 @@ pub async fn run_once(state: &Changes) -> Result<HealthRound, sqlx::Error> {
     .await?;
     let mut evs = Vec::with_capacity(lost.len() * 2);
     for d in &lost {
-        let droplet = serde_json::to_value(d).unwrap_or_default();
         let silence = json!({
             "previous_status": "active",
             "heartbeat_timeout_seconds": config.heartbeat_timeout,
@@ -51,12 +50,12 @@ pub async fn run_once(state: &Changes) -> Result<HealthRound, sqlx::Error> {
         });
         evs.push(Event::droplet(
             DropletEventKind::DropletHeartbeatMissed,
-            droplet.clone(),
+            d,
             Some(silence.clone()),
         ));
         evs.push(Event::droplet(
             DropletEventKind::DropletHealthChanged,
-            droplet,
+            d,
             Some(silence),
         ));
     }

@@ -382,7 +382,7 @@ pub async fn apply(
         to_notify.push(Event::task(
             kind,
             Some(task.trace_id.to_string()),
-            serde_json::to_value(&task).unwrap_or(Value::Null),
+            &task,
             Some(extra),
         ));
         // The droplet is told when work is taken from it, not when it failed the task itself,

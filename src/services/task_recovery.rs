@@ -285,7 +285,7 @@ async fn count_and_mark(
         let reason = why(r.droplet.droplet_id);
         events.push(crate::services::events::Event::droplet(
             crate::services::events::DropletEventKind::DropletHealthChanged,
-            serde_json::to_value(&r.droplet).unwrap_or_default(),
+            &r.droplet,
             Some(serde_json::json!({
                 "previous_status": r.previous_status,
                 "reason": reason,

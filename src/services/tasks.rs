@@ -337,7 +337,7 @@ async fn insert_rows(
             Event::task(
                 TaskEventKind::TaskCreated,
                 Some(task.trace_id.to_string()),
-                serde_json::to_value(task).unwrap_or(Value::Null),
+                task,
                 None,
             )
         })

@@ -185,13 +185,13 @@ async fn create_over(client: &reqwest::Client, url: &str, token: &str, body: Val
 
 /// An envelope of a task event no app made, for rows written straight into the outbox.
 fn foreign_task_event(id: i64, title: &str) -> Value {
-    Event::task(
+    let event = Event::task(
         TaskEventKind::TaskCreated,
         None,
         json!({"id": id, "task_type": "verify", "title": title, "status": "pending"}),
         None,
-    )
-    .envelope
+    );
+    serde_json::from_str(&event.envelope).expect("an event's JSON")
 }
 
 async fn insert_outbox(conn: &mut sqlx::PgConnection, envelope: &Value) {

@@ -34,12 +34,14 @@ fn task_event(task_type: &str, status: &str, droplet: Option<i32>, size: usize) 
         "id": 1, "task_type": task_type, "status": status, "assigned_droplet_id": droplet,
         "payload": {"blob": "x".repeat(size)},
     });
-    Event::task(TaskEventKind::TaskCreated, None, task, None).envelope
+    let event = Event::task(TaskEventKind::TaskCreated, None, task, None);
+    serde_json::from_str(&event.envelope).expect("an event's JSON")
 }
 
 fn droplet_event(droplet: i32) -> Value {
     let droplet = json!({"id": droplet, "droplet_id": droplet, "status": "active"});
-    Event::droplet(DropletEventKind::DropletRegistered, droplet, None).envelope
+    let event = Event::droplet(DropletEventKind::DropletRegistered, droplet, None);
+    serde_json::from_str(&event.envelope).expect("an event's JSON")
 }
 
 /// Appends `n` copies of `envelope` to the log of `feed` (each with its own `event_id`, as
@@ -420,4 +422,55 @@ async fn ten_resumers_that_never_read_keep_the_servers_memory_bounded_and_are_dr
     assert_eq!(stats["clients_dropped_slow"], 10, "{stats}");
     assert!(dropped_after < Duration::from_secs(20), "{dropped_after:?}");
     drop(sockets);
+}
+
+/// The next text frame of `ws` as it came, byte for byte.
+async fn next_text(ws: &mut Ws) -> String {
+    loop {
+        match tokio::time::timeout(WAIT, ws.next()).await {
+            Ok(Some(Ok(Message::Text(t)))) => return t.as_str().to_string(),
+            Ok(Some(Ok(_))) => continue,
+            other => panic!("a text frame: {other:?}"),
+        }
+    }
+}
+
+/// The id of the event a frame carries.
+fn event_id(text: &str) -> i64 {
+    let e: Value = serde_json::from_str(text).expect("a JSON frame");
+    e["payload"]["event_id"].as_i64().expect("an event_id")
+}
+
+#[tokio::test]
+async fn a_resuming_client_gets_each_event_as_the_same_text_a_live_client_got() {
+    let app = TestApp::spawn().await;
+    let token = app.token(5, &["read"]);
+    let live = |feed: &'static str| {
+        let url = format!("ws://{}/ws/{feed}?token={token}", app.addr);
+        async move { connect_async(url).await.expect("live client connects").0 }
+    };
+    let mut tasks = live("tasks").await;
+    let mut droplets = live("droplets").await;
+    eventually(WAIT, "both live clients are registered", || async {
+        (stats(&app)["total_connections"] == 2).then_some(())
+    })
+    .await;
+
+    // A registration (read back by the reader for the contract directory too) and a creation.
+    app.register(7, &["verify"], &dead_endpoint()).await;
+    app.create_task(5, task_payload("one text per event id"))
+        .await;
+    let registered = next_text(&mut droplets).await;
+    let created = next_text(&mut tasks).await;
+
+    for (feed, live_text) in [("droplets", registered), ("tasks", created)] {
+        let id = event_id(&live_text);
+        let url = format!("ws://{}/ws/{feed}?token={token}&after={}", app.addr, id - 1);
+        let (mut resumed, _) = connect_async(url).await.expect("resuming client connects");
+        assert_eq!(
+            next_text(&mut resumed).await,
+            live_text,
+            "event {id} of {feed}: the replay's text is the live text"
+        );
+    }
 }

@@ -130,7 +130,7 @@ async fn reachable_again(state: &Courier, id: i32) -> Result<(), sqlx::Error> {
     let reason = "answered a probe: reachable again, takes work";
     let event = Event::droplet(
         DropletEventKind::DropletHealthChanged,
-        serde_json::to_value(&row.droplet).unwrap_or_default(),
+        &row.droplet,
         Some(json!({ "previous_status": row.previous_status, "reason": reason })),
     );
     events::record(&mut tx, &[event]).await?;

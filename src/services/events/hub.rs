@@ -25,7 +25,7 @@ pub struct ClientFilter {
     pub droplet_id: Option<i32>,
 }
 
-/// The fields filters look at, read once per event.
+/// The fields filters look at, read once per event (by the reader's query for the log's events).
 #[derive(Debug, Clone, Default)]
 pub struct EventMeta {
     pub task_type: Option<String>,
@@ -321,15 +321,13 @@ impl EventHub {
         }
     }
 
-    /// Publishes one event of the log (the reader's path).
-    pub fn publish_event(&self, feed: Feed, event_id: i64, envelope: &Value) {
-        let meta = EventMeta::of(feed, envelope);
-        self.publish(feed, event_id, Bytes::from(envelope.to_string()), &meta);
-    }
-
-    /// Publishes an event that is not in the log (tests).
-    pub fn publish_envelope(&self, feed: Feed, envelope: &Value) {
-        self.publish_event(feed, 0, envelope);
+    /// Publishes an event that is not in the log, given as its envelope's JSON text (tests):
+    /// sent as it is, its filter fields read from it.
+    pub fn publish_envelope(&self, feed: Feed, envelope: &str) {
+        let meta = serde_json::from_str::<Value>(envelope)
+            .map(|e| EventMeta::of(feed, &e))
+            .unwrap_or_default();
+        self.publish(feed, 0, Bytes::copy_from_slice(envelope.as_bytes()), &meta);
     }
 
     /// The `websocket_ping` job: pings every client and drops those that have not answered

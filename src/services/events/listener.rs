@@ -8,7 +8,7 @@
 
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
+use bytes::Bytes;
 use sqlx::postgres::PgListener;
 use tokio_util::sync::CancellationToken;
 
@@ -16,7 +16,7 @@ use std::sync::Arc;
 
 use sqlx::PgPool;
 
-use super::hub::EventHub;
+use super::hub::{EventHub, EventMeta};
 use super::{DropletEventKind, Feed, EVENTS_CHANNEL};
 use crate::services::contract_directory::{ContractDirectory, Listed};
 use crate::services::contracts::Contracts;
@@ -151,18 +151,38 @@ pub async fn run_listener(state: Reader, stop: CancellationToken) {
 
 /// Publishes the events after `last` to the local hub; the newest id read and whether the
 /// read was a full batch (more may follow at once), or None when there was nothing new.
+///
+/// The reader forwards each envelope without parsing it: PostgreSQL renders it as text (the
+/// same `envelope::text` a resuming client's replay sends, so a client sees one text per
+/// event id on either path) and reads, in the same statement, the fields the clients' filters
+/// look at (`EventMeta`, as `EventMeta::of` reads them from a parsed envelope) and, for a
+/// `droplet_registered` event only, the droplet for the contract directory.
 async fn read_after(state: &Reader, last: i64) -> Result<Option<(i64, bool)>, sqlx::Error> {
-    let rows: Vec<(i64, String, Value)> = sqlx::query!(
-        "SELECT event_id, feed, envelope FROM events WHERE event_id > $1 ORDER BY event_id LIMIT $2",
+    let rows = sqlx::query!(
+        r#"WITH e AS MATERIALIZED (
+             SELECT event_id, feed, envelope,
+                    CASE feed WHEN 'tasks' THEN envelope #> '{payload,task}'
+                              ELSE envelope #> '{payload,droplet}' END AS subject,
+                    CASE feed WHEN 'tasks' THEN envelope #> '{payload,task,assigned_droplet_id}'
+                              ELSE envelope #> '{payload,droplet,droplet_id}' END AS droplet
+             FROM events WHERE event_id > $1 ORDER BY event_id LIMIT $2
+           )
+           SELECT event_id AS "event_id!", feed AS "feed!", envelope::text AS "text!",
+                  CASE WHEN feed = 'tasks' AND jsonb_typeof(subject -> 'task_type') = 'string'
+                       THEN subject ->> 'task_type' END AS task_type,
+                  CASE WHEN jsonb_typeof(subject -> 'status') = 'string'
+                       THEN subject ->> 'status' END AS status,
+                  CASE WHEN jsonb_typeof(droplet) = 'number' THEN droplet::text END AS droplet_id,
+                  CASE WHEN feed = 'droplets' AND envelope #>> '{payload,event}' = $3
+                       THEN subject END AS registered
+           FROM e ORDER BY event_id"#,
         last,
-        BATCH
+        BATCH,
+        DropletEventKind::DropletRegistered.as_str(),
     )
     .fetch_all(&state.db)
-    .await?
-    .into_iter()
-    .map(|r| (r.event_id, r.feed, r.envelope))
-    .collect();
-    let Some(newest) = rows.last().map(|r| r.0) else {
+    .await?;
+    let Some(newest) = rows.last().map(|r| r.event_id) else {
         return Ok(None);
     };
     let full = rows.len() as i64 >= BATCH;
@@ -170,27 +190,28 @@ async fn read_after(state: &Reader, last: i64) -> Result<Option<(i64, bool)>, sq
         .events
         .set_listener(|l| l.last_event_at = Some(crate::protocol::now_iso()));
     let mut registered = Vec::new();
-    for (id, feed, envelope) in rows {
-        if let Some(feed) = Feed::parse(&feed) {
-            if let Some(droplet) = registered_droplet(feed, &envelope) {
-                registered.push(droplet);
-            }
-            state.events.publish_event(feed, id, &envelope);
+    for row in rows {
+        let Some(feed) = Feed::parse(&row.feed) else {
+            continue;
+        };
+        if let Some(droplet) = row.registered.as_ref().and_then(Listed::from_event) {
+            registered.push(droplet);
         }
+        let meta = EventMeta {
+            task_type: row.task_type,
+            status: row.status,
+            // As `as_i64` reads a JSON number: an integer, or nothing.
+            droplet_id: row
+                .droplet_id
+                .and_then(|d| d.parse::<i64>().ok())
+                .map(|d| d as i32),
+        };
+        state
+            .events
+            .publish(feed, row.event_id, Bytes::from(row.text), &meta);
     }
     ContractDirectory::apply_off_workers(&state.directory, registered, &state.contracts).await;
     Ok(Some((newest, full)))
-}
-
-/// The droplet a `droplet_registered` event shows (its capabilities and contracts).
-fn registered_droplet(feed: Feed, envelope: &Value) -> Option<Listed> {
-    let payload = &envelope["payload"];
-    if feed != Feed::Droplets
-        || payload["event"].as_str() != Some(DropletEventKind::DropletRegistered.as_str())
-    {
-        return None;
-    }
-    Listed::from_event(&payload["droplet"])
 }
 
 /// The reader lost the log: until it reads it again, the contract directory may miss a

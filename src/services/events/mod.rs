@@ -13,7 +13,7 @@ pub use listener::{newest_event_id, run_listener};
 pub use relay::{run_relay, EVENTS_CHANNEL};
 
 use serde::Serialize;
-use serde_json::{json, Value};
+use serde_json::Value;
 use sqlx::PgConnection;
 
 use crate::protocol::{Envelope, ORCHESTRATOR_SOURCE};
@@ -95,51 +95,99 @@ impl DropletEventKind {
     }
 }
 
-/// One event, ready to be sent: its feed, its envelope, and what filters look at.
+/// One event, ready to be written: its feed and its envelope as JSON text, serialised once by
+/// serde from the typed parts (the task or droplet row borrowed, not copied into a `Value`).
 #[derive(Debug, Clone)]
 pub struct Event {
     pub feed: Feed,
-    pub envelope: Value,
+    pub envelope: String,
 }
 
 impl Event {
-    /// `payload: {"event": kind, "task": {...}, ...extra}` in an event envelope.
+    /// `payload: {"event": kind, "task": {...}, ...extra}` in an event envelope; `task` is
+    /// anything that serialises as the task (`&Task` on the service's paths).
     pub fn task(
         kind: TaskEventKind,
         trace_id: Option<String>,
-        task: Value,
+        task: impl Serialize,
         extra: Option<Value>,
     ) -> Event {
-        let mut payload = json!({ "event": kind.as_str(), "task": task });
-        merge(&mut payload, extra);
         Event {
             feed: Feed::Tasks,
-            envelope: event_envelope(trace_id, payload),
+            envelope: outbox_text(trace_id, Payload::new(kind.as_str(), "task", task, extra)),
         }
     }
 
     /// `payload: {"event": kind, "droplet": {...}, ...extra}` in an event envelope.
-    pub fn droplet(kind: DropletEventKind, droplet: Value, extra: Option<Value>) -> Event {
-        let mut payload = json!({ "event": kind.as_str(), "droplet": droplet });
-        merge(&mut payload, extra);
+    pub fn droplet(kind: DropletEventKind, droplet: impl Serialize, extra: Option<Value>) -> Event {
         Event {
             feed: Feed::Droplets,
-            envelope: event_envelope(None, payload),
+            envelope: outbox_text(None, Payload::new(kind.as_str(), "droplet", droplet, extra)),
         }
     }
 }
 
-fn merge(payload: &mut Value, extra: Option<Value>) {
-    if let (Some(obj), Some(Value::Object(extra))) = (payload.as_object_mut(), extra) {
-        for (k, v) in extra {
-            obj.entry(k).or_insert(v);
+/// An event's payload: its kind, its subject under `key` (`task` or `droplet`), then the
+/// extra fields of an object `extra`, none of which replaces the kind or the subject.
+struct Payload<S> {
+    event: &'static str,
+    key: &'static str,
+    subject: S,
+    extra: Option<Value>,
+}
+
+impl<S: Serialize> Payload<S> {
+    fn new(event: &'static str, key: &'static str, subject: S, extra: Option<Value>) -> Self {
+        Payload {
+            event,
+            key,
+            subject,
+            extra,
         }
     }
 }
 
-/// An event's envelope as the outbox keeps it: without `source`, which the relay sets to this
-/// orchestrator's configured `DROPLET_ID` as it publishes the event (writers of events, the
-/// state machine and SQL among them, need not know it).
+impl<S: Serialize> Serialize for Payload<S> {
+    fn serialize<Z: serde::Serializer>(&self, serializer: Z) -> Result<Z::Ok, Z::Error> {
+        use serde::ser::SerializeMap;
+        let extra = match &self.extra {
+            Some(Value::Object(extra)) => Some(extra),
+            _ => None,
+        };
+        let mut map = serializer.serialize_map(None)?;
+        map.serialize_entry("event", self.event)?;
+        map.serialize_entry(self.key, &self.subject)?;
+        for (k, v) in extra.into_iter().flatten() {
+            if k != "event" && k != self.key {
+                map.serialize_entry(k, v)?;
+            }
+        }
+        map.end()
+    }
+}
+
+/// The outbox's text of an event envelope: `source` is null there, and the relay sets it to
+/// this orchestrator's configured `DROPLET_ID` as it publishes the event (writers of events,
+/// the state machine and SQL among them, need not know it). A subject serde cannot write (a
+/// map with keys that are not strings: none of ours) is written as null, as `to_value` did.
+fn outbox_text<S: Serialize>(trace_id: Option<String>, payload: Payload<S>) -> String {
+    let envelope = Envelope::new("event", Value::Null, Value::Null, payload).trace(trace_id);
+    serde_json::to_string(&envelope).unwrap_or_else(|e| {
+        tracing::error!(error = %e, event = envelope.payload.event, "an event's subject could not be serialised");
+        let payload = Payload::new(
+            envelope.payload.event,
+            envelope.payload.key,
+            Value::Null,
+            None,
+        );
+        let envelope = Envelope::new("event", Value::Null, Value::Null, payload)
+            .trace(Some(envelope.trace_id.clone()));
+        serde_json::to_string(&envelope).unwrap_or_default()
+    })
+}
+
+/// An event envelope as a `Value`, without `source` (the `resync_required` frame, which is
+/// no event of the log).
 fn event_envelope(trace_id: Option<String>, payload: Value) -> Value {
     let mut envelope = Envelope::new("event", ORCHESTRATOR_SOURCE, Value::Null, payload)
         .trace(trace_id)
@@ -193,12 +241,13 @@ pub async fn record(conn: &mut PgConnection, events: &[Event]) -> Result<(), sql
         return Ok(());
     }
     let feeds: Vec<&str> = events.iter().map(|e| e.feed.as_str()).collect();
-    let envelopes: Vec<&Value> = events.iter().map(|e| &e.envelope).collect();
+    let envelopes: Vec<&str> = events.iter().map(|e| e.envelope.as_str()).collect();
+    // The envelopes go as text and PostgreSQL parses each once into jsonb.
     sqlx::query!(
         "INSERT INTO event_outbox (feed, envelope)
-         SELECT f, e FROM unnest($1::text[], $2::jsonb[]) WITH ORDINALITY AS x(f, e, n) ORDER BY n",
+         SELECT f, e::jsonb FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS x(f, e, n) ORDER BY n",
         &feeds as &[&str],
-        &envelopes as &[&Value],
+        &envelopes as &[&str],
     )
     .execute(conn)
     .await?;
@@ -209,6 +258,32 @@ pub async fn record(conn: &mut PgConnection, events: &[Event]) -> Result<(), sql
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn an_events_text_has_its_kind_subject_and_extra_fields_and_no_extra_replaces_them() {
+        let event = Event::task(
+            TaskEventKind::TaskRequeued,
+            Some("t-1".into()),
+            json!({"id": 7, "status": "pending"}),
+            Some(json!({"previous_status": "assigned", "event": "other", "task": null})),
+        );
+        let e: Value = serde_json::from_str(&event.envelope).expect("JSON text");
+        assert_eq!(event.feed, Feed::Tasks);
+        assert_eq!(e["message_type"], "event");
+        assert_eq!(e["trace_id"], "t-1");
+        assert_eq!(e["payload"]["event"], "task_requeued");
+        assert_eq!(e["payload"]["task"], json!({"id": 7, "status": "pending"}));
+        assert_eq!(e["payload"]["previous_status"], "assigned");
+        let droplet = Event::droplet(
+            DropletEventKind::DropletDrained,
+            json!({"droplet_id": 3}),
+            Some(json!({"droplet": 0})),
+        );
+        let d: Value = serde_json::from_str(&droplet.envelope).expect("JSON text");
+        assert_eq!(droplet.feed, Feed::Droplets);
+        assert_eq!(d["payload"]["droplet"], json!({"droplet_id": 3}));
+    }
 
     #[test]
     fn the_heartbeat_event_goes_to_the_droplets_feed() {
