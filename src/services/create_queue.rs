@@ -8,8 +8,8 @@ use crate::services::new_task::NewTask;
 use crate::services::shared_commit::SharedCommit;
 use crate::services::task_store::Task;
 
-/// A task to insert, as `POST /tasks` (or `/message`'s `create_task`) gave it: the shared
-/// insert takes the rows as one JSON array, each row's fields by their column's name.
+/// A task to insert, as `POST /tasks` (or `/message`'s `create_task`) gave it, with what the
+/// creation adds (its trace id, its creator, the first history row's `changed_by`).
 #[derive(Debug, Clone, Serialize)]
 pub struct NewRow {
     pub trace_id: Uuid,

@@ -10,9 +10,8 @@ use crate::validation::{length, range, FieldError, Validate};
 
 /// The payload of `POST /tasks` (and of `/message`'s `create_task`).
 ///
-/// Each field is named as its column of `tasks`: the shared creation insert reads the
-/// settled task ([`NewTask::settled`]) by those names, so a field added here (with its
-/// column) is stored with no other change to the insert than its column list.
+/// Each field is named as its column of `tasks`; the shared creation insert
+/// (`tasks::insert_rows`) takes the settled task ([`NewTask::settled`]) one array per column.
 #[derive(Debug, Clone, Deserialize, Serialize, utoipa::ToSchema)]
 pub struct NewTask {
     pub task_type: String,
