@@ -1,7 +1,6 @@
 //! What concurrent creations share a transaction with (`shared_commit`): the row a creation
 //! waits with, and its answer (`tasks::insert`).
 
-use serde::Serialize;
 use uuid::Uuid;
 
 use crate::services::new_task::NewTask;
@@ -10,14 +9,13 @@ use crate::services::task_store::Task;
 
 /// A task to insert, as `POST /tasks` (or `/message`'s `create_task`) gave it, with what the
 /// creation adds (its trace id, its creator, the first history row's `changed_by`).
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone)]
 pub struct NewRow {
     pub trace_id: Uuid,
     pub created_by: String,
     /// `changed_by` of the first history row.
     pub changed_by: String,
     /// The creator's task, checked and [settled](NewTask::settled).
-    #[serde(flatten)]
     pub task: NewTask,
 }
 

@@ -1,18 +1,23 @@
 //! The task a creator gives (`POST /tasks`, `/message`'s `create_task`): its rules, and the
 //! defaults it is stored with.
 
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use serde_json::Value;
 
 use crate::protocol;
 use crate::services::fair_share;
 use crate::validation::{length, range, FieldError, Validate};
 
+/// A task's priority when its creator gives none (the spec's default).
+pub const DEFAULT_PRIORITY: i64 = 5;
+/// A task's retries when its creator gives none (the spec's default).
+pub const DEFAULT_MAX_RETRIES: i64 = 3;
+
 /// The payload of `POST /tasks` (and of `/message`'s `create_task`).
 ///
 /// Each field is named as its column of `tasks`; the shared creation insert
 /// (`tasks::insert_rows`) takes the settled task ([`NewTask::settled`]) one array per column.
-#[derive(Debug, Clone, Deserialize, Serialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
 pub struct NewTask {
     pub task_type: String,
     pub title: String,
@@ -82,8 +87,8 @@ impl NewTask {
     /// payload an object (`{}` for none or null), the deadline in UTC written to the
     /// microsecond as PostgreSQL reads a `timestamp`, and no empty capability.
     pub fn settled(mut self) -> NewTask {
-        self.priority = Some(self.priority.unwrap_or(5));
-        self.max_retries = Some(self.max_retries.unwrap_or(3));
+        self.priority = Some(self.priority.unwrap_or(DEFAULT_PRIORITY));
+        self.max_retries = Some(self.max_retries.unwrap_or(DEFAULT_MAX_RETRIES));
         self.payload = Some(match self.payload {
             Some(Value::Object(m)) => Value::Object(m),
             _ => Value::Object(Default::default()),
@@ -110,7 +115,7 @@ mod tests {
         serde_json::from_value(v).expect("a task")
     }
 
-    /// What the insert reads: the defaults, an object payload, no empty capability, and the
+    /// What the insert binds: the defaults, an object payload, no empty capability, and the
     /// deadline in UTC to the microsecond (cut, as a bound `NaiveDateTime` was).
     #[test]
     fn a_settled_task_is_written_as_it_is_stored() {

@@ -16,6 +16,7 @@ use crate::services::create_queue::{NewRow, Stored};
 use crate::services::error::{Error, Result};
 use crate::services::events::{self, Event, TaskEventKind};
 pub use crate::services::new_task::NewTask;
+use crate::services::new_task::{DEFAULT_MAX_RETRIES, DEFAULT_PRIORITY};
 use crate::services::shared_commit;
 use crate::services::state_machine::{Actor, Mode, Move, Status};
 use crate::services::task_parts::Tasks;
@@ -309,8 +310,8 @@ async fn insert_rows(
         &rows.iter().map(|r| r.task.description.as_deref()).collect::<Vec<_>>() as _,
         &rows.iter().map(|r| r.task.payload.as_ref()).collect::<Vec<_>>() as _,
         &rows.iter().map(|r| r.task.required_capability.as_deref()).collect::<Vec<_>>() as _,
-        &rows.iter().map(|r| r.task.priority.unwrap_or(5) as i32).collect::<Vec<_>>(),
-        &rows.iter().map(|r| r.task.max_retries.unwrap_or(3) as i32).collect::<Vec<_>>(),
+        &rows.iter().map(|r| r.task.priority.unwrap_or(DEFAULT_PRIORITY) as i32).collect::<Vec<_>>(),
+        &rows.iter().map(|r| r.task.max_retries.unwrap_or(DEFAULT_MAX_RETRIES) as i32).collect::<Vec<_>>(),
         &rows.iter().map(|r| r.task.deadline.as_deref()).collect::<Vec<_>>() as _,
         &rows.iter().map(|r| r.created_by.as_str()).collect::<Vec<_>>() as _,
         &rows.iter().map(|r| r.changed_by.as_str()).collect::<Vec<_>>() as _,
