@@ -29,33 +29,36 @@ const RSS_BOUND_MIB: u64 = 64;
 
 /// A `task_created` event whose task is of this type and status, assigned to `droplet`,
 /// with a payload of `size` bytes.
-fn task_event(task_type: &str, status: &str, droplet: Option<i32>, size: usize) -> Value {
+fn task_event(task_type: &str, status: &str, droplet: Option<i32>, size: usize) -> Event {
     let task = json!({
         "id": 1, "task_type": task_type, "status": status, "assigned_droplet_id": droplet,
         "payload": {"blob": "x".repeat(size)},
     });
-    let event = Event::task(TaskEventKind::TaskCreated, None, task, None);
-    serde_json::from_str(&event.envelope).expect("an event's JSON")
+    Event::task(TaskEventKind::TaskCreated, None, task, None)
 }
 
-fn droplet_event(droplet: i32) -> Value {
+fn droplet_event(droplet: i32) -> Event {
     let droplet = json!({"id": droplet, "droplet_id": droplet, "status": "active"});
-    let event = Event::droplet(DropletEventKind::DropletRegistered, droplet, None);
-    serde_json::from_str(&event.envelope).expect("an event's JSON")
+    Event::droplet(DropletEventKind::DropletRegistered, droplet, None)
 }
 
-/// Appends `n` copies of `envelope` to the log of `feed` (each with its own `event_id`, as
-/// the relay writes them); returns their ids.
-async fn append(db: &PgPool, feed: &str, envelope: &Value, n: i64) -> Vec<i64> {
+/// Appends `n` copies of `event` to the log of its feed, each with its own `event_id` and
+/// with what the filters look at beside it, as the relay writes them; returns their ids.
+async fn append(db: &PgPool, event: &Event, n: i64) -> Vec<i64> {
     sqlx::query_scalar(
-        "INSERT INTO events (event_id, feed, envelope)
-         SELECT id, $2, jsonb_set($1::jsonb, '{payload,event_id}', to_jsonb(id))
+        "INSERT INTO events (event_id, feed, kind, task_type, status, droplet_id, envelope)
+         SELECT id, $2, $4, $5, $6, $7,
+                jsonb_set($1::jsonb, '{payload,event_id}', to_jsonb(id))::json
          FROM (SELECT nextval('event_ids') AS id FROM generate_series(1, $3::bigint)) s
          RETURNING event_id",
     )
-    .bind(envelope)
-    .bind(feed)
+    .bind(&event.envelope)
+    .bind(event.feed.as_str())
     .bind(n)
+    .bind(event.kind)
+    .bind(event.meta.task_type.as_deref())
+    .bind(event.meta.status.as_deref())
+    .bind(event.meta.droplet_id)
     .fetch_all(db)
     .await
     .expect("events appended")
@@ -65,13 +68,7 @@ async fn append(db: &PgPool, feed: &str, envelope: &Value, n: i64) -> Vec<i64> {
 /// reach the clients that connect next only by their replay.
 async fn big_log(app: &TestApp, n: i64) {
     let published = stats(app)["events_published"].as_u64().unwrap_or(0);
-    append(
-        &app.db,
-        "tasks",
-        &task_event("verify", "pending", None, BIG),
-        n,
-    )
-    .await;
+    append(&app.db, &task_event("verify", "pending", None, BIG), n).await;
     eventually(
         WAIT,
         "the reader has passed the appended events",
@@ -123,25 +120,12 @@ async fn gone(app: &TestApp, what: &str) {
 async fn the_database_applies_the_clients_filter_and_bounds_each_page() {
     let app = TestApp::spawn().await;
     let db = &app.db;
-    let mut verify_pending =
-        append(db, "tasks", &task_event("verify", "pending", None, 10), 3).await;
-    let report_7 = append(
-        db,
-        "tasks",
-        &task_event("report", "assigned", Some(7), 10),
-        3,
-    )
-    .await;
-    let verify_done_7 = append(
-        db,
-        "tasks",
-        &task_event("verify", "completed", Some(7), 10),
-        3,
-    )
-    .await;
-    verify_pending.extend(append(db, "tasks", &task_event("verify", "pending", None, 10), 2).await);
-    let droplet_7 = append(db, "droplets", &droplet_event(7), 2).await;
-    let droplet_8 = append(db, "droplets", &droplet_event(8), 2).await;
+    let mut verify_pending = append(db, &task_event("verify", "pending", None, 10), 3).await;
+    let report_7 = append(db, &task_event("report", "assigned", Some(7), 10), 3).await;
+    let verify_done_7 = append(db, &task_event("verify", "completed", Some(7), 10), 3).await;
+    verify_pending.extend(append(db, &task_event("verify", "pending", None, 10), 2).await);
+    let droplet_7 = append(db, &droplet_event(7), 2).await;
+    let droplet_8 = append(db, &droplet_event(8), 2).await;
     let all = PageLimit {
         events: 1000,
         bytes: 1 << 30,
@@ -212,7 +196,7 @@ async fn the_database_applies_the_clients_filter_and_bounds_each_page() {
     );
 
     // Pages: at most `events`, and past the first no more than `bytes` of envelope text.
-    let big = append(db, "tasks", &task_event("big", "pending", None, BIG), 5).await;
+    let big = append(db, &task_event("big", "pending", None, BIG), 5).await;
     let only_big = || filter(Some("big"), None, None);
     let by_bytes = PageLimit {
         events: 100,
@@ -338,13 +322,7 @@ async fn ten_resumers_that_never_read_keep_the_servers_memory_bounded_and_are_dr
             .expect("pool");
         // Written before the server starts: its reader begins after them, so only the
         // replays send them.
-        append(
-            &pool,
-            "tasks",
-            &task_event("verify", "pending", None, BIG),
-            250,
-        )
-        .await;
+        append(&pool, &task_event("verify", "pending", None, BIG), 250).await;
         pool.close().await;
     }
     let port = std::net::TcpListener::bind("127.0.0.1:0")
@@ -465,6 +443,12 @@ async fn a_resuming_client_gets_each_event_as_the_same_text_a_live_client_got() 
 
     for (feed, live_text) in [("droplets", registered), ("tasks", created)] {
         let id = event_id(&live_text);
+        // The relay wrote the source and the event id before the writer's text, untouched.
+        let head = format!(",\"payload\":{{\"event_id\":{id},\"event\":\"");
+        assert!(
+            live_text.starts_with("{\"source\":") && live_text.contains(&head),
+            "{live_text}"
+        );
         let url = format!("ws://{}/ws/{feed}?token={token}&after={}", app.addr, id - 1);
         let (mut resumed, _) = connect_async(url).await.expect("resuming client connects");
         assert_eq!(

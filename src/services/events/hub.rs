@@ -35,19 +35,29 @@ pub struct EventMeta {
 
 impl EventMeta {
     pub fn of(feed: Feed, envelope: &Value) -> EventMeta {
-        let payload = &envelope["payload"];
+        let subject = match feed {
+            Feed::Tasks => &envelope["payload"]["task"],
+            Feed::Droplets => &envelope["payload"]["droplet"],
+        };
+        EventMeta::of_subject(feed, subject)
+    }
+
+    /// The same, from the subject alone (`payload.task` or `payload.droplet`).
+    pub fn of_subject(feed: Feed, subject: &Value) -> EventMeta {
         match feed {
             Feed::Tasks => EventMeta {
-                task_type: payload["task"]["task_type"].as_str().map(str::to_string),
-                status: payload["task"]["status"].as_str().map(str::to_string),
-                droplet_id: payload["task"]["assigned_droplet_id"]
+                task_type: subject["task_type"].as_str().map(str::to_string),
+                status: subject["status"].as_str().map(str::to_string),
+                droplet_id: subject["assigned_droplet_id"]
                     .as_i64()
-                    .map(|d| d as i32),
+                    .and_then(|d| i32::try_from(d).ok()),
             },
             Feed::Droplets => EventMeta {
                 task_type: None,
-                status: payload["droplet"]["status"].as_str().map(str::to_string),
-                droplet_id: payload["droplet"]["droplet_id"].as_i64().map(|d| d as i32),
+                status: subject["status"].as_str().map(str::to_string),
+                droplet_id: subject["droplet_id"]
+                    .as_i64()
+                    .and_then(|d| i32::try_from(d).ok()),
             },
         }
     }

@@ -152,33 +152,18 @@ pub async fn run_listener(state: Reader, stop: CancellationToken) {
 /// Publishes the events after `last` to the local hub; the newest id read and whether the
 /// read was a full batch (more may follow at once), or None when there was nothing new.
 ///
-/// The reader forwards each envelope without parsing it: PostgreSQL renders it as text (the
-/// same `envelope::text` a resuming client's replay sends, so a client sees one text per
-/// event id on either path) and reads, in the same statement, the fields the clients' filters
-/// look at (`EventMeta`, as `EventMeta::of` reads them from a parsed envelope) and, for a
-/// `droplet_registered` event only, the droplet for the contract directory.
+/// The reader forwards each envelope without parsing it: PostgreSQL keeps it as the text the
+/// relay wrote (`json`), the same text a resuming client's replay sends, so a client sees one
+/// text per event id on either path. The fields the clients' filters look at (`EventMeta`)
+/// were written beside it; only a `droplet_registered` event is parsed, for the contract
+/// directory.
 async fn read_after(state: &Reader, last: i64) -> Result<Option<(i64, bool)>, sqlx::Error> {
     let rows = sqlx::query!(
-        r#"WITH e AS MATERIALIZED (
-             SELECT event_id, feed, envelope,
-                    CASE feed WHEN 'tasks' THEN envelope #> '{payload,task}'
-                              ELSE envelope #> '{payload,droplet}' END AS subject,
-                    CASE feed WHEN 'tasks' THEN envelope #> '{payload,task,assigned_droplet_id}'
-                              ELSE envelope #> '{payload,droplet,droplet_id}' END AS droplet
-             FROM events WHERE event_id > $1 ORDER BY event_id LIMIT $2
-           )
-           SELECT event_id AS "event_id!", feed AS "feed!", envelope::text AS "text!",
-                  CASE WHEN feed = 'tasks' AND jsonb_typeof(subject -> 'task_type') = 'string'
-                       THEN subject ->> 'task_type' END AS task_type,
-                  CASE WHEN jsonb_typeof(subject -> 'status') = 'string'
-                       THEN subject ->> 'status' END AS status,
-                  CASE WHEN jsonb_typeof(droplet) = 'number' THEN droplet::text END AS droplet_id,
-                  CASE WHEN feed = 'droplets' AND envelope #>> '{payload,event}' = $3
-                       THEN subject END AS registered
-           FROM e ORDER BY event_id"#,
+        r#"SELECT event_id AS "event_id!", feed AS "feed!", envelope::text AS "text!",
+                  kind, task_type, status, droplet_id
+           FROM events WHERE event_id > $1 ORDER BY event_id LIMIT $2"#,
         last,
         BATCH,
-        DropletEventKind::DropletRegistered.as_str(),
     )
     .fetch_all(&state.db)
     .await?;
@@ -194,17 +179,21 @@ async fn read_after(state: &Reader, last: i64) -> Result<Option<(i64, bool)>, sq
         let Some(feed) = Feed::parse(&row.feed) else {
             continue;
         };
-        if let Some(droplet) = row.registered.as_ref().and_then(Listed::from_event) {
-            registered.push(droplet);
+        if feed == Feed::Droplets
+            && row.kind.as_deref() == Some(DropletEventKind::DropletRegistered.as_str())
+        {
+            let envelope = serde_json::from_str::<serde_json::Value>(&row.text);
+            if let Some(droplet) = envelope
+                .ok()
+                .and_then(|e| Listed::from_event(&e["payload"]["droplet"]))
+            {
+                registered.push(droplet);
+            }
         }
         let meta = EventMeta {
             task_type: row.task_type,
             status: row.status,
-            // As `as_i64` reads a JSON number: an integer, or nothing.
-            droplet_id: row
-                .droplet_id
-                .and_then(|d| d.parse::<i64>().ok())
-                .map(|d| d as i32),
+            droplet_id: row.droplet_id,
         };
         state
             .events

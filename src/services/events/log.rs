@@ -74,34 +74,30 @@ pub async fn page_after(
     limit: PageLimit,
 ) -> Result<Vec<(i64, String)>, sqlx::Error> {
     // Task and status filters look at the task, and apply to the tasks feed only; the droplet
-    // filter looks at the task's assignee or at the droplet itself.
-    let (task_type, status, droplet_path) = match feed {
-        Feed::Tasks => (
-            filter.task_type.as_deref(),
-            filter.status.as_deref(),
-            ["payload", "task", "assigned_droplet_id"],
-        ),
-        Feed::Droplets => (None, None, ["payload", "droplet", "droplet_id"]),
+    // filter looks at the task's assignee or at the droplet itself (the columns the writer
+    // filled beside the envelope, `events::EventMeta`).
+    let (task_type, status) = match feed {
+        Feed::Tasks => (filter.task_type.as_deref(), filter.status.as_deref()),
+        Feed::Droplets => (None, None),
     };
     let rows = sqlx::query!(
         r#"SELECT event_id AS "event_id!", envelope::text AS "envelope!" FROM (
              SELECT event_id, envelope, size, SUM(size) OVER (ORDER BY event_id) AS through
              FROM events
              WHERE feed = $1 AND event_id > $2
-               AND ($3::text IS NULL OR envelope #> '{payload,task,task_type}' = to_jsonb($3::text))
-               AND ($4::text IS NULL OR envelope #> '{payload,task,status}' = to_jsonb($4::text))
-               AND ($5::int IS NULL OR envelope #> $6::text[] = to_jsonb($5::int))
+               AND ($3::text IS NULL OR task_type = $3)
+               AND ($4::text IS NULL OR status = $4)
+               AND ($5::int IS NULL OR droplet_id = $5)
              ORDER BY event_id
-             LIMIT $7
+             LIMIT $6
          ) page
-         WHERE through - size < $8
+         WHERE through - size < $7
          ORDER BY event_id"#,
         feed.as_str(),
         after,
         task_type,
         status,
         filter.droplet_id,
-        &droplet_path[..] as &[&str],
         limit.events,
         limit.bytes,
     )

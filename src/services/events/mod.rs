@@ -8,7 +8,7 @@ mod listener;
 pub mod log;
 mod relay;
 
-pub use hub::{ClientFilter, ClientId, ClientRegistration, EventHub, Outbound, WsStats};
+pub use hub::{ClientFilter, ClientId, ClientRegistration, EventHub, EventMeta, Outbound, WsStats};
 pub use listener::{newest_event_id, run_listener};
 pub use relay::{run_relay, EVENTS_CHANNEL};
 
@@ -95,40 +95,89 @@ impl DropletEventKind {
     }
 }
 
-/// One event, ready to be written: its feed and its envelope as JSON text, serialised once by
-/// serde from the typed parts (the task or droplet row borrowed, not copied into a `Value`).
+/// One event, ready to be written: its feed, its kind, what the clients' filters look at, and
+/// its envelope as JSON text, serialised once by serde from the typed parts (the task or
+/// droplet row borrowed, not copied into a `Value`). PostgreSQL keeps the text as it is
+/// (`json`) and sends it to every client as it is.
 #[derive(Debug, Clone)]
 pub struct Event {
     pub feed: Feed,
+    pub kind: &'static str,
+    pub meta: EventMeta,
     pub envelope: String,
+}
+
+/// What an event's subject shows the clients' filters: its task type and status, and the
+/// droplet it concerns (a task's assignee, or the droplet itself), written beside the
+/// envelope so that neither the reader nor a replay looks inside it.
+pub trait Subject: Serialize {
+    fn meta(&self, feed: Feed) -> EventMeta;
+}
+
+impl<T: Subject + ?Sized> Subject for &T {
+    fn meta(&self, feed: Feed) -> EventMeta {
+        (**self).meta(feed)
+    }
+}
+
+impl Subject for crate::services::task_store::Task {
+    fn meta(&self, _feed: Feed) -> EventMeta {
+        EventMeta {
+            task_type: Some(self.task_type.clone()),
+            status: Some(self.status.as_str().to_string()),
+            droplet_id: self.assigned_droplet_id,
+        }
+    }
+}
+
+impl Subject for crate::services::droplet_row::Droplet {
+    fn meta(&self, _feed: Feed) -> EventMeta {
+        EventMeta {
+            task_type: None,
+            status: Some(self.status.as_str().to_string()),
+            droplet_id: Some(self.droplet_id),
+        }
+    }
+}
+
+/// A subject given as JSON (tests, tools): read as the reader read parsed envelopes.
+impl Subject for Value {
+    fn meta(&self, feed: Feed) -> EventMeta {
+        EventMeta::of_subject(feed, self)
+    }
 }
 
 impl Event {
     /// `payload: {"event": kind, "task": {...}, ...extra}` in an event envelope; `task` is
-    /// anything that serialises as the task (`&Task` on the service's paths).
+    /// the task as it is shown (`&Task` on the service's paths).
     pub fn task(
         kind: TaskEventKind,
         trace_id: Option<String>,
-        task: impl Serialize,
+        task: impl Subject,
         extra: Option<Value>,
     ) -> Event {
         Event {
             feed: Feed::Tasks,
+            kind: kind.as_str(),
+            meta: task.meta(Feed::Tasks),
             envelope: outbox_text(trace_id, Payload::new(kind.as_str(), "task", task, extra)),
         }
     }
 
     /// `payload: {"event": kind, "droplet": {...}, ...extra}` in an event envelope.
-    pub fn droplet(kind: DropletEventKind, droplet: impl Serialize, extra: Option<Value>) -> Event {
+    pub fn droplet(kind: DropletEventKind, droplet: impl Subject, extra: Option<Value>) -> Event {
         Event {
             feed: Feed::Droplets,
+            kind: kind.as_str(),
+            meta: droplet.meta(Feed::Droplets),
             envelope: outbox_text(None, Payload::new(kind.as_str(), "droplet", droplet, extra)),
         }
     }
 }
 
 /// An event's payload: its kind, its subject under `key` (`task` or `droplet`), then the
-/// extra fields of an object `extra`, none of which replaces the kind or the subject.
+/// extra fields of an object `extra`, none of which replaces the kind, the subject or the
+/// `event_id` the relay gives it.
 struct Payload<S> {
     event: &'static str,
     key: &'static str,
@@ -158,7 +207,7 @@ impl<S: Serialize> Serialize for Payload<S> {
         map.serialize_entry("event", self.event)?;
         map.serialize_entry(self.key, &self.subject)?;
         for (k, v) in extra.into_iter().flatten() {
-            if k != "event" && k != self.key {
+            if k != "event" && k != self.key && k != "event_id" {
                 map.serialize_entry(k, v)?;
             }
         }
@@ -166,23 +215,48 @@ impl<S: Serialize> Serialize for Payload<S> {
     }
 }
 
-/// The outbox's text of an event envelope: `source` is null there, and the relay sets it to
-/// this orchestrator's configured `DROPLET_ID` as it publishes the event (writers of events,
-/// the state machine and SQL among them, need not know it). A subject serde cannot write (a
-/// map with keys that are not strings: none of ours) is written as null, as `to_value` did.
+/// The outbox's form of an event envelope: the payload first and no `source`, so that the
+/// relay publishes it by writing `{"source":<DROPLET_ID>,"payload":{"event_id":<id>,` before
+/// the rest of this text (see `relay.rs`), without parsing it. Writers of events (the state
+/// machine and SQL among them) need not know the configured id.
+#[derive(Serialize)]
+struct OutboxEnvelope<P> {
+    payload: P,
+    udc_version: &'static str,
+    trace_id: String,
+    target: Value,
+    message_type: &'static str,
+    timestamp: String,
+}
+
+/// The outbox's text of an event envelope (see [`OutboxEnvelope`]). A subject serde cannot
+/// write (a map with keys that are not strings: none of ours) is written as null, as
+/// `to_value` did.
 fn outbox_text<S: Serialize>(trace_id: Option<String>, payload: Payload<S>) -> String {
-    let envelope = Envelope::new("event", Value::Null, Value::Null, payload).trace(trace_id);
+    let envelope = OutboxEnvelope {
+        payload,
+        udc_version: crate::protocol::UDC_VERSION,
+        trace_id: trace_id.unwrap_or_else(|| uuid::Uuid::new_v4().to_string()),
+        target: Value::Null,
+        message_type: "event",
+        timestamp: crate::protocol::now_iso(),
+    };
     serde_json::to_string(&envelope).unwrap_or_else(|e| {
         tracing::error!(error = %e, event = envelope.payload.event, "an event's subject could not be serialised");
-        let payload = Payload::new(
-            envelope.payload.event,
-            envelope.payload.key,
-            Value::Null,
-            None,
-        );
-        let envelope = Envelope::new("event", Value::Null, Value::Null, payload)
-            .trace(Some(envelope.trace_id.clone()));
-        serde_json::to_string(&envelope).unwrap_or_default()
+        let fallback = OutboxEnvelope {
+            payload: Payload::new(
+                envelope.payload.event,
+                envelope.payload.key,
+                Value::Null,
+                None,
+            ),
+            udc_version: envelope.udc_version,
+            trace_id: envelope.trace_id.clone(),
+            target: Value::Null,
+            message_type: "event",
+            timestamp: envelope.timestamp.clone(),
+        };
+        serde_json::to_string(&fallback).unwrap_or_default()
     })
 }
 
@@ -207,14 +281,9 @@ fn event_envelope(trace_id: Option<String>, payload: Value) -> Value {
 macro_rules! heartbeat_health_event {
     ($($m:ident)::+ { $($before:tt)* } { $($after:tt)* }) => {
         $($m)::+!($($before)* "health_event AS (
-    INSERT INTO event_outbox (feed, envelope)
-    SELECT 'droplets', jsonb_build_object(
-        'udc_version', '1.0',
-        'trace_id', gen_random_uuid()::text,
-        'target', NULL,
-        'message_type', 'event',
-        'timestamp', to_char(clock_timestamp() AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'),
-        'payload', jsonb_build_object(
+    INSERT INTO event_outbox (feed, kind, status, droplet_id, envelope)
+    SELECT 'droplets', 'droplet_health_changed', up.status, up.droplet_id, (
+      '{\"payload\":' || jsonb_build_object(
             'event', 'droplet_health_changed', 'previous_status', old.old_status, 'reason', 'heartbeat',
             'droplet', jsonb_build_object(
                 'id', up.droplet_id, 'droplet_id', up.droplet_id, 'name', up.name,
@@ -224,7 +293,14 @@ macro_rules! heartbeat_health_event {
                 'registered_at', to_char(up.registered_at, 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'),
                 'updated_at', to_char(up.updated_at, 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'),
                 'max_concurrent_tasks', up.max_concurrent_tasks,
-                'admin_deactivated', up.admin_deactivated, 'registered', up.registered)))
+                'admin_deactivated', up.admin_deactivated, 'registered', up.registered))::text
+      || ',' || substr(jsonb_build_object(
+        'udc_version', '1.0',
+        'trace_id', gen_random_uuid()::text,
+        'target', NULL,
+        'message_type', 'event',
+        'timestamp', to_char(clock_timestamp() AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'))::text, 2)
+    )::json
     FROM up JOIN old ON old.old_id = up.id WHERE up.status IS DISTINCT FROM old.old_status
     ORDER BY up.id
     RETURNING 1
@@ -241,12 +317,24 @@ pub async fn record(conn: &mut PgConnection, events: &[Event]) -> Result<(), sql
         return Ok(());
     }
     let feeds: Vec<&str> = events.iter().map(|e| e.feed.as_str()).collect();
+    let kinds: Vec<&str> = events.iter().map(|e| e.kind).collect();
+    let task_types: Vec<Option<&str>> =
+        events.iter().map(|e| e.meta.task_type.as_deref()).collect();
+    let statuses: Vec<Option<&str>> = events.iter().map(|e| e.meta.status.as_deref()).collect();
+    let droplets: Vec<Option<i32>> = events.iter().map(|e| e.meta.droplet_id).collect();
     let envelopes: Vec<&str> = events.iter().map(|e| e.envelope.as_str()).collect();
-    // The envelopes go as text and PostgreSQL parses each once into jsonb.
+    // The envelopes go as text and PostgreSQL keeps them as text (`json` checks the syntax).
     sqlx::query!(
-        "INSERT INTO event_outbox (feed, envelope)
-         SELECT f, e::jsonb FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS x(f, e, n) ORDER BY n",
+        "INSERT INTO event_outbox (feed, kind, task_type, status, droplet_id, envelope)
+         SELECT f, k, tt, st, d, e::json
+         FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::int[], $6::text[])
+              WITH ORDINALITY AS x(f, k, tt, st, d, e, n)
+         ORDER BY n",
         &feeds as &[&str],
+        &kinds as &[&str],
+        &task_types as _,
+        &statuses as _,
+        &droplets as _,
         &envelopes as &[&str],
     )
     .execute(conn)
@@ -266,15 +354,29 @@ mod tests {
             TaskEventKind::TaskRequeued,
             Some("t-1".into()),
             json!({"id": 7, "status": "pending"}),
-            Some(json!({"previous_status": "assigned", "event": "other", "task": null})),
+            Some(
+                json!({"previous_status": "assigned", "event": "other", "task": null, "event_id": 9}),
+            ),
         );
+        // The outbox's form, which the relay completes without parsing it (relay.rs).
+        assert!(
+            event
+                .envelope
+                .starts_with(r#"{"payload":{"event":"task_requeued","task":{"#),
+            "{}",
+            event.envelope
+        );
+        assert_eq!(event.kind, "task_requeued");
+        assert_eq!(event.meta.status.as_deref(), Some("pending"));
         let e: Value = serde_json::from_str(&event.envelope).expect("JSON text");
+        assert!(e.get("source").is_none());
         assert_eq!(event.feed, Feed::Tasks);
         assert_eq!(e["message_type"], "event");
         assert_eq!(e["trace_id"], "t-1");
         assert_eq!(e["payload"]["event"], "task_requeued");
         assert_eq!(e["payload"]["task"], json!({"id": 7, "status": "pending"}));
         assert_eq!(e["payload"]["previous_status"], "assigned");
+        assert!(e["payload"].get("event_id").is_none(), "the relay gives it");
         let droplet = Event::droplet(
             DropletEventKind::DropletDrained,
             json!({"droplet_id": 3}),

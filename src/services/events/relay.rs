@@ -50,20 +50,37 @@ pub async fn publish_round(db: &PgPool, source: i32) -> Result<Option<u64>, sqlx
         tx.rollback().await?;
         return Ok(None);
     }
+    // An envelope in the outbox's form (`{"payload":{"<first key>"...`, see `events::Event`) is
+    // published by writing its source and event id before the rest of its text, without
+    // parsing it; any other (a row written by hand) through jsonb. A row that came without
+    // what the filters look at (written by hand, or by a replica older than the migration that
+    // added it) gets it read from its envelope (`event_meta`, in that migration).
     let published = sqlx::query!(
-        "WITH ready AS (
-            SELECT id, feed, envelope FROM event_outbox ORDER BY id LIMIT $1
+        r#"WITH ready AS (
+            SELECT id, feed, kind, task_type, status, droplet_id, envelope
+            FROM event_outbox ORDER BY id LIMIT $1
          ),
          gone AS (DELETE FROM event_outbox WHERE id IN (SELECT id FROM ready)),
          numbered AS (
-            SELECT nextval('event_ids') AS event_id, feed, envelope
+            SELECT nextval('event_ids') AS event_id, feed, kind, task_type, status, droplet_id,
+                   envelope::text AS text
             FROM (SELECT * FROM ready ORDER BY id) r
          )
-         INSERT INTO events (event_id, feed, envelope)
-         SELECT event_id, feed,
-                jsonb_set(jsonb_set(envelope, '{payload,event_id}', to_jsonb(event_id)),
-                          '{source}', to_jsonb($2::int))
-         FROM numbered",
+         INSERT INTO events (event_id, feed, kind, task_type, status, droplet_id, envelope)
+         SELECT event_id, n.feed,
+                CASE WHEN n.kind IS NULL THEN m.kind ELSE n.kind END,
+                CASE WHEN n.kind IS NULL THEN m.task_type ELSE n.task_type END,
+                CASE WHEN n.kind IS NULL THEN m.status ELSE n.status END,
+                CASE WHEN n.kind IS NULL THEN m.droplet_id ELSE n.droplet_id END,
+                CASE WHEN left(text, 13) = '{"payload":{"'
+                     THEN ('{"source":' || $2::int || ',"payload":{"event_id":' || event_id
+                           || ',' || substr(text, 13))::json
+                     ELSE jsonb_set(jsonb_set(text::jsonb, '{payload,event_id}', to_jsonb(event_id)),
+                                    '{source}', to_jsonb($2::int))::json
+                END
+         FROM numbered n
+         CROSS JOIN LATERAL event_meta(n.feed, CASE WHEN n.kind IS NULL THEN n.text::jsonb END) m
+         ORDER BY event_id"#,
         BATCH,
         source
     )
