@@ -24,8 +24,10 @@ ALTER TABLE events
 -- query before this migration (and `EventMeta::of`). Used here for the rows already written,
 -- and by the relay for an outbox row that came without them (written by hand, or by a replica
 -- older than this migration).
-CREATE FUNCTION event_meta(feed TEXT, envelope JSONB,
-                           OUT kind TEXT, OUT task_type TEXT, OUT status TEXT, OUT droplet_id INT)
+-- A set-returning function of one SELECT, so that PostgreSQL inlines it into the relay's
+-- statement (a scalar one is called row by row, each call run by its own executor).
+CREATE FUNCTION event_meta(feed TEXT, envelope JSONB)
+RETURNS TABLE (kind TEXT, task_type TEXT, status TEXT, droplet_id INT)
 LANGUAGE sql IMMUTABLE AS $$
     SELECT envelope #>> '{payload,event}',
            CASE WHEN feed = 'tasks' AND jsonb_typeof(s -> 'task_type') = 'string'

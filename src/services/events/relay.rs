@@ -79,7 +79,7 @@ pub async fn publish_round(db: &PgPool, source: i32) -> Result<Option<u64>, sqlx
                                     '{source}', to_jsonb($2::int))::json
                 END
          FROM numbered n
-         CROSS JOIN LATERAL event_meta(n.feed, CASE WHEN n.kind IS NULL THEN n.text::jsonb END) m
+         LEFT JOIN LATERAL event_meta(n.feed, CASE WHEN n.kind IS NULL THEN n.text::jsonb END) m ON true
          ORDER BY event_id"#,
         BATCH,
         source
