@@ -895,11 +895,15 @@ async fn route(s: &Sizes, rows: &mut Vec<Row>, rss: &mut Vec<(String, f64)>) {
     .expect("register the droplets");
     let deadline = started + Duration::from_secs(600);
     loop {
-        let pending: i64 =
-            sqlx::query_scalar("SELECT COUNT(*) FROM tasks WHERE status = 'pending'")
-                .fetch_one(&pool)
-                .await
-                .unwrap_or(i64::MAX);
+        // From the kept counts (exact, `task_counts`): a COUNT(*) of the table every 50 ms
+        // scanned ~100,000 rows each time, a tenth of a core of PostgreSQL taken from the
+        // routing being measured.
+        let pending: i64 = sqlx::query_scalar(
+            "SELECT COALESCE(SUM(n), 0)::bigint FROM task_counts WHERE status = 'pending'",
+        )
+        .fetch_one(&pool)
+        .await
+        .unwrap_or(i64::MAX);
         if pending == 0 || Instant::now() > deadline {
             break;
         }
