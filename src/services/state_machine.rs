@@ -3,8 +3,9 @@
 //! events in the same transaction. Nothing else writes `tasks.status`.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
-use serde_json::{json, Value};
+use serde_json::Value;
 use sqlx::PgConnection;
 
 use crate::services::events::{self, Event, TaskEventKind};
@@ -114,7 +115,8 @@ pub struct Move {
     /// `changed_by` in the history: `task_router`, `system`, `droplet-8`, `admin-1`.
     pub changed_by: String,
     pub reason: Option<String>,
-    pub metadata: Option<Value>,
+    /// The history row's metadata; shared, as the router gives the same "why" to the event.
+    pub metadata: Option<Arc<Value>>,
     /// For `-> assigned`: the droplet (internal id).
     pub assign_to: Option<i32>,
     pub result: Option<Value>,
@@ -127,7 +129,7 @@ pub struct Move {
     /// The move holds only if the task is still on this attempt (fencing; checked under the lock).
     pub expect_attempt: Option<i32>,
     /// Extra fields for the event's payload (e.g. why a droplet was chosen).
-    pub event_extra: Option<Value>,
+    pub event_extra: Option<Arc<Value>>,
 }
 
 impl Move {
@@ -269,7 +271,7 @@ pub async fn apply(
     let mut h_from = Vec::with_capacity(n);
     let mut h_by = Vec::with_capacity(n);
     let mut h_reason: Vec<Option<String>> = Vec::with_capacity(n);
-    let mut h_meta: Vec<Option<Value>> = Vec::with_capacity(n);
+    let mut h_meta: Vec<Option<&Value>> = Vec::with_capacity(n);
     for (m, from, _) in &accepted {
         a_ids.push(m.task_id);
         a_to.push(m.to.as_str());
@@ -282,7 +284,7 @@ pub async fn apply(
         h_from.push(from.as_str());
         h_by.push(m.changed_by.as_str());
         h_reason.push(m.reason.clone());
-        h_meta.push(m.metadata.clone());
+        h_meta.push(m.metadata.as_deref());
     }
 
     // One UPDATE for a whole batch: each row's columns follow its new status.
@@ -373,17 +375,12 @@ pub async fn apply(
             continue;
         };
         let kind = event_for(Some(from), m.to);
-        let mut extra = json!({ "previous_status": from.as_str() });
-        if let (Some(obj), Some(Value::Object(more))) =
-            (extra.as_object_mut(), m.event_extra.clone())
-        {
-            obj.extend(more);
-        }
-        to_notify.push(Event::task(
+        to_notify.push(Event::task_moved(
             kind,
             Some(task.trace_id.to_string()),
             &task,
-            Some(extra),
+            from.as_str(),
+            m.event_extra.as_deref(),
         ));
         // The droplet is told when work is taken from it, not when it failed the task itself,
         // nor when it refused the task (it never took it), nor again at a retry (it failed

@@ -128,7 +128,9 @@ pub async fn refused(state: &Changes, refusal: &Refusal) -> Result<(), sqlx::Err
     };
     m.expect_droplet = Some(internal_id);
     m.expect_status = Some(Status::Assigned);
-    m.event_extra = Some(serde_json::json!({ "refused_by": droplet_id, "refusal": why }));
+    m.event_extra = Some(std::sync::Arc::new(
+        serde_json::json!({ "refused_by": droplet_id, "refusal": why }),
+    ));
     apply(&mut t, &[m]).await?;
 
     // Count the refusal; the droplet that keeps refusing (or refuses our credentials) is put

@@ -448,19 +448,34 @@ async fn contracted_payloads(
 /// The moves of this pass: each task to the least loaded capable droplet (freshest
 /// heartbeat on ties), with why it was chosen; the slots' loads follow the choices.
 fn plan(slots: &mut [Slot], pending: &[PendingTask], fit: &Fit) -> Vec<Move> {
+    // The slots of each capability, in slot order, found once per pass: a task looks only at
+    // the droplets that have its capability (any droplet for a task that needs none).
+    let mut by_capability: HashMap<String, Vec<usize>> = HashMap::new();
+    for (i, slot) in slots.iter().enumerate() {
+        for c in &slot.capabilities {
+            by_capability.entry(c.clone()).or_default().push(i);
+        }
+    }
+    let every: Vec<usize> = (0..slots.len()).collect();
     let mut moves = Vec::with_capacity(pending.len());
     for task in pending {
-        let Some(choice) = choose(slots, task, fit) else {
+        let capable: &[usize] = match &task.required_capability {
+            Some(c) => by_capability.get(c).map_or(&[], Vec::as_slice),
+            None => &every,
+        };
+        let Some(choice) = choose(slots, capable, task, fit) else {
             continue;
         };
-        let considered: Vec<serde_json::Value> = slots
+        let considered: Vec<serde_json::Value> = capable
             .iter()
-            .filter(|s| can_take(s, task, fit))
+            .map(|&i| &slots[i])
+            .filter(|s| fits(s, task, fit))
             .take(10)
             .map(|s| json!({ "droplet_id": s.droplet_id, "load": s.load, "max_concurrent_tasks": s.max }))
             .collect();
         let chosen = &mut slots[choice];
-        let why = json!({
+        // One value for the history row and the event, shared, not copied.
+        let why = Arc::new(json!({
             "router": {
                 "chosen": chosen.droplet_id,
                 "load_before": chosen.load,
@@ -469,7 +484,7 @@ fn plan(slots: &mut [Slot], pending: &[PendingTask], fit: &Fit) -> Vec<Move> {
                 "candidates": considered,
                 "avoided_previous_droplet": task.last_droplet_id.is_some() && task.last_droplet_id != Some(chosen.id),
             }
-        });
+        }));
         chosen.load += 1;
         let mut m = Move::new(task.id, Status::Assigned, Actor::System, "task_router");
         m.assign_to = Some(chosen.id);
@@ -493,12 +508,14 @@ fn room_left(slots: &[Slot]) -> Room {
     }
 }
 
-fn can_take(slot: &Slot, task: &PendingTask, fit: &Fit) -> bool {
+/// Whether a droplet that has the task's capability (if it needs one) can take it now: room,
+/// and its contract for that capability accepts the payload.
+fn fits(slot: &Slot, task: &PendingTask, fit: &Fit) -> bool {
     slot.room() > 0
         && task
             .required_capability
             .as_ref()
-            .is_none_or(|c| slot.capabilities.contains(c) && accepts(slot, c, task.id, fit))
+            .is_none_or(|c| accepts(slot, c, task.id, fit))
 }
 
 /// Whether the droplet's contract for the capability (if it has one) accepts the payload.
@@ -513,14 +530,14 @@ fn accepts(slot: &Slot, capability: &str, task: i32, fit: &Fit) -> bool {
     }
 }
 
-/// The least loaded droplet that can take the task, freshest heartbeat on ties, and not the
-/// droplet it last ran on when another one can take it.
-fn choose(slots: &[Slot], task: &PendingTask, fit: &Fit) -> Option<usize> {
+/// The least loaded of the `capable` droplets that can take the task, freshest heartbeat on
+/// ties, and not the droplet it last ran on when another one can take it.
+fn choose(slots: &[Slot], capable: &[usize], task: &PendingTask, fit: &Fit) -> Option<usize> {
     let best = |avoid: Option<i32>| {
-        slots
+        capable
             .iter()
-            .enumerate()
-            .filter(|(_, s)| can_take(s, task, fit) && Some(s.id) != avoid)
+            .map(|&i| (i, &slots[i]))
+            .filter(|(_, s)| fits(s, task, fit) && Some(s.id) != avoid)
             .min_by(|(_, a), (_, b)| a.load.cmp(&b.load).then(b.heartbeat.cmp(&a.heartbeat)))
             .map(|(i, _)| i)
     };
@@ -555,4 +572,90 @@ pub async fn run_once(state: &Routing) -> Result<RouterRound, sqlx::Error> {
 /// Whether routing is running: not paused and not stopped.
 pub fn is_active(state: &Routing) -> bool {
     !state.router.is_paused() && !state.stop.is_on()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn slot(id: i32, capabilities: &[&str], load: i64, max: Option<i64>) -> Slot {
+        Slot {
+            id,
+            droplet_id: id * 10,
+            capabilities: capabilities.iter().map(|c| c.to_string()).collect(),
+            max,
+            heartbeat: None,
+            load,
+            schemas: serde_json::Map::new(),
+            contracts: HashMap::new(),
+        }
+    }
+
+    fn task(id: i32, capability: Option<&str>, last: Option<i32>) -> PendingTask {
+        PendingTask {
+            id,
+            key: "k".into(),
+            required_capability: capability.map(str::to_string),
+            last_droplet_id: last,
+            urgency: 5,
+            created_at: NaiveDateTime::default(),
+        }
+    }
+
+    #[test]
+    fn a_plan_gives_each_task_the_least_loaded_droplet_with_its_capability_and_room() {
+        let contracts = Contracts::new(
+            prometheus::IntCounterVec::new(prometheus::Opts::new("t", "t"), &["site", "outcome"])
+                .expect("a counter"),
+        );
+        let payloads = HashMap::new();
+        let fit = Fit {
+            payloads: &payloads,
+            memo: RefCell::new(contracts.memo(Site::Routing)),
+        };
+        let mut slots = vec![
+            slot(1, &["ocr"], 0, Some(1)),
+            slot(2, &["verify"], 3, None),
+            slot(3, &["verify", "ocr"], 1, None),
+            slot(4, &["verify"], 1, None),
+        ];
+        let pending = vec![
+            task(100, Some("ocr"), None),
+            task(101, Some("ocr"), None),
+            task(102, Some("verify"), Some(3)),
+            task(103, None, None),
+            task(104, Some("translate"), None),
+        ];
+        let moves = plan(&mut slots, &pending, &fit);
+        let chosen: Vec<(i32, Option<i32>)> =
+            moves.iter().map(|m| (m.task_id, m.assign_to)).collect();
+        // 100: droplet 1 (load 0); 101: droplet 1 is full, so 3; 102: 4 (3 is as loaded but
+        // ran it last); 103: any droplet, the least loaded (4 and 3 at 2 now: 3 first in order,
+        // ties on heartbeat); 104: nobody has the capability.
+        assert_eq!(
+            chosen,
+            vec![
+                (100, Some(1)),
+                (101, Some(3)),
+                (102, Some(4)),
+                (103, Some(3))
+            ]
+        );
+        let why = moves[1].event_extra.as_deref().expect("why");
+        let candidates: Vec<i64> = why["router"]["candidates"]
+            .as_array()
+            .expect("candidates")
+            .iter()
+            .filter_map(|c| c["droplet_id"].as_i64())
+            .collect();
+        assert_eq!(
+            candidates,
+            vec![30],
+            "only droplets with the capability and room"
+        );
+        assert!(std::ptr::eq(
+            moves[1].metadata.as_deref().expect("metadata"),
+            why
+        ));
+    }
 }

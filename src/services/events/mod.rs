@@ -164,6 +164,31 @@ impl Event {
         }
     }
 
+    /// The event of a task's move: `payload: {"event": kind, "task": {...}, "previous_status":
+    /// from, ...more}`, the fields of `more` (the move's own, e.g. why a droplet was chosen)
+    /// borrowed, not copied.
+    pub fn task_moved(
+        kind: TaskEventKind,
+        trace_id: Option<String>,
+        task: impl Subject,
+        previous_status: &'static str,
+        more: Option<&Value>,
+    ) -> Event {
+        let mut payload = Payload::new(
+            kind.as_str(),
+            "task",
+            task,
+            Some(serde_json::json!({ "previous_status": previous_status })),
+        );
+        payload.more = more;
+        Event {
+            feed: Feed::Tasks,
+            kind: kind.as_str(),
+            meta: payload.subject.meta(Feed::Tasks),
+            envelope: outbox_text(trace_id, payload),
+        }
+    }
+
     /// `payload: {"event": kind, "droplet": {...}, ...extra}` in an event envelope.
     pub fn droplet(kind: DropletEventKind, droplet: impl Subject, extra: Option<Value>) -> Event {
         Event {
@@ -176,38 +201,45 @@ impl Event {
 }
 
 /// An event's payload: its kind, its subject under `key` (`task` or `droplet`), then the
-/// extra fields of an object `extra`, none of which replaces the kind, the subject or the
-/// `event_id` the relay gives it.
-struct Payload<S> {
+/// extra fields of an object `extra`, then those of a borrowed object `more` (which win over
+/// `extra`'s of the same name); none replaces the kind, the subject or the `event_id` the
+/// relay gives it.
+struct Payload<'a, S> {
     event: &'static str,
     key: &'static str,
     subject: S,
     extra: Option<Value>,
+    more: Option<&'a Value>,
 }
 
-impl<S: Serialize> Payload<S> {
+impl<S: Serialize> Payload<'_, S> {
     fn new(event: &'static str, key: &'static str, subject: S, extra: Option<Value>) -> Self {
         Payload {
             event,
             key,
             subject,
             extra,
+            more: None,
         }
     }
 }
 
-impl<S: Serialize> Serialize for Payload<S> {
+impl<S: Serialize> Serialize for Payload<'_, S> {
     fn serialize<Z: serde::Serializer>(&self, serializer: Z) -> Result<Z::Ok, Z::Error> {
         use serde::ser::SerializeMap;
-        let extra = match &self.extra {
-            Some(Value::Object(extra)) => Some(extra),
-            _ => None,
-        };
+        let extra = self.extra.as_ref().and_then(Value::as_object);
+        let more = self.more.and_then(Value::as_object);
         let mut map = serializer.serialize_map(None)?;
         map.serialize_entry("event", self.event)?;
         map.serialize_entry(self.key, &self.subject)?;
+        let reserved = |k: &str| k == "event" || k == self.key || k == "event_id";
         for (k, v) in extra.into_iter().flatten() {
-            if k != "event" && k != self.key && k != "event_id" {
+            if !reserved(k) && !more.is_some_and(|m| m.contains_key(k)) {
+                map.serialize_entry(k, v)?;
+            }
+        }
+        for (k, v) in more.into_iter().flatten() {
+            if !reserved(k) {
                 map.serialize_entry(k, v)?;
             }
         }
