@@ -14,8 +14,10 @@ use uuid::Uuid;
 use crate::fixture_droplet::{FixtureDroplet, Mode};
 use crate::helpers::*;
 
-/// Loose enough for a loaded machine, far below the router's safety-net interval.
-const SOON: Duration = Duration::from_secs(5);
+/// Loose enough for a loaded machine (CI, with the whole suite running on two cores, once
+/// took more than 5 s to see an assignment here), as in routing.rs and recovery.rs. These
+/// tests are about what explain says; routing.rs holds the tests of routing at once.
+const SOON: Duration = Duration::from_secs(10);
 
 /// The Verifier's contract: a `code_url` that is a URI, an optional language from a list,
 /// nested options, tags, and a key that needs JSON-pointer escaping.
