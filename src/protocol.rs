@@ -98,6 +98,50 @@ impl<'a, P: Serialize> Envelope<'a, P> {
 // ---------------------------------------------------------------------------
 // Times: UTC out with a `Z`, in with `Z`, an offset, or none (naive = UTC).
 
+/// An event envelope as it waits in the outbox: the payload first and no `source` nor
+/// `event_id`, which the relay writes before this text as it publishes the event
+/// (`{"source":<DROPLET_ID>,"payload":{"event_id":<id>,` then the rest, unparsed:
+/// `services/events/relay.rs`), so that writers of events need not know either. Its text
+/// starts with [`OUTBOX_EVENT_HEAD`] whenever the payload has a field.
+#[derive(Debug, Serialize)]
+pub struct OutboxEvent<P: Serialize> {
+    pub payload: P,
+    pub udc_version: &'static str,
+    pub trace_id: String,
+    pub target: Value,
+    pub message_type: &'static str,
+    pub timestamp: String,
+}
+
+/// What the relay looks for to publish an outbox event without parsing it (its SQL spells it
+/// out: `left(text, 13) = '{"payload":{"'`).
+pub const OUTBOX_EVENT_HEAD: &str = r#"{"payload":{""#;
+
+impl<P: Serialize> OutboxEvent<P> {
+    pub fn new(trace_id: Option<String>, payload: P) -> Self {
+        OutboxEvent {
+            payload,
+            udc_version: UDC_VERSION,
+            trace_id: trace_id.unwrap_or_else(|| Uuid::new_v4().to_string()),
+            target: Value::Null,
+            message_type: "event",
+            timestamp: now_iso(),
+        }
+    }
+
+    /// The same envelope (trace id, time) around another payload.
+    pub fn with_payload<Q: Serialize>(&self, payload: Q) -> OutboxEvent<Q> {
+        OutboxEvent {
+            payload,
+            udc_version: self.udc_version,
+            trace_id: self.trace_id.clone(),
+            target: Value::Null,
+            message_type: self.message_type,
+            timestamp: self.timestamp.clone(),
+        }
+    }
+}
+
 pub fn iso(dt: &NaiveDateTime) -> String {
     dt.and_utc().to_rfc3339_opts(SecondsFormat::Micros, true)
 }

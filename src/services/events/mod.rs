@@ -16,7 +16,7 @@ use serde::Serialize;
 use serde_json::Value;
 use sqlx::PgConnection;
 
-use crate::protocol::{Envelope, ORCHESTRATOR_SOURCE};
+use crate::protocol::{Envelope, OutboxEvent, ORCHESTRATOR_SOURCE};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -247,48 +247,20 @@ impl<S: Serialize> Serialize for Payload<'_, S> {
     }
 }
 
-/// The outbox's form of an event envelope: the payload first and no `source`, so that the
-/// relay publishes it by writing `{"source":<DROPLET_ID>,"payload":{"event_id":<id>,` before
-/// the rest of this text (see `relay.rs`), without parsing it. Writers of events (the state
-/// machine and SQL among them) need not know the configured id.
-#[derive(Serialize)]
-struct OutboxEnvelope<P> {
-    payload: P,
-    udc_version: &'static str,
-    trace_id: String,
-    target: Value,
-    message_type: &'static str,
-    timestamp: String,
-}
-
-/// The outbox's text of an event envelope (see [`OutboxEnvelope`]). A subject serde cannot
-/// write (a map with keys that are not strings: none of ours) is written as null, as
-/// `to_value` did.
+/// The outbox's text of an event envelope ([`OutboxEvent`], completed by the relay). A
+/// subject serde cannot write (a map with keys that are not strings: none of ours) is written
+/// as null, as `to_value` did.
 fn outbox_text<S: Serialize>(trace_id: Option<String>, payload: Payload<S>) -> String {
-    let envelope = OutboxEnvelope {
-        payload,
-        udc_version: crate::protocol::UDC_VERSION,
-        trace_id: trace_id.unwrap_or_else(|| uuid::Uuid::new_v4().to_string()),
-        target: Value::Null,
-        message_type: "event",
-        timestamp: crate::protocol::now_iso(),
-    };
+    let envelope = OutboxEvent::new(trace_id, payload);
     serde_json::to_string(&envelope).unwrap_or_else(|e| {
         tracing::error!(error = %e, event = envelope.payload.event, "an event's subject could not be serialised");
-        let fallback = OutboxEnvelope {
-            payload: Payload::new(
-                envelope.payload.event,
-                envelope.payload.key,
-                Value::Null,
-                None,
-            ),
-            udc_version: envelope.udc_version,
-            trace_id: envelope.trace_id.clone(),
-            target: Value::Null,
-            message_type: "event",
-            timestamp: envelope.timestamp.clone(),
-        };
-        serde_json::to_string(&fallback).unwrap_or_default()
+        let payload = Payload::new(
+            envelope.payload.event,
+            envelope.payload.key,
+            Value::Null,
+            None,
+        );
+        serde_json::to_string(&envelope.with_payload(payload)).unwrap_or_default()
     })
 }
 
@@ -394,7 +366,10 @@ mod tests {
         assert!(
             event
                 .envelope
-                .starts_with(r#"{"payload":{"event":"task_requeued","task":{"#),
+                .starts_with(crate::protocol::OUTBOX_EVENT_HEAD)
+                && event
+                    .envelope
+                    .starts_with(r#"{"payload":{"event":"task_requeued","task":{"#),
             "{}",
             event.envelope
         );

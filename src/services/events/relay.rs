@@ -50,7 +50,7 @@ pub async fn publish_round(db: &PgPool, source: i32) -> Result<Option<u64>, sqlx
         tx.rollback().await?;
         return Ok(None);
     }
-    // An envelope in the outbox's form (`{"payload":{"<first key>"...`, see `events::Event`) is
+    // An envelope in the outbox's form (`protocol::OutboxEvent`, `OUTBOX_EVENT_HEAD`) is
     // published by writing its source and event id before the rest of its text, without
     // parsing it; any other (a row written by hand) through jsonb. A row that came without
     // what the filters look at (written by hand, or by a replica older than the migration that
