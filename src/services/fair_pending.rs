@@ -73,10 +73,12 @@ pub async fn lock_pending(
     batch: i64,
 ) -> Result<Read, sqlx::Error> {
     let caps: Vec<String> = wanted.iter().map(|(c, _)| c.clone()).collect();
+    // The arrays of both reads through `(SELECT $n)`: planned once per connection, not at
+    // each pass (`state_machine::apply` says why).
     let groups = sqlx::query!(
         r#"WITH RECURSIVE g AS (
             SELECT c.cap, f.key, f.prio
-            FROM unnest($1::text[]) AS c(cap)
+            FROM unnest((SELECT $1::text[])) AS c(cap)
             CROSS JOIN LATERAL (
                 SELECT fairness_key AS key, priority AS prio FROM tasks
                 WHERE status = 'pending' AND COALESCE(required_capability, '') = c.cap
@@ -134,7 +136,8 @@ pub async fn lock_pending(
         r#"SELECT p.id AS "id!", g.key AS "key!", p.required_capability AS "required_capability?",
                 p.last_droplet_id AS "last_droplet_id?", g.prio AS "priority!",
                 p.created AS "created_at!", p.waited AS "waited!"
-         FROM unnest($1::text[], $2::text[], $3::int[], $4::bigint[]) AS g(cap, key, prio, lim)
+         FROM unnest((SELECT $1::text[]), (SELECT $2::text[]), (SELECT $3::int[]),
+                     (SELECT $4::bigint[])) AS g(cap, key, prio, lim)
          CROSS JOIN LATERAL (
             SELECT id, required_capability, last_droplet_id,
                    COALESCE(created_at, NOW()::timestamp) AS created,

@@ -208,9 +208,17 @@ pub async fn apply(
     let mut ids: Vec<i32> = moves.iter().map(|m| m.task_id).collect();
     ids.sort_unstable();
     ids.dedup();
+    // The arrays of this call's two statements are read through `(SELECT $n)`: PostgreSQL
+    // then plans them once per connection (a generic plan) instead of at every execution.
+    // Given as constants, an array of one id looks cheaper than the generic plan's guess of
+    // ten, so PostgreSQL kept planning both statements again for each move (8,948 of 9,612
+    // executions of the lock in a 300 tasks/s run, `pg_prepared_statements`); through the
+    // subquery both plans guess ten and the generic one is kept after five. The plan is the
+    // same: the primary key's index for the listed ids.
     let locked = sqlx::query_as!(
         Locked,
-        "SELECT id, status, assigned_droplet_id, attempt FROM tasks WHERE id = ANY($1) ORDER BY id FOR UPDATE",
+        "SELECT id, status, assigned_droplet_id, attempt FROM tasks
+         WHERE id = ANY((SELECT $1::int[])::int[]) ORDER BY id FOR UPDATE",
         &ids
     )
     .fetch_all(&mut *conn)
@@ -291,7 +299,8 @@ pub async fn apply(
     let updated: Vec<Task> = task_columns!(sqlx::query_as {
         Task,
         "WITH m AS (
-        SELECT * FROM unnest($1::int[], $2::text[], $3::int[], $4::jsonb[], $5::text[], $6::int[])
+        SELECT * FROM unnest((SELECT $1::int[]), (SELECT $2::text[]), (SELECT $3::int[]),
+                             (SELECT $4::jsonb[]), (SELECT $5::text[]), (SELECT $6::int[]))
             AS m(id, to_status, droplet, result, error, retry_inc)
      ), t AS (
         UPDATE tasks SET
@@ -322,7 +331,7 @@ pub async fn apply(
         -- `= ANY` as well as the join: the rows are found by primary key whatever the
         -- planner thinks of the unnest's size (a hash join over a scan of the whole table
         -- was its choice while the table was young: 1,200 scans a second at 300 tasks/s).
-        FROM m WHERE tasks.id = m.id AND tasks.id = ANY($1::int[])
+        FROM m WHERE tasks.id = m.id AND tasks.id = ANY((SELECT $1::int[])::int[])
         RETURNING tasks.*
      ), started AS (
         -- A task that starts ends its droplet's run of assignment timeouts (a write only for

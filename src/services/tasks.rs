@@ -272,11 +272,14 @@ async fn insert_rows(
     rows: &[&NewRow],
 ) -> std::result::Result<HashMap<Uuid, Stored>, sqlx::Error> {
     let mut t = Transition::begin(core).await?;
+    // The arrays through `(SELECT $n)`: planned once per connection, not at each batch
+    // (`state_machine::apply` says why).
     let found = task_columns!(sqlx::query {
         "WITH input AS (
-        SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::jsonb[],
-                             $6::text[], $7::int[], $8::int[], $9::text[], $10::text[],
-                             $11::text[], $12::text[])
+        SELECT * FROM unnest((SELECT $1::uuid[]), (SELECT $2::text[]), (SELECT $3::text[]),
+                             (SELECT $4::text[]), (SELECT $5::jsonb[]), (SELECT $6::text[]),
+                             (SELECT $7::int[]), (SELECT $8::int[]), (SELECT $9::text[]),
+                             (SELECT $10::text[]), (SELECT $11::text[]), (SELECT $12::text[]))
             AS i(trace_id, task_type, title, description, payload,
                  required_capability, priority, max_retries, deadline, created_by, changed_by,
                  concurrency_key)
