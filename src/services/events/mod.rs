@@ -10,7 +10,7 @@ mod relay;
 
 pub use hub::{ClientFilter, ClientId, ClientRegistration, EventHub, EventMeta, Outbound, WsStats};
 pub use listener::{newest_event_id, run_listener};
-pub use relay::{run_relay, EVENTS_CHANNEL};
+pub use relay::{publish_round, run_relay, EVENTS_CHANNEL};
 
 use serde::Serialize;
 use serde_json::Value;
