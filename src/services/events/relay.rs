@@ -53,8 +53,8 @@ pub async fn publish_round(db: &PgPool, source: i32) -> Result<Option<u64>, sqlx
     // The round never scans the outbox sequentially. It is a queue: its deleted rows stay in
     // its pages until a vacuum, so its size swings, and a plan kept from the nearly empty
     // outbox of the first rounds deleted through a sequential scan of every page, dead rows
-    // included (a 24 MB outbox scanned at each of ~70 rounds a second at 300 tasks/s: 6 % of
-    // the machine in `perf`). For this transaction only; the statement's plan is still kept.
+    // included (a 24 MB outbox scanned at each of ~70 rounds a second at 300 tasks/s). For
+    // this transaction only; the statement's plan is still kept.
     sqlx::query!("SELECT set_config('enable_seqscan', 'off', true)")
         .fetch_one(&mut *tx)
         .await?;
