@@ -26,6 +26,7 @@ use crate::services::http_client::{build_client, ClientBuildError};
 use crate::services::registry_status::RegistryStatus;
 use crate::services::router_trigger::RouterTrigger;
 use crate::services::table_statistics::Growth;
+use crate::services::update_queue::UpdateQueue;
 
 /// The services' shared parts, cheap to clone (one `Arc`). No service takes it whole: each
 /// takes a handle to the parts it uses, built here by a method of its own file
@@ -64,6 +65,8 @@ pub struct Parts {
     pub limits: Arc<LimitCache>,
     /// Heartbeats waiting to share a statement and a commit.
     pub heartbeats: Arc<HeartbeatQueue>,
+    /// PATCHes of tasks waiting to share a transaction and a commit.
+    pub updates: Arc<UpdateQueue>,
     /// Creations counted, for fresh statistics of the young task tables.
     pub growth: Arc<Growth>,
     /// Cancelled when the process shuts down (SIGTERM, /management/shutdown).
@@ -160,6 +163,9 @@ impl Core {
             growth: Arc::new(Growth::new()),
             limits: Arc::new(LimitCache::new()),
             heartbeats: Arc::new(HeartbeatQueue::new(
+                (config.pool_max_connections() as usize / 4).clamp(1, 8),
+            )),
+            updates: Arc::new(UpdateQueue::new(
                 (config.pool_max_connections() as usize / 4).clamp(1, 8),
             )),
             db,

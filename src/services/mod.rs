@@ -43,7 +43,9 @@ pub mod task_parts;
 pub mod task_recovery;
 pub mod task_router;
 pub mod task_store;
+pub mod task_updates;
 pub mod tasks;
 pub mod transition;
+pub mod update_queue;
 
 pub use self::core::Core;

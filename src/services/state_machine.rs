@@ -124,6 +124,9 @@ pub struct Move {
     /// The move holds only if the task is still assigned to this droplet (internal id),
     /// checked under the row lock: a droplet's late PATCH after its task moved away is a 403.
     pub expect_droplet: Option<i32>,
+    /// The move holds only if the task is assigned to this droplet, given by its own (external)
+    /// id, checked under the row lock: a droplet's PATCH, which needs no read before it.
+    pub expect_assignee: Option<i32>,
     /// The move holds only if the task is still in this state (checked under the lock).
     pub expect_status: Option<Status>,
     /// The move holds only if the task is still on this attempt (fencing; checked under the lock).
@@ -146,6 +149,7 @@ impl Move {
             result: None,
             error_message: None,
             expect_droplet: None,
+            expect_assignee: None,
             expect_status: None,
             expect_attempt: None,
             event_extra: None,
@@ -190,18 +194,57 @@ struct Locked {
     id: i32,
     status: String,
     assigned_droplet_id: Option<i32>,
+    /// The assigned droplet's own (external) id.
+    assignee: Option<i32>,
     attempt: i32,
 }
 
+/// A move that passed its checks: the state it leaves and the droplet that held the task.
+type Checked = Result<(Status, Option<i32>), MoveError>;
+
 /// Applies moves inside the caller's transaction: locks the rows (`FOR UPDATE`), checks each
 /// move, updates the rows, writes one history row and one event per move. In `Strict` mode
-/// the first bad move fails the call (the caller rolls back); in `SkipInvalid` mode bad moves
-/// are left out.
+/// the first bad move fails the call before anything is written (the caller rolls back); in
+/// `SkipInvalid` mode bad moves are left out.
 pub async fn apply(
     conn: &mut PgConnection,
     moves: &[Move],
     mode: Mode,
 ) -> Result<Vec<Applied>, MoveError> {
+    let moves: Vec<&Move> = moves.iter().collect();
+    let mut checks = lock_and_check(conn, &moves).await?;
+    if mode == Mode::Strict {
+        // The first refusal fails the call, before anything is written.
+        checks = checks
+            .into_iter()
+            .collect::<Result<Vec<_>, MoveError>>()?
+            .into_iter()
+            .map(Ok)
+            .collect();
+    }
+    let outcomes = write(conn, &moves, checks).await?;
+    Ok(outcomes.into_iter().filter_map(Result::ok).collect())
+}
+
+/// Applies every move that may happen, as [`apply`] in `SkipInvalid` mode, and says of each
+/// move, in their order, whether it was applied or why not: moves of unrelated callers
+/// sharing one transaction (`task_updates`), each answered on its own. Only the database's
+/// failure fails the call.
+pub async fn apply_each(
+    conn: &mut PgConnection,
+    moves: &[&Move],
+) -> Result<Vec<Result<Applied, MoveError>>, sqlx::Error> {
+    let checks = lock_and_check(conn, moves).await?;
+    write(conn, moves, checks).await
+}
+
+/// Locks the moves' rows and checks each move against its row, in the moves' order: whether
+/// it may happen, and from which state. A second move of one task is refused (it would be
+/// checked against a stale state).
+async fn lock_and_check(
+    conn: &mut PgConnection,
+    moves: &[&Move],
+) -> Result<Vec<Checked>, sqlx::Error> {
     if moves.is_empty() {
         return Ok(Vec::new());
     }
@@ -217,7 +260,10 @@ pub async fn apply(
     // same: the primary key's index for the listed ids.
     let locked = sqlx::query_as!(
         Locked,
-        "SELECT id, status, assigned_droplet_id, attempt FROM tasks
+        "SELECT id, status, assigned_droplet_id, attempt,
+                (SELECT d.droplet_id FROM droplets d WHERE d.id = tasks.assigned_droplet_id)
+                    AS assignee
+         FROM tasks
          WHERE id = ANY((SELECT $1::int[])::int[]) ORDER BY id FOR UPDATE",
         &ids
     )
@@ -225,12 +271,21 @@ pub async fn apply(
     .await?;
     let rows: HashMap<i32, &Locked> = locked.iter().map(|l| (l.id, l)).collect();
 
-    let mut accepted: Vec<(&Move, Status, Option<i32>)> = Vec::with_capacity(moves.len());
     let mut seen = std::collections::HashSet::new();
-    for m in moves {
-        let check = (|| {
+    let checks = moves
+        .iter()
+        .map(|m| {
             let row = rows.get(&m.task_id).ok_or(MoveError::NotFound(m.task_id))?;
             let from = Status::parse(&row.status).ok_or(MoveError::NotFound(m.task_id))?;
+            // Whose task it is before which attempt: a droplet's late PATCH after its task
+            // went to another droplet is refused as not its own (403), as the contract
+            // orders it.
+            let not_held = |d: Option<i32>, held: Option<i32>| d.is_some() && held != d;
+            if not_held(m.expect_droplet, row.assigned_droplet_id)
+                || not_held(m.expect_assignee, row.assignee)
+            {
+                return Err(MoveError::NotYours(m.task_id));
+            }
             if let Some(given) = m.expect_attempt {
                 if given != row.attempt {
                     return Err(MoveError::StaleAttempt {
@@ -240,35 +295,91 @@ pub async fn apply(
                     });
                 }
             }
-            if let Some(d) = m.expect_droplet {
-                if row.assigned_droplet_id != Some(d) {
-                    return Err(MoveError::NotYours(m.task_id));
-                }
-            }
+            let invalid = || MoveError::Invalid(from.as_str(), m.to.as_str());
             if m.expect_status.is_some_and(|s| s != from) || !allowed(from, m.to, m.actor, m.cause)
             {
-                return Err(MoveError::Invalid(from.as_str(), m.to.as_str()));
+                return Err(invalid());
             }
             if m.to == Status::Assigned && m.assign_to.is_none() {
-                return Err(MoveError::Invalid(from.as_str(), m.to.as_str()));
+                return Err(invalid());
+            }
+            if !seen.insert(m.task_id) {
+                return Err(invalid());
             }
             Ok((from, row.assigned_droplet_id))
-        })();
-        match check {
-            // One move per task per call: the second would be checked against a stale state.
-            Ok((from, held)) if seen.insert(m.task_id) => accepted.push((m, from, held)),
-            Ok((from, _)) if mode == Mode::Strict => {
-                return Err(MoveError::Invalid(from.as_str(), m.to.as_str()))
-            }
-            Ok(_) => {}
-            Err(e) if mode == Mode::Strict => return Err(e),
-            Err(_) => {}
-        }
-    }
-    if accepted.is_empty() {
-        return Ok(Vec::new());
-    }
+        })
+        .collect();
+    Ok(checks)
+}
 
+/// Writes the moves whose check passed (one `UPDATE`, one history insert, one events insert
+/// for them all) and gives each move's outcome, in their order.
+async fn write(
+    conn: &mut PgConnection,
+    moves: &[&Move],
+    checks: Vec<Checked>,
+) -> Result<Vec<Result<Applied, MoveError>>, sqlx::Error> {
+    let accepted: Vec<(&Move, Status, Option<i32>)> = moves
+        .iter()
+        .zip(&checks)
+        .filter_map(|(&m, c)| c.as_ref().ok().map(|&(from, held)| (m, from, held)))
+        .collect();
+    let mut by_id = write_rows(conn, &accepted).await?;
+    let mut outcomes = Vec::with_capacity(moves.len());
+    let mut to_notify = Vec::with_capacity(accepted.len());
+    for (&m, check) in moves.iter().zip(checks) {
+        let (from, held) = match check {
+            Ok(checked) => checked,
+            Err(e) => {
+                outcomes.push(Err(e));
+                continue;
+            }
+        };
+        let Some(task) = by_id.remove(&m.task_id) else {
+            outcomes.push(Err(MoveError::NotFound(m.task_id)));
+            continue;
+        };
+        let kind = event_for(Some(from), m.to);
+        to_notify.push(Event::task_moved(
+            kind,
+            Some(task.trace_id.to_string()),
+            &task,
+            from.as_str(),
+            m.event_extra.as_deref(),
+        ));
+        // The droplet is told when work is taken from it, not when it failed the task itself,
+        // nor when it refused the task (it never took it), nor again at a retry (it failed
+        // the task itself or was told when the system failed it).
+        let previous_droplet = match m.to {
+            _ if matches!(m.cause, Cause::Refused | Cause::RefusedCredentials) => None,
+            _ if from == Status::Failed => None,
+            Status::Pending | Status::Cancelled => held,
+            Status::Failed if m.actor == Actor::System => held,
+            _ => None,
+        };
+        outcomes.push(Ok(Applied {
+            task,
+            from,
+            to: m.to,
+            previous_droplet,
+            held_droplet: held,
+        }));
+    }
+    if !to_notify.is_empty() {
+        events::record(conn, &to_notify).await?;
+    }
+    Ok(outcomes)
+}
+
+/// The rows' `UPDATE` and their history rows, for the moves that passed their checks; the
+/// tasks as they are now, by id.
+async fn write_rows(
+    conn: &mut PgConnection,
+    accepted: &[(&Move, Status, Option<i32>)],
+) -> Result<HashMap<i32, Task>, sqlx::Error> {
+    if accepted.is_empty() {
+        return Ok(HashMap::new());
+    }
     let n = accepted.len();
     let mut a_ids = Vec::with_capacity(n);
     let mut a_to = Vec::with_capacity(n);
@@ -280,7 +391,7 @@ pub async fn apply(
     let mut h_by = Vec::with_capacity(n);
     let mut h_reason: Vec<Option<String>> = Vec::with_capacity(n);
     let mut h_meta: Vec<Option<&Value>> = Vec::with_capacity(n);
-    for (m, from, _) in &accepted {
+    for (m, from, _) in accepted {
         a_ids.push(m.task_id);
         a_to.push(m.to.as_str());
         a_droplet.push(m.assign_to);
@@ -376,41 +487,7 @@ pub async fn apply(
     .execute(&mut *conn)
     .await?;
 
-    let mut by_id: HashMap<i32, Task> = updated.into_iter().map(|t| (t.id, t)).collect();
-    let mut applied = Vec::with_capacity(n);
-    let mut to_notify = Vec::with_capacity(n);
-    for (m, from, held) in accepted {
-        let Some(task) = by_id.remove(&m.task_id) else {
-            continue;
-        };
-        let kind = event_for(Some(from), m.to);
-        to_notify.push(Event::task_moved(
-            kind,
-            Some(task.trace_id.to_string()),
-            &task,
-            from.as_str(),
-            m.event_extra.as_deref(),
-        ));
-        // The droplet is told when work is taken from it, not when it failed the task itself,
-        // nor when it refused the task (it never took it), nor again at a retry (it failed
-        // the task itself or was told when the system failed it).
-        let previous_droplet = match m.to {
-            _ if matches!(m.cause, Cause::Refused | Cause::RefusedCredentials) => None,
-            _ if from == Status::Failed => None,
-            Status::Pending | Status::Cancelled => held,
-            Status::Failed if m.actor == Actor::System => held,
-            _ => None,
-        };
-        applied.push(Applied {
-            task,
-            from,
-            to: m.to,
-            previous_droplet,
-            held_droplet: held,
-        });
-    }
-    events::record(conn, &to_notify).await?;
-    Ok(applied)
+    Ok(updated.into_iter().map(|t| (t.id, t)).collect())
 }
 
 #[cfg(test)]

@@ -8,6 +8,7 @@ use crate::services::contracts::Contracts;
 use crate::services::create_queue::CreateQueue;
 use crate::services::key_limits::Limits;
 use crate::services::transition::Changes;
+use crate::services::update_queue::UpdateQueue;
 use crate::services::Core;
 
 /// Those of a change of tasks (every creation, PATCH and cancel goes through
@@ -19,6 +20,8 @@ use crate::services::Core;
 pub struct Tasks {
     pub changes: Changes,
     pub creates: Arc<CreateQueue>,
+    /// PATCHes waiting to share a transaction (`task_updates`).
+    pub updates: Arc<UpdateQueue>,
     pub directory: Arc<ContractDirectory>,
     pub contracts: Arc<Contracts>,
     pub limits: Limits,
@@ -30,6 +33,7 @@ impl Core {
         Tasks {
             changes: self.changes(),
             creates: self.creates.clone(),
+            updates: self.updates.clone(),
             directory: self.directory.clone(),
             contracts: self.contracts.clone(),
             limits: self.key_limits(),

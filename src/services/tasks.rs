@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 
 use chrono::NaiveDateTime;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use serde_json::Value;
 use sqlx::PgPool;
 use uuid::Uuid;
@@ -22,9 +22,10 @@ use crate::services::state_machine::{Actor, Mode, Move, Status};
 use crate::services::task_parts::Tasks;
 pub use crate::services::task_store::{history, load, load_by_trace, HistoryRow, Task};
 use crate::services::task_store::{select_task, task_columns, task_of};
+pub use crate::services::task_updates::{may_update, update, TaskUpdate};
 use crate::services::transition::{self, Transition};
 use crate::services::{fair_share, key_limits};
-use crate::validation::{FieldError, Validate};
+use crate::validation::FieldError;
 
 /// What `POST /tasks` answers.
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
@@ -368,87 +369,6 @@ async fn insert_rows(
     }
     t.commit().await?;
     Ok(stored)
-}
-
-/// The payload of `PATCH /tasks/{id}`.
-#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
-pub struct TaskUpdate {
-    pub status: String,
-    #[serde(default)]
-    #[schema(value_type = Option<Object>)]
-    pub result: Option<Value>,
-    #[serde(default)]
-    pub error_message: Option<String>,
-    /// When present, the update holds only if the task is still on this attempt.
-    #[serde(default)]
-    pub attempt: Option<i64>,
-}
-
-impl Validate for TaskUpdate {
-    fn validate(&self) -> Vec<FieldError> {
-        let mut errors = Vec::new();
-        if Status::parse(&self.status).is_none() {
-            errors.push(FieldError::new(
-                &["status"],
-                "Input should be 'pending', 'assigned', 'in_progress', 'completed', 'failed' or 'cancelled'",
-                "enum",
-            ));
-        }
-        errors
-    }
-}
-
-/// Whether `caller` may PATCH task `id`, in the contract's order: the task exists (404),
-/// then, for a non-admin, it is assigned to the caller's droplet (403). The handler asks this
-/// of a request whose body it could not read, so that its 422 comes only after both.
-pub async fn may_update(db: &PgPool, caller: &Principal, id: i32) -> Result<Task> {
-    let task = load(db, id)
-        .await?
-        .ok_or_else(|| Error::not_found(format!("Task {id} not found")))?;
-    if !caller.is_admin() && task.assigned_droplet_id != Some(caller.droplet_id) {
-        return Err(Error::forbidden(format!(
-            "Task {id} is not assigned to droplet {}",
-            caller.droplet_id
-        )));
-    }
-    Ok(task)
-}
-
-/// `PATCH /tasks/{id}`: the assigned droplet (or an admin) moves its task.
-pub async fn update(
-    state: &Tasks,
-    caller: &Principal,
-    id: i32,
-    update: TaskUpdate,
-) -> Result<Task> {
-    let task = may_update(&state.db, caller, id).await?;
-    let to = Status::parse(&update.status)
-        .ok_or_else(|| Error::invalid(&["body", "payload", "status"], "unknown status", "enum"))?;
-    let mut m = Move::new(id, to, Actor::Admin, caller.actor_name());
-    if !caller.is_admin() {
-        m.actor = Actor::AssignedDroplet;
-        m.expect_droplet = task.assigned_droplet_internal;
-    }
-    m.reason = Some(match to {
-        Status::InProgress => "started by droplet".into(),
-        Status::Completed => "completed by droplet".into(),
-        Status::Failed => update
-            .error_message
-            .clone()
-            .unwrap_or_else(|| "failed by droplet".into()),
-        other => format!("set to {} by {}", other.as_str(), caller.actor_name()),
-    });
-    m.result = update.result;
-    m.error_message = update.error_message;
-    m.expect_attempt = update
-        .attempt
-        .map(|a| a.clamp(-1, i64::from(i32::MAX)) as i32);
-    let applied = transition::run(state, &[m], Mode::Strict).await?;
-    applied
-        .into_iter()
-        .next()
-        .map(|a| a.task)
-        .ok_or_else(|| Error::internal("move applied without a row"))
 }
 
 /// Whether `caller` may cancel task `id`, in the contract's order: the task exists (404),

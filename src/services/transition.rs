@@ -83,6 +83,25 @@ impl<'a> Transition<'a> {
         Ok(&self.applied[start..])
     }
 
+    /// Applies every move that may happen in this transaction and says of each move, in
+    /// their order, why it was not applied (`None`: applied; `commit` returns it).
+    pub async fn apply_each(
+        &mut self,
+        moves: &[&Move],
+    ) -> Result<Vec<Option<MoveError>>, sqlx::Error> {
+        let outcomes = state_machine::apply_each(&mut self.tx, moves).await?;
+        Ok(outcomes
+            .into_iter()
+            .map(|outcome| match outcome {
+                Ok(applied) => {
+                    self.applied.push(applied);
+                    None
+                }
+                Err(e) => Some(e),
+            })
+            .collect())
+    }
+
     /// Records that this transaction inserted a new task (its row, history and event).
     pub fn created(&mut self, _task: &Task) {
         self.created += 1;

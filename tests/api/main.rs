@@ -47,6 +47,7 @@ mod requeues;
 mod rollups;
 mod routing;
 mod simulator;
+mod task_updates;
 mod tasks;
 mod unreachable;
 mod websocket;
