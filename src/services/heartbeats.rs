@@ -168,21 +168,13 @@ pub async fn heartbeat(
         metrics: beat.metrics.clone(),
         id_form: id_form.map(str::to_string),
     });
-    shared_commit::lead(
+    // Should the shared statement fail (a deadlock with another writer of several droplets,
+    // say), each heartbeat is tried alone.
+    shared_commit::lead_each(
         state,
         |c: &Beats| &*c.queue,
-        |q| q.take_distinct(|b| b.droplet_id),
-        // Should the shared statement fail (a deadlock with another writer of several
-        // droplets, say), each heartbeat is tried alone.
-        |core, batch| async move {
-            shared_commit::write_each(
-                &core,
-                batch,
-                |b| b.droplet_id,
-                |core, rows| Box::pin(beat_rows(core, rows)),
-            )
-            .await
-        },
+        |b| b.droplet_id,
+        |core, rows| Box::pin(beat_rows(core, rows)),
     );
     let row = match answer.await {
         Ok(beaten) => beaten?,

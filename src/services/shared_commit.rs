@@ -121,6 +121,32 @@ where
     });
 }
 
+/// [`lead`] in the form every queue here takes: a batch holds one item per `key` (a second
+/// waits for the next batch), written by [`write_each`]. Creations go by trace id,
+/// heartbeats by droplet, PATCHes by task.
+pub fn lead_each<C, T, K, V>(
+    core: &C,
+    queue: fn(&C) -> &SharedCommit<T, Answer<V>>,
+    key: fn(&T) -> K,
+    write: for<'a> fn(&'a C, &'a [&'a T]) -> Written<'a, K, V>,
+) where
+    C: Clone + Send + Sync + 'static,
+    T: Send + Sync + 'static,
+    K: Hash + Eq + Send + 'static,
+    V: Send + 'static,
+{
+    lead(
+        core,
+        queue,
+        move |q| q.take_distinct(key),
+        move |core, batch| async move { write_each(&core, batch, key, write).await },
+    );
+}
+
+/// An item's answer from [`write_each`]: its result (`None` when the write gave it none), or
+/// the database's error.
+pub type Answer<V> = Result<Option<V>, sqlx::Error>;
+
 /// What a shared write returns: the written items' results by key (an item missing from it
 /// is answered `None`).
 pub type Written<'a, K, V> =
@@ -131,7 +157,7 @@ pub type Written<'a, K, V> =
 /// neighbours.
 pub async fn write_each<C, T, K, V>(
     core: &C,
-    batch: Vec<Waiting<T, Result<Option<V>, sqlx::Error>>>,
+    batch: Vec<Waiting<T, Answer<V>>>,
     key: fn(&T) -> K,
     write: for<'a> fn(&'a C, &'a [&'a T]) -> Written<'a, K, V>,
 ) where

@@ -107,21 +107,13 @@ pub async fn update(
         .map(|a| a.clamp(-1, i64::from(i32::MAX)) as i32);
 
     let answer = state.updates.push(m);
-    shared_commit::lead(
+    // Should the shared transaction fail (a deadlock with another writer of these tasks,
+    // say), each PATCH is tried alone.
+    shared_commit::lead_each(
         state,
         |c: &Tasks| &*c.updates,
-        |q| q.take_distinct(|m| m.task_id),
-        // Should the shared transaction fail (a deadlock with another writer of these
-        // tasks, say), each PATCH is tried alone.
-        |core, batch| async move {
-            shared_commit::write_each(
-                &core,
-                batch,
-                |m| m.task_id,
-                |core, moves| Box::pin(write_moves(core, moves)),
-            )
-            .await
-        },
+        |m| m.task_id,
+        |core, moves| Box::pin(write_moves(core, moves)),
     );
     match answer.await {
         Ok(Ok(Some(Ok(applied)))) => Ok(applied.task),

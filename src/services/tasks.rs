@@ -233,22 +233,14 @@ pub async fn insert_all(core: &Tasks, rows: Vec<NewRow>) -> Vec<Result<Option<St
     out
 }
 
-/// Becomes a leader of the creations when a place is free (`shared_commit::lead`). A batch
+/// Becomes a leader of the creations when a place is free (`shared_commit::lead_each`). A batch
 /// holds one creation per trace id; a repeat waits for the next one.
 fn lead(core: &Tasks) {
-    shared_commit::lead(
+    shared_commit::lead_each(
         core,
         |c: &Tasks| &*c.creates,
-        |q| q.take_distinct(|r| r.trace_id),
-        |core, batch| async move {
-            shared_commit::write_each(
-                &core,
-                batch,
-                |r| r.trace_id,
-                |core, rows| Box::pin(insert_rows(core, rows)),
-            )
-            .await
-        },
+        |r| r.trace_id,
+        |core, rows| Box::pin(insert_rows(core, rows)),
     );
 }
 
