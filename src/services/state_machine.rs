@@ -261,8 +261,9 @@ async fn lock_and_check(
     let locked = sqlx::query_as!(
         Locked,
         "SELECT id, status, assigned_droplet_id, attempt,
-                (SELECT d.droplet_id FROM droplets d WHERE d.id = tasks.assigned_droplet_id)
-                    AS assignee
+                CASE WHEN assigned_droplet_id IS NOT NULL
+                     THEN (SELECT d.droplet_id FROM droplets d WHERE d.id = tasks.assigned_droplet_id)
+                END AS assignee
          FROM tasks
          WHERE id = ANY((SELECT $1::int[])::int[]) ORDER BY id FOR UPDATE",
         &ids
