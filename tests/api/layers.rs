@@ -4,8 +4,17 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
-/// Every `.rs` file under `src/`, by its path relative to `src/`.
+/// Every `.rs` file under `src/` but unit tests kept beside their file (`<file>/tests.rs`,
+/// which, as a `mod tests` that [`code`] leaves out, may use anything), by its path relative
+/// to `src/`.
 fn sources() -> BTreeMap<String, String> {
+    let mut files = every_source();
+    files.retain(|rel, _| !rel.ends_with("/tests.rs"));
+    files
+}
+
+/// Every `.rs` file under `src/`, by its path relative to `src/`.
+fn every_source() -> BTreeMap<String, String> {
     fn walk(dir: &Path, root: &Path, out: &mut BTreeMap<String, String>) {
         for entry in std::fs::read_dir(dir).unwrap() {
             let path = entry.unwrap().path();
@@ -245,4 +254,18 @@ fn services_take_their_parts_not_the_whole_core() {
         "services that take or keep the whole Core:\n{}",
         offences.join("\n")
     );
+}
+
+/// Most lines a source file may have: a file past it holds more than one thing to read
+/// (issue 25). Unit tests count too; they may move beside their file (`<file>/tests.rs`).
+const MOST_LINES: usize = 600;
+
+#[test]
+fn no_source_file_is_over_600_lines() {
+    let long: Vec<(String, usize)> = every_source()
+        .into_iter()
+        .map(|(rel, text)| (rel, text.lines().count()))
+        .filter(|&(_, n)| n > MOST_LINES)
+        .collect();
+    assert!(long.is_empty(), "over {MOST_LINES} lines: {long:?}");
 }
