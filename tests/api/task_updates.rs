@@ -51,7 +51,10 @@ async fn writes_of(app: &TestApp, ids: &[i32]) -> (i64, i64) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn patches_at_one_moment_share_one_commit_and_each_refusal_is_its_own() {
-    let app = TestApp::spawn().await;
+    // One leader (a quarter of the pool): PATCHes that arrive while it writes wait for its
+    // next batch, all together.
+    let app =
+        TestApp::spawn_with(&[("DATABASE_POOL_SIZE", "4"), ("DATABASE_MAX_OVERFLOW", "0")]).await;
     app.pause_routing().await;
     app.register(8, &[], &dead_endpoint()).await;
     app.register(9, &[], &dead_endpoint()).await;
@@ -86,28 +89,30 @@ async fn patches_at_one_moment_share_one_commit_and_each_refusal_is_its_own() {
         let (app, me) = (&app, me.clone());
         async move { (id, app.patch(&format!("/tasks/{id}"), &me, body).await) }
     };
-    // Droplet 8 starts 17 of its tasks; among them, refused: a stale attempt, a move that
-    // may not happen (assigned -> completed), droplet 9's task, a task that does not exist.
-    let mut requests = Vec::new();
-    requests.push(patch(mine[0], json!({"status": "in_progress"})));
+    // Droplet 8 starts 17 of its tasks: the first alone, whose write waits on the held row;
+    // then, once it waits, the 16 others at once with the refused: a stale attempt, a move
+    // that may not happen (assigned -> completed), droplet 9's task, a task that does not
+    // exist. They queue behind the waiting write and share the next one.
+    let first = patch(mine[0], json!({"status": "in_progress"}));
+    let mut rest = Vec::new();
     for &id in &mine[1..17] {
-        requests.push(patch(id, json!({"status": "in_progress"})));
+        rest.push(patch(id, json!({"status": "in_progress"})));
     }
-    requests.push(patch(
+    rest.push(patch(
         mine[17],
         json!({"status": "in_progress", "attempt": first_attempt + 5}),
     ));
-    requests.push(patch(mine[18], json!({"status": "completed"})));
-    requests.push(patch(others, json!({"status": "in_progress"})));
-    requests.push(patch(i32::MAX - 1, json!({"status": "in_progress"})));
-    let unblock = async {
+    rest.push(patch(mine[18], json!({"status": "completed"})));
+    rest.push(patch(others, json!({"status": "in_progress"})));
+    rest.push(patch(i32::MAX - 1, json!({"status": "in_progress"})));
+    let rest_then_release = async {
         eventually(
             Duration::from_secs(10),
-            "a write waiting on the row",
+            "the first PATCH's write waiting on the row",
             || async {
                 let waiting: i64 = sqlx::query_scalar(
                     "SELECT COUNT(*) FROM pg_stat_activity
-                 WHERE datname = current_database() AND wait_event_type = 'Lock'",
+                     WHERE datname = current_database() AND wait_event_type = 'Lock'",
                 )
                 .fetch_one(&app.db)
                 .await
@@ -116,11 +121,16 @@ async fn patches_at_one_moment_share_one_commit_and_each_refusal_is_its_own() {
             },
         )
         .await;
-        // The other PATCHes arrive and queue behind the waiting write.
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        held.rollback().await.expect("release");
+        let release = async {
+            // The others arrive and queue behind the waiting write.
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            held.rollback().await.expect("release");
+        };
+        let (answers, ()) = tokio::join!(futures::future::join_all(rest), release);
+        answers
     };
-    let (answers, ()) = tokio::join!(futures::future::join_all(requests), unblock);
+    let (first, mut answers) = tokio::join!(first, rest_then_release);
+    answers.push(first);
 
     for (id, (status, body)) in &answers {
         let expected = match *id {
@@ -156,8 +166,8 @@ async fn patches_at_one_moment_share_one_commit_and_each_refusal_is_its_own() {
     );
     assert_eq!(detail(mine[18]), "Invalid transition assigned -> completed");
 
-    // The 17 started: each with its history row, written by at most two transactions (the
-    // one that waited on the row, and the one the others shared). The refused are as they were.
+    // The 17 started: each with its history row, written by two transactions (the first's,
+    // which waited on the row, and the one the 16 others shared). The refused are as they were.
     let started = &mine[..17];
     let (transactions, history) = writes_of(&app, started).await;
     assert!(
