@@ -83,6 +83,18 @@ impl<'a> Reader<'a> {
             .map(Duration::from_secs)
     }
 
+    /// Whole milliseconds as a `Duration`.
+    pub(super) fn millis(
+        &self,
+        name: &'static str,
+        default: u64,
+        min: u64,
+        max: u64,
+    ) -> Result<Duration, ConfigError> {
+        self.number(name, default, min, max)
+            .map(Duration::from_millis)
+    }
+
     pub(super) fn flag(&self, name: &'static str, default: bool) -> Result<bool, ConfigError> {
         match self.raw(name).map(|v| v.to_ascii_lowercase()) {
             None => Ok(default),

@@ -354,6 +354,13 @@ settings! {
         help: "how long events are kept for clients resuming with ?after=<event_id>",
         parse: number(3600u64, 10, 30 * 86_400),
     }
+    /// How often the relay looks for events without a wake-up: a write on this replica wakes
+    /// it after its commit; another replica's writes are found by this poll.
+    event_relay_poll: Duration = "EVENT_RELAY_POLL_MS" {
+        default: "100",
+        help: "milliseconds between the event relay's looks for events written on other replicas (this replica's writes wake it at their commit)",
+        parse: millis(100, 10, 60_000),
+    }
 
     enable_auto_recovery: bool = "ENABLE_AUTO_RECOVERY" {
         default: "true",

@@ -311,6 +311,7 @@ pub async fn register(
     );
     events::record(&mut tx, &[event]).await?;
     tx.commit().await?;
+    events::committed();
     state.dispatch.holds.forget(row.droplet.internal_id);
     // In force here at once; the other replicas apply the event as they read it.
     let listed = Listed::from_event(&row.droplet.to_json());

@@ -215,6 +215,11 @@ async fn beat_rows(
     )
     .fetch_all(&core.db)
     .await?;
+    // The statement wrote a health event for each droplet whose status changed, and has
+    // committed: the local relay publishes them now.
+    if beats.iter().any(|r| r.previous_status != r.status) {
+        crate::services::events::committed();
+    }
     Ok(beats
         .into_iter()
         .map(|r| {

@@ -12,6 +12,7 @@ use crate::instruments::Metrics;
 use crate::services::core::{EmergencyStop, Settings};
 use crate::services::dispatch::{self, Dispatcher};
 use crate::services::drain_state;
+use crate::services::events;
 use crate::services::router_trigger::RouterTrigger;
 use crate::services::state_machine::{self, Applied, Mode, Move, MoveError, Status};
 use crate::services::table_statistics::{self, Growth};
@@ -131,6 +132,9 @@ impl<'a> Transition<'a> {
             finish_drains(&mut tx, &applied).await?;
         }
         tx.commit().await?;
+        // Every transition that commits recorded events (its moves', a creation's, a
+        // drain's).
+        events::committed();
         after_commit(core, &applied, created);
         if wake_router {
             core.router.trigger();

@@ -1102,3 +1102,38 @@ async fn a_relay_round_reads_the_outbox_by_its_key_however_much_it_has_grown() {
     assert_eq!(published, 19);
     pool.close().await;
 }
+
+/// A change's events reach the clients when its transaction commits, however long after they
+/// were written: the writer wakes the relay after its commit. Woken when the events were
+/// written (before this fix), the relay looked before they were visible and left them to its
+/// next poll, here a minute, far past this test's wait; nothing else in this quiet app wakes
+/// it meanwhile.
+#[tokio::test]
+async fn a_changes_events_are_published_at_its_commit_not_at_the_relays_next_poll() {
+    use orchestrator::services::state_machine::{Actor, Mode, Move, Status};
+    use orchestrator::services::transition::Transition;
+
+    let app = TestApp::spawn_with(&[("EVENT_RELAY_POLL_MS", "60000")]).await;
+    listening(&app).await;
+    let mut ws = connect(&app, "tasks", "").await;
+    let task = app.create_task(3, task_payload("cancelled late")).await;
+    let created = events_until(&mut ws, |e| name(e) == "task_created").await;
+    assert_eq!(task_id(created.last().unwrap()), i64::from(task));
+
+    let changes = app.state.changes();
+    let mut t = Transition::begin(&changes).await.unwrap();
+    let cancel = Move::new(task, Status::Cancelled, Actor::Admin, "admin");
+    t.apply(&[cancel], Mode::Strict).await.unwrap();
+    // The event is in the outbox, its transaction still open.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    t.commit().await.unwrap();
+
+    let cancelled = next_frame(&mut ws, Duration::from_secs(5))
+        .await
+        .expect("task_cancelled within 5 s of its commit (the relay's poll is a minute)");
+    assert_eq!(
+        (name(&cancelled), task_id(&cancelled)),
+        ("task_cancelled", i64::from(task)),
+        "{cancelled}"
+    );
+}

@@ -313,9 +313,18 @@ macro_rules! heartbeat_health_event {
 }
 pub(crate) use heartbeat_health_event;
 
+/// Called once a transaction that recorded events has committed: the local relay publishes
+/// them at once. (Woken before the commit, it would find them not yet visible and leave them
+/// to its next poll, `EVENT_RELAY_POLL_MS`.) Another replica's relay finds them within that
+/// poll.
+pub fn committed() {
+    relay::wake();
+}
+
 /// Adds the events to the outbox in the caller's transaction: they are published once it
 /// commits, in order, to every replica, and never if it rolls back. A plain insert: no
-/// NOTIFY, so concurrent writers still share PostgreSQL's group commit.
+/// NOTIFY, so concurrent writers still share PostgreSQL's group commit. Whoever commits the
+/// transaction calls [`committed`] after it.
 pub async fn record(conn: &mut PgConnection, events: &[Event]) -> Result<(), sqlx::Error> {
     if events.is_empty() {
         return Ok(());
@@ -343,7 +352,6 @@ pub async fn record(conn: &mut PgConnection, events: &[Event]) -> Result<(), sql
     )
     .execute(conn)
     .await?;
-    relay::wake();
     Ok(())
 }
 

@@ -28,13 +28,11 @@ use crate::services::locks::Singleton;
 pub const EVENTS_CHANNEL: &str = "orchestrator_events";
 /// Most events one round publishes.
 const BATCH: i64 = 5000;
-/// How long an idle relay waits before looking again (a local write wakes it at once).
-const IDLE: Duration = Duration::from_millis(100);
 
 static WAKE: LazyLock<Notify> = LazyLock::new(Notify::new);
 
-/// Called by a writer that added events: the local relay looks at once (another replica's
-/// relay finds them within `IDLE`).
+/// Called after a commit that added events (`events::committed`): the local relay looks at
+/// once (another replica's relay finds them within `EVENT_RELAY_POLL_MS`).
 pub fn wake() {
     // Every relay of this process (tests run several apps in one), and a permit for one that
     // is busy in a round right now.
@@ -46,18 +44,24 @@ pub fn wake() {
 /// stamped with `source`, the orchestrator's configured id.
 pub async fn publish_round(db: &PgPool, source: i32) -> Result<Option<u64>, sqlx::Error> {
     let mut tx = db.begin().await?;
-    if !Singleton::EventRelay.try_for_transaction(&mut tx).await? {
+    // The relay's lock (`Singleton::EventRelay`: a round another replica holds is skipped,
+    // never waited for) and, in the same round trip, no sequential scan of the outbox. It is
+    // a queue: its deleted rows stay in its pages until a vacuum, so its size swings, and a
+    // plan kept from the nearly empty outbox of the first rounds deleted through a sequential
+    // scan of every page, dead rows included (a 24 MB outbox scanned at each of ~70 rounds a
+    // second at 300 tasks/s). For this transaction only; the statement's plan is still kept.
+    let locked = sqlx::query!(
+        r#"SELECT pg_try_advisory_xact_lock($1) AS "locked!",
+                  set_config('enable_seqscan', 'off', true) AS "seqscan!""#,
+        Singleton::EventRelay.id()
+    )
+    .fetch_one(&mut *tx)
+    .await?
+    .locked;
+    if !locked {
         tx.rollback().await?;
         return Ok(None);
     }
-    // The round never scans the outbox sequentially. It is a queue: its deleted rows stay in
-    // its pages until a vacuum, so its size swings, and a plan kept from the nearly empty
-    // outbox of the first rounds deleted through a sequential scan of every page, dead rows
-    // included (a 24 MB outbox scanned at each of ~70 rounds a second at 300 tasks/s). For
-    // this transaction only; the statement's plan is still kept.
-    sqlx::query!("SELECT set_config('enable_seqscan', 'off', true)")
-        .fetch_one(&mut *tx)
-        .await?;
     // An envelope in the outbox's form (`protocol::OutboxEvent`, `OUTBOX_EVENT_HEAD`) is
     // published by writing its source and event id before the rest of its text, without
     // parsing it; any other (a row written by hand) through jsonb. A row that came without
@@ -138,8 +142,8 @@ pub async fn trim(db: &PgPool, retention_seconds: u64) -> Result<u64, sqlx::Erro
     }
 }
 
-/// The relay loop of this replica: a round at each local write and every `IDLE`; rounds run
-/// back to back while there is a backlog. It uses the pool, the orchestrator's id (the
+/// The relay loop of this replica: a round at each local commit that wrote events and every
+/// `EVENT_RELAY_POLL_MS`; rounds run back to back while there is a backlog. It uses the pool, the orchestrator's id (the
 /// source of what it publishes) and the settings (the retention).
 pub async fn run_relay(db: PgPool, source: i32, settings: Settings, stop: CancellationToken) {
     let mut last_trim = Instant::now();
@@ -175,14 +179,12 @@ pub async fn run_relay(db: PgPool, source: i32, settings: Settings, stop: Cancel
         let wait = if failing {
             Duration::from_secs(1)
         } else {
-            IDLE
+            settings.current().event_relay_poll
         };
+        // The writer woke it after its commit: its events are visible now.
         tokio::select! {
             _ = stop.cancelled() => return,
-            _ = WAKE.notified() => {
-                // Let the writer's commit land, then look.
-                tokio::time::sleep(Duration::from_millis(1)).await;
-            }
+            _ = WAKE.notified() => {}
             _ = tokio::time::sleep(wait) => {}
         }
     }
