@@ -127,6 +127,8 @@ struct Candidate {
     last_heartbeat: Option<NaiveDateTime>,
     load: i64,
     capability_schemas: Option<serde_json::Value>,
+    /// How many droplets were active, locked here or not (the same in every row).
+    active: i64,
 }
 
 struct Slot {
@@ -288,14 +290,17 @@ async fn lock_droplets(t: &mut Transition<'_>) -> Result<(Vec<Slot>, bool), sqlx
     // registration or an admin's change of the droplet's row never waits for a pass.
     // A droplet that pushed back (until its `Retry-After` has passed) or is being drained
     // takes no new work; one whose allowance was halved has that as its room.
+    // The number of active droplets is counted in the same read, before the locks: a
+    // droplet left out was locked elsewhere. (It was a statement of its own.)
     let mut candidates: Vec<Candidate> = sqlx::query_as!(
         Candidate,
         r#"SELECT d.id AS "id!", d.droplet_id AS "droplet_id!",
                 COALESCE(d.capabilities, '[]'::jsonb) AS "capabilities!",
                 LEAST(d.max_concurrent_tasks, d.in_flight_allowance) AS "max_concurrent_tasks?",
                 d.last_heartbeat AS "last_heartbeat?",
-                d.capability_schemas AS "capability_schemas?", 0::bigint AS "load!"
-         FROM (SELECT * FROM droplets WHERE status = 'active'
+                d.capability_schemas AS "capability_schemas?",
+                0::bigint AS "load!", d.active AS "active!"
+         FROM (SELECT *, COUNT(*) OVER () AS active FROM droplets WHERE status = 'active'
                  AND (deferred_until IS NULL OR deferred_until <= NOW())
                  AND drain_requested_at IS NULL
                ORDER BY id) d
@@ -304,32 +309,34 @@ async fn lock_droplets(t: &mut Transition<'_>) -> Result<(Vec<Slot>, bool), sqlx
     )
     .fetch_all(t.conn())
     .await?;
-    // Their loads in one grouped read of the live tasks (a count per droplet was one scan
-    // per droplet per pass: 1,200 scans a second at 300 tasks/s with 50 droplets, each of
-    // the whole table while its statistics were young).
+    // Their loads in one grouped read of the live tasks, after the locks: its snapshot sees
+    // what another replica's pass committed under a lock before releasing it. (A count per
+    // droplet was one scan per droplet per pass: 1,200 scans a second at 300 tasks/s with 50
+    // droplets, each of the whole table while its statistics were young; counted inside the
+    // locking statement by a volatile function, made the pass slower than this second
+    // statement.)
     let ids: Vec<i32> = candidates.iter().map(|c| c.id).collect();
-    let loads: HashMap<i32, i64> = sqlx::query!(
-        r#"SELECT assigned_droplet_id AS "droplet!", COUNT(*) AS "load!" FROM tasks
-         WHERE status IN ('assigned', 'in_progress') AND assigned_droplet_id = ANY($1)
-         GROUP BY assigned_droplet_id"#,
-        &ids,
-    )
-    .fetch_all(t.conn())
-    .await?
-    .into_iter()
-    .map(|r| (r.droplet, r.load))
-    .collect();
-    for c in &mut candidates {
-        c.load = loads.get(&c.id).copied().unwrap_or(0);
+    if !ids.is_empty() {
+        let loads: HashMap<i32, i64> = sqlx::query!(
+            r#"SELECT assigned_droplet_id AS "droplet!", COUNT(*) AS "load!" FROM tasks
+             WHERE status IN ('assigned', 'in_progress') AND assigned_droplet_id = ANY($1)
+             GROUP BY assigned_droplet_id"#,
+            &ids,
+        )
+        .fetch_all(t.conn())
+        .await?
+        .into_iter()
+        .map(|r| (r.droplet, r.load))
+        .collect();
+        for c in &mut candidates {
+            c.load = loads.get(&c.id).copied().unwrap_or(0);
+        }
     }
-    let active: i64 = sqlx::query_scalar!(
-        r#"SELECT COUNT(*) AS "n!" FROM droplets WHERE status = 'active'
-             AND (deferred_until IS NULL OR deferred_until <= NOW())
-             AND drain_requested_at IS NULL"#
-    )
-    .fetch_one(t.conn())
-    .await?;
-    let contended = active > candidates.len() as i64;
+    // None locked here at all: either none is active, or every one was locked elsewhere.
+    let contended = match candidates.first() {
+        Some(c) => c.active > candidates.len() as i64,
+        None => active_droplets(t).await? > 0,
+    };
     let slots: Vec<Slot> = candidates
         .into_iter()
         .map(|c| Slot {
@@ -355,6 +362,17 @@ async fn lock_droplets(t: &mut Transition<'_>) -> Result<(Vec<Slot>, bool), sqlx
         })
         .collect();
     Ok((slots, contended))
+}
+
+/// How many droplets are active now (for a pass that locked none: were any locked elsewhere?).
+async fn active_droplets(t: &mut Transition<'_>) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar!(
+        r#"SELECT COUNT(*) AS "n!" FROM droplets WHERE status = 'active'
+             AND (deferred_until IS NULL OR deferred_until <= NOW())
+             AND drain_requested_at IS NULL"#
+    )
+    .fetch_one(t.conn())
+    .await
 }
 
 /// The room of the droplets a pass holds, in all and per capability.
