@@ -2,7 +2,8 @@
 //! (a skip over the pending index, one probe per key and priority, never a scan of the
 //! pending set), each key's oldest tasks per priority up to its share of the room, put in
 //! the fair order (`fair_share.rs`: aged urgency, keys in turn by weight), cut to what the
-//! limits of each key allow now, and locked for the pass.
+//! limits of each key allow now. The tasks are locked by the pass's assignments
+//! (`state_machine::Mode::SkipHeld`), not here.
 //!
 //! The limits hold across replicas: the `key_limits` row of each limited key in the read is
 //! locked for the pass (`FOR UPDATE SKIP LOCKED`: a key another replica is routing is left
@@ -51,7 +52,7 @@ impl Queued for PendingTask {
 /// What the read found.
 #[derive(Debug, Default)]
 pub struct Read {
-    /// In the order the pass takes them, locked.
+    /// In the order the pass takes them (not locked: the assignments lock them).
     pub tasks: Vec<PendingTask>,
     /// Some key read as many as its share allowed: more may be waiting.
     pub more: bool,
@@ -64,8 +65,9 @@ pub struct Read {
 }
 
 /// Reads the pending work for `wanted`: (capability, or '' for tasks needing none; how
-/// many the room takes), in the fair order and within the limits, locked for the pass.
-pub async fn lock_pending(
+/// many the room takes), in the fair order and within the limits. The tasks are not locked:
+/// the pass's assignments lock them, leaving out any held elsewhere.
+pub async fn read_pending(
     t: &mut Transition<'_>,
     wanted: &[(String, i64)],
     limits: &HashMap<String, Limit>,
@@ -74,7 +76,7 @@ pub async fn lock_pending(
 ) -> Result<Read, sqlx::Error> {
     let caps: Vec<String> = wanted.iter().map(|(c, _)| c.clone()).collect();
     // The arrays of both reads through `(SELECT $n)`: planned once per connection, not at
-    // each pass (`state_machine::apply` says why).
+    // each pass (`state_machine::lock_rows!` says why).
     let groups = sqlx::query!(
         r#"WITH RECURSIVE g AS (
             SELECT c.cap, f.key, f.prio
@@ -207,22 +209,9 @@ pub async fn lock_pending(
     }
     out.more = full_keys.iter().any(|k| !capped.contains(k)) || kept.len() as i64 > batch;
     kept.truncate(batch as usize);
-    // Another replica may be assigning some of them right now: skip those, never wait.
-    let wanted_ids: Vec<i32> = kept.iter().map(|t| t.id).collect();
-    let locked: HashSet<i32> = sqlx::query_scalar!(
-        "SELECT id FROM tasks WHERE id = ANY($1) AND status = 'pending' ORDER BY id FOR UPDATE SKIP LOCKED",
-        &wanted_ids,
-    )
-    .fetch_all(t.conn())
-    .await?
-    .into_iter()
-    .collect();
-    // A task held elsewhere (another replica's pass, a cancel or a start in flight) is left
-    // out of this pass, never waited for; the loop tries again shortly for it.
-    if locked.len() < kept.len() {
-        out.contended = true;
-    }
-    kept.retain(|t| locked.contains(&t.id));
+    // Not locked here: the pass's assignments lock them (`Mode::SkipHeld`), and one held
+    // elsewhere meanwhile (another replica's pass, a cancel or a start in flight) is left
+    // out then, never waited for.
     out.tasks = kept;
     Ok(out)
 }

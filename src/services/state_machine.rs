@@ -183,11 +183,39 @@ pub enum MoveError {
     Database(#[from] sqlx::Error),
 }
 
-/// All-or-nothing (an API call) or keep-what-is-valid (the router and the jobs).
+/// All-or-nothing (an API call), keep-what-is-valid (the jobs), or keep what is valid and
+/// free (a routing pass).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
     Strict,
     SkipInvalid,
+    /// As `SkipInvalid`, and a row another transaction holds (another replica's pass, a
+    /// cancel or a start in flight) is left out, never waited for (`FOR UPDATE SKIP LOCKED`):
+    /// its move is refused as not found.
+    SkipHeld,
+}
+
+/// The lock of the moves' rows, with what their checks read; `$lock` is the locking clause.
+/// The arrays are read through `(SELECT $n)`: PostgreSQL then plans the statement once per
+/// connection (a generic plan) instead of at every execution. Given as constants, an array
+/// of one id looks cheaper than the generic plan's guess of ten, so PostgreSQL kept planning
+/// the lock again for each move (8,948 of 9,612 executions in a 300 tasks/s run,
+/// `pg_prepared_statements`); through the subquery the plan guesses ten and the generic one
+/// is kept after five. The plan is the same: the primary key's index for the listed ids.
+macro_rules! lock_rows {
+    ($lock:literal, $ids:expr) => {
+        sqlx::query_as!(
+            Locked,
+            "SELECT id, status, assigned_droplet_id, attempt,
+                    CASE WHEN assigned_droplet_id IS NOT NULL
+                         THEN (SELECT d.droplet_id FROM droplets d WHERE d.id = tasks.assigned_droplet_id)
+                    END AS assignee
+             FROM tasks
+             WHERE id = ANY((SELECT $1::int[])::int[]) ORDER BY id "
+                + $lock,
+            $ids
+        )
+    };
 }
 
 struct Locked {
@@ -212,7 +240,7 @@ pub async fn apply(
     mode: Mode,
 ) -> Result<Vec<Applied>, MoveError> {
     let moves: Vec<&Move> = moves.iter().collect();
-    let mut checks = lock_and_check(conn, &moves).await?;
+    let mut checks = lock_and_check(conn, &moves, mode == Mode::SkipHeld).await?;
     if mode == Mode::Strict {
         // The first refusal fails the call, before anything is written.
         checks = checks
@@ -234,16 +262,18 @@ pub async fn apply_each(
     conn: &mut PgConnection,
     moves: &[&Move],
 ) -> Result<Vec<Result<Applied, MoveError>>, sqlx::Error> {
-    let checks = lock_and_check(conn, moves).await?;
+    let checks = lock_and_check(conn, moves, false).await?;
     write(conn, moves, checks).await
 }
 
 /// Locks the moves' rows and checks each move against its row, in the moves' order: whether
 /// it may happen, and from which state. A second move of one task is refused (it would be
-/// checked against a stale state).
+/// checked against a stale state). With `skip_held`, a row another transaction holds is not
+/// waited for: its move is refused as not found.
 async fn lock_and_check(
     conn: &mut PgConnection,
     moves: &[&Move],
+    skip_held: bool,
 ) -> Result<Vec<Checked>, sqlx::Error> {
     if moves.is_empty() {
         return Ok(Vec::new());
@@ -251,25 +281,13 @@ async fn lock_and_check(
     let mut ids: Vec<i32> = moves.iter().map(|m| m.task_id).collect();
     ids.sort_unstable();
     ids.dedup();
-    // The arrays of this call's two statements are read through `(SELECT $n)`: PostgreSQL
-    // then plans them once per connection (a generic plan) instead of at every execution.
-    // Given as constants, an array of one id looks cheaper than the generic plan's guess of
-    // ten, so PostgreSQL kept planning both statements again for each move (8,948 of 9,612
-    // executions of the lock in a 300 tasks/s run, `pg_prepared_statements`); through the
-    // subquery both plans guess ten and the generic one is kept after five. The plan is the
-    // same: the primary key's index for the listed ids.
-    let locked = sqlx::query_as!(
-        Locked,
-        "SELECT id, status, assigned_droplet_id, attempt,
-                CASE WHEN assigned_droplet_id IS NOT NULL
-                     THEN (SELECT d.droplet_id FROM droplets d WHERE d.id = tasks.assigned_droplet_id)
-                END AS assignee
-         FROM tasks
-         WHERE id = ANY((SELECT $1::int[])::int[]) ORDER BY id FOR UPDATE",
-        &ids
-    )
-    .fetch_all(&mut *conn)
-    .await?;
+    let locked = if skip_held {
+        lock_rows!("FOR UPDATE SKIP LOCKED", &ids)
+            .fetch_all(&mut *conn)
+            .await?
+    } else {
+        lock_rows!("FOR UPDATE", &ids).fetch_all(&mut *conn).await?
+    };
     let rows: HashMap<i32, &Locked> = locked.iter().map(|l| (l.id, l)).collect();
 
     let mut seen = std::collections::HashSet::new();

@@ -197,7 +197,7 @@ async fn pass(state: &Routing) -> Result<Pass, sqlx::Error> {
             contended,
         });
     }
-    let mut read = fair_pending::lock_pending(
+    let mut read = fair_pending::read_pending(
         &mut t,
         &room.wanted(),
         &limits,
@@ -246,8 +246,11 @@ async fn pass(state: &Routing) -> Result<Pass, sqlx::Error> {
             contended,
         });
     }
-    match t.apply(&moves, Mode::SkipInvalid).await {
-        Ok(_) => {}
+    // A task another transaction holds now (another replica's pass, a cancel or a start in
+    // flight) is left out, never waited for, as is one that is no longer pending; the loop
+    // tries again shortly for them. (Its lock was a statement of its own before the plan.)
+    let contended = match t.apply(&moves, Mode::SkipHeld).await {
+        Ok(applied) => contended || applied.len() < moves.len(),
         Err(MoveError::Database(e)) => return Err(e),
         Err(e) => {
             // SkipInvalid leaves bad moves out; should it report one, the pass assigns nothing.
@@ -259,7 +262,7 @@ async fn pass(state: &Routing) -> Result<Pass, sqlx::Error> {
                 contended,
             });
         }
-    }
+    };
     fair_pending::spend(&mut t, &read, &per_key).await?;
     let written = started.elapsed();
     let applied = t.commit().await?;
