@@ -331,8 +331,8 @@ async fn lock_and_check(
     Ok(checks)
 }
 
-/// Writes the moves whose check passed (one `UPDATE`, one history insert, one events insert
-/// for them all) and gives each move's outcome, in their order.
+/// Writes the moves whose check passed (one statement updating the rows and adding their
+/// history, one events insert, for them all) and gives each move's outcome, in their order.
 async fn write(
     conn: &mut PgConnection,
     moves: &[&Move],
@@ -390,8 +390,8 @@ async fn write(
     Ok(outcomes)
 }
 
-/// The rows' `UPDATE` and their history rows, for the moves that passed their checks; the
-/// tasks as they are now, by id.
+/// The rows' `UPDATE` and their history rows (one statement), for the moves that passed their
+/// checks; the tasks as they are now, by id.
 async fn write_rows(
     conn: &mut PgConnection,
     accepted: &[(&Move, Status, Option<i32>)],
@@ -425,13 +425,18 @@ async fn write_rows(
         h_meta.push(m.metadata.as_deref());
     }
 
-    // One UPDATE for a whole batch: each row's columns follow its new status.
+    // One statement for a whole batch: the rows' UPDATE, each row's columns following its new
+    // status, and their history rows.
     let updated: Vec<Task> = task_columns!(sqlx::query_as {
         Task,
         "WITH m AS (
         SELECT * FROM unnest((SELECT $1::int[]), (SELECT $2::text[]), (SELECT $3::int[]),
-                             (SELECT $4::jsonb[]), (SELECT $5::text[]), (SELECT $6::int[]))
-            AS m(id, to_status, droplet, result, error, retry_inc)
+                             (SELECT $4::jsonb[]), (SELECT $5::text[]), (SELECT $6::int[]),
+                             (SELECT $7::text[]), (SELECT $8::text[]), (SELECT $9::text[]),
+                             (SELECT $10::jsonb[]))
+            WITH ORDINALITY
+            AS m(id, to_status, droplet, result, error, retry_inc,
+                 from_status, changed_by, reason, metadata, n)
      ), t AS (
         UPDATE tasks SET
             status = m.to_status,
@@ -469,6 +474,12 @@ async fn write_rows(
         UPDATE droplets SET timed_out_assignments = 0
         FROM t WHERE t.status = 'in_progress' AND droplets.id = t.assigned_droplet_id
           AND droplets.timed_out_assignments > 0
+     ), history AS (
+        -- Each move's history row, on the attempt the move left the task on.
+        INSERT INTO task_state_history
+            (task_id, from_status, to_status, changed_by, reason, metadata, attempt)
+        SELECT m.id, m.from_status, m.to_status, m.changed_by, m.reason, m.metadata, t.attempt
+        FROM m JOIN t ON t.id = m.id ORDER BY m.n
      )
      SELECT " +
     } {
@@ -480,30 +491,13 @@ async fn write_rows(
         &a_droplet as _,
         &a_result as _,
         &a_error as _,
-        &a_retry
-    })
-    .fetch_all(&mut *conn)
-    .await?;
-
-    let attempts: HashMap<i32, i32> = updated.iter().map(|t| (t.id, t.attempt)).collect();
-    let h_attempt: Vec<i32> = a_ids
-        .iter()
-        .map(|id| attempts.get(id).copied().unwrap_or(0))
-        .collect();
-    sqlx::query!(
-        "INSERT INTO task_state_history (task_id, from_status, to_status, changed_by, reason, metadata, attempt)
-         SELECT * FROM unnest($1::int[], $2::text[], $3::text[], $4::text[], $5::text[], $6::jsonb[], $7::int[])",
-        &a_ids,
-        // Checked as text[] and jsonb[] by PostgreSQL; the macros' element check knows neither
-        // &str nor Option in an array, so these are bound as they are.
+        &a_retry,
         &h_from as _,
-        &a_to as _,
         &h_by as _,
         &h_reason as _,
-        &h_meta as _,
-        &h_attempt
-    )
-    .execute(&mut *conn)
+        &h_meta as _
+    })
+    .fetch_all(&mut *conn)
     .await?;
 
     Ok(updated.into_iter().map(|t| (t.id, t)).collect())

@@ -253,7 +253,7 @@ async fn pass(state: &Routing) -> Result<Pass, sqlx::Error> {
         Ok(applied) => contended || applied.len() < moves.len(),
         Err(MoveError::Database(e)) => return Err(e),
         Err(e) => {
-            // SkipInvalid leaves bad moves out; should it report one, the pass assigns nothing.
+            // SkipHeld leaves bad moves out; should it report one, the pass assigns nothing.
             tracing::error!(error = %e, "a routing pass's transition reported an invalid move");
             t.rollback().await?;
             return Ok(Pass {

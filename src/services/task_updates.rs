@@ -1,6 +1,7 @@
 //! `PATCH /tasks/{id}`: the assigned droplet (or an admin) moves its task. Concurrent
 //! PATCHes share one transaction (`shared_commit`), as creations and heartbeats do: one lock,
-//! one `UPDATE`, one history insert and one events insert for all of them, and one commit.
+//! one statement updating the rows with their history, one events insert for all of them, and
+//! one commit.
 //! Each is answered on its own: a refusal (not found, not the caller's, a stale attempt, a
 //! move that may not happen) is that PATCH's alone, and nothing is read before: whether the
 //! task exists and is the caller's is checked under its row lock.
