@@ -146,14 +146,20 @@ pub async fn build_state(config: Config, log: LogHandle) -> Result<AppState, Sta
 /// and the scheduled jobs (`jobs::JobId::ALL`).
 pub async fn start_background(state: &AppState) -> Result<(), StartError> {
     let stop = state.shutdown.clone();
+    // The relay hands its rounds to this replica's reader (a few rounds' room; a reader that
+    // lags reads the log instead).
+    let (relayed, rounds) = tokio::sync::mpsc::channel(16);
     tokio::spawn(services::events::run_listener(
         (&state.core).into(),
+        rounds,
         stop.clone(),
     ));
     tokio::spawn(services::events::run_relay(
         state.db.clone(),
         state.keys.orchestrator_id(),
         state.settings.clone(),
+        state.relay.clone(),
+        relayed,
         stop.clone(),
     ));
     tokio::spawn(services::task_recovery::run_refusals(

@@ -3,6 +3,7 @@
 //! composition root (`state.rs`), which adds the HTTP edge's own parts on top; no service
 //! sees those.
 
+use crate::services::events::RelayWake;
 use std::ops::Deref;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
@@ -42,6 +43,8 @@ pub struct Parts {
     /// Verifies tokens and signs the orchestrator's own.
     pub keys: Arc<Keys>,
     pub events: EventHub,
+    /// Wakes this replica's event relay after a commit that recorded events.
+    pub relay: RelayWake,
     pub router: Arc<RouterTrigger>,
     pub dispatch: Arc<Dispatcher>,
     pub metrics: Arc<Metrics>,
@@ -171,6 +174,7 @@ impl Core {
             db,
             keys: Arc::new(keys),
             events: EventHub::new(&config),
+            relay: RelayWake::default(),
             router: Arc::new(RouterTrigger::new()),
             dispatch: Arc::new(Dispatcher::new(&config)),
             metrics: Arc::new(metrics),

@@ -1,6 +1,7 @@
 //! Droplets: registration (an upsert), listing, details with load, and an admin's
 //! activation and deactivation. Heartbeats are in `heartbeats.rs`.
 
+use crate::services::events::RelayWake;
 use std::sync::Arc;
 
 use serde::{Deserialize, Deserializer, Serialize};
@@ -170,6 +171,7 @@ pub struct Droplets {
     pub directory: Arc<ContractDirectory>,
     pub contracts: Arc<Contracts>,
     pub router: Arc<RouterTrigger>,
+    pub relay: RelayWake,
 }
 
 impl Core {
@@ -183,6 +185,7 @@ impl Core {
             directory: self.directory.clone(),
             contracts: self.contracts.clone(),
             router: self.router.clone(),
+            relay: self.relay.clone(),
         }
     }
 }
@@ -311,7 +314,7 @@ pub async fn register(
     );
     events::record(&mut tx, &[event]).await?;
     tx.commit().await?;
-    events::committed();
+    state.relay.committed();
     state.dispatch.holds.forget(row.droplet.internal_id);
     // In force here at once; the other replicas apply the event as they read it.
     let listed = Listed::from_event(&row.droplet.to_json());

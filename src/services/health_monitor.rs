@@ -61,7 +61,7 @@ pub async fn run_once(state: &Changes) -> Result<HealthRound, sqlx::Error> {
     }
     events::record(&mut tx, &evs).await?;
     tx.commit().await?;
-    events::committed();
+    state.relay.committed();
     let mut round = HealthRound {
         marked_inactive: lost.iter().map(|d| d.droplet_id).collect(),
         ..Default::default()

@@ -2,6 +2,7 @@
 //! one commit (`heartbeat_queue.rs`, `shared_commit.rs`), and the recent ones a droplet's
 //! details show.
 
+use crate::services::events::RelayWake;
 use std::sync::Arc;
 
 use chrono::NaiveDateTime;
@@ -133,6 +134,7 @@ pub struct Beats {
     pub db: PgPool,
     pub queue: Arc<HeartbeatQueue>,
     pub router: Arc<RouterTrigger>,
+    pub relay: RelayWake,
 }
 
 impl Core {
@@ -142,6 +144,7 @@ impl Core {
             db: self.db.clone(),
             queue: self.heartbeats.clone(),
             router: self.router.clone(),
+            relay: self.relay.clone(),
         }
     }
 }
@@ -218,7 +221,7 @@ async fn beat_rows(
     // The statement wrote a health event for each droplet whose status changed, and has
     // committed: the local relay publishes them now.
     if beats.iter().any(|r| r.previous_status != r.status) {
-        crate::services::events::committed();
+        core.relay.committed();
     }
     Ok(beats
         .into_iter()

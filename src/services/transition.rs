@@ -4,6 +4,7 @@
 //! them, count outcomes, and wake the router when room or work appeared. Creation, PATCH,
 //! cancel, routing, recovery, refusals, retries, deadlines and timeouts all go through it.
 
+use crate::services::events::RelayWake;
 use std::sync::Arc;
 
 use sqlx::{PgConnection, PgPool, Postgres, Transaction};
@@ -12,7 +13,6 @@ use crate::instruments::Metrics;
 use crate::services::core::{EmergencyStop, Settings};
 use crate::services::dispatch::{self, Dispatcher};
 use crate::services::drain_state;
-use crate::services::events;
 use crate::services::router_trigger::RouterTrigger;
 use crate::services::state_machine::{self, Applied, Mode, Move, MoveError, Status};
 use crate::services::table_statistics::{self, Growth};
@@ -29,6 +29,7 @@ pub struct Changes {
     pub settings: Settings,
     pub dispatch: Arc<Dispatcher>,
     pub router: Arc<RouterTrigger>,
+    pub relay: RelayWake,
     pub metrics: Arc<Metrics>,
     pub growth: Arc<Growth>,
     pub stop: EmergencyStop,
@@ -42,6 +43,7 @@ impl Core {
             settings: self.settings.clone(),
             dispatch: self.dispatch.clone(),
             router: self.router.clone(),
+            relay: self.relay.clone(),
             metrics: self.metrics.clone(),
             growth: self.growth.clone(),
             stop: self.emergency_stop.clone(),
@@ -134,7 +136,7 @@ impl<'a> Transition<'a> {
         tx.commit().await?;
         // Every transition that commits recorded events (its moves', a creation's, a
         // drain's).
-        events::committed();
+        core.relay.committed();
         after_commit(core, &applied, created);
         if wake_router {
             core.router.trigger();

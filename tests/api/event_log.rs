@@ -828,7 +828,10 @@ async fn a_change_and_its_event_commit_together_and_the_wake_up_comes_after() {
         .await
         .expect("a wake-up in time")
         .expect("notification");
-    assert_eq!(note.payload(), "", "the wake-up carries nothing");
+    let newest: i64 = note
+        .payload()
+        .parse()
+        .expect("the wake-up carries the round's newest event id");
     let logged: Option<(i64, Value)> = sqlx::query_as(
         "SELECT event_id, envelope FROM events
          WHERE envelope->'payload'->>'event' = 'task_created'
@@ -840,6 +843,10 @@ async fn a_change_and_its_event_commit_together_and_the_wake_up_comes_after() {
     .expect("events row");
     let (event_id, envelope) = logged.expect("the event is in the log when the wake-up arrives");
     assert_eq!(envelope["payload"]["event_id"], event_id);
+    assert!(
+        newest >= event_id,
+        "the wake-up's newest id {newest} is before {event_id}"
+    );
     let left: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM event_outbox")
         .fetch_one(&app.db)
         .await
@@ -1136,4 +1143,103 @@ async fn a_changes_events_are_published_at_its_commit_not_at_the_relays_next_pol
         ("task_cancelled", i64::from(task)),
         "{cancelled}"
     );
+}
+
+/// A droplet's health event written by the shared heartbeat statement reaches the clients
+/// when that statement commits (it wakes the relay), as does its registration's: not at the
+/// relay's next poll, here a minute.
+#[tokio::test]
+async fn a_heartbeats_health_event_is_published_at_its_commit_not_at_the_relays_next_poll() {
+    let app = TestApp::spawn_with(&[("EVENT_RELAY_POLL_MS", "60000")]).await;
+    listening(&app).await;
+    let mut ws = connect(&app, "droplets", "").await;
+    app.register(61, &["x"], "http://127.0.0.1:9").await;
+    events_until(&mut ws, |e| name(e) == "droplet_registered").await;
+    sqlx::query("UPDATE droplets SET status = 'inactive' WHERE droplet_id = 61")
+        .execute(&app.db)
+        .await
+        .expect("inactive");
+
+    let (status, body) = app
+        .post(
+            "/droplets/61/heartbeat",
+            &app.token(61, &["read", "write"]),
+            envelope(json!({"status": "active"})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let changed = next_frame(&mut ws, Duration::from_secs(5)).await.expect(
+        "droplet_health_changed within 5 s of the heartbeat (the relay's poll is a minute)",
+    );
+    assert_eq!(name(&changed), "droplet_health_changed", "{changed}");
+    assert_eq!(
+        changed["payload"]["previous_status"], "inactive",
+        "{changed}"
+    );
+    assert_eq!(changed["payload"]["droplet"]["droplet_id"], 61, "{changed}");
+}
+
+/// The relay hands its rounds to its own replica's reader, which forwards them without
+/// reading the log.
+#[tokio::test]
+async fn a_replicas_reader_forwards_its_relays_rounds_without_reading_the_log() {
+    let app = TestApp::spawn().await;
+    listening(&app).await;
+    let mut ws = connect(&app, "tasks", "").await;
+    let handed = |app: &TestApp| stats(app)["listener"]["rounds_handed"].as_u64().unwrap();
+    let before = handed(&app);
+    for k in 0..5 {
+        let task = app
+            .create_task(3, task_payload(&format!("handed {k}")))
+            .await;
+        let created = events_until(&mut ws, |e| name(e) == "task_created").await;
+        assert_eq!(task_id(created.last().unwrap()), i64::from(task));
+    }
+    assert!(
+        handed(&app) >= before + 5,
+        "{} rounds handed over for 5 creations, each waited for",
+        handed(&app) - before
+    );
+}
+
+/// A round of this replica's relay that comes after events the reader has not read yet
+/// (another replica's round, its NOTIFY still on the way) is not forwarded ahead of them: the
+/// reader reads the log, and the clients get both, in order.
+#[tokio::test]
+async fn a_round_handed_over_after_events_the_reader_lacks_waits_for_them() {
+    let app = TestApp::spawn().await;
+    listening(&app).await;
+    let mut ws = connect(&app, "tasks", "").await;
+    let first = app.create_task(3, task_payload("first")).await;
+    let created = events_until(&mut ws, |e| name(e) == "task_created").await;
+    assert_eq!(task_id(created.last().unwrap()), i64::from(first));
+
+    // Another replica's round: in the log, committed, no NOTIFY.
+    let other = Event::task(
+        TaskEventKind::TaskCreated,
+        None,
+        json!({"id": 424242, "task_type": "other", "status": "pending"}),
+        None,
+    );
+    sqlx::query(
+        "INSERT INTO events (event_id, feed, kind, task_type, status, envelope)
+         SELECT nextval('event_ids'), 'tasks', $2, 'other', 'pending',
+                jsonb_set($1::jsonb, '{payload,event_id}', to_jsonb(currval('event_ids')))::json",
+    )
+    .bind(&other.envelope)
+    .bind(other.kind)
+    .execute(&app.db)
+    .await
+    .expect("another replica's event");
+    let second = app.create_task(3, task_payload("second")).await;
+
+    let first_frame = next_event(&mut ws).await;
+    assert_eq!(task_id(&first_frame), 424242, "{first_frame}");
+    let then = next_event(&mut ws).await;
+    assert_eq!(
+        (name(&then), task_id(&then)),
+        ("task_created", i64::from(second)),
+        "{then}"
+    );
+    assert!(event_id(&then) > event_id(&first_frame));
 }

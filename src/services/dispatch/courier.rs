@@ -1,6 +1,7 @@
 //! What dispatch's own loops (the workers, the cancellations, the probes) use of the shared
 //! parts, owned so that the work spawned off them may take a clone.
 
+use crate::services::events::RelayWake;
 use std::sync::Arc;
 
 use sqlx::PgPool;
@@ -27,6 +28,7 @@ pub struct Courier {
     pub dispatch: Arc<Dispatcher>,
     pub metrics: Arc<Metrics>,
     pub router: Arc<RouterTrigger>,
+    pub relay: RelayWake,
     pub shutdown: CancellationToken,
     pub stop: EmergencyStop,
     pub policy: Arc<EndpointPolicy>,
@@ -43,6 +45,7 @@ impl Core {
             dispatch: self.dispatch.clone(),
             metrics: self.metrics.clone(),
             router: self.router.clone(),
+            relay: self.relay.clone(),
             shutdown: self.shutdown.clone(),
             stop: self.emergency_stop.clone(),
             policy: self.endpoint_policy.clone(),

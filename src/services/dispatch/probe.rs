@@ -135,7 +135,7 @@ async fn reachable_again(state: &Courier, id: i32) -> Result<(), sqlx::Error> {
     );
     events::record(&mut tx, &[event]).await?;
     tx.commit().await?;
-    events::committed();
+    state.relay.committed();
     tracing::info!(
         droplet_id = row.droplet.droplet_id,
         status = ?row.droplet.status,

@@ -210,6 +210,12 @@ pub struct ListenerState {
     pub reconnects: u64,
     pub last_error: Option<String>,
     pub last_event_at: Option<String>,
+    /// Reads of the log (woken by another replica's round, the poll, or a round of this
+    /// replica's relay that came after events the reader had not read).
+    pub log_reads: u64,
+    /// Rounds of this replica's relay handed to the hub as the relay gave them, the log not
+    /// read.
+    pub rounds_handed: u64,
 }
 
 /// Figures for `GET /ws/status` and `/metrics`.

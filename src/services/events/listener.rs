@@ -1,6 +1,9 @@
 //! The reader of each replica: follows the `events` log from where it stands and hands each
-//! event, with its `event_id`, to the local hub. The relay's NOTIFY wakes it; a short poll is
-//! the safety net. A lost connection loses nothing: the reader goes on from its last id.
+//! event, with its `event_id`, to the local hub. The rounds of its own replica's relay come
+//! to it with their rows (`relay::Round`), handed on without reading the log when nothing
+//! came before them that it lacks; another replica's rounds wake it by their NOTIFY (whose
+//! newest id it compares with its own); a short poll is the safety net. A lost connection
+//! loses nothing: the reader goes on from its last id.
 //!
 //! It also keeps the contract directory (`contract_directory.rs`) current: loaded whole once
 //! the reader stands at the log's end (at start, and again after a lost connection, when it
@@ -10,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use sqlx::postgres::PgListener;
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use std::sync::Arc;
@@ -17,6 +21,7 @@ use std::sync::Arc;
 use sqlx::PgPool;
 
 use super::hub::{EventHub, EventMeta};
+use super::relay::{LogRow, Round};
 use super::{DropletEventKind, Feed, EVENTS_CHANNEL};
 use crate::services::contract_directory::{ContractDirectory, Listed};
 use crate::services::contracts::Contracts;
@@ -54,7 +59,12 @@ pub async fn newest_event_id(db: &PgPool) -> Result<i64, sqlx::Error> {
         .await
 }
 
-pub async fn run_listener(state: Reader, stop: CancellationToken) {
+/// Follows the log until `stop`; `relayed` brings this replica's relay's rounds.
+pub async fn run_listener(
+    state: Reader,
+    mut relayed: mpsc::Receiver<Round>,
+    stop: CancellationToken,
+) {
     let mut last = loop {
         match newest_event_id(&state.db).await {
             Ok(id) => break id,
@@ -99,6 +109,8 @@ pub async fn run_listener(state: Reader, stop: CancellationToken) {
             l.connected = true;
             l.last_error = None;
         });
+        // Whether the log may hold events after `last` that the reader has not read.
+        let mut behind = true;
         loop {
             // The contract directory, when forgotten (at start, after a lost connection or a
             // failed reload): the events from `last` on are read next, so it misses none.
@@ -109,29 +121,45 @@ pub async fn run_listener(state: Reader, stop: CancellationToken) {
                     note_lost(&state, &mut lost_at, &e.to_string());
                     break;
                 }
+                behind = true;
             }
-            // Read everything there is, then wait for a wake-up or the poll. A read short of
-            // a full batch has reached the log's end: the next round's NOTIFY (queued while
-            // this one read, if it came meanwhile) wakes the reader, so it does not read again
-            // only to find nothing (a transaction per round saved).
-            match read_after(&state, last).await {
-                Ok(Some((newest, full))) => {
-                    last = newest;
-                    if full {
-                        continue;
+            // Read everything there is, then wait. A read short of a full batch has reached
+            // the log's end: the next round (handed over, or its NOTIFY, queued while this one
+            // read if it came meanwhile) wakes the reader, so it does not read again only to
+            // find nothing (a transaction per round saved).
+            if behind {
+                match read_after(&state, last).await {
+                    Ok(Some((newest, full))) => {
+                        last = newest;
+                        if full {
+                            continue;
+                        }
+                    }
+                    Ok(None) => {}
+                    Err(e) => {
+                        note_lost(&state, &mut lost_at, &e.to_string());
+                        break;
                     }
                 }
-                Ok(None) => {}
-                Err(e) => {
-                    note_lost(&state, &mut lost_at, &e.to_string());
-                    break;
-                }
+                behind = false;
             }
+            // `biased`: a round handed over is taken before its own NOTIFY, which then finds
+            // the reader at its newest id.
             tokio::select! {
+                biased;
                 _ = stop.cancelled() => return,
-                _ = tokio::time::sleep(POLL) => {}
+                Some(round) = relayed.recv() => match take_round(&state, last, round).await {
+                    Some(newest) => last = newest,
+                    None => behind = true,
+                },
                 received = listener.try_recv() => match received {
-                    Ok(Some(_)) => {}
+                    Ok(Some(n)) => {
+                        // A round the reader already has (its own relay's, handed over) is
+                        // not read again; a payload that is no id is read for.
+                        if n.payload().parse::<i64>().map_or(true, |newest| newest > last) {
+                            behind = true;
+                        }
+                    }
                     Ok(None) => {
                         note_lost(&state, &mut lost_at, "connection closed");
                         break;
@@ -140,7 +168,8 @@ pub async fn run_listener(state: Reader, stop: CancellationToken) {
                         note_lost(&state, &mut lost_at, &e.to_string());
                         break;
                     }
-                }
+                },
+                _ = tokio::time::sleep(POLL) => behind = true,
             }
         }
         if sleep_or_stop(&stop, Duration::from_millis(200)).await {
@@ -158,7 +187,8 @@ pub async fn run_listener(state: Reader, stop: CancellationToken) {
 /// were written beside it; only a `droplet_registered` event is parsed, for the contract
 /// directory.
 async fn read_after(state: &Reader, last: i64) -> Result<Option<(i64, bool)>, sqlx::Error> {
-    let rows = sqlx::query!(
+    let rows = sqlx::query_as!(
+        LogRow,
         r#"SELECT event_id AS "event_id!", feed AS "feed!", envelope::text AS "text!",
                   kind, task_type, status, droplet_id
            FROM events WHERE event_id > $1 ORDER BY event_id LIMIT $2"#,
@@ -167,10 +197,31 @@ async fn read_after(state: &Reader, last: i64) -> Result<Option<(i64, bool)>, sq
     )
     .fetch_all(&state.db)
     .await?;
-    let Some(newest) = rows.last().map(|r| r.event_id) else {
-        return Ok(None);
-    };
+    state.events.set_listener(|l| l.log_reads += 1);
     let full = rows.len() as i64 >= BATCH;
+    Ok(hand_to_hub(state, rows).await.map(|newest| (newest, full)))
+}
+
+/// A round of this replica's relay: its rows after `last` go to the hub, unless the log may
+/// hold events between `last` and them (another replica's round, or one this reader has not
+/// read yet), which are read from the log instead (None). The newest id the reader has.
+async fn take_round(state: &Reader, last: i64, round: Round) -> Option<i64> {
+    if round.before > last {
+        return None;
+    }
+    state.events.set_listener(|l| l.rounds_handed += 1);
+    let rows: Vec<LogRow> = round
+        .rows
+        .into_iter()
+        .filter(|r| r.event_id > last)
+        .collect();
+    Some(hand_to_hub(state, rows).await.unwrap_or(last))
+}
+
+/// Hands the rows to the local hub, in order, and the `droplet_registered` ones to the
+/// contract directory; the newest id, or None when there were none.
+async fn hand_to_hub(state: &Reader, rows: Vec<LogRow>) -> Option<i64> {
+    let newest = rows.last()?.event_id;
     state
         .events
         .set_listener(|l| l.last_event_at = Some(crate::protocol::now_iso()));
@@ -200,7 +251,7 @@ async fn read_after(state: &Reader, last: i64) -> Result<Option<(i64, bool)>, sq
             .publish(feed, row.event_id, Bytes::from(row.text), &meta);
     }
     ContractDirectory::apply_off_workers(&state.directory, registered, &state.contracts).await;
-    Ok(Some((newest, full)))
+    Some(newest)
 }
 
 /// The reader lost the log: until it reads it again, the contract directory may miss a

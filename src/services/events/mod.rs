@@ -10,7 +10,7 @@ mod relay;
 
 pub use hub::{ClientFilter, ClientId, ClientRegistration, EventHub, EventMeta, Outbound, WsStats};
 pub use listener::{newest_event_id, run_listener};
-pub use relay::{publish_round, run_relay, EVENTS_CHANNEL};
+pub use relay::{publish_round, run_relay, RelayWake, EVENTS_CHANNEL};
 
 use serde::Serialize;
 use serde_json::Value;
@@ -312,14 +312,6 @@ macro_rules! heartbeat_health_event {
     };
 }
 pub(crate) use heartbeat_health_event;
-
-/// Called once a transaction that recorded events has committed: the local relay publishes
-/// them at once. (Woken before the commit, it would find them not yet visible and leave them
-/// to its next poll, `EVENT_RELAY_POLL_MS`.) Another replica's relay finds them within that
-/// poll.
-pub fn committed() {
-    relay::wake();
-}
 
 /// Adds the events to the outbox in the caller's transaction: they are published once it
 /// commits, in order, to every replica, and never if it rolls back. A plain insert: no

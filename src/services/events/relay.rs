@@ -1,8 +1,10 @@
 //! The relay: one per database (whichever replica holds the advisory lock at each round)
 //! moves committed events from `event_outbox` into the numbered `events` log, in order, then
-//! wakes every replica's reader with one NOTIFY per round, sent after the round committed
-//! (never inside a writing transaction: a notifying commit takes PostgreSQL's global notify
-//! lock, which would serialise the relay's commits with every other notifier's). It also
+//! hands what it published to its own replica's reader ([`Round`]) and wakes every replica's
+//! reader with one NOTIFY per round, sent after the round committed (never inside a writing
+//! transaction: a notifying commit takes PostgreSQL's global notify lock, which would
+//! serialise the relay's commits with every other notifier's). Its payload is the round's
+//! newest event id, so a reader that already has it does not read the log again. It also
 //! trims the log to `EVENT_RETENTION_SECONDS`.
 //!
 //! Order: each round publishes the committed outbox rows in outbox order. Changes of one task
@@ -14,11 +16,11 @@
 //! for the oldest running transaction instead would let any open transaction on the server,
 //! in any database, hold every event back.
 
-use std::sync::LazyLock;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use sqlx::PgPool;
-use tokio::sync::Notify;
+use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
 
 use crate::services::core::Settings;
@@ -29,20 +31,68 @@ pub const EVENTS_CHANNEL: &str = "orchestrator_events";
 /// Most events one round publishes.
 const BATCH: i64 = 5000;
 
-static WAKE: LazyLock<Notify> = LazyLock::new(Notify::new);
+/// An event as the log keeps it: its id, feed and text (the envelope, forwarded unparsed),
+/// and the fields the clients' filters look at.
+#[derive(Debug, Clone)]
+pub struct LogRow {
+    pub event_id: i64,
+    pub feed: String,
+    pub text: String,
+    pub kind: Option<String>,
+    pub task_type: Option<String>,
+    pub status: Option<String>,
+    pub droplet_id: Option<i32>,
+}
 
-/// Called after a commit that added events (`events::committed`): the local relay looks at
-/// once (another replica's relay finds them within `EVENT_RELAY_POLL_MS`).
-pub fn wake() {
-    // Every relay of this process (tests run several apps in one), and a permit for one that
-    // is busy in a round right now.
-    WAKE.notify_waiters();
-    WAKE.notify_one();
+/// What one round published, handed by the relay to its own replica's reader after the
+/// commit: the rows, in order, and the newest event id in the log before them. The reader
+/// hands the rows to its hub without reading the log when it already stands at `before` or
+/// later; otherwise events it lacks came before them, and it reads the log.
+#[derive(Debug)]
+pub struct Round {
+    pub before: i64,
+    pub rows: Vec<LogRow>,
+}
+
+/// The wake-up of this replica's relay, shared by whoever commits events.
+#[derive(Clone, Default)]
+pub struct RelayWake(Arc<Notify>);
+
+impl RelayWake {
+    /// Called once a transaction that recorded events has committed: this replica's relay
+    /// publishes them at once (a permit, should it be in a round right now). Woken before
+    /// the commit, it would find them not yet visible and leave them to its next poll,
+    /// `EVENT_RELAY_POLL_MS`. Another replica's relay finds them within that poll.
+    pub fn committed(&self) {
+        self.0.notify_one();
+    }
 }
 
 /// One round: how many events were published (None: another replica holds the relay), each
-/// stamped with `source`, the orchestrator's configured id.
+/// stamped with `source`, the orchestrator's configured id. Wakes the readers as a round of
+/// the relay does, and hands the rows to no one.
 pub async fn publish_round(db: &PgPool, source: i32) -> Result<Option<u64>, sqlx::Error> {
+    let round = publish(db, source).await?;
+    if let Some(newest) = round.as_ref().and_then(|r| r.rows.last()) {
+        notify(db, newest.event_id).await;
+    }
+    Ok(round.map(|r| r.rows.len() as u64))
+}
+
+/// The readers' wake-up, in its own statement after the round's commit, never in the writing
+/// transaction (see the module's comment), with the newest event id published.
+async fn notify(db: &PgPool, newest: i64) {
+    let _ = sqlx::query!(
+        "SELECT pg_notify($1, $2)",
+        EVENTS_CHANNEL,
+        newest.to_string()
+    )
+    .execute(db)
+    .await;
+}
+
+/// One round, committed: what it published (None: another replica holds the relay).
+async fn publish(db: &PgPool, source: i32) -> Result<Option<Round>, sqlx::Error> {
     let mut tx = db.begin().await?;
     // The relay's lock (`Singleton::EventRelay`: a round another replica holds is skipped,
     // never waited for) and, in the same round trip, no sequential scan of the outbox. It is
@@ -67,6 +117,10 @@ pub async fn publish_round(db: &PgPool, source: i32) -> Result<Option<u64>, sqlx
     // parsing it; any other (a row written by hand) through jsonb. A row that came without
     // what the filters look at (written by hand, or by a replica older than the migration that
     // added it) gets it read from its envelope (`event_meta`, in that migration).
+    // The published rows come back with the newest event id before them: the outer `SELECT`
+    // reads `events` as it was before this statement's insert (a statement does not see its
+    // own `WITH` parts' changes), and after every earlier round's commit (the relay's lock is
+    // released only once its round is visible).
     let published = sqlx::query!(
         r#"WITH ready AS (
             SELECT id, feed, kind, task_type, status, droplet_id, envelope
@@ -77,37 +131,49 @@ pub async fn publish_round(db: &PgPool, source: i32) -> Result<Option<u64>, sqlx
             SELECT nextval('event_ids') AS event_id, feed, kind, task_type, status, droplet_id,
                    envelope::text AS text
             FROM (SELECT * FROM ready ORDER BY id) r
+         ),
+         added AS (
+            INSERT INTO events (event_id, feed, kind, task_type, status, droplet_id, envelope)
+            SELECT event_id, n.feed,
+                   CASE WHEN n.kind IS NULL THEN m.kind ELSE n.kind END,
+                   CASE WHEN n.kind IS NULL THEN m.task_type ELSE n.task_type END,
+                   CASE WHEN n.kind IS NULL THEN m.status ELSE n.status END,
+                   CASE WHEN n.kind IS NULL THEN m.droplet_id ELSE n.droplet_id END,
+                   CASE WHEN left(text, 13) = '{"payload":{"'
+                        THEN ('{"source":' || $2::int || ',"payload":{"event_id":' || event_id
+                              || ',' || substr(text, 13))::json
+                        ELSE jsonb_set(jsonb_set(text::jsonb, '{payload,event_id}', to_jsonb(event_id)),
+                                       '{source}', to_jsonb($2::int))::json
+                   END
+            FROM numbered n
+            LEFT JOIN LATERAL event_meta(n.feed, CASE WHEN n.kind IS NULL THEN n.text::jsonb END) m ON true
+            ORDER BY event_id
+            RETURNING event_id, feed, envelope, kind, task_type, status, droplet_id
          )
-         INSERT INTO events (event_id, feed, kind, task_type, status, droplet_id, envelope)
-         SELECT event_id, n.feed,
-                CASE WHEN n.kind IS NULL THEN m.kind ELSE n.kind END,
-                CASE WHEN n.kind IS NULL THEN m.task_type ELSE n.task_type END,
-                CASE WHEN n.kind IS NULL THEN m.status ELSE n.status END,
-                CASE WHEN n.kind IS NULL THEN m.droplet_id ELSE n.droplet_id END,
-                CASE WHEN left(text, 13) = '{"payload":{"'
-                     THEN ('{"source":' || $2::int || ',"payload":{"event_id":' || event_id
-                           || ',' || substr(text, 13))::json
-                     ELSE jsonb_set(jsonb_set(text::jsonb, '{payload,event_id}', to_jsonb(event_id)),
-                                    '{source}', to_jsonb($2::int))::json
-                END
-         FROM numbered n
-         LEFT JOIN LATERAL event_meta(n.feed, CASE WHEN n.kind IS NULL THEN n.text::jsonb END) m ON true
-         ORDER BY event_id"#,
+         SELECT (SELECT COALESCE(MAX(event_id), 0) FROM events) AS "before!",
+                event_id AS "event_id!", feed AS "feed!", envelope::text AS "text!",
+                kind, task_type, status, droplet_id
+         FROM added ORDER BY event_id"#,
         BATCH,
         source
     )
-    .execute(&mut *tx)
-    .await?
-    .rows_affected();
+    .fetch_all(&mut *tx)
+    .await?;
     tx.commit().await?;
-    if published > 0 {
-        // The wake-up, in its own statement after the commit, never in the writing
-        // transaction (see the module's comment).
-        let _ = sqlx::query!("SELECT pg_notify($1, '')", EVENTS_CHANNEL)
-            .execute(db)
-            .await;
-    }
-    Ok(Some(published))
+    let before = published.first().map_or(0, |r| r.before);
+    let rows = published
+        .into_iter()
+        .map(|r| LogRow {
+            event_id: r.event_id,
+            feed: r.feed,
+            text: r.text,
+            kind: r.kind,
+            task_type: r.task_type,
+            status: r.status,
+            droplet_id: r.droplet_id,
+        })
+        .collect();
+    Ok(Some(Round { before, rows }))
 }
 
 /// Deletes the events older than the retention (in batches), and records the newest id
@@ -143,19 +209,34 @@ pub async fn trim(db: &PgPool, retention_seconds: u64) -> Result<u64, sqlx::Erro
 }
 
 /// The relay loop of this replica: a round at each local commit that wrote events and every
-/// `EVENT_RELAY_POLL_MS`; rounds run back to back while there is a backlog. It uses the pool, the orchestrator's id (the
-/// source of what it publishes) and the settings (the retention).
-pub async fn run_relay(db: PgPool, source: i32, settings: Settings, stop: CancellationToken) {
+/// `EVENT_RELAY_POLL_MS`; rounds run back to back while there is a backlog. It uses the pool,
+/// the orchestrator's id (the source of what it publishes) and the settings (the retention),
+/// and hands each round to this replica's reader through `reader` before the NOTIFY.
+pub async fn run_relay(
+    db: PgPool,
+    source: i32,
+    settings: Settings,
+    wake: RelayWake,
+    reader: mpsc::Sender<Round>,
+    stop: CancellationToken,
+) {
     let mut last_trim = Instant::now();
     let mut failing = false;
     loop {
         if stop.is_cancelled() {
             return;
         }
-        let round = publish_round(&db, source).await;
+        let round = publish(&db, source).await;
         let more = match round {
-            Ok(Some(n)) => {
+            Ok(Some(round)) => {
                 failing = false;
+                let n = round.rows.len();
+                if let Some(newest) = round.rows.last().map(|r| r.event_id) {
+                    // The local reader has the rows at once. Should it lag (the channel full),
+                    // the NOTIFY's newest id tells it to read the log.
+                    let _ = reader.try_send(round);
+                    notify(&db, newest).await;
+                }
                 n as i64 >= BATCH
             }
             Ok(None) => false,
@@ -184,7 +265,7 @@ pub async fn run_relay(db: PgPool, source: i32, settings: Settings, stop: Cancel
         // The writer woke it after its commit: its events are visible now.
         tokio::select! {
             _ = stop.cancelled() => return,
-            _ = WAKE.notified() => {}
+            _ = wake.0.notified() => {}
             _ = tokio::time::sleep(wait) => {}
         }
     }
