@@ -74,10 +74,20 @@ pub async fn read_pending(
     aging_seconds: u64,
     batch: i64,
 ) -> Result<Read, sqlx::Error> {
-    let caps: Vec<String> = wanted.iter().map(|(c, _)| c.clone()).collect();
-    // The arrays of both reads through `(SELECT $n)`: planned once per connection, not at
-    // each pass (`state_machine::lock_rows!` says why).
-    let groups = sqlx::query!(
+    let (caps, rooms): (Vec<String>, Vec<i64>) = wanted.iter().cloned().unzip();
+    let weight = |k: &str| limits.get(k).map_or(1, |l| l.weight.max(1));
+    let (keys, weights): (Vec<String>, Vec<i32>) = limits
+        .iter()
+        .map(|(k, l)| (k.clone(), l.weight.max(1)))
+        .unzip();
+    // One statement: the groups waiting (a skip over the pending index), each group's read
+    // limit (`fair_read_limit`, in the migration that adds it: its key's weight's share of
+    // its capability's room among the keys waiting there), and each group's oldest tasks up
+    // to it. The arrays through `(SELECT $n)`: planned once per connection, not at each pass
+    // (`state_machine::lock_rows!` says why). The tasks are ordered by the whole index key
+    // (the group's columns are fixed only per outer row, and the planner sorts every pending
+    // task of the group otherwise: 8 ms a group at 1,000).
+    let rows = sqlx::query!(
         r#"WITH RECURSIVE g AS (
             SELECT c.cap, f.key, f.prio
             FROM unnest((SELECT $1::text[])) AS c(cap)
@@ -94,86 +104,61 @@ pub async fn read_pending(
                   AND (fairness_key, priority) > (g.key, g.prio)
                 ORDER BY COALESCE(required_capability, ''), fairness_key, priority LIMIT 1
             ) n
+         ), groups AS (
+            SELECT g.cap, g.key, g.prio, COALESCE(w.weight, 1) AS weight
+            FROM (SELECT * FROM g LIMIT $2) g
+            LEFT JOIN unnest((SELECT $3::text[]), (SELECT $4::int[])) AS w(key, weight)
+                   ON w.key = g.key
+         ), per_cap AS (
+            -- Per capability: its groups, and the weights of its keys (each key once).
+            SELECT cap, SUM(n)::bigint AS n, SUM(weight)::bigint AS total
+            FROM (SELECT cap, key, MAX(weight) AS weight, COUNT(*) AS n
+                  FROM groups GROUP BY cap, key) k
+            GROUP BY cap
+         ), limited AS (
+            SELECT gr.cap, gr.key, gr.prio,
+                   fair_read_limit(r.room, gr.weight, pc.total, pc.n, $6) AS lim
+            FROM groups gr
+            JOIN per_cap pc ON pc.cap = gr.cap
+            JOIN unnest((SELECT $1::text[]), (SELECT $5::bigint[])) AS r(cap, room)
+              ON r.cap = gr.cap
          )
-         SELECT cap AS "cap!", key AS "key!", prio AS "prio!" FROM g LIMIT $2"#,
-        &caps,
-        MAX_GROUPS,
-    )
-    .fetch_all(t.conn())
-    .await?;
-    if groups.is_empty() {
-        return Ok(Read::default());
-    }
-    let weight = |k: &str| limits.get(k).map_or(1, |l| l.weight.max(1));
-    let room: HashMap<&str, i64> = wanted.iter().map(|(c, n)| (c.as_str(), *n)).collect();
-    let mut weights: HashMap<&str, HashMap<&str, i32>> = HashMap::new();
-    for g in &groups {
-        weights
-            .entry(g.cap.as_str())
-            .or_default()
-            .insert(g.key.as_str(), weight(&g.key));
-    }
-    let total: HashMap<&str, i64> = weights
-        .iter()
-        .map(|(c, ks)| (*c, ks.values().map(|w| i64::from(*w)).sum()))
-        .collect();
-    let mut per_cap: HashMap<&str, i64> = HashMap::new();
-    for g in &groups {
-        *per_cap.entry(g.cap.as_str()).or_insert(0) += 1;
-    }
-    let lims: Vec<i64> = groups
-        .iter()
-        .map(|g| {
-            fair_share::read_limit(
-                room.get(g.cap.as_str()).copied().unwrap_or(0),
-                weight(&g.key),
-                total.get(g.cap.as_str()).copied().unwrap_or(1),
-                per_cap.get(g.cap.as_str()).copied().unwrap_or(1),
-            )
-        })
-        .collect();
-    // Ordered by the whole index key (the group's columns are fixed only per outer row, and
-    // the planner sorts every pending task of the group otherwise: 8 ms a group at 1,000).
-    let rows = sqlx::query!(
-        r#"SELECT p.id AS "id!", g.key AS "key!", p.required_capability AS "required_capability?",
-                p.last_droplet_id AS "last_droplet_id?", g.prio AS "priority!",
+         SELECT p.id AS "id!", l.cap AS "cap!", l.key AS "key!", l.lim AS "lim!",
+                p.required_capability AS "required_capability?",
+                p.last_droplet_id AS "last_droplet_id?", l.prio AS "priority!",
                 p.created AS "created_at!", p.waited AS "waited!"
-         FROM unnest((SELECT $1::text[]), (SELECT $2::text[]), (SELECT $3::int[]),
-                     (SELECT $4::bigint[])) AS g(cap, key, prio, lim)
+         FROM limited l
          CROSS JOIN LATERAL (
             SELECT id, required_capability, last_droplet_id,
                    COALESCE(created_at, NOW()::timestamp) AS created,
                    EXTRACT(EPOCH FROM NOW()::timestamp - COALESCE(created_at, NOW()::timestamp))::float8 AS waited
             FROM tasks
-            WHERE status = 'pending' AND COALESCE(required_capability, '') = g.cap
-              AND fairness_key = g.key AND priority = g.prio
+            WHERE status = 'pending' AND COALESCE(required_capability, '') = l.cap
+              AND fairness_key = l.key AND priority = l.prio
               AND (deadline IS NULL OR deadline > NOW())
             ORDER BY COALESCE(required_capability, ''), fairness_key, priority, created_at, id
-            LIMIT g.lim
+            LIMIT l.lim
          ) p"#,
-        &groups.iter().map(|g| g.cap.clone()).collect::<Vec<_>>(),
-        &groups.iter().map(|g| g.key.clone()).collect::<Vec<_>>(),
-        &groups.iter().map(|g| g.prio).collect::<Vec<_>>(),
-        &lims,
+        &caps,
+        MAX_GROUPS,
+        &keys,
+        &weights,
+        &rooms,
+        fair_share::MIN_READ,
     )
     .fetch_all(t.conn())
     .await?;
     // A group read up to its limit may have more waiting.
-    let mut read: HashMap<(&str, &str, i32), i64> = HashMap::new();
+    let mut read: HashMap<(&str, &str, i32), (i64, i64)> = HashMap::new();
     for r in &rows {
-        let cap = r.required_capability.as_deref().unwrap_or("");
-        *read.entry((cap, r.key.as_str(), r.priority)).or_insert(0) += 1;
+        read.entry((r.cap.as_str(), r.key.as_str(), r.priority))
+            .or_insert((0, r.lim))
+            .0 += 1;
     }
-    let full_keys: HashSet<String> = groups
+    let full_keys: HashSet<String> = read
         .iter()
-        .zip(&lims)
-        .filter(|(g, lim)| {
-            read.get(&(g.cap.as_str(), g.key.as_str(), g.prio))
-                .copied()
-                .unwrap_or(0)
-                >= **lim
-        })
-        .map(|(g, _)| g.key.clone())
+        .filter(|(_, (n, lim))| n >= lim)
+        .map(|((_, key, _), _)| key.to_string())
         .collect();
     let mut tasks: Vec<PendingTask> = rows
         .into_iter()

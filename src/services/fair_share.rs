@@ -1,7 +1,8 @@
 //! Fair share between keys, as pure rules: a task's urgency (its priority, aged), the order
 //! a pass takes tasks in (within one urgency, keys in turn by weight, oldest first within a
-//! key), how many tasks of a key a pass reads, the token bucket of `max_per_second`, and the
-//! limits in force as this replica last read them. No database and no `Core` here: the
+//! key), the token bucket of `max_per_second`, and the limits in force as this replica last
+//! read them. (How many tasks of a key a pass reads is `fair_read_limit`, in SQL, computed
+//! by the statement that reads them: `fair_pending.rs`.) No database and no `Core` here: the
 //! router's read (`fair_pending.rs`) and the admin's limits (`key_limits.rs`) use them.
 
 use std::collections::HashMap;
@@ -23,8 +24,9 @@ pub fn fairness_key(concurrency_key: Option<&str>, created_by: &str) -> String {
     }
 }
 
-/// The fewest tasks a pass reads of one key at one priority: a key's share of a pass may be
-/// small, and reading a few more keeps the pass full when other keys have less to do.
+/// The fewest tasks a pass reads of one key at one priority (`fair_read_limit`'s
+/// `min_read`): a key's share of a pass may be small, and reading a few more keeps the pass
+/// full when other keys have less to do.
 pub const MIN_READ: i64 = 16;
 
 /// The limits an admin set for one key (`key_limits` row).
@@ -151,17 +153,6 @@ pub fn fair_order<T: Queued>(tasks: &mut Vec<T>, weight: impl Fn(&str) -> i32) {
     tasks.extend(keyed.into_iter().map(|(_, t)| t));
 }
 
-/// How many tasks a pass reads of one key (per priority) in a capability with `room` and
-/// `groups` (key, priority) groups waiting: its weight's share of the room among the keys
-/// waiting there, at least [`MIN_READ`] (less when so many groups wait that the floor
-/// alone would read over four times the room), at most the room.
-pub fn read_limit(room: i64, weight: i32, total_weight: i64, groups: i64) -> i64 {
-    let total = total_weight.max(1);
-    let share = (room * i64::from(weight.max(1)) + total - 1) / total;
-    let floor = (4 * room / groups.max(1)).clamp(1, MIN_READ);
-    share.max(floor).min(room.max(0))
-}
-
 /// The token bucket of `max_per_second`, kept as the time it is spent up to: one task per
 /// interval after it, and at most one second's worth (at least one task) at once after a
 /// quiet spell.
@@ -248,15 +239,6 @@ mod tests {
         assert_eq!(urgency(10, 10_000.0, 300), 1);
         assert_eq!(urgency(10, 10_000.0, 0), 10);
         assert_eq!(urgency(1, 10_000.0, 1), 1);
-    }
-
-    #[test]
-    fn read_limits_share_the_room_by_weight() {
-        assert_eq!(read_limit(10, 1, 2, 2), 10);
-        assert_eq!(read_limit(5000, 1, 100, 100), 50);
-        assert_eq!(read_limit(5000, 3, 100, 100), 150);
-        assert_eq!(read_limit(5000, 1, 10_000, 10_000), 2);
-        assert_eq!(read_limit(500, 1, 5_000, 5_000), 1);
     }
 
     #[test]

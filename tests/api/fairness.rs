@@ -462,3 +462,39 @@ async fn bad_keys_and_limits_are_422_and_limits_are_admin_only() {
         .unwrap();
     assert_eq!(n, 0, "nothing written");
 }
+
+/// How many tasks a pass reads of one (capability, key, priority) group, as the routing
+/// read computes it (`fair_read_limit`): the key's weight's share of the room, at least
+/// `MIN_READ` (less when so many groups wait that the floor alone would read over four
+/// times the room), at most the room.
+#[tokio::test]
+async fn a_groups_read_limit_shares_the_room_by_weight() {
+    use orchestrator::services::fair_share::MIN_READ;
+    let app = TestApp::spawn().await;
+    // (room, weight, total weight, groups) -> limit
+    let cases: [((i64, i32, i64, i64), i64); 8] = [
+        ((10, 1, 2, 2), 10),
+        ((5000, 1, 100, 100), 50),
+        ((5000, 3, 100, 100), 150),
+        ((5000, 1, 10_000, 10_000), 2),
+        ((500, 1, 5_000, 5_000), 1),
+        ((100, 1, 10, 10), 16),
+        ((100, 0, 0, 0), 100),
+        ((0, 1, 1, 1), 0),
+    ];
+    for ((room, weight, total, groups), want) in cases {
+        let got: i64 = sqlx::query_scalar("SELECT fair_read_limit($1, $2, $3, $4, $5)")
+            .bind(room)
+            .bind(weight)
+            .bind(total)
+            .bind(groups)
+            .bind(MIN_READ)
+            .fetch_one(&app.db)
+            .await
+            .unwrap();
+        assert_eq!(
+            got, want,
+            "room {room}, weight {weight}/{total}, {groups} groups"
+        );
+    }
+}
