@@ -1,11 +1,12 @@
-//! The routing loop's trigger: wakes it, pauses it, says whether a pass is running, and
-//! keeps the room the last pass saw (for `estimated_assignment_seconds`).
+//! The routing loop's trigger: wakes it, pauses it, says whether a pass is running, keeps
+//! the room the last pass saw (for `estimated_assignment_seconds`), and lets one pass of
+//! this replica run at a time.
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::RwLock;
 
-use tokio::sync::Notify;
+use tokio::sync::{Mutex, MutexGuard, Notify};
 
 /// Wakes the routing loop; many triggers during a pass make one more pass.
 pub struct RouterTrigger {
@@ -15,6 +16,8 @@ pub struct RouterTrigger {
     /// paused and this reads false, no pass of the loop is running or will start).
     pub(crate) passing: AtomicBool,
     room: RwLock<Room>,
+    /// Held through each pass of this replica, the loop's and the `task_router` job's.
+    one_pass: Mutex<()>,
 }
 
 /// Which capabilities had room at the last pass (for `estimated_assignment_seconds`).
@@ -31,7 +34,16 @@ impl RouterTrigger {
             paused: AtomicBool::new(false),
             passing: AtomicBool::new(false),
             room: RwLock::new(Room::default()),
+            one_pass: Mutex::new(()),
         }
+    }
+
+    /// Waits for this replica's pass in progress, if any, and holds off the next one until
+    /// dropped. Two passes of one replica at once would each lock part of the droplets (the
+    /// advisory lock per droplet that keeps replicas apart) and route on that part alone: a
+    /// task could go to a busier or staler droplet than the one the other pass held.
+    pub(crate) async fn one_pass(&self) -> MutexGuard<'_, ()> {
+        self.one_pass.lock().await
     }
 
     pub fn trigger(&self) {

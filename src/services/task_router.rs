@@ -178,6 +178,7 @@ pub async fn route_pass(state: &Routing) -> Result<usize, sqlx::Error> {
 }
 
 async fn pass(state: &Routing) -> Result<Pass, sqlx::Error> {
+    let _one = state.router.one_pass().await; // this replica's passes, one at a time
     let started = std::time::Instant::now();
     let mut t = Transition::begin(state).await?;
     // The limits per key, read each pass: in force on every replica without a restart.

@@ -651,3 +651,44 @@ async fn a_backlog_larger_than_one_pass_reads_is_routed_at_once_without_the_job(
     .await;
     assert_eq!(app.job_runs(orchestrator::jobs::JobId::TaskRouter), 0);
 }
+
+/// A replica's passes run one at a time (the loop's, the job's, any other): at once, each
+/// would lock part of the droplets and route on that part alone, sending a task to a busier
+/// droplet than one the other pass held. Eight passes at once for each of 80 tasks, one at a
+/// time, 80 droplets: each task goes to a droplet holding none, so each droplet ends with one.
+/// (Without the one pass at a time, it failed 2 runs in 3 here.)
+#[tokio::test]
+async fn a_replicas_passes_at_once_route_as_one_pass_would() {
+    let app = TestApp::spawn_with(&[("TASK_ROUTER_INTERVAL", "3600")]).await;
+    let server = DropletServer::start(Behaviour::Ok).await;
+    app.pause_routing().await;
+    for id in 100..180 {
+        app.register_max(id, &["pair"], &server.endpoint, 100).await;
+    }
+    for k in 0..80 {
+        app.insert_pending(1, Some("pair"), 5).await;
+        let passes: Vec<_> = (0..8)
+            .map(|_| {
+                let routing = app.state.routing();
+                tokio::spawn(async move { route_pass(&routing).await })
+            })
+            .collect();
+        let mut assigned = 0;
+        for p in passes {
+            assigned += p.await.unwrap().expect("a pass");
+        }
+        assert_eq!(assigned, 1, "task {k} assigned once");
+    }
+    let loads: Vec<(i32, i64)> = sqlx::query_as(
+        "SELECT d.droplet_id, COUNT(t.id) FROM droplets d
+         LEFT JOIN tasks t ON t.assigned_droplet_id = d.id AND t.status = 'assigned'
+         GROUP BY d.droplet_id HAVING COUNT(t.id) <> 1 ORDER BY 1",
+    )
+    .fetch_all(&app.db)
+    .await
+    .unwrap();
+    assert!(
+        loads.is_empty(),
+        "droplets not holding one task each: {loads:?}"
+    );
+}
