@@ -1186,19 +1186,28 @@ async fn a_replicas_reader_forwards_its_relays_rounds_without_reading_the_log() 
     let app = TestApp::spawn().await;
     listening(&app).await;
     let mut ws = connect(&app, "tasks", "").await;
-    let handed = |app: &TestApp| stats(app)["listener"]["rounds_handed"].as_u64().unwrap();
-    let before = handed(&app);
-    for k in 0..5 {
+    let listener = |app: &TestApp, field: &str| stats(app)["listener"][field].as_u64().unwrap();
+    let (handed, reads) = (listener(&app, "rounds_handed"), listener(&app, "log_reads"));
+    let started = std::time::Instant::now();
+    for k in 0..20 {
         let task = app
             .create_task(3, task_payload(&format!("handed {k}")))
             .await;
         let created = events_until(&mut ws, |e| name(e) == "task_created").await;
         assert_eq!(task_id(created.last().unwrap()), i64::from(task));
     }
+    let handed = listener(&app, "rounds_handed") - handed;
+    let reads = listener(&app, "log_reads") - reads;
     assert!(
-        handed(&app) >= before + 5,
-        "{} rounds handed over for 5 creations, each waited for",
-        handed(&app) - before
+        handed >= 20,
+        "{handed} rounds handed over for 20 creations, each waited for"
+    );
+    // The round's own NOTIFY, carrying its newest id, makes no read: the reads are the poll's
+    // (one per 250 ms) and at most one more. Reading at each NOTIFY would be 20 or more.
+    let polls = started.elapsed().as_millis() as u64 / 250;
+    assert!(
+        reads <= polls + 1 && reads < 20,
+        "{reads} reads of the log in {polls} polls' time for 20 rounds handed over"
     );
 }
 
