@@ -1179,6 +1179,110 @@ async fn a_heartbeats_health_event_is_published_at_its_commit_not_at_the_relays_
     assert_eq!(changed["payload"]["droplet"]["droplet_id"], 61, "{changed}");
 }
 
+/// The health monitor wakes the relay after its round commits: a droplet marked inactive
+/// for its silence is on the dashboards within seconds, not at the relay's next poll (here a
+/// minute).
+#[tokio::test]
+async fn a_health_rounds_events_are_published_at_its_commit_not_at_the_relays_next_poll() {
+    let app = TestApp::spawn_with(&[
+        ("EVENT_RELAY_POLL_MS", "60000"),
+        ("HEARTBEAT_TIMEOUT", "1"),
+        ("HEARTBEAT_CHECK_INTERVAL", "1"),
+        // The silent droplet holds nothing: its marking is the only change.
+        ("ENABLE_AUTO_RECOVERY", "false"),
+    ])
+    .await;
+    listening(&app).await;
+    let mut ws = connect(&app, "droplets", "").await;
+    app.register(64, &["x"], "http://127.0.0.1:9").await;
+    events_until(&mut ws, |e| name(e) == "droplet_registered").await;
+
+    // No heartbeat: within a second or two a health round marks it, and wakes the relay.
+    let marked = eventually(WAIT, "droplet 64 marked inactive", || async {
+        let status: String =
+            sqlx::query_scalar("SELECT status FROM droplets WHERE droplet_id = 64")
+                .fetch_one(&app.db)
+                .await
+                .expect("droplet 64");
+        (status == "inactive").then_some(std::time::Instant::now())
+    })
+    .await;
+    let mut names = Vec::new();
+    while names.len() < 2 {
+        let left = Duration::from_secs(5).saturating_sub(marked.elapsed());
+        let e = next_frame(&mut ws, left).await.unwrap_or_else(|| {
+            panic!("the health round's two events within 5 s of its commit (the relay's poll is a minute); got {names:?}")
+        });
+        assert_eq!(e["payload"]["droplet"]["droplet_id"], 64, "{e}");
+        names.push(name(&e).to_string());
+    }
+    assert_eq!(
+        names,
+        ["droplet_heartbeat_missed", "droplet_health_changed"],
+        "in the order the round recorded them"
+    );
+}
+
+/// A probe that brings an unreachable droplet back wakes the relay after its commit: the
+/// droplet's return is on the dashboards within seconds, not at the relay's next poll.
+#[tokio::test]
+async fn a_probes_event_is_published_at_its_commit_not_at_the_relays_next_poll() {
+    let app = TestApp::spawn_with(&[
+        ("EVENT_RELAY_POLL_MS", "60000"),
+        ("DISPATCH_FAILURES_BEFORE_UNREACHABLE", "1"),
+    ])
+    .await;
+    listening(&app).await;
+    let dead = dead_endpoint();
+    app.register(65, &["probe-wake"], &dead).await;
+    let task = app
+        .create_task(5, crate::real_mesh::task_for("probe-wake", json!({})))
+        .await;
+    eventually(WAIT, "droplet 65 marked unreachable", || async {
+        let unreachable: bool = sqlx::query_scalar(
+            "SELECT unreachable_since IS NOT NULL FROM droplets WHERE droplet_id = 65",
+        )
+        .fetch_one(&app.db)
+        .await
+        .expect("droplet 65");
+        unreachable.then_some(())
+    })
+    .await;
+    // The task is cancelled: once the droplet is back, no routing pass (whose commit would
+    // wake the relay too) has anything to do. Everything up to now is published (the marking
+    // and the cancel woke the relay); then the endpoint comes up and the next probe, at most
+    // 2 s later, brings the droplet back.
+    let (status, body) = app.delete(&format!("/tasks/{task}"), &app.admin()).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let mut ws = connect(&app, "droplets", "").await;
+    let _up = DropletServer::start_at(&dead, Behaviour::Ok).await;
+    let back = eventually(
+        Duration::from_secs(20),
+        "droplet 65 back after a probe",
+        || async {
+            let unreachable: bool = sqlx::query_scalar(
+                "SELECT unreachable_since IS NOT NULL FROM droplets WHERE droplet_id = 65",
+            )
+            .fetch_one(&app.db)
+            .await
+            .expect("droplet 65");
+            (!unreachable).then_some(std::time::Instant::now())
+        },
+    )
+    .await;
+    loop {
+        let left = Duration::from_secs(5).saturating_sub(back.elapsed());
+        let e = next_frame(&mut ws, left).await.expect(
+            "the probe's droplet_health_changed within 5 s of its commit (the relay's poll is a minute)",
+        );
+        let reason = e["payload"]["reason"].as_str().unwrap_or_default();
+        if name(&e) == "droplet_health_changed" && reason.contains("answered a probe") {
+            assert_eq!(e["payload"]["droplet"]["droplet_id"], 65, "{e}");
+            break;
+        }
+    }
+}
+
 /// The relay hands its rounds to its own replica's reader, which forwards them without
 /// reading the log.
 #[tokio::test]

@@ -26,7 +26,7 @@ use tokio_util::sync::CancellationToken;
 use crate::services::core::Settings;
 use crate::services::locks::Singleton;
 
-/// The NOTIFY channel that wakes the readers (its payload is empty: they read the log).
+/// The NOTIFY channel that wakes the readers; its payload is the round's newest event id.
 pub const EVENTS_CHANNEL: &str = "orchestrator_events";
 /// Most events one round publishes.
 const BATCH: i64 = 5000;
