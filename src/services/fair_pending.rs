@@ -75,10 +75,10 @@ pub async fn read_pending(
     batch: i64,
 ) -> Result<Read, sqlx::Error> {
     let (caps, rooms): (Vec<String>, Vec<i64>) = wanted.iter().cloned().unzip();
-    let weight = |k: &str| limits.get(k).map_or(1, |l| l.weight.max(1));
+    let weight = |k: &str| limits.get(k).map_or(1, Limit::share_weight);
     let (keys, weights): (Vec<String>, Vec<i32>) = limits
         .iter()
-        .map(|(k, l)| (k.clone(), l.weight.max(1)))
+        .map(|(k, l)| (k.clone(), l.share_weight()))
         .unzip();
     // One statement: the groups waiting (a skip over the pending index), each group's read
     // limit (`fair_read_limit`, in the migration that adds it: its key's weight's share of

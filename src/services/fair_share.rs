@@ -42,6 +42,11 @@ pub struct Limit {
 }
 
 impl Limit {
+    /// The weight its key shares by: at least 1 (a weight of 0 or less shares as 1).
+    pub fn share_weight(&self) -> i32 {
+        self.weight.max(1)
+    }
+
     /// Whether routing must lock and count this key (a weight alone costs nothing).
     pub fn holds_routing(&self) -> bool {
         self.max_in_flight.is_some() || self.max_per_second.is_some()
@@ -80,7 +85,7 @@ impl LimitCache {
 
     /// The weight of a key (1 without one).
     pub fn weight(&self, key: &str) -> i32 {
-        self.all().get(key).map_or(1, |l| l.weight.max(1))
+        self.all().get(key).map_or(1, Limit::share_weight)
     }
 
     /// Claims the delayed pass at `at` unless one as early is already scheduled; true when
