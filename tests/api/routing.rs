@@ -692,3 +692,82 @@ async fn a_replicas_passes_at_once_route_as_one_pass_would() {
         "droplets not holding one task each: {loads:?}"
     );
 }
+
+/// A routing pass's moves are locked by their update's own statement: a move whose task is no
+/// longer pending (cancelled after the pass read it) is left out, as is one whose row another
+/// transaction holds (never waited for); a pending, free task is assigned.
+#[tokio::test]
+async fn a_routing_move_applies_only_to_a_task_still_pending_and_free() {
+    use orchestrator::services::state_machine::{apply, Actor, Mode, Move, Status};
+    use sqlx::Connection;
+
+    let app = TestApp::spawn().await;
+    // Capable of nothing these tasks need: the router leaves them pending.
+    app.register(71, &["elsewhere"], "http://127.0.0.1:9").await;
+    let droplet: i32 = sqlx::query_scalar("SELECT id FROM droplets WHERE droplet_id = 71")
+        .fetch_one(&app.db)
+        .await
+        .unwrap();
+    let task = |title: &str| json!({"task_type": "t", "title": title, "required_capability": "none-such", "payload": {}});
+    let cancelled = app.create_task(3, task("cancelled")).await;
+    let held = app.create_task(3, task("held")).await;
+    let free = app.create_task(3, task("free")).await;
+    let (status, body) = app
+        .delete(&format!("/tasks/{cancelled}"), &app.admin())
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let mut holder = sqlx::PgConnection::connect(&app.database_url)
+        .await
+        .unwrap();
+    sqlx::query("BEGIN").execute(&mut holder).await.unwrap();
+    sqlx::query("SELECT 1 FROM tasks WHERE id = $1 FOR UPDATE")
+        .bind(held)
+        .execute(&mut holder)
+        .await
+        .unwrap();
+
+    let routed = |id: i32| {
+        let mut m = Move::new(id, Status::Assigned, Actor::System, "task_router");
+        m.assign_to = Some(droplet);
+        m.expect_status = Some(Status::Pending);
+        m
+    };
+    let mut conn = sqlx::PgConnection::connect(&app.database_url)
+        .await
+        .unwrap();
+    let moves = [routed(cancelled), routed(held), routed(free)];
+    let applied = tokio::time::timeout(
+        Duration::from_secs(10),
+        apply(&mut conn, &moves, Mode::SkipHeld),
+    )
+    .await
+    .expect("the held row is skipped, not waited for")
+    .expect("applied");
+    let ids: Vec<i32> = applied.iter().map(|a| a.task.id).collect();
+    assert_eq!(ids, [free]);
+    assert_eq!(
+        (
+            applied[0].from,
+            applied[0].task.status,
+            applied[0].task.attempt
+        ),
+        (Status::Pending, Status::Assigned, 1)
+    );
+    assert_eq!(app.holder(cancelled).await.0, "cancelled");
+    let assigned_rows: i64 = sqlx::query_scalar(
+        "SELECT COUNT(*) FROM task_state_history WHERE to_status = 'assigned' AND task_id = ANY($1)",
+    )
+    .bind(vec![cancelled, held])
+    .fetch_one(&app.db)
+    .await
+    .unwrap();
+    assert_eq!(assigned_rows, 0, "no history for the moves left out");
+
+    // Once free, the held task is assigned by the same move.
+    sqlx::query("ROLLBACK").execute(&mut holder).await.unwrap();
+    let applied = apply(&mut conn, &[routed(held)], Mode::SkipHeld)
+        .await
+        .expect("applied");
+    assert_eq!(applied.len(), 1);
+    assert_eq!(app.holder(held).await.0, "assigned");
+}
