@@ -249,7 +249,7 @@ async fn pass(state: &Routing) -> Result<Pass, sqlx::Error> {
     }
     // A task another transaction holds now (another replica's pass, a cancel or a start in
     // flight) is left out, never waited for, as is one that is no longer pending; the loop
-    // tries again shortly for them. (Its lock was a statement of its own before the plan.)
+    // tries again shortly for them. (The update's statement locks them: `Mode::SkipHeld`.)
     let contended = match t.apply(&moves, Mode::SkipHeld).await {
         Ok(applied) => contended || applied.len() < moves.len(),
         Err(MoveError::Database(e)) => return Err(e),
