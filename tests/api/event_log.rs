@@ -1223,6 +1223,15 @@ async fn a_health_rounds_events_are_published_at_its_commit_not_at_the_relays_ne
     );
 }
 
+/// Whether droplet `id` is marked unreachable.
+async fn unreachable(app: &TestApp, id: i32) -> bool {
+    sqlx::query_scalar("SELECT unreachable_since IS NOT NULL FROM droplets WHERE droplet_id = $1")
+        .bind(id)
+        .fetch_one(&app.db)
+        .await
+        .expect("droplet row")
+}
+
 /// A probe that brings an unreachable droplet back wakes the relay after its commit: the
 /// droplet's return is on the dashboards within seconds, not at the relay's next poll.
 #[tokio::test]
@@ -1239,12 +1248,7 @@ async fn a_probes_event_is_published_at_its_commit_not_at_the_relays_next_poll()
         .create_task(5, crate::real_mesh::task_for("probe-wake", json!({})))
         .await;
     eventually(WAIT, "droplet 65 marked unreachable", || async {
-        let unreachable: bool = sqlx::query_scalar(
-            "SELECT unreachable_since IS NOT NULL FROM droplets WHERE droplet_id = 65",
-        )
-        .fetch_one(&app.db)
-        .await
-        .expect("droplet 65");
+        let unreachable = unreachable(&app, 65).await;
         unreachable.then_some(())
     })
     .await;
@@ -1260,12 +1264,7 @@ async fn a_probes_event_is_published_at_its_commit_not_at_the_relays_next_poll()
         Duration::from_secs(20),
         "droplet 65 back after a probe",
         || async {
-            let unreachable: bool = sqlx::query_scalar(
-                "SELECT unreachable_since IS NOT NULL FROM droplets WHERE droplet_id = 65",
-            )
-            .fetch_one(&app.db)
-            .await
-            .expect("droplet 65");
+            let unreachable = unreachable(&app, 65).await;
             (!unreachable).then_some(std::time::Instant::now())
         },
     )
