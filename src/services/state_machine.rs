@@ -2,7 +2,7 @@
 //! the one database function that applies moves under row locks with their history rows and
 //! events in the same transaction. Nothing else writes `tasks.status`.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use serde_json::Value;
@@ -288,20 +288,29 @@ fn from_pending_only(m: &Move) -> bool {
 /// The checks of moves from pending, made without their rows (`from_pending_only`): the
 /// update's statement applies each only to a row it locks still pending.
 fn check_from_pending(moves: &[&Move]) -> Vec<Checked> {
-    let mut seen = std::collections::HashSet::new();
+    let mut seen = HashSet::new();
     moves
         .iter()
         .map(|m| {
-            let from = Status::Pending;
-            if !allowed(from, m.to, m.actor, m.cause)
-                || (m.to == Status::Assigned && m.assign_to.is_none())
-                || !seen.insert(m.task_id)
-            {
-                return Err(MoveError::Invalid(from.as_str(), m.to.as_str()));
-            }
-            Ok((from, None))
+            check_move(m, Status::Pending, &mut seen)?;
+            Ok((Status::Pending, None))
         })
         .collect()
+}
+
+/// A move's own rule, from the state `from`: the table allows it, a move to assigned names
+/// its droplet, and a task moves once per call (a second move would be checked against a
+/// stale state). `seen` holds the tasks already moved in this call.
+fn check_move(m: &Move, from: Status, seen: &mut HashSet<i32>) -> Result<(), MoveError> {
+    let valid = m.expect_status.is_none_or(|s| s == from)
+        && allowed(from, m.to, m.actor, m.cause)
+        && (m.to != Status::Assigned || m.assign_to.is_some())
+        && seen.insert(m.task_id);
+    if valid {
+        Ok(())
+    } else {
+        Err(MoveError::Invalid(from.as_str(), m.to.as_str()))
+    }
 }
 
 /// Locks the moves' rows and checks each move against its row, in the moves' order: whether
@@ -328,7 +337,7 @@ async fn lock_and_check(
     };
     let rows: HashMap<i32, &Locked> = locked.iter().map(|l| (l.id, l)).collect();
 
-    let mut seen = std::collections::HashSet::new();
+    let mut seen = HashSet::new();
     let checks = moves
         .iter()
         .map(|m| {
@@ -352,17 +361,7 @@ async fn lock_and_check(
                     });
                 }
             }
-            let invalid = || MoveError::Invalid(from.as_str(), m.to.as_str());
-            if m.expect_status.is_some_and(|s| s != from) || !allowed(from, m.to, m.actor, m.cause)
-            {
-                return Err(invalid());
-            }
-            if m.to == Status::Assigned && m.assign_to.is_none() {
-                return Err(invalid());
-            }
-            if !seen.insert(m.task_id) {
-                return Err(invalid());
-            }
+            check_move(m, from, &mut seen)?;
             Ok((from, row.assigned_droplet_id))
         })
         .collect();
